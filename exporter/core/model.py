@@ -1,0 +1,58 @@
+"""The values that cross module boundaries: what capture hands the core, and what the core hands metrics and SLOs.
+
+Everything here is plain data. Capture builds `Segment`s from frames (live or pcap);
+the core turns them into `Exchange`s. Neither side knows how the other gets its bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# TCP flag bits, as on the wire.
+FIN = 0x01
+SYN = 0x02
+RST = 0x04
+PSH = 0x08
+ACK = 0x10
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One TCP segment of a watched port, as seen by the capture edge.
+
+    `payload` may be shorter than `payload_len` when the kernel truncated the frame
+    (a body byte that user space does not need). The core treats the missing tail as
+    bytes it knows the length of but not the content.
+    """
+
+    ts_ns: int  # kernel receive timestamp, CLOCK_REALTIME nanoseconds
+    src_ip: str
+    src_port: int
+    dst_ip: str
+    dst_port: int
+    seq: int
+    flags: int
+    payload: bytes
+    payload_len: int
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One HTTP request with its final response.
+
+    Latency is `end_ns - start_ns`: from the first byte of the request to the last
+    byte of the response, both kernel timestamps.
+    """
+
+    method: str  # the token as sent; metrics map unknown ones to _OTHER
+    target: str  # path only: absolute-form reduced to its path, query string removed
+    status: int
+    start_ns: int
+    end_ns: int
+    request_body_bytes: int
+    response_body_bytes: int
+    server_port: int
+
+    @property
+    def duration_seconds(self) -> float:
+        return max(0, self.end_ns - self.start_ns) / 1e9
