@@ -1,0 +1,188 @@
+"""The one owner of metric names: HTTP RED metrics, SLO results and the exporter's self-metrics.
+
+Exchanges are aggregated into plain dicts on the capture thread; prometheus_client only sees
+them when Prometheus scrapes (a custom collector). That keeps the per-request cost to a
+dict lookup and a bisect instead of prometheus_client's locking per observation, the same
+trade cloudflare/ebpf_exporter makes by reading kernel maps at scrape time.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from exporter.core.http1 import method_label
+from exporter.core.model import Exchange
+
+# OpenTelemetry HTTP semantic conventions, as Beyla/OBI expose them to Prometheus.
+HTTP_DURATION = "http_server_request_duration_seconds"
+HTTP_REQUEST_BODY = "http_server_request_body_size_bytes"
+HTTP_RESPONSE_BODY = "http_server_response_body_size_bytes"
+HTTP_LABELS = ("http_request_method", "http_response_status_code", "http_route", "server_port")
+
+# OTel's default duration buckets plus 0.15 s, so the demo's 150 ms SLO lands on a bound.
+DEFAULT_DURATION_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+)
+DEFAULT_SIZE_BUCKETS: tuple[float, ...] = (
+    0, 100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000, 100_000_000,
+)
+
+# SLO results (slo/ fills them; the names live here).
+SLO_SLI = "slo_sli_ratio"
+SLO_OBJECTIVE = "slo_objective_ratio"
+SLO_BUDGET_REMAINING = "slo_error_budget_remaining_ratio"
+SLO_BURN_RATE = "slo_burn_rate"
+SLO_GOOD = "slo_good_events"
+SLO_TOTAL = "slo_total_events"
+SLO_LABELS = ("slo", "service", "category", "window")
+
+SELF = "ebpf_slo_exporter"
+
+
+def format_bound(bound: float) -> str:
+    """Bucket bound as a Prometheus `le` label: the shortest float text, `+Inf` for infinity.
+
+    Prometheus 3 normalises `le="1"` to `le="1.0"`; we always emit the float form so rules
+    and dashboards written against either version match.
+    """
+    if bound == float("inf"):
+        return "+Inf"
+    return repr(float(bound))
+
+
+class _Histogram:
+    __slots__ = ("counts", "total")
+
+    def __init__(self, n_buckets: int) -> None:
+        self.counts = [0] * (n_buckets + 1)  # last slot: above the highest bound
+        self.total = 0.0
+
+
+class HttpMetrics:
+    """Aggregates exchanges into the three OTel HTTP histograms."""
+
+    def __init__(
+        self,
+        duration_buckets: Sequence[float] = DEFAULT_DURATION_BUCKETS,
+        size_buckets: Sequence[float] = DEFAULT_SIZE_BUCKETS,
+    ) -> None:
+        self.duration_buckets = tuple(sorted(set(float(b) for b in duration_buckets)))
+        self.size_buckets = tuple(sorted(set(float(b) for b in size_buckets)))
+        self._lock = threading.Lock()
+        # One entry per label set: (duration, request body, response body) histograms.
+        self._series: dict[tuple[str, str, str, str], tuple[_Histogram, _Histogram, _Histogram]] = {}
+
+    def observe(self, exchange: Exchange, route: str) -> None:
+        key = (method_label(exchange.method), str(exchange.status), route, str(exchange.server_port))
+        with self._lock:
+            series = self._series.get(key)
+            if series is None:
+                series = (
+                    _Histogram(len(self.duration_buckets)),
+                    _Histogram(len(self.size_buckets)),
+                    _Histogram(len(self.size_buckets)),
+                )
+                self._series[key] = series
+            duration, req_size, resp_size = series
+            seconds = exchange.duration_seconds
+            # bisect_left: a value equal to a bound belongs in that bound's bucket (le is <=).
+            duration.counts[bisect.bisect_left(self.duration_buckets, seconds)] += 1
+            duration.total += seconds
+            req_size.counts[bisect.bisect_left(self.size_buckets, exchange.request_body_bytes)] += 1
+            req_size.total += exchange.request_body_bytes
+            resp_size.counts[bisect.bisect_left(self.size_buckets, exchange.response_body_bytes)] += 1
+            resp_size.total += exchange.response_body_bytes
+
+    def series_count(self) -> int:
+        return len(self._series)
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            snapshot = [
+                (key, [(list(h.counts), h.total) for h in hists]) for key, hists in self._series.items()
+            ]
+        families = (
+            HistogramMetricFamily(
+                HTTP_DURATION, "Duration of HTTP server requests, first request byte to last response byte.",
+                labels=HTTP_LABELS, unit="seconds",
+            ),
+            HistogramMetricFamily(
+                HTTP_REQUEST_BODY, "Size of HTTP server request bodies.", labels=HTTP_LABELS, unit="bytes"
+            ),
+            HistogramMetricFamily(
+                HTTP_RESPONSE_BODY, "Size of HTTP server response bodies.", labels=HTTP_LABELS, unit="bytes"
+            ),
+        )
+        bounds = (self.duration_buckets, self.size_buckets, self.size_buckets)
+        for key, hists in snapshot:
+            for family, bucket_bounds, (counts, total) in zip(families, bounds, hists):
+                family.add_metric(list(key), _cumulative(bucket_bounds, counts), total)
+        yield from families
+
+
+def _cumulative(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[str, float]]:
+    running = 0
+    buckets: list[tuple[str, float]] = []
+    for bound, count in zip(bounds, counts):
+        running += count
+        buckets.append((format_bound(bound), running))
+    running += counts[-1]
+    buckets.append(("+Inf", running))
+    return buckets
+
+
+@dataclass(frozen=True, slots=True)
+class SelfSample:
+    """One self-metric sample, produced by a source callback at scrape time."""
+
+    name: str  # without the ebpf_slo_exporter_ prefix
+    kind: str  # "counter" or "gauge"
+    help: str
+    value: float
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+SelfSource = Callable[[], Iterable[SelfSample]]
+
+
+class ExporterCollector(Collector):
+    """What /metrics serves: HTTP histograms, SLO results and self-metrics, read at scrape time."""
+
+    def __init__(self, http: HttpMetrics, self_sources: Sequence[SelfSource] = (),
+                 slo_source: Callable[[], Iterable[Metric]] | None = None) -> None:
+        self.http = http
+        self.self_sources = list(self_sources)
+        self.slo_source = slo_source
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.http.collect()
+        if self.slo_source is not None:
+            yield from self.slo_source()
+        yield from _self_families(sample for source in self.self_sources for sample in source())
+
+
+def _self_families(samples: Iterable[SelfSample]) -> Iterator[Metric]:
+    families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
+    for sample in samples:
+        name = f"{SELF}_{sample.name}"
+        family = families.get(name)
+        label_names = [k for k, _ in sample.labels]
+        if family is None:
+            if sample.kind == "counter":
+                family = CounterMetricFamily(name, sample.help, labels=label_names)
+            else:
+                family = GaugeMetricFamily(name, sample.help, labels=label_names)
+            families[name] = family
+        family.add_metric([v for _, v in sample.labels], sample.value)
+    yield from families.values()

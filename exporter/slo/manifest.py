@@ -1,0 +1,228 @@
+"""Reliably objective manifests: multi-document YAML of `kind: Objective`, parsed and validated.
+
+The file format is Reliably's own (`reliably slo sync` reads the same file), so a user's
+existing `reliably.yaml` works unchanged. Two extension fields are ours, both optional:
+
+- `spec.goodStatusClasses: [2xx, 3xx, 4xx]` for availability objectives (default: every
+  class except 5xx);
+- `spec.promql: {good: "...", total: "..."}` for ratios evaluated by Prometheus; `{{window}}`
+  in either query is replaced with the evaluation window (`5m`, `30d`, …).
+
+Every problem is a `ConfigError` with one line that names the document and the field.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from exporter.errors import ConfigError
+
+API_VERSION = "reliably.com/v1"
+CATEGORIES = ("latency", "availability")
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+DEFAULT_GOOD_CLASSES = ("1xx", "2xx", "3xx", "4xx")
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_duration(text: str) -> float:
+    """`150ms`, `10s`, `1m`, `1h30m`, `30d` → seconds. Raises ValueError with a plain sentence."""
+    cleaned = str(text).strip()
+    if not cleaned:
+        raise ValueError("empty duration")
+    position = 0
+    seconds = 0.0
+    for match in _DURATION_PART.finditer(cleaned):
+        if match.start() != position:
+            break
+        seconds += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        position = match.end()
+    if position != len(cleaned) or position == 0:
+        raise ValueError(f"{text!r} is not a duration like 150ms, 10s, 5m, 1h or 30d")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds → the shortest Prometheus duration (`5m`, `1h`, `30d`, `150ms`)."""
+    if seconds < 1 or seconds != int(seconds):
+        return f"{round(seconds * 1000)}ms"
+    whole = int(seconds)
+    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
+        if whole % size == 0:
+            return f"{whole // size}{unit}"
+    return f"{whole}s"
+
+
+@dataclass(frozen=True, slots=True)
+class PromQLRatio:
+    good: str
+    total: str
+
+    def render(self, window: str) -> tuple[str, str]:
+        return self.good.replace("{{window}}", window), self.total.replace("{{window}}", window)
+
+
+@dataclass(frozen=True, slots=True)
+class Objective:
+    name: str
+    service: str
+    labels: dict[str, str]
+    selector: dict[str, str]  # indicatorSelector: the labels every pushed indicator carries
+    objective_percent: float
+    window_seconds: float
+    window_text: str
+    category: str  # "latency", "availability", or any category when promql is given
+    latency_target_seconds: float | None = None
+    route: str | None = None  # from selector `path`
+    port: int | None = None  # from selector `port` / `server_port`
+    good_status_classes: tuple[str, ...] = DEFAULT_GOOD_CLASSES
+    promql: PromQLRatio | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def objective_ratio(self) -> float:
+        return self.objective_percent / 100.0
+
+    @property
+    def slug(self) -> str:
+        """A stable identifier for rule names and URLs: lowercase, `_`-separated."""
+        return re.sub(r"[^a-z0-9]+", "_", f"{self.service} {self.name}".lower()).strip("_")
+
+
+def load_manifest(path: str | Path) -> list[Objective]:
+    """Read a manifest file. Missing or unreadable files are a ConfigError, not a traceback."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read SLO file {path}: {exc.strerror}") from exc
+    return parse_manifest(text, source=str(path))
+
+
+def parse_manifest(text: str, source: str = "<slo>") -> list[Objective]:
+    try:
+        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+    if not documents:
+        raise ConfigError(f"{source}: no objectives found (expected documents of kind: Objective)")
+    objectives = [_parse_objective(doc, f"{source} document {i + 1}") for i, doc in enumerate(documents)]
+    seen: set[tuple[str, str]] = set()
+    for objective in objectives:
+        key = (objective.service, objective.name)
+        if key in seen:
+            raise ConfigError(f"{source}: objective {objective.name!r} of service {objective.service!r} is defined twice")
+        seen.add(key)
+    return objectives
+
+
+def _parse_objective(doc: Any, where: str) -> Objective:
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{where}: expected a mapping with apiVersion, kind, metadata and spec")
+    if doc.get("kind") != "Objective":
+        raise ConfigError(f"{where}: kind is {doc.get('kind')!r}; only kind: Objective is supported")
+    if doc.get("apiVersion", API_VERSION) != API_VERSION:
+        raise ConfigError(f"{where}: apiVersion is {doc.get('apiVersion')!r}; expected {API_VERSION}")
+    metadata = doc.get("metadata") or {}
+    spec = doc.get("spec")
+    if not isinstance(metadata, dict) or not isinstance(spec, dict):
+        raise ConfigError(f"{where}: metadata and spec must be mappings")
+    labels = _string_map(metadata.get("labels") or {}, f"{where}: metadata.labels")
+    name = labels.get("name") or str(metadata.get("name") or "")
+    if not name:
+        raise ConfigError(f"{where}: metadata.labels.name is required (the objective's title)")
+    where = f"{where} ({name!r})"
+    service = labels.get("service", "default")
+    selector = _string_map(spec.get("indicatorSelector") or {}, f"{where}: spec.indicatorSelector")
+
+    percent = spec.get("objectivePercent")
+    if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 < float(percent) <= 100:
+        raise ConfigError(f"{where}: spec.objectivePercent must be a number above 0 and at most 100, got {percent!r}")
+
+    window_text = str(spec.get("window", ""))
+    try:
+        window_seconds = parse_duration(window_text)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: spec.window: {exc}") from exc
+    if window_seconds < 1:
+        raise ConfigError(f"{where}: spec.window must be at least 1s, got {window_text!r}")
+
+    promql = _parse_promql(spec.get("promql"), where)
+    category = selector.get("category", "").lower()
+    if promql is None and category not in CATEGORIES:
+        raise ConfigError(
+            f"{where}: indicatorSelector.category is {selector.get('category')!r}; "
+            f"use latency or availability, or give spec.promql with good and total queries"
+        )
+
+    latency_target: float | None = None
+    if category == "latency" and promql is None:
+        raw_target = selector.get("latency_target")
+        if not raw_target:
+            raise ConfigError(f"{where}: a latency objective needs indicatorSelector.latency_target, e.g. 150ms")
+        try:
+            latency_target = parse_duration(raw_target)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: latency_target: {exc}") from exc
+        if latency_target <= 0:
+            raise ConfigError(f"{where}: latency_target must be above 0")
+
+    good_classes = DEFAULT_GOOD_CLASSES
+    if "goodStatusClasses" in spec:
+        raw_classes = spec["goodStatusClasses"]
+        if not isinstance(raw_classes, list) or not raw_classes:
+            raise ConfigError(f"{where}: spec.goodStatusClasses must be a list such as [2xx, 3xx]")
+        good_classes = tuple(str(c).lower() for c in raw_classes)
+        bad = [c for c in good_classes if c not in STATUS_CLASSES]
+        if bad:
+            raise ConfigError(f"{where}: spec.goodStatusClasses has {bad[0]!r}; use 1xx, 2xx, 3xx, 4xx or 5xx")
+
+    port: int | None = None
+    raw_port = selector.get("port") or selector.get("server_port")
+    if raw_port:
+        if not raw_port.isdigit() or not 0 < int(raw_port) < 65536:
+            raise ConfigError(f"{where}: indicatorSelector port {raw_port!r} is not a TCP port")
+        port = int(raw_port)
+
+    return Objective(
+        name=name,
+        service=service,
+        labels=labels,
+        selector=selector,
+        objective_percent=float(percent),
+        window_seconds=window_seconds,
+        window_text=window_text,
+        category=category,
+        latency_target_seconds=latency_target,
+        route=selector.get("path") or None,
+        port=port,
+        good_status_classes=good_classes,
+        promql=promql,
+    )
+
+
+def _parse_promql(raw: Any, where: str) -> PromQLRatio | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not raw.get("good") or not raw.get("total"):
+        raise ConfigError(f"{where}: spec.promql needs both good and total queries")
+    return PromQLRatio(good=str(raw["good"]), total=str(raw["total"]))
+
+
+def _string_map(raw: Any, where: str) -> dict[str, str]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping of strings")
+    return {str(k): str(v) for k, v in raw.items()}
+
+
+def latency_targets(objectives: Iterable[Objective]) -> set[float]:
+    """The bucket bounds the duration histogram needs so every latency SLI is exact."""
+    return {o.latency_target_seconds for o in objectives if o.latency_target_seconds is not None}
