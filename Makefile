@@ -1,0 +1,28 @@
+# The README's commands. Each target does its own set-up first.
+VENV := .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-unit bench lint fuzz clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(BIN)/ebpf-slo-exporter demo
+
+test: setup
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+test-unit: setup
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m bench
+
+lint: setup
+	$(BIN)/ruff check exporter tests bench
+	$(BIN)/mypy exporter
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

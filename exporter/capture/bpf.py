@@ -1,0 +1,208 @@
+"""Load bpf/http_filter.c with BCC and talk to its maps.
+
+This module is the only one that imports bcc. Everything BCC, clang or the
+kernel can throw at load time becomes a `CaptureError` whose message names the
+fix. The counter and config indices are defined here, once, and handed to the C
+file as -D defines; the C source itself is never edited or templated.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+import os
+import platform
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from exporter.errors import CaptureError
+
+__all__ = [
+    "COUNTER_NAMES",
+    "DEFAULT_SNAPLEN",
+    "HttpFilter",
+    "find_source",
+    "require_privileges",
+]
+
+# Slots of the per-CPU `filter_counters` array, in index order. Every packet the
+# filter sees lands in exactly one of kept / dropped_*; truncated_body_skip is
+# the subset of kept that was cut to headers by a body_skip entry.
+COUNTER_NAMES: tuple[str, ...] = (
+    "seen",
+    "kept",
+    "truncated_body_skip",
+    "dropped_loopback_dup",
+    "dropped_not_tcp",
+    "dropped_fragment",
+    "dropped_port",
+    "dropped_no_payload",
+    "dropped_malformed",
+)
+
+# Slots of the `config` array.
+_CONFIG_NAMES: tuple[str, ...] = ("loopback", "snaplen", "link_header_len")
+
+# 256 KiB, as tcpdump: a GSO super-packet on lo is up to 14 + 65535 bytes, so
+# 65535 would clip the tail of the largest ones.
+DEFAULT_SNAPLEN = 262144
+
+_CAP_NET_RAW = 13
+_CAP_SYS_ADMIN = 21
+_CAP_BPF = 39
+
+
+def find_source() -> Path:
+    """Path of http_filter.c: repo checkout (bpf/) first, then the installed package copy."""
+    here = Path(__file__).resolve()
+    for candidate in (here.parents[2] / "bpf" / "http_filter.c", here.parents[1] / "bpf" / "http_filter.c"):
+        if candidate.is_file():
+            return candidate
+    raise CaptureError(f"BPF source http_filter.c not found next to {here.parents[1]}: reinstall the package")
+
+
+def _effective_caps() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def require_privileges() -> None:
+    """Raise a CaptureError naming the fix unless we may load BPF and open packet sockets."""
+    if os.geteuid() == 0:
+        return
+    caps = _effective_caps()
+    has_bpf = bool(caps & (1 << _CAP_BPF) or caps & (1 << _CAP_SYS_ADMIN))
+    if not (has_bpf and caps & (1 << _CAP_NET_RAW)):
+        raise CaptureError("BPF needs root or CAP_BPF+CAP_NET_RAW: run with sudo")
+
+
+def _flow_key_bytes(ip: str) -> bytes:
+    """16-byte address as the filter keys it: IPv6 as is, IPv4 as ::ffff:a.b.c.d."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError as exc:
+        raise CaptureError(f"not an IP address: {ip!r}") from exc
+    if addr.version == 4:
+        return b"\x00" * 10 + b"\xff\xff" + addr.packed
+    return addr.packed
+
+
+class HttpFilter:
+    """The compiled socket filter and its maps.
+
+    One instance can be attached to several sockets on the same interface; they
+    then share ports, config, counters and body_skip entries.
+    """
+
+    def __init__(
+        self,
+        ports: Iterable[int],
+        *,
+        loopback: bool = False,
+        snaplen: int = DEFAULT_SNAPLEN,
+        link_header_len: int = 14,
+        src_file: Path | None = None,
+    ) -> None:
+        require_privileges()
+        release = platform.release()
+        build = Path("/lib/modules") / release / "build"
+        if not build.is_dir():
+            raise CaptureError(f"kernel headers not found under {build}: run `make setup`")
+        try:
+            from bcc import BPF  # noqa: PLC0415  (optional system package, imported at the edge)
+        except ImportError as exc:
+            raise CaptureError(
+                "BCC Python bindings not importable: install python3-bpfcc (`make setup`)"
+            ) from exc
+        src = src_file or find_source()
+        cflags = [f"-DCNT_{name.upper()}={i}" for i, name in enumerate(COUNTER_NAMES)]
+        cflags.append(f"-DCNT_COUNT={len(COUNTER_NAMES)}")
+        cflags += [f"-DCFG_{name.upper()}={i}" for i, name in enumerate(_CONFIG_NAMES)]
+        cflags.append(f"-DCFG_COUNT={len(_CONFIG_NAMES)}")
+        cflags.append("-w")  # kernel headers are noisy under BCC's clang; our own code is reviewed
+        # BCC raises bare Exception for compile and load failures; this is the one
+        # place that catches that, and it turns it into the project's error.
+        try:
+            self._bpf: Any = BPF(src_file=str(src).encode(), cflags=cflags)
+        except Exception as exc:
+            raise CaptureError(f"BPF program {src} failed to compile: {exc} (see clang output above)") from exc
+        try:
+            self._fn: Any = self._bpf.load_func(b"http_filter", BPF.SOCKET_FILTER)
+        except Exception as exc:
+            self._bpf.cleanup()
+            msg = str(exc)
+            if "Operation not permitted" in msg or "Permission denied" in msg:
+                raise CaptureError("BPF needs root or CAP_BPF+CAP_NET_RAW: run with sudo") from exc
+            raise CaptureError(f"kernel refused the BPF program: {msg}") from exc
+        self._ports = self._bpf[b"watched_ports"]
+        self._config = self._bpf[b"config"]
+        self._counters = self._bpf[b"filter_counters"]
+        self._skip = self._bpf[b"body_skip"]
+        self.configure(loopback=loopback, snaplen=snaplen, link_header_len=link_header_len)
+        self.set_ports(ports)
+
+    @property
+    def fd(self) -> int:
+        """File descriptor of the loaded program, for SO_ATTACH_BPF."""
+        return int(self._fn.fd)
+
+    def configure(self, *, loopback: bool, snaplen: int, link_header_len: int) -> None:
+        if not 64 <= snaplen <= 1 << 20:
+            raise CaptureError(f"snap length {snaplen} out of range 64..1048576")
+        if link_header_len not in (0, 14):
+            raise CaptureError(f"link header length {link_header_len} unsupported (0 or 14)")
+        values = {"loopback": int(loopback), "snaplen": snaplen, "link_header_len": link_header_len}
+        for i, name in enumerate(_CONFIG_NAMES):
+            self._config[ct.c_int(i)] = ct.c_uint32(values[name])
+
+    def set_ports(self, ports: Iterable[int]) -> None:
+        """Replace the watched ports (1..65535)."""
+        wanted = set()
+        for port in ports:
+            if not 0 < port < 65536:
+                raise CaptureError(f"port {port} out of range 1..65535")
+            wanted.add(port)
+        for key in list(self._ports.keys()):
+            if key.value not in wanted:
+                del self._ports[key]
+        for port in wanted:
+            self._ports[self._ports.Key(port)] = self._ports.Leaf(1)
+
+    def ports(self) -> set[int]:
+        return {k.value for k in self._ports.keys()}
+
+    def counters(self) -> dict[str, int]:
+        """Kernel counters summed over CPUs, since load. Cheap: one lookup per slot."""
+        return {
+            name: int(self._counters.sum(ct.c_int(i)).value) for i, name in enumerate(COUNTER_NAMES)
+        }
+
+    def _skip_key(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int) -> Any:
+        key = self._skip.Key()
+        ct.memmove(key.saddr, _flow_key_bytes(src_ip), 16)
+        ct.memmove(key.daddr, _flow_key_bytes(dst_ip), 16)
+        key.sport = src_port
+        key.dport = dst_port
+        return key
+
+    def skip_body(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, seq_end: int) -> None:
+        """Truncate to headers every segment of this direction whose payload ends at or before seq_end."""
+        key = self._skip_key(src_ip, src_port, dst_ip, dst_port)
+        self._skip[key] = self._skip.Leaf(seq_end & 0xFFFFFFFF)
+
+    def forget_skip(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int) -> None:
+        key = self._skip_key(src_ip, src_port, dst_ip, dst_port)
+        try:
+            del self._skip[key]
+        except KeyError:
+            pass  # already gone (LRU eviction or never set): nothing to forget
+
+    def close(self) -> None:
+        self._bpf.cleanup()

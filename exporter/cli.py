@@ -1,0 +1,319 @@
+"""The command line. The only place that exits the process or prints an error for the user.
+
+Every ExporterError becomes one line on stderr and exit status 1; flag misuse is click's
+exit status 2. Tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from exporter import __version__
+from exporter.config import (
+    DEFAULT_LISTEN,
+    ListenAddress,
+    env_var,
+    load_file,
+    parse_buckets,
+    parse_listen,
+    parse_port,
+)
+from exporter.errors import ConfigError, ExporterError
+
+log = logging.getLogger("ebpf_slo_exporter")
+
+
+def _ports(ctx: click.Context, param: click.Parameter, value: Sequence[str]) -> tuple[int, ...]:
+    try:
+        return tuple(parse_port(part) for item in value for part in str(item).split(",") if part.strip())
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _listen(ctx: click.Context, param: click.Parameter, value: str) -> ListenAddress:
+    try:
+        return parse_listen(value)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _buckets(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        return parse_buckets(value)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _apply_config_file(ctx: click.Context, params: dict[str, Any]) -> dict[str, Any]:
+    """Fill every parameter still at its default from the --config file."""
+    path = params.get("config")
+    if not path:
+        return params
+    for name, value in load_file(path).items():
+        source = ctx.get_parameter_source(name)
+        if source not in (None, click.core.ParameterSource.DEFAULT):
+            continue
+        param = next((p for p in ctx.command.params if p.name == name), None)
+        if param is None:
+            continue
+        if param.multiple and not isinstance(value, (list, tuple)):
+            value = [value]
+        try:
+            params[name] = param.process_value(ctx, value)
+        except click.BadParameter as exc:
+            raise ConfigError(f"config file {path}: {name}: {exc.format_message()}") from None
+    return params
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="ebpf-slo-exporter")
+def cli() -> None:
+    """HTTP RED metrics and SLOs from the wire, with an eBPF socket filter.
+
+    Point it at an interface and the ports of an HTTP/1.x service; Prometheus gets request
+    counts and latency histograms named after the OpenTelemetry HTTP conventions.
+    """
+
+
+def run_options(func: Any) -> Any:
+    options = [
+        click.option("--interface", "-i", envvar=env_var("interface"), default="lo", show_default=True,
+                     help="Network interface to capture on."),
+        click.option("--port", "-p", "ports", multiple=True, envvar=env_var("port"), callback=_ports,
+                     help="TCP port of the HTTP service (repeat, or comma-separate). Required."),
+        click.option("--listen", envvar=env_var("listen"), default=DEFAULT_LISTEN, show_default=True,
+                     callback=_listen, help="Where to serve /metrics, as HOST:PORT."),
+        click.option("--route", "routes", multiple=True, envvar=env_var("route"),
+                     help="Route pattern such as /api/items/{id} (repeatable); matched before the ID heuristic."),
+        click.option("--duration-buckets", envvar=env_var("duration_buckets"), callback=_buckets,
+                     help="Latency histogram bounds in seconds, comma-separated. SLO latency targets are added."),
+        click.option("--max-routes-per-port", type=click.IntRange(1, 100_000), default=100, show_default=True,
+                     envvar=env_var("max_routes_per_port"),
+                     help="Distinct http_route values per port before new ones become /{overflow}."),
+        click.option("--max-flows", type=click.IntRange(16, 10_000_000), default=65536, show_default=True,
+                     envvar=env_var("max_flows"), help="TCP connections tracked at once."),
+        click.option("--idle-timeout", type=click.FloatRange(1, 86400), default=300.0, show_default=True,
+                     envvar=env_var("idle_timeout"), help="Seconds before an idle connection is forgotten."),
+        click.option("--config", "-c", type=click.Path(dir_okay=False), envvar=env_var("config"),
+                     help="YAML file with any of these options (flags and env vars win)."),
+        click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+                     show_default=True, envvar=env_var("log_level")),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def slo_options(func: Any) -> Any:
+    options = [
+        click.option("--slo", type=click.Path(dir_okay=False), envvar=env_var("slo"),
+                     help="Reliably objectives manifest (multi-document YAML) to evaluate."),
+        click.option("--reliably-url", envvar="RELIABLY_URL",
+                     help="Reliably base URL; pushing indicators is on when this or RELIABLY_TOKEN is set."),
+        click.option("--push-interval", default="10s", show_default=True, envvar=env_var("push_interval"),
+                     help="How often indicators are computed and pushed."),
+        click.option("--spool-dir", type=click.Path(file_okay=False), envvar=env_var("spool_dir"),
+                     help="Where unsent indicators wait (default: $XDG_STATE_HOME/ebpf-slo-exporter/spool)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@cli.command()
+@run_options
+@slo_options
+@click.pass_context
+def run(ctx: click.Context, **params: Any) -> None:
+    """Capture HTTP on an interface and serve /metrics until SIGINT or SIGTERM."""
+    params = _apply_config_file(ctx, params)
+    _setup_logging(params["log_level"])
+    if not params["ports"]:
+        raise click.UsageError("give at least one --port (or EBPF_SLO_PORT, or port: in --config)")
+    from exporter.app import Exporter
+
+    exporter = Exporter(_run_settings(params))
+    exporter.install_signal_handlers()
+    click.echo(f"serving http://{params['listen']}/metrics", err=True)
+    exporter.run()
+
+
+def _run_settings(params: dict[str, Any]) -> Any:
+    from exporter.app import RunSettings
+    from exporter.core.flows import Limits
+    from exporter.metrics import DEFAULT_DURATION_BUCKETS
+
+    buckets = set(params.get("duration_buckets") or DEFAULT_DURATION_BUCKETS)
+    runtime = None
+    if params.get("slo"):
+        from exporter.slo.manifest import latency_targets, load_manifest, parse_duration
+
+        objectives = load_manifest(params["slo"])
+        added = latency_targets(objectives) - buckets
+        if added:
+            log.info("added latency bucket bounds %s for SLO targets", sorted(added))
+        buckets |= added
+        try:
+            push_interval = parse_duration(params["push_interval"])
+        except ValueError as exc:
+            raise ConfigError(f"--push-interval: {exc}") from None
+        runtime = _slo_runtime(objectives, params, push_interval)
+    limits = Limits(max_flows=params["max_flows"], idle_timeout_ns=int(params["idle_timeout"] * 1e9))
+    return RunSettings(
+        interface=params["interface"],
+        ports=params["ports"],
+        listen=params["listen"],
+        routes=tuple(params["routes"]),
+        duration_buckets=tuple(sorted(buckets)),
+        max_routes_per_port=params["max_routes_per_port"],
+        limits=limits,
+        slo_runtime=runtime,
+    )
+
+
+def _slo_runtime(objectives: list[Any], params: dict[str, Any], push_interval: float) -> Any:
+    from exporter.slo.runtime import SloRuntime, push_settings_from
+
+    push = push_settings_from(params.get("reliably_url"))
+    spool = Path(params["spool_dir"]) if params.get("spool_dir") else None
+    return SloRuntime(objectives, push=push, push_interval_s=push_interval, spool_dir=spool)
+
+
+@cli.command()
+@click.argument("capture_file", type=click.Path(dir_okay=False))
+@click.option("--port", "-p", "ports", multiple=True, required=True, callback=_ports,
+              help="TCP port of the HTTP service (repeat, or comma-separate).")
+@click.option("--route", "routes", multiple=True, help="Route pattern such as /api/items/{id} (repeatable).")
+@click.option("--duration-buckets", callback=_buckets, help="Latency histogram bounds in seconds.")
+@click.option("--max-routes-per-port", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@click.option("--openmetrics", is_flag=True, help="Print OpenMetrics text instead of the Prometheus format.")
+def replay(capture_file: str, ports: tuple[int, ...], routes: tuple[str, ...],
+           duration_buckets: tuple[float, ...] | None, max_routes_per_port: int, openmetrics: bool) -> None:
+    """Run a pcap or pcapng file through the same pipeline and print the exposition text."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+    from exporter.capture.pcap import read_capture
+    from exporter.core.routes import RouteMapper
+    from exporter.metrics import ExporterCollector, HttpMetrics
+    from exporter.pipeline import Pipeline
+
+    http = HttpMetrics(duration_buckets) if duration_buckets else HttpMetrics()
+    pipeline = Pipeline(ports, RouteMapper(routes, max_routes_per_port=max_routes_per_port), http)
+    pipeline.feed(read_capture(capture_file))
+    pipeline.flush()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ExporterCollector(http, [pipeline.self_samples]))
+    render = generate_openmetrics if openmetrics else generate_latest
+    click.echo(render(registry).decode(), nl=False)
+
+
+@cli.command()
+@click.option("--interface", "-i", default="lo", show_default=True, envvar=env_var("interface"))
+def check(interface: str) -> None:
+    """Preflight: privileges, BPF, BCC, kernel headers and the interface, each with a fix."""
+    from exporter.preflight import run_checks
+
+    results = run_checks(interface)
+    width = max(len(r.name) for r in results)
+    for result in results:
+        mark = "ok  " if result.ok else "FAIL"
+        line = f"{mark} {result.name.ljust(width)}  {result.detail}"
+        if not result.ok and result.fix:
+            line += f"  -> {result.fix}"
+        click.echo(line)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        raise ExporterError(f"{len(failed)} check(s) failed; fix them and run `ebpf-slo-exporter check` again")
+    click.echo("all checks passed")
+
+
+@cli.command()
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535),
+              help="Port of the demo HTTP service on loopback.")
+@click.option("--listen", default="127.0.0.1:9640", show_default=True, callback=_listen,
+              help="Where the exporter serves /metrics.")
+@click.option("--rate", default=30.0, show_default=True, type=click.FloatRange(0.1, 10_000),
+              help="Requests per second from the load generator.")
+@click.option("--reliably-url", envvar="RELIABLY_URL", help="Also push indicators to this Reliably base URL.")
+def demo(port: int, listen: ListenAddress, rate: float, reliably_url: str | None) -> None:
+    """The 2021 demo, done right: a demo service, load, the exporter on lo and the live SLO report."""
+    from exporter.demo import run_demo
+
+    _setup_logging("warning")
+    run_demo(port=port, listen=listen, rate=rate, reliably_url=reliably_url)
+
+
+@cli.command("demo-service")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--slow-fraction", default=0.01, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--error-fraction", default=0.007, show_default=True, type=click.FloatRange(0, 1))
+def demo_service(host: str, port: int, slow_fraction: float, error_fraction: float) -> None:
+    """The seed's service: 1% of requests sleep a uniform 0-1 s, 0.7% answer 500."""
+    from exporter.demo import serve_demo
+
+    serve_demo(host, port, slow_fraction, error_fraction)
+
+
+@cli.command("demo-load")
+@click.option("--url", default="http://127.0.0.1:8000/", show_default=True)
+@click.option("--rate", default=30.0, show_default=True, type=click.FloatRange(0.1, 10_000))
+@click.option("--clients", default=3, show_default=True, type=click.IntRange(1, 256))
+@click.option("--duration", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds to run; 0 runs until interrupted.")
+def demo_load(url: str, rate: float, clients: int, duration: float) -> None:
+    """Steady keep-alive load: CLIENTS connections sharing RATE requests per second."""
+    from exporter.demo import generate_load
+
+    sent = generate_load(url, rate, clients, duration or None)
+    click.echo(f"sent {sent} requests", err=True)
+
+
+def _attach_slo_commands() -> None:
+    from exporter.slo.commands import bridge, slo
+    from exporter.slo.rules import rules
+
+    slo.add_command(rules)
+    cli.add_command(slo)
+    cli.add_command(bridge)
+
+
+_attach_slo_commands()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="ebpf-slo-exporter",
+                 standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except ExporterError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        # `ebpf-slo-exporter replay x.pcap | head`: the reader left; nothing to report.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+

@@ -1,0 +1,92 @@
+"""`ebpf-slo-exporter check`: what the capture needs, each with a verdict and the fix."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+# Capability bit numbers from linux/capability.h.
+CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
+BPF_PROG_LOAD = 5
+SYS_BPF = {"x86_64": 321, "aarch64": 280}
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+def effective_capabilities(status_text: str | None = None) -> set[str]:
+    """Names of the capabilities in this process's effective set (from /proc/self/status)."""
+    text = status_text if status_text is not None else Path("/proc/self/status").read_text()
+    for line in text.splitlines():
+        if line.startswith("CapEff:"):
+            mask = int(line.split()[1], 16)
+            return {name for name, bit in CAPABILITIES.items() if mask >> bit & 1}
+    return set()
+
+
+def check_privileges() -> CheckResult:
+    caps = effective_capabilities()
+    needed = {"CAP_BPF", "CAP_NET_RAW"}
+    if needed <= caps or {"CAP_SYS_ADMIN", "CAP_NET_RAW"} <= caps:
+        return CheckResult("privileges", True, f"effective capabilities: {', '.join(sorted(caps))}")
+    missing = sorted(needed - caps)
+    return CheckResult("privileges", False, f"missing {', '.join(missing)} (uid {os.geteuid()})",
+                       "run as root (sudo) or grant CAP_BPF and CAP_NET_RAW")
+
+
+def check_bpf_syscall() -> CheckResult:
+    number = SYS_BPF.get(platform.machine())
+    if number is None:
+        return CheckResult("bpf syscall", True, f"not probed on {platform.machine()}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    # A zero-length attribute block: the kernel answers EINVAL/EFAULT when bpf() exists,
+    # ENOSYS when it was compiled out, EPERM when we lack the capability.
+    result = libc.syscall(number, BPF_PROG_LOAD, None, 0)
+    err = ctypes.get_errno()
+    if result < 0 and err == 38:
+        return CheckResult("bpf syscall", False, "the kernel has no bpf() (CONFIG_BPF_SYSCALL off)",
+                           "use a kernel built with CONFIG_BPF_SYSCALL=y")
+    if result < 0 and err == 1:
+        return CheckResult("bpf syscall", False, "bpf() refused: operation not permitted",
+                           "run as root or grant CAP_BPF")
+    return CheckResult("bpf syscall", True, "available")
+
+
+def check_bcc() -> CheckResult:
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return CheckResult("bcc", False, "the bcc Python module does not import",
+                           "apt-get install python3-bpfcc, and use a venv made with --system-site-packages "
+                           "(make setup)")
+    version = getattr(__import__("bcc"), "__version__", "unknown version")
+    return CheckResult("bcc", True, f"bcc {version}")
+
+
+def check_headers() -> CheckResult:
+    build = Path("/lib/modules") / platform.release() / "build"
+    if (build / "include").is_dir():
+        return CheckResult("kernel headers", True, f"{build} -> {build.resolve()}")
+    return CheckResult("kernel headers", False, f"{build} is missing",
+                       "run `make setup` (installs linux-headers and links the nearest version)")
+
+
+def check_interface(interface: str) -> CheckResult:
+    names = sorted(name for _, name in socket.if_nameindex())
+    if interface in names:
+        return CheckResult("interface", True, f"{interface} exists")
+    return CheckResult("interface", False, f"no interface {interface!r}; interfaces here: {', '.join(names)}",
+                       "pick one with --interface")
+
+
+def run_checks(interface: str) -> list[CheckResult]:
+    return [check_privileges(), check_bpf_syscall(), check_bcc(), check_headers(), check_interface(interface)]

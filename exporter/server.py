@@ -1,0 +1,135 @@
+"""The HTTP edge: /metrics, /healthz, /api/v1/slo and a landing page, on a threaded WSGI server.
+
+/metrics goes through prometheus_client's own WSGI app, which does the content negotiation
+(OpenMetrics when the scraper asks for it) and gzip. The server runs in a daemon thread so
+the capture loop owns the main thread and its signals.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+
+from exporter import __version__
+from exporter.config import ListenAddress
+from exporter.errors import ConfigError
+
+StartResponse = Callable[..., Any]
+WSGIEnviron = dict[str, Any]
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _ThreadingServerV6(_ThreadingServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    # Scrapes every few seconds would drown the exporter's own log.
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+
+class Health:
+    """What /healthz reports: 503 until the filter is attached, 200 after."""
+
+    def __init__(self) -> None:
+        self._ready = False
+        self._reason = "starting: the BPF filter is not attached yet"
+
+    def set(self, ready: bool, reason: str) -> None:
+        self._ready, self._reason = ready, reason
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def reason(self) -> str:
+        return self._reason
+
+
+LANDING = """<!doctype html>
+<html><head><title>ebpf-slo-exporter</title></head>
+<body>
+<h1>ebpf-slo-exporter {version}</h1>
+<p>HTTP RED metrics and SLOs from the wire: {what}.</p>
+<ul>
+<li><a href="/metrics">/metrics</a>: Prometheus exposition (OpenMetrics on request)</li>
+<li><a href="/healthz">/healthz</a>: 200 once the filter is attached</li>
+<li><a href="/api/v1/slo">/api/v1/slo</a>: SLO results as JSON</li>
+</ul>
+</body></html>
+"""
+
+
+def build_app(
+    registry: CollectorRegistry,
+    health: Health,
+    description: str,
+    slo_snapshot: Callable[[], dict[str, Any]] | None = None,
+) -> Callable[[WSGIEnviron, StartResponse], Iterable[bytes]]:
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: WSGIEnviron, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        if path == "/metrics":
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+        if path == "/healthz":
+            status = "200 OK" if health.ready else "503 Service Unavailable"
+            body = (("ok: " if health.ready else "not ready: ") + health.reason + "\n").encode()
+            start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+            return [body]
+        if path == "/api/v1/slo":
+            if slo_snapshot is None:
+                payload: dict[str, Any] = {"status": "disabled", "objectives": [],
+                                           "hint": "start the exporter with --slo FILE"}
+            else:
+                payload = slo_snapshot()
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [json.dumps(payload, indent=2).encode()]
+        if path in ("/", "/index.html"):
+            start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
+            return [LANDING.format(version=__version__, what=description).encode()]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found: try /metrics\n"]
+
+    return app
+
+
+class MetricsServer:
+    """A threaded WSGI server on `listen`, started and stopped by the caller."""
+
+    def __init__(self, listen: ListenAddress, app: Callable[[WSGIEnviron, StartResponse], Iterable[bytes]]):
+        server_class = _ThreadingServerV6 if ":" in listen.host else _ThreadingServer
+        try:
+            self._server = make_server(listen.host, listen.port, app, server_class, _QuietHandler)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    f"cannot listen on {listen}: the port is already in use; pick another with --listen"
+                ) from exc
+            raise ConfigError(f"cannot listen on {listen}: {exc.strerror}") from exc
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-server", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
