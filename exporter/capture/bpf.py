@@ -116,7 +116,7 @@ class HttpFilter:
         if not build.is_dir():
             raise CaptureError(f"kernel headers not found under {build}: run `make setup`")
         try:
-            from bcc import BPF  # noqa: PLC0415  (optional system package, imported at the edge)
+            from bcc import BPF
         except ImportError as exc:
             raise CaptureError(
                 "BCC Python bindings not importable: install python3-bpfcc (`make setup`)"
@@ -132,7 +132,9 @@ class HttpFilter:
         try:
             self._bpf: Any = BPF(src_file=str(src).encode(), cflags=cflags)
         except Exception as exc:
-            raise CaptureError(f"BPF program {src} failed to compile: {exc} (see clang output above)") from exc
+            raise CaptureError(
+                f"BPF program {src} failed to compile: {exc} (see clang output above)"
+            ) from exc
         try:
             self._fn: Any = self._bpf.load_func(b"http_filter", BPF.SOCKET_FILTER)
         except Exception as exc:
@@ -180,9 +182,7 @@ class HttpFilter:
 
     def counters(self) -> dict[str, int]:
         """Kernel counters summed over CPUs, since load. Cheap: one lookup per slot."""
-        return {
-            name: int(self._counters.sum(ct.c_int(i)).value) for i, name in enumerate(COUNTER_NAMES)
-        }
+        return {name: int(self._counters.sum(ct.c_int(i)).value) for i, name in enumerate(COUNTER_NAMES)}
 
     def _skip_key(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int) -> Any:
         key = self._skip.Key()

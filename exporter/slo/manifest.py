@@ -119,7 +119,9 @@ def parse_manifest(text: str, source: str = "<slo>") -> list[Objective]:
     for objective in objectives:
         key = (objective.service, objective.name)
         if key in seen:
-            raise ConfigError(f"{source}: objective {objective.name!r} of service {objective.service!r} is defined twice")
+            raise ConfigError(
+                f"{source}: objective {objective.name!r} of service {objective.service!r} is defined twice"
+            )
         seen.add(key)
     return objectives
 
@@ -145,7 +147,9 @@ def _parse_objective(doc: Any, where: str) -> Objective:
 
     percent = spec.get("objectivePercent")
     if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 < float(percent) <= 100:
-        raise ConfigError(f"{where}: spec.objectivePercent must be a number above 0 and at most 100, got {percent!r}")
+        raise ConfigError(
+            f"{where}: spec.objectivePercent must be a number above 0 and at most 100, got {percent!r}"
+        )
 
     window_text = str(spec.get("window", ""))
     try:
@@ -154,6 +158,9 @@ def _parse_objective(doc: Any, where: str) -> Objective:
         raise ConfigError(f"{where}: spec.window: {exc}") from exc
     if window_seconds < 1:
         raise ConfigError(f"{where}: spec.window must be at least 1s, got {window_text!r}")
+    if window_seconds != int(window_seconds):
+        # Windows are unions of clock-aligned buckets of whole seconds.
+        raise ConfigError(f"{where}: spec.window must be a whole number of seconds, got {window_text!r}")
 
     promql = _parse_promql(spec.get("promql"), where)
     category = selector.get("category", "").lower()
@@ -167,7 +174,9 @@ def _parse_objective(doc: Any, where: str) -> Objective:
     if category == "latency" and promql is None:
         raw_target = selector.get("latency_target")
         if not raw_target:
-            raise ConfigError(f"{where}: a latency objective needs indicatorSelector.latency_target, e.g. 150ms")
+            raise ConfigError(
+                f"{where}: a latency objective needs indicatorSelector.latency_target, e.g. 150ms"
+            )
         try:
             latency_target = parse_duration(raw_target)
         except ValueError as exc:
@@ -175,7 +184,7 @@ def _parse_objective(doc: Any, where: str) -> Objective:
         if latency_target <= 0:
             raise ConfigError(f"{where}: latency_target must be above 0")
 
-    good_classes = DEFAULT_GOOD_CLASSES
+    good_classes: tuple[str, ...] = DEFAULT_GOOD_CLASSES
     if "goodStatusClasses" in spec:
         raw_classes = spec["goodStatusClasses"]
         if not isinstance(raw_classes, list) or not raw_classes:
@@ -183,7 +192,15 @@ def _parse_objective(doc: Any, where: str) -> Objective:
         good_classes = tuple(str(c).lower() for c in raw_classes)
         bad = [c for c in good_classes if c not in STATUS_CLASSES]
         if bad:
-            raise ConfigError(f"{where}: spec.goodStatusClasses has {bad[0]!r}; use 1xx, 2xx, 3xx, 4xx or 5xx")
+            raise ConfigError(
+                f"{where}: spec.goodStatusClasses has {bad[0]!r}; use 1xx, 2xx, 3xx, 4xx or 5xx"
+            )
+        if category != "availability" or promql is not None:
+            raise ConfigError(f"{where}: spec.goodStatusClasses applies to availability objectives only")
+
+    route = selector.get("path") or None
+    if route is not None and not route.startswith("/"):
+        raise ConfigError(f"{where}: indicatorSelector.path {route!r} must be an http_route starting with /")
 
     port: int | None = None
     raw_port = selector.get("port") or selector.get("server_port")
@@ -202,7 +219,7 @@ def _parse_objective(doc: Any, where: str) -> Objective:
         window_text=window_text,
         category=category,
         latency_target_seconds=latency_target,
-        route=selector.get("path") or None,
+        route=route,
         port=port,
         good_status_classes=good_classes,
         promql=promql,
@@ -214,6 +231,9 @@ def _parse_promql(raw: Any, where: str) -> PromQLRatio | None:
         return None
     if not isinstance(raw, dict) or not raw.get("good") or not raw.get("total"):
         raise ConfigError(f"{where}: spec.promql needs both good and total queries")
+    for key in ("good", "total"):
+        if not isinstance(raw[key], str):
+            raise ConfigError(f"{where}: spec.promql.{key} must be a PromQL string")
     return PromQLRatio(good=str(raw["good"]), total=str(raw["total"]))
 
 

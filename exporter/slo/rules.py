@@ -75,6 +75,7 @@ __all__ = [
     "burn_rate_factor",
     "le_regex",
     "render_rules",
+    "rules",
     "rules_command",
     "sli_error_expr",
 ]
@@ -302,3 +303,6 @@ def rules_command(slo_file: str, output: str | None, job_selector: str, runbook_
             handle.write(text)
     except OSError as exc:
         raise click.ClickException(f"cannot write {output}: {exc.strerror}") from exc
+
+
+rules = rules_command  # the name cli.py attaches to the `slo` group

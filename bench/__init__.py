@@ -1,0 +1,12 @@
+"""Load benchmark of ebpf-slo-exporter (`make bench`, or `python -m bench --help`).
+
+One run puts the same wrk load on a private nginx on `lo` three ways, side by side:
+no capture (the baseline), the 2021 demo's design rebuilt in `bench/seed.py`, and the
+exporter with its defaults. It reports server throughput and its ratio to the baseline,
+completeness against nginx's access log, kernel drops, capture CPU per request and peak
+RSS, as markdown tables with the date, machine and command.
+
+Modules: `wrk` (load and its report), `nginx` (the server), `procs` (children that are
+always stopped), `scrape` (/metrics and /proc), `runner` (one measured run), `report`
+(medians and tables), `seed` (the reference design, run as a script).
+"""

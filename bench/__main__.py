@@ -1,0 +1,307 @@
+"""`python -m bench`: the load benchmark behind `make bench`. See bench/__init__.py."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bench.nginx import BODY_PATHS
+from bench.procs import BenchError, Children, require_tools
+from bench.report import (
+    Column,
+    Table,
+    fmt,
+    fmt_completeness,
+    fmt_int,
+    fmt_ms,
+    fmt_ratio,
+    fmt_us,
+    median_rows,
+    render_markdown,
+    render_rich,
+)
+from bench.runner import CONFIGS, REPO, Load, Runner, RunResult, run_quiet
+from bench.wrk import churn_script, paced_script
+
+SCENARIOS = ("red", "size", "rate", "conns", "soak")
+DEFAULT_DURATION = {"red": 20.0, "size": 10.0, "rate": 20.0, "conns": 20.0, "soak": 600.0}
+DEFAULT_CONFIGS = {"red": CONFIGS, "size": ("baseline", "exporter"), "rate": ("exporter",),
+                   "conns": ("baseline", "exporter"), "soak": ("exporter",)}
+SOAK_SAMPLE_S = 10.0
+SOAK_CLOSE_EVERY = 100
+CONNS = 10_000
+NUMERIC = ("rps", "ratio", "completeness", "drops", "cpu_us", "rss_mb", "nginx_cpu_us", "logged", "counted",
+           "socket_errors", "wrk_latency_s", "capture_latency_s")
+
+COL_CONFIG = Column("config", "config", align="left")
+COL_LABEL = Column("load", "label", align="left")
+COL_RUN = Column("run", "run", fmt_int)
+COL_RUNS = Column("runs", "runs", fmt_int)
+COL_RPS = Column("server req/s", "rps", fmt_int)
+COL_RATIO = Column("vs no capture", "ratio", fmt_ratio)
+COL_COMPLETE = Column("completeness", "completeness", fmt_completeness)
+COL_DROPS = Column("kernel drops", "drops", fmt_int)
+COL_CPU = Column("exporter CPU µs/req", "cpu_us", fmt_us)
+COL_RSS = Column("peak RSS MB", "rss_mb", lambda v: fmt(v))
+COL_NGINX = Column("nginx CPU µs/req", "nginx_cpu_us", fmt_us)
+COL_ERRORS = Column("wrk socket errors", "socket_errors", fmt_int)
+COL_WRK_LAT = Column("wrk mean latency", "wrk_latency_s", fmt_ms)
+COL_CAP_LAT = Column("exporter mean duration", "capture_latency_s", fmt_ms)
+COL_REQUESTS = Column("requests (nginx log)", "logged", fmt_int)
+
+
+def _machine() -> list[str]:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    head = run_quiet(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = run_quiet(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"])
+    load1, load5, _ = os.getloadavg()
+    wrk_version = run_quiet(["wrk", "--version"]).splitlines()[0].split(" [")[0]
+    return [
+        f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- kernel: {platform.release()} (`uname -r`)",
+        f"- CPU: {cpu}, nproc {len(os.sched_getaffinity(0))}",
+        f"- tools: {run_quiet(['nginx', '-v']).removeprefix('nginx version: ')} (worker_processes 1), {wrk_version}",
+        f"- repo: {head}{' with uncommitted changes' if dirty not in ('', '?') else ''}",
+        f"- load average before the bench: {load1:.2f} {load5:.2f}",
+        f"- command: `python -m bench {shlex.join(sys.argv[1:])}`",
+    ]
+
+
+class Bench:
+    def __init__(self, runner: Runner, repeat: int, echo: Any) -> None:
+        self.runner = runner
+        self.repeat = repeat
+        self.echo = echo
+        self.errors: list[str] = []
+
+    def interleaved(self, plan: Sequence[tuple[str, Load]], rss_every_s: float | None = None
+                    ) -> list[dict[str, Any]]:
+        """Run the plan `repeat` times, in plan order each time; ratios against the same round's baseline."""
+        rows = []
+        for round_no in range(1, self.repeat + 1):
+            baseline: dict[str, float] = {}
+            for config, load in plan:
+                self.echo(f"  run {round_no}/{self.repeat}: {config} {load.label} "
+                          f"(wrk -t{load.threads} -c{load.connections} -d{load.duration_s:g}s)")
+                try:
+                    result = self.runner.run(config, load, rss_every_s)
+                except BenchError as exc:
+                    result = RunResult(config, load.label, error=str(exc))
+                    self.errors.append(f"{config} {load.label} run {round_no}: {exc}")
+                    self.echo(f"    failed: {exc}")
+                row = result.row(baseline.get(load.label))
+                if config == "baseline" and result.wrk is not None:
+                    baseline[load.label] = result.wrk.requests_per_s
+                row["run"] = round_no
+                row["rss_samples"] = result.rss_samples
+                rows.append(row)
+        return rows
+
+
+def _tables(title: str, rows: list[dict[str, Any]], columns: list[Column], repeat: int,
+            group: str = "config") -> list[Table]:
+    tables = []
+    if repeat > 1:
+        tables.append(Table(f"{title}: every run", [COL_RUN, *columns], rows))
+    medians = median_rows(rows, group, NUMERIC)
+    tables.append(Table(f"{title}: median of {repeat} run(s)" if repeat > 1 else title,
+                        [*columns, COL_RUNS] if repeat > 1 else columns, medians))
+    return tables
+
+
+def _group_key(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for row in rows:
+        row["group"] = f"{row['label']} {row['config']}"
+    return rows
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--scenario", type=click.Choice(SCENARIOS), default="red", show_default=True,
+              help="red: the three configurations side by side; size: response bodies 1 KB-1 MB; rate: low "
+                   "paced rates vs full load, with latency spot checks; conns: 10k open connections; soak: RSS "
+                   "over a long run.")
+@click.option("--duration", type=click.FloatRange(1, 86400),
+              help="Seconds of load per run [default: 20; size 10; soak 600].")
+@click.option("--connections", type=click.IntRange(1, 60000), default=32, show_default=True,
+              help="wrk -c (the conns scenario uses 10000).")
+@click.option("--threads", type=click.IntRange(1, 64), default=1, show_default=True, help="wrk -t.")
+@click.option("--repeat", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="Rounds of the configurations, interleaved; medians are reported.")
+@click.option("--configs", help="Comma-separated subset of baseline,seed,exporter [default: per scenario].")
+@click.option("--rates", default="100,1000", show_default=True,
+              help="rate scenario: paced request rates per second, compared with unpaced full load.")
+@click.option("--markdown", is_flag=True, help="Print markdown tables (the default when stdout is not a terminal).")
+@click.option("--keep-workdir", is_flag=True, help="Keep the temp dir with nginx, wrk and exporter logs.")
+def main(scenario: str, duration: float | None, connections: int, threads: int, repeat: int,
+         configs: str | None, rates: str, markdown: bool, keep_workdir: bool) -> None:
+    """Load benchmark: nginx on lo under wrk, with no capture, the 2021 seed design, and the exporter.
+
+    Needs root (BPF), nginx and wrk (`make setup` installs them). Prints markdown tables
+    that can be pasted into the README, with the date, machine and command.
+    """
+    markdown = markdown or not sys.stdout.isatty()
+    duration = duration or DEFAULT_DURATION[scenario]
+    chosen = tuple(c.strip() for c in configs.split(",")) if configs else DEFAULT_CONFIGS[scenario]
+    unknown = set(chosen) - set(CONFIGS)
+    if unknown:
+        raise click.BadParameter(f"unknown configuration(s) {', '.join(sorted(unknown))}; "
+                                 f"choose from {', '.join(CONFIGS)}", param_hint="--configs")
+    if os.geteuid() != 0 and set(chosen) - {"baseline"}:
+        raise BenchError("the seed and the exporter attach BPF filters: run as root (sudo make bench)")
+    tools = require_tools(["nginx", "wrk"])
+    if set(chosen) - {"baseline"}:
+        _require_python_modules(["bcc", "pypacker"])
+
+    def echo(line: str) -> None:
+        click.echo(line, err=True)
+
+    print_table = _printer(markdown)
+    workdir = Path(tempfile.mkdtemp(prefix="ebpf-slo-bench-"))
+    click.echo("\n".join(["## Benchmark", "", *_machine(), ""]))
+    try:
+        with Children(workdir) as children:
+            bench = Bench(Runner(children, tools, workdir), repeat, echo)
+            tables = _run_scenario(bench, scenario, chosen, duration, connections, threads, rates)
+        for table in tables:
+            print_table(table)
+    finally:
+        if keep_workdir:
+            echo(f"logs kept in {workdir}")
+        else:
+            _rmtree(workdir)
+    if bench.errors:
+        raise BenchError(f"{len(bench.errors)} run(s) failed; first: {bench.errors[0]}")
+
+
+def _run_scenario(bench: Bench, scenario: str, chosen: Sequence[str], duration: float, connections: int,
+                  threads: int, rates: str) -> list[Table]:
+    main_columns = [COL_CONFIG, COL_RPS, COL_RATIO, COL_COMPLETE, COL_DROPS, COL_CPU, COL_RSS, COL_NGINX]
+    if scenario == "red":
+        load = Load(duration, connections, threads, label="ok")
+        rows = bench.interleaved([(c, load) for c in chosen])
+        return _tables(f"nginx `return 200 \"ok\"` on lo, wrk -t{threads} -c{connections} -d{duration:g}s",
+                       rows, main_columns, bench.repeat)
+    if scenario == "size":
+        plan = [(c, Load(duration, connections, threads, path=path, label=size))
+                for size, path in BODY_PATHS.items() for c in chosen]
+        rows = _group_key(bench.interleaved(plan))
+        return _tables(f"cost against response size, wrk -t{threads} -c{connections} -d{duration:g}s", rows,
+                       [Column("body", "label", align="left"), *main_columns], bench.repeat, group="group")
+    if scenario == "rate":
+        plan = []
+        for text in rates.split(","):
+            rate = float(text)
+            conns = min(connections, max(1, math.ceil(rate / 100)))
+            plan += [(c, Load(duration, conns, 1, script=paced_script(rate, conns), label=f"paced {rate:g}/s"))
+                     for c in chosen]
+        plan += [(c, Load(duration, connections, threads, label="full load")) for c in chosen]
+        rows = _group_key(bench.interleaved(plan))
+        columns = [Column("rate", "label", align="left"), COL_CONFIG, COL_RPS, COL_COMPLETE, COL_DROPS, COL_CPU,
+                   COL_CAP_LAT, COL_WRK_LAT]
+        return _tables("cost and latency against request rate", rows, columns, bench.repeat, group="group")
+    if scenario == "conns":
+        conns = max(connections, CONNS) if connections != 32 else CONNS
+        load = Load(duration, conns, threads, label=f"{conns} conns")
+        rows = bench.interleaved([(c, load) for c in chosen])
+        columns = [COL_CONFIG, COL_RPS, COL_RATIO, COL_COMPLETE, COL_DROPS, COL_CPU, COL_RSS, COL_ERRORS]
+        return _tables(f"{conns} concurrent connections, wrk -t{threads} -c{conns} -d{duration:g}s", rows,
+                       columns, bench.repeat)
+    # soak
+    load = Load(duration, connections, threads, script=churn_script(SOAK_CLOSE_EVERY),
+                label=f"soak, 1 in {SOAK_CLOSE_EVERY} requests closes its connection")
+    rows = bench.interleaved([(c, load) for c in chosen], rss_every_s=SOAK_SAMPLE_S)
+    for row in rows:
+        samples = row.pop("rss_samples") or []
+        mbs = [mb for _, mb in samples]
+        row["rss_first"] = mbs[0] if mbs else None
+        row["rss_last"] = mbs[-1] if mbs else None
+        row["rss_max"] = max(mbs) if mbs else None
+        row["samples"] = " ".join(f"{mb:.0f}" for mb in mbs)
+    columns = [COL_CONFIG, COL_REQUESTS, COL_COMPLETE, COL_DROPS, COL_CPU,
+               Column("RSS MB first", "rss_first", lambda v: fmt(v)),
+               Column("RSS MB last", "rss_last", lambda v: fmt(v)),
+               Column("RSS MB max", "rss_max", lambda v: fmt(v)), COL_RSS]
+    table = Table(f"soak: {duration:g} s, wrk -t{threads} -c{connections}, 1 in {SOAK_CLOSE_EVERY} requests "
+                  f"sends Connection: close; RSS sampled every {SOAK_SAMPLE_S:g} s", [COL_RUN, *columns], rows)
+    table.note = "RSS samples (MB): " + " | ".join(f"run {r['run']} {r['config']}: {r['samples']}" for r in rows)
+    return [table]
+
+
+def _printer(markdown: bool) -> Any:
+    if markdown:
+        def show(table: Table) -> None:
+            click.echo(render_markdown(table) + "\n")
+        return show
+    from rich.console import Console
+
+    console = Console()
+
+    def show_rich(table: Table) -> None:
+        console.print(render_rich(table))
+        console.print()
+    return show_rich
+
+
+def _require_python_modules(names: Sequence[str]) -> None:
+    import importlib.util
+
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            raise BenchError(f"Python module `{name}` not importable from {sys.executable}; run `make setup`")
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+    try:
+        main.main(args=list(argv) if argv is not None else None, prog_name="python -m bench",
+                  standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("bench: interrupted; every child process was stopped", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("bench: interrupted; every child process was stopped", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except BenchError as exc:
+        click.echo(f"bench: error: {exc}", err=True)
+        return 1
+    except subprocess.SubprocessError as exc:
+        click.echo(f"bench: error: {exc}", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,134 @@
+"""The server under load: Debian's nginx-light with a config of our own, in a temp dir.
+
+- `worker_processes 1`: on this 2-core machine one core goes to nginx and one to wrk;
+  the exporter (or the seed) has no core of its own and competes with both, as an agent
+  does on a busy host. Nothing is pinned.
+- The access log is the truth for completeness: one line per request nginx answered.
+  It is buffered (64 KB, flushed every second) so that logging costs nginx little;
+  `count_requests()` waits for the flush.
+- `/` answers `200 ok`; `/1k`, `/100k`, `/1m` serve files of 1 KB, 100 KB and 1 MB.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+from bench.procs import BenchError, Child, Children, wait_until
+
+__all__ = ["Nginx", "free_port", "BODY_PATHS"]
+
+BODY_PATHS = {"2B": "/", "1KB": "/1k", "100KB": "/100k", "1MB": "/1m"}
+_BODY_FILES = {"1k": 1024, "100k": 100 * 1024, "1m": 1024 * 1024}
+FLUSH_S = 1.0
+
+_CONFIG = """\
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile {nofile};
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+
+events {{
+    worker_connections {connections};
+    multi_accept on;
+}}
+
+http {{
+    log_format bench '$status $body_bytes_sent';
+    access_log {root}/access.log bench buffer=64k flush={flush}s;
+    client_body_temp_path {root}/tmp;
+    proxy_temp_path {root}/tmp;
+    fastcgi_temp_path {root}/tmp;
+    uwsgi_temp_path {root}/tmp;
+    scgi_temp_path {root}/tmp;
+    keepalive_requests 1000000;
+    keepalive_timeout 120s;
+    sendfile on;
+    tcp_nopush on;
+    default_type text/plain;
+
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        root {root}/www;
+        location = / {{ return 200 "ok"; }}
+        location = /ready {{ access_log off; return 200 "ready"; }}
+        location / {{ }}
+    }}
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def render_config(root: Path, port: int, connections: int = 20000, nofile: int = 65536) -> str:
+    return _CONFIG.format(root=root, port=port, connections=connections, nofile=nofile, flush=int(FLUSH_S))
+
+
+class Nginx:
+    def __init__(self, children: Children, binary: str, workdir: Path) -> None:
+        self.children = children
+        self.binary = binary
+        self.root = workdir / "nginx"
+        self.port = free_port()
+        self.child: Child | None = None
+
+    @property
+    def access_log(self) -> Path:
+        return self.root / "access.log"
+
+    def url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def start(self) -> None:
+        (self.root / "tmp").mkdir(parents=True, exist_ok=True)
+        www = self.root / "www"
+        www.mkdir(exist_ok=True)
+        for name, size in _BODY_FILES.items():
+            (www / name).write_bytes(b"x" * size)
+        conf = self.root / "nginx.conf"
+        conf.write_text(render_config(self.root, self.port))
+        self.child = self.children.start("nginx", [self.binary, "-p", str(self.root), "-c", str(conf)])
+        if not wait_until(self._answers, 10.0):
+            tail = self.child.log_tail() or (self.root / "error.log").read_text(errors="replace")[-300:]
+            raise BenchError(f"nginx did not start on 127.0.0.1:{self.port}: {tail.strip()}")
+
+    def _answers(self) -> bool:
+        if self.child is not None and not self.child.alive():
+            raise BenchError(f"nginx exited at start: {self.child.log_tail()}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                return sock.recv(16).startswith(b"HTTP/1.1 200")
+        except OSError:
+            return False
+
+    def count_requests(self) -> int:
+        """Lines in the access log, after nginx's buffer has been flushed (stable for a flush period)."""
+        time.sleep(FLUSH_S + 0.2)
+        last = -1
+        for _ in range(20):
+            now = self._lines()
+            if now == last:
+                return now
+            last = now
+            time.sleep(FLUSH_S / 2)
+        return last
+
+    def _lines(self) -> int:
+        try:
+            with open(self.access_log, "rb") as log:
+                return sum(chunk.count(b"\n") for chunk in iter(lambda: log.read(1 << 20), b""))
+        except FileNotFoundError:
+            return 0
+
+    def stop(self) -> None:
+        if self.child is not None:
+            self.children.stop(self.child)  # SIGTERM: nginx's fast shutdown, workers included
+            self.child = None

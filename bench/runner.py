@@ -1,0 +1,294 @@
+"""One measured run: a fresh nginx, optionally a capture process (the seed or the exporter),
+one wrk load, then the counts settle and everything the run started is stopped.
+
+Measurement choices, stated once:
+- **Requests** is the number of lines in nginx's access log: what the server answered.
+  wrk's own total misses the requests in flight when it stops.
+- **Completeness** is requests counted by the capture ÷ requests.
+- **CPU** is utime+stime of the capture process from /proc/<pid>/stat, from just before
+  wrk starts until the capture has gone idle after it ends (so a backlog it works off
+  after the load is included), ÷ requests. 10 ms tick resolution. The BPF filter itself
+  runs in softirq context and is charged to whoever sent the packet (nginx or wrk), not
+  to the capture process; the `nginx CPU` column shows that side.
+- **Peak RSS** is VmHWM of the capture process at the end of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.nginx import Nginx
+from bench.procs import BenchError, Child, Children, wait_until
+from bench.scrape import Scrape, fetch_scrape, read_proc
+from bench.wrk import WrkResult, parse_wrk
+
+__all__ = ["Load", "RunResult", "Runner", "REPO", "CONFIGS"]
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = ("baseline", "seed", "exporter")
+READY_TIMEOUT_S = 90.0  # BCC compiles C at start: seconds, not minutes
+SETTLE_TIMEOUT_S = 20.0
+IDLE_CPU_S = 0.02  # under this much CPU in IDLE_WINDOW_S the capture process counts as idle
+IDLE_WINDOW_S = 0.5
+
+
+@dataclass(frozen=True)
+class Load:
+    duration_s: float
+    connections: int
+    threads: int = 1
+    path: str = "/"
+    script: str | None = None  # Lua for wrk -s
+    label: str = ""
+
+    def argv(self, wrk: str, url: str, script_path: Path | None) -> list[str]:
+        argv = [wrk, f"-t{self.threads}", f"-c{self.connections}", f"-d{self.duration_s:g}s", "--latency"]
+        if script_path is not None:
+            argv += ["-s", str(script_path)]
+        return [*argv, url]
+
+
+@dataclass
+class RunResult:
+    config: str
+    label: str
+    wrk: WrkResult | None = None
+    logged: int = 0
+    counted: float | None = None
+    kernel_drops: float | None = None
+    cpu_s: float | None = None
+    hwm_mb: float | None = None
+    nginx_cpu_s: float | None = None
+    capture_latency_mean_s: float | None = None
+    rss_samples: list[tuple[float, float]] = field(default_factory=list)  # (seconds into load, MB)
+    error: str = ""
+
+    def row(self, baseline_rps: float | None = None) -> dict[str, float | int | str | None]:
+        rps = self.wrk.requests_per_s if self.wrk else None
+        per_request = (lambda s: None if s is None or not self.logged else 1e6 * s / self.logged)
+        return {
+            "config": self.config,
+            "label": self.label,
+            "rps": rps,
+            "ratio": rps / baseline_rps if rps and baseline_rps else None,
+            "completeness": self.counted / self.logged if self.counted is not None and self.logged else None,
+            "drops": self.kernel_drops,
+            "cpu_us": per_request(self.cpu_s),
+            "rss_mb": self.hwm_mb,
+            "nginx_cpu_us": per_request(self.nginx_cpu_s),
+            "logged": self.logged,
+            "counted": self.counted,
+            "socket_errors": self.wrk.socket_errors if self.wrk else None,
+            "wrk_latency_s": self.wrk.latency_mean_s if self.wrk else None,
+            "capture_latency_s": self.capture_latency_mean_s,
+            "error": self.error,
+        }
+
+
+def _process_tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and its direct children (nginx: master and workers)."""
+    pids = [pid]
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            pids += [int(p) for p in (task / "children").read_text().split()]
+    except OSError:
+        pass
+    total = 0.0
+    for p in pids:
+        try:
+            total += read_proc(p).cpu_s
+        except (OSError, ValueError):
+            pass
+    return total
+
+
+class Runner:
+    def __init__(self, children: Children, tools: dict[str, str], workdir: Path) -> None:
+        self.children = children
+        self.tools = tools
+        self.workdir = workdir
+        self._n = 0
+
+    # -- captures -------------------------------------------------------------
+
+    def _start_seed(self, port: int) -> Child:
+        argv = [sys.executable, str(REPO / "bench" / "seed.py"), "--interface", "lo", "--port", str(port)]
+        with open(self.workdir / f"seed.{self._n}.out", "wb") as stdout:
+            child = self.children.start("seed", argv, cwd=REPO, stdout=stdout)
+        ok = wait_until(lambda: not child.alive() or "ready" in _read(child.log_path), READY_TIMEOUT_S, 0.2)
+        if not ok or not child.alive():
+            raise BenchError(f"seed did not start: {child.log_tail() or 'no output'}")
+        return child
+
+    def _start_exporter(self, port: int, listen: str) -> Child:
+        argv = [sys.executable, "-m", "exporter", "run", "--interface", "lo", "--port", str(port),
+                "--listen", listen]
+        child = self.children.start("exporter", argv, cwd=REPO)
+
+        def ready() -> bool:
+            if not child.alive():
+                return True
+            try:
+                import urllib.request
+
+                with urllib.request.urlopen(f"http://{listen}/healthz", timeout=1) as response:
+                    return bool(response.status == 200)
+            except OSError:
+                return False
+
+        ok = wait_until(ready, READY_TIMEOUT_S, 0.2)
+        if not child.alive():
+            raise BenchError(f"exporter exited at start: {child.log_tail() or 'no output'}")
+        if not ok:
+            raise BenchError(f"exporter not ready within {READY_TIMEOUT_S:g} s: {child.log_tail() or 'no output'}")
+        return child
+
+    # -- one run --------------------------------------------------------------
+
+    def run(self, config: str, load: Load, rss_every_s: float | None = None) -> RunResult:
+        self._n += 1
+        result = RunResult(config, load.label)
+        nginx = Nginx(self.children, self.tools["nginx"], self.workdir / f"run{self._n}")
+        capture: Child | None = None
+        try:
+            nginx.start()
+            listen = ""
+            if config == "seed":
+                capture = self._start_seed(nginx.port)
+            elif config == "exporter":
+                listen = f"127.0.0.1:{_free_port()}"
+                capture = self._start_exporter(nginx.port, listen)
+            before: Scrape | None = fetch_scrape(listen, nginx.port) if listen else None
+
+            assert nginx.child is not None
+            nginx_cpu0 = _process_tree_cpu(nginx.child.pid)
+            cpu0 = read_proc(capture.pid).cpu_s if capture else 0.0
+            result.wrk, result.rss_samples = self._wrk(load, nginx, capture, rss_every_s)
+            result.logged = nginx.count_requests()  # waits for nginx's log flush
+            result.nginx_cpu_s = _process_tree_cpu(nginx.child.pid) - nginx_cpu0
+            if capture is None:
+                return result
+            if not capture.alive():
+                raise BenchError(f"{config} died during the load: {capture.log_tail()}")
+            _wait_idle(capture.pid)
+            proc = read_proc(capture.pid)
+            result.cpu_s = proc.cpu_s - cpu0
+            result.hwm_mb = proc.hwm_mb
+            if config == "exporter":
+                assert before is not None
+                after = _settled_scrape(listen, nginx.port, result.logged)
+                result.counted = after.requests - before.requests
+                result.kernel_drops = (after.kernel_drops or 0) - (before.kernel_drops or 0)
+                if result.counted > 0:
+                    result.capture_latency_mean_s = (after.duration_sum_s - before.duration_sum_s) / result.counted
+            else:
+                self.children.stop(capture)
+                capture = None
+                stats = _seed_stats(self.workdir / f"seed.{self._n}.out")
+                result.counted = stats["requests"]
+                result.kernel_drops = stats["kernel_drops"]
+            return result
+        finally:
+            if capture is not None:
+                self.children.stop(capture)
+            nginx.stop()
+
+    def _wrk(self, load: Load, nginx: Nginx, capture: Child | None,
+             rss_every_s: float | None) -> tuple[WrkResult, list[tuple[float, float]]]:
+        script = None
+        if load.script:
+            script = self.workdir / f"load{self._n}.lua"
+            script.write_text(load.script)
+        out = self.workdir / f"wrk.{self._n}.out"
+        with open(out, "wb") as stdout:
+            child = self.children.start("wrk", load.argv(self.tools["wrk"], nginx.url(load.path), script),
+                                        stdout=stdout)
+        deadline = time.monotonic() + load.duration_s + 30 + load.connections / 1000
+        samples: list[tuple[float, float]] = []
+        start = time.monotonic()
+        next_sample = start
+        try:
+            while child.proc.poll() is None:
+                now = time.monotonic()
+                if now > deadline:
+                    raise BenchError(f"wrk still running {now - start:.0f} s after a {load.duration_s:g} s load")
+                if rss_every_s and capture is not None and now >= next_sample:
+                    samples.append((now - start, read_proc(capture.pid).rss_mb))
+                    next_sample += rss_every_s
+                time.sleep(0.05)
+        finally:
+            self.children.stop(child)
+        text = out.read_text(errors="replace")
+        if child.proc.returncode != 0:
+            raise BenchError(f"wrk failed (exit {child.proc.returncode}): {child.log_tail() or text[-200:]}")
+        try:
+            wrk = parse_wrk(text)
+        except ValueError as exc:
+            raise BenchError(f"{exc}: {text[-200:]!r}") from None
+        if rss_every_s and capture is not None:
+            samples.append((time.monotonic() - start, read_proc(capture.pid).rss_mb))
+        return wrk, samples
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _free_port() -> int:
+    from bench.nginx import free_port
+
+    return free_port()
+
+
+def _wait_idle(pid: int) -> None:
+    """Until the process burns under IDLE_CPU_S per IDLE_WINDOW_S: its backlog is worked off."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    last = read_proc(pid).cpu_s
+    while time.monotonic() < deadline:
+        time.sleep(IDLE_WINDOW_S)
+        now = read_proc(pid).cpu_s
+        if now - last < IDLE_CPU_S:
+            return
+        last = now
+
+
+def _settled_scrape(listen: str, port: int, expected: int) -> Scrape:
+    """Scrape until the count reaches what nginx logged or stops moving for a second."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    last = fetch_scrape(listen, port)
+    while time.monotonic() < deadline and last.requests < expected:
+        time.sleep(1.0)
+        now = fetch_scrape(listen, port)
+        if now.requests == last.requests:
+            return now
+        last = now
+    return last
+
+
+def _seed_stats(path: Path) -> dict[str, int]:
+    for line in reversed(_read(path).splitlines()):
+        if line.startswith("{"):
+            stats: dict[str, int] = json.loads(line)
+            return stats
+    raise BenchError(f"the seed printed no counts on SIGTERM ({path})")
+
+
+def nan_to_none(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else value
+
+
+def run_quiet(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return (done.stdout + done.stderr).strip()

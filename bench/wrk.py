@@ -1,0 +1,109 @@
+"""wrk: the command line we run, the Lua scripts that shape its load, and its report parsed.
+
+Parsing is pure (text in, `WrkResult` out) so it is table-tested without wrk installed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["WrkResult", "parse_wrk", "parse_duration_s", "paced_script", "churn_script"]
+
+_TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_COUNT_UNITS = {"": 1.0, "k": 1e3, "M": 1e6, "G": 1e9}
+
+_LATENCY = re.compile(r"^\s*Latency\s+([\d.]+)(us|ms|s|m|h)\s+([\d.]+)(us|ms|s|m|h)\s+([\d.]+)(us|ms|s|m|h)",
+                      re.MULTILINE)
+_TOTAL = re.compile(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m|h)", re.MULTILINE)
+_RPS = re.compile(r"^Requests/sec:\s+([\d.]+)", re.MULTILINE)
+_SOCKET_ERRORS = re.compile(
+    r"^\s*Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", re.MULTILINE)
+_NON_2XX = re.compile(r"^\s*Non-2xx or 3xx responses: (\d+)", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    requests: int  # completed responses wrk counted
+    duration_s: float
+    requests_per_s: float
+    latency_mean_s: float
+    latency_stdev_s: float
+    latency_max_s: float
+    connect_errors: int = 0
+    read_errors: int = 0
+    write_errors: int = 0
+    timeouts: int = 0
+    non_2xx: int = 0
+
+    @property
+    def socket_errors(self) -> int:
+        return self.connect_errors + self.read_errors + self.write_errors + self.timeouts
+
+
+def parse_duration_s(value: str, unit: str) -> float:
+    """`('409.46', 'us')` → 0.00040946. Units are the ones wrk prints: us, ms, s, m, h."""
+    try:
+        return float(value) * _TIME_UNITS[unit]
+    except KeyError:
+        raise ValueError(f"unknown wrk time unit {unit!r}") from None
+
+
+def parse_wrk(text: str) -> WrkResult:
+    """Parse wrk's plain report. Raises ValueError naming what is missing."""
+    total = _TOTAL.search(text)
+    rps = _RPS.search(text)
+    if total is None or rps is None:
+        raise ValueError("wrk output has no 'N requests in' or 'Requests/sec:' line")
+    latency = _LATENCY.search(text)
+    if latency is not None:
+        mean, stdev, peak = (parse_duration_s(latency.group(i), latency.group(i + 1)) for i in (1, 3, 5))
+    else:  # wrk prints no latency line when no request completed
+        mean = stdev = peak = float("nan")
+    errors = _SOCKET_ERRORS.search(text)
+    connect, read, write, timeout = (int(x) for x in errors.groups()) if errors else (0, 0, 0, 0)
+    non_2xx = _NON_2XX.search(text)
+    return WrkResult(
+        requests=int(total.group(1)),
+        duration_s=parse_duration_s(total.group(2), total.group(3)),
+        requests_per_s=float(rps.group(1)),
+        latency_mean_s=mean,
+        latency_stdev_s=stdev,
+        latency_max_s=peak,
+        connect_errors=connect,
+        read_errors=read,
+        write_errors=write,
+        timeouts=timeout,
+        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
+    )
+
+
+def paced_script(rate_per_s: float, connections: int) -> str:
+    """A wrk Lua script that holds each connection to `rate_per_s / connections` requests a second.
+
+    wrk's `delay()` hook postpones the next request on a connection; wrk starts its
+    latency clock when the request is written, so the pause is not counted as latency.
+    The achieved rate is a little lower than asked (delay + latency per request), and
+    the bench reports the rate wrk measured, not the one asked for.
+    """
+    if rate_per_s <= 0 or connections <= 0:
+        raise ValueError("rate and connections must be positive")
+    delay_ms = max(1, round(1000.0 * connections / rate_per_s))
+    return f"function delay()\n  return {delay_ms}\nend\n"
+
+
+def churn_script(close_every: int) -> str:
+    """A wrk Lua script where every `close_every`-th request on a connection asks the server to
+    close it, so wrk reconnects: connections come and go, as they do in production."""
+    if close_every < 1:
+        raise ValueError("close_every must be at least 1")
+    return (
+        "local n = 0\n"
+        "local keep = wrk.format(nil, nil, nil, nil)\n"
+        "local close = wrk.format(nil, nil, {[\"Connection\"] = \"close\"}, nil)\n"
+        "function request()\n"
+        "  n = n + 1\n"
+        f"  if n % {close_every} == 0 then return close end\n"
+        "  return keep\n"
+        "end\n"
+    )

@@ -1,0 +1,434 @@
+"""TCP connections to HTTP exchanges: ordering, gaps, pairing, eviction.
+
+`Tracker.feed` takes segments in capture order. Each connection (client ip, client port,
+server ip, server port) gets two directions, each with its expected sequence number and a
+bounded buffer of segments that arrived ahead of a gap, and an HTTP/1 parser
+(`http1.RequestParser` for client → server, `http1.ResponseParser` back). Requests wait in
+a FIFO until the final response that answers them completes (pipelining), and then leave
+as one `Exchange`.
+
+Sequence numbers: the first segment seen on a direction sets the expected number (we may
+join a connection in the middle; capture usually drops bare SYNs). Data already consumed
+is a retransmission and is ignored; data ahead is held until the gap fills. When the held
+bytes exceed `Limits.max_buffered_bytes`, or the direction ends with a gap still open, the
+data is lost for good: "gap" is counted once and the parser resyncs.
+
+Pairing stays conservative, because a wrong pair is worse than a missing one:
+
+- when the response parser loses its place, every request waiting on that connection is
+  dropped (counted in `requests_without_response`), since we cannot know which of them
+  the lost bytes answered;
+- a response with nothing waiting is counted in `unmatched_responses`, and a request that
+  began before such a response (it arrived late, from behind a gap) is dropped too: that
+  response was probably its answer;
+- past `max_pending_requests` the oldest request is dropped but its place in the queue is
+  kept, so the response that answers it is skipped rather than given to the next one.
+
+Known limits: with pipelining *and* a response-side gap, a response to a dropped request
+can still be paired with a request sent after the resync. A data segment retransmitted
+after both sides closed opens a new flow (it usually ends up as an unmatched response).
+
+Parse error reasons are listed in `http1`; "gap" is counted here.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from exporter.core.http1 import (
+    PARSE_ERROR_REASONS,
+    PendingRequest,
+    RequestParser,
+    ResponseParser,
+    normalise_target,
+)
+from exporter.core.model import FIN, RST, SYN, Exchange, Segment
+
+__all__ = ["CoreStats", "Limits", "Tracker"]
+
+_SEQ_SPACE = 1 << 32
+_SEQ_MASK = _SEQ_SPACE - 1
+_SEQ_HALF = 1 << 31
+_HELD_OVERHEAD = 64  # a held segment costs its tuple too, even when its payload was cut
+
+FlowKey = tuple[str, int, str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_flows: int = 65536  # tracked connections; beyond → evict least-recently-active, counted
+    max_buffered_bytes: int = 65536  # per direction: out-of-order data + unparsed head bytes
+    max_pending_requests: int = 128  # per connection, requests awaiting a response
+    max_header_bytes: int = 32768  # a larger head is a parse error ("header_too_large")
+    idle_timeout_ns: int = 300 * 10**9  # flows idle this long are evicted by expire()
+
+    def __post_init__(self) -> None:
+        for name in ("max_flows", "max_buffered_bytes", "max_pending_requests", "max_header_bytes",
+                     "idle_timeout_ns"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Limits.{name} must be positive, got {getattr(self, name)}.")
+
+
+class CoreStats:
+    """Counters the metrics layer reads at scrape time. Plain ints; never reset."""
+
+    __slots__ = (
+        "flows_active",
+        "flows_closed",
+        "flows_evicted",
+        "out_of_order_segments",
+        "parse_errors",
+        "requests_without_response",
+        "retransmitted_segments",
+        "segments",
+        "unmatched_responses",
+    )
+
+    def __init__(self) -> None:
+        self.segments = 0
+        # Every reason is present from the start so that each one is exported, even at 0.
+        self.parse_errors: dict[str, int] = dict.fromkeys(PARSE_ERROR_REASONS, 0)
+        self.unmatched_responses = 0
+        self.requests_without_response = 0
+        self.flows_active = 0
+        self.flows_evicted: dict[str, int] = {"idle": 0, "capacity": 0}
+        self.flows_closed = 0
+        self.retransmitted_segments = 0
+        self.out_of_order_segments = 0
+
+
+def _seq_delta(seq: int, reference: int) -> int:
+    """`seq - reference` in 32-bit sequence space, as a signed distance."""
+    delta = (seq - reference) & _SEQ_MASK
+    return delta - _SEQ_SPACE if delta >= _SEQ_HALF else delta
+
+
+class _Side:
+    """One direction of a connection: where its byte stream stands."""
+
+    __slots__ = ("fin", "held", "held_bytes", "next_seq")
+
+    def __init__(self) -> None:
+        self.next_seq = -1  # unknown until the first segment
+        # Segments ahead of a gap: (seq, ts_ns, payload, payload_len).
+        self.held: list[tuple[int, int, bytes, int]] = []
+        self.held_bytes = 0
+        self.fin = False
+
+
+class _Flow:
+    """One TCP connection, and the pairing of its requests with responses."""
+
+    __slots__ = (
+        "answering",
+        "client",
+        "emitted",
+        "key",
+        "last_ns",
+        "last_unmatched_ns",
+        "max_pending",
+        "pending",
+        "requests",
+        "responses",
+        "server",
+        "server_port",
+        "skipped",
+        "stats",
+    )
+
+    def __init__(self, key: FlowKey, stats: CoreStats, emitted: list[Exchange], limits: Limits) -> None:
+        self.key = key
+        self.server_port = key[3]
+        self.stats = stats
+        self.emitted = emitted
+        self.max_pending = limits.max_pending_requests
+        self.last_ns = 0
+        self.client = _Side()
+        self.server = _Side()
+        errors = stats.parse_errors
+        self.requests = RequestParser(self, errors, limits.max_header_bytes, limits.max_buffered_bytes)
+        self.responses = ResponseParser(self, errors, limits.max_header_bytes, limits.max_buffered_bytes)
+        self.pending: list[PendingRequest] = []
+        self.answering: PendingRequest | None = None
+        # Methods of requests dropped from a full queue whose responses are still due.
+        self.skipped: list[str] = []
+        self.last_unmatched_ns = -1
+
+    # -- RequestSink ---------------------------------------------------------------------
+
+    def on_request(self, request: PendingRequest) -> None:
+        if request.start_ns < self.last_unmatched_ns:
+            self.stats.requests_without_response += 1
+            return
+        pending = self.pending
+        if len(pending) >= self.max_pending:
+            self.stats.requests_without_response += 1
+            self.skipped.append(pending.pop(0).method)
+            if len(self.skipped) > self.max_pending:
+                del self.skipped[0]  # beyond hope of staying in step; bounded all the same
+        pending.append(request)
+
+    # -- ResponseSink --------------------------------------------------------------------
+
+    def on_response_head(self, status: int, ts_ns: int) -> str | None:
+        if self.skipped:
+            self.answering = None
+            return self.skipped.pop(0)
+        if self.pending:
+            request = self.answering = self.pending.pop(0)
+            return request.method
+        self.answering = None
+        self.stats.unmatched_responses += 1
+        self.last_unmatched_ns = ts_ns
+        return None
+
+    def on_response_complete(self, status: int, end_ns: int, body_bytes: int) -> None:
+        request = self.answering
+        if request is None:
+            return
+        self.answering = None
+        requests = self.requests
+        request_body = requests.body_so_far if request is requests.current else request.body_bytes
+        self.emitted.append(
+            Exchange(request.method, normalise_target(request.target), status, request.start_ns, end_ns,
+                     request_body, body_bytes, self.server_port)
+        )
+
+    def on_response_lost(self) -> None:
+        self.drop_waiting()
+
+    def on_upgrade(self) -> None:
+        self.requests.stop()
+        self.drop_waiting()
+
+    def drop_waiting(self) -> None:
+        """Nothing waiting can be answered any more: count it and forget it."""
+        dropped = len(self.pending) + (self.answering is not None)
+        if dropped:
+            self.stats.requests_without_response += dropped
+            self.pending.clear()
+            self.answering = None
+        self.skipped.clear()
+
+
+class Tracker:
+    """Segments in, exchanges out, for every connection to `server_ports`."""
+
+    __slots__ = ("_emitted", "_flows", "_limits", "_server_ports", "stats")
+
+    def __init__(
+        self, server_ports: Iterable[int], limits: Limits = Limits(), stats: CoreStats | None = None
+    ) -> None:
+        self._server_ports = frozenset(server_ports)
+        self._limits = limits
+        self.stats = stats if stats is not None else CoreStats()
+        # Least recently active first, so that expire() only looks at the front.
+        self._flows: OrderedDict[FlowKey, _Flow] = OrderedDict()
+        self._emitted: list[Exchange] = []
+
+    def feed(self, seg: Segment) -> list[Exchange]:
+        """Take one captured segment; return the exchanges it completed (usually 0 or 1)."""
+        self.stats.segments += 1
+        ports = self._server_ports
+        if seg.dst_port in ports:
+            key = (seg.src_ip, seg.src_port, seg.dst_ip, seg.dst_port)
+            to_server = True
+        elif seg.src_port in ports:
+            key = (seg.dst_ip, seg.dst_port, seg.src_ip, seg.src_port)
+            to_server = False
+        else:
+            return []
+        flags = seg.flags
+        flows = self._flows
+        flow = flows.get(key)
+        if flow is None:
+            if flags & RST or not (seg.payload_len or flags & SYN):
+                return []  # an end, or a bare ACK, of something we never saw
+            flow = self._open(key)
+        else:
+            flows.move_to_end(key)
+        side = flow.client if to_server else flow.server
+        plen = seg.payload_len
+        if side.fin and (plen or flags & SYN):
+            # A finished direction talking again: the 4-tuple was reused by a new connection.
+            self._close(flow, graceful=True)
+            flow = self._open(key)
+            side = flow.client if to_server else flow.server
+        flow.last_ns = seg.ts_ns
+
+        if flags & RST:
+            self.stats.flows_closed += 1
+            self._close(flow, graceful=False)
+        else:
+            seq = seg.seq
+            if flags & SYN:
+                seq = (seq + 1) & _SEQ_MASK  # SYN takes one sequence number
+                if side.next_seq >= 0 and seq != side.next_seq:
+                    self._close(flow, graceful=True)
+                    flow = self._open(key)
+                    flow.last_ns = seg.ts_ns
+                    side = flow.client if to_server else flow.server
+            if side.next_seq < 0:
+                side.next_seq = seq
+            if plen:
+                if seq == side.next_seq and not side.held:
+                    side.next_seq = (seq + plen) & _SEQ_MASK
+                    payload = seg.payload
+                    parser = flow.requests if to_server else flow.responses
+                    parser.feed(payload, seg.ts_ns, plen - len(payload))
+                else:
+                    self._reorder(flow, side, seq, seg, to_server)
+            if flags & FIN:
+                self._fin(flow, side, (seq + plen) & _SEQ_MASK, to_server)
+
+        emitted = self._emitted
+        if emitted:
+            done = emitted.copy()
+            emitted.clear()
+            return done
+        return []
+
+    def expire(self, now_ns: int) -> list[Exchange]:
+        """Evict flows idle for `idle_timeout_ns`; their close-delimited responses end here."""
+        oldest_kept = now_ns - self._limits.idle_timeout_ns
+        flows = self._flows
+        evicted = self.stats.flows_evicted
+        while flows:
+            flow = next(iter(flows.values()))
+            if flow.last_ns > oldest_kept:
+                break
+            evicted["idle"] += 1
+            self._close(flow, graceful=True)
+        return self._take_emitted()
+
+    def flush(self) -> list[Exchange]:
+        """End of input: finish every flow as if it had closed, and forget them all."""
+        for flow in list(self._flows.values()):
+            self._close(flow, graceful=True)
+        return self._take_emitted()
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _take_emitted(self) -> list[Exchange]:
+        done = self._emitted.copy()
+        self._emitted.clear()
+        return done
+
+    def _open(self, key: FlowKey) -> _Flow:
+        flows = self._flows
+        if len(flows) >= self._limits.max_flows:
+            self.stats.flows_evicted["capacity"] += 1
+            self._close(next(iter(flows.values())), graceful=False)
+        flow = flows[key] = _Flow(key, self.stats, self._emitted, self._limits)
+        self.stats.flows_active += 1
+        return flow
+
+    def _close(self, flow: _Flow, graceful: bool) -> None:
+        """Forget a flow. Graceful (FIN, idle, end of input) finishes close-delimited bodies."""
+        for side, to_server in ((flow.client, True), (flow.server, False)):
+            if side.held:
+                if graceful:
+                    self._skip_gap(flow, side, to_server)
+                else:
+                    self.stats.parse_errors["gap"] += 1
+                    side.held.clear()
+        flow.responses.finish(graceful)
+        flow.requests.stop()
+        flow.drop_waiting()
+        if self._flows.pop(flow.key, None) is not None:
+            self.stats.flows_active -= 1
+
+    def _reorder(self, flow: _Flow, side: _Side, seq: int, seg: Segment, to_server: bool) -> None:
+        """The slow path: a segment that is not simply the next one expected."""
+        stats = self.stats
+        plen = seg.payload_len
+        delta = _seq_delta(seq, side.next_seq)
+        if delta > 0:
+            parser = flow.requests if to_server else flow.responses
+            if not parser.alive:
+                return  # no longer parsed: nothing worth holding
+            held = side.held
+            for held_seq, _, _, held_len in held:
+                if held_seq == seq and held_len >= plen:
+                    stats.retransmitted_segments += 1
+                    return
+            held.append((seq, seg.ts_ns, seg.payload, plen))
+            side.held_bytes += len(seg.payload) + _HELD_OVERHEAD
+            stats.out_of_order_segments += 1
+            if side.held_bytes + parser.buffered_bytes > self._limits.max_buffered_bytes:
+                self._skip_gap(flow, side, to_server)
+            return
+        if delta + plen <= 0:
+            stats.retransmitted_segments += 1
+            return
+        self._deliver(flow, side, to_server, seg.payload, plen, -delta, seg.ts_ns)
+        self._drain(flow, side, to_server)
+
+    def _deliver(
+        self, flow: _Flow, side: _Side, to_server: bool, payload: bytes, plen: int, skip: int, ts_ns: int
+    ) -> None:
+        """Feed the part of a segment past `skip` bytes already consumed."""
+        side.next_seq = (side.next_seq + plen - skip) & _SEQ_MASK
+        parser = flow.requests if to_server else flow.responses
+        if skip:
+            parser.feed(payload[skip:], ts_ns, plen - max(skip, len(payload)))
+        else:
+            parser.feed(payload, ts_ns, plen - len(payload))
+
+    def _drain(self, flow: _Flow, side: _Side, to_server: bool) -> None:
+        """Feed held segments that the stream has now reached."""
+        held = side.held
+        while held:
+            expected = side.next_seq
+            ready = next((i for i, item in enumerate(held) if _seq_delta(item[0], expected) <= 0), -1)
+            if ready < 0:
+                return
+            seq, ts_ns, payload, plen = held.pop(ready)
+            side.held_bytes -= len(payload) + _HELD_OVERHEAD
+            delta = _seq_delta(seq, expected)
+            if delta + plen <= 0:
+                self.stats.retransmitted_segments += 1
+                continue
+            self._deliver(flow, side, to_server, payload, plen, -delta, ts_ns)
+
+    def _skip_gap(self, flow: _Flow, side: _Side, to_server: bool) -> None:
+        """Give up on missing data: count it once, resync the parser, feed what was held."""
+        self.stats.parse_errors["gap"] += 1
+        parser = flow.requests if to_server else flow.responses
+        parser.lose()
+        held = side.held
+        resumed = False
+        while held:
+            expected = side.next_seq
+            index = min(range(len(held)), key=lambda i: _seq_delta(held[i][0], expected))
+            seq, ts_ns, payload, plen = held.pop(index)
+            delta = _seq_delta(seq, expected)
+            if delta > 0:
+                if resumed:
+                    parser.lose()  # a further hole: same resync, no second count
+                side.next_seq = seq
+                delta = 0
+            elif delta + plen <= 0:
+                self.stats.retransmitted_segments += 1
+                continue
+            resumed = True
+            self._deliver(flow, side, to_server, payload, plen, -delta, ts_ns)
+        side.held_bytes = 0
+
+    def _fin(self, flow: _Flow, side: _Side, fin_seq: int, to_server: bool) -> None:
+        if side.fin:
+            return
+        parser = flow.requests if to_server else flow.responses
+        if parser.alive and (side.held or _seq_delta(fin_seq, side.next_seq) > 0):
+            self._skip_gap(flow, side, to_server)
+        side.fin = True
+        if to_server:
+            flow.requests.finish()
+        else:
+            flow.responses.finish()
+            flow.drop_waiting()  # the server has stopped talking: nothing more gets answered
+        if flow.client.fin and flow.server.fin:
+            self.stats.flows_closed += 1
+            self._close(flow, graceful=True)

@@ -1,0 +1,746 @@
+"""Incremental HTTP/1.x parsers: one per direction of a TCP connection.
+
+Bytes go in as they come off the wire, in sequence order, with the kernel timestamp of
+the segment that carried them. The parsers find message boundaries (heads, then bodies
+framed by Content-Length, chunked coding, or the end of the connection) and report them
+to a sink; they never pair requests with responses themselves (see `flows`).
+
+A parser that meets bytes it cannot frame counts one parse error and becomes *lost*: it
+drops the message in progress and discards bytes until a line that can start a message
+(a request line `TOKEN SP target SP HTTP/1.x`, or a status line `HTTP/1.x NNN`). A head
+found while lost is *tentative*: if it turns out malformed, the parser goes back to
+searching without counting again, so one resync is one error.
+
+Parse error reasons (keys of the `errors` dict handed to the parsers):
+
+- ``bad_request_line``: a first line that starts like a request (`TOKEN SP`) but is malformed.
+- ``bad_status_line``: a first line that starts with `HTTP/` but is malformed.
+- ``not_http``: where a message had to start, the bytes do not look like HTTP/1 at all
+  (TLS, HTTP/2, another protocol, or a connection joined in the middle of a message).
+- ``bad_header``: a header line that is not `token ":" value` (obs-fold included), or a
+  request Transfer-Encoding that does not end in chunked.
+- ``header_too_large``: a head or trailer section longer than the configured limit.
+- ``bad_chunk``: a malformed chunk-size line or missing CRLF after chunk data.
+- ``bad_content_length``: a Content-Length that is not a number, or conflicting duplicates.
+- ``truncated``: the capture cut bytes the parser needed (head, chunk framing).
+- ``gap``: TCP data lost for good (counted by `flows`, which then calls `lose()`).
+- ``buffer_overflow``: unparsed bytes hit `max_buffered_bytes` before `max_header_bytes`
+  (only possible when the buffer limit is the smaller of the two).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final, Protocol
+
+__all__ = [
+    "KNOWN_METHODS",
+    "PARSE_ERROR_REASONS",
+    "PendingRequest",
+    "RequestParser",
+    "RequestSink",
+    "ResponseParser",
+    "ResponseSink",
+    "method_label",
+    "normalise_target",
+]
+
+KNOWN_METHODS: Final = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+
+PARSE_ERROR_REASONS: Final = (
+    "bad_request_line",
+    "bad_status_line",
+    "bad_header",
+    "header_too_large",
+    "bad_chunk",
+    "bad_content_length",
+    "truncated",
+    "gap",
+    "buffer_overflow",
+    "not_http",
+)
+
+
+def method_label(token: str) -> str:
+    """The method as a metric label: the token itself if standard, else ``_OTHER``."""
+    return token if token in KNOWN_METHODS else "_OTHER"
+
+
+def normalise_target(raw_target: str) -> str:
+    """The path of a request target, without query or fragment.
+
+    Origin-form is cut at ``?``/``#``; absolute-form (``http://host:8080/a?x``) is reduced to
+    its path (``/a``); ``*`` (asterisk-form) stays; authority-form (``host:443``, CONNECT)
+    is returned as sent, since it has no path. Empty becomes ``/``.
+    """
+    if not raw_target:
+        return "/"
+    if raw_target[0] != "/":
+        scheme_end = raw_target.find("://")
+        if scheme_end > 0 and _SCHEME.fullmatch(raw_target, 0, scheme_end):
+            authority = scheme_end + 3
+            path = _first_of(raw_target, "/?#", authority)
+            if path < 0 or raw_target[path] != "/":
+                return "/"
+            raw_target = raw_target[path:]
+    cut = _first_of(raw_target, "?#", 0)
+    if cut == 0:
+        return "/"
+    return raw_target if cut < 0 else raw_target[:cut]
+
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+
+
+def _first_of(text: str, chars: str, start: int) -> int:
+    found = -1
+    for char in chars:
+        at = text.find(char, start)
+        if at >= 0 and (found < 0 or at < found):
+            found = at
+    return found
+
+
+class PendingRequest:
+    """A request whose head has been parsed, waiting for its final response."""
+
+    __slots__ = ("body_bytes", "method", "start_ns", "target")
+
+    def __init__(self, method: str, target: str, start_ns: int) -> None:
+        self.method = method
+        self.target = target  # as sent; normalised only when an exchange is emitted
+        self.start_ns = start_ns
+        self.body_bytes = 0
+
+
+class RequestSink(Protocol):
+    def on_request(self, request: PendingRequest) -> None:
+        """A request head is complete; its body (if any) may still be arriving."""
+
+
+class ResponseSink(Protocol):
+    def on_response_head(self, status: int, ts_ns: int) -> str | None:
+        """A final response head ended at `ts_ns`: return the answered request's method, or None."""
+
+    def on_response_complete(self, status: int, end_ns: int, body_bytes: int) -> None:
+        """The final response's last byte arrived at `end_ns`."""
+
+    def on_response_lost(self) -> None:
+        """The response parser lost its place: whatever it was answering is gone."""
+
+    def on_upgrade(self) -> None:
+        """101 or a successful CONNECT: the connection is no longer HTTP/1."""
+
+
+_TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
+_REQUEST_LINE = re.compile(rb"([" + _TCHAR + rb"]+) ([^\x00-\x20\x7f]+) HTTP/1\.[0-9]\r?")
+_STATUS_LINE = re.compile(rb"HTTP/1\.[0-9] ([0-9]{3})(?:[ \t][^\r\n]*)?\r?")
+_HEADER_FIELDS = re.compile(rb"(?:[" + _TCHAR + rb"]+:[^\r\n]*\r?\n)*")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
+
+# While lost: where a message may start (`^` is a segment or line start), and what a line
+# cut by the segment end must look like to be worth keeping for the next segment.
+_REQUEST_CANDIDATE = re.compile(rb"^[" + _TCHAR + rb"]+ [^\x00-\x20\x7f]+ HTTP/1\.[0-9]\r?$", re.M)
+_VERSION_PREFIX = rb"(?:H(?:T(?:T(?:P(?:/(?:1(?:\.(?:[0-9]\r?)?)?)?)?)?)?)?)?"
+_REQUEST_PREFIX = re.compile(rb"[" + _TCHAR + rb"]+(?: [^\x00-\x20\x7f]*(?: " + _VERSION_PREFIX + rb")?)?")
+_STATUS_CANDIDATE = re.compile(rb"^HTTP/1\.[0-9] [0-9]{3}", re.M)
+_STATUS_PREFIX = re.compile(rb"H(?:T(?:T(?:P(?:/(?:1(?:\.(?:[0-9](?: (?:[0-9](?:[0-9])?)?)?)?)?)?)?)?)?)?")
+
+# How a message must begin, checked before its first line is complete.
+_METHOD_START = re.compile(rb"[" + _TCHAR + rb"]+ |[" + _TCHAR + rb"]*\Z")
+_STATUS_START = re.compile(rb"HTTP/|H(?:T(?:T(?:P)?)?)?\Z")
+_EARLY_CHECK_BYTES = 64  # only on the first segments of a head, so long lines stay linear
+
+_MAX_CHUNK_LINE = 1024  # size + extensions; nobody legitimate sends more
+
+# Parser states.
+_HEAD = 0
+_BODY = 1  # Content-Length: `_remaining` bytes to go
+_CLOSE_BODY = 2  # body ends when the server closes
+_CHUNK_SIZE = 3
+_CHUNK_DATA = 4
+_CHUNK_CR = 5  # CRLF (or bare LF) after chunk data
+_CHUNK_LF = 6
+_TRAILERS = 7
+_LOST = 8
+_DEAD = 9  # no longer HTTP (upgrade, tunnel) or stream finished
+
+# `_parse_head` outcomes; a value >= 0 is where to resume within the head.
+_PARSED = -1
+_SKIP_HEAD = -2
+
+_BLANK = b"\r\n"
+
+
+class _Parser:
+    """Framing shared by both directions. Subclasses interpret heads."""
+
+    __slots__ = (
+        "_body_bytes",
+        "_errors",
+        "_first_line_ok",
+        "_head",
+        "_head_ns",
+        "_line",
+        "_lost_tail",
+        "_lost_tail_ns",
+        "_max_head",
+        "_overflow_reason",
+        "_remaining",
+        "_state",
+        "_tentative",
+        "_trailer_bytes",
+    )
+
+    _candidate: re.Pattern[bytes]
+    _prefix: re.Pattern[bytes]
+    _start: re.Pattern[bytes]
+
+    def __init__(self, errors: dict[str, int], max_header_bytes: int, max_buffered_bytes: int) -> None:
+        self._errors = errors
+        if max_buffered_bytes < max_header_bytes:
+            self._max_head, self._overflow_reason = max_buffered_bytes, "buffer_overflow"
+        else:
+            self._max_head, self._overflow_reason = max_header_bytes, "header_too_large"
+        self._state = _HEAD
+        self._head: bytearray | None = None
+        self._head_ns = 0
+        self._first_line_ok = False
+        self._line: bytearray | None = None
+        self._remaining = 0
+        self._body_bytes = 0
+        self._trailer_bytes = 0
+        self._tentative = False
+        self._lost_tail = b""
+        self._lost_tail_ns = 0
+
+    # -- interface for flows -------------------------------------------------------------
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes held for a message start or framing line: counts against the flow's buffer."""
+        held = len(self._lost_tail)
+        if self._head is not None:
+            held += len(self._head)
+        if self._line is not None:
+            held += len(self._line)
+        return held
+
+    @property
+    def alive(self) -> bool:
+        return self._state != _DEAD
+
+    def feed(self, data: bytes, ts_ns: int, missing: int = 0) -> None:
+        """Consume in-order bytes carried by a segment stamped `ts_ns`.
+
+        `missing` bytes of unknown content follow `data` (the capture truncated them).
+        """
+        pos = 0
+        end = len(data)
+        while pos < end:
+            state = self._state
+            if state == _HEAD:
+                pos = self._feed_head(data, pos, ts_ns)
+            elif state == _BODY:
+                left = self._remaining
+                if end - pos < left:
+                    self._remaining = left - (end - pos)
+                    self._body_bytes += end - pos
+                    pos = end
+                else:
+                    self._body_bytes += left
+                    pos += left
+                    self._complete(ts_ns)
+            elif state == _CHUNK_DATA:
+                left = self._remaining
+                if end - pos < left:
+                    self._remaining = left - (end - pos)
+                    self._body_bytes += end - pos
+                    pos = end
+                else:
+                    self._body_bytes += left
+                    pos += left
+                    if data[pos : pos + 2] == b"\r\n":
+                        pos += 2
+                        self._state = _CHUNK_SIZE
+                    else:
+                        self._state = _CHUNK_CR
+            elif state == _CHUNK_SIZE:
+                pos = self._feed_chunk_size(data, pos)
+            elif state == _CHUNK_CR or state == _CHUNK_LF:
+                byte = data[pos]
+                if byte == 10:
+                    self._state = _CHUNK_SIZE
+                    pos += 1
+                elif byte == 13 and state == _CHUNK_CR:
+                    self._state = _CHUNK_LF
+                    pos += 1
+                else:
+                    self._fail("bad_chunk")
+            elif state == _TRAILERS:
+                pos = self._feed_trailers(data, pos, ts_ns)
+            elif state == _CLOSE_BODY:
+                self._body_bytes += end - pos
+                self._close_body_seen(ts_ns)
+                pos = end
+            elif state == _LOST:
+                pos = self._feed_lost(data, pos, ts_ns)
+            else:
+                return
+        if missing:
+            self._feed_missing(missing, ts_ns)
+
+    def lose(self) -> None:
+        """Data before the next bytes is gone (a TCP gap): drop the message and resync."""
+        if self._state != _DEAD:
+            self._enter_lost()
+
+    def stop(self) -> None:
+        """Stop parsing for good: the stream is no longer HTTP/1, or it ended."""
+        self._state = _DEAD
+        self._head = self._line = None
+        self._lost_tail = b""
+
+    # -- framing -------------------------------------------------------------------------
+
+    def _feed_head(self, data: bytes, pos: int, ts_ns: int) -> int:
+        head = self._head
+        end = len(data)
+        if head is None:
+            while data[pos] in _BLANK:  # stray CRLFs between messages
+                pos += 1
+                if pos == end:
+                    return end
+            term = data.find(b"\n\r\n", pos)
+            if term >= 0:
+                bare = data.find(b"\n\n", pos, term)
+                if bare >= 0:
+                    term, skip = bare, 2
+                else:
+                    skip = 3
+            else:
+                term = data.find(b"\n\n", pos)
+                skip = 2
+            self._head_ns = ts_ns
+            if term >= 0:
+                if term - pos >= self._max_head:
+                    self._fail(self._overflow_reason)
+                    return term + skip
+                outcome = self._parse_head(data[pos : term + 1], ts_ns)
+                return term + skip if outcome < 0 else pos + outcome
+            self._head = head = bytearray(data[pos:] if pos else data)
+            self._first_line_ok = False
+            return self._check_partial_head(head, 0, pos, end)
+
+        old = len(head)
+        head += memoryview(data)[pos:]
+        start = old - 2 if old > 2 else 0
+        term = head.find(b"\n\r\n", start)
+        if term >= 0:
+            bare = head.find(b"\n\n", start, term)
+            if bare >= 0:
+                term, skip = bare, 2
+            else:
+                skip = 3
+        else:
+            term = head.find(b"\n\n", start)
+            skip = 2
+        if term >= 0:
+            self._head = None
+            if term >= self._max_head:
+                self._fail(self._overflow_reason)
+                return pos + term + skip - old
+            outcome = self._parse_head(bytes(head[: term + 1]), ts_ns)
+            # A first line that fails here was completed by this segment, so outcome >= old.
+            return pos + (term + skip if outcome < 0 else outcome) - old
+        return self._check_partial_head(head, old, pos, end)
+
+    def _check_partial_head(self, head: bytearray, old: int, pos: int, end: int) -> int:
+        """A head still incomplete: reject early what can already be rejected."""
+        if not self._first_line_ok:
+            newline = head.find(b"\n", old)
+            if newline >= 0:
+                reason = self._first_line_error(bytes(head[:newline]))
+                if reason is not None:
+                    self._fail(reason)
+                    return pos + newline + 1 - old
+                self._first_line_ok = True
+            elif old < _EARLY_CHECK_BYTES and self._start.match(head) is None:
+                self._fail("not_http")  # no newline needed to see this is not HTTP/1
+                return pos
+        if len(head) >= self._max_head:
+            self._fail(self._overflow_reason)
+        return end
+
+    def _feed_chunk_size(self, data: bytes, pos: int) -> int:
+        newline = data.find(b"\n", pos)
+        partial = self._line
+        if newline < 0:
+            if partial is None:
+                self._line = partial = bytearray()
+            partial += memoryview(data)[pos:]
+            if len(partial) > _MAX_CHUNK_LINE:
+                self._fail("bad_chunk")
+            return len(data)
+        if partial is None:
+            line = data[pos:newline]
+        else:
+            partial += memoryview(data)[pos:newline]
+            line = bytes(partial)
+            self._line = None
+        semicolon = line.find(b";")  # chunk extensions carry nothing we need
+        if semicolon >= 0:
+            line = line[:semicolon]
+        line = line.strip()
+        if _HEX.fullmatch(line) is None:
+            self._fail("bad_chunk")
+            return newline + 1
+        size = int(line, 16)
+        if size:
+            self._remaining = size
+            self._state = _CHUNK_DATA
+        else:
+            self._trailer_bytes = 0
+            self._state = _TRAILERS
+        return newline + 1
+
+    def _feed_trailers(self, data: bytes, pos: int, ts_ns: int) -> int:
+        end = len(data)
+        while pos < end:
+            newline = data.find(b"\n", pos)
+            partial = self._line
+            if newline < 0:
+                if partial is None:
+                    self._line = partial = bytearray()
+                partial += memoryview(data)[pos:]
+                self._trailer_bytes += end - pos
+                if self._trailer_bytes >= self._max_head:
+                    self._fail(self._overflow_reason)
+                return end
+            if partial is None:
+                line_length = newline - pos
+                blank = line_length == 0 or (line_length == 1 and data[pos] == 13)
+            else:
+                partial += memoryview(data)[pos:newline]
+                blank = len(partial) == 0 or partial == b"\r"
+                self._line = None
+                line_length = 0  # already counted while partial
+            pos = newline + 1
+            if blank:
+                self._complete(ts_ns)
+                return pos
+            self._trailer_bytes += line_length + 1
+            if self._trailer_bytes >= self._max_head:
+                self._fail(self._overflow_reason)
+                return pos
+        return pos
+
+    def _feed_missing(self, missing: int, ts_ns: int) -> None:
+        """Bytes we know the length of but not the content: fine inside a counted body."""
+        while missing:
+            state = self._state
+            if state == _BODY or state == _CHUNK_DATA:
+                take = min(missing, self._remaining)
+                self._remaining -= take
+                self._body_bytes += take
+                missing -= take
+                if not self._remaining:
+                    if state == _BODY:
+                        self._complete(ts_ns)
+                    else:
+                        self._state = _CHUNK_CR
+            elif state == _CLOSE_BODY:
+                self._body_bytes += missing
+                self._close_body_seen(ts_ns)
+                return
+            elif state == _LOST:
+                self._lost_tail = b""  # the cut broke any line we were holding
+                return
+            elif state == _DEAD:
+                return
+            else:
+                self._fail("truncated")
+
+    def _feed_lost(self, data: bytes, pos: int, ts_ns: int) -> int:
+        chunk = data[pos:] if pos else data
+        tail = self._lost_tail
+        if tail:
+            joined = tail + chunk
+            self._lost_tail = b""
+            if self._candidate.match(joined) is not None:
+                self._tentative = True
+                self._state = _HEAD
+                self._head = bytearray(tail)
+                self._head_ns = self._lost_tail_ns
+                self._first_line_ok = False
+                return pos
+            if len(joined) < self._max_head and self._prefix.fullmatch(joined) is not None:
+                self._lost_tail = joined
+                return len(data)
+        found = self._candidate.search(chunk)
+        if found is not None:
+            self._tentative = True
+            self._state = _HEAD
+            return pos + found.start()
+        rest = chunk[chunk.rfind(b"\n") + 1 :]
+        if rest and len(rest) < self._max_head and self._prefix.fullmatch(rest) is not None:
+            self._lost_tail = rest
+            self._lost_tail_ns = ts_ns
+        return len(data)
+
+    def _fail(self, reason: str) -> None:
+        if not self._tentative:
+            errors = self._errors
+            errors[reason] = errors.get(reason, 0) + 1
+        self._enter_lost()
+
+    def _enter_lost(self) -> None:
+        self._state = _LOST
+        self._head = self._line = None
+        self._tentative = False
+        self._lost_tail = b""
+        self._on_lost()
+
+    def _after_head(self, framing: int, length: int, ts_ns: int) -> None:
+        """Set up body framing once a head is accepted."""
+        self._tentative = False
+        self._body_bytes = 0
+        if framing == _BODY:
+            if length:
+                self._remaining = length
+                self._state = _BODY
+            else:
+                self._complete(ts_ns)
+        elif framing == _CHUNK_SIZE:
+            self._state = _CHUNK_SIZE
+        elif framing == _CLOSE_BODY:
+            self._state = _CLOSE_BODY
+            self._close_body_seen(ts_ns)
+        else:
+            self._complete(ts_ns)
+
+    # -- hooks ---------------------------------------------------------------------------
+
+    def _parse_head(self, head: bytes, ts_ns: int) -> int:
+        raise NotImplementedError
+
+    def _first_line_error(self, line: bytes) -> str | None:
+        raise NotImplementedError
+
+    def _complete(self, ts_ns: int) -> None:
+        raise NotImplementedError
+
+    def _on_lost(self) -> None:
+        pass
+
+    def _close_body_seen(self, ts_ns: int) -> None:
+        pass
+
+
+def _framing(head: bytes) -> tuple[int, int]:
+    """Body framing from the headers: (state, content length); length -1 is invalid."""
+    lower = head.lower()
+    at = lower.rfind(b"\ntransfer-encoding:")
+    if at >= 0:
+        value = lower[at + 19 : lower.find(b"\n", at + 1)]
+        if value.rsplit(b",", 1)[-1].strip() == b"chunked":
+            return _CHUNK_SIZE, 0
+        return _CLOSE_BODY, 0  # a coding we cannot frame: only the close ends it
+    at = lower.find(b"\ncontent-length:")
+    if at < 0:
+        return _HEAD, 0
+    length = -1
+    while at >= 0:
+        value_end = lower.find(b"\n", at + 1)
+        value = lower[at + 16 : value_end].strip()
+        if not value.isdigit():
+            # A list of identical values is allowed (RFC 9110 §8.6), anything else is not.
+            values = {item.strip() for item in value.split(b",")}
+            if len(values) != 1:
+                return _BODY, -1
+            value = values.pop()
+            if not value.isdigit():
+                return _BODY, -1
+        if len(value) > 18:
+            return _BODY, -1
+        this = int(value)
+        if length >= 0 and this != length:
+            return _BODY, -1
+        length = this
+        at = lower.find(b"\ncontent-length:", value_end)
+    return _BODY, length
+
+
+class RequestParser(_Parser):
+    """Client → server bytes: request heads and bodies.
+
+    `current` is the request whose body is still arriving, if any (its `body_bytes` are
+    final only once it is complete; `body_so_far` has the running count).
+    """
+
+    __slots__ = ("_current", "_sink")
+
+    _candidate = _REQUEST_CANDIDATE
+    _prefix = _REQUEST_PREFIX
+    _start = _METHOD_START
+
+    def __init__(
+        self, sink: RequestSink, errors: dict[str, int], max_header_bytes: int = 32768,
+        max_buffered_bytes: int = 65536,
+    ) -> None:
+        super().__init__(errors, max_header_bytes, max_buffered_bytes)
+        self._sink = sink
+        self._current: PendingRequest | None = None
+
+    @property
+    def current(self) -> PendingRequest | None:
+        return self._current
+
+    @property
+    def body_so_far(self) -> int:
+        return self._body_bytes
+
+    def _first_line_error(self, line: bytes) -> str | None:
+        if _REQUEST_LINE.fullmatch(line) is not None:
+            return None
+        if _METHOD_START.match(line) is None or b" HTTP/2" in line:
+            return "not_http"
+        return "bad_request_line"
+
+    def _parse_head(self, head: bytes, ts_ns: int) -> int:
+        newline = head.find(b"\n")
+        first = _REQUEST_LINE.fullmatch(head, 0, newline)
+        if first is None:
+            self._fail(self._first_line_error(head[:newline]) or "bad_request_line")
+            return newline + 1
+        if _HEADER_FIELDS.fullmatch(head, newline + 1) is None:
+            self._fail("bad_header")
+            return _SKIP_HEAD
+        framing, length = _framing(head) if b"-" in head else (_HEAD, 0)
+        if framing == _CLOSE_BODY:  # RFC 9112 §6.3: a request must end in chunked
+            self._fail("bad_header")
+            return _SKIP_HEAD
+        if length < 0:
+            self._fail("bad_content_length")
+            return _SKIP_HEAD
+        method = first.group(1).decode("ascii")
+        request = PendingRequest(method, first.group(2).decode("latin-1"), self._head_ns)
+        self._current = request
+        self._sink.on_request(request)
+        if method == "CONNECT":
+            # What follows may be tunnel bytes; if the proxy refuses, the next request
+            # is found by the lost-mode search without counting an error.
+            self._current = None
+            self._tentative = False
+            self._state = _LOST
+            self._lost_tail = b""
+            return _PARSED
+        self._after_head(framing, length, ts_ns)
+        return _PARSED
+
+    def _complete(self, ts_ns: int) -> None:
+        current = self._current
+        if current is not None:
+            current.body_bytes = self._body_bytes
+            self._current = None
+        self._state = _HEAD
+
+    def _on_lost(self) -> None:
+        # A request whose head was parsed keeps waiting for its response: the server saw it.
+        current = self._current
+        if current is not None:
+            current.body_bytes = self._body_bytes
+            self._current = None
+
+    def finish(self) -> None:
+        """The client closed its side: nothing more will come."""
+        self._on_lost()
+        self.stop()
+
+
+class ResponseParser(_Parser):
+    """Server → client bytes: status lines, interim responses, bodies."""
+
+    __slots__ = ("_in_response", "_last_data_ns", "_sink", "_status")
+
+    _candidate = _STATUS_CANDIDATE
+    _prefix = _STATUS_PREFIX
+    _start = _STATUS_START
+
+    def __init__(
+        self, sink: ResponseSink, errors: dict[str, int], max_header_bytes: int = 32768,
+        max_buffered_bytes: int = 65536,
+    ) -> None:
+        super().__init__(errors, max_header_bytes, max_buffered_bytes)
+        self._sink = sink
+        self._status = 0
+        self._last_data_ns = 0
+        self._in_response = False  # a final head was handed to the sink, not yet complete
+
+    def _first_line_error(self, line: bytes) -> str | None:
+        if _STATUS_LINE.fullmatch(line) is not None:
+            return None
+        return "bad_status_line" if line.startswith(b"HTTP/") else "not_http"
+
+    def _parse_head(self, head: bytes, ts_ns: int) -> int:
+        newline = head.find(b"\n")
+        first = _STATUS_LINE.fullmatch(head, 0, newline)
+        if first is None:
+            self._fail(self._first_line_error(head[:newline]) or "bad_status_line")
+            return newline + 1
+        if _HEADER_FIELDS.fullmatch(head, newline + 1) is None:
+            self._fail("bad_header")
+            return _SKIP_HEAD
+        status = int(first.group(1))
+        if status < 200 and status != 101:
+            self._tentative = False  # interim (100, 103): the final response follows
+            return _PARSED
+        framing, length = _framing(head) if b"-" in head else (_CLOSE_BODY, 0)
+        if framing == _HEAD:
+            framing = _CLOSE_BODY
+        if length < 0:
+            self._fail("bad_content_length")
+            return _SKIP_HEAD
+        method = self._sink.on_response_head(status, ts_ns)
+        self._status = status
+        self._in_response = True
+        if status == 101 or (method == "CONNECT" and status < 300):
+            self._in_response = False
+            self._sink.on_response_complete(status, ts_ns, 0)
+            self.stop()
+            self._sink.on_upgrade()
+            return _PARSED
+        if method == "HEAD" or status == 204 or status == 304:
+            framing = _HEAD
+        self._after_head(framing, length, ts_ns)
+        return _PARSED
+
+    def _complete(self, ts_ns: int) -> None:
+        self._state = _HEAD
+        if self._in_response:
+            self._in_response = False
+            self._sink.on_response_complete(self._status, ts_ns, self._body_bytes)
+
+    def _close_body_seen(self, ts_ns: int) -> None:
+        self._last_data_ns = ts_ns
+
+    def _on_lost(self) -> None:
+        self._in_response = False
+        self._sink.on_response_lost()
+
+    def finish(self, graceful: bool = True) -> None:
+        """The server closed (or the flow is being dropped): end a close-delimited body.
+
+        With `graceful` false (RST, capacity eviction), a body in progress is aborted.
+        Any other message in progress is incomplete and reported lost.
+        """
+        state = self._state
+        if state == _CLOSE_BODY and graceful:
+            self._complete(self._last_data_ns)
+        elif state == _DEAD or (state == _HEAD and self._head is None):
+            pass
+        else:
+            self._on_lost()
+        self.stop()

@@ -1,0 +1,240 @@
+"""Which exchanges an objective counts, whether each is good, and the SLI arithmetic. Pure.
+
+Formulas (ratios in 0..1; `objective` is `objectivePercent / 100`):
+
+    SLI               = good / total                      None when total == 0 ("no data")
+    burn rate         = (1 - SLI) / (1 - objective)       1.0 spends the budget exactly over the window
+    budget remaining  = 1 - (1 - SLI) / (1 - objective)   = 1 - burn rate; negative once overspent
+    met               = SLI >= objective                  (Reliably: remainingPercent >= 0)
+
+With `objective == 1` (100%) there is no budget: burn rate is 0 while SLI is 1 and +Inf
+otherwise, budget remaining is 1 or -Inf. Computed from counts (`bad / (total * allowed)`)
+so 99 good of 100 against 99% gives exactly 1.0, not 0.9999999999999998.
+
+Narrowing an objective to exchanges (all given ones must match):
+- `route`: the selector's `path`, compared to the `http_route` the route mapper gave the
+  exchange (so `/items/{id}` works when that pattern is configured);
+- `port`: the selector's `port` or `server_port`, compared to the exchange's server port;
+- `service` is only a label: one exporter watches one service's ports, so service narrows
+  nothing. Run one exporter per service, or give each objective a `port`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+from exporter.core.model import Exchange
+from exporter.slo.manifest import Objective
+from exporter.slo.windows import BucketRing, choose_bucket_seconds, slots_needed
+
+NOT_COUNTED = -1
+BAD = 0
+GOOD = 1
+
+
+class Matcher:
+    """An objective compiled for the capture thread: a few comparisons, no allocation."""
+
+    __slots__ = ("good_classes", "latency_target_ns", "port", "route")
+
+    def __init__(self, objective: Objective) -> None:
+        self.route = objective.route
+        self.port = objective.port
+        target = objective.latency_target_seconds
+        # Integer nanoseconds: 150ms is exactly 150_000_000, the same edge the histogram's
+        # le="0.15" bucket uses (ns / 1e9 <= 0.15 exactly when ns <= 150_000_000).
+        self.latency_target_ns = round(target * 1e9) if target is not None else None
+        self.good_classes = frozenset(int(c[0]) for c in objective.good_status_classes)
+
+    def classify(self, exchange: Exchange, route: str) -> int:
+        """GOOD, BAD, or NOT_COUNTED when the objective does not cover this exchange."""
+        if self.route is not None and route != self.route:
+            return NOT_COUNTED
+        if self.port is not None and exchange.server_port != self.port:
+            return NOT_COUNTED
+        if self.latency_target_ns is not None:
+            return GOOD if exchange.end_ns - exchange.start_ns <= self.latency_target_ns else BAD
+        return GOOD if exchange.status // 100 in self.good_classes else BAD
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One evaluation of one objective over [start_s, end_s). good/total are counts, or rates
+    when Prometheus evaluated them; only their ratio matters."""
+
+    start_s: float
+    end_s: float
+    good: float
+    total: float
+    objective_ratio: float
+
+    @property
+    def sli(self) -> float | None:
+        if self.total <= 0:
+            return None
+        return min(1.0, max(0.0, self.good / self.total))
+
+    @property
+    def percent(self) -> float | None:
+        sli = self.sli
+        return None if sli is None else sli * 100.0
+
+    @property
+    def burn_rate(self) -> float | None:
+        return burn_rate(self.good, self.total, self.objective_ratio)
+
+    @property
+    def budget_remaining(self) -> float | None:
+        burn = self.burn_rate
+        return None if burn is None else 1.0 - burn
+
+    @property
+    def met(self) -> bool | None:
+        sli = self.sli
+        return None if sli is None else sli >= self.objective_ratio - 1e-12
+
+
+def burn_rate(good: float, total: float, objective_ratio: float) -> float | None:
+    if total <= 0:
+        return None
+    bad = max(0.0, total - good)
+    # 1 - 0.99 is 0.010000000000000009 in binary; rounding to 12 places (far finer than any
+    # objective's precision) gives back the 0.01 the user wrote, so edges come out exact.
+    allowed = round(1.0 - objective_ratio, 12)
+    if allowed <= 0:
+        return 0.0 if bad == 0 else math.inf
+    return bad / (total * allowed)
+
+
+def budget_remaining(good: float, total: float, objective_ratio: float) -> float | None:
+    burn = burn_rate(good, total, objective_ratio)
+    return None if burn is None else 1.0 - burn
+
+
+def json_number(value: float | None) -> float | str | None:
+    """JSON has no infinities: write them as Prometheus' API does, "+Inf" / "-Inf"."""
+    if value is None or math.isfinite(value):
+        return value
+    return "+Inf" if value > 0 else "-Inf"
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """What closing one push interval yields for one objective."""
+
+    objective: Objective
+    interval: Result  # [from, to): the Reliably indicator
+    window: Result  # [to - window, to): the SLI, burn rate and budget
+
+
+HISTORY = 5  # results kept per objective: the report's trend
+
+
+class Evaluator:
+    """Bucketed counts for every objective, and the closing of push intervals. No clock: the
+    caller passes `now`, so tests drive it with plain numbers.
+
+    Push intervals are `[k * push, (k + 1) * push)` of the realtime clock. Interval `to` is
+    closed once `now >= to + grace_s`: the grace lets exchanges still in the pipeline (their
+    end_ns is before `to` but they reach us a little later) count in their own interval.
+    An exchange that arrives after its interval was closed still counts in the windows that
+    cover it (`late_after_close`), but the indicator already sent is never changed.
+    """
+
+    def __init__(
+        self,
+        objectives: list[Objective],
+        push_interval_s: int,
+        *,
+        start_s: float,
+        grace_s: float = 2.0,
+        closed_until_s: int | None = None,
+    ) -> None:
+        if grace_s < 0 or grace_s >= push_interval_s:
+            raise ValueError("the grace period must be at least 0 and shorter than the push interval")
+        self.objectives = list(objectives)
+        self.push_s = int(push_interval_s)
+        self.grace_s = grace_s
+        self.bucket_s = choose_bucket_seconds(self.push_s, (o.window_seconds for o in self.objectives))
+        self.bucket_ns = self.bucket_s * 1_000_000_000
+        self._matchers = [Matcher(o) for o in self.objectives]
+        self._rings = [
+            BucketRing(slots_needed(o.window_seconds, self.push_s, grace_s, self.bucket_s))
+            for o in self.objectives
+        ]
+        self._window_buckets = [math.ceil(o.window_seconds / self.bucket_s) for o in self.objectives]
+        self._retention = max((r.slots for r in self._rings), default=1)
+        start_boundary = int(start_s // self.push_s) * self.push_s
+        # A watermark from a previous run wins: intervals it closed are never closed again.
+        self.closed_until_s = max(start_boundary, closed_until_s or 0)
+        self.history: list[deque[Result]] = [deque(maxlen=HISTORY) for _ in self.objectives]
+        self._lock = threading.Lock()
+        self.observed = 0
+        self.too_old = 0  # older than any bucket still kept
+        self.future = 0  # more than one bucket ahead of the clock: a bad timestamp
+        self.late_after_close = 0
+
+    def observe(self, exchange: Exchange, route: str, now_ns: int) -> None:
+        index = exchange.end_ns // self.bucket_ns
+        now_index = now_ns // self.bucket_ns
+        with self._lock:
+            self.observed += 1
+            if index > now_index + 1:
+                self.future += 1
+                return
+            if index <= now_index - self._retention:
+                self.too_old += 1
+                return
+            if index * self.bucket_s < self.closed_until_s:
+                self.late_after_close += 1
+            for matcher, ring in zip(self._matchers, self._rings, strict=True):
+                verdict = matcher.classify(exchange, route)
+                if verdict != NOT_COUNTED and not ring.add(index, verdict == GOOD):
+                    self.too_old += 1
+
+    def due(self, now_s: float) -> list[int]:
+        """Ends of the push intervals to close now, oldest first."""
+        last = int((now_s - self.grace_s) // self.push_s) * self.push_s
+        # After a long stop of the clock (suspend), skip intervals no ring still holds: they
+        # are empty and would send nothing anyway.
+        oldest_kept = last - self._retention * self.bucket_s
+        first = max(self.closed_until_s + self.push_s, oldest_kept - oldest_kept % self.push_s)
+        return list(range(first, last + 1, self.push_s))
+
+    def next_due_s(self) -> float:
+        """Wall-clock second at which the next interval can be closed."""
+        return self.closed_until_s + self.push_s + self.grace_s
+
+    def close(self, to_s: int) -> list[Closed]:
+        """Evaluate every objective for the interval ending at `to_s` and its window."""
+        end = to_s // self.bucket_s
+        interval_first = (to_s - self.push_s) // self.bucket_s
+        closed: list[Closed] = []
+        with self._lock:
+            for i, objective in enumerate(self.objectives):
+                ring = self._rings[i]
+                good, total = ring.sum(interval_first, end)
+                interval = Result(to_s - self.push_s, to_s, good, total, objective.objective_ratio)
+                good, total = ring.sum(end - self._window_buckets[i], end)
+                window = Result(
+                    to_s - self._window_buckets[i] * self.bucket_s,
+                    to_s,
+                    good,
+                    total,
+                    objective.objective_ratio,
+                )
+                self.history[i].append(window)
+                closed.append(Closed(objective, interval, window))
+            self.closed_until_s = max(self.closed_until_s, to_s)
+        return closed
+
+    def latest(self) -> list[Result | None]:
+        with self._lock:
+            return [h[-1] if h else None for h in self.history]
+
+    def trends(self) -> list[list[Result]]:
+        with self._lock:
+            return [list(h) for h in self.history]

@@ -1,0 +1,107 @@
+"""SLI, burn rate and budget arithmetic, and which exchanges an objective counts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from exporter.core.model import Exchange
+from exporter.slo.evaluate import BAD, GOOD, NOT_COUNTED, Matcher, Result, budget_remaining, burn_rate, json_number
+from exporter.slo.manifest import parse_manifest
+
+LATENCY = """
+kind: Objective
+metadata: {labels: {name: fast, service: shop}}
+spec:
+  indicatorSelector: {category: latency, path: /api, latency_target: 150ms, server_port: "8080"}
+  objectivePercent: 99
+  window: 5m
+"""
+AVAILABILITY_2XX = """
+kind: Objective
+metadata: {labels: {name: ok, service: shop}}
+spec:
+  indicatorSelector: {category: availability}
+  objectivePercent: 99
+  goodStatusClasses: [2xx]
+  window: 5m
+"""
+
+
+def ex(status: int = 200, ms: float = 1, port: int = 8080) -> Exchange:
+    return Exchange("GET", "/api", status, 0, round(ms * 1_000_000), 0, 0, port)
+
+
+@pytest.mark.parametrize(
+    ("exchange", "route", "verdict"),
+    [
+        (ex(ms=150), "/api", GOOD),
+        (ex(ms=150.000001), "/api", BAD),
+        (ex(status=500, ms=1), "/api", GOOD),  # latency ignores the status
+        (ex(), "/other", NOT_COUNTED),
+        (ex(port=9090), "/api", NOT_COUNTED),
+    ],
+)
+def test_latency_matcher(exchange: Exchange, route: str, verdict: int) -> None:
+    assert Matcher(parse_manifest(LATENCY)[0]).classify(exchange, route) == verdict
+
+
+@pytest.mark.parametrize(("status", "verdict"), [(200, GOOD), (204, GOOD), (301, BAD), (404, BAD), (503, BAD)])
+def test_availability_with_good_classes(status: int, verdict: int) -> None:
+    assert Matcher(parse_manifest(AVAILABILITY_2XX)[0]).classify(ex(status=status), "/anything") == verdict
+
+
+def test_default_availability_counts_everything_but_5xx() -> None:
+    objective = parse_manifest(AVAILABILITY_2XX.replace("  goodStatusClasses: [2xx]\n", ""))[0]
+    matcher = Matcher(objective)
+    assert [matcher.classify(ex(status=s), "/") for s in (101, 200, 302, 404, 500, 599)] == [1, 1, 1, 1, 0, 0]
+
+
+@pytest.mark.parametrize(
+    ("good", "total", "objective", "burn", "budget"),
+    [
+        (99, 100, 0.99, 1.0, 0.0),
+        (100, 100, 0.99, 0.0, 1.0),
+        (98, 100, 0.99, 2.0, -1.0),
+        (995, 1000, 0.995, 1.0, 0.0),
+        (999, 1000, 0.99, 0.1, 0.9),
+        (0, 10, 0.5, 2.0, -1.0),
+    ],
+)
+def test_burn_rate_and_budget(good: int, total: int, objective: float, burn: float, budget: float) -> None:
+    assert burn_rate(good, total, objective) == pytest.approx(burn, abs=1e-12)
+    assert budget_remaining(good, total, objective) == pytest.approx(budget, abs=1e-12)
+
+
+def test_exact_edge_is_met_and_burns_exactly_one() -> None:
+    result = Result(0, 60, 99, 100, 0.99)
+    assert result.sli == 0.99
+    assert result.percent == 99.0
+    assert result.burn_rate == 1.0
+    assert result.budget_remaining == 0.0
+    assert result.met is True
+    assert Result(0, 60, 98, 100, 0.99).met is False
+
+
+def test_objective_of_100_percent_has_no_budget() -> None:
+    assert burn_rate(10, 10, 1.0) == 0.0
+    assert budget_remaining(10, 10, 1.0) == 1.0
+    assert burn_rate(9, 10, 1.0) == math.inf
+    assert budget_remaining(9, 10, 1.0) == -math.inf
+    assert json_number(math.inf) == "+Inf"
+    assert json_number(-math.inf) == "-Inf"
+    assert json_number(0.5) == 0.5
+    assert json_number(None) is None
+
+
+def test_no_traffic_is_no_data() -> None:
+    result = Result(0, 60, 0, 0, 0.99)
+    assert (result.sli, result.percent, result.burn_rate, result.budget_remaining, result.met) == (
+        None, None, None, None, None,
+    )
+
+
+def test_rates_slightly_over_total_are_clamped() -> None:
+    # Prometheus extrapolation can make good a hair larger than total.
+    assert Result(0, 60, 1.0000000001, 1.0, 0.99).sli == 1.0
