@@ -42,7 +42,8 @@ DEFAULT_CONFIGS = {"red": CONFIGS, "size": ("baseline", "exporter"), "rate": ("e
 SOAK_SAMPLE_S = 10.0
 SOAK_CLOSE_EVERY = 100
 CONNS = 10_000
-NUMERIC = ("rps", "ratio", "completeness", "drops", "cpu_us", "rss_mb", "nginx_cpu_us", "logged", "counted",
+NUMERIC = ("rps", "ratio", "completeness", "drops", "cpu_us", "rss_mb", "rss_end_mb", "nginx_cpu_us", "logged",
+           "counted",
            "socket_errors", "wrk_latency_s", "capture_latency_s")
 
 COL_CONFIG = Column("config", "config", align="left")
@@ -53,8 +54,9 @@ COL_RPS = Column("server req/s", "rps", fmt_int)
 COL_RATIO = Column("vs no capture", "ratio", fmt_ratio)
 COL_COMPLETE = Column("completeness", "completeness", fmt_completeness)
 COL_DROPS = Column("kernel drops", "drops", fmt_int)
-COL_CPU = Column("exporter CPU µs/req", "cpu_us", fmt_us)
+COL_CPU = Column("capture CPU µs/req", "cpu_us", fmt_us)
 COL_RSS = Column("peak RSS MB", "rss_mb", lambda v: fmt(v))
+COL_RSS_END = Column("RSS MB at end", "rss_end_mb", lambda v: fmt(v))
 COL_NGINX = Column("nginx CPU µs/req", "nginx_cpu_us", fmt_us)
 COL_ERRORS = Column("wrk socket errors", "socket_errors", fmt_int)
 COL_WRK_LAT = Column("wrk mean latency", "wrk_latency_s", fmt_ms)
@@ -74,12 +76,13 @@ def _machine() -> list[str]:
     head = run_quiet(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
     dirty = run_quiet(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"])
     load1, load5, _ = os.getloadavg()
+    nginx_version = run_quiet(["nginx", "-v"]).removeprefix("nginx version: ")
     wrk_version = run_quiet(["wrk", "--version"]).splitlines()[0].split(" [")[0]
     return [
         f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- kernel: {platform.release()} (`uname -r`)",
         f"- CPU: {cpu}, nproc {len(os.sched_getaffinity(0))}",
-        f"- tools: {run_quiet(['nginx', '-v']).removeprefix('nginx version: ')} (worker_processes 1), {wrk_version}",
+        f"- tools: {nginx_version} (worker_processes 1), {wrk_version}",
         f"- repo: {head}{' with uncommitted changes' if dirty not in ('', '?') else ''}",
         f"- load average before the bench: {load1:.2f} {load5:.2f}",
         f"- command: `python -m bench {shlex.join(sys.argv[1:])}`",
@@ -112,7 +115,7 @@ class Bench:
                 if config == "baseline" and result.wrk is not None:
                     baseline[load.label] = result.wrk.requests_per_s
                 row["run"] = round_no
-                row["rss_samples"] = result.rss_samples
+                row["rss_samples"] = result.rss_samples  # type: ignore[assignment]
                 rows.append(row)
         return rows
 
@@ -137,7 +140,8 @@ def _group_key(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--scenario", type=click.Choice(SCENARIOS), default="red", show_default=True,
               help="red: the three configurations side by side; size: response bodies 1 KB-1 MB; rate: low "
-                   "paced rates vs full load, with latency spot checks; conns: 10k open connections; soak: RSS "
+                   "paced rates vs full load, with latency spot checks; conns: 10k open connections; "
+                   "soak: RSS "
                    "over a long run.")
 @click.option("--duration", type=click.FloatRange(1, 86400),
               help="Seconds of load per run [default: 20; size 10; soak 600].")
@@ -149,7 +153,8 @@ def _group_key(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @click.option("--configs", help="Comma-separated subset of baseline,seed,exporter [default: per scenario].")
 @click.option("--rates", default="100,1000", show_default=True,
               help="rate scenario: paced request rates per second, compared with unpaced full load.")
-@click.option("--markdown", is_flag=True, help="Print markdown tables (the default when stdout is not a terminal).")
+@click.option("--markdown", is_flag=True,
+              help="Print markdown tables (the default when stdout is not a terminal).")
 @click.option("--keep-workdir", is_flag=True, help="Keep the temp dir with nginx, wrk and exporter logs.")
 def main(scenario: str, duration: float | None, connections: int, threads: int, repeat: int,
          configs: str | None, rates: str, markdown: bool, keep_workdir: bool) -> None:
@@ -194,7 +199,8 @@ def main(scenario: str, duration: float | None, connections: int, threads: int, 
 
 def _run_scenario(bench: Bench, scenario: str, chosen: Sequence[str], duration: float, connections: int,
                   threads: int, rates: str) -> list[Table]:
-    main_columns = [COL_CONFIG, COL_RPS, COL_RATIO, COL_COMPLETE, COL_DROPS, COL_CPU, COL_RSS, COL_NGINX]
+    main_columns = [COL_CONFIG, COL_RPS, COL_RATIO, COL_COMPLETE, COL_DROPS, COL_CPU, COL_RSS, COL_RSS_END,
+                    COL_NGINX]
     if scenario == "red":
         load = Load(duration, connections, threads, label="ok")
         rows = bench.interleaved([(c, load) for c in chosen])
@@ -211,18 +217,19 @@ def _run_scenario(bench: Bench, scenario: str, chosen: Sequence[str], duration: 
         for text in rates.split(","):
             rate = float(text)
             conns = min(connections, max(1, math.ceil(rate / 100)))
-            plan += [(c, Load(duration, conns, 1, script=paced_script(rate, conns), label=f"paced {rate:g}/s"))
-                     for c in chosen]
+            paced = Load(duration, conns, 1, script=paced_script(rate, conns), label=f"paced {rate:g}/s")
+            plan += [(c, paced) for c in chosen]
         plan += [(c, Load(duration, connections, threads, label="full load")) for c in chosen]
         rows = _group_key(bench.interleaved(plan))
-        columns = [Column("rate", "label", align="left"), COL_CONFIG, COL_RPS, COL_COMPLETE, COL_DROPS, COL_CPU,
-                   COL_CAP_LAT, COL_WRK_LAT]
+        columns = [Column("rate", "label", align="left"), COL_CONFIG, COL_RPS, COL_COMPLETE, COL_DROPS,
+                   COL_CPU, COL_CAP_LAT, COL_WRK_LAT]
         return _tables("cost and latency against request rate", rows, columns, bench.repeat, group="group")
     if scenario == "conns":
         conns = max(connections, CONNS) if connections != 32 else CONNS
         load = Load(duration, conns, threads, label=f"{conns} conns")
         rows = bench.interleaved([(c, load) for c in chosen])
-        columns = [COL_CONFIG, COL_RPS, COL_RATIO, COL_COMPLETE, COL_DROPS, COL_CPU, COL_RSS, COL_ERRORS]
+        columns = [COL_CONFIG, COL_RPS, COL_RATIO, COL_COMPLETE, COL_DROPS, COL_CPU, COL_RSS, COL_RSS_END,
+                   COL_ERRORS]
         return _tables(f"{conns} concurrent connections, wrk -t{threads} -c{conns} -d{duration:g}s", rows,
                        columns, bench.repeat)
     # soak
@@ -241,8 +248,10 @@ def _run_scenario(bench: Bench, scenario: str, chosen: Sequence[str], duration: 
                Column("RSS MB last", "rss_last", lambda v: fmt(v)),
                Column("RSS MB max", "rss_max", lambda v: fmt(v)), COL_RSS]
     table = Table(f"soak: {duration:g} s, wrk -t{threads} -c{connections}, 1 in {SOAK_CLOSE_EVERY} requests "
-                  f"sends Connection: close; RSS sampled every {SOAK_SAMPLE_S:g} s", [COL_RUN, *columns], rows)
-    table.note = "RSS samples (MB): " + " | ".join(f"run {r['run']} {r['config']}: {r['samples']}" for r in rows)
+                  f"sends Connection: close; RSS sampled every {SOAK_SAMPLE_S:g} s", [COL_RUN, *columns],
+                  rows)
+    series = (f"run {r['run']} {r['config']}: {r['samples']}" for r in rows)
+    table.note = "RSS samples (MB): " + " | ".join(series)
     return [table]
 
 

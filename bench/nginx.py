@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench.procs import BenchError, Child, Children, wait_until
 
-__all__ = ["Nginx", "free_port", "BODY_PATHS"]
+__all__ = ["BODY_PATHS", "Nginx", "free_port"]
 
 BODY_PATHS = {"2B": "/", "1KB": "/1k", "100KB": "/100k", "1MB": "/1m"}
 _BODY_FILES = {"1k": 1024, "100k": 100 * 1024, "1m": 1024 * 1024}

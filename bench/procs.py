@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-__all__ = ["BenchError", "Children", "require_tools", "NOFILE"]
+__all__ = ["NOFILE", "BenchError", "Children", "require_tools"]
 
 NOFILE = 65536  # RLIMIT_NOFILE for children: wrk -c10000 and nginx need one fd per connection
 _PR_SET_PDEATHSIG = 1
@@ -35,12 +35,12 @@ def _child_setup(nofile: int) -> Callable[[], None]:
     def setup() -> None:  # runs in the child between fork and exec: keep it to syscalls
         try:
             _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        except Exception:  # noqa: BLE001 - best effort; the finally blocks still stop children
+        except Exception:
             pass
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
         except (ValueError, OSError):
-            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     return setup
@@ -106,17 +106,19 @@ class Children:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self._children: list[Child] = []
+        self._started = 0
 
     def start(self, name: str, argv: Sequence[str], *, cwd: Path | None = None,
               stdout: IO[Any] | int | None = None, env: dict[str, str] | None = None,
               nofile: int = NOFILE) -> Child:
-        log_path = self.workdir / f"{name}.{len(self._children)}.log"
-        log = open(log_path, "wb")  # noqa: SIM115 - closed when the child is stopped
+        self._started += 1
+        log_path = self.workdir / f"{name}.{self._started}.log"
+        log = open(log_path, "wb")
         try:
             proc = subprocess.Popen(
                 list(argv), cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                 stdout=stdout if stdout is not None else log, stderr=log,
-                start_new_session=True, preexec_fn=_child_setup(nofile),  # noqa: PLW1509
+                start_new_session=True, preexec_fn=_child_setup(nofile),
             )
         except OSError as exc:
             log.close()

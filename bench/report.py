@@ -8,7 +8,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Column", "Table", "median", "median_rows", "render_markdown", "render_rich", "fmt"]
+__all__ = [
+    "Column", "Table", "fmt", "fmt_completeness", "fmt_int", "fmt_ms", "fmt_ratio", "fmt_us", "median",
+    "median_rows", "render_markdown", "render_rich",
+]
 
 Cell = float | int | str | None
 
@@ -77,7 +80,8 @@ class Table:
         return [[col.fmt(row.get(col.key)) for col in self.columns] for row in self.rows]
 
 
-def median_rows(rows: Sequence[dict[str, Cell]], group_key: str, numeric_keys: Sequence[str]) -> list[dict[str, Cell]]:
+def median_rows(rows: Sequence[dict[str, Cell]], group_key: str,
+                numeric_keys: Sequence[str]) -> list[dict[str, Cell]]:
     """One row per group (in first-seen order), each numeric column the median over that group.
 
     Column-wise medians: each cell is the median of its own column, so a median row need
@@ -87,7 +91,7 @@ def median_rows(rows: Sequence[dict[str, Cell]], group_key: str, numeric_keys: S
     for row in rows:
         groups.setdefault(row[group_key], []).append(row)
     out = []
-    for name, members in groups.items():
+    for members in groups.values():
         merged: dict[str, Cell] = dict(members[0])
         merged["runs"] = len(members)
         for key in numeric_keys:

@@ -28,7 +28,7 @@ from bench.procs import BenchError, Child, Children, wait_until
 from bench.scrape import Scrape, fetch_scrape, read_proc
 from bench.wrk import WrkResult, parse_wrk
 
-__all__ = ["Load", "RunResult", "Runner", "REPO", "CONFIGS"]
+__all__ = ["CONFIGS", "REPO", "Load", "RunResult", "Runner"]
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ("baseline", "seed", "exporter")
@@ -64,6 +64,7 @@ class RunResult:
     kernel_drops: float | None = None
     cpu_s: float | None = None
     hwm_mb: float | None = None
+    rss_end_mb: float | None = None
     nginx_cpu_s: float | None = None
     capture_latency_mean_s: float | None = None
     rss_samples: list[tuple[float, float]] = field(default_factory=list)  # (seconds into load, MB)
@@ -71,7 +72,9 @@ class RunResult:
 
     def row(self, baseline_rps: float | None = None) -> dict[str, float | int | str | None]:
         rps = self.wrk.requests_per_s if self.wrk else None
-        per_request = (lambda s: None if s is None or not self.logged else 1e6 * s / self.logged)
+        def per_request(seconds: float | None) -> float | None:
+            return None if seconds is None or not self.logged else 1e6 * seconds / self.logged
+
         return {
             "config": self.config,
             "label": self.label,
@@ -81,6 +84,7 @@ class RunResult:
             "drops": self.kernel_drops,
             "cpu_us": per_request(self.cpu_s),
             "rss_mb": self.hwm_mb,
+            "rss_end_mb": self.rss_end_mb,
             "nginx_cpu_us": per_request(self.nginx_cpu_s),
             "logged": self.logged,
             "counted": self.counted,
@@ -146,7 +150,8 @@ class Runner:
         if not child.alive():
             raise BenchError(f"exporter exited at start: {child.log_tail() or 'no output'}")
         if not ok:
-            raise BenchError(f"exporter not ready within {READY_TIMEOUT_S:g} s: {child.log_tail() or 'no output'}")
+            raise BenchError(f"exporter not ready within {READY_TIMEOUT_S:g} s: "
+                             f"{child.log_tail() or 'no output'}")
         return child
 
     # -- one run --------------------------------------------------------------
@@ -180,13 +185,15 @@ class Runner:
             proc = read_proc(capture.pid)
             result.cpu_s = proc.cpu_s - cpu0
             result.hwm_mb = proc.hwm_mb
+            result.rss_end_mb = proc.rss_mb
             if config == "exporter":
                 assert before is not None
                 after = _settled_scrape(listen, nginx.port, result.logged)
                 result.counted = after.requests - before.requests
                 result.kernel_drops = (after.kernel_drops or 0) - (before.kernel_drops or 0)
                 if result.counted > 0:
-                    result.capture_latency_mean_s = (after.duration_sum_s - before.duration_sum_s) / result.counted
+                    seconds = after.duration_sum_s - before.duration_sum_s
+                    result.capture_latency_mean_s = seconds / result.counted
             else:
                 self.children.stop(capture)
                 capture = None
@@ -217,7 +224,8 @@ class Runner:
             while child.proc.poll() is None:
                 now = time.monotonic()
                 if now > deadline:
-                    raise BenchError(f"wrk still running {now - start:.0f} s after a {load.duration_s:g} s load")
+                    raise BenchError(f"wrk still running {now - start:.0f} s into a "
+                                     f"{load.duration_s:g} s load")
                 if rss_every_s and capture is not None and now >= next_sample:
                     samples.append((now - start, read_proc(capture.pid).rss_mb))
                     next_sample += rss_every_s

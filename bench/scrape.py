@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-__all__ = ["Scrape", "parse_scrape", "fetch_scrape", "ProcSample", "read_proc", "CLK_TCK"]
+__all__ = ["CLK_TCK", "ProcSample", "Scrape", "fetch_scrape", "parse_scrape", "read_proc"]
 
 DURATION = "http_server_request_duration_seconds"
 PREFIX = "ebpf_slo_exporter_"

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     continue
                 payload = tcp.body_bytes
-            except Exception:  # noqa: BLE001 - the demo skipped what pypacker could not read
+            except Exception:
                 stats.decode_errors += 1
                 continue
             session = sessions.get(key)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["WrkResult", "parse_wrk", "parse_duration_s", "paced_script", "churn_script"]
+__all__ = ["WrkResult", "churn_script", "paced_script", "parse_duration_s", "parse_wrk"]
 
 _TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _COUNT_UNITS = {"": 1.0, "k": 1e3, "M": 1e6, "G": 1e9}

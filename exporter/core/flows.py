@@ -51,6 +51,7 @@ __all__ = ["CoreStats", "Limits", "Tracker"]
 _SEQ_SPACE = 1 << 32
 _SEQ_MASK = _SEQ_SPACE - 1
 _SEQ_HALF = 1 << 31
+_REUSE_DISTANCE = 1 << 20  # random ISNs land this close to the old numbers with odds ~1/2000
 _HELD_OVERHEAD = 64  # a held segment costs its tuple too, even when its payload was cut
 
 FlowKey = tuple[str, int, str, int]
@@ -251,11 +252,13 @@ class Tracker:
             flows.move_to_end(key)
         side = flow.client if to_server else flow.server
         plen = seg.payload_len
-        if side.fin and (plen or flags & SYN):
-            # A finished direction talking again: the 4-tuple was reused by a new connection.
-            self._close(flow, graceful=True)
-            flow = self._open(key)
-            side = flow.client if to_server else flow.server
+        if plen and (flow.client.fin or flow.server.fin) and side.next_seq >= 0:
+            distance = _seq_delta(seg.seq, side.next_seq)
+            if distance > _REUSE_DISTANCE or distance < -_REUSE_DISTANCE:
+                # Data far from a closing connection's numbers: a new connection reusing the 4-tuple.
+                self._close(flow, graceful=True)
+                flow = self._open(key)
+                side = flow.client if to_server else flow.server
         flow.last_ns = seg.ts_ns
 
         if flags & RST:

@@ -13,7 +13,8 @@ searching without counting again, so one resync is one error.
 
 Parse error reasons (keys of the `errors` dict handed to the parsers):
 
-- ``bad_request_line``: a first line that starts like a request (`TOKEN SP`) but is malformed.
+- ``bad_request_line``: a first line that starts like a request (`TOKEN SP`) and names
+  HTTP/1 (` HTTP/1.`), but is malformed.
 - ``bad_status_line``: a first line that starts with `HTTP/` but is malformed.
 - ``not_http``: where a message had to start, the bytes do not look like HTTP/1 at all
   (TLS, HTTP/2, another protocol, or a connection joined in the middle of a message).
@@ -605,9 +606,9 @@ class RequestParser(_Parser):
     def _first_line_error(self, line: bytes) -> str | None:
         if _REQUEST_LINE.fullmatch(line) is not None:
             return None
-        if _METHOD_START.match(line) is None or b" HTTP/2" in line:
-            return "not_http"
-        return "bad_request_line"
+        if _METHOD_START.match(line) is not None and b" HTTP/1." in line:
+            return "bad_request_line"
+        return "not_http"
 
     def _parse_head(self, head: bytes, ts_ns: int) -> int:
         newline = head.find(b"\n")

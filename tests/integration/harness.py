@@ -87,7 +87,10 @@ class LoggingHandler(BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         # Any method token reaches _respond, the way a permissive origin server would accept it.
-        self.raw_requestline = self.rfile.readline(65537)
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+        except ConnectionResetError:
+            self.raw_requestline = b""
         if not self.raw_requestline:
             self.close_connection = True
             return

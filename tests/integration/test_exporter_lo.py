@@ -32,6 +32,8 @@ KNOWN = {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", 
 
 
 def expected_route(path: str) -> str:
+    if "://" in path:  # the server logs a proxy absolute-form target as sent
+        path = "/" + path.split("://", 1)[1].split("/", 1)[1]
     parts = path.split("?", 1)[0].strip("/").split("/")
     if len(parts) == 2 and parts[0] in ("status", "delay", "bytes", "chunked", "close"):
         return "/" + parts[0] + "/{" + {"status": "code", "delay": "ms"}.get(parts[0], "n") + "}"

@@ -1,0 +1,211 @@
+"""The bench's pure parts: wrk reports, /metrics and /proc parsing, medians, tables."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench.report import (
+    Column,
+    Table,
+    fmt_completeness,
+    fmt_int,
+    fmt_ratio,
+    median,
+    median_rows,
+    render_markdown,
+)
+from bench.scrape import CLK_TCK, parse_proc, parse_scrape
+from bench.wrk import churn_script, paced_script, parse_duration_s, parse_wrk
+
+WRK_PLAIN = """\
+Running 5s test @ http://127.0.0.1:8080/
+  1 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   409.46us  137.67us   5.44ms   89.96%
+    Req/Sec    78.12k     3.60k   83.64k    80.00%
+  388623 requests in 5.00s, 57.44MB read
+Requests/sec:  77705.99
+Transfer/sec:     11.48MB"""
+
+WRK_ERRORS = """\
+Running 20s test @ http://127.0.0.1:8080/
+  1 threads and 10000 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   195.12ms   35.01ms    1.99s    91.02%
+    Req/Sec    48.51k     5.02k   56.20k    75.00%
+  Latency Distribution
+     50%  190.00ms
+     75%  200.00ms
+     90%  210.00ms
+     99%  400.00ms
+  965432 requests in 20.01s, 140.10MB read
+  Socket errors: connect 1017, read 12, write 3, timeout 44
+  Non-2xx or 3xx responses: 7
+Requests/sec:  48247.35
+Transfer/sec:      7.00MB
+"""
+
+WRK_SECONDS = """\
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.50s   250.00ms    2.00s    70.00%
+    Req/Sec     1.00      0.00     1.00    100.00%
+  10 requests in 1.00m, 1.00KB read
+Requests/sec:      0.17
+"""
+
+
+def test_plain_report() -> None:
+    result = parse_wrk(WRK_PLAIN)
+    assert result.requests == 388623
+    assert result.duration_s == pytest.approx(5.0)
+    assert result.requests_per_s == pytest.approx(77705.99)
+    assert result.latency_mean_s == pytest.approx(409.46e-6)
+    assert result.latency_stdev_s == pytest.approx(137.67e-6)
+    assert result.latency_max_s == pytest.approx(5.44e-3)
+    assert result.socket_errors == 0
+    assert result.non_2xx == 0
+
+
+def test_socket_errors_and_latency_distribution() -> None:
+    result = parse_wrk(WRK_ERRORS)
+    assert result.requests == 965432
+    assert result.requests_per_s == pytest.approx(48247.35)
+    assert result.latency_mean_s == pytest.approx(0.19512)
+    assert result.latency_max_s == pytest.approx(1.99)
+    errors = (result.connect_errors, result.read_errors, result.write_errors, result.timeouts)
+    assert errors == (1017, 12, 3, 44)
+    assert result.socket_errors == 1076
+    assert result.non_2xx == 7
+
+
+def test_seconds_and_minutes() -> None:
+    result = parse_wrk(WRK_SECONDS)
+    assert result.latency_mean_s == pytest.approx(1.5)
+    assert result.latency_stdev_s == pytest.approx(0.25)
+    assert result.duration_s == pytest.approx(60.0)
+    assert result.requests_per_s == pytest.approx(0.17)
+
+
+@pytest.mark.parametrize(("value", "unit", "seconds"), [
+    ("409.46", "us", 409.46e-6), ("1.82", "ms", 1.82e-3), ("2.00", "s", 2.0), ("1.5", "m", 90.0),
+])
+def test_duration_units(value: str, unit: str, seconds: float) -> None:
+    assert parse_duration_s(value, unit) == pytest.approx(seconds)
+
+
+def test_unknown_unit_and_missing_lines() -> None:
+    with pytest.raises(ValueError, match="unit"):
+        parse_duration_s("1", "ns")
+    with pytest.raises(ValueError, match="Requests/sec"):
+        parse_wrk("unable to connect to 127.0.0.1:8080 Connection refused\n")
+
+
+def test_no_latency_line_when_nothing_completed() -> None:
+    result = parse_wrk("  0 requests in 1.00s, 0.00B read\nRequests/sec:      0.00\n")
+    assert result.requests == 0
+    assert math.isnan(result.latency_mean_s)
+
+
+def test_lua_scripts() -> None:
+    assert "return 20" in paced_script(100, 2)  # 2 connections at 50/s each: one every 20 ms
+    assert "return 1\n" in paced_script(1e6, 1)  # never below wrk's 1 ms granularity
+    assert "n % 100 == 0" in churn_script(100)
+    with pytest.raises(ValueError):
+        paced_script(0, 1)
+    with pytest.raises(ValueError):
+        churn_script(0)
+
+
+def _series(suffix: str, status: str, route: str, port: int, value: float) -> str:
+    labels = (f'http_request_method="GET",http_response_status_code="{status}",'
+              f'http_route="{route}",server_port="{port}"')
+    return f"http_server_request_duration_seconds_{suffix}{{{labels}}} {value}"
+
+
+SCRAPE = "\n".join([
+    "# HELP http_server_request_duration_seconds Duration of HTTP server requests.",
+    "# TYPE http_server_request_duration_seconds histogram",
+    _series("count", "200", "/", 8080, 10.0),
+    _series("sum", "200", "/", 8080, 0.5),
+    _series("count", "404", "/x", 8080, 2.0),
+    _series("sum", "404", "/x", 8080, 0.1),
+    _series("count", "200", "/", 9090, 99.0),
+    _series("sum", "200", "/", 9090, 9.0),
+    "# HELP ebpf_slo_exporter_exchanges_total HTTP exchanges rebuilt.",
+    "# TYPE ebpf_slo_exporter_exchanges_total counter",
+    "ebpf_slo_exporter_exchanges_total 111.0",
+    "# HELP ebpf_slo_exporter_kernel_drops_total Frames the kernel dropped.",
+    "# TYPE ebpf_slo_exporter_kernel_drops_total counter",
+    "ebpf_slo_exporter_kernel_drops_total 3.0",
+    "# TYPE ebpf_slo_exporter_filter_packets_total counter",
+    'ebpf_slo_exporter_filter_packets_total{verdict="pass"} 5.0',
+    "",
+])
+
+
+def test_scrape_counts_one_port() -> None:
+    scrape = parse_scrape(SCRAPE, 8080)
+    assert scrape.requests == 12
+    assert scrape.duration_sum_s == pytest.approx(0.6)
+    assert scrape.exchanges == 111
+    assert scrape.kernel_drops == 3
+    assert scrape.packets is None
+    assert parse_scrape(SCRAPE, 7).requests == 0
+
+
+def test_proc_parsing_survives_spaces_in_the_name() -> None:
+    fields = ["S", "1", "2", "3", "0", "-1", "4194560", "10", "0", "0", "0", "250", "50"] + ["0"] * 30
+    stat = "1234 (python -m x) " + " ".join(fields)
+    status = "Name:\tpython\nVmHWM:\t  204800 kB\nVmRSS:\t  102400 kB\n"
+    sample = parse_proc(stat, status)
+    assert sample.cpu_s == pytest.approx(300 / CLK_TCK)
+    assert sample.hwm_mb == pytest.approx(200.0)
+    assert sample.rss_mb == pytest.approx(100.0)
+
+
+def test_median_skips_missing_values() -> None:
+    assert median([3, 1, 2]) == 2
+    assert median([4, 1, 2, 3]) == 2.5
+    assert median([None, 5.0, float("nan")]) == 5.0
+    assert median([None, None]) is None
+
+
+def test_median_rows_are_column_wise_per_group() -> None:
+    rows = [
+        {"config": "baseline", "rps": 100.0, "cpu_us": None},
+        {"config": "exporter", "rps": 50.0, "cpu_us": 3.0},
+        {"config": "baseline", "rps": 300.0, "cpu_us": None},
+        {"config": "exporter", "rps": 70.0, "cpu_us": 1.0},
+        {"config": "baseline", "rps": 200.0, "cpu_us": None},
+        {"config": "exporter", "rps": 60.0, "cpu_us": 2.0},
+    ]
+    medians = median_rows(rows, "config", ["rps", "cpu_us"])
+    assert [m["config"] for m in medians] == ["baseline", "exporter"]
+    assert medians[0]["rps"] == 200.0 and medians[0]["cpu_us"] is None and medians[0]["runs"] == 3
+    assert medians[1]["rps"] == 60.0 and medians[1]["cpu_us"] == 2.0
+
+
+def test_markdown_table() -> None:
+    table = Table("title", [Column("config", "config", align="left"), Column("req/s", "rps", fmt_int),
+                            Column("ratio", "ratio", fmt_ratio), Column("complete", "c", fmt_completeness)],
+                  [{"config": "baseline", "rps": 81234.4, "ratio": None, "c": None},
+                   {"config": "exporter", "rps": 70000.0, "ratio": 0.8617, "c": 0.99995}], note="a note")
+    assert render_markdown(table).splitlines() == [
+        "**title**",
+        "",
+        "| config   |  req/s | ratio | complete |",
+        "|----------|-------:|------:|---------:|",
+        "| baseline | 81,234 |   n/a |      n/a |",
+        "| exporter | 70,000 | 86.2% |  99.995% |",
+        "",
+        "a note",
+    ]
+
+
+def test_completeness_keeps_the_digits_that_matter() -> None:
+    assert fmt_completeness(0.99995) == "99.995%"
+    assert fmt_completeness(1.0) == "100.000%"
+    assert fmt_completeness(0.1248) == "12.48%"
+    assert fmt_completeness(None) == "n/a"

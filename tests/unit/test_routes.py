@@ -1,0 +1,70 @@
+"""Route labels: patterns first, then an ID heuristic, always under a per-port cap."""
+
+from __future__ import annotations
+
+import pytest
+
+from exporter.core.routes import MAX_ROUTE_CHARS, RouteMapper
+
+PATTERNS = ["/api/items/{id}", "/users/{user}/orders/{order}", "/users/me/orders/{order}"]
+
+
+@pytest.mark.parametrize(
+    ("target", "route"),
+    [
+        ("/api/items/42", "/api/items/{id}"),
+        ("/api/items/42/", "/api/items/{id}"),
+        ("/api/items/42?full=1", "/api/items/{id}"),
+        ("http://svc:8080/api/items/abc", "/api/items/{id}"),
+        ("/api/items/", "/api/items/"),  # `{id}` needs a non-empty segment
+        ("/users/ann/orders/7", "/users/{user}/orders/{order}"),
+        ("/users/me/orders/7", "/users/{user}/orders/{order}"),  # first match wins
+        ("/api/items/42/detail", "/api/items/{id}/detail"),  # no pattern: heuristic
+        ("/api/v2/users", "/api/v2/users"),
+        ("/orders/123456", "/orders/{id}"),
+        ("/o/550e8400-e29b-41d4-a716-446655440000", "/o/{id}"),
+        ("/o/550e8400e29b41d4a716446655440000", "/o/{id}"),
+        ("/blob/0123456789abcdef0123", "/blob/{id}"),
+        ("/t/dGhpc0lzQVRva2VuMTIz", "/t/{id}"),
+        ("/t/internationalization", "/t/internationalization"),
+        ("/v1/a1b2", "/v1/a1b2"),
+        ("/" + "x" * 100, "/{id}"),
+        ("/1/2/3/4/5/6/7/8/9/10", "/{id}/{id}/{id}/{id}/{id}/{id}/{id}/{id}/{rest}"),
+        ("", "/"),
+        ("/", "/"),
+        ("?x=1", "/"),
+        ("*", "*"),
+        ("host:443", "host:443"),
+    ],
+)
+def test_route(target: str, route: str) -> None:
+    assert RouteMapper(PATTERNS).route(80, target) == route
+
+
+def test_route_label_length_is_capped() -> None:
+    target = "/" + "/".join(["abcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyzabcdefghij"] * 8)
+    route = RouteMapper().route(80, target)
+    assert len(route) <= MAX_ROUTE_CHARS
+    assert route.endswith("/{rest}")
+
+
+def test_distinct_routes_per_port_are_capped() -> None:
+    mapper = RouteMapper(max_routes_per_port=3)
+    routes = [mapper.route(80, f"/r{i}") for i in range(5)]
+    assert routes == ["/r0", "/r1", "/r2", "/{overflow}", "/{overflow}"]
+    assert mapper.overflowed == 2
+    assert mapper.route(80, "/r1") == "/r1"  # known routes keep working
+    assert mapper.route(81, "/r4") == "/r4"  # the cap is per port
+    assert mapper.overflowed == 2
+
+
+def test_ids_do_not_use_up_the_cap() -> None:
+    mapper = RouteMapper(max_routes_per_port=2)
+    assert {mapper.route(80, f"/items/{n}") for n in range(1000)} == {"/items/{id}"}
+    assert mapper.overflowed == 0
+
+
+@pytest.mark.parametrize("bad", [{"patterns": ["api/{id}"]}, {"max_routes_per_port": 0}])
+def test_bad_configuration_fails_at_once(bad: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        RouteMapper(**bad)  # type: ignore[arg-type]
