@@ -42,8 +42,8 @@ DEFAULT_CONFIGS = {"red": CONFIGS, "size": ("baseline", "exporter"), "rate": ("e
 SOAK_SAMPLE_S = 10.0
 SOAK_CLOSE_EVERY = 100
 CONNS = 10_000
-NUMERIC = ("rps", "ratio", "completeness", "drops", "cpu_us", "rss_mb", "rss_end_mb", "nginx_cpu_us", "logged",
-           "counted",
+NUMERIC = ("rps", "ratio", "completeness", "drops", "cpu_us", "rss_mb", "rss_end_mb", "nginx_cpu_us",
+           "logged", "counted",
            "socket_errors", "wrk_latency_s", "capture_latency_s")
 
 COL_CONFIG = Column("config", "config", align="left")

@@ -181,8 +181,17 @@ class HttpFilter:
         return {k.value for k in self._ports.keys()}
 
     def counters(self) -> dict[str, int]:
-        """Kernel counters summed over CPUs, since load. Cheap: one lookup per slot."""
-        return {name: int(self._counters.sum(ct.c_int(i)).value) for i, name in enumerate(COUNTER_NAMES)}
+        """Kernel counters summed over CPUs, since load. Cheap: one lookup per slot.
+
+        Not an atomic snapshot while packets flow. The filter counts `seen` before a
+        packet's outcome, so outcomes are read first and `seen` last: then
+        seen >= kept + sum(dropped_*) always holds in what this returns.
+        """
+        values = {
+            name: int(self._counters.sum(ct.c_int(i)).value)
+            for i, name in reversed(list(enumerate(COUNTER_NAMES)))
+        }
+        return {name: values[name] for name in COUNTER_NAMES}
 
     def _skip_key(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int) -> Any:
         key = self._skip.Key()

@@ -66,8 +66,13 @@ class Limits:
     idle_timeout_ns: int = 300 * 10**9  # flows idle this long are evicted by expire()
 
     def __post_init__(self) -> None:
-        for name in ("max_flows", "max_buffered_bytes", "max_pending_requests", "max_header_bytes",
-                     "idle_timeout_ns"):
+        for name in (
+            "max_flows",
+            "max_buffered_bytes",
+            "max_pending_requests",
+            "max_header_bytes",
+            "idle_timeout_ns",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"Limits.{name} must be positive, got {getattr(self, name)}.")
 
@@ -193,8 +198,16 @@ class _Flow:
         requests = self.requests
         request_body = requests.body_so_far if request is requests.current else request.body_bytes
         self.emitted.append(
-            Exchange(request.method, normalise_target(request.target), status, request.start_ns, end_ns,
-                     request_body, body_bytes, self.server_port)
+            Exchange(
+                request.method,
+                normalise_target(request.target),
+                status,
+                request.start_ns,
+                end_ns,
+                request_body,
+                body_bytes,
+                self.server_port,
+            )
         )
 
     def on_response_lost(self) -> None:

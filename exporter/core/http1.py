@@ -541,9 +541,14 @@ class _Parser:
 
 
 def _framing(head: bytes) -> tuple[int, int]:
-    """Body framing from the headers: (state, content length); length -1 is invalid."""
+    """Body framing from the headers: (state, content length); length -1 is invalid.
+
+    `_HEAD` means neither Content-Length nor Transfer-Encoding is present.
+    """
     lower = head.lower()
     at = lower.rfind(b"\ntransfer-encoding:")
+    if at < 0 and b"\ncontent-length:" not in lower:
+        return _HEAD, 0
     if at >= 0:
         value = lower[at + 19 : lower.find(b"\n", at + 1)]
         if value.rsplit(b",", 1)[-1].strip() == b"chunked":
@@ -588,7 +593,10 @@ class RequestParser(_Parser):
     _start = _METHOD_START
 
     def __init__(
-        self, sink: RequestSink, errors: dict[str, int], max_header_bytes: int = 32768,
+        self,
+        sink: RequestSink,
+        errors: dict[str, int],
+        max_header_bytes: int = 32768,
         max_buffered_bytes: int = 65536,
     ) -> None:
         super().__init__(errors, max_header_bytes, max_buffered_bytes)
@@ -619,7 +627,7 @@ class RequestParser(_Parser):
         if _HEADER_FIELDS.fullmatch(head, newline + 1) is None:
             self._fail("bad_header")
             return _SKIP_HEAD
-        framing, length = _framing(head) if b"-" in head else (_HEAD, 0)
+        framing, length = _framing(head)
         if framing == _CLOSE_BODY:  # RFC 9112 §6.3: a request must end in chunked
             self._fail("bad_header")
             return _SKIP_HEAD
@@ -671,7 +679,10 @@ class ResponseParser(_Parser):
     _start = _STATUS_START
 
     def __init__(
-        self, sink: ResponseSink, errors: dict[str, int], max_header_bytes: int = 32768,
+        self,
+        sink: ResponseSink,
+        errors: dict[str, int],
+        max_header_bytes: int = 32768,
         max_buffered_bytes: int = 65536,
     ) -> None:
         super().__init__(errors, max_header_bytes, max_buffered_bytes)
@@ -698,7 +709,7 @@ class ResponseParser(_Parser):
         if status < 200 and status != 101:
             self._tentative = False  # interim (100, 103): the final response follows
             return _PARSED
-        framing, length = _framing(head) if b"-" in head else (_CLOSE_BODY, 0)
+        framing, length = _framing(head)
         if framing == _HEAD:
             framing = _CLOSE_BODY
         if length < 0:

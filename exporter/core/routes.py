@@ -90,9 +90,7 @@ class RouteMapper:
         for pattern in patterns:
             if not pattern.startswith("/"):
                 raise ValueError(f"A route pattern must start with '/', got {pattern!r}.")
-            parts = tuple(
-                None if _PLACEHOLDER.fullmatch(part) else part for part in _path_segments(pattern)
-            )
+            parts = tuple(None if _PLACEHOLDER.fullmatch(part) else part for part in _path_segments(pattern))
             self._patterns.setdefault(len(parts), []).append((pattern, parts))
         self._max_routes = max_routes_per_port
         self._overflow_route = overflow_route

@@ -110,6 +110,12 @@ class PrometheusClient:
     def close(self) -> None:
         self._http.close()
 
+    def __enter__(self) -> PrometheusClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
     def query(self, expr: str, at: float | None = None) -> float | None:
         """One instant query expected to give at most one sample (a `sum`, a scalar).
         None when the result is empty."""

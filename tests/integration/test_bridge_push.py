@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from exporter.bridge.indicator import rfc3339
 from exporter.bridge.settings import PushSettings
 from exporter.core.model import Exchange
 from exporter.slo.manifest import load_manifest
@@ -179,8 +180,6 @@ def test_unreachable_then_recovered_loses_nothing(tmp_path: Path) -> None:
         key = (request.body["metadata"]["labels"]["category"], request.body["spec"]["to"])
         bodies.setdefault(key, set()).add(repr(request.body))
     # Every interval with traffic arrived, and a resend (if any) carried the same value.
-    from exporter.bridge.indicator import rfc3339
-
     wanted = {(c, rfc3339(to)) for to in range(int(load_started) + 1, int(load_stopped) + 1)
               for c in ("latency", "availability")}
     assert wanted <= set(bodies)

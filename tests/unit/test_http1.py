@@ -86,8 +86,12 @@ def run_responses(
 
 REQUEST_CASES: list[tuple[str, bytes, list[tuple[str, str, int]], dict[str, int]]] = [
     ("simple get", b"GET /a/b?x=1 HTTP/1.1\r\nHost: h\r\n\r\n", [("GET", "/a/b?x=1", 0)], {}),
-    ("absolute form", b"GET http://host:8080/a/b?x=1 HTTP/1.1\r\nHost: h\r\n\r\n",
-     [("GET", "http://host:8080/a/b?x=1", 0)], {}),
+    (
+        "absolute form",
+        b"GET http://host:8080/a/b?x=1 HTTP/1.1\r\nHost: h\r\n\r\n",
+        [("GET", "http://host:8080/a/b?x=1", 0)],
+        {},
+    ),
     ("asterisk form", b"OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n", [("OPTIONS", "*", 0)], {}),
     ("unknown method kept", b"PURGE /cache HTTP/1.1\r\n\r\n", [("PURGE", "/cache", 0)], {}),
     ("http/1.0 no headers", b"GET / HTTP/1.0\r\n\r\n", [("GET", "/", 0)], {}),
@@ -95,49 +99,112 @@ REQUEST_CASES: list[tuple[str, bytes, list[tuple[str, str, int]], dict[str, int]
     ("mixed line ends", b"GET /m HTTP/1.1\r\nHost: h\n\r\n", [("GET", "/m", 0)], {}),
     ("content-length body", b"POST /p HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello", [("POST", "/p", 5)], {}),
     ("header names any case", b"PUT /p HTTP/1.1\r\ncOnTeNt-LeNgTh: 3\r\n\r\nabc", [("PUT", "/p", 3)], {}),
-    ("identical duplicate content-length",
-     b"POST /p HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nab", [("POST", "/p", 2)], {}),
+    (
+        "identical duplicate content-length",
+        b"POST /p HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nab",
+        [("POST", "/p", 2)],
+        {},
+    ),
     ("content-length list", b"POST /p HTTP/1.1\r\nContent-Length: 2, 2\r\n\r\nab", [("POST", "/p", 2)], {}),
-    ("chunked with extension and trailer",
-     b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
-     b"5;name=value\r\nhello\r\nA\r\n0123456789\r\n0\r\nX-Trailer: 1\r\n\r\n",
-     [("POST", "/c", 15)], {}),
-    ("chunked bare lf", b"POST /c HTTP/1.1\nTransfer-Encoding: chunked\n\n3\nabc\n0\n\n", [("POST", "/c", 3)], {}),
-    ("chunked wins over content-length",
-     b"POST /c HTTP/1.1\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n",
-     [("POST", "/c", 1)], {}),
-    ("pipelined", b"GET /1 HTTP/1.1\r\n\r\nPOST /2 HTTP/1.1\r\nContent-Length: 1\r\n\r\nxGET /3 HTTP/1.1\r\n\r\n",
-     [("GET", "/1", 0), ("POST", "/2", 1), ("GET", "/3", 0)], {}),
-    ("stray crlf between requests", b"POST /a HTTP/1.1\r\nContent-Length: 1\r\n\r\nx\r\nGET /b HTTP/1.1\r\n\r\n",
-     [("POST", "/a", 1), ("GET", "/b", 0)], {}),
-    ("binary body", b"POST /bin HTTP/1.1\r\nContent-Length: 6\r\n\r\n\x00\xff\r\n\r\nGET /n HTTP/1.1\r\n\r\n",
-     [("POST", "/bin", 6), ("GET", "/n", 0)], {}),
-    ("conflicting content-length",
-     b"POST /p HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc", [], {"bad_content_length": 1}),
-    ("non-numeric content-length", b"POST /p HTTP/1.1\r\nContent-Length: +3\r\n\r\nabc", [],
-     {"bad_content_length": 1}),
+    (
+        "chunked with extension and trailer",
+        b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5;name=value\r\nhello\r\nA\r\n0123456789\r\n0\r\nX-Trailer: 1\r\n\r\n",
+        [("POST", "/c", 15)],
+        {},
+    ),
+    (
+        "chunked bare lf",
+        b"POST /c HTTP/1.1\nTransfer-Encoding: chunked\n\n3\nabc\n0\n\n",
+        [("POST", "/c", 3)],
+        {},
+    ),
+    (
+        "chunked wins over content-length",
+        b"POST /c HTTP/1.1\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n",
+        [("POST", "/c", 1)],
+        {},
+    ),
+    (
+        "pipelined",
+        b"GET /1 HTTP/1.1\r\n\r\nPOST /2 HTTP/1.1\r\nContent-Length: 1\r\n\r\nxGET /3 HTTP/1.1\r\n\r\n",
+        [("GET", "/1", 0), ("POST", "/2", 1), ("GET", "/3", 0)],
+        {},
+    ),
+    (
+        "stray crlf between requests",
+        b"POST /a HTTP/1.1\r\nContent-Length: 1\r\n\r\nx\r\nGET /b HTTP/1.1\r\n\r\n",
+        [("POST", "/a", 1), ("GET", "/b", 0)],
+        {},
+    ),
+    (
+        "binary body",
+        b"POST /bin HTTP/1.1\r\nContent-Length: 6\r\n\r\n\x00\xff\r\n\r\nGET /n HTTP/1.1\r\n\r\n",
+        [("POST", "/bin", 6), ("GET", "/n", 0)],
+        {},
+    ),
+    (
+        "conflicting content-length",
+        b"POST /p HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc",
+        [],
+        {"bad_content_length": 1},
+    ),
+    (
+        "non-numeric content-length",
+        b"POST /p HTTP/1.1\r\nContent-Length: +3\r\n\r\nabc",
+        [],
+        {"bad_content_length": 1},
+    ),
     ("space before colon", b"GET / HTTP/1.1\r\nHost : h\r\n\r\n", [], {"bad_header": 1}),
     ("obs-fold", b"GET / HTTP/1.1\r\nX-A: 1\r\n  2\r\n\r\n", [], {"bad_header": 1}),
-    ("request transfer-encoding not chunked", b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", [],
-     {"bad_header": 1}),
+    (
+        "request transfer-encoding not chunked",
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+        [],
+        {"bad_header": 1},
+    ),
     ("extra field in request line", b"GET /a b HTTP/1.1\r\n\r\n", [], {"bad_request_line": 1}),
     ("http/0.9 style", b"GET /\r\n\r\n", [], {"not_http": 1}),
     ("http/2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", [], {"not_http": 1}),
     ("tls", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", [], {"not_http": 1}),
-    ("bad chunk size", b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", [("POST", "/", 0)],
-     {"bad_chunk": 1}),
-    ("no crlf after chunk data", b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nxy\r\n",
-     [("POST", "/", 1)], {"bad_chunk": 1}),
-    ("resync after garbage line", b"FOO\r\n\r\nGET /ok HTTP/1.1\r\n\r\n", [("GET", "/ok", 0)], {"not_http": 1}),
-    ("resync after bad header", b"GET /x HTTP/1.1\r\nbad header\r\n\r\nGET /ok HTTP/1.1\r\n\r\n",
-     [("GET", "/ok", 0)], {"bad_header": 1}),
-    ("connect then tunnel bytes", b"CONNECT host:443 HTTP/1.1\r\nHost: host:443\r\n\r\n\x16\x03\x01\x00\x05hello",
-     [("CONNECT", "host:443", 0)], {}),
+    (
+        "bad chunk size",
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        [("POST", "/", 0)],
+        {"bad_chunk": 1},
+    ),
+    (
+        "no crlf after chunk data",
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nxy\r\n",
+        [("POST", "/", 1)],
+        {"bad_chunk": 1},
+    ),
+    (
+        "resync after garbage line",
+        b"FOO\r\n\r\nGET /ok HTTP/1.1\r\n\r\n",
+        [("GET", "/ok", 0)],
+        {"not_http": 1},
+    ),
+    (
+        "resync after bad header",
+        b"GET /x HTTP/1.1\r\nbad header\r\n\r\nGET /ok HTTP/1.1\r\n\r\n",
+        [("GET", "/ok", 0)],
+        {"bad_header": 1},
+    ),
+    (
+        "connect then tunnel bytes",
+        b"CONNECT host:443 HTTP/1.1\r\nHost: host:443\r\n\r\n\x16\x03\x01\x00\x05hello",
+        [("CONNECT", "host:443", 0)],
+        {},
+    ),
 ]
 
 
-@pytest.mark.parametrize(("stream", "expected", "errors"), [case[1:] for case in REQUEST_CASES],
-                         ids=[case[0] for case in REQUEST_CASES])
+@pytest.mark.parametrize(
+    ("stream", "expected", "errors"),
+    [case[1:] for case in REQUEST_CASES],
+    ids=[case[0] for case in REQUEST_CASES],
+)
 def test_requests_whatever_the_cuts(
     stream: bytes, expected: list[tuple[str, str, int]], errors: dict[str, int]
 ) -> None:
@@ -148,7 +215,9 @@ def test_requests_whatever_the_cuts(
 
 
 def test_request_starts_at_the_segment_of_its_first_byte() -> None:
-    requests, _ = run_requests([b"GET /1 HTTP/1.1\r\n\r\nGET /2 HT", b"TP/1.1\r\n\r\n", b"GET /3 HTTP/1.1\r\n\r\n"])
+    requests, _ = run_requests(
+        [b"GET /1 HTTP/1.1\r\n\r\nGET /2 HT", b"TP/1.1\r\n\r\n", b"GET /3 HTTP/1.1\r\n\r\n"]
+    )
     assert [(r[1], r[3]) for r in requests] == [("/1", 0), ("/2", 0), ("/3", 2)]
 
 
@@ -212,50 +281,152 @@ def test_truncated_chunk_data_is_fine() -> None:
 # -- responses ------------------------------------------------------------------------------
 
 RESPONSE_CASES: list[tuple[str, bytes, list[str], bool, list[tuple[str, int, int]], dict[str, int]]] = [
-    ("content-length", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", ["GET"], False,
-     [("done", 200, 5)], {}),
-    ("no reason phrase", b"HTTP/1.1 404\r\nContent-Length: 0\r\n\r\n", ["GET"], False, [("done", 404, 0)], {}),
-    ("head has no body", b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx",
-     ["HEAD", "GET"], False, [("done", 200, 0), ("done", 200, 1)], {}),
-    ("204 and 304 have no body",
-     b"HTTP/1.1 204 No Content\r\nContent-Length: 9\r\n\r\nHTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
-     ["GET", "GET"], False, [("done", 204, 0), ("done", 304, 0)], {}),
-    ("100 continue is interim", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok",
-     ["POST"], False, [("done", 201, 2)], {}),
-    ("103 early hints is interim",
-     b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
-     ["GET"], False, [("done", 200, 0)], {}),
-    ("101 ends http", b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x05hello",
-     ["GET"], False, [("done", 101, 0), ("upgrade", 0, 0)], {}),
-    ("connect 200 ends http", b"HTTP/1.1 200 Connection established\r\n\r\n\x16\x03\x01garbage",
-     ["CONNECT"], False, [("done", 200, 0), ("upgrade", 0, 0)], {}),
-    ("connect refused stays http", b"HTTP/1.1 407 Proxy Auth\r\nContent-Length: 0\r\n\r\n",
-     ["CONNECT"], False, [("done", 407, 0)], {}),
-    ("chunked with trailers",
-     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nwiki\r\n5;x=y\r\npedia\r\n0\r\nT: v\r\nU: w\r\n\r\n",
-     ["GET"], False, [("done", 200, 9)], {}),
-    ("close-delimited ends at finish", b"HTTP/1.0 200 OK\r\nServer: x\r\n\r\nall of this", ["GET"], True,
-     [("done", 200, 11)], {}),
-    ("unknown transfer coding is close-delimited",
-     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nabc", ["GET"], True, [("done", 200, 3)], {}),
-    ("unmatched response still framed", b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nxHTTP/1.1 500 E\r\n\r\n",
-     [], True, [("done", 200, 1), ("done", 500, 0)], {}),
+    (
+        "content-length",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+        ["GET"],
+        False,
+        [("done", 200, 5)],
+        {},
+    ),
+    (
+        "no reason phrase",
+        b"HTTP/1.1 404\r\nContent-Length: 0\r\n\r\n",
+        ["GET"],
+        False,
+        [("done", 404, 0)],
+        {},
+    ),
+    (
+        "head has no body",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx",
+        ["HEAD", "GET"],
+        False,
+        [("done", 200, 0), ("done", 200, 1)],
+        {},
+    ),
+    (
+        "204 and 304 have no body",
+        b"HTTP/1.1 204 No Content\r\nContent-Length: 9\r\n\r\n"
+        b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+        ["GET", "GET"],
+        False,
+        [("done", 204, 0), ("done", 304, 0)],
+        {},
+    ),
+    (
+        "100 continue is interim",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok",
+        ["POST"],
+        False,
+        [("done", 201, 2)],
+        {},
+    ),
+    (
+        "103 early hints is interim",
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        ["GET"],
+        False,
+        [("done", 200, 0)],
+        {},
+    ),
+    (
+        "101 ends http",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x05hello",
+        ["GET"],
+        False,
+        [("done", 101, 0), ("upgrade", 0, 0)],
+        {},
+    ),
+    (
+        "connect 200 ends http",
+        b"HTTP/1.1 200 Connection established\r\n\r\n\x16\x03\x01garbage",
+        ["CONNECT"],
+        False,
+        [("done", 200, 0), ("upgrade", 0, 0)],
+        {},
+    ),
+    (
+        "connect refused stays http",
+        b"HTTP/1.1 407 Proxy Auth\r\nContent-Length: 0\r\n\r\n",
+        ["CONNECT"],
+        False,
+        [("done", 407, 0)],
+        {},
+    ),
+    (
+        "chunked with trailers",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"4\r\nwiki\r\n5;x=y\r\npedia\r\n0\r\nT: v\r\nU: w\r\n\r\n",
+        ["GET"],
+        False,
+        [("done", 200, 9)],
+        {},
+    ),
+    (
+        "close-delimited ends at finish",
+        b"HTTP/1.0 200 OK\r\nServer: x\r\n\r\nall of this",
+        ["GET"],
+        True,
+        [("done", 200, 11)],
+        {},
+    ),
+    (
+        "unknown transfer coding is close-delimited",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+        ["GET"],
+        True,
+        [("done", 200, 3)],
+        {},
+    ),
+    (
+        "unmatched response still framed",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nxHTTP/1.1 500 E\r\n\r\n",
+        [],
+        True,
+        [("done", 200, 1), ("done", 500, 0)],
+        {},
+    ),
     ("bad status line", b"HTTP/1.1 2x0 OK\r\n\r\n", ["GET"], False, [("lost", 0, 0)], {"bad_status_line": 1}),
     ("not http", b"SSH-2.0-OpenSSH_9.0\r\n", ["GET"], False, [("lost", 0, 0)], {"not_http": 1}),
-    ("conflicting content-length", b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
-     ["GET"], False, [("lost", 0, 0)], {"bad_content_length": 1}),
-    ("resync to next status line",
-     b"garbage\r\nmore\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", ["GET"], False,
-     [("lost", 0, 0), ("done", 200, 2)], {"not_http": 1}),
-    ("aborted body reported lost", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", ["GET"], True,
-     [("lost", 0, 0)], {}),
+    (
+        "conflicting content-length",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        ["GET"],
+        False,
+        [("lost", 0, 0)],
+        {"bad_content_length": 1},
+    ),
+    (
+        "resync to next status line",
+        b"garbage\r\nmore\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        ["GET"],
+        False,
+        [("lost", 0, 0), ("done", 200, 2)],
+        {"not_http": 1},
+    ),
+    (
+        "aborted body reported lost",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
+        ["GET"],
+        True,
+        [("lost", 0, 0)],
+        {},
+    ),
 ]
 
 
-@pytest.mark.parametrize(("stream", "methods", "finish", "expected", "errors"),
-                         [case[1:] for case in RESPONSE_CASES], ids=[case[0] for case in RESPONSE_CASES])
+@pytest.mark.parametrize(
+    ("stream", "methods", "finish", "expected", "errors"),
+    [case[1:] for case in RESPONSE_CASES],
+    ids=[case[0] for case in RESPONSE_CASES],
+)
 def test_responses_whatever_the_cuts(
-    stream: bytes, methods: list[str], finish: bool, expected: list[tuple[str, int, int]], errors: dict[str, int]
+    stream: bytes,
+    methods: list[str],
+    finish: bool,
+    expected: list[tuple[str, int, int]],
+    errors: dict[str, int],
 ) -> None:
     for pieces in splits(stream):
         events, counted = run_responses(pieces, methods, finish)
@@ -307,8 +478,9 @@ def test_normalise_target(raw: str, path: str) -> None:
     assert normalise_target(raw) == path
 
 
-@pytest.mark.parametrize(("token", "label"), [("GET", "GET"), ("PATCH", "PATCH"), ("get", "_OTHER"),
-                                              ("PURGE", "_OTHER")])
+@pytest.mark.parametrize(
+    ("token", "label"), [("GET", "GET"), ("PATCH", "PATCH"), ("get", "_OTHER"), ("PURGE", "_OTHER")]
+)
 def test_method_label(token: str, label: str) -> None:
     assert method_label(token) == label
 
@@ -316,6 +488,14 @@ def test_method_label(token: str, label: str) -> None:
 def test_reasons_and_methods_are_the_documented_ones() -> None:
     assert len(KNOWN_METHODS) == 9
     assert set(PARSE_ERROR_REASONS) == {
-        "bad_request_line", "bad_status_line", "bad_header", "header_too_large", "bad_chunk",
-        "bad_content_length", "truncated", "gap", "buffer_overflow", "not_http",
+        "bad_request_line",
+        "bad_status_line",
+        "bad_header",
+        "header_too_large",
+        "bad_chunk",
+        "bad_content_length",
+        "truncated",
+        "gap",
+        "buffer_overflow",
+        "not_http",
     }
