@@ -39,11 +39,18 @@ SCENARIOS = ("red", "size", "rate", "conns", "soak")
 DEFAULT_DURATION = {"red": 20.0, "size": 10.0, "rate": 20.0, "conns": 20.0, "soak": 600.0}
 DEFAULT_CONFIGS = {"red": CONFIGS, "size": ("baseline", "exporter"), "rate": ("exporter",),
                    "conns": ("baseline", "exporter"), "soak": ("exporter",)}
+NOTE = """\
+Requests are lines in nginx's access log; completeness is requests counted by the capture ÷ those.
+Capture CPU is utime+stime of the seed or exporter process from wrk's start until it is idle after
+the load, ÷ requests (the BPF filter runs in softirq and is charged to nginx and wrk instead).
+Peak RSS is VmHWM, which includes BCC compiling the filter with clang at start; RSS at end is VmRSS
+after the load. Other load is CPU used during the load by processes outside the run, in cores: above
+~0.1, something else shared the 2 cores and the run is noisy. Medians are column-wise."""
 SOAK_SAMPLE_S = 10.0
 SOAK_CLOSE_EVERY = 100
 CONNS = 10_000
 NUMERIC = ("rps", "ratio", "completeness", "drops", "cpu_us", "rss_mb", "rss_end_mb", "nginx_cpu_us",
-           "logged", "counted",
+           "other_cores", "logged", "counted",
            "socket_errors", "wrk_latency_s", "capture_latency_s")
 
 COL_CONFIG = Column("config", "config", align="left")
@@ -58,6 +65,7 @@ COL_CPU = Column("capture CPU µs/req", "cpu_us", fmt_us)
 COL_RSS = Column("peak RSS MB", "rss_mb", lambda v: fmt(v))
 COL_RSS_END = Column("RSS MB at end", "rss_end_mb", lambda v: fmt(v))
 COL_NGINX = Column("nginx CPU µs/req", "nginx_cpu_us", fmt_us)
+COL_OTHER = Column("other load (cores)", "other_cores", lambda v: fmt_us(v) if v is None else f"{v:.2f}")
 COL_ERRORS = Column("wrk socket errors", "socket_errors", fmt_int)
 COL_WRK_LAT = Column("wrk mean latency", "wrk_latency_s", fmt_ms)
 COL_CAP_LAT = Column("exporter mean duration", "capture_latency_s", fmt_ms)
@@ -200,12 +208,14 @@ def main(scenario: str, duration: float | None, connections: int, threads: int, 
 def _run_scenario(bench: Bench, scenario: str, chosen: Sequence[str], duration: float, connections: int,
                   threads: int, rates: str) -> list[Table]:
     main_columns = [COL_CONFIG, COL_RPS, COL_RATIO, COL_COMPLETE, COL_DROPS, COL_CPU, COL_RSS, COL_RSS_END,
-                    COL_NGINX]
+                    COL_NGINX, COL_OTHER]
     if scenario == "red":
-        load = Load(duration, connections, threads, label="ok")
+        load = Load(duration, connections, threads)
         rows = bench.interleaved([(c, load) for c in chosen])
-        return _tables(f"nginx `return 200 \"ok\"` on lo, wrk -t{threads} -c{connections} -d{duration:g}s",
-                       rows, main_columns, bench.repeat)
+        tables = _tables(f"nginx `return 200 \"ok\"` on lo, wrk -t{threads} -c{connections} -d{duration:g}s",
+                         rows, main_columns, bench.repeat)
+        tables[-1].note = NOTE
+        return tables
     if scenario == "size":
         plan = [(c, Load(duration, connections, threads, path=path, label=size))
                 for size, path in BODY_PATHS.items() for c in chosen]
@@ -289,6 +299,8 @@ def _terminate(signum: int, frame: Any) -> None:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
+    # A shell's background job starts with SIGINT ignored; the bench must still stop on it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
     try:

@@ -92,6 +92,12 @@ class Nginx:
         www.mkdir(exist_ok=True)
         for name, size in _BODY_FILES.items():
             (www / name).write_bytes(b"x" * size)
+            (www / name).chmod(0o644)
+        # nginx's worker runs as an unprivileged user: it must be able to walk to the files.
+        for directory in (www, *www.parents):
+            if directory == Path("/tmp") or directory == directory.parent:
+                break
+            directory.chmod(directory.stat().st_mode | 0o055)
         conf = self.root / "nginx.conf"
         conf.write_text(render_config(self.root, self.port))
         self.child = self.children.start("nginx", [self.binary, "-p", str(self.root), "-c", str(conf)])

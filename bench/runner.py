@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from bench.nginx import Nginx
 from bench.procs import BenchError, Child, Children, wait_until
-from bench.scrape import Scrape, fetch_scrape, read_proc
+from bench.scrape import CLK_TCK, Scrape, fetch_scrape, read_proc
 from bench.wrk import WrkResult, parse_wrk
 
 __all__ = ["CONFIGS", "REPO", "Load", "RunResult", "Runner"]
@@ -66,6 +67,7 @@ class RunResult:
     hwm_mb: float | None = None
     rss_end_mb: float | None = None
     nginx_cpu_s: float | None = None
+    other_cores: float | None = None  # CPU used by processes outside this run, in cores, during the load
     capture_latency_mean_s: float | None = None
     rss_samples: list[tuple[float, float]] = field(default_factory=list)  # (seconds into load, MB)
     error: str = ""
@@ -86,6 +88,7 @@ class RunResult:
             "rss_mb": self.hwm_mb,
             "rss_end_mb": self.rss_end_mb,
             "nginx_cpu_us": per_request(self.nginx_cpu_s),
+            "other_cores": self.other_cores,
             "logged": self.logged,
             "counted": self.counted,
             "socket_errors": self.wrk.socket_errors if self.wrk else None,
@@ -174,7 +177,11 @@ class Runner:
             assert nginx.child is not None
             nginx_cpu0 = _process_tree_cpu(nginx.child.pid)
             cpu0 = read_proc(capture.pid).cpu_s if capture else 0.0
+            machine0, own0, t0 = _machine_busy_s(), _own_cpu_s(), time.monotonic()
             result.wrk, result.rss_samples = self._wrk(load, nginx, capture, rss_every_s)
+            ours = (_process_tree_cpu(nginx.child.pid) - nginx_cpu0 + _own_cpu_s() - own0
+                    + (read_proc(capture.pid).cpu_s - cpu0 if capture and capture.alive() else 0.0))
+            result.other_cores = max(0.0, _machine_busy_s() - machine0 - ours) / (time.monotonic() - t0)
             result.logged = nginx.count_requests()  # waits for nginx's log flush
             result.nginx_cpu_s = _process_tree_cpu(nginx.child.pid) - nginx_cpu0
             if capture is None:
@@ -239,9 +246,25 @@ class Runner:
             wrk = parse_wrk(text)
         except ValueError as exc:
             raise BenchError(f"{exc}: {text[-200:]!r}") from None
+        if wrk.non_2xx:
+            raise BenchError(f"nginx answered {wrk.non_2xx} non-2xx/3xx responses to {nginx.url(load.path)}")
         if rss_every_s and capture is not None:
             samples.append((time.monotonic() - start, read_proc(capture.pid).rss_mb))
         return wrk, samples
+
+
+def _machine_busy_s() -> float:
+    """Busy CPU seconds of the whole machine since boot (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as stat:
+        fields = [int(x) for x in stat.readline().split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / CLK_TCK
+
+
+def _own_cpu_s() -> float:
+    """CPU of the bench itself plus every child it has reaped (wrk, once it has exited)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
 
 
 def _read(path: Path) -> str:

@@ -214,7 +214,7 @@ def replay(capture_file: str, ports: tuple[int, ...], routes: tuple[str, ...],
 
     http = HttpMetrics(duration_buckets) if duration_buckets else HttpMetrics()
     pipeline = Pipeline(ports, RouteMapper(routes, max_routes_per_port=max_routes_per_port), http)
-    pipeline.feed(read_capture(capture_file))
+    pipeline.feed(read_capture(capture_file, ports))
     pipeline.flush()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ExporterCollector(http, [pipeline.self_samples]))

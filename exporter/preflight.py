@@ -33,10 +33,15 @@ def effective_capabilities(status_text: str | None = None) -> set[str]:
     return set()
 
 
+def has_capture_privileges(caps: set[str]) -> bool:
+    """Loading a socket filter needs CAP_BPF (CAP_SYS_ADMIN before 5.8); the packet socket CAP_NET_RAW."""
+    return "CAP_NET_RAW" in caps and bool(caps & {"CAP_BPF", "CAP_SYS_ADMIN"})
+
+
 def check_privileges() -> CheckResult:
     caps = effective_capabilities()
     needed = {"CAP_BPF", "CAP_NET_RAW"}
-    if needed <= caps or {"CAP_SYS_ADMIN", "CAP_NET_RAW"} <= caps:
+    if has_capture_privileges(caps):
         return CheckResult("privileges", True, f"effective capabilities: {', '.join(sorted(caps))}")
     missing = sorted(needed - caps)
     return CheckResult("privileges", False, f"missing {', '.join(missing)} (uid {os.geteuid()})",

@@ -100,11 +100,13 @@ def _panels(panels: list[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
 
 
 def load(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    board: dict[str, Any] = json.loads(Path(path).read_text(encoding="utf-8"))
+    return board
 
 
-def panel_queries(dashboard: Mapping[str, Any] | str | Path, values: Mapping[str, str] | None = None,
-                  **builtin_options: Any) -> list[PanelQuery]:
+def panel_queries(
+    dashboard: Mapping[str, Any] | str | Path, values: Mapping[str, str] | None = None, **builtin_options: Any
+) -> list[PanelQuery]:
     """Each target of each panel of one dashboard (a dict or a JSON file path)."""
     board = load(dashboard) if isinstance(dashboard, str | Path) else dashboard
     scope = {**builtins(**builtin_options), **variable_defaults(board), **(values or {})}
@@ -112,21 +114,27 @@ def panel_queries(dashboard: Mapping[str, Any] | str | Path, values: Mapping[str
     for panel in _panels(board.get("panels", [])):
         for item in panel.get("targets", []):
             raw = item.get("expr", "")
-            queries.append(PanelQuery(
-                dashboard=board.get("uid", "?"),
-                panel_id=panel.get("id", -1),
-                panel_title=panel.get("title", ""),
-                ref_id=item.get("refId", "?"),
-                raw=raw,
-                expr=substitute(raw, scope),
-                instant=bool(item.get("instant")),
-                may_be_empty="ALERTS{" in raw and "vector(0)" not in raw,
-            ))
+            queries.append(
+                PanelQuery(
+                    dashboard=board.get("uid", "?"),
+                    panel_id=panel.get("id", -1),
+                    panel_title=panel.get("title", ""),
+                    ref_id=item.get("refId", "?"),
+                    raw=raw,
+                    expr=substitute(raw, scope),
+                    instant=bool(item.get("instant")),
+                    may_be_empty="ALERTS{" in raw and "vector(0)" not in raw,
+                )
+            )
     return queries
 
 
-def all_dashboard_queries(directory: str | Path = DASHBOARDS_DIR, values: Mapping[str, str] | None = None,
-                          **builtin_options: Any) -> list[PanelQuery]:
+def all_dashboard_queries(
+    directory: str | Path = DASHBOARDS_DIR, values: Mapping[str, str] | None = None, **builtin_options: Any
+) -> list[PanelQuery]:
     """Every query of every dashboard JSON file in `directory`, sorted by file name."""
-    return [query for path in sorted(Path(directory).glob("*.json"))
-            for query in panel_queries(path, values, **builtin_options)]
+    return [
+        query
+        for path in sorted(Path(directory).glob("*.json"))
+        for query in panel_queries(path, values, **builtin_options)
+    ]

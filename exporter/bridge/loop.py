@@ -59,6 +59,7 @@ class PrometheusBridge:
         self.closed_until_s = max(start, closed or 0)
         self.skipped = 0
         self.query_failures = 0
+        self.last_error = ""
         self._retry_at = 0.0
         self._failures_in_a_row = 0
 
@@ -81,6 +82,7 @@ class PrometheusBridge:
                 batch = self._evaluate(to_s)
             except QueryError as exc:
                 self.query_failures += 1
+                self.last_error = str(exc)
                 self._failures_in_a_row += 1
                 delay = min(60.0, 2.0 ** min(self._failures_in_a_row, 6))
                 self._retry_at = now + delay

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.errors import CaptureError
+from exporter.preflight import effective_capabilities, has_capture_privileges
 
 __all__ = [
     "COUNTER_NAMES",
@@ -48,10 +49,6 @@ _CONFIG_NAMES: tuple[str, ...] = ("loopback", "snaplen", "link_header_len")
 # 65535 would clip the tail of the largest ones.
 DEFAULT_SNAPLEN = 262144
 
-_CAP_NET_RAW = 13
-_CAP_SYS_ADMIN = 21
-_CAP_BPF = 39
-
 
 def find_source() -> Path:
     """Path of http_filter.c: repo checkout (bpf/) first, then the installed package copy."""
@@ -62,24 +59,11 @@ def find_source() -> Path:
     raise CaptureError(f"BPF source http_filter.c not found next to {here.parents[1]}: reinstall the package")
 
 
-def _effective_caps() -> int:
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("CapEff:"):
-                    return int(line.split()[1], 16)
-    except OSError:
-        pass
-    return 0
-
-
 def require_privileges() -> None:
     """Raise a CaptureError naming the fix unless we may load BPF and open packet sockets."""
     if os.geteuid() == 0:
         return
-    caps = _effective_caps()
-    has_bpf = bool(caps & (1 << _CAP_BPF) or caps & (1 << _CAP_SYS_ADMIN))
-    if not (has_bpf and caps & (1 << _CAP_NET_RAW)):
+    if not has_capture_privileges(effective_capabilities()):
         raise CaptureError("BPF needs root or CAP_BPF+CAP_NET_RAW: run with sudo")
 
 

@@ -18,12 +18,19 @@ payload or FIN/RST), so replay and live feed the core the same stream.
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from pypacker import ppcap
+import pypacker.pypacker
+
+# pypacker logs a warning to its own stderr handler when the optional netifaces is
+# missing (replay never needs it). Its logger level is set by pypacker.pypacker, so
+# raise it after that import and before ppcap pulls in the module that warns.
+logging.getLogger("pypacker").setLevel(logging.ERROR)
+from pypacker import ppcap  # noqa: E402
 
 from exporter.capture.frames import SUPPORTED_LINKTYPES, decode_frame, wanted
 from exporter.core.model import Segment

@@ -26,7 +26,7 @@ from exporter.bridge.loop import PrometheusBridge
 from exporter.bridge.pusher import Pusher
 from exporter.bridge.settings import PushSettings, resolve_push_settings
 from exporter.bridge.spool import Spool, default_spool_dir
-from exporter.errors import ConfigError, ExporterError, PushError
+from exporter.errors import ConfigError, PushError, QueryError
 from exporter.slo.manifest import Objective, load_manifest, parse_duration
 from exporter.slo.promql import PrometheusClient, PromQLSource
 from exporter.slo.report import (
@@ -277,7 +277,11 @@ def report(
     if prometheus is not None and objectives is None:
         raise click.UsageError("--prometheus needs --slo FILE: the objectives to evaluate")
     console = Console(highlight=False)
+    if not console.is_terminal:
+        # Piped: rich would squeeze the table into 80 columns with ellipses; let it be as wide as it needs.
+        console = Console(highlight=False, width=max(console.width, 250))
 
+    source: PromQLSource | None = None
     if prometheus is not None:
         assert objectives is not None
         prom_objectives = objectives
@@ -294,10 +298,14 @@ def report(
             lines = lines_from_snapshot(fetch_snapshot(url, timeout_s=timeout), objectives)
             return render(lines, fmt, time.time())
 
-    if watch_:
-        watch(console, produce)
-    else:
-        print_report(console, produce())
+    try:
+        if watch_:
+            watch(console, produce)
+        else:
+            print_report(console, produce())
+    finally:
+        if source is not None:
+            source.client.close()
 
 
 @click.command()
@@ -366,34 +374,47 @@ def bridge(
     if settings is not None:
         pusher = Pusher(ReliablyClient(settings), Spool(spool_dir or default_spool_dir()))
     loop = PrometheusBridge(objectives, PromQLSource(client), pusher, interval_s=push_interval, grace_s=grace)
-    if once:
-        # Re-open the last closed interval, whatever an earlier run recorded.
-        loop.closed_until_s = int((time.time() - grace) // push_interval) * push_interval - push_interval
-        indicators = loop.tick()
-        if loop.query_failures:
-            raise ExporterError("Prometheus could not evaluate the last interval (see the warning above)")
-        if dry_run:
-            for indicator in indicators:
-                click.echo(json.dumps(indicator.body(), sort_keys=True))
-        elif pusher is not None:
-            stop = threading.Event()
-            pusher.pump(time.monotonic() + 30.0, stop)
-            if len(pusher.spool):
-                raise PushError(
-                    f"{len(pusher.spool)} indicators not delivered ({pusher.last_error}); "
-                    f"they stay spooled in {pusher.spool.directory}"
-                )
-        return
+    try:
+        if once:
+            _bridge_once(loop, push_interval, grace, dry_run)
+        elif dry_run:
+            _dry_run_loop(loop)
+        else:
+            log.info("bridging %d objectives from %s every %ds", len(objectives), prometheus, push_interval)
+            _bridge_forever(loop)
+    finally:
+        client.close()
+        if pusher is not None:
+            pusher.client.close()
+
+
+def _bridge_once(loop: PrometheusBridge, push_interval: int, grace: float, dry_run: bool) -> None:
+    # Re-open the last closed interval, whatever an earlier run recorded.
+    loop.closed_until_s = int((time.time() - grace) // push_interval) * push_interval - push_interval
+    indicators = loop.tick()
+    if loop.query_failures:
+        raise QueryError(f"the last interval could not be evaluated: {loop.last_error}")
     if dry_run:
-        _dry_run_loop(loop)
+        for indicator in indicators:
+            click.echo(json.dumps(indicator.body(), sort_keys=True))
         return
+    pusher = loop.pusher
+    if pusher is not None:
+        pusher.pump(time.monotonic() + 30.0, threading.Event())
+        if len(pusher.spool):
+            raise PushError(
+                f"{len(pusher.spool)} indicators not delivered ({pusher.last_error}); "
+                f"they stay spooled in {pusher.spool.directory}"
+            )
+
+
+def _bridge_forever(loop: PrometheusBridge) -> None:
     stop = threading.Event()
 
     def on_term(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
     previous = signal.signal(signal.SIGTERM, on_term)
-    log.info("bridging %d objectives from %s every %ds", len(objectives), prometheus, push_interval)
     try:
         loop.run(stop)
     except KeyboardInterrupt:

@@ -47,7 +47,7 @@ PORT_LABEL = "server_port"
 def le_spellings(bound: float) -> list[str]:
     """Every way a bucket bound may be written in `le`: ours (format_bound: `0.15`, `1.0`),
     Prometheus 2 / other clients (`1`), Go's shortest form (`1e-05`)."""
-    forms = [repr(float(bound))]
+    forms = [format_bound(bound)]
     if float(bound).is_integer():
         forms.append(str(int(bound)))
     go_form = f"{bound:g}"

@@ -167,7 +167,8 @@ def sli_error_expr(objective: Objective, window: str, job_selector: str = "") ->
         bad = "vector(0)"
     else:
         status = f"http_response_status_code=~{_promql_string(bad_regex)}"
-        bad = f"(sum(rate({HTTP_DURATION}_count{_selector(objective, job_selector, status)}[{window}])) or vector(0))"
+        errors = f"{HTTP_DURATION}_count{_selector(objective, job_selector, status)}"
+        bad = f"(sum(rate({errors}[{window}])) or vector(0))"
     return f"{bad} / ({total} > 0)"
 
 
@@ -185,54 +186,75 @@ def _group(objective: Objective, job_selector: str, runbook_url: str) -> dict[st
     rules: list[dict[str, Any]] = []
 
     for window in _windows(objective):
-        rules.append({
-            "record": f"slo:sli_error:ratio_rate{window}",
-            "expr": sli_error_expr(objective, window, job_selector),
-            "labels": dict(labels),
-        })
+        rules.append(
+            {
+                "record": f"slo:sli_error:ratio_rate{window}",
+                "expr": sli_error_expr(objective, window, job_selector),
+                "labels": dict(labels),
+            }
+        )
     for window in _windows(objective):
-        rules.append({
-            "record": f"slo:burn_rate:ratio_rate{window}",
-            "expr": f"slo:sli_error:ratio_rate{window}{match} / {_number(budget)}",
-            "labels": dict(labels),
-        })
-    rules.extend([
-        {"record": "slo:objective:ratio", "expr": f"vector({_number(objective.objective_ratio)})",
-         "labels": dict(period_labels)},
-        {"record": "slo:error_budget:ratio", "expr": f"vector({_number(budget)})", "labels": dict(period_labels)},
-        {"record": "slo:sli_error:ratio_period", "expr": f"slo:sli_error:ratio_rate{period}{match}",
-         "labels": dict(period_labels)},
-        {"record": "slo:error_budget_remaining:ratio",
-         "expr": f"1 - slo:sli_error:ratio_rate{period}{match} / {_number(budget)}",
-         "labels": dict(period_labels)},
-    ])
+        rules.append(
+            {
+                "record": f"slo:burn_rate:ratio_rate{window}",
+                "expr": f"slo:sli_error:ratio_rate{window}{match} / {_number(budget)}",
+                "labels": dict(labels),
+            }
+        )
+    rules.extend(
+        [
+            {
+                "record": "slo:objective:ratio",
+                "expr": f"vector({_number(objective.objective_ratio)})",
+                "labels": dict(period_labels),
+            },
+            {
+                "record": "slo:error_budget:ratio",
+                "expr": f"vector({_number(budget)})",
+                "labels": dict(period_labels),
+            },
+            {
+                "record": "slo:sli_error:ratio_period",
+                "expr": f"slo:sli_error:ratio_rate{period}{match}",
+                "labels": dict(period_labels),
+            },
+            {
+                "record": "slo:error_budget_remaining:ratio",
+                "expr": f"1 - slo:sli_error:ratio_rate{period}{match} / {_number(budget)}",
+                "labels": dict(period_labels),
+            },
+        ]
+    )
 
     for alert in BURN_RATE_ALERTS:
         factor = _number(burn_rate_factor(alert, objective.window_seconds))
-        rules.append({
-            "alert": ALERT_NAME,
-            "expr": (
-                f"slo:burn_rate:ratio_rate{alert.long_window}{match} > {factor}\n"
-                f"and\n"
-                f"slo:burn_rate:ratio_rate{alert.short_window}{match} > {factor}"
-            ),
-            "labels": {
-                "severity": alert.severity,
-                **labels,
-                "long_window": alert.long_window,
-                "short_window": alert.short_window,
-            },
-            "annotations": {
-                "summary": f"{objective.service}: {objective.name} is burning its error budget ({alert.severity})",
-                "description": (
-                    f"Objective {_number(objective.objective_percent)}% over {period}. "
-                    f"The burn rate over {alert.long_window} is {{{{ $value | printf \"%.2f\" }}}} "
-                    f"and over {alert.short_window} also above {factor} (a burn rate of 1 spends "
-                    f"exactly the budget in {period})."
+        rules.append(
+            {
+                "alert": ALERT_NAME,
+                "expr": (
+                    f"slo:burn_rate:ratio_rate{alert.long_window}{match} > {factor}\n"
+                    f"and\n"
+                    f"slo:burn_rate:ratio_rate{alert.short_window}{match} > {factor}"
                 ),
-                "runbook_url": runbook_url.replace("{slo}", objective.slug),
-            },
-        })
+                "labels": {
+                    "severity": alert.severity,
+                    **labels,
+                    "long_window": alert.long_window,
+                    "short_window": alert.short_window,
+                },
+                "annotations": {
+                    "summary": f"{objective.service}: {objective.name} is burning its error budget"
+                    f" ({alert.severity})",
+                    "description": (
+                        f"Objective {_number(objective.objective_percent)}% over {period}. "
+                        f'The burn rate over {alert.long_window} is {{{{ $value | printf "%.2f" }}}} '
+                        f"and over {alert.short_window} also above {factor} (a burn rate of 1 spends "
+                        f"exactly the budget in {period})."
+                    ),
+                    "runbook_url": runbook_url.replace("{slo}", objective.slug),
+                },
+            }
+        )
     return {"name": f"slo:{objective.slug}", "rules": rules}
 
 
@@ -262,8 +284,9 @@ def render_rules(
     objectives = list(objectives)
     if not objectives:
         raise ConfigError("no objectives to render rules for")
-    if job_selector and not re.fullmatch(r'\s*[A-Za-z_]\w*\s*(=|!=|=~|!~)\s*".*"\s*(,\s*[A-Za-z_]\w*\s*(=|!=|=~|!~)\s*".*"\s*)*',
-                                         job_selector):
+    if job_selector and not re.fullmatch(
+        r'\s*[A-Za-z_]\w*\s*(=|!=|=~|!~)\s*".*"\s*(,\s*[A-Za-z_]\w*\s*(=|!=|=~|!~)\s*".*"\s*)*', job_selector
+    ):
         raise ConfigError(f'job selector {job_selector!r} is not label matchers like job="ebpf-slo-exporter"')
     slugs = [o.slug for o in objectives]
     duplicates = sorted({s for s in slugs if slugs.count(s) > 1})
@@ -278,14 +301,33 @@ def render_rules(
 
 
 @click.command("rules")
-@click.option("--slo", "slo_file", required=True, type=click.Path(dir_okay=False),
-              envvar="EBPF_SLO_FILE", help="Reliably manifest (multi-document YAML of kind: Objective).")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Write the rule file here instead of standard output.")
-@click.option("--job-selector", default="", show_default=False,
-              help='Extra label matchers for the exporter\'s series, e.g. job="ebpf-slo-exporter".')
-@click.option("--runbook-url", default=DEFAULT_RUNBOOK_URL, show_default=True,
-              help="Runbook link put in each alert; {slo} becomes the objective's identifier.")
+@click.option(
+    "--slo",
+    "slo_file",
+    required=True,
+    type=click.Path(dir_okay=False),
+    envvar="EBPF_SLO_FILE",
+    help="Reliably manifest (multi-document YAML of kind: Objective).",
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Write the rule file here instead of standard output.",
+)
+@click.option(
+    "--job-selector",
+    default="",
+    show_default=False,
+    help='Extra label matchers for the exporter\'s series, e.g. job="ebpf-slo-exporter".',
+)
+@click.option(
+    "--runbook-url",
+    default=DEFAULT_RUNBOOK_URL,
+    show_default=True,
+    help="Runbook link put in each alert; {slo} becomes the objective's identifier.",
+)
 def rules_command(slo_file: str, output: str | None, job_selector: str, runbook_url: str) -> None:
     """Write Prometheus recording rules and burn-rate alerts for the objectives in --slo.
 

@@ -20,6 +20,7 @@ part of the traffic, a different value under the same id) and sends what was lef
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -31,7 +32,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from exporter.bridge.client import ReliablyClient
 from exporter.bridge.indicator import Indicator, rfc3339
 from exporter.bridge.pusher import Pusher
-from exporter.bridge.settings import PushSettings
+from exporter.bridge.settings import PushSettings, resolve_push_settings
 from exporter.bridge.spool import DEFAULT_MAX_ITEMS, Spool, default_spool_dir
 from exporter.core.model import Exchange
 from exporter.metrics import (
@@ -88,6 +89,24 @@ def objective_labels(objective: Objective) -> list[str]:
     return [objective.slug, objective.service, objective.category, format_duration(objective.window_seconds)]
 
 
+def push_settings_from(
+    url: str | None,
+    org: str | None = None,
+    token: str | None = None,
+    *,
+    config_path: Path | None = None,
+) -> PushSettings | None:
+    """For `run`: PushSettings from --reliably-url plus RELIABLY_ORG / RELIABLY_TOKEN / the
+    Reliably CLI config; None when pushing is off. ConfigError when on but incomplete."""
+    env = os.environ
+    return resolve_push_settings(
+        url,
+        org or env.get("RELIABLY_ORG") or None,
+        token or env.get("RELIABLY_TOKEN") or None,
+        config_path=config_path,
+    )
+
+
 class SloRuntime:
     def __init__(
         self,
@@ -111,6 +130,7 @@ class SloRuntime:
         self._clock = wall_clock
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._tick_lock = threading.Lock()
         self.evaluation_errors = 0
         self.evaluations = {"ok": 0, "no_data": 0, "error": 0}
         self.pusher: Pusher | None = None
@@ -146,11 +166,17 @@ class SloRuntime:
 
     # -- background thread ---------------------------------------------------------------
 
-    def tick(self) -> list[Closed]:
+    def tick(self, *, final: bool = False) -> list[Closed]:
         """Close every interval that is due and spool its indicators. The thread calls this;
-        tests call it directly with a fake clock."""
+        tests call it directly with a fake clock. `final` (at stop) closes intervals that
+        have ended without waiting for their grace: the pipeline was flushed before."""
+        with self._tick_lock:
+            return self._tick(final)
+
+    def _tick(self, final: bool) -> list[Closed]:
         closed: list[Closed] = []
-        for to_s in self.evaluator.due(self._clock()):
+        now = self._clock() + (self.evaluator.grace_s if final else 0.0)
+        for to_s in self.evaluator.due(now):
             try:
                 batch = self.evaluator.close(to_s)
             except Exception:  # a bug here must not stop the next intervals
@@ -214,7 +240,10 @@ class SloRuntime:
 
     def stop(self, timeout_s: float = 1.0) -> None:
         """Stop the loop. A push stuck on a hanging endpoint is abandoned (daemon thread);
-        its indicator stays in the spool and is sent by the next run."""
+        its indicator stays in the spool and is sent by the next run.
+
+        Intervals that ended but were still in their grace period are closed and spooled
+        now: the next run would not close them (the watermark), so they would be lost."""
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None:
@@ -223,6 +252,13 @@ class SloRuntime:
                 log.warning(
                     "SLO push thread still busy after %.1fs; unsent indicators stay spooled", timeout_s
                 )
+        if self._tick_lock.acquire(timeout=max(0.0, timeout_s / 2)):
+            try:
+                self._tick(final=True)
+            except Exception:
+                log.exception("closing the last intervals at stop failed")
+            finally:
+                self._tick_lock.release()
 
     # -- readers -------------------------------------------------------------------------
 

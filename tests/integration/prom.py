@@ -58,8 +58,15 @@ class ExpositionServer:
 
 
 class PrometheusServer:
-    def __init__(self, targets: list[str], *, scrape_interval: str = "1s", job: str = "ebpf-slo-exporter",
-                 binary: str = PROMETHEUS, ready_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        targets: list[str],
+        *,
+        scrape_interval: str = "1s",
+        job: str = "ebpf-slo-exporter",
+        binary: str = PROMETHEUS,
+        ready_timeout_s: float = 30.0,
+    ) -> None:
         self.targets = targets
         self.scrape_interval = scrape_interval
         self.job = job
@@ -85,11 +92,17 @@ class PrometheusServer:
         }
         (work / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.port = free_port()
-        self._log = open(work / "prometheus.log", "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(work / "prometheus.log", "wb")  # closed in stop()
         self._process = subprocess.Popen(
-            [self.binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-lifecycle"],
-            stdout=self._log, stderr=subprocess.STDOUT,
+            [
+                self.binary,
+                f"--config.file={work / 'prometheus.yml'}",
+                f"--storage.tsdb.path={work / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--web.enable-lifecycle",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
@@ -143,7 +156,9 @@ class PrometheusServer:
         result = self.query(expr, at)["result"]
         return float(result[0]["value"][1]) if result else None
 
-    def wait_for(self, expr: str, predicate: Callable[[float | None], bool], timeout_s: float = 30.0) -> float | None:
+    def wait_for(
+        self, expr: str, predicate: Callable[[float | None], bool], timeout_s: float = 30.0
+    ) -> float | None:
         deadline = time.monotonic() + timeout_s
         value = None
         while time.monotonic() < deadline:

@@ -1,11 +1,11 @@
 """A real local HTTP endpoint standing in for Reliably: records every request, fails on demand.
 
-    with Receiver() as rx:
-        rx.script(500, 500)          # the next two requests get 500, then 200 again
-        rx.script((429, {"Retry-After": "1"}))
-        rx.hang_next()               # the next request waits until released or stopped
-        rx.stop(); rx.start()        # unreachable in between, same port after
-        rx.requests                  # [Recorded(method, path, headers, body), ...]
+with Receiver() as rx:
+    rx.script(500, 500)          # the next two requests get 500, then 200 again
+    rx.script((429, {"Retry-After": "1"}))
+    rx.hang_next()               # the next request waits until released or stopped
+    rx.stop(); rx.start()        # unreachable in between, same port after
+    rx.requests                  # [Recorded(method, path, headers, body), ...]
 """
 
 from __future__ import annotations
@@ -43,11 +43,16 @@ class Receiver:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def script(self, *responses: int | tuple[int, dict[str, str]]) -> None:
+    def script(self, *responses: int | tuple[int, dict[str, str]] | tuple[int, dict[str, str], str]) -> None:
+        """Answers for the next requests: a status, (status, headers) or (status, headers, body)."""
         with self._lock:
             for response in responses:
-                status, headers = (response, {}) if isinstance(response, int) else response
-                self._script.append((status, headers, ""))
+                if isinstance(response, int):
+                    self._script.append((response, {}, ""))
+                elif len(response) == 2:
+                    self._script.append((response[0], response[1], ""))
+                else:
+                    self._script.append(response)
 
     def hang_next(self, count: int = 1) -> None:
         with self._lock:
@@ -113,7 +118,9 @@ class Receiver:
         server.daemon_threads = True
         self.port = server.server_address[1]
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._thread.start()
         return self
 

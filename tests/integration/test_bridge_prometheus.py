@@ -140,28 +140,40 @@ def world() -> Iterator[tuple[PrometheusServer, SloRuntime]]:
     ):
         prom.wait_for("up", lambda v: v == 1)
         # Enough history for a 10 s rate() window and a full embedded window.
-        prom.wait_for("count_over_time(http_server_request_duration_seconds_count[30s])",
-                      lambda v: v is not None and v >= 14)
+        prom.wait_for(
+            "count_over_time(http_server_request_duration_seconds_count[30s])",
+            lambda v: v is not None and v >= 14,
+        )
         yield prom, runtime
+
+
+@pytest.fixture
+def client(world: tuple[PrometheusServer, SloRuntime]) -> Iterator[PrometheusClient]:
+    with PrometheusClient(world[0].url) as prom_client:
+        yield prom_client
 
 
 def test_queries_as_built() -> None:
     good, total = queries(FAST)
-    assert good == ('sum(rate(http_server_request_duration_seconds_bucket{http_route="/",le=~"0\\\\.15"}[10s]))')
+    assert good == (
+        'sum(rate(http_server_request_duration_seconds_bucket{http_route="/",le=~"0\\\\.15"}[10s]))'
+    )
     assert total == 'sum(rate(http_server_request_duration_seconds_count{http_route="/"}[10s]))'
     good, _ = queries(AVAILABLE, "5m")
-    assert good == ('sum(rate(http_server_request_duration_seconds_count{http_route="/",'
-                    'http_response_status_code=~"[1234].."}[5m])) or vector(0)')
+    assert good == (
+        'sum(rate(http_server_request_duration_seconds_count{http_route="/",'
+        'http_response_status_code=~"[1234].."}[5m])) or vector(0)'
+    )
     assert le_regex(1.0) == "1\\.0|1"
     assert le_regex(0.15) == "0\\.15"
     assert queries(BY_PROMQL, "1h")[1] == "sum(rate(http_server_request_duration_seconds_count[1h]))"
 
 
 def test_promql_sli_matches_the_traffic_and_the_embedded_runtime(
-    world: tuple[PrometheusServer, SloRuntime],
+    world: tuple[PrometheusServer, SloRuntime], client: PrometheusClient
 ) -> None:
-    prom, runtime = world
-    source = PromQLSource(PrometheusClient(prom.url))
+    _, runtime = world
+    source = PromQLSource(client)
     at = time.time() - 1
     fast = source.evaluate(FAST, at)
     available = source.evaluate(AVAILABLE, at)
@@ -180,11 +192,8 @@ def test_promql_sli_matches_the_traffic_and_the_embedded_runtime(
     assert available.sli == pytest.approx(embedded_available.sli, rel=1e-9)
 
 
-def test_missing_good_series_is_zero_and_missing_total_is_no_data(
-    world: tuple[PrometheusServer, SloRuntime],
-) -> None:
-    prom, _ = world
-    source = PromQLSource(PrometheusClient(prom.url))
+def test_missing_good_series_is_zero_and_missing_total_is_no_data(client: PrometheusClient) -> None:
+    source = PromQLSource(client)
     at = time.time() - 1
     errors_good = source.evaluate(ERRORS_GOOD, at)
     assert errors_good.sli == pytest.approx(0.02, rel=1e-9)
@@ -195,34 +204,39 @@ def test_missing_good_series_is_zero_and_missing_total_is_no_data(
     assert source.outcomes == {"ok": 2, "no_data": 1, "error": 0}
 
 
-def test_latency_target_without_a_bucket_is_an_error(world: tuple[PrometheusServer, SloRuntime]) -> None:
-    prom, _ = world
+def test_latency_target_without_a_bucket_is_an_error(client: PrometheusClient) -> None:
     odd = parse_manifest(MANIFEST.replace("latency_target: 150ms", "latency_target: 200ms"))[0]
     with pytest.raises(QueryError, match=r"does the histogram have a bucket at le=0\.2\?"):
-        PromQLSource(PrometheusClient(prom.url)).evaluate(odd, time.time() - 1)
+        PromQLSource(client).evaluate(odd, time.time() - 1)
 
 
-def test_error_envelope_is_a_query_error_and_not_retried(world: tuple[PrometheusServer, SloRuntime]) -> None:
-    prom, _ = world
-    broken = parse_manifest(MANIFEST.replace("total: sum(rate(http_server_request_duration_seconds_count[{{window}}]))",
-                                             "total: sum(rate(nope[{{window}}])"))[4]
+def test_error_envelope_is_a_query_error_and_not_retried(client: PrometheusClient) -> None:
+    broken = parse_manifest(
+        MANIFEST.replace(
+            "total: sum(rate(http_server_request_duration_seconds_count[{{window}}]))",
+            "total: sum(rate(nope[{{window}}])",
+        )
+    )[4]
     sleeps: list[float] = []
-    source = PromQLSource(PrometheusClient(prom.url), sleep=sleeps.append)
-    with pytest.raises(QueryError, match=r"^Prometheus rejected the query \(bad_data\): .*query: sum\(rate\(nope"):
+    source = PromQLSource(client, sleep=sleeps.append)
+    with pytest.raises(
+        QueryError, match=r"^Prometheus rejected the query \(bad_data\): .*query: sum\(rate\(nope"
+    ):
         source.evaluate(broken, time.time())
     assert sleeps == []
     assert source.outcomes["error"] == 1
-    two_series = PrometheusClient(prom.url)
     with pytest.raises(QueryError, match="expected one"):
-        two_series.query('count by (http_response_status_code) (http_server_request_duration_seconds_count)')
+        client.query("count by (http_response_status_code) (http_server_request_duration_seconds_count)")
 
 
 def test_unreachable_prometheus_is_retried_counted_and_raised() -> None:
     sleeps: list[float] = []
-    source = PromQLSource(PrometheusClient(f"http://127.0.0.1:{free_port()}", timeout_s=1), attempts=3,
-                          sleep=sleeps.append)
-    with pytest.raises(QueryError, match=r"^cannot reach Prometheus at http://127\.0\.0\.1:\d+: ConnectError"):
-        source.evaluate(FAST, time.time())
+    with PrometheusClient(f"http://127.0.0.1:{free_port()}", timeout_s=1) as client:
+        source = PromQLSource(client, attempts=3, sleep=sleeps.append)
+        with pytest.raises(
+            QueryError, match=r"^cannot reach Prometheus at http://127\.0\.0\.1:\d+: ConnectError"
+        ):
+            source.evaluate(FAST, time.time())
     assert sleeps == [0.5, 1.0]
     samples = {(s.name, s.labels): s.value for s in source.self_samples()}
     assert samples[("slo_query_retries_total", ())] == 2
@@ -230,9 +244,8 @@ def test_unreachable_prometheus_is_retried_counted_and_raised() -> None:
 
 
 def test_hanging_prometheus_times_out() -> None:
-    with Receiver() as rx:
+    with Receiver() as rx, PrometheusClient(rx.url, timeout_s=0.3) as client:
         rx.hang_next()
-        client = PrometheusClient(rx.url, timeout_s=0.3)
         started = time.monotonic()
         with pytest.raises(QueryError, match=r"did not answer within 0\.3s"):
             client.query("up")
@@ -240,12 +253,26 @@ def test_hanging_prometheus_times_out() -> None:
         rx.release()
 
 
-def test_report_command_through_prometheus(world: tuple[PrometheusServer, SloRuntime], tmp_path: Path) -> None:
+def test_report_command_through_prometheus(
+    world: tuple[PrometheusServer, SloRuntime], tmp_path: Path
+) -> None:
     prom, _ = world
     manifest = tmp_path / "slo.yaml"
     manifest.write_text(MANIFEST)
-    result = CliRunner().invoke(slo, ["report", "--prometheus", prom.url, "--slo", str(manifest),
-                                      "--format", "json", "--trend-step", "1s"])
+    result = CliRunner().invoke(
+        slo,
+        [
+            "report",
+            "--prometheus",
+            prom.url,
+            "--slo",
+            str(manifest),
+            "--format",
+            "json",
+            "--trend-step",
+            "1s",
+        ],
+    )
     assert result.exit_code == 0, result.output
     document = json.loads(result.output)
     levels = {level["name"]: level for level in document["services"][0]["service_levels"]}
@@ -256,27 +283,42 @@ def test_report_command_through_prometheus(world: tuple[PrometheusServer, SloRun
     assert levels["fast"]["period"] == "10s"
 
 
-def test_bridge_once_pushes_the_last_interval(world: tuple[PrometheusServer, SloRuntime], tmp_path: Path) -> None:
+def test_bridge_once_pushes_the_last_interval(
+    world: tuple[PrometheusServer, SloRuntime], tmp_path: Path
+) -> None:
     prom, _ = world
     manifest = tmp_path / "slo.yaml"
     manifest.write_text(MANIFEST)
     with Receiver() as rx:
         result = CliRunner().invoke(
             bridge,
-            ["--slo", str(manifest), "--prometheus", prom.url, "--reliably-url", rx.url, "--push-interval", "5s",
-             "--grace", "1s", "--spool-dir", str(tmp_path / "spool"), "--once"],
+            [
+                "--slo",
+                str(manifest),
+                "--prometheus",
+                prom.url,
+                "--reliably-url",
+                rx.url,
+                "--push-interval",
+                "5s",
+                "--grace",
+                "1s",
+                "--spool-dir",
+                str(tmp_path / "spool"),
+                "--once",
+            ],
             env={"RELIABLY_TOKEN": "t0k3n", "RELIABLY_ORG": "org", "RELIABLY_CONFIG": str(tmp_path / "none")},
         )
         assert result.exit_code == 0, result.output
-        by_name = {}
+        specs = []
         for request in rx.requests:
             assert request.path == "/entities/org/reliably.com/v1/indicator"
-            by_name[json.dumps(request.body["metadata"]["labels"], sort_keys=True)] = request.body["spec"]
+            assert request.body["metadata"]["labels"]["to"] == request.body["spec"]["to"]
+            specs.append(request.body["spec"])
     # fast, available, errors-as-good, by-promql; "never called" had no traffic and sends nothing.
-    assert len(by_name) == 4
-    percents = sorted(round(spec["percent"], 6) for spec in by_name.values())
-    assert percents == [2.0, 98.0, 99.0, 99.0]
-    spec = next(iter(by_name.values()))
+    assert sorted(round(spec["percent"], 6) for spec in specs) == [2.0, 98.0, 99.0, 99.0]
+    assert len({(spec["from"], spec["to"]) for spec in specs}) == 1
+    spec = specs[0]
     assert calendar.timegm(time.strptime(spec["to"], "%Y-%m-%dT%H:%M:%SZ")) % 5 == 0
 
 
@@ -284,9 +326,26 @@ def test_bridge_dry_run_prints_indicators(world: tuple[PrometheusServer, SloRunt
     prom, _ = world
     manifest = tmp_path / "slo.yaml"
     manifest.write_text(MANIFEST)
-    result = CliRunner().invoke(bridge, ["--slo", str(manifest), "--prometheus", prom.url, "--dry-run", "--once",
-                                         "--push-interval", "5s", "--grace", "1s"])
+    result = CliRunner().invoke(
+        bridge,
+        [
+            "--slo",
+            str(manifest),
+            "--prometheus",
+            prom.url,
+            "--dry-run",
+            "--once",
+            "--push-interval",
+            "5s",
+            "--grace",
+            "1s",
+        ],
+    )
     assert result.exit_code == 0, result.output
     bodies = [json.loads(line) for line in result.output.splitlines()]
     assert sorted(b["metadata"]["labels"]["category"] for b in bodies) == [
-        "availability", "availability", "custom", "latency"]
+        "availability",
+        "availability",
+        "custom",
+        "latency",
+    ]

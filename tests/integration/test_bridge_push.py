@@ -64,8 +64,9 @@ def traffic(runtime: SloRuntime, clock: Clock, start: float, n: int, slow: int =
     """n exchanges spread over [start, start + 9); the first `slow` are slow, the next `errors` fail."""
     for i in range(n):
         clock.now = start + i * 9 / n
-        runtime.observe(ex(clock.now, ms=300 if i < slow else 5, status=500 if slow <= i < slow + errors else 200),
-                        "/")
+        runtime.observe(
+            ex(clock.now, ms=300 if i < slow else 5, status=500 if slow <= i < slow + errors else 200), "/"
+        )
 
 
 def test_exact_bodies_and_headers(receiver: Receiver, tmp_path: Path) -> None:
@@ -80,13 +81,27 @@ def test_exact_bodies_and_headers(receiver: Receiver, tmp_path: Path) -> None:
     assert latency.headers["Authorization"] == f"Bearer {TOKEN}"
     assert latency.headers["Content-Type"] == "application/json"
     assert latency.body == {
-        "metadata": {"labels": {"category": "latency", "latency_target": "150ms", "path": "/", "percentile": "100",
-                                "from": "2021-06-01T12:00:00Z", "to": "2021-06-01T12:00:10Z"}},
+        "metadata": {
+            "labels": {
+                "category": "latency",
+                "latency_target": "150ms",
+                "path": "/",
+                "percentile": "100",
+                "from": "2021-06-01T12:00:00Z",
+                "to": "2021-06-01T12:00:10Z",
+            }
+        },
         "spec": {"from": "2021-06-01T12:00:00Z", "to": "2021-06-01T12:00:10Z", "percent": 98.5},
     }
     assert availability.body == {
-        "metadata": {"labels": {"category": "availability", "path": "/",
-                                "from": "2021-06-01T12:00:00Z", "to": "2021-06-01T12:00:10Z"}},
+        "metadata": {
+            "labels": {
+                "category": "availability",
+                "path": "/",
+                "from": "2021-06-01T12:00:00Z",
+                "to": "2021-06-01T12:00:10Z",
+            }
+        },
         "spec": {"from": "2021-06-01T12:00:00Z", "to": "2021-06-01T12:00:10Z", "percent": 99.5},
     }
     # The next interval had no traffic: nothing is sent for it (never a 0%).
@@ -119,7 +134,9 @@ def test_server_errors_are_retried_until_accepted(receiver: Receiver, tmp_path: 
     assert samples[("slo_spool_indicators", ())] == 0
 
 
-def test_client_errors_are_not_retried(receiver: Receiver, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_client_errors_are_not_retried(
+    receiver: Receiver, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     receiver.script(400)
     clock = Clock(T0 + 0.5)
     runtime = runtime_for(receiver.url, tmp_path, clock)
@@ -166,7 +183,8 @@ def test_unreachable_then_recovered_loses_nothing(tmp_path: Path) -> None:
         load_stopped = time.time()
         deadline = time.monotonic() + 6
         while time.monotonic() < deadline and (
-            runtime.evaluator.closed_until_s < int(load_stopped) or (runtime.pusher and len(runtime.pusher.spool))
+            runtime.evaluator.closed_until_s < int(load_stopped)
+            or (runtime.pusher and len(runtime.pusher.spool))
         ):
             time.sleep(0.05)
     finally:
@@ -180,8 +198,11 @@ def test_unreachable_then_recovered_loses_nothing(tmp_path: Path) -> None:
         key = (request.body["metadata"]["labels"]["category"], request.body["spec"]["to"])
         bodies.setdefault(key, set()).add(repr(request.body))
     # Every interval with traffic arrived, and a resend (if any) carried the same value.
-    wanted = {(c, rfc3339(to)) for to in range(int(load_started) + 1, int(load_stopped) + 1)
-              for c in ("latency", "availability")}
+    wanted = {
+        (c, rfc3339(to))
+        for to in range(int(load_started) + 1, int(load_stopped) + 1)
+        for c in ("latency", "availability")
+    }
     assert wanted <= set(bodies)
     assert all(len(v) == 1 for v in bodies.values())
     assert len(second.requests) >= 6  # the backlog from the outage went to the second receiver
@@ -207,7 +228,9 @@ def test_outage_delivery_is_complete_and_ordered(tmp_path: Path) -> None:
     drain(runtime, 3.0)
     delivered += [r.body["spec"]["to"] for r in receiver.requests]
     receiver.stop()
-    expected = [f"2021-06-01T12:00:{10 * (k + 1):02d}Z" if k < 5 else "2021-06-01T12:01:00Z" for k in range(6)]
+    expected = [
+        f"2021-06-01T12:00:{10 * (k + 1):02d}Z" if k < 5 else "2021-06-01T12:01:00Z" for k in range(6)
+    ]
     assert delivered == [to for to in expected for _ in range(2)]
 
 
@@ -232,8 +255,10 @@ def test_restart_delivers_spooled_indicators_exactly_once(tmp_path: Path) -> Non
         drain(second)
         rx.wait_for(4)
         time.sleep(0.2)
-        assert [(r.body["metadata"]["labels"]["category"], r.body["spec"]["to"], r.body["spec"]["percent"])
-                for r in rx.requests] == [
+        assert [
+            (r.body["metadata"]["labels"]["category"], r.body["spec"]["to"], r.body["spec"]["percent"])
+            for r in rx.requests
+        ] == [
             ("latency", "2021-06-01T12:00:10Z", 100.0),
             ("availability", "2021-06-01T12:00:10Z", 95.0),
             ("latency", "2021-06-01T12:00:20Z", 100.0),
@@ -280,3 +305,17 @@ def test_token_never_leaks(receiver: Receiver, tmp_path: Path, caplog: pytest.Lo
     assert TOKEN not in str(runtime.snapshot())
     assert all(TOKEN not in str(s) for s in runtime.self_samples())
     assert runtime.snapshot()["push"]["last_error"].startswith(f"PUT {receiver.url}{PATH} answered 401")
+
+
+def test_stop_closes_the_interval_still_in_its_grace_period(receiver: Receiver, tmp_path: Path) -> None:
+    clock = Clock(T0 + 0.5)
+    runtime = runtime_for(receiver.url, tmp_path, clock)
+    traffic(runtime, clock, T0 + 0.5, 10)
+    clock.now = T0 + 11  # [T0, T0+10) has ended; its grace runs until T0+12
+    assert runtime.tick() == []
+    runtime.stop()
+    assert runtime.pusher is not None and len(runtime.pusher.spool) == 2
+    restarted = runtime_for(receiver.url, tmp_path, clock)
+    assert restarted.evaluator.closed_until_s == T0 + 10
+    drain(restarted)
+    assert [r.body["spec"]["to"] for r in receiver.wait_for(2)] == ["2021-06-01T12:00:10Z"] * 2

@@ -205,9 +205,12 @@ def test_every_payload_byte_once_and_only_watched(
     after = caps.ring.filter_counters()
     delta = {k: after[k] - before[k] for k in after}
     drops = sum(v for k, v in delta.items() if k.startswith("dropped_"))
-    # Other processes may use lo meanwhile, and the counters are read one slot at a
-    # time, so only "every outcome was seen" is exact here; kept is ours alone.
-    assert delta["seen"] >= delta["kept"] + drops, delta
+    # Other processes may use lo meanwhile and the counters are read one slot at a
+    # time, so "every packet has one outcome" is checked within each snapshot (seen
+    # is read last), not across two; kept is exact because the ports are ours alone.
+    for snap in (before, after):
+        assert snap["seen"] >= snap["kept"] + sum(v for k, v in snap.items() if k.startswith("dropped_"))
+    assert drops > 0
     assert delta["kept"] == 2 * len(segs)  # two sockets share the filter: it runs once per socket
     for reason in ("dropped_loopback_dup", "dropped_port", "dropped_no_payload"):
         assert delta[reason] > 0, reason
@@ -311,13 +314,13 @@ def test_body_skip_truncates_but_keeps_length(bpf_filter: HttpFilter, host: str)
     down = [s for s in segs if s.src_port == server[1] and s.payload_len and s.seq != head.seq]
     # Payload ending at or before seq_end, in 32-bit sequence space (as the kernel compares).
     body = [s for s in down if ((seq_end - s.seq - s.payload_len) & 0xFFFFFFFF) < 1 << 31]
-    # A 2 MB burst on lo can overrun the client's receive buffer, and TCP then really
-    # retransmits: count each sequence range once, and require the ranges to tile the body.
-    unique = sorted({(s.seq - head.seq) & 0xFFFFFFFF: s for s in body}.items())
+    # A 2 MB burst on a busy lo can make TCP really retransmit, possibly re-cut: the
+    # union of the captured sequence ranges must tile the body exactly.
+    ranges = sorted(((s.seq - head.seq) & 0xFFFFFFFF, s.payload_len) for s in body)
     pos = head.payload_len
-    for rel, s in unique:
-        assert rel == pos, "body ranges do not tile"
-        pos += s.payload_len
+    for rel, length in ranges:
+        assert rel <= pos, f"body bytes {pos}..{rel} never captured"
+        pos = max(pos, rel + length)
     assert pos == head.payload_len + SkipServer.BODY
     rest = [s for s in down if s not in body]
     assert head.payload.startswith(b"HTTP/1.1 200 OK") and len(head.payload) == head.payload_len

@@ -53,8 +53,9 @@ class PrometheusServer:
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
             "rule_files": ["slo.rules.yml"],
-            "scrape_configs": [{"job_name": "ebpf-slo-exporter",
-                                "static_configs": [{"targets": scrape_targets}]}],
+            "scrape_configs": [
+                {"job_name": "ebpf-slo-exporter", "static_configs": [{"targets": scrape_targets}]}
+            ],
         }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -68,9 +69,14 @@ class PrometheusServer:
         assert PROMETHEUS is not None
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
-                [PROMETHEUS, f"--config.file={self.workdir / 'prometheus.yml'}",
-                 f"--storage.tsdb.path={self.workdir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}"],
-                stdout=log, stderr=subprocess.STDOUT,
+                [
+                    PROMETHEUS,
+                    f"--config.file={self.workdir / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={self.workdir / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -110,7 +116,7 @@ class _Service(BaseHTTPRequestHandler):
     counter = 0
     lock = threading.Lock()
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         with _Service.lock:
             _Service.counter += 1
             count = _Service.counter
@@ -124,7 +130,7 @@ class _Service(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
@@ -178,7 +184,9 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(service, tmp_
             missing: list[PanelQuery] = list(queries)
             alerts: dict[str, Any] = {}
             while time.monotonic() < deadline:
-                missing = [q for q in queries if not q.may_be_empty and not _has_data(prometheus.query(q.expr))]
+                missing = [
+                    q for q in queries if not q.may_be_empty and not _has_data(prometheus.query(q.expr))
+                ]
                 alerts = prometheus.query(f'ALERTS{{alertname="{ALERT_NAME}", alertstate="firing"}}')
                 if not missing and _has_data(alerts):
                     break
@@ -187,7 +195,11 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(service, tmp_
             answers = {q.name: prometheus.query(q.expr) for q in queries}
             failed = {name: a for name, a in answers.items() if a.get("status") != "success"}
             assert not failed, f"queries Prometheus rejected: {json.dumps(failed, indent=1)[:3000]}"
-            empty = [q.name + "\n    " + q.expr for q in queries if not q.may_be_empty and not _has_data(answers[q.name])]
+            empty = [
+                q.name + "\n    " + q.expr
+                for q in queries
+                if not q.may_be_empty and not _has_data(answers[q.name])
+            ]
             assert not empty, "queries with no data:\n" + "\n".join(empty)
 
             # Recorded SLO series are numbers, never NaN or Inf.

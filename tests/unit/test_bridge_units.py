@@ -24,8 +24,16 @@ def indicator(to_s: int = 1622548810, percent: float = 98.5, objective: str = "d
 
 def test_indicator_body_is_what_reliably_expects() -> None:
     assert indicator().body() == {
-        "metadata": {"labels": {"category": "latency", "latency_target": "150ms", "path": "/", "percentile": "100",
-                                "from": "2021-06-01T12:00:00Z", "to": "2021-06-01T12:00:10Z"}},
+        "metadata": {
+            "labels": {
+                "category": "latency",
+                "latency_target": "150ms",
+                "path": "/",
+                "percentile": "100",
+                "from": "2021-06-01T12:00:00Z",
+                "to": "2021-06-01T12:00:10Z",
+            }
+        },
         "spec": {"from": "2021-06-01T12:00:00Z", "to": "2021-06-01T12:00:10Z", "percent": 98.5},
     }
 
@@ -65,20 +73,31 @@ def test_push_is_off_without_url_or_token(tmp_path: Path) -> None:
 
 
 def test_flags_win_over_the_cli_config(tmp_path: Path) -> None:
-    config = write_config(tmp_path, "currentOrg: {name: file-org}\nauths: {reliably.com: {token: file-token}}\n")
+    config = write_config(
+        tmp_path, "currentOrg: {name: file-org}\nauths: {reliably.com: {token: file-token}}\n"
+    )
     settings = resolve_push_settings(None, "flag-org", TOKEN, config_path=config, env={})
     assert settings == PushSettings("https://reliably.com", "flag-org", TOKEN)
 
 
 def test_cli_config_gives_org_and_token(tmp_path: Path) -> None:
-    config = write_config(tmp_path, "currentOrg: {name: file-org}\nauths: {reliably.com: {token: file-token}}\n")
+    config = write_config(
+        tmp_path, "currentOrg: {name: file-org}\nauths: {reliably.com: {token: file-token}}\n"
+    )
     settings = resolve_push_settings(env={"RELIABLY_CONFIG": str(config)})
     assert settings is not None
-    assert (settings.base_url, settings.org, settings.token) == ("https://reliably.com", "file-org", "file-token")
+    assert (settings.base_url, settings.org, settings.token) == (
+        "https://reliably.com",
+        "file-org",
+        "file-token",
+    )
     # The 2021 demo's host is accepted, and a token stored under either host is found.
     legacy = resolve_push_settings("https://api.reliably.com/", config_path=config, env={})
     assert legacy is not None and legacy.base_url == "https://api.reliably.com"
-    assert legacy.entity_url("Indicator") == "https://api.reliably.com/entities/file-org/reliably.com/v1/indicator"
+    assert (
+        legacy.entity_url("Indicator")
+        == "https://api.reliably.com/entities/file-org/reliably.com/v1/indicator"
+    )
 
 
 def test_missing_org_names_both_fixes(tmp_path: Path) -> None:
@@ -112,8 +131,10 @@ def test_default_spool_dir_follows_xdg() -> None:
     assert default_spool_dir({"HOME": "/home/u"}) == Path("/home/u/.local/state/ebpf-slo-exporter/spool")
 
 
-@pytest.mark.parametrize(("value", "seconds"), [("7", 7.0), ("100000", 300.0), (None, None), ("soon", None),
-                                                 ("Thu, 01 Jan 1970 00:00:30 GMT", 20.0)])
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("7", 7.0), ("100000", 300.0), (None, None), ("soon", None), ("Thu, 01 Jan 1970 00:00:30 GMT", 20.0)],
+)
 def test_retry_after(value: str | None, seconds: float | None) -> None:
     assert parse_retry_after(value, now=10.0) == seconds
 
@@ -129,8 +150,9 @@ def test_spool_keeps_order_across_restart(tmp_path: Path) -> None:
     assert reopened.peek() == items[0]
     reopened.remove(items[0])
     assert Spool(tmp_path).peek() == items[1]
-    assert sorted(p.name.split("-", 1)[1] for p in tmp_path.glob("*.json")) == sorted(i.id + ".json"
-                                                                                      for i in items[1:])
+    assert sorted(p.name.split("-", 1)[1] for p in tmp_path.glob("*.json")) == sorted(
+        i.id + ".json" for i in items[1:]
+    )
 
 
 def test_full_spool_drops_the_oldest(tmp_path: Path) -> None:
@@ -155,7 +177,9 @@ def test_corrupt_file_is_quarantined_not_fatal(tmp_path: Path) -> None:
     assert reopened.quarantined == 1  # junk.json: not a spool file name
     assert reopened.peek() == second
     assert reopened.quarantined == 2
-    assert sorted(p.name for p in tmp_path.glob("*.corrupt")) == sorted([path.name + ".corrupt", "junk.json.corrupt"])
+    assert sorted(p.name for p in tmp_path.glob("*.corrupt")) == sorted(
+        [path.name + ".corrupt", "junk.json.corrupt"]
+    )
 
 
 def test_leftover_temporary_files_are_removed(tmp_path: Path) -> None:

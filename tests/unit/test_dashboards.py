@@ -22,9 +22,19 @@ ROOT = Path(__file__).resolve().parents[2]
 NAMES = ["http-overview.json", "slo.json", "exporter-health.json"]
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 SELF_METRICS = {
-    "packets_received_total", "kernel_drops_total", "parse_errors_total", "unmatched_responses_total",
-    "requests_without_response_total", "flows_active", "flows_evicted_total", "route_overflow_total",
-    "slo_push_total", "slo_spool_indicators", "filter_attached", "filter_packets_total", "exchanges_total",
+    "packets_received_total",
+    "kernel_drops_total",
+    "parse_errors_total",
+    "unmatched_responses_total",
+    "requests_without_response_total",
+    "flows_active",
+    "flows_evicted_total",
+    "route_overflow_total",
+    "slo_push_total",
+    "slo_spool_indicators",
+    "filter_attached",
+    "filter_packets_total",
+    "exchanges_total",
 }
 
 
@@ -51,7 +61,9 @@ def test_committed_dashboard_is_what_build_py_writes(name):
 def test_dashboard_has_what_import_and_provisioning_need(name):
     board = _load(name)
     assert board["schemaVersion"] >= 39
-    assert board["uid"] and len(board["uid"]) <= 40 and board["title"] and "ebpf-slo-exporter" in board["tags"]
+    assert (
+        board["uid"] and len(board["uid"]) <= 40 and board["title"] and "ebpf-slo-exporter" in board["tags"]
+    )
     assert "__inputs" not in board and "id" not in board  # provisioning and import both assign the id
     variables = board["templating"]["list"]
     datasource = [v for v in variables if v["name"] == "datasource"]
@@ -80,7 +92,11 @@ def test_every_panel_has_the_templated_datasource_targets_a_unique_id_and_a_plac
         grid = panel["gridPos"]
         assert all(isinstance(grid[k], int) for k in ("h", "w", "x", "y"))
         assert grid["w"] > 0 and grid["h"] > 0 and grid["x"] + grid["w"] <= 24
-        mine = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])}
+        mine = {
+            (x, y)
+            for x in range(grid["x"], grid["x"] + grid["w"])
+            for y in range(grid["y"], grid["y"] + grid["h"])
+        }
         assert not mine & cells, f"{panel['title']} overlaps another panel"
         cells |= mine
 
@@ -89,7 +105,9 @@ def test_http_overview_has_the_filter_variables_and_the_red_panels():
     board = _load("http-overview.json")
     variables = {v["name"]: v for v in board["templating"]["list"]}
     assert {"datasource", "instance", "port", "route"} <= variables.keys()
-    assert "server_port" in variables["port"]["definition"] and "http_route" in variables["route"]["definition"]
+    assert (
+        "server_port" in variables["port"]["definition"] and "http_route" in variables["route"]["definition"]
+    )
     exprs = [t["expr"] for p in board["panels"] for t in p["targets"]]
     for quantile in ("0.5", "0.95", "0.99"):
         assert any(f"histogram_quantile({quantile}, sum by (le) (" in e for e in exprs)
@@ -103,12 +121,35 @@ def test_http_overview_has_the_filter_variables_and_the_red_panels():
 def test_every_query_names_a_metric_the_exporter_or_the_rules_produce():
     rules = yaml.safe_load(render_rules(load_manifest(ROOT / "examples" / "reliably.yaml")))
     recorded = {r["record"] for g in rules["groups"] for r in g["rules"] if "record" in r}
-    known = recorded | {"ALERTS"} | {
-        f"{base}_{suffix}" for base in (HTTP_DURATION, HTTP_REQUEST_BODY, HTTP_RESPONSE_BODY)
-        for suffix in ("bucket", "count", "sum")
-    } | {f"{SELF}_{name}" for name in SELF_METRICS}
-    functions = {"sum", "rate", "by", "or", "on", "vector", "histogram_quantile", "topk", "count", "max", "le",
-                 "instance", "http_route", "http_response_status_code", "reason", "outcome", "verdict"}
+    known = (
+        recorded
+        | {"ALERTS"}
+        | {
+            f"{base}_{suffix}"
+            for base in (HTTP_DURATION, HTTP_REQUEST_BODY, HTTP_RESPONSE_BODY)
+            for suffix in ("bucket", "count", "sum")
+        }
+        | {f"{SELF}_{name}" for name in SELF_METRICS}
+    )
+    functions = {
+        "sum",
+        "rate",
+        "by",
+        "or",
+        "on",
+        "vector",
+        "histogram_quantile",
+        "topk",
+        "count",
+        "max",
+        "le",
+        "instance",
+        "http_route",
+        "http_response_status_code",
+        "reason",
+        "outcome",
+        "verdict",
+    }
     for query in all_dashboard_queries():
         text = re.sub(r'"[^"]*"', '""', query.expr)  # drop label values
         text = re.sub(r"\{[^}]*\}", "{}", text)  # drop matchers
@@ -125,7 +166,7 @@ def test_query_extraction_substitutes_every_form_of_variable():
         'm{l=~"x|y", k=~"x|y", j=~"x|y", i=~"x|y"}[2m]'
     )
     with pytest.raises(KeyError, match="nope"):
-        substitute("m{l=~\"$nope\"}", values)
+        substitute('m{l=~"$nope"}', values)
     queries = panel_queries(DASHBOARDS_DIR / "http-overview.json", {"route": "/api"}, rate_interval="30s")
     assert all("$" not in q.expr and "[[" not in q.expr for q in queries)
     assert any('http_route=~"/api"' in q.expr and "[30s]" in q.expr for q in queries)
@@ -139,11 +180,19 @@ def test_every_query_is_valid_promql_for_promtool(tmp_path):
     if promtool is None:
         pytest.fail("promtool is not installed: `make setup` installs Debian's prometheus package")
     queries = all_dashboard_queries()
-    rules = {"groups": [{"name": "dashboards", "rules": [
-        {"record": f"dashboard:query_{i}:check", "expr": q.expr} for i, q in enumerate(queries)
-    ]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboards",
+                "rules": [
+                    {"record": f"dashboard:query_{i}:check", "expr": q.expr} for i, q in enumerate(queries)
+                ],
+            }
+        ]
+    }
     path = tmp_path / "dashboards.rules.yml"
     path.write_text(yaml.safe_dump(rules, width=1000))
-    result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60,
-                            check=False)
+    result = subprocess.run(
+        [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 0, result.stdout + result.stderr

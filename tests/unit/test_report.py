@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,12 +27,39 @@ from exporter.slo.runtime import SloRuntime
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "reliably.yaml"
 
 LINES = [
-    ReportLine("ebpf-2021-demo", "99% of the responses are under 150ms", "latency", 99.5, 60, 98.9912,
-               "2021-06-01T12:00:00Z", "2021-06-01T12:01:00Z", (False, False, False, True, False)),
-    ReportLine("ebpf-2021-demo", "99% of the responses to our users are in the 2xx class", "availability", 99.0,
-               60, None, None, None, (True, None)),
-    ReportLine("shop", "checkout | fast", "latency", 99.9, 30 * 86400, 100.0, "2021-05-02T12:01:00Z",
-               "2021-06-01T12:01:00Z", (True,)),
+    ReportLine(
+        "ebpf-2021-demo",
+        "99% of the responses are under 150ms",
+        "latency",
+        99.5,
+        60,
+        98.9912,
+        "2021-06-01T12:00:00Z",
+        "2021-06-01T12:01:00Z",
+        (False, False, False, True, False),
+    ),
+    ReportLine(
+        "ebpf-2021-demo",
+        "99% of the responses to our users are in the 2xx class",
+        "availability",
+        99.0,
+        60,
+        None,
+        None,
+        None,
+        (True, None),
+    ),
+    ReportLine(
+        "shop",
+        "checkout | fast",
+        "latency",
+        99.9,
+        30 * 86400,
+        100.0,
+        "2021-05-02T12:01:00Z",
+        "2021-06-01T12:01:00Z",
+        (True,),
+    ),
 ]
 NOW = 1622548870.0  # 2021-06-01T12:01:10Z
 
@@ -41,13 +69,13 @@ def test_table() -> None:
         "                                                             Current  Objective  / Time Window  Type"
         "          Trend\n"
         "  Service #1: ebpf-2021-demo\n"
-        "  ❌ 99% of the responses are under 150ms                     98.99%      99.5%  / 1m           Latency"
-        "       ✕ ✕ ✕ ✓ ✕\n"
+        "  ❌ 99% of the responses are under 150ms                     98.99%      99.5%  / 1m           "
+        "Latency       ✕ ✕ ✕ ✓ ✕\n"
         "  —  99% of the responses to our users are in the 2xx class        —        99%  / 1m           "
         "Availability  ✓ —\n"
         "  Service #2: shop\n"
-        "  ✅ checkout | fast                                         100.00%      99.9%  / 30d          Latency"
-        "       ✓\n"
+        "  ✅ checkout | fast                                         100.00%      99.9%  / 30d          "
+        "Latency       ✓\n"
     )
 
 
@@ -66,7 +94,8 @@ def test_markdown_escapes_pipes() -> None:
     assert render(LINES, "markdown", NOW) == (
         "| | Service | Objective | Current | Target | / Time Window | Type | Trend |\n"
         "|---|---|---|---:|---:|---|---|---|\n"
-        "| ❌ | ebpf-2021-demo | 99% of the responses are under 150ms | 98.99% | 99.5% | 1m | Latency | ✕ ✕ ✕ ✓ ✕ |\n"
+        "| ❌ | ebpf-2021-demo | 99% of the responses are under 150ms | 98.99% | 99.5% | 1m | Latency | "
+        "✕ ✕ ✕ ✓ ✕ |\n"
         "| — | ebpf-2021-demo | 99% of the responses to our users are in the 2xx class | — | 99% | 1m | "
         "Availability | ✓ — |\n"
         "| ✅ | shop | checkout \\| fast | 100.00% | 99.9% | 30d | Latency | ✓ |\n"
@@ -135,8 +164,10 @@ def test_unknown_format() -> None:
 
 def test_lines_from_results_use_the_last_five_oldest_first() -> None:
     objective = load_manifest(EXAMPLE)[0]
-    results = [Result(t - 60, t, good, 100, 0.995) for t, good in
-               [(10, 100), (20, 99), (30, 100), (40, 0), (50, 100), (60, 99)]]
+    results = [
+        Result(t - 60, t, good, 100, 0.995)
+        for t, good in [(10, 100), (20, 99), (30, 100), (40, 0), (50, 100), (60, 99)]
+    ]
     results.append(Result(10, 70, 0, 0, 0.995))
     line = line_from_results(objective, results[:-1])
     assert line.trend == (False, True, False, True, False)
@@ -157,8 +188,17 @@ def test_lines_from_a_runtime_snapshot() -> None:
     runtime.tick()
     snapshot = json.loads(json.dumps(runtime.snapshot()))  # as it comes over HTTP
     latency, availability = lines_from_snapshot(snapshot)
-    assert latency == ReportLine("ebpf-2021-demo", "99% of the responses are under 150ms", "latency", 99.5, 60.0,
-                                 100.0, "1970-01-01T00:15:50Z", "1970-01-01T00:16:50Z", (True,))
+    assert latency == ReportLine(
+        "ebpf-2021-demo",
+        "99% of the responses are under 150ms",
+        "latency",
+        99.5,
+        60.0,
+        100.0,
+        "1970-01-01T00:15:50Z",
+        "1970-01-01T00:16:50Z",
+        (True,),
+    )
     assert (availability.actual, availability.met, availability.trend) == (98.0, False, (False,))
     only = lines_from_snapshot(snapshot, load_manifest(EXAMPLE)[1:])
     assert [line.name for line in only] == [availability.name]
@@ -183,3 +223,35 @@ def test_snapshot_url(base: str, url: str) -> None:
 
 def test_document_for_nothing() -> None:
     assert report_document([], NOW) == {"timestamp": "2021-06-01T12:01:10Z", "services": []}
+
+
+def test_watch_refreshes_until_ctrl_c_and_shows_errors() -> None:
+    import io
+
+    from rich.console import Console
+
+    from exporter.slo.report import watch
+
+    frames: Iterator[str | Exception] = iter(
+        ["first frame\n", ExporterError("exporter went away"), "third frame\n"]
+    )
+    sleeps: list[float] = []
+
+    def produce() -> str:
+        item = next(frames)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 3:
+            raise KeyboardInterrupt
+
+    out = io.StringIO()
+    watch(Console(file=out, width=100, force_terminal=True, color_system=None), produce, sleep=sleep)
+    assert sleeps == [3.0, 3.0, 3.0]
+    text = out.getvalue()
+    assert "first frame" in text
+    assert "error: exporter went away (retrying every 3s)" in text
+    assert "third frame" in text

@@ -69,8 +69,12 @@ def test_example_manifest_records_every_standard_window_plus_its_short_period():
     for window in (*STANDARD_WINDOWS, "1m"):
         assert records.count(f"slo:sli_error:ratio_rate{window}") == 2  # one per objective
         assert records.count(f"slo:burn_rate:ratio_rate{window}") == 2
-    for name in ("slo:objective:ratio", "slo:error_budget:ratio", "slo:error_budget_remaining:ratio",
-                 "slo:sli_error:ratio_period"):
+    for name in (
+        "slo:objective:ratio",
+        "slo:error_budget:ratio",
+        "slo:error_budget_remaining:ratio",
+        "slo:sli_error:ratio_period",
+    ):
         assert records.count(name) == 2
     alerts = [r for r in rules if "alert" in r]
     assert len(alerts) == 8 and {a["alert"] for a in alerts} == {ALERT_NAME}
@@ -86,7 +90,7 @@ def test_labels_follow_level_metric_operation_and_carry_slo_and_service():
         assert rule["labels"]["category"] == "latency"
         if "record" in rule:
             assert re.fullmatch(r"slo:[a-z_]+:[a-z_0-9]+", rule["record"])
-    period = [r for r in rules if r.get("record") == "slo:objective:ratio"][0]
+    period = next(r for r in rules if r.get("record") == "slo:objective:ratio")
     assert period["expr"] == "vector(0.995)" and period["labels"]["window"] == "1m"
 
 
@@ -94,7 +98,8 @@ def test_latency_sli_is_a_ratio_of_sums_with_the_le_regex_and_a_zero_traffic_gua
     objective = load_manifest(EXAMPLE)[0]
     expr = sli_error_expr(objective, "5m")
     assert expr == (
-        '1 - (sum(rate(http_server_request_duration_seconds_bucket{http_route="/", le=~"0\\\\.15|0\\\\.150"}[5m]))'
+        "1 - (sum(rate(http_server_request_duration_seconds_bucket"
+        '{http_route="/", le=~"0\\\\.15|0\\\\.150"}[5m]))'
         ' / (sum(rate(http_server_request_duration_seconds_count{http_route="/"}[5m])) > 0))'
     )
 
@@ -107,8 +112,11 @@ def test_availability_counts_the_classes_that_are_not_good_and_guards_a_missing_
         'http_response_status_code=~"5.."}[1h])) or vector(0)) / '
     )
     assert expr.endswith("[1h])) > 0)")
-    strict = parse_manifest(EXAMPLE.read_text().replace("path: /\n  objectivePercent: 99",
-                                                        "path: /\n  goodStatusClasses: [2xx]\n  objectivePercent: 99"))
+    strict = parse_manifest(
+        EXAMPLE.read_text().replace(
+            "path: /\n  objectivePercent: 99", "path: /\n  goodStatusClasses: [2xx]\n  objectivePercent: 99"
+        )
+    )
     assert 'http_response_status_code=~"1..|3..|4..|5.."' in sli_error_expr(strict[1], "5m")
 
 
@@ -125,9 +133,18 @@ def test_port_filter_and_promql_objective_with_window_substituted():
 
 def test_alerts_carry_severity_windows_and_annotations():
     objective = load_manifest(RICH)[0]
-    alerts = [r for r in _rules(render_rules([objective], runbook_url="https://runbooks.example/{slo}")) if "alert" in r]
-    assert [(a["labels"]["severity"], a["labels"]["long_window"], a["labels"]["short_window"]) for a in alerts] == [
-        ("page", "1h", "5m"), ("page", "6h", "30m"), ("ticket", "1d", "2h"), ("ticket", "3d", "6h"),
+    alerts = [
+        r
+        for r in _rules(render_rules([objective], runbook_url="https://runbooks.example/{slo}"))
+        if "alert" in r
+    ]
+    assert [
+        (a["labels"]["severity"], a["labels"]["long_window"], a["labels"]["short_window"]) for a in alerts
+    ] == [
+        ("page", "1h", "5m"),
+        ("page", "6h", "30m"),
+        ("ticket", "1d", "2h"),
+        ("ticket", "3d", "6h"),
     ]
     first = alerts[0]
     assert first["expr"] == (
@@ -148,7 +165,7 @@ def test_period_equal_to_a_standard_window_is_not_recorded_twice():
 def test_a_100_percent_objective_still_renders_finite_rules():
     text = EXAMPLE.read_text().replace("objectivePercent: 99.5", "objectivePercent: 100")
     rules = _rules(render_rules(parse_manifest(text)[:1]))
-    assert "/ 1e-09" in [r for r in rules if r.get("record") == "slo:burn_rate:ratio_rate5m"][0]["expr"]
+    assert "/ 1e-09" in next(r for r in rules if r.get("record") == "slo:burn_rate:ratio_rate5m")["expr"]
 
 
 def test_bad_job_selector_and_empty_manifest_are_config_errors():
@@ -165,8 +182,10 @@ def test_rules_command_writes_stdout_or_a_file(tmp_path):
     assert result.exit_code == 0, result.output
     assert result.output == render_rules(load_manifest(EXAMPLE))
     target = tmp_path / "rules.yml"
-    result = runner.invoke(rules_command, ["--slo", str(EXAMPLE), "--output", str(target),
-                                           "--job-selector", 'job="ebpf-slo-exporter"'])
+    result = runner.invoke(
+        rules_command,
+        ["--slo", str(EXAMPLE), "--output", str(target), "--job-selector", 'job="ebpf-slo-exporter"'],
+    )
     assert result.exit_code == 0 and result.output == ""
     assert 'job="ebpf-slo-exporter"' in target.read_text()
 

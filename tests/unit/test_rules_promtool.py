@@ -54,7 +54,8 @@ def test_promtool_check_rules_accepts_the_generated_file(promtool, tmp_path, man
 def test_committed_compose_rule_file_is_a_fresh_render_and_valid(promtool):
     assert COMMITTED.read_text() == render_rules(load_manifest(EXAMPLE)), (
         "docker/prometheus/rules/slo.rules.yml is stale: regenerate it with "
-        "`ebpf-slo-exporter slo rules --slo examples/reliably.yaml --output docker/prometheus/rules/slo.rules.yml`"
+        "`ebpf-slo-exporter slo rules --slo examples/reliably.yaml "
+        "--output docker/prometheus/rules/slo.rules.yml`"
     )
     result = _run([promtool, "check", "rules", str(COMMITTED)])
     assert result.returncode == 0, result.stdout + result.stderr
@@ -62,30 +63,47 @@ def test_committed_compose_rule_file_is_a_fresh_render_and_valid(promtool):
 
 def _steady(ok_per_min: float, errors_per_min: float, minutes: int = 360) -> list[dict[str, str]]:
     return [
-        {"series": AVAILABILITY + ', http_response_status_code="200"}', "values": f"0+{ok_per_min}x{minutes}"},
-        {"series": AVAILABILITY + ', http_response_status_code="503"}', "values": f"0+{errors_per_min}x{minutes}"},
+        {
+            "series": AVAILABILITY + ', http_response_status_code="200"}',
+            "values": f"0+{ok_per_min}x{minutes}",
+        },
+        {
+            "series": AVAILABILITY + ', http_response_status_code="503"}',
+            "values": f"0+{errors_per_min}x{minutes}",
+        },
     ]
 
 
 def _expected_alerts(rules_text: str, firing: dict[str, float]) -> list[dict[str, Any]]:
     """The alerts promtool must report: long window -> burn rate shown in the description."""
-    alerts = {r["labels"]["long_window"]: r for g in yaml.safe_load(rules_text)["groups"] for r in g["rules"]
-              if r.get("alert") == ALERT_NAME and r["labels"]["slo"] == "shop_api_availability"}
+    alerts = {
+        r["labels"]["long_window"]: r
+        for g in yaml.safe_load(rules_text)["groups"]
+        for r in g["rules"]
+        if r.get("alert") == ALERT_NAME and r["labels"]["slo"] == "shop_api_availability"
+    }
     expected = []
     for long_window, burn in firing.items():
         rule = alerts[long_window]
-        description = rule["annotations"]["description"].replace('{{ $value | printf "%.2f" }}', f"{burn:.2f}")
-        expected.append({
-            "exp_labels": dict(rule["labels"]),
-            "exp_annotations": {**rule["annotations"], "description": description},
-        })
+        description = rule["annotations"]["description"].replace(
+            '{{ $value | printf "%.2f" }}', f"{burn:.2f}"
+        )
+        expected.append(
+            {
+                "exp_labels": dict(rule["labels"]),
+                "exp_annotations": {**rule["annotations"], "description": description},
+            }
+        )
     return expected
 
 
 def _approx(expr: str, labels: str, value: float, eval_time: str) -> dict[str, Any]:
     """promtool compares floats exactly; compare the value in units of 1e-4 instead."""
-    return {"expr": f"round(({expr}) * 10000)", "eval_time": eval_time,
-            "exp_samples": [{"labels": labels, "value": round(value * 10000)}]}
+    return {
+        "expr": f"round(({expr}) * 10000)",
+        "eval_time": eval_time,
+        "exp_samples": [{"labels": labels, "value": round(value * 10000)}],
+    }
 
 
 def _write_test(tmp_path: Path, tests: list[dict[str, Any]]) -> Path:
@@ -114,19 +132,28 @@ STEADY = [
 
 
 @pytest.mark.parametrize(("errors", "burn", "firing"), STEADY)
-def test_steady_burn_rate_fires_exactly_the_alerts_whose_factor_it_exceeds(promtool, tmp_path, errors, burn, firing):
+def test_steady_burn_rate_fires_exactly_the_alerts_whose_factor_it_exceeds(
+    promtool, tmp_path, errors, burn, firing
+):
     rules_text = render_rules(load_manifest(RICH))
     test = {
         "interval": "1m",
         "input_series": _steady(1000 - errors, errors),
-        "alert_rule_test": [{
-            "eval_time": "6h",
-            "alertname": ALERT_NAME,
-            "exp_alerts": _expected_alerts(rules_text, {w: burn for w in firing}),
-        }],
-        "promql_expr_test": [_approx('slo:burn_rate:ratio_rate1h{slo="shop_api_availability"}',
-                                     '{slo="shop_api_availability", service="shop", category="availability"}',
-                                     burn, "6h")],
+        "alert_rule_test": [
+            {
+                "eval_time": "6h",
+                "alertname": ALERT_NAME,
+                "exp_alerts": _expected_alerts(rules_text, {w: burn for w in firing}),
+            }
+        ],
+        "promql_expr_test": [
+            _approx(
+                'slo:burn_rate:ratio_rate1h{slo="shop_api_availability"}',
+                '{slo="shop_api_availability", service="shop", category="availability"}',
+                burn,
+                "6h",
+            )
+        ],
     }
     _promtool_test(promtool, _write_test(tmp_path, [test]))
 
@@ -161,8 +188,16 @@ def test_short_window_stops_a_page_once_the_burst_is_over(promtool, tmp_path):
             {"series": AVAILABILITY + ', http_response_status_code="500"}', "values": _counter(bad)},
         ],
         "alert_rule_test": [
-            {"eval_time": "6h5m", "alertname": ALERT_NAME, "exp_alerts": _expected_alerts(rules_text, burst_end)},
-            {"eval_time": "6h15m", "alertname": ALERT_NAME, "exp_alerts": _expected_alerts(rules_text, later)},
+            {
+                "eval_time": "6h5m",
+                "alertname": ALERT_NAME,
+                "exp_alerts": _expected_alerts(rules_text, burst_end),
+            },
+            {
+                "eval_time": "6h15m",
+                "alertname": ALERT_NAME,
+                "exp_alerts": _expected_alerts(rules_text, later),
+            },
         ],
     }
     _promtool_test(promtool, _write_test(tmp_path, [test]))
@@ -173,9 +208,15 @@ def test_no_traffic_records_no_nan_and_fires_nothing(promtool, tmp_path):
     empty_records = [
         f'slo:{kind}{{slo="{slo}"}}'
         for slo in ("shop_api_availability", "shop_api_latency_under_1s", "shop_checkout_jobs_succeed")
-        for kind in ("sli_error:ratio_rate5m", "sli_error:ratio_rate1h", "sli_error:ratio_rate3d",
-                     "burn_rate:ratio_rate5m", "burn_rate:ratio_rate1h", "error_budget_remaining:ratio",
-                     "sli_error:ratio_period")
+        for kind in (
+            "sli_error:ratio_rate5m",
+            "sli_error:ratio_rate1h",
+            "sli_error:ratio_rate3d",
+            "burn_rate:ratio_rate5m",
+            "burn_rate:ratio_rate1h",
+            "error_budget_remaining:ratio",
+            "sli_error:ratio_period",
+        )
     ]
 
     def case(series: list[dict[str, str]]) -> dict[str, Any]:
@@ -186,19 +227,28 @@ def test_no_traffic_records_no_nan_and_fires_nothing(promtool, tmp_path):
             "promql_expr_test": [
                 *({"expr": expr, "eval_time": "2h", "exp_samples": []} for expr in empty_records),
                 # Only the constant objective and budget of each objective are recorded: no NaN anywhere.
-                {"expr": 'count({__name__=~"slo:.+"})', "eval_time": "2h",
-                 "exp_samples": [{"labels": "{}", "value": 6}]},
-                _approx('slo:objective:ratio{slo="shop_api_availability"}',
-                        '{slo="shop_api_availability", service="shop", category="availability", window="30d"}',
-                        0.999, "2h"),
+                {
+                    "expr": 'count({__name__=~"slo:.+"})',
+                    "eval_time": "2h",
+                    "exp_samples": [{"labels": "{}", "value": 6}],
+                },
+                _approx(
+                    'slo:objective:ratio{slo="shop_api_availability"}',
+                    '{slo="shop_api_availability", service="shop", category="availability", window="30d"}',
+                    0.999,
+                    "2h",
+                ),
             ],
         }
 
     flat = [
         {"series": AVAILABILITY + ', http_response_status_code="200"}', "values": "500+0x120"},
         {"series": AVAILABILITY + ', http_response_status_code="500"}', "values": "20+0x120"},
-        {"series": 'http_server_request_duration_seconds_bucket{http_route="/api", server_port="8080", le="1.0"}',
-         "values": "400+0x120"},
+        {
+            "series": "http_server_request_duration_seconds_bucket"
+            '{http_route="/api", server_port="8080", le="1.0"}',
+            "values": "400+0x120",
+        },
         {"series": 'checkout_jobs_total{outcome="success"}', "values": "10+0x120"},
     ]
     # A placeholder series: promtool needs at least one input series per test.
@@ -216,23 +266,38 @@ def test_traffic_that_stops_leaves_short_windows_empty_and_long_ones_intact(prom
             {"series": AVAILABILITY + ', http_response_status_code="500"}', "values": bad},
         ],
         "promql_expr_test": [
-            {"expr": 'slo:sli_error:ratio_rate5m{slo="shop_api_availability"}', "eval_time": "2h20m",
-             "exp_samples": []},
-            _approx('slo:sli_error:ratio_rate1d{slo="shop_api_availability"}',
-                    '{slo="shop_api_availability", service="shop", category="availability"}', 0.02, "2h20m"),
+            {
+                "expr": 'slo:sli_error:ratio_rate5m{slo="shop_api_availability"}',
+                "eval_time": "2h20m",
+                "exp_samples": [],
+            },
+            _approx(
+                'slo:sli_error:ratio_rate1d{slo="shop_api_availability"}',
+                '{slo="shop_api_availability", service="shop", category="availability"}',
+                0.02,
+                "2h20m",
+            ),
         ],
         # 1h burn is 20 but the 5m window has no traffic: the page stays quiet.
-        "alert_rule_test": [{"eval_time": "2h20m", "alertname": ALERT_NAME,
-                             "exp_alerts": _expected_alerts(render_rules(load_manifest(RICH)),
-                                                            {"6h": 20.0, "1d": 20.0, "3d": 20.0})}],
+        "alert_rule_test": [
+            {
+                "eval_time": "2h20m",
+                "alertname": ALERT_NAME,
+                "exp_alerts": _expected_alerts(
+                    render_rules(load_manifest(RICH)), {"6h": 20.0, "1d": 20.0, "3d": 20.0}
+                ),
+            }
+        ],
     }
     _promtool_test(promtool, _write_test(tmp_path, [test]))
 
 
 def test_latency_counts_both_le_spellings_and_promql_objective_records_its_ratio(promtool, tmp_path):
     """One latency series spelled the Prometheus 2 way (le="1"), one the Prometheus 3 way (le="1.0")."""
-    base = 'http_server_request_duration_seconds_{kind}{{http_route="/api", server_port="8080", ' \
-           'http_request_method="{method}"{le}}}'
+    base = (
+        'http_server_request_duration_seconds_{kind}{{http_route="/api", server_port="8080", '
+        'http_request_method="{method}"{le}}}'
+    )
     series = [
         {"series": base.format(kind="bucket", method="GET", le=', le="1"'), "values": "0+95x60"},
         {"series": base.format(kind="count", method="GET", le=""), "values": "0+100x60"},
@@ -245,12 +310,24 @@ def test_latency_counts_both_le_spellings_and_promql_objective_records_its_ratio
         "interval": "1m",
         "input_series": series,
         "promql_expr_test": [
-            _approx('slo:sli_error:ratio_rate30m{slo="shop_api_latency_under_1s"}',
-                    '{slo="shop_api_latency_under_1s", service="shop", category="latency"}', 0.03, "1h"),
-            _approx('slo:burn_rate:ratio_rate1h{slo="shop_checkout_jobs_succeed"}',
-                    '{slo="shop_checkout_jobs_succeed", service="shop", category="jobs"}', 2, "1h"),
-            _approx('slo:error_budget_remaining:ratio{slo="shop_checkout_jobs_succeed"}',
-                    '{slo="shop_checkout_jobs_succeed", service="shop", category="jobs", window="1w"}', -1, "1h"),
+            _approx(
+                'slo:sli_error:ratio_rate30m{slo="shop_api_latency_under_1s"}',
+                '{slo="shop_api_latency_under_1s", service="shop", category="latency"}',
+                0.03,
+                "1h",
+            ),
+            _approx(
+                'slo:burn_rate:ratio_rate1h{slo="shop_checkout_jobs_succeed"}',
+                '{slo="shop_checkout_jobs_succeed", service="shop", category="jobs"}',
+                2,
+                "1h",
+            ),
+            _approx(
+                'slo:error_budget_remaining:ratio{slo="shop_checkout_jobs_succeed"}',
+                '{slo="shop_checkout_jobs_succeed", service="shop", category="jobs", window="1w"}',
+                -1,
+                "1h",
+            ),
         ],
     }
     _promtool_test(promtool, _write_test(tmp_path, [test]))

@@ -7,7 +7,16 @@ import math
 import pytest
 
 from exporter.core.model import Exchange
-from exporter.slo.evaluate import BAD, GOOD, NOT_COUNTED, Matcher, Result, budget_remaining, burn_rate, json_number
+from exporter.slo.evaluate import (
+    BAD,
+    GOOD,
+    NOT_COUNTED,
+    Matcher,
+    Result,
+    budget_remaining,
+    burn_rate,
+    json_number,
+)
 from exporter.slo.manifest import parse_manifest
 
 LATENCY = """
@@ -47,7 +56,9 @@ def test_latency_matcher(exchange: Exchange, route: str, verdict: int) -> None:
     assert Matcher(parse_manifest(LATENCY)[0]).classify(exchange, route) == verdict
 
 
-@pytest.mark.parametrize(("status", "verdict"), [(200, GOOD), (204, GOOD), (301, BAD), (404, BAD), (503, BAD)])
+@pytest.mark.parametrize(
+    ("status", "verdict"), [(200, GOOD), (204, GOOD), (301, BAD), (404, BAD), (503, BAD)]
+)
 def test_availability_with_good_classes(status: int, verdict: int) -> None:
     assert Matcher(parse_manifest(AVAILABILITY_2XX)[0]).classify(ex(status=status), "/anything") == verdict
 
@@ -98,7 +109,11 @@ def test_objective_of_100_percent_has_no_budget() -> None:
 def test_no_traffic_is_no_data() -> None:
     result = Result(0, 60, 0, 0, 0.99)
     assert (result.sli, result.percent, result.burn_rate, result.budget_remaining, result.met) == (
-        None, None, None, None, None,
+        None,
+        None,
+        None,
+        None,
+        None,
     )
 
 

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.registry import Collector
 
 from exporter.core.model import Exchange
 from exporter.metrics import ExporterCollector, HttpMetrics
@@ -15,10 +14,18 @@ from exporter.slo.runtime import SloRuntime
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "reliably.yaml"
 S = 1_000_000_000
-LATENCY = {"slo": "ebpf_2021_demo_99_of_the_responses_are_under_150ms", "service": "ebpf-2021-demo",
-           "category": "latency", "window": "1m"}
-AVAILABILITY = {"slo": "ebpf_2021_demo_99_of_the_responses_to_our_users_are_in_the_2xx_class",
-                "service": "ebpf-2021-demo", "category": "availability", "window": "1m"}
+LATENCY = {
+    "slo": "ebpf_2021_demo_99_of_the_responses_are_under_150ms",
+    "service": "ebpf-2021-demo",
+    "category": "latency",
+    "window": "1m",
+}
+AVAILABILITY = {
+    "slo": "ebpf_2021_demo_99_of_the_responses_to_our_users_are_in_the_2xx_class",
+    "service": "ebpf-2021-demo",
+    "category": "availability",
+    "window": "1m",
+}
 
 
 class Clock:
@@ -32,14 +39,6 @@ class Clock:
 def ex(end_s: float, ms: float = 10, status: int = 200) -> Exchange:
     end = round(end_s * S)
     return Exchange("GET", "/", status, end - round(ms * 1e6), end, 0, 0, 8000)
-
-
-class _Slo(Collector):
-    def __init__(self, runtime: SloRuntime) -> None:
-        self.runtime = runtime
-
-    def collect(self):  # type: ignore[no-untyped-def]
-        return self.runtime.collect()
 
 
 def registry_for(runtime: SloRuntime) -> CollectorRegistry:
@@ -122,7 +121,13 @@ def test_history_is_the_last_five_windows_oldest_first() -> None:
         runtime.observe(ex(clock.now), "/")
         runtime.tick()
     history = runtime.snapshot()["objectives"][0]["history"]
-    assert [h["to"][-9:] for h in history] == ["00:17:00Z", "00:17:10Z", "00:17:20Z", "00:17:30Z", "00:17:40Z"]
+    assert [h["to"][-9:] for h in history] == [
+        "00:17:00Z",
+        "00:17:10Z",
+        "00:17:20Z",
+        "00:17:30Z",
+        "00:17:40Z",
+    ]
     assert all(h["met"] is True for h in history)
 
 

@@ -34,7 +34,9 @@ def exchange(end_s: float, *, ms: float = 10, status: int = 200, port: int = 800
         (10, [1.5], 2),  # a window of 1.5 s counts as 2 s for alignment
     ],
 )
-def test_bucket_size_divides_push_interval_and_windows(push: int, windows: list[float], expected: int) -> None:
+def test_bucket_size_divides_push_interval_and_windows(
+    push: int, windows: list[float], expected: int
+) -> None:
     assert choose_bucket_seconds(push, windows) == expected
 
 
@@ -117,8 +119,9 @@ def test_latency_and_availability_verdicts() -> None:
 
 
 def test_other_routes_and_ports_are_not_counted() -> None:
-    text = EXAMPLE.read_text().replace("    path: /\n  objectivePercent: 99", "    path: /\n    port: \"8000\"\n"
-                                       "  objectivePercent: 99")
+    text = EXAMPLE.read_text().replace(
+        "    path: /\n  objectivePercent: 99", '    path: /\n    port: "8000"\n  objectivePercent: 99'
+    )
     ev = Evaluator(parse_manifest(text), 10, start_s=1003)
     ev.observe(exchange(1001), "/other", 1010 * S)
     ev.observe(exchange(1002, port=9000), "/", 1010 * S)

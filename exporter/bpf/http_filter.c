@@ -1,0 +1,1 @@
+../../bpf/http_filter.c
