@@ -99,8 +99,11 @@ def churn_script(close_every: int) -> str:
         raise ValueError("close_every must be at least 1")
     return (
         "local n = 0\n"
-        "local keep = wrk.format(nil, nil, nil, nil)\n"
-        "local close = wrk.format(nil, nil, {[\"Connection\"] = \"close\"}, nil)\n"
+        "local keep, close\n"
+        "function init(args)\n"
+        "  keep = wrk.format()\n"
+        "  close = wrk.format(nil, nil, {[\"Connection\"] = \"close\"})\n"
+        "end\n"
         "function request()\n"
         "  n = n + 1\n"
         f"  if n % {close_every} == 0 then return close end\n"

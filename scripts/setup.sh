@@ -20,7 +20,7 @@ if [ "$(id -u)" -ne 0 ]; then
   fi
 else SUDO=""; fi
 
-packages=(python3-bpfcc python3-venv python3-pip linux-headers-amd64 nginx-light wrk tshark prometheus libcap2-bin iproute2 curl)
+packages=(python3-bpfcc python3-venv python3-pip linux-headers-amd64 nginx-light wrk tshark prometheus prometheus-alertmanager libcap2-bin iproute2 curl)
 [ "$(dpkg --print-architecture 2>/dev/null)" = arm64 ] && packages=("${packages[@]/linux-headers-amd64/linux-headers-arm64}")
 missing=()
 for p in "${packages[@]}"; do
@@ -33,7 +33,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # Debian starts these services on install; the tests and benches start their own.
-  for service in nginx prometheus prometheus-node-exporter; do
+  for service in nginx prometheus prometheus-alertmanager prometheus-node-exporter; do
     $SUDO systemctl disable --now "$service" >/dev/null 2>&1 || true
     $SUDO pkill -x "$service" >/dev/null 2>&1 || true
   done

@@ -99,6 +99,7 @@ def _slo_option(required: bool) -> Callable[[F], F]:
         "objectives",
         required=required,
         envvar=_env("slo"),
+        show_envvar=True,
         callback=_load_objectives,
         metavar="FILE",
         help="Reliably objectives manifest (multi-document YAML).",
@@ -112,6 +113,7 @@ def push_options(func: F) -> F:
             click.option(
                 "--reliably-url",
                 envvar="RELIABLY_URL",
+                show_envvar=True,
                 type=HttpUrl(),
                 default=None,
                 help="Reliably API base URL [default: https://reliably.com; https://api.reliably.com works].",
@@ -119,12 +121,14 @@ def push_options(func: F) -> F:
             click.option(
                 "--reliably-org",
                 envvar="RELIABLY_ORG",
+                show_envvar=True,
                 default=None,
                 help="Reliably organisation (default: currentOrg.name of the Reliably CLI config).",
             ),
             click.option(
                 "--reliably-token",
                 envvar="RELIABLY_TOKEN",
+                show_envvar=True,
                 default=None,
                 show_default=False,
                 help="API token; prefer the RELIABLY_TOKEN variable, as flags show up in ps.",
@@ -132,6 +136,7 @@ def push_options(func: F) -> F:
             click.option(
                 "--reliably-config",
                 envvar="RELIABLY_CONFIG",
+                show_envvar=True,
                 default=None,
                 type=click.Path(dir_okay=False, path_type=Path),
                 help="Reliably CLI config file [default: ~/.config/reliably/config.yaml].",
@@ -222,6 +227,7 @@ def objective_body(objective: Objective) -> dict[str, Any]:
     "from_url",
     type=HttpUrl(),
     envvar=_env("report_from"),
+    show_envvar=True,
     metavar="URL",
     help="A running exporter (its /api/v1/slo), e.g. http://127.0.0.1:9640.",
 )
@@ -229,6 +235,7 @@ def objective_body(objective: Objective) -> dict[str, Any]:
     "--prometheus",
     type=HttpUrl(),
     envvar=_env("prometheus"),
+    show_envvar=True,
     metavar="URL",
     help="Evaluate through Prometheus instead (needs --slo).",
 )
@@ -242,6 +249,7 @@ def objective_body(objective: Objective) -> dict[str, Any]:
     default="table",
     show_default=True,
     envvar=_env("report_format"),
+    show_envvar=True,
     help="Output format.",
 )
 @click.option(
@@ -250,6 +258,7 @@ def objective_body(objective: Objective) -> dict[str, Any]:
     default="10s",
     show_default=True,
     envvar=_env("trend_step"),
+    show_envvar=True,
     help="With --prometheus: time between the trend's results.",
 )
 @click.option(
@@ -258,6 +267,7 @@ def objective_body(objective: Objective) -> dict[str, Any]:
     default="5s",
     show_default=True,
     envvar=_env("query_timeout"),
+    show_envvar=True,
     help="HTTP timeout of each request.",
 )
 def report(
@@ -315,6 +325,7 @@ def report(
     type=HttpUrl(),
     required=True,
     envvar=_env("prometheus"),
+    show_envvar=True,
     metavar="URL",
     help="Prometheus that scrapes the exporter, e.g. http://127.0.0.1:9090.",
 )
@@ -326,6 +337,7 @@ def report(
     show_default=True,
     callback=_whole_seconds,
     envvar=_env("push_interval"),
+    show_envvar=True,
     help="Indicator interval, clock aligned (at least 2 scrape intervals).",
 )
 @click.option(
@@ -334,6 +346,7 @@ def report(
     default="5s",
     show_default=True,
     envvar=_env("grace"),
+    show_envvar=True,
     help="Wait this long after an interval ends before evaluating it (lets Prometheus scrape).",
 )
 @click.option(
@@ -341,6 +354,7 @@ def report(
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     envvar=_env("spool_dir"),
+    show_envvar=True,
     help="Where unsent indicators wait [default: $XDG_STATE_HOME/ebpf-slo-exporter/spool].",
 )
 @click.option("--dry-run", is_flag=True, help="Print indicator bodies as JSON lines instead of pushing.")

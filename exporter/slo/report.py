@@ -293,9 +293,10 @@ def to_string(renderable: RenderableType, width: int = 140) -> str:
 
 
 def print_report(console: Console, renderable: RenderableType) -> None:
-    if isinstance(renderable, str):
-        # Plain formats go out verbatim: no markup parsing, no wrapping, no highlighting.
-        console.file.write(renderable)
+    if isinstance(renderable, str) or not console.is_terminal:
+        # Plain formats, and tables sent to a pipe, go out verbatim: no markup parsing, no
+        # wrapping, no trailing padding.
+        console.file.write(to_string(renderable, console.width))
         console.file.flush()
     else:
         console.print(renderable)
