@@ -31,12 +31,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   echo "wireshark-common wireshark-common/install-setuid boolean false" | $SUDO debconf-set-selections
   $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
   # Debian starts these services on install; the tests and benches start their own.
   for service in nginx prometheus prometheus-alertmanager prometheus-node-exporter; do
     $SUDO systemctl disable --now "$service" >/dev/null 2>&1 || true
-    $SUDO pkill -x "$service" >/dev/null 2>&1 || true
   done
+  [ -f /run/nginx.pid ] && $SUDO kill "$(cat /run/nginx.pid)" >/dev/null 2>&1 || true
+  $SUDO pkill -f '^/usr/bin/prometheus(-alertmanager|-node-exporter)?( |$)' >/dev/null 2>&1 || true
 else
   say "apt packages present"
 fi
