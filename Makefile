@@ -2,6 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: setup demo test test-unit bench lint fuzz clean
 
@@ -18,11 +19,11 @@ test-unit: setup
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 bench: setup
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: setup
-	$(BIN)/ruff check exporter tests bench
-	$(BIN)/mypy exporter
+	$(BIN)/python -m ruff check exporter tests bench
+	$(BIN)/python -m mypy exporter
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -111,7 +111,8 @@ class Bench:
         for round_no in range(1, self.repeat + 1):
             baseline: dict[str, float] = {}
             for config, load in plan:
-                self.echo(f"  run {round_no}/{self.repeat}: {config} {load.label} "
+                what = f"{config} {load.label}".strip()
+                self.echo(f"  run {round_no}/{self.repeat}: {what} "
                           f"(wrk -t{load.threads} -c{load.connections} -d{load.duration_s:g}s)")
                 try:
                     result = self.runner.run(config, load, rss_every_s)

@@ -108,7 +108,10 @@ def test_bad_manifest_fails_in_the_option(tmp_path: Path) -> None:
     bad.write_text("kind: Indicator\n")
     result = CliRunner().invoke(slo, ["sync", "--slo", str(bad)])
     assert result.exit_code == 2
-    assert f"Invalid value for '--slo': {bad} document 1: kind is 'Indicator'" in result.output
+    assert (
+        f"Invalid value for '--slo' (env var: 'EBPF_SLO_SLO'): {bad} document 1: kind is 'Indicator'"
+        in result.output
+    )
 
 
 def test_bad_durations_and_urls_fail_in_their_types() -> None:
