@@ -20,6 +20,69 @@
  * when the payload lies entirely before the `body_skip` mark of its direction
  * (user space still learns the payload length from the IP header).
  *
+ * FAST PATH (config slot CFG_FAST_PATH = 1; off by default, `run --fast-path`):
+ * simple HTTP/1.x exchanges are recognised and aggregated right here, so the
+ * common case never reaches user space. Per connection (LRU `flow_state`,
+ * keyed client -> server) a flow is FAST or SLOW:
+ *
+ * - A client segment on a flow with no state, or on an idle FAST flow at the
+ *   expected seq, is taken when it is one whole request head and nothing else:
+ *   GET/HEAD/POST/PUT/DELETE/OPTIONS/TRACE/PATCH, SP, origin-form target of
+ *   printable ASCII, " HTTP/1.d" CRLF, header lines `token ":" value CRLF`,
+ *   no Content-Length or Transfer-Encoding, CRLF CRLF ending exactly at the end
+ *   of the segment, head <= HEAD_MAX bytes, path (cut at '?' or '#': the query
+ *   is scanned, never stored) <= PATH_LEN bytes. Anything else makes the flow
+ *   SLOW and the segment goes up.
+ * - A server segment answering it is taken when its head lies in the segment:
+ *   "HTTP/1.d NNN" with NNN >= 200 and not 101, strict header lines, at most one
+ *   Content-Length of <= 9 digits, no Transfer-Encoding, and framing known
+ *   without the connection's end (Content-Length, or none for HEAD/204/304).
+ *   Body segments are then counted by sequence number, never read, up to the
+ *   last byte, where the exchange is added to `http_agg` (per-CPU hash keyed by
+ *   port, method, status and path: duration and response-size bucket counts
+ *   and sums; every fast request has an empty body).
+ * - FIN/RST on an idle FAST flow die here with its state. Out-of-order data,
+ *   pipelining, unknown framing, interim or 101 responses, bytes past the
+ *   expected end, FIN/RST while an exchange is open, and a full `http_agg`
+ *   all hand the flow over to user space.
+ *
+ * HANDOVER, and why counts stay exact: the switch to SLOW happens before any
+ * state change for the segment that causes it, and the kernel writes, keyed
+ * by the flow, what user space needs to continue the byte streams as if it had
+ * parsed them itself (`struct fp_handover`): the next client seq, the next
+ * server seq when known, and the open exchange if there is one (method, path,
+ * start time from bpf_ktime_get_ns, i.e. CLOCK_MONOTONIC; and, once the
+ * response head was consumed here, its status, Content-Length and body bytes
+ * already seen). The record is written before the mode changes and the
+ * segment is queued after both, so user space, which drains `handover` after
+ * every ring read and before parsing, always has the record before the first
+ * segment of that flow (Tracker.seed). From then on every segment of the flow
+ * goes up until it closes. An exchange is therefore counted exactly once: in
+ * `http_agg` if it completed here, else by user space from the record.
+ *
+ * Concurrency: two CPUs may see segments of one flow at once (a client
+ * pipelining while the response streams). A FAST flow's state is changed
+ * only under a cmpxchg claim on `lock`; a CPU that finds it held retries a
+ * bounded number of times, then passes the segment up and counts `busy`
+ * (inexact for that flow, and expected to stay 0: a claim is held for well
+ * under a microsecond).
+ *
+ * Trade-offs of the fast path, candidly:
+ * - The latency clock is bpf_ktime_get_ns() when the filter runs, not the skb
+ *   timestamp (not readable from socket filters). On lo both are taken in the
+ *   same softirq, microseconds apart; durations are differences either way.
+ * - LRU evictions are invisible: `fast_counters` counts state creations and
+ *   deletions, and FLOW_STATES is sized for far more connections than the
+ *   exporter tracks. A SLOW flow whose state is evicted would have its next
+ *   simple request taken here while user space holds the stream's earlier
+ *   part; that is the one inexact case, and it needs > FLOW_STATES live flows.
+ * - `http_agg` is never cleared (reading and deleting races the increments),
+ *   so distinct (port, method, status, path) keys are bounded by AGG_ENTRIES;
+ *   past it, exchanges go to user space (handover reason agg_full), exactly.
+ * - The head scan is a byte-at-a-time state machine over at most HEAD_MAX
+ *   bytes with its state in the per-CPU scratch map value, which keeps the
+ *   verifier's work linear in HEAD_MAX.
+ *
  * Requirements: Linux >= 4.4 (SO_ATTACH_BPF, bpf_skb_load_bytes for socket
  * filters), BCC with kernel headers. No kprobes, no BTF, no tc.
  *
@@ -50,24 +113,46 @@
 #include <uapi/linux/ipv6.h>
 #include <uapi/linux/tcp.h>
 
-#ifndef CNT_SEEN
+#if !defined(CNT_SEEN) || !defined(FC_COUNT) || !defined(HO_COUNT)
 #error "load through exporter/capture/bpf.py: it defines the counter and config indices"
 #endif
 
 #define MAX_V6_EXT 6
 #define MAX_VLAN_TAGS 2
 
+/* Fast path sizes; bpf.py reads the same numbers from its own constants. */
+#define HEAD_MAX 512        /* payload bytes scanned for a head (power of two) */
+#define PATH_LEN 96         /* path bytes kept; a longer path makes the flow SLOW */
+#define MAX_DUR_BOUNDS 32
+#define MAX_SIZE_BOUNDS 16
+#ifndef FLOW_STATES
+#define FLOW_STATES 65536
+#endif
+#ifndef AGG_ENTRIES
+#define AGG_ENTRIES 8192
+#endif
+#ifndef HANDOVER_ENTRIES
+#define HANDOVER_ENTRIES 16384
+#endif
+#define CLAIM_TRIES 128
+
 /* Ports to watch, host byte order. Filled and changed from Python at run time. */
 BPF_HASH(watched_ports, u16, u8, 1024);
 
-/* CFG_* indices: loopback flag, snap length, link-layer header length (14 or 0). */
+/* CFG_* indices: loopback flag, snap length, link-layer header length (14 or 0), fast path. */
 BPF_ARRAY(config, u32, CFG_COUNT);
 
 /* CNT_* indices: seen, kept, one slot per drop reason. */
 BPF_PERCPU_ARRAY(filter_counters, u64, CNT_COUNT);
 
+/* FC_* indices: fast path events (not packet verdicts). */
+BPF_PERCPU_ARRAY(fast_counters, u64, FC_COUNT);
+
+/* HO_* indices: flows turned SLOW, by reason. */
+BPF_PERCPU_ARRAY(handover_counters, u64, HO_COUNT);
+
 /* One direction of one connection. Addresses are 16 bytes, IPv4 as ::ffff:a.b.c.d;
- * ports in host byte order. */
+ * ports in host byte order. The fast path keys flows client -> server with it. */
 struct flow_key {
     u8 saddr[16];
     u8 daddr[16];
@@ -79,9 +164,118 @@ struct flow_key {
  * entries user space forgot to remove cannot fill the map. */
 BPF_TABLE("lru_hash", struct flow_key, u32, body_skip, 16384);
 
+/* Histogram bounds, written once by bpf.py: a value's bucket is the number of
+ * bounds strictly below it (Python's bisect_left, since `le` is <=). */
+struct hist_bounds {
+    u64 dur_ns[MAX_DUR_BOUNDS];
+    u64 size[MAX_SIZE_BOUNDS];
+    u32 n_dur;
+    u32 n_size;
+};
+BPF_ARRAY(agg_bounds, struct hist_bounds, 1);
+
+#define MODE_FAST 1
+#define MODE_SLOW 2
+#define PHASE_IDLE 0
+#define PHASE_REQUEST 1   /* request taken, no response byte yet */
+#define PHASE_RESPONSE 2  /* response head taken, body still arriving */
+
+struct fp_state {
+    u64 lock;           /* 0 free, 1 claimed (cmpxchg; 64-bit for BPF atomics) */
+    u64 start_ns;       /* first byte of the open request, bpf_ktime_get_ns */
+    u32 cseq;           /* next client seq expected */
+    u32 sseq;           /* next server seq expected, if sseq_known */
+    u32 resp_len;       /* Content-Length of the response in progress */
+    u32 resp_seen;      /* its body bytes seen so far */
+    u16 status;
+    u8 mode;
+    u8 phase;
+    u8 method;
+    u8 path_len;
+    u8 sseq_known;
+    u8 fins;            /* bit 0: client FIN seen, bit 1: server FIN seen */
+    char path[PATH_LEN];
+};
+BPF_TABLE("lru_hash", struct flow_key, struct fp_state, flow_state, FLOW_STATES);
+
+/* Written when a FAST flow turns SLOW; user space reads and deletes it. */
+struct fp_handover {
+    u64 start_ns;
+    u32 cseq;
+    u32 sseq;
+    u32 resp_len;
+    u32 resp_seen;
+    u16 status;
+    u8 phase;
+    u8 method;
+    u8 path_len;
+    u8 sseq_known;
+    u8 reason;
+    u8 pad;
+    char path[PATH_LEN];
+};
+BPF_HASH(handover, struct flow_key, struct fp_handover, HANDOVER_ENTRIES);
+
+struct http_agg_key {
+    u16 port;
+    u16 status;
+    u8 method;
+    u8 path_len;
+    u16 pad;
+    char path[PATH_LEN];
+};
+struct http_agg_val {
+    u64 count;
+    u64 dur_sum_ns;
+    u64 resp_sum;
+    u64 dur[MAX_DUR_BOUNDS + 1];
+    u64 resp[MAX_SIZE_BOUNDS + 1];
+};
+BPF_TABLE("percpu_hash", struct http_agg_key, struct http_agg_val, http_agg, AGG_ENTRIES);
+BPF_ARRAY(agg_zero, struct http_agg_val, 1);  /* never written: the initial value */
+
+/* Per-CPU work area: payload bytes, the scanner's state (kept in memory on
+ * purpose, see the header) and keys/records too big for the 512-byte stack. */
+struct scratch {
+    u8 buf[HEAD_MAX];
+    struct fp_state st;
+    struct fp_handover ho;
+    struct http_agg_key ak;
+    u32 n;
+    u32 state;
+    u32 nlen;
+    u32 cl_ok;
+    u32 te_ok;
+    u32 cl_phase;
+    u32 cl_seen;
+    u32 cl;
+    u32 ndig;
+    u32 path_len;
+    u32 in_query;
+    u32 vpos;
+    u32 head_len;
+    u32 status;
+    u32 body;
+};
+BPF_PERCPU_ARRAY(scratch, struct scratch, 1);
+
 static __always_inline void count(u32 idx)
 {
     u64 *val = filter_counters.lookup(&idx);
+    if (val)
+        (*val)++;
+}
+
+static __always_inline void fcount(u32 idx)
+{
+    u64 *val = fast_counters.lookup(&idx);
+    if (val)
+        (*val)++;
+}
+
+static __always_inline void hcount(u32 idx)
+{
+    u64 *val = handover_counters.lookup(&idx);
     if (val)
         (*val)++;
 }
@@ -97,6 +291,572 @@ static __always_inline int is_v6_ext(u8 nexthdr)
     return nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_ROUTING ||
            nexthdr == IPPROTO_DSTOPTS || nexthdr == IPPROTO_FRAGMENT ||
            nexthdr == IPPROTO_AH;
+}
+
+/* ---- head scanner -------------------------------------------------------- */
+
+enum {
+    S_TARGET, S_VERSION, S_REASON0, S_REASON, S_LF, S_LSTART, S_NAME, S_VALUE,
+    S_CLV, S_END_LF, S_DONE, S_FAIL,
+};
+
+/* RFC 9110 tchar as two bitmaps (bytes 0-63, 64-127). */
+#define TCHAR_LO 0x03ff6cfa00000000ULL
+#define TCHAR_HI 0x57ffffffc7fffffeULL
+/* Header names, lower case, little-endian packed: "content-length", "transfer-encoding". */
+#define CL_W0 0x2d746e65746e6f63ULL  /* "content-" */
+#define CL_W1 0x00006874676e656cULL  /* "length" */
+#define TE_W0 0x726566736e617274ULL  /* "transfer" */
+#define TE_W1 0x6e69646f636e652dULL  /* "-encodin" */
+#define TE_W2 0x0000000000000067ULL  /* "g" */
+#define VERSION_W 0x002e312f50545448ULL /* "HTTP/1." */
+
+static __always_inline int is_tchar(u32 c)
+{
+    if (c < 64)
+        return (TCHAR_LO >> c) & 1;
+    if (c < 128)
+        return (TCHAR_HI >> (c - 64)) & 1;
+    return 0;
+}
+
+static __always_inline u32 pat_byte(u64 w0, u64 w1, u64 w2, u32 k)
+{
+    if (k < 8)
+        return (w0 >> (k * 8)) & 0xff;
+    if (k < 16)
+        return (w1 >> ((k - 8) * 8)) & 0xff;
+    if (k < 24)
+        return (w2 >> ((k - 16) * 8)) & 0xff;
+    return 0x100;
+}
+
+/* Scan s->buf[start .. s->n) as the rest of a head: for a request, from the
+ * target on; for a response, from after "HTTP/1.d NNN". Returns the head
+ * length (through CRLF CRLF) or 0 when the head is not one we take here.
+ * Everything the user-space parser would reject is rejected here too, and
+ * some things it accepts (bare LF, bytes >= 0x80 in the target) are left to it. */
+static __always_inline u32 scan_head(volatile struct scratch *s, u32 start, int request)
+{
+    s->state = request ? S_TARGET : S_REASON0;
+    s->head_len = 0;
+    s->cl_seen = 0;
+    s->cl = 0;
+    s->path_len = 0;
+    s->in_query = 0;
+    s->vpos = 0;
+    for (u32 i = 0; i < HEAD_MAX; i++) {
+        u32 at = start + i;
+        if (at >= s->n)
+            break;
+        u32 c = s->buf[at & (HEAD_MAX - 1)];
+        u32 state = s->state;
+        if (state == S_TARGET) {
+            if (c == ' ') {
+                s->state = S_VERSION;
+            } else if (c < 0x21 || c > 0x7e) {
+                s->state = S_FAIL;
+            } else {
+                if (c == '?' || c == '#')
+                    s->in_query = 1;
+                if (!s->in_query) {
+                    if (s->path_len >= PATH_LEN)
+                        s->state = S_FAIL;
+                    else
+                        s->path_len++;
+                }
+            }
+        } else if (state == S_VERSION) {
+            u32 v = s->vpos;
+            int ok;
+            if (v == 7)
+                ok = c >= '0' && c <= '9';
+            else if (v == 8)
+                ok = c == '\r';
+            else if (v == 9)
+                ok = c == '\n';
+            else
+                ok = c == ((VERSION_W >> ((v & 7) * 8)) & 0xff);
+            if (!ok)
+                s->state = S_FAIL;
+            else if (v == 9)
+                s->state = S_LSTART;
+            s->vpos = v + 1;
+        } else if (state == S_REASON0) {
+            if (c == ' ' || c == '\t')
+                s->state = S_REASON;
+            else if (c == '\r')
+                s->state = S_LF;
+            else
+                s->state = S_FAIL;
+        } else if (state == S_REASON) {
+            if (c == '\r')
+                s->state = S_LF;
+            else if (c == '\n')
+                s->state = S_FAIL;
+        } else if (state == S_LF) {
+            s->state = c == '\n' ? S_LSTART : S_FAIL;
+        } else if (state == S_LSTART) {
+            if (c == '\r') {
+                s->state = S_END_LF;
+            } else if (is_tchar(c)) {
+                s->state = S_NAME;
+                s->nlen = 1;
+                s->cl_ok = (c | 0x20) == 'c';
+                s->te_ok = (c | 0x20) == 't';
+            } else {
+                s->state = S_FAIL;
+            }
+        } else if (state == S_NAME) {
+            u32 k = s->nlen;
+            if (c == ':') {
+                if (s->te_ok && k == 17) {
+                    s->state = S_FAIL;
+                } else if (s->cl_ok && k == 14) {
+                    if (request || s->cl_seen) {
+                        s->state = S_FAIL;
+                    } else {
+                        s->cl_seen = 1;
+                        s->cl = 0;
+                        s->ndig = 0;
+                        s->cl_phase = 0;
+                        s->state = S_CLV;
+                    }
+                } else {
+                    s->state = S_VALUE;
+                }
+            } else if (is_tchar(c)) {
+                u32 lc = c | 0x20;
+                if (s->cl_ok && lc != pat_byte(CL_W0, CL_W1, 0, k))
+                    s->cl_ok = 0;
+                if (s->te_ok && lc != pat_byte(TE_W0, TE_W1, TE_W2, k))
+                    s->te_ok = 0;
+                s->nlen = k + 1;
+            } else {
+                s->state = S_FAIL;
+            }
+        } else if (state == S_VALUE) {
+            if (c == '\r')
+                s->state = S_LF;
+            else if (c == '\n')
+                s->state = S_FAIL;
+        } else if (state == S_CLV) {
+            if (c == ' ' || c == '\t') {
+                if (s->cl_phase == 1)
+                    s->cl_phase = 2;
+            } else if (c >= '0' && c <= '9') {
+                if (s->cl_phase == 2 || s->ndig >= 9) {
+                    s->state = S_FAIL;
+                } else {
+                    s->cl_phase = 1;
+                    s->cl = s->cl * 10 + (c - '0');
+                    s->ndig = s->ndig + 1;
+                }
+            } else if (c == '\r' && s->cl_phase != 0) {
+                s->state = S_LF;
+            } else {
+                s->state = S_FAIL;
+            }
+        } else if (state == S_END_LF) {
+            if (c == '\n') {
+                s->head_len = at + 1;
+                s->state = S_DONE;
+            } else {
+                s->state = S_FAIL;
+            }
+        }
+        if (s->state >= S_DONE)
+            break;
+    }
+    return s->state == S_DONE ? s->head_len : 0;
+}
+
+/* Load up to HEAD_MAX payload bytes into the scratch buffer; returns how many. */
+static __always_inline u32 load_payload(struct __sk_buff *skb, struct scratch *s, u32 off, u32 plen)
+{
+    u32 n = plen < HEAD_MAX ? plen : HEAD_MAX;
+    if (n < 16 || n > HEAD_MAX)
+        return 0;
+    if (bpf_skb_load_bytes(skb, off, s->buf, n) < 0)
+        return 0;
+    s->n = n;
+    return n;
+}
+
+/* Method ids; bpf.py has the same table (METHODS). CONNECT never takes the fast path. */
+static __always_inline u32 method_of(u64 w, u32 *len)
+{
+    if ((w & 0xffffffffULL) == 0x20544547ULL) { *len = 4; return 1; }            /* "GET " */
+    if ((w & 0xffffffffffULL) == 0x2044414548ULL) { *len = 5; return 2; }        /* "HEAD " */
+    if ((w & 0xffffffffffULL) == 0x2054534f50ULL) { *len = 5; return 3; }        /* "POST " */
+    if ((w & 0xffffffffULL) == 0x20545550ULL) { *len = 4; return 4; }            /* "PUT " */
+    if ((w & 0xffffffffffffffULL) == 0x204554454c4544ULL) { *len = 7; return 5; } /* "DELETE " */
+    if (w == 0x20534e4f4954504fULL) { *len = 8; return 6; }                       /* "OPTIONS " */
+    if ((w & 0xffffffffffffULL) == 0x204543415254ULL) { *len = 6; return 7; }    /* "TRACE " */
+    if ((w & 0xffffffffffffULL) == 0x204843544150ULL) { *len = 6; return 8; }    /* "PATCH " */
+    return 0;
+}
+#define METHOD_HEAD 2
+
+/* A whole simple request head in this segment: fills s->st.method/path/path_len. */
+static __always_inline int classify_request(struct __sk_buff *skb, struct scratch *s, u32 off, u32 plen)
+{
+    if (plen > HEAD_MAX || load_payload(skb, s, off, plen) != plen)
+        return 0;
+    u64 w;
+    __builtin_memcpy(&w, s->buf, 8);
+    u32 mlen = 0;
+    u32 method = method_of(w, &mlen);
+    if (!method || mlen > 8 || s->buf[mlen & 15] != '/')
+        return 0;
+    if (scan_head(s, mlen, 1) != plen)
+        return 0;
+    u32 path_len = s->path_len;
+    if (path_len > PATH_LEN)
+        return 0;
+#pragma unroll
+    for (u32 k = 0; k < PATH_LEN; k++)
+        s->st.path[k] = k < path_len ? s->buf[(mlen + k) & (HEAD_MAX - 1)] : 0;
+    s->st.path_len = path_len;
+    s->st.method = method;
+    return 1;
+}
+
+/* A response head within this segment: s->status, s->body (-1 if unframed); returns head length. */
+static __always_inline u32 classify_response(struct __sk_buff *skb, struct scratch *s, u32 off, u32 plen,
+                                             u32 method)
+{
+    if (!load_payload(skb, s, off, plen))
+        return 0;
+    u64 w;
+    __builtin_memcpy(&w, s->buf, 8);
+    if ((w & 0x00ffffffffffffffULL) != VERSION_W)
+        return 0;
+    u8 d7 = s->buf[7], sp = s->buf[8], a = s->buf[9], b = s->buf[10], c = s->buf[11];
+    if (d7 < '0' || d7 > '9' || sp != ' ')
+        return 0;
+    if (a < '0' || a > '9' || b < '0' || b > '9' || c < '0' || c > '9')
+        return 0;
+    u32 status = (a - '0') * 100 + (b - '0') * 10 + (c - '0');
+    if (status < 200)
+        return 0;  /* interim and 101: user space */
+    u32 head_len = scan_head(s, 12, 0);
+    if (!head_len)
+        return 0;
+    s->status = status;
+    if (method == METHOD_HEAD || status == 204 || status == 304)
+        s->body = 0;
+    else if (s->cl_seen)
+        s->body = s->cl;
+    else
+        return 0;  /* close-delimited */
+    return head_len;
+}
+
+/* ---- aggregation --------------------------------------------------------- */
+
+/* Bucket of v: how many of the first n bounds lie strictly below it. Two copies
+ * with constant trip counts, so the verifier sees each array's own size. */
+static __always_inline u32 duration_bucket(struct hist_bounds *b, u64 v)
+{
+    u32 idx = 0;
+    u32 n = b->n_dur;
+    for (u32 k = 0; k < MAX_DUR_BOUNDS; k++) {
+        if (k >= n)
+            break;
+        if (b->dur_ns[k] < v)
+            idx++;
+    }
+    return idx;
+}
+
+static __always_inline u32 size_bucket(struct hist_bounds *b, u64 v)
+{
+    u32 idx = 0;
+    u32 n = b->n_size;
+    for (u32 k = 0; k < MAX_SIZE_BOUNDS; k++) {
+        if (k >= n)
+            break;
+        if (b->size[k] < v)
+            idx++;
+    }
+    return idx;
+}
+
+/* Add the exchange of `st` ending now; -1 (nothing added) when http_agg is full. */
+static __always_inline int aggregate(struct scratch *s, struct fp_state *st, u16 port, u64 now, u32 body)
+{
+    u32 zero = 0;
+    struct http_agg_key *ak = &s->ak;
+    ak->port = port;
+    ak->status = st->status;
+    ak->method = st->method;
+    ak->path_len = st->path_len;
+    ak->pad = 0;
+    __builtin_memcpy(ak->path, st->path, PATH_LEN);
+    struct http_agg_val *v = http_agg.lookup(ak);
+    if (!v) {
+        struct http_agg_val *init = agg_zero.lookup(&zero);
+        if (!init)
+            return -1;
+        http_agg.insert(ak, init);  /* EEXIST when another CPU won the race: fine */
+        v = http_agg.lookup(ak);
+        if (!v)
+            return -1;
+    }
+    struct hist_bounds *b = agg_bounds.lookup(&zero);
+    if (!b)
+        return -1;
+    u64 d = now > st->start_ns ? now - st->start_ns : 0;
+    u32 di = duration_bucket(b, d);
+    u32 si = size_bucket(b, body);
+    v->count++;
+    v->dur_sum_ns += d;
+    v->resp_sum += body;
+    if (di <= MAX_DUR_BOUNDS)
+        v->dur[di]++;
+    if (si <= MAX_SIZE_BOUNDS)
+        v->resp[si]++;
+    return 0;
+}
+
+/* ---- per-flow state machine ---------------------------------------------- */
+
+#define V_CONSUMED 0      /* the kernel took the segment */
+#define V_DELETE 1        /* took it, and the connection is over: delete the state */
+#define V_COMPLETE 2      /* the open exchange ends with this segment: aggregate */
+#define V_HANDOVER 16     /* + HO_* reason: turn SLOW, pass the segment up */
+
+/* Decide what a segment does to a claimed FAST flow. Changes `st` only when it
+ * returns V_CONSUMED or V_DELETE; V_COMPLETE and handovers leave it untouched. */
+static __always_inline u32 fast_step(struct __sk_buff *skb, struct scratch *s, struct fp_state *st,
+                                     int to_server, u32 seq, u32 plen, u32 off, u8 fin, u8 rst,
+                                     u8 syn, int simple, u64 now)
+{
+    u32 phase = st->phase;
+    if (rst)
+        return phase == PHASE_IDLE ? V_DELETE : V_HANDOVER + HO_CLOSE;
+    if (syn)
+        return V_HANDOVER + HO_SEQ;
+    if (plen && fin)
+        return V_HANDOVER + HO_CLOSE;  /* data and close at once: rare, user space */
+    if (to_server) {
+        if (plen) {
+            s32 d = (s32)(seq - st->cseq);
+            if (d + (s32)plen <= 0) {
+                fcount(FC_RETRANSMITS);
+                return V_CONSUMED;
+            }
+            if (d != 0)
+                return V_HANDOVER + HO_SEQ;
+            if (phase != PHASE_IDLE)
+                return V_HANDOVER + HO_PIPELINED;
+            if (!simple)
+                return V_HANDOVER + HO_REQUEST;
+            st->phase = PHASE_REQUEST;
+            st->start_ns = now;
+            st->method = s->st.method;
+            st->path_len = s->st.path_len;
+            __builtin_memcpy(st->path, s->st.path, PATH_LEN);
+            st->cseq = seq + plen;
+            fcount(FC_REQUESTS);
+            return V_CONSUMED;
+        }
+        if (phase != PHASE_IDLE)
+            return V_HANDOVER + HO_CLOSE;
+        st->fins |= 1;
+        return st->fins == 3 ? V_DELETE : V_CONSUMED;
+    }
+    if (!plen) {
+        if (phase != PHASE_IDLE)
+            return V_HANDOVER + HO_CLOSE;
+        st->fins |= 2;
+        return st->fins == 3 ? V_DELETE : V_CONSUMED;
+    }
+    if (st->sseq_known) {
+        s32 d = (s32)(seq - st->sseq);
+        if (d + (s32)plen <= 0) {
+            fcount(FC_RETRANSMITS);
+            return V_CONSUMED;
+        }
+        if (d != 0)
+            return V_HANDOVER + HO_SEQ;
+    }
+    if (phase == PHASE_IDLE)
+        return V_HANDOVER + HO_UNSOLICITED;
+    if (phase == PHASE_REQUEST) {
+        u32 head_len = classify_response(skb, s, off, plen, st->method);
+        if (!head_len)
+            return V_HANDOVER + HO_RESPONSE;
+        u64 total = (u64)head_len + s->body;
+        if (plen > total)
+            return V_HANDOVER + HO_EXTRA;
+        if (plen == total)
+            return V_COMPLETE;
+        st->status = s->status;
+        st->resp_len = s->body;
+        st->resp_seen = plen - head_len;
+        st->phase = PHASE_RESPONSE;
+        st->sseq = seq + plen;
+        st->sseq_known = 1;
+        return V_CONSUMED;
+    }
+    u32 left = st->resp_len - st->resp_seen;
+    if (plen > left)
+        return V_HANDOVER + HO_EXTRA;
+    if (plen == left) {
+        s->status = st->status;
+        s->body = st->resp_len;
+        return V_COMPLETE;
+    }
+    st->resp_seen += plen;
+    st->sseq = seq + plen;
+    return V_CONSUMED;
+}
+
+/* Write the handover record for `st` (claimed, still FAST) and turn it SLOW. */
+static __always_inline void hand_over(struct scratch *s, struct flow_key *fk, struct fp_state *st,
+                                      u32 reason, int to_server, u32 seq)
+{
+    struct fp_handover *ho = &s->ho;
+    ho->start_ns = st->start_ns;
+    ho->cseq = st->cseq;
+    ho->sseq = st->sseq;
+    ho->sseq_known = st->sseq_known;
+    if (!to_server && !st->sseq_known) {
+        ho->sseq = seq;  /* the first server byte user space will see */
+        ho->sseq_known = 1;
+    }
+    ho->resp_len = st->resp_len;
+    ho->resp_seen = st->resp_seen;
+    ho->status = st->status;
+    ho->phase = st->phase;
+    ho->method = st->method;
+    ho->path_len = st->path_len;
+    ho->reason = reason;
+    ho->pad = 0;
+    __builtin_memcpy(ho->path, st->path, PATH_LEN);
+    if (handover.update(fk, ho) != 0)
+        fcount(FC_HANDOVER_MAP_FULL);
+    hcount(reason);
+    st->mode = MODE_SLOW;
+}
+
+static __always_inline void slow_close(struct flow_key *fk, struct fp_state *st, int to_server, u8 fin, u8 rst)
+{
+    if (rst) {
+        if (flow_state.delete(fk) == 0)
+            fcount(FC_FLOWS_DELETED);
+    } else if (fin) {
+        st->fins |= to_server ? 1 : 2;
+        if (st->fins == 3 && flow_state.delete(fk) == 0)
+            fcount(FC_FLOWS_DELETED);
+    }
+}
+
+/* Returns 1 to pass the segment up (then the usual keep/truncate rules apply), 0 when taken here. */
+static __always_inline int fast_path(struct __sk_buff *skb, struct flow_key *key, int to_server, u32 seq,
+                                     u32 plen, u32 off, u8 fin, u8 rst, u8 syn)
+{
+    u32 zero = 0;
+    struct scratch *s = scratch.lookup(&zero);
+    if (!s)
+        return 1;
+    struct flow_key fk = {};
+    if (to_server) {
+        __builtin_memcpy(&fk, key, sizeof(fk));
+    } else {
+        __builtin_memcpy(fk.saddr, key->daddr, 16);
+        __builtin_memcpy(fk.daddr, key->saddr, 16);
+        fk.sport = key->dport;
+        fk.dport = key->sport;
+    }
+    struct fp_state *st = flow_state.lookup(&fk);
+    if (st) {
+        if (st->mode != MODE_FAST) {
+            slow_close(&fk, st, to_server, fin, rst);
+            return 1;
+        }
+        int claimed = 0;
+        for (int i = 0; i < CLAIM_TRIES; i++) {
+            if (__sync_val_compare_and_swap(&st->lock, 0, 1) == 0) {
+                claimed = 1;
+                break;
+            }
+        }
+        if (!claimed) {
+            fcount(FC_BUSY);
+            return 1;
+        }
+        if (st->mode != MODE_FAST) {  /* turned SLOW while we waited */
+            __sync_fetch_and_add(&st->lock, -1);
+            slow_close(&fk, st, to_server, fin, rst);
+            return 1;
+        }
+    }
+
+    int simple = 0;
+    if (to_server && plen && !fin && !rst && !syn &&
+        (!st || (st->phase == PHASE_IDLE && seq == st->cseq)))
+        simple = classify_request(skb, s, off, plen);
+    u64 now = bpf_ktime_get_ns();
+
+    if (!st) {
+        /* Only a client's data starts state; anything else of an unknown flow is user space's. */
+        if (!to_server || !plen || fin || rst || syn)
+            return 1;
+        struct fp_state *ns = &s->st;
+        ns->lock = 0;
+        ns->cseq = seq + plen;
+        ns->sseq = 0;
+        ns->resp_len = 0;
+        ns->resp_seen = 0;
+        ns->status = 0;
+        ns->sseq_known = 0;
+        ns->fins = 0;
+        if (simple) {
+            ns->mode = MODE_FAST;
+            ns->phase = PHASE_REQUEST;
+            ns->start_ns = now;
+        } else {
+            ns->mode = MODE_SLOW;
+            ns->phase = PHASE_IDLE;
+            ns->start_ns = 0;
+        }
+        if (flow_state.insert(&fk, ns) != 0) {
+            fcount(FC_BUSY);  /* another CPU created it this instant */
+            return 1;
+        }
+        fcount(FC_FLOWS_CREATED);
+        if (!simple) {
+            hcount(HO_NEW_FLOW);
+            return 1;
+        }
+        fcount(FC_REQUESTS);
+        return 0;
+    }
+
+    u16 server_port = fk.dport;
+    u32 v = fast_step(skb, s, st, to_server, seq, plen, off, fin, rst, syn, simple, now);
+    if (v == V_COMPLETE) {
+        if (aggregate(s, st, server_port, now, s->body) == 0) {
+            st->phase = PHASE_IDLE;
+            st->sseq = seq + plen;
+            st->sseq_known = 1;
+            fcount(FC_EXCHANGES);
+            v = V_CONSUMED;
+        } else {
+            v = V_HANDOVER + HO_AGG_FULL;
+        }
+    }
+    if (v >= V_HANDOVER)
+        hand_over(s, &fk, st, v - V_HANDOVER, to_server, seq);
+    __sync_fetch_and_add(&st->lock, -1);
+    if (v == V_DELETE || (v >= V_HANDOVER && rst)) {
+        if (flow_state.delete(&fk) == 0)
+            fcount(FC_FLOWS_DELETED);
+    }
+    return v >= V_HANDOVER;
 }
 
 /* Returns 0 to drop, else the number of bytes to keep. Every path counts once. */
@@ -211,7 +971,9 @@ int http_filter(struct __sk_buff *skb)
 
     u16 sport = ntohs(tcp.source);
     u16 dport = ntohs(tcp.dest);
-    if (!watched_ports.lookup(&sport) && !watched_ports.lookup(&dport)) {
+    /* The destination port wins when both are watched, as in user space's Tracker. */
+    int to_server = watched_ports.lookup(&dport) != NULL;
+    if (!to_server && !watched_ports.lookup(&sport)) {
         count(CNT_DROPPED_PORT);
         return 0;
     }
@@ -221,20 +983,29 @@ int http_filter(struct __sk_buff *skb)
         goto malformed;
     u32 payload_len = l3_end - headers_end;
 
-    if (payload_len == 0) {
-        if (tcp.fin || tcp.rst) {
-            count(CNT_KEPT);
-            return headers_end;
-        }
+    if (payload_len == 0 && !tcp.fin && !tcp.rst) {
         count(CNT_DROPPED_NO_PAYLOAD);
         return 0;
     }
 
     key.sport = sport;
     key.dport = dport;
+    u32 seq = ntohl(tcp.seq);
+
+    if (cfg(CFG_FAST_PATH, 0) &&
+        !fast_path(skb, &key, to_server, seq, payload_len, headers_end, tcp.fin, tcp.rst, tcp.syn)) {
+        count(CNT_CONSUMED_FAST_PATH);
+        return 0;
+    }
+
+    if (payload_len == 0) {
+        count(CNT_KEPT);
+        return headers_end;
+    }
+
     u32 *seq_end = body_skip.lookup(&key);
     if (seq_end) {
-        u32 last = ntohl(tcp.seq) + payload_len; /* exclusive end, mod 2^32 */
+        u32 last = seq + payload_len; /* exclusive end, mod 2^32 */
         if ((s32)(last - *seq_end) <= 0) {
             count(CNT_KEPT);
             count(CNT_TRUNCATED_BODY_SKIP);

@@ -3,12 +3,25 @@
 The capture loop owns the main thread. It wakes at least every `POLL_S` so SIGINT and
 SIGTERM stop it within a second even on a silent link, and runs idle-flow eviction about
 once a second against the wall clock (packet timestamps are CLOCK_REALTIME too).
+
+Interface loss: about once a second the loop checks that the interface still exists, is
+the same one (same ifindex) and is up; a capture read error counts as loss too. On loss
+the capture is closed, /healthz answers 503 with the reason, /metrics keeps serving, and
+the loop tries to open the capture again every `REATTACH_EVERY_S` until the interface is
+back. After `--user` dropped the privileges there is nothing to reattach with: it stays
+detached (503) and says that a restart is needed.
+
+`--user`: the capture is opened *before* the HTTP server thread starts, and privileges are
+dropped right after, while this is the only thread (capabilities are per thread).
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import signal
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,6 +34,7 @@ from prometheus_client import CollectorRegistry
 from exporter.config import ListenAddress
 from exporter.core.flows import Limits
 from exporter.core.routes import RouteMapper
+from exporter.errors import CaptureError
 from exporter.metrics import ExporterCollector, HttpMetrics, SelfSample
 from exporter.pipeline import Pipeline
 from exporter.server import Health, MetricsServer, build_app
@@ -29,6 +43,10 @@ log = logging.getLogger("ebpf_slo_exporter")
 
 POLL_S = 0.2
 EXPIRE_EVERY_S = 1.0
+IFACE_CHECK_EVERY_S = 1.0
+REATTACH_EVERY_S = 1.0
+_SIOCGIFFLAGS = 0x8913
+_IFF_UP = 0x1
 
 
 @dataclass
@@ -42,6 +60,22 @@ class RunSettings:
     limits: Limits = field(default_factory=Limits)
     slo_runtime: Any = None  # exporter.slo.runtime.SloRuntime, optional
     extra_self_sources: list[Any] = field(default_factory=list)
+    user: str | None = None  # drop every privilege and become this user once capturing
+    web_config: Any = None  # exporter.webconfig.WebConfig: TLS and basic auth, optional
+
+
+def interface_state(interface: str) -> tuple[int, bool] | None:
+    """(ifindex, up) of an interface in this network namespace; None when it does not exist."""
+    try:
+        index = socket.if_nametoindex(interface)
+    except OSError:
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            raw = fcntl.ioctl(sock, _SIOCGIFFLAGS, struct.pack("16sH14x", interface.encode()[:15], 0))
+        except OSError:
+            return None
+    return index, bool(struct.unpack_from("16sH", raw)[1] & _IFF_UP)
 
 
 class Exporter:
@@ -53,6 +87,14 @@ class Exporter:
         sinks = [settings.slo_runtime] if settings.slo_runtime is not None else []
         self.pipeline = Pipeline(settings.ports, self.routes, self.http, settings.limits, sinks)
         self.capture: Any = None
+        self._capture_lock = threading.Lock()
+        self._ifindex = 0
+        # Counters of captures closed after an interface loss, so the exported ones never go back.
+        self._closed_counts: dict[str, int] = {"packets": 0, "drops": 0, "decode_errors": 0}
+        self._closed_filter: dict[str, int] = {}
+        self.detached_total = 0
+        self.reattached_total = 0
+        self._privileges_dropped = False
         self._stop = threading.Event()
         self.registry = CollectorRegistry(auto_describe=False)
         slo = settings.slo_runtime
@@ -66,30 +108,55 @@ class Exporter:
             f"interface {settings.interface}, ports {', '.join(map(str, settings.ports))}",
             slo.snapshot if slo is not None else None,
         )
-        self.server = MetricsServer(settings.listen, app)
+        web = settings.web_config
+        if web is not None:
+            from exporter.webconfig import protect
+
+            app = protect(app, web)
+        self.server = MetricsServer(settings.listen, app, web.tls if web is not None else None)
 
     def _capture_samples(self) -> list[SelfSample]:
-        capture = self.capture
-        samples = [SelfSample("filter_attached", "gauge", "1 while the BPF filter is attached to the interface.",
-                              1.0 if self.health.ready else 0.0)]
-        if capture is None:
-            return samples
+        samples = [
+            SelfSample("filter_attached", "gauge", "1 while the BPF filter is attached to the interface.",
+                       1.0 if self.health.ready else 0.0),
+            SelfSample("capture_detached_total", "counter",
+                       "Times the capture lost its interface (down, deleted or a read error).",
+                       self.detached_total),
+            SelfSample("capture_reattached_total", "counter",
+                       "Times the capture was opened again after losing its interface.", self.reattached_total),
+        ]
+        with self._capture_lock:
+            counts = dict(self._closed_counts)
+            filter_counts = dict(self._closed_filter)
+            capture = self.capture
+            if capture is None and not filter_counts:
+                return samples
+            if capture is not None:
+                counts["packets"] += capture.packets_received()
+                counts["drops"] += capture.kernel_drops()
+                counts["decode_errors"] += capture.decode_errors()
+                for name, value in capture.filter_counters().items():
+                    filter_counts[name] = filter_counts.get(name, 0) + value
         samples += [
             SelfSample("packets_received_total", "counter", "Frames the filter passed to user space.",
-                       capture.packets_received()),
+                       counts["packets"]),
             SelfSample("kernel_drops_total", "counter",
                        "Frames the kernel dropped before user space read them (socket buffer full).",
-                       capture.kernel_drops()),
+                       counts["drops"]),
             SelfSample("decode_errors_total", "counter", "Frames user space could not decode as TCP.",
-                       capture.decode_errors()),
+                       counts["decode_errors"]),
         ]
-        for name, value in sorted(capture.filter_counters().items()):
+        for name, value in sorted(filter_counts.items()):
             samples.append(SelfSample("filter_packets_total", "counter",
                                       "Packets the BPF filter looked at, by verdict.", value, (("verdict", name),)))
         return samples
 
     def request_stop(self, *_: Any) -> None:
         self._stop.set()
+
+    @property
+    def stopping(self) -> threading.Event:
+        return self._stop
 
     def install_signal_handlers(self) -> None:
         def handler(signum: int, frame: FrameType | None) -> None:
@@ -98,15 +165,37 @@ class Exporter:
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
 
-    def run(self, on_ready: Any = None) -> None:
-        """Serve and capture until stopped. Errors from capture start are raised as CaptureError."""
+    def _open_capture(self) -> None:
         from exporter.capture.live import LiveCapture  # bcc is imported only when capturing
 
-        self.server.start()
+        capture = LiveCapture(self.settings.interface, self.settings.ports)
+        capture.open()
+        state = interface_state(self.settings.interface)
+        with self._capture_lock:
+            self.capture = capture
+            self._ifindex = state[0] if state is not None else 0
+
+    def _drop_privileges(self, user: str) -> None:
+        from exporter.security import drop_privileges
+
+        slo = self.settings.slo_runtime
+        pusher = getattr(slo, "pusher", None)
+        hand_over = [pusher.spool.directory] if pusher is not None else []
+        who = drop_privileges(user, hand_over)
+        self._privileges_dropped = True
+        log.info("dropped every capability; now running as %s (uid %d, gid %d)", who.user, who.uid, who.gid)
+
+    def run(self, on_ready: Any = None) -> None:
+        """Serve and capture until stopped. Errors from capture start are raised as CaptureError."""
+        user = self.settings.user
+        if user is None:
+            self.server.start()
         slo = self.settings.slo_runtime
         try:
-            self.capture = LiveCapture(self.settings.interface, self.settings.ports)
-            self.capture.open()
+            self._open_capture()
+            if user is not None:
+                self._drop_privileges(user)
+                self.server.start()
             self.health.set(True, f"filter attached to {self.settings.interface}")
             log.info("capturing HTTP on %s ports %s; metrics on http://%s/metrics", self.settings.interface,
                      ",".join(map(str, self.settings.ports)), self.settings.listen)
@@ -117,29 +206,94 @@ class Exporter:
             self._loop()
         finally:
             self.health.set(False, "stopping")
-            if self.capture is not None:
-                self.capture.close()
+            with self._capture_lock:
+                if self.capture is not None:
+                    self.capture.close()
             self.pipeline.flush()
             if slo is not None:
                 slo.stop(timeout_s=1.0)
             self.server.stop()
 
     def _loop(self) -> None:
-        read = self.capture.read
         feed = self.pipeline.feed
-        next_expire = time.monotonic() + EXPIRE_EVERY_S
+        next_expire = next_check = time.monotonic() + EXPIRE_EVERY_S
+        next_reattach = 0.0
         while not self._stop.is_set():
-            segments = read(POLL_S)
-            if segments:
-                feed(segments)
+            capture = self.capture
+            if capture is None:
+                if time.monotonic() >= next_reattach:
+                    self._reattach()
+                    next_reattach = time.monotonic() + REATTACH_EVERY_S
+                else:
+                    self._stop.wait(POLL_S)
+            else:
+                try:
+                    segments = capture.read(POLL_S)
+                except (OSError, CaptureError) as exc:
+                    self._detach(f"reading the capture failed: {exc}")
+                    next_reattach = time.monotonic() + REATTACH_EVERY_S
+                    continue
+                if segments:
+                    feed(segments)
             now = time.monotonic()
+            if self.capture is not None and now >= next_check:
+                lost = self._interface_lost()
+                if lost:
+                    self._detach(lost)
+                    next_reattach = now + REATTACH_EVERY_S
+                next_check = now + IFACE_CHECK_EVERY_S
             if now >= next_expire:
                 self.pipeline.expire(time.time_ns())
                 next_expire = now + EXPIRE_EVERY_S
 
+    def _interface_lost(self) -> str:
+        """Why the capture's interface is gone, or '' while it is fine."""
+        name = self.settings.interface
+        state = interface_state(name)
+        if state is None:
+            return f"interface {name} was deleted"
+        index, up = state
+        if index != self._ifindex:
+            return f"interface {name} was deleted and created again"
+        if not up:
+            return f"interface {name} is down"
+        return ""
 
-def spool_default() -> Path:
-    import os
+    def _detach(self, reason: str) -> None:
+        with self._capture_lock:
+            capture, self.capture = self.capture, None
+            if capture is None:
+                return
+            try:
+                self._closed_counts["packets"] += capture.packets_received()
+                self._closed_counts["drops"] += capture.kernel_drops()
+                self._closed_counts["decode_errors"] += capture.decode_errors()
+                for name, value in capture.filter_counters().items():
+                    self._closed_filter[name] = self._closed_filter.get(name, 0) + value
+            except (OSError, CaptureError):
+                pass  # the last counts of a broken socket are lost; the next capture counts anew
+            capture.close()
+        self.detached_total += 1
+        self.health.set(False, f"capture detached: {reason}; retrying every {REATTACH_EVERY_S:g}s")
+        log.warning("capture detached: %s; /metrics keeps serving, reattaching when it is back", reason)
+        if self._privileges_dropped:
+            log.error("privileges were dropped (--user): the capture cannot be reopened; restart the exporter")
 
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state) / "ebpf-slo-exporter" / "spool"
+    def _reattach(self) -> None:
+        name = self.settings.interface
+        if self._privileges_dropped:
+            self.health.set(False, f"capture detached from {name}; privileges were dropped (--user), "
+                                   "so only a restart can reattach")
+            return
+        state = interface_state(name)
+        if state is None or not state[1]:
+            return
+        try:
+            self._open_capture()
+        except CaptureError as exc:
+            log.debug("reattaching to %s failed: %s", name, exc)
+            return
+        self.reattached_total += 1
+        self.health.set(True, f"filter attached to {name} again")
+        log.info("capture reattached to %s", name)
+

@@ -112,6 +112,11 @@ def run_options(func: Any) -> Any:
                      help="YAML file with any of these options (flags and env vars win)."),
         click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
                      show_default=True, envvar=env_var("log_level")),
+        click.option("--user", envvar=env_var("user"),
+                     help="Once the filter is attached, drop every capability and run as this user."),
+        click.option("--web-config", "--web.config.file", "web_config", type=click.Path(dir_okay=False),
+                     envvar=env_var("web_config"),
+                     help="Prometheus exporter-toolkit web config: TLS and basic auth for the endpoints."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -148,7 +153,8 @@ def run(ctx: click.Context, **params: Any) -> None:
 
     exporter = Exporter(_run_settings(params))
     exporter.install_signal_handlers()
-    click.echo(f"serving http://{params['listen']}/metrics", err=True)
+    scheme = "https" if exporter.settings.web_config is not None and exporter.settings.web_config.tls else "http"
+    click.echo(f"serving {scheme}://{params['listen']}/metrics", err=True)
     exporter.run()
 
 
@@ -182,7 +188,23 @@ def _run_settings(params: dict[str, Any]) -> Any:
         max_routes_per_port=params["max_routes_per_port"],
         limits=limits,
         slo_runtime=runtime,
+        user=params.get("user") or None,
+        web_config=_web_config(params.get("web_config"), params.get("user")),
     )
+
+
+def _web_config(path: str | None, user: str | None) -> Any:
+    if user:
+        from exporter.security import resolve_user
+
+        resolve_user(user)  # an unknown user fails now, not after the filter is attached
+    if not path:
+        return None
+    from exporter.webconfig import load_web_config
+
+    config = load_web_config(path)
+    log.info("endpoints: %s (web config %s)", config.describe(), path)
+    return config
 
 
 def _slo_runtime(objectives: list[Any], params: dict[str, Any], push_interval: float) -> Any:

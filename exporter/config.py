@@ -45,6 +45,8 @@ FILE_KEYS = {
     "push_interval": "push_interval",
     "spool_dir": "spool_dir",
     "log_level": "log_level",
+    "user": "user",
+    "web_config": "web_config",
 }
 
 

@@ -102,6 +102,22 @@ def generate_load(url: str, rate: float, clients: int, duration: float | None) -
     return sum(sent)
 
 
+def _live_report(runtime: Any, stopping: threading.Event) -> None:
+    """The `slo report --watch` table, fed straight from the in-process runtime."""
+    from rich.console import Console
+
+    from exporter.slo.report import lines_from_snapshot, render, watch
+
+    def produce() -> Any:
+        return render(lines_from_snapshot(runtime.snapshot()), "table", time.time())
+
+    def pause(seconds: float) -> None:
+        if stopping.wait(seconds):
+            raise KeyboardInterrupt  # watch() ends quietly on it
+
+    watch(Console(), produce, every_s=3.0, sleep=pause)
+
+
 def demo_manifest_text() -> str:
     return resources.files("exporter").joinpath("demo/reliably.yaml").read_text(encoding="utf-8")
 
@@ -111,7 +127,6 @@ def run_demo(port: int, listen: ListenAddress, rate: float, reliably_url: str | 
     from exporter.app import Exporter, RunSettings
     from exporter.metrics import DEFAULT_DURATION_BUCKETS
     from exporter.slo.manifest import latency_targets, parse_manifest
-    from exporter.slo.report import live_report
     from exporter.slo.runtime import SloRuntime, push_settings_from
 
     objectives = parse_manifest(demo_manifest_text(), source="demo reliably.yaml")
@@ -142,7 +157,7 @@ def run_demo(port: int, listen: ListenAddress, rate: float, reliably_url: str | 
         print(f"demo service on http://127.0.0.1:{port}/ at ~{rate:g} req/s; "
               f"metrics on http://{listen}/metrics, SLO JSON on http://{listen}/api/v1/slo; Ctrl-C stops",
               flush=True)
-        threading.Thread(target=live_report, args=(runtime.snapshot, exporter._stop), daemon=True).start()
+        threading.Thread(target=_live_report, args=(runtime, exporter.stopping), daemon=True).start()
 
     try:
         exporter.run(on_ready=start_children)

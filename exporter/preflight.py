@@ -10,7 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Capability bit numbers from linux/capability.h.
-CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
+CAPABILITIES = {
+    "CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_SETPCAP": 8, "CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13,
+    "CAP_SYS_ADMIN": 21, "CAP_SYS_RESOURCE": 24, "CAP_PERFMON": 38, "CAP_BPF": 39,
+}
+# What capture needs (tested: tests/integration/test_privileges.py), and what --user needs on top
+# when the exporter does not start as root (to change uid/gid and empty the bounding set).
+CAPTURE_CAPABILITIES = ("CAP_BPF", "CAP_NET_RAW")
+DROP_CAPABILITIES = ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP")
+UNPRIVILEGED_BPF = Path("/proc/sys/kernel/unprivileged_bpf_disabled")
 BPF_PROG_LOAD = 5
 SYS_BPF = {"x86_64": 321, "aarch64": 280}
 
@@ -38,14 +46,26 @@ def has_capture_privileges(caps: set[str]) -> bool:
     return "CAP_NET_RAW" in caps and bool(caps & {"CAP_BPF", "CAP_SYS_ADMIN"})
 
 
-def check_privileges() -> CheckResult:
-    caps = effective_capabilities()
-    needed = {"CAP_BPF", "CAP_NET_RAW"}
-    if has_capture_privileges(caps):
-        return CheckResult("privileges", True, f"effective capabilities: {', '.join(sorted(caps))}")
+def check_privileges(caps: set[str] | None = None) -> CheckResult:
+    """Which of the capabilities capture needs are present and which are missing."""
+    caps = effective_capabilities() if caps is None else caps
+    needed = set(CAPTURE_CAPABILITIES)
+    present = sorted(needed & caps)
     missing = sorted(needed - caps)
-    return CheckResult("privileges", False, f"missing {', '.join(missing)} (uid {os.geteuid()})",
-                       "run as root (sudo) or grant CAP_BPF and CAP_NET_RAW")
+    if "CAP_BPF" in missing and "CAP_SYS_ADMIN" in caps:
+        missing.remove("CAP_BPF")  # CAP_SYS_ADMIN still covers BPF (and is all kernels before 5.8 know)
+        present.append("CAP_SYS_ADMIN")
+    drop_missing = [c for c in DROP_CAPABILITIES if c not in caps]
+    detail = f"uid {os.geteuid()}; present: {', '.join(present) or 'none'}; missing: {', '.join(missing) or 'none'}"
+    detail += f"; for --user: {'missing ' + ', '.join(drop_missing) if drop_missing else 'ok'}"
+    try:
+        detail += f"; kernel.unprivileged_bpf_disabled={UNPRIVILEGED_BPF.read_text().strip()}"
+    except OSError:
+        pass
+    if not missing:
+        return CheckResult("privileges", True, detail)
+    return CheckResult("privileges", False, detail,
+                       "run as root, or grant exactly CAP_BPF and CAP_NET_RAW (e.g. systemd AmbientCapabilities=)")
 
 
 def check_bpf_syscall() -> CheckResult:

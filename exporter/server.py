@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
@@ -26,9 +27,30 @@ StartResponse = Callable[..., Any]
 WSGIEnviron = dict[str, Any]
 
 
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
+
+
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
+    tls_context: ssl.SSLContext | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        # Runs in the connection's own thread (ThreadingMixIn), so a slow or stalled TLS
+        # handshake never holds up accept(); the timeout bounds how long it can take.
+        context = self.tls_context
+        if context is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(TLS_HANDSHAKE_TIMEOUT_S)
+        try:
+            tls = context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError):
+            return  # a failed handshake (no client certificate, plain HTTP, scanner): nothing to serve
+        try:
+            super().finish_request(tls, client_address)
+        finally:
+            tls.close()
 
 
 class _ThreadingServerV6(_ThreadingServer):
@@ -109,9 +131,14 @@ def build_app(
 
 
 class MetricsServer:
-    """A threaded WSGI server on `listen`, started and stopped by the caller."""
+    """A threaded WSGI server on `listen`, started and stopped by the caller; HTTPS with `tls`."""
 
-    def __init__(self, listen: ListenAddress, app: Callable[[WSGIEnviron, StartResponse], Iterable[bytes]]):
+    def __init__(
+        self,
+        listen: ListenAddress,
+        app: Callable[[WSGIEnviron, StartResponse], Iterable[bytes]],
+        tls: ssl.SSLContext | None = None,
+    ):
         server_class = _ThreadingServerV6 if ":" in listen.host else _ThreadingServer
         try:
             self._server = make_server(listen.host, listen.port, app, server_class, _QuietHandler)
@@ -121,6 +148,8 @@ class MetricsServer:
                     f"cannot listen on {listen}: the port is already in use; pick another with --listen"
                 ) from exc
             raise ConfigError(f"cannot listen on {listen}: {exc.strerror}") from exc
+        self._server.tls_context = tls
+        self.scheme = "https" if tls is not None else "http"
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-server", daemon=True)
 
     @property
@@ -131,5 +160,6 @@ class MetricsServer:
         self._thread.start()
 
     def stop(self) -> None:
-        self._server.shutdown()
+        if self._thread.is_alive():  # shutdown() waits for serve_forever, which may never have run
+            self._server.shutdown()
         self._server.server_close()

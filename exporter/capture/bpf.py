@@ -40,10 +40,44 @@ COUNTER_NAMES: tuple[str, ...] = (
     "dropped_port",
     "dropped_no_payload",
     "dropped_malformed",
+    "consumed_fast_path",
 )
 
+# Slots of the per-CPU `fast_counters` array: fast path events, not packet verdicts.
+FAST_COUNTER_NAMES: tuple[str, ...] = (
+    "requests",  # request heads taken in the kernel
+    "exchanges",  # exchanges completed and aggregated in the kernel
+    "retransmits",  # segments of FAST flows already seen
+    "busy",  # segments passed up because another CPU held the flow (inexact; expected 0)
+    "flows_created",  # flow_state entries created
+    "flows_deleted",  # flow_state entries deleted at FIN/RST (LRU evictions are not seen)
+    "handover_map_full",  # handover records lost to a full map (inexact; expected 0)
+)
+
+# Slots of `handover_counters`: why a flow went to user space. `new_flow` is a flow
+# whose first request was not simple: it never was FAST, so there is nothing to hand over.
+HANDOVER_REASONS: tuple[str, ...] = (
+    "new_flow",
+    "request",
+    "pipelined",
+    "response",
+    "extra",
+    "seq",
+    "unsolicited",
+    "close",
+    "agg_full",
+)
+
+# Method ids of the fast path; index 0 is "none". CONNECT never takes it.
+METHODS: tuple[str, ...] = ("", "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "TRACE", "PATCH")
+
+# Must match the C file's MAX_DUR_BOUNDS / MAX_SIZE_BOUNDS / PATH_LEN.
+MAX_DURATION_BOUNDS = 32
+MAX_SIZE_BOUNDS = 16
+PATH_LEN = 96
+
 # Slots of the `config` array.
-_CONFIG_NAMES: tuple[str, ...] = ("loopback", "snaplen", "link_header_len")
+_CONFIG_NAMES: tuple[str, ...] = ("loopback", "snaplen", "link_header_len", "fast_path")
 
 # 256 KiB, as tcpdump: a GSO super-packet on lo is up to 14 + 65535 bytes, so
 # 65535 would clip the tail of the largest ones.
@@ -93,8 +127,10 @@ class HttpFilter:
         snaplen: int = DEFAULT_SNAPLEN,
         link_header_len: int = 14,
         src_file: Path | None = None,
+        fast_path: bool = False,
     ) -> None:
         require_privileges()
+        self._fast_path = fast_path
         release = platform.release()
         build = Path("/lib/modules") / release / "build"
         if not build.is_dir():
@@ -110,6 +146,10 @@ class HttpFilter:
         cflags.append(f"-DCNT_COUNT={len(COUNTER_NAMES)}")
         cflags += [f"-DCFG_{name.upper()}={i}" for i, name in enumerate(_CONFIG_NAMES)]
         cflags.append(f"-DCFG_COUNT={len(_CONFIG_NAMES)}")
+        cflags += [f"-DFC_{name.upper()}={i}" for i, name in enumerate(FAST_COUNTER_NAMES)]
+        cflags.append(f"-DFC_COUNT={len(FAST_COUNTER_NAMES)}")
+        cflags += [f"-DHO_{name.upper()}={i}" for i, name in enumerate(HANDOVER_REASONS)]
+        cflags.append(f"-DHO_COUNT={len(HANDOVER_REASONS)}")
         cflags.append("-w")  # kernel headers are noisy under BCC's clang; our own code is reviewed
         # BCC raises bare Exception for compile and load failures; this is the one
         # place that catches that, and it turns it into the project's error.
@@ -124,13 +164,20 @@ class HttpFilter:
         except Exception as exc:
             self._bpf.cleanup()
             msg = str(exc)
-            if "Operation not permitted" in msg or "Permission denied" in msg:
+            # As root, EACCES is the verifier's refusal, not a privilege problem.
+            if os.geteuid() != 0 and ("Operation not permitted" in msg or "Permission denied" in msg):
                 raise CaptureError("BPF needs root or CAP_BPF+CAP_NET_RAW: run with sudo") from exc
             raise CaptureError(f"kernel refused the BPF program: {msg}") from exc
         self._ports = self._bpf[b"watched_ports"]
         self._config = self._bpf[b"config"]
         self._counters = self._bpf[b"filter_counters"]
         self._skip = self._bpf[b"body_skip"]
+        self._fast_counters = self._bpf[b"fast_counters"]
+        self._handover_counters = self._bpf[b"handover_counters"]
+        self._bounds = self._bpf[b"agg_bounds"]
+        self._flow_states = self._bpf[b"flow_state"]
+        self.handovers = self._bpf[b"handover"]
+        self.aggregates = self._bpf[b"http_agg"]
         self.configure(loopback=loopback, snaplen=snaplen, link_header_len=link_header_len)
         self.set_ports(ports)
 
@@ -139,12 +186,17 @@ class HttpFilter:
         """File descriptor of the loaded program, for SO_ATTACH_BPF."""
         return int(self._fn.fd)
 
-    def configure(self, *, loopback: bool, snaplen: int, link_header_len: int) -> None:
+    def configure(
+        self, *, loopback: bool, snaplen: int, link_header_len: int, fast_path: bool | None = None
+    ) -> None:
+        if fast_path is not None:
+            self._fast_path = fast_path
         if not 64 <= snaplen <= 1 << 20:
             raise CaptureError(f"snap length {snaplen} out of range 64..1048576")
         if link_header_len not in (0, 14):
             raise CaptureError(f"link header length {link_header_len} unsupported (0 or 14)")
-        values = {"loopback": int(loopback), "snaplen": snaplen, "link_header_len": link_header_len}
+        values = {"loopback": int(loopback), "snaplen": snaplen, "link_header_len": link_header_len,
+                  "fast_path": int(self._fast_path)}
         for i, name in enumerate(_CONFIG_NAMES):
             self._config[ct.c_int(i)] = ct.c_uint32(values[name])
 
@@ -160,6 +212,44 @@ class HttpFilter:
                 del self._ports[key]
         for port in wanted:
             self._ports[self._ports.Key(port)] = self._ports.Leaf(1)
+
+    @property
+    def fast_path(self) -> bool:
+        return self._fast_path
+
+    def set_bounds(self, duration_s: Iterable[float], sizes: Iterable[float]) -> None:
+        """The histogram bounds the kernel buckets fast-path exchanges with (HttpMetrics' own).
+
+        Set them before turning the fast path on; a bucket of the kernel is then exactly
+        the bucket `bisect_left` picks in user space.
+        """
+        durations = sorted(set(float(b) for b in duration_s))
+        size_list = sorted(set(float(b) for b in sizes))
+        if len(durations) > MAX_DURATION_BOUNDS or len(size_list) > MAX_SIZE_BOUNDS:
+            raise CaptureError(
+                f"the fast path takes at most {MAX_DURATION_BOUNDS} duration and {MAX_SIZE_BOUNDS} size "
+                "buckets: use fewer, or run with --no-fast-path"
+            )
+        if any(b < 0 for b in durations + size_list):
+            raise CaptureError("the fast path needs non-negative bucket bounds: run with --no-fast-path")
+        leaf = self._bounds.Leaf()
+        for i, bound in enumerate(durations):
+            # d_ns > floor(b * 1e9) <=> d_ns / 1e9 > b for integer d_ns (to float precision).
+            leaf.dur_ns[i] = min(int(bound * 1e9), (1 << 64) - 1)
+        for i, bound in enumerate(size_list):
+            leaf.size[i] = min(int(bound), (1 << 64) - 1)  # integer n > floor(b) <=> n > b
+        leaf.n_dur = len(durations)
+        leaf.n_size = len(size_list)
+        self._bounds[ct.c_int(0)] = leaf
+
+    def fast_counters(self) -> dict[str, int]:
+        """Fast path events since load, summed over CPUs."""
+        return {name: int(self._fast_counters.sum(ct.c_int(i)).value) for i, name in enumerate(FAST_COUNTER_NAMES)}
+
+    def handover_counters(self) -> dict[str, int]:
+        """Flows turned over to user space, by reason, summed over CPUs."""
+        return {name: int(self._handover_counters.sum(ct.c_int(i)).value)
+                for i, name in enumerate(HANDOVER_REASONS)}
 
     def ports(self) -> set[int]:
         return {k.value for k in self._ports.keys()}

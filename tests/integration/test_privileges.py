@@ -1,0 +1,222 @@
+"""Least privilege, tested on the real exporter: what it needs, and giving it all up.
+
+- The capture runs as an unprivileged uid holding only CAP_BPF and CAP_NET_RAW (ambient,
+  via setpriv), with RLIMIT_MEMLOCK at 0, and counts real traffic exactly.
+- Each of the two is needed: without either, the kernel itself refuses (the exporter's own
+  precheck is bypassed in that probe, so the refusal is the kernel's).
+- `--user` drops every capability in every thread (effective, permitted, inheritable,
+  bounding, ambient), sets no_new_privs and switches uid/gid; counting goes on afterwards.
+- `check` names the capabilities present and missing.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import pwd
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import REPO, ExporterProcess, counts_by_key, logging_server, self_metric
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to grant capabilities")
+
+CAP_NET_RAW, CAP_BPF = 13, 39
+NOBODY = pwd.getpwnam("nobody")
+
+
+def setpriv(caps: Sequence[str], uid: int = NOBODY.pw_uid, gid: int = NOBODY.pw_gid) -> list[str]:
+    """A setpriv prefix: become uid/gid holding exactly `caps` (names without CAP_), ambient."""
+    spec = ",".join(["-all", *(f"+{c}" for c in caps)])
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", f"--inh-caps={spec}",
+            f"--ambient-caps={spec}", f"--bounding-set={spec}"]
+
+
+def no_memlock() -> None:
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (0, 0))
+
+
+class PrivExporter(ExporterProcess):
+    """The harness's exporter, started through a command prefix (setpriv) and preexec hook."""
+
+    def __init__(self, *args: str, prefix: Sequence[str] = (), preexec: object = None,
+                 env: dict[str, str] | None = None) -> None:
+        super().__init__(*args, env=env)
+        self.prefix = list(prefix)
+        self.preexec = preexec
+
+    def start(self, timeout: float = 40.0) -> PrivExporter:
+        self.proc = subprocess.Popen(
+            [*self.prefix, sys.executable, "-m", "exporter", "run", *self.args],
+            cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            preexec_fn=self.preexec,  # type: ignore[arg-type]
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.output = self.proc.stdout.read() if self.proc.stdout else ""
+                raise RuntimeError(f"exporter exited with {self.proc.returncode}: {self.output}")
+            try:
+                with urllib.request.urlopen(self.base + "/healthz", timeout=1) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"exporter not ready within {timeout}s: {self.output}")
+
+
+def unprivileged_env(tmp_path: Path) -> dict[str, str]:
+    """A HOME the unprivileged user can reach (pytest's tmp_path is root-only): BCC and Python
+    write nothing there today, but a run must not depend on root's HOME."""
+    home = Path(tempfile.mkdtemp(prefix="ebpf-slo-home-"))
+    os.chmod(home, 0o777)
+    return {"HOME": str(home), "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def traffic(port: int, paths: Sequence[str]) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    for path in paths:
+        conn.request("GET", path)
+        conn.getresponse().read()
+    conn.close()
+
+
+def task_status(pid: int) -> dict[str, dict[str, str]]:
+    """Every thread's /proc status, as {tid: {field: value}}."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = {}
+        for line in (task / "status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            fields[name] = value.strip()
+        out[task.name] = fields
+    return out
+
+
+def test_capture_needs_only_cap_bpf_and_cap_net_raw(tmp_path: Path) -> None:
+    env = unprivileged_env(tmp_path)
+    with logging_server("127.0.0.1") as server, PrivExporter(
+        "--interface", "lo", "--port", str(server.port), prefix=setpriv(["bpf", "net_raw"]), preexec=no_memlock,
+        env=env,
+    ) as exporter:
+        assert exporter.proc is not None
+        status = task_status(exporter.proc.pid)
+        traffic(server.port, ["/a", "/b", "/a", "/status/404"])
+        samples = exporter.wait_for_exchanges(4)
+    mask = f"{1 << CAP_BPF | 1 << CAP_NET_RAW:016x}"
+    for fields in status.values():
+        assert fields["Uid"].split() == [str(NOBODY.pw_uid)] * 4
+        assert (fields["CapEff"], fields["CapPrm"], fields["CapAmb"], fields["CapBnd"]) == (mask,) * 4
+    assert counts_by_key(samples, server.port) == {("GET", "200", "/a"): 2, ("GET", "200", "/b"): 1,
+                                                   ("GET", "404", "/status/{id}"): 1}
+    assert self_metric(samples, "exchanges_total") == 4
+
+
+PROBE = """
+import exporter.capture.bpf as bpf
+bpf.require_privileges = lambda: None  # let the kernel be the judge
+from exporter.capture.live import LiveCapture
+from exporter.errors import CaptureError
+try:
+    LiveCapture("lo", [9]).open().close()
+    print("OPENED")
+except CaptureError as exc:
+    print("REFUSED", exc)
+"""
+
+
+@pytest.mark.parametrize(
+    ("caps", "expected"),
+    [
+        (["bpf", "net_raw"], "OPENED"),
+        (["net_raw"], "REFUSED BPF program"),  # BPF_PROG_LOAD / MAP_CREATE: EPERM
+        (["bpf"], "REFUSED packet capture needs root or CAP_NET_RAW"),  # socket(AF_PACKET): EPERM
+    ],
+    ids=["both", "no-cap-bpf", "no-cap-net-raw"],
+)
+def test_the_kernel_refuses_without_either(tmp_path: Path, caps: list[str], expected: str) -> None:
+    result = subprocess.run([*setpriv(caps), sys.executable, "-c", PROBE], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, env={**os.environ, **unprivileged_env(tmp_path)},
+                            preexec_fn=no_memlock)
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("OPENED", "REFUSED"))]
+    assert len(lines) == 1 and lines[0].startswith(expected), result.stdout + result.stderr
+    assert sysctl_unprivileged_bpf() == "2"  # why nothing works without CAP_BPF here
+
+
+def sysctl_unprivileged_bpf() -> str:
+    return Path("/proc/sys/kernel/unprivileged_bpf_disabled").read_text().strip()
+
+
+def assert_no_privileges(pid: int, uid: int) -> None:
+    tasks = task_status(pid)
+    assert tasks, "no threads?"
+    for fields in tasks.values():
+        assert fields["Uid"].split() == [str(uid)] * 4
+        assert fields["Gid"].split() == [str(NOBODY.pw_gid)] * 4
+        assert fields["Groups"] == ""
+        for name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            assert fields[name] == "0000000000000000", (name, fields[name])
+        assert fields["NoNewPrivs"] == "1"
+
+
+@pytest.mark.parametrize("start", ["root", "ambient"])
+def test_user_drops_every_capability_and_keeps_counting(tmp_path: Path, start: str) -> None:
+    if start == "root":
+        prefix: list[str] = []
+        env = None
+    else:  # a non-root start (uid daemon) with what --user needs on top of capture
+        daemon = pwd.getpwnam("daemon")
+        prefix = setpriv(["bpf", "net_raw", "setuid", "setgid", "setpcap"], daemon.pw_uid, daemon.pw_gid)
+        env = unprivileged_env(tmp_path)
+    with logging_server("127.0.0.1") as server, PrivExporter(
+        "--interface", "lo", "--port", str(server.port), "--user", "nobody", prefix=prefix, env=env,
+    ) as exporter:
+        assert exporter.proc is not None
+        traffic(server.port, ["/before"] * 3)
+        exporter.wait_for_exchanges(3)
+        assert_no_privileges(exporter.proc.pid, NOBODY.pw_uid)
+        traffic(server.port, ["/after"] * 5)
+        samples = exporter.wait_for_exchanges(8)
+        assert_no_privileges(exporter.proc.pid, NOBODY.pw_uid)  # the request threads too
+        # Kernel counters are still read through the map fds, without CAP_BPF.
+        kept = self_metric(samples, "filter_packets_total", verdict="kept")
+        exporter.stop()
+    assert counts_by_key(samples, server.port) == {("GET", "200", "/before"): 3, ("GET", "200", "/after"): 5}
+    assert kept >= 16  # a request and a response segment per exchange at least
+    assert "dropped every capability; now running as nobody (uid 65534, gid 65534)" in exporter.output
+
+
+def test_unknown_or_root_user_is_one_line_error() -> None:
+    for user, message in (("no-such-user-x", "--user 'no-such-user-x': no such user on this system"),
+                          ("root", "--user 'root' is root")):
+        result = subprocess.run([sys.executable, "-m", "exporter", "run", "-p", "8080", "--listen", "127.0.0.1:0",
+                                 "--user", user], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_check_names_present_and_missing_capabilities(tmp_path: Path) -> None:
+    env = {**os.environ, **unprivileged_env(tmp_path)}
+    partial = subprocess.run([*setpriv(["net_raw"]), sys.executable, "-m", "exporter", "check"], cwd=REPO,
+                             capture_output=True, text=True, timeout=60, env=env)
+    assert partial.returncode == 1
+    line = next(x for x in partial.stdout.splitlines() if "privileges" in x)
+    assert line.startswith("FAIL privileges")
+    assert "uid 65534; present: CAP_NET_RAW; missing: CAP_BPF;" in line
+    assert "for --user: missing CAP_SETUID, CAP_SETGID, CAP_SETPCAP" in line
+    full = subprocess.run([*setpriv(["bpf", "net_raw"]), sys.executable, "-m", "exporter", "check"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60, env=env)
+    line = next(x for x in full.stdout.splitlines() if "privileges" in x)
+    assert line.startswith("ok   privileges")
+    assert "present: CAP_BPF, CAP_NET_RAW; missing: none" in line

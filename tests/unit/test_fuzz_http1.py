@@ -1,0 +1,322 @@
+"""Property-based fuzzing of the HTTP/1 parsers and the flow tracker (hypothesis).
+
+- Valid exchanges, cut into random segments, reordered within each message and with
+  duplicated segments, round-trip exactly: method, path, status, body sizes, and the
+  kernel timestamps of the first request byte and the last response byte.
+- Random bytes and mutated valid streams never raise, in the parsers or in Tracker.feed,
+  and per-flow buffered memory stays under `Limits.max_buffered_bytes`; flows and pending
+  requests stay under their caps.
+
+Example counts: tests/unit/fuzz_settings.py (EBPF_SLO_FUZZ=long for `make fuzz`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from exporter.core.flows import Limits, Tracker
+from exporter.core.http1 import PendingRequest, RequestParser, ResponseParser
+from exporter.core.model import ACK, FIN, PSH, RST, SYN, Exchange, Segment
+from tests.unit.fuzz_settings import fuzz
+
+PORT = 8080
+CLIENT, SERVER = "10.1.0.1", "10.1.0.2"
+DATA = ACK | PSH
+
+# -- valid exchanges ----------------------------------------------------------------------
+
+METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "PURGE"]
+STATUSES = [200, 201, 204, 301, 304, 400, 404, 500, 503]
+segment_text = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-._~", min_size=1, max_size=12)
+
+
+@dataclass(frozen=True)
+class Spec:
+    method: str
+    path: str
+    query: str
+    request_body: bytes
+    request_chunked: bool
+    status: int
+    interim: bool
+    response_body: bytes
+    response_chunked: bool
+    extra_headers: tuple[tuple[str, str], ...]
+
+    def request(self) -> bytes:
+        target = self.path + (f"?{self.query}" if self.query else "")
+        lines = [f"{self.method} {target} HTTP/1.1", "Host: svc.test"]
+        lines += [f"{k}: {v}" for k, v in self.extra_headers]
+        if self.request_chunked:
+            lines.append("Transfer-Encoding: chunked")
+            return ("\r\n".join(lines) + "\r\n\r\n").encode() + chunked(self.request_body)
+        if self.request_body:
+            lines.append(f"Content-Length: {len(self.request_body)}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode() + self.request_body
+
+    def bodyless(self) -> bool:
+        return self.method == "HEAD" or self.status in (204, 304)
+
+    def response(self) -> bytes:
+        interim = b"HTTP/1.1 100 Continue\r\n\r\n" if self.interim else b""
+        lines = [f"HTTP/1.1 {self.status} X", "Server: fuzz"]
+        body = b"" if self.bodyless() else self.response_body
+        if self.response_chunked and not self.bodyless():
+            lines.append("Transfer-Encoding: chunked")
+            return interim + ("\r\n".join(lines) + "\r\n\r\n").encode() + chunked(body)
+        lines.append(f"Content-Length: {len(self.response_body)}")  # HEAD: the length of what GET would send
+        return interim + ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+    def expected_response_bytes(self) -> int:
+        return 0 if self.bodyless() else len(self.response_body)
+
+
+def chunked(body: bytes) -> bytes:
+    out, step = b"", 7
+    for start in range(0, len(body), step):
+        piece = body[start:start + step]
+        out += b"%x\r\n%s\r\n" % (len(piece), piece)
+    return out + b"0\r\n\r\n"
+
+
+specs = st.builds(
+    Spec,
+    method=st.sampled_from(METHODS),
+    path=st.lists(segment_text, max_size=4).map(lambda parts: "/" + "/".join(parts)),
+    query=st.one_of(st.just(""), st.text(alphabet="abc=&%20xyz0123", min_size=1, max_size=20)),
+    request_body=st.binary(max_size=300),
+    request_chunked=st.booleans(),
+    status=st.sampled_from(STATUSES),
+    interim=st.booleans(),
+    response_body=st.binary(max_size=600),
+    response_chunked=st.booleans(),
+    extra_headers=st.lists(st.tuples(st.sampled_from(["X-A", "Cookie", "Authorization", "Accept"]),
+                                     st.text(alphabet="abc xyz=;/", max_size=30).map(str.strip)), max_size=3)
+    .map(tuple),
+)
+
+
+def cut(data: bytes, draw: st.DrawFn, max_pieces: int = 6) -> list[tuple[int, bytes]]:
+    """(offset, bytes) pieces of data at random cut points."""
+    if not data:
+        return []
+    points = sorted(set(draw(st.lists(st.integers(1, max(1, len(data) - 1)), max_size=max_pieces - 1))))
+    bounds = [0, *[p for p in points if 0 < p < len(data)], len(data)]
+    return [(bounds[i], data[bounds[i]:bounds[i + 1]]) for i in range(len(bounds) - 1)]
+
+
+def disorder(pieces: list[tuple[int, bytes]], draw: st.DrawFn, anchored: bool) -> list[tuple[int, bytes, bool]]:
+    """Reordered (a random permutation) with random exact duplicates; (offset, data, is_original).
+
+    `anchored`: the first piece stays first. Without a SYN, the tracker takes the first
+    segment it sees on a direction as the start of the stream (it may join a connection in
+    the middle), so a stream whose very first segment arrives late cannot round-trip.
+    """
+    order = list(draw(st.permutations(range(len(pieces))))) if pieces else []
+    if anchored and order:
+        order.remove(0)
+        order.insert(0, 0)
+    out: list[tuple[int, bytes, bool]] = []
+    for index in order:
+        out.append((*pieces[index], True))
+        if draw(st.integers(0, 4)) == 0:
+            out.append((*pieces[index], False))
+    return out
+
+
+@st.composite
+def conversations(draw: st.DrawFn) -> tuple[list[Spec], list[Segment], list[tuple[int, int]]]:
+    """Segments of one keep-alive connection carrying the specs, and each exchange's (start, end) ns."""
+    items = draw(st.lists(specs, min_size=1, max_size=4))
+    client_isn = draw(st.integers(0, (1 << 32) - 1))
+    server_isn = draw(st.integers(0, (1 << 32) - 1))
+    segments: list[Segment] = []
+    times: list[tuple[int, int]] = []
+    offsets = {"c": 0, "s": 0}
+    ts = 1_000_000_000
+    handshake = draw(st.booleans())
+    if handshake:  # as a pcap has it: SYN and SYN-ACK anchor both directions
+        segments.append(Segment(ts, CLIENT, 40000, SERVER, PORT, (client_isn - 1) & 0xFFFFFFFF, SYN, b"", 0))
+        segments.append(Segment(ts, SERVER, PORT, CLIENT, 40000, (server_isn - 1) & 0xFFFFFFFF, SYN | ACK, b"", 0))
+    for spec in items:
+        span = []
+        for side, data in (("c", spec.request()), ("s", spec.response())):
+            base = offsets[side]
+            pieces = cut(data, draw)
+            first_ts = last_ts = 0
+            for offset, piece, original in disorder(pieces, draw, anchored=not handshake and base == 0):
+                ts += 1000
+                seq = ((client_isn if side == "c" else server_isn) + base + offset) & 0xFFFFFFFF
+                if side == "c":
+                    seg = Segment(ts, CLIENT, 40000, SERVER, PORT, seq, DATA, piece, len(piece))
+                else:
+                    seg = Segment(ts, SERVER, PORT, CLIENT, 40000, seq, DATA, piece, len(piece))
+                segments.append(seg)
+                if original and offset == 0:
+                    first_ts = ts
+                if original and offset + len(piece) == len(data):
+                    last_ts = ts
+            offsets[side] += len(data)
+            span.append(first_ts if side == "c" else last_ts)
+        times.append((span[0], span[1]))
+    return items, segments, times
+
+
+@fuzz(400)
+@given(conversations())
+def test_valid_exchanges_round_trip_exactly(conversation: tuple[list[Spec], list[Segment], list[tuple[int, int]]]) -> None:
+    items, segments, times = conversation
+    tracker = Tracker([PORT])
+    out: list[Exchange] = []
+    for segment in segments:
+        out += tracker.feed(segment)
+    out += tracker.flush()
+    expected = [
+        Exchange(s.method, s.path, s.status, start, end, len(s.request_body), s.expected_response_bytes(), PORT)
+        for s, (start, end) in zip(items, times, strict=True)
+    ]
+    assert out == expected
+    errors = {k: v for k, v in tracker.stats.parse_errors.items() if v}
+    assert errors == {}
+    assert tracker.stats.unmatched_responses == 0
+    assert tracker.stats.requests_without_response == 0
+
+
+# -- garbage never raises, memory stays capped --------------------------------------------
+
+class Sink:
+    def __init__(self) -> None:
+        self.requests: list[PendingRequest] = []
+        self.methods: list[str] = []
+
+    def on_request(self, request: PendingRequest) -> None:
+        self.requests.append(request)
+        del self.requests[:-8]
+
+    def on_response_head(self, status: int, ts_ns: int) -> str | None:
+        return "GET"
+
+    def on_response_complete(self, status: int, end_ns: int, body_bytes: int) -> None:
+        pass
+
+    def on_response_lost(self) -> None:
+        pass
+
+    def on_upgrade(self) -> None:
+        pass
+
+
+def mutate(data: bytes, draw: st.DrawFn) -> bytes:
+    out = bytearray(data)
+    for _ in range(draw(st.integers(0, 6))):
+        op = draw(st.sampled_from(["flip", "insert", "delete", "dup"]))
+        at = draw(st.integers(0, len(out)))
+        if op == "flip" and at < len(out):
+            out[at] = draw(st.integers(0, 255))
+        elif op == "insert":
+            out[at:at] = draw(st.sampled_from([b"\r\n", b"\n", b":", b" ", b"\x00", b"HTTP/1.1 200 OK\r\n",
+                                               b"GET / HTTP/1.1\r\n", b"Content-Length: 99999999999\r\n",
+                                               b"Transfer-Encoding: chunked\r\n", b"ffffffffffff\r\n"]))
+        elif op == "delete":
+            del out[at:at + draw(st.integers(1, 8))]
+        elif op == "dup":
+            out[at:at] = out[at:at + draw(st.integers(1, 40))]
+    return bytes(out)
+
+
+@st.composite
+def hostile_streams(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["random", "mutated", "mixed"]))
+    if kind == "random":
+        return draw(st.binary(max_size=3000))
+    streams = draw(st.lists(specs, min_size=1, max_size=3))
+    data = b"".join(s.request() + s.response() for s in streams)
+    if kind == "mixed":
+        data += draw(st.binary(max_size=500)) + b"x" * draw(st.integers(0, 5000))
+    return mutate(data, draw)
+
+
+SMALL = Limits(max_flows=8, max_buffered_bytes=2048, max_pending_requests=4, max_header_bytes=1024,
+               idle_timeout_ns=10**9)
+
+
+@fuzz(700)
+@given(hostile_streams(), st.lists(st.integers(1, 700), min_size=1, max_size=12), st.integers(0, 3000),
+       st.sampled_from(["request", "response"]))
+def test_parsers_never_raise_and_stay_under_their_buffer(data: bytes, sizes: list[int], missing: int,
+                                                         direction: str) -> None:
+    errors: dict[str, int] = {}
+    sink = Sink()
+    parser: RequestParser | ResponseParser
+    if direction == "request":
+        parser = RequestParser(sink, errors, SMALL.max_header_bytes, SMALL.max_buffered_bytes)
+    else:
+        parser = ResponseParser(sink, errors, SMALL.max_header_bytes, SMALL.max_buffered_bytes)
+    pos, ts, i = 0, 1, 0
+    while pos < len(data):
+        size = sizes[i % len(sizes)]
+        i += 1
+        parser.feed(data[pos:pos + size], ts, missing if i == 3 else 0)
+        pos += size
+        ts += 1
+        assert parser.buffered_bytes <= SMALL.max_buffered_bytes
+    if direction == "request":
+        assert isinstance(parser, RequestParser)
+        parser.finish()
+    else:
+        assert isinstance(parser, ResponseParser)
+        parser.finish(graceful=True)
+    assert all(count >= 0 for count in errors.values())
+
+
+@st.composite
+def hostile_segments(draw: st.DrawFn) -> list[Segment]:
+    """Segments of a few flows: garbage or mutated HTTP, at random sequence numbers and flags."""
+    out = []
+    clients = draw(st.lists(st.integers(40000, 40011), min_size=1, max_size=12))
+    next_seq: dict[tuple[int, str], int] = {}
+    for index in range(draw(st.integers(1, 40))):
+        port = clients[index % len(clients)]
+        side = draw(st.sampled_from("cs"))
+        payload = draw(hostile_streams()) if draw(st.booleans()) else draw(st.binary(max_size=200))
+        payload = payload[:draw(st.integers(0, 1600))]
+        key = (port, side)
+        seq = next_seq.get(key, draw(st.integers(0, (1 << 32) - 1)))
+        jump = draw(st.sampled_from([0, 0, 0, 1, -5, 100, 4000, 1 << 31, -(1 << 20)]))
+        seq = (seq + jump) & 0xFFFFFFFF
+        next_seq[key] = (seq + len(payload)) & 0xFFFFFFFF
+        flags = draw(st.sampled_from([DATA, DATA, DATA, ACK, SYN, SYN | ACK, FIN | ACK, RST, DATA | FIN]))
+        length = len(payload) + draw(st.sampled_from([0, 0, 0, 10, 5000]))  # truncated by the kernel
+        keep = payload
+        ts = 1_000 + index * 1000
+        if side == "c":
+            out.append(Segment(ts, CLIENT, port, SERVER, PORT, seq, flags, keep, length))
+        else:
+            out.append(Segment(ts, SERVER, PORT, CLIENT, port, seq, flags, keep, length))
+    return out
+
+
+@fuzz(500)
+@given(hostile_segments(), st.booleans())
+def test_tracker_never_raises_and_respects_every_cap(segments: list[Segment], expire: bool) -> None:
+    assume(segments)
+    tracker = Tracker([PORT], SMALL)
+    for segment in segments:
+        for exchange in tracker.feed(segment):
+            assert exchange.server_port == PORT
+            assert exchange.request_body_bytes >= 0 and exchange.response_body_bytes >= 0
+        flows = tracker._flows
+        assert len(flows) <= SMALL.max_flows
+        assert tracker.stats.flows_active == len(flows)
+        for flow in flows.values():
+            assert flow.client.held_bytes + flow.requests.buffered_bytes <= SMALL.max_buffered_bytes
+            assert flow.server.held_bytes + flow.responses.buffered_bytes <= SMALL.max_buffered_bytes
+            assert len(flow.pending) <= SMALL.max_pending_requests
+            assert len(flow.skipped) <= SMALL.max_pending_requests
+    if expire:
+        tracker.expire(10**15)
+    tracker.flush()
+    assert len(tracker._flows) == 0 and tracker.stats.flows_active == 0
