@@ -18,6 +18,9 @@ test: setup
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
+fuzz: setup
+	EBPF_SLO_FUZZ=long $(BIN)/python -m pytest tests/unit/test_fuzz_http1.py tests/unit/test_fuzz_frames.py $(PYTEST_ARGS)
+
 bench: setup
 	$(BIN)/python -m bench $(BENCH_ARGS)
 

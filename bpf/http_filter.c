@@ -165,7 +165,8 @@ struct flow_key {
 BPF_TABLE("lru_hash", struct flow_key, u32, body_skip, 16384);
 
 /* Histogram bounds, written once by bpf.py: a value's bucket is the number of
- * bounds strictly below it (Python's bisect_left, since `le` is <=). */
+ * bounds strictly below it (Python's bisect_left, since `le` is <=). Unused
+ * slots hold U64_MAX; n_dur/n_size are for readers of the map. */
 struct hist_bounds {
     u64 dur_ns[MAX_DUR_BOUNDS];
     u64 size[MAX_SIZE_BOUNDS];
@@ -475,8 +476,10 @@ static __always_inline u32 scan_head(volatile struct scratch *s, u32 start, int 
 static __always_inline u32 load_payload(struct __sk_buff *skb, struct scratch *s, u32 off, u32 plen)
 {
     u32 n = plen < HEAD_MAX ? plen : HEAD_MAX;
-    if (n < 16 || n > HEAD_MAX)
+    if (n < 16)
         return 0;
+    /* Same value for n in 1..HEAD_MAX, but the verifier can see the range. */
+    n = ((n - 1) & (HEAD_MAX - 1)) + 1;
     if (bpf_skb_load_bytes(skb, off, s->buf, n) < 0)
         return 0;
     s->n = n;
@@ -555,31 +558,29 @@ static __always_inline u32 classify_response(struct __sk_buff *skb, struct scrat
 
 /* ---- aggregation --------------------------------------------------------- */
 
-/* Bucket of v: how many of the first n bounds lie strictly below it. Two copies
- * with constant trip counts, so the verifier sees each array's own size. */
+/* Bucket of v: how many bounds lie strictly below it, by binary search over
+ * the sorted bounds (unused slots hold U64_MAX, bpf.py). Fixed steps, so the
+ * verifier sees every index bounded and nothing needs unrolling onto the stack. */
 static __always_inline u32 duration_bucket(struct hist_bounds *b, u64 v)
 {
     u32 idx = 0;
-    u32 n = b->n_dur;
-    for (u32 k = 0; k < MAX_DUR_BOUNDS; k++) {
-        if (k >= n)
-            break;
-        if (b->dur_ns[k] < v)
-            idx++;
-    }
+    if (b->dur_ns[15] < v) idx += 16;
+    if (b->dur_ns[(idx + 7) & 31] < v) idx += 8;
+    if (b->dur_ns[(idx + 3) & 31] < v) idx += 4;
+    if (b->dur_ns[(idx + 1) & 31] < v) idx += 2;
+    if (b->dur_ns[idx & 31] < v) idx += 1;
+    if (idx == 31 && b->dur_ns[31] < v) idx = 32;
     return idx;
 }
 
 static __always_inline u32 size_bucket(struct hist_bounds *b, u64 v)
 {
     u32 idx = 0;
-    u32 n = b->n_size;
-    for (u32 k = 0; k < MAX_SIZE_BOUNDS; k++) {
-        if (k >= n)
-            break;
-        if (b->size[k] < v)
-            idx++;
-    }
+    if (b->size[7] < v) idx += 8;
+    if (b->size[(idx + 3) & 15] < v) idx += 4;
+    if (b->size[(idx + 1) & 15] < v) idx += 2;
+    if (b->size[idx & 15] < v) idx += 1;
+    if (idx == 15 && b->size[15] < v) idx = 16;
     return idx;
 }
 

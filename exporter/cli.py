@@ -127,8 +127,6 @@ def slo_options(func: Any) -> Any:
     options = [
         click.option("--slo", type=click.Path(dir_okay=False), envvar=env_var("slo"),
                      help="Reliably objectives manifest (multi-document YAML) to evaluate."),
-        click.option("--reliably-url", envvar="RELIABLY_URL",
-                     help="Reliably base URL; pushing indicators is on when this or RELIABLY_TOKEN is set."),
         click.option("--push-interval", default="10s", show_default=True, envvar=env_var("push_interval"),
                      help="How often indicators are computed and pushed."),
         click.option("--spool-dir", type=click.Path(file_okay=False), envvar=env_var("spool_dir"),
@@ -136,7 +134,9 @@ def slo_options(func: Any) -> Any:
     ]
     for option in reversed(options):
         func = option(func)
-    return func
+    from exporter.slo.commands import push_options
+
+    return push_options(func)
 
 
 @cli.command()
@@ -208,9 +208,11 @@ def _web_config(path: str | None, user: str | None) -> Any:
 
 
 def _slo_runtime(objectives: list[Any], params: dict[str, Any], push_interval: float) -> Any:
-    from exporter.slo.runtime import SloRuntime, push_settings_from
+    from exporter.slo.commands import settings_from_options
+    from exporter.slo.runtime import SloRuntime
 
-    push = push_settings_from(params.get("reliably_url"))
+    push = settings_from_options(params.get("reliably_url"), params.get("reliably_org"),
+                                 params.get("reliably_token"), params.get("reliably_config"))
     spool = Path(params["spool_dir"]) if params.get("spool_dir") else None
     return SloRuntime(objectives, push=push, push_interval_s=push_interval, spool_dir=spool)
 

@@ -233,6 +233,10 @@ class HttpFilter:
         if any(b < 0 for b in durations + size_list):
             raise CaptureError("the fast path needs non-negative bucket bounds: run with --no-fast-path")
         leaf = self._bounds.Leaf()
+        for i in range(MAX_DURATION_BOUNDS):
+            leaf.dur_ns[i] = (1 << 64) - 1  # unused: nothing lies above it
+        for i in range(MAX_SIZE_BOUNDS):
+            leaf.size[i] = (1 << 64) - 1
         for i, bound in enumerate(durations):
             # d_ns > floor(b * 1e9) <=> d_ns / 1e9 > b for integer d_ns (to float precision).
             leaf.dur_ns[i] = min(int(bound * 1e9), (1 << 64) - 1)
