@@ -143,7 +143,7 @@ def slo_options(func: Any) -> Any:
 @run_options
 @slo_options
 @click.pass_context
-def run(ctx: click.Context, **params: Any) -> None:
+def run(ctx: click.Context, /, **params: Any) -> None:
     """Capture HTTP on an interface and serve /metrics until SIGINT or SIGTERM."""
     params = _apply_config_file(ctx, params)
     _setup_logging(params["log_level"])

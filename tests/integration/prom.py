@@ -66,12 +66,14 @@ class PrometheusServer:
         job: str = "ebpf-slo-exporter",
         binary: str = PROMETHEUS,
         ready_timeout_s: float = 30.0,
+        rules_text: str | None = None,
     ) -> None:
         self.targets = targets
         self.scrape_interval = scrape_interval
         self.job = job
         self.binary = binary
         self.ready_timeout_s = ready_timeout_s
+        self.rules_text = rules_text
         self.port = 0
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._process: subprocess.Popen[bytes] | None = None
@@ -90,6 +92,9 @@ class PrometheusServer:
             "global": {"scrape_interval": self.scrape_interval, "evaluation_interval": self.scrape_interval},
             "scrape_configs": [{"job_name": self.job, "static_configs": [{"targets": self.targets}]}],
         }
+        if self.rules_text is not None:
+            (work / "slo.rules.yml").write_text(self.rules_text)
+            config["rule_files"] = ["slo.rules.yml"]
         (work / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.port = free_port()
         self._log = open(work / "prometheus.log", "wb")  # closed in stop()
@@ -144,9 +149,14 @@ class PrometheusServer:
     def __exit__(self, *_: object) -> None:
         self.stop()
 
-    def query(self, expr: str, at: float | None = None) -> dict[str, Any]:
+    def answer(self, expr: str, at: float | None = None) -> dict[str, Any]:
+        """The whole /api/v1/query envelope, errors included (a rejected query is an answer too)."""
         params = {"query": expr} | ({"time": f"{at:.3f}"} if at is not None else {})
-        payload = self._http.get(f"{self.url}/api/v1/query", params=params).json()
+        payload: dict[str, Any] = self._http.get(f"{self.url}/api/v1/query", params=params).json()
+        return payload
+
+    def query(self, expr: str, at: float | None = None) -> dict[str, Any]:
+        payload = self.answer(expr, at)
         if payload.get("status") != "success":
             raise AssertionError(f"query {expr!r} failed: {payload}")
         data: dict[str, Any] = payload["data"]

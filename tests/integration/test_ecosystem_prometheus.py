@@ -18,98 +18,21 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
-import subprocess
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from exporter.slo.manifest import load_manifest
 from exporter.slo.rules import ALERT_NAME, render_rules
 from tests.dashboards_queries import PanelQuery, all_dashboard_queries
 from tests.integration.harness import REPO, ExporterProcess, free_port
+from tests.integration.prom import PrometheusServer
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to attach a BPF filter")
-
-PROMETHEUS = shutil.which("prometheus")
-
-
-class PrometheusServer:
-    """A throwaway Prometheus: its own config, rules and TSDB in a temporary directory."""
-
-    def __init__(self, workdir: Path, scrape_targets: list[str], rules_text: str) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        (workdir / "slo.rules.yml").write_text(rules_text)
-        config = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
-            "rule_files": ["slo.rules.yml"],
-            "scrape_configs": [
-                {"job_name": "ebpf-slo-exporter", "static_configs": [{"targets": scrape_targets}]}
-            ],
-        }
-        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = workdir / "prometheus.log"
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 30.0) -> PrometheusServer:
-        assert PROMETHEUS is not None
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    PROMETHEUS,
-                    f"--config.file={self.workdir / 'prometheus.yml'}",
-                    f"--storage.tsdb.path={self.workdir / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{self.port}",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited: {self.log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(self.base + "/-/ready", timeout=1) as response:
-                    if response.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"prometheus not ready within {timeout}s: {self.log.read_text()[-2000:]}")
-
-    def query(self, expr: str) -> dict[str, Any]:
-        """The JSON answer of /api/v1/query; an HTTP error (bad query) is returned, not raised."""
-        url = self.base + "/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-        try:
-            with urllib.request.urlopen(url, timeout=10) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            return json.loads(exc.read() or b'{"status": "error"}')
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
 
 class _Service(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -168,14 +91,13 @@ def _has_data(answer: dict[str, Any]) -> bool:
     return answer.get("status") == "success" and bool(answer["data"]["result"])
 
 
-@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed (`make setup` installs it)")
-def test_every_dashboard_query_returns_data_from_a_real_prometheus(service, tmp_path):
+def test_every_dashboard_query_returns_data_from_a_real_prometheus(service: int) -> None:
     rules_text = render_rules(load_manifest(REPO / "examples" / "reliably.yaml"))
     queries: list[PanelQuery] = all_dashboard_queries(rate_interval="15s", interval="2s", range_seconds=60)
     stop = threading.Event()
     loader = threading.Thread(target=_load, args=(service, stop), daemon=True)
     with ExporterProcess("--interface", "lo", "--port", str(service)) as exporter:
-        prometheus = PrometheusServer(tmp_path, [f"127.0.0.1:{exporter.listen_port}"], rules_text).start()
+        prometheus = PrometheusServer([f"127.0.0.1:{exporter.listen_port}"], rules_text=rules_text).start()
         try:
             loader.start()
             # Wait until every query that must have data has it (rates need two scrapes,
@@ -185,14 +107,14 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(service, tmp_
             alerts: dict[str, Any] = {}
             while time.monotonic() < deadline:
                 missing = [
-                    q for q in queries if not q.may_be_empty and not _has_data(prometheus.query(q.expr))
+                    q for q in queries if not q.may_be_empty and not _has_data(prometheus.answer(q.expr))
                 ]
-                alerts = prometheus.query(f'ALERTS{{alertname="{ALERT_NAME}", alertstate="firing"}}')
+                alerts = prometheus.answer(f'ALERTS{{alertname="{ALERT_NAME}", alertstate="firing"}}')
                 if not missing and _has_data(alerts):
                     break
                 time.sleep(1)
 
-            answers = {q.name: prometheus.query(q.expr) for q in queries}
+            answers = {q.name: prometheus.answer(q.expr) for q in queries}
             failed = {name: a for name, a in answers.items() if a.get("status") != "success"}
             assert not failed, f"queries Prometheus rejected: {json.dumps(failed, indent=1)[:3000]}"
             empty = [
