@@ -121,7 +121,9 @@
 #define MAX_VLAN_TAGS 2
 
 /* Fast path sizes; bpf.py reads the same numbers from its own constants. */
+#ifndef HEAD_MAX
 #define HEAD_MAX 512        /* payload bytes scanned for a head (power of two) */
+#endif
 #define PATH_LEN 96         /* path bytes kept; a longer path makes the flow SLOW */
 #define MAX_DUR_BOUNDS 32
 #define MAX_SIZE_BOUNDS 16
@@ -243,6 +245,10 @@ struct scratch {
     struct fp_handover ho;
     struct http_agg_key ak;
     u32 n;
+    u32 start;
+    u32 method;
+    u32 request;
+    u32 kind;
     u32 state;
     u32 nlen;
     u32 cl_ok;
@@ -337,9 +343,16 @@ static __always_inline u32 pat_byte(u64 w0, u64 w1, u64 w2, u32 k)
  * length (through CRLF CRLF) or 0 when the head is not one we take here.
  * Everything the user-space parser would reject is rejected here too, and
  * some things it accepts (bare LF, bytes >= 0x80 in the target) are left to it. */
-static __always_inline u32 scan_head(volatile struct scratch *s, u32 start, int request)
+static __always_inline u32 scan_head(volatile struct scratch *s, u32 start)
 {
-    s->state = request ? S_TARGET : S_REASON0;
+    /* Through memory: the verifier then walks the loop once for every caller
+     * instead of once per distinct constant start (method length). */
+    s->start = start;
+    start = s->start;
+#ifdef NO_SCAN
+    return 0;
+#endif
+    s->state = s->request ? S_TARGET : S_REASON0;
     s->head_len = 0;
     s->cl_seen = 0;
     s->cl = 0;
@@ -414,7 +427,7 @@ static __always_inline u32 scan_head(volatile struct scratch *s, u32 start, int 
                 if (s->te_ok && k == 17) {
                     s->state = S_FAIL;
                 } else if (s->cl_ok && k == 14) {
-                    if (request || s->cl_seen) {
+                    if (s->request || s->cl_seen) {
                         s->state = S_FAIL;
                     } else {
                         s->cl_seen = 1;
@@ -478,11 +491,15 @@ static __always_inline u32 load_payload(struct __sk_buff *skb, struct scratch *s
     u32 n = plen < HEAD_MAX ? plen : HEAD_MAX;
     if (n < 16)
         return 0;
-    /* Same value for n in 1..HEAD_MAX, but the verifier can see the range. */
-    n = ((n - 1) & (HEAD_MAX - 1)) + 1;
+    /* Through memory, then clamped so that the verifier sees 1..HEAD_MAX: a size
+     * argument is tracked precisely back to its source, and were that source
+     * the payload length, every range of it the fast path compares against
+     * would be a separate verifier state (it ran out of its 1M instructions). */
+    volatile struct scratch *vs = s;
+    vs->n = n;
+    n = ((vs->n - 1) & (HEAD_MAX - 1)) + 1;
     if (bpf_skb_load_bytes(skb, off, s->buf, n) < 0)
         return 0;
-    s->n = n;
     return n;
 }
 
@@ -501,59 +518,82 @@ static __always_inline u32 method_of(u64 w, u32 *len)
 }
 #define METHOD_HEAD 2
 
-/* A whole simple request head in this segment: fills s->st.method/path/path_len. */
-static __always_inline int classify_request(struct __sk_buff *skb, struct scratch *s, u32 off, u32 plen)
+#define KIND_NONE 0
+#define KIND_REQUEST 1   /* the segment is exactly one simple request head */
+#define KIND_RESPONSE 2  /* the segment starts with a final response head we can frame */
+
+/* Classify a segment's payload by its direction, before the flow's state is
+ * looked at: one call site, so the verifier walks the head scan once (each
+ * extra caller context costs HEAD_MAX iterations of it). Sets s->kind; for a
+ * request s->st.method/path/path_len, for a response s->status, s->head_len,
+ * s->cl_seen and s->cl. Segments that cannot start a head (body bytes) leave
+ * after an 8-byte comparison. */
+static __always_inline void classify(struct __sk_buff *skb, struct scratch *s, u32 off, u32 plen, int to_server)
 {
-    if (plen > HEAD_MAX || load_payload(skb, s, off, plen) != plen)
-        return 0;
+    volatile struct scratch *vs = s;
+    vs->kind = KIND_NONE;
+    if (to_server && plen > HEAD_MAX)
+        return;
+    if (!load_payload(skb, s, off, plen))
+        return;
     u64 w;
     __builtin_memcpy(&w, s->buf, 8);
-    u32 mlen = 0;
-    u32 method = method_of(w, &mlen);
-    if (!method || mlen > 8 || s->buf[mlen & 15] != '/')
-        return 0;
-    if (scan_head(s, mlen, 1) != plen)
-        return 0;
-    u32 path_len = s->path_len;
-    if (path_len > PATH_LEN)
-        return 0;
+    u32 start;
+    if (to_server) {
+        u32 mlen = 0;
+        u32 method = method_of(w, &mlen);
+        if (!method || mlen > 8 || s->buf[mlen & 15] != '/')
+            return;
+        vs->method = method;
+        start = mlen;
+    } else {
+        if ((w & 0x00ffffffffffffffULL) != VERSION_W)
+            return;
+        u8 d7 = s->buf[7], sp = s->buf[8], a = s->buf[9], b = s->buf[10], c = s->buf[11];
+        if (d7 < '0' || d7 > '9' || sp != ' ')
+            return;
+        if (a < '0' || a > '9' || b < '0' || b > '9' || c < '0' || c > '9')
+            return;
+        u32 status = (a - '0') * 100 + (b - '0') * 10 + (c - '0');
+        if (status < 200)
+            return;  /* interim and 101: user space */
+        vs->status = status;
+        start = 12;
+    }
+    /* Everything the scan's callers differ in is parked in memory (see scan_head). */
+    vs->request = to_server;
+    u32 head_len = scan_head(s, start);
+    if (!head_len)
+        return;
+    if (!vs->request) {
+        vs->kind = KIND_RESPONSE;
+        return;
+    }
+    if (head_len != vs->n || vs->n != plen)
+        return;
+    u32 mlen = vs->start;
+    u32 path_len = vs->path_len;
+    if (path_len > PATH_LEN || mlen > 8)
+        return;
 #pragma unroll
     for (u32 k = 0; k < PATH_LEN; k++)
         s->st.path[k] = k < path_len ? s->buf[(mlen + k) & (HEAD_MAX - 1)] : 0;
     s->st.path_len = path_len;
-    s->st.method = method;
-    return 1;
+    s->st.method = vs->method;
+    vs->kind = KIND_REQUEST;
 }
 
-/* A response head within this segment: s->status, s->body (-1 if unframed); returns head length. */
-static __always_inline u32 classify_response(struct __sk_buff *skb, struct scratch *s, u32 off, u32 plen,
-                                             u32 method)
+/* The body length of a classified response to `method`; 0 when it is framed
+ * only by the connection's end (user space's case). */
+static __always_inline int response_body(struct scratch *s, u32 method, u32 *body)
 {
-    if (!load_payload(skb, s, off, plen))
-        return 0;
-    u64 w;
-    __builtin_memcpy(&w, s->buf, 8);
-    if ((w & 0x00ffffffffffffffULL) != VERSION_W)
-        return 0;
-    u8 d7 = s->buf[7], sp = s->buf[8], a = s->buf[9], b = s->buf[10], c = s->buf[11];
-    if (d7 < '0' || d7 > '9' || sp != ' ')
-        return 0;
-    if (a < '0' || a > '9' || b < '0' || b > '9' || c < '0' || c > '9')
-        return 0;
-    u32 status = (a - '0') * 100 + (b - '0') * 10 + (c - '0');
-    if (status < 200)
-        return 0;  /* interim and 101: user space */
-    u32 head_len = scan_head(s, 12, 0);
-    if (!head_len)
-        return 0;
-    s->status = status;
-    if (method == METHOD_HEAD || status == 204 || status == 304)
-        s->body = 0;
+    if (method == METHOD_HEAD || s->status == 204 || s->status == 304)
+        *body = 0;
     else if (s->cl_seen)
-        s->body = s->cl;
+        *body = s->cl;
     else
-        return 0;  /* close-delimited */
-    return head_len;
+        return 0;
+    return 1;
 }
 
 /* ---- aggregation --------------------------------------------------------- */
@@ -590,7 +630,7 @@ static __always_inline int aggregate(struct scratch *s, struct fp_state *st, u16
     u32 zero = 0;
     struct http_agg_key *ak = &s->ak;
     ak->port = port;
-    ak->status = st->status;
+    ak->status = s->status;  /* set by fast_step for both ways an exchange completes */
     ak->method = st->method;
     ak->path_len = st->path_len;
     ak->pad = 0;
@@ -632,7 +672,7 @@ static __always_inline int aggregate(struct scratch *s, struct fp_state *st, u16
  * returns V_CONSUMED or V_DELETE; V_COMPLETE and handovers leave it untouched. */
 static __always_inline u32 fast_step(struct __sk_buff *skb, struct scratch *s, struct fp_state *st,
                                      int to_server, u32 seq, u32 plen, u32 off, u8 fin, u8 rst,
-                                     u8 syn, int simple, u64 now)
+                                     u8 syn, u64 now)
 {
     u32 phase = st->phase;
     if (rst)
@@ -652,7 +692,7 @@ static __always_inline u32 fast_step(struct __sk_buff *skb, struct scratch *s, s
                 return V_HANDOVER + HO_SEQ;
             if (phase != PHASE_IDLE)
                 return V_HANDOVER + HO_PIPELINED;
-            if (!simple)
+            if (s->kind != KIND_REQUEST)
                 return V_HANDOVER + HO_REQUEST;
             st->phase = PHASE_REQUEST;
             st->start_ns = now;
@@ -686,16 +726,18 @@ static __always_inline u32 fast_step(struct __sk_buff *skb, struct scratch *s, s
     if (phase == PHASE_IDLE)
         return V_HANDOVER + HO_UNSOLICITED;
     if (phase == PHASE_REQUEST) {
-        u32 head_len = classify_response(skb, s, off, plen, st->method);
-        if (!head_len)
+        u32 body;
+        if (s->kind != KIND_RESPONSE || !response_body(s, st->method, &body))
             return V_HANDOVER + HO_RESPONSE;
-        u64 total = (u64)head_len + s->body;
+        u32 head_len = s->head_len;
+        s->body = body;
+        u64 total = (u64)head_len + body;
         if (plen > total)
             return V_HANDOVER + HO_EXTRA;
         if (plen == total)
             return V_COMPLETE;
         st->status = s->status;
-        st->resp_len = s->body;
+        st->resp_len = body;
         st->resp_seen = plen - head_len;
         st->phase = PHASE_RESPONSE;
         st->sseq = seq + plen;
@@ -763,6 +805,9 @@ static __always_inline int fast_path(struct __sk_buff *skb, struct flow_key *key
     struct scratch *s = scratch.lookup(&zero);
     if (!s)
         return 1;
+    s->kind = KIND_NONE;
+    if (plen && !fin && !rst && !syn)
+        classify(skb, s, off, plen, to_server);
     struct flow_key fk = {};
     if (to_server) {
         __builtin_memcpy(&fk, key, sizeof(fk));
@@ -796,10 +841,6 @@ static __always_inline int fast_path(struct __sk_buff *skb, struct flow_key *key
         }
     }
 
-    int simple = 0;
-    if (to_server && plen && !fin && !rst && !syn &&
-        (!st || (st->phase == PHASE_IDLE && seq == st->cseq)))
-        simple = classify_request(skb, s, off, plen);
     u64 now = bpf_ktime_get_ns();
 
     if (!st) {
@@ -815,6 +856,7 @@ static __always_inline int fast_path(struct __sk_buff *skb, struct flow_key *key
         ns->status = 0;
         ns->sseq_known = 0;
         ns->fins = 0;
+        int simple = s->kind == KIND_REQUEST;
         if (simple) {
             ns->mode = MODE_FAST;
             ns->phase = PHASE_REQUEST;
@@ -838,7 +880,7 @@ static __always_inline int fast_path(struct __sk_buff *skb, struct flow_key *key
     }
 
     u16 server_port = fk.dport;
-    u32 v = fast_step(skb, s, st, to_server, seq, plen, off, fin, rst, syn, simple, now);
+    u32 v = fast_step(skb, s, st, to_server, seq, plen, off, fin, rst, syn, now);
     if (v == V_COMPLETE) {
         if (aggregate(s, st, server_port, now, s->body) == 0) {
             st->phase = PHASE_IDLE;

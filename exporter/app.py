@@ -25,7 +25,6 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -62,6 +61,7 @@ class RunSettings:
     extra_self_sources: list[Any] = field(default_factory=list)
     user: str | None = None  # drop every privilege and become this user once capturing
     web_config: Any = None  # exporter.webconfig.WebConfig: TLS and basic auth, optional
+    fast_path: bool = False  # simple exchanges aggregated in the kernel (capture/kernel_agg.py)
 
 
 def interface_state(interface: str) -> tuple[int, bool] | None:
@@ -86,6 +86,13 @@ class Exporter:
         self.routes = RouteMapper(settings.routes, max_routes_per_port=settings.max_routes_per_port)
         sinks = [settings.slo_runtime] if settings.slo_runtime is not None else []
         self.pipeline = Pipeline(settings.ports, self.routes, self.http, settings.limits, sinks)
+        self.fast: Any = None  # exporter.capture.kernel_agg.KernelFastPath with --fast-path
+        if settings.fast_path:
+            from exporter.capture.kernel_agg import KernelFastPath  # no bcc import until a filter loads
+
+            self.fast = KernelFastPath(self.routes, self.http)
+            self.http.add_source(self.fast.series)
+            self.pipeline.other_exchanges = self.fast.exchanges
         self.capture: Any = None
         self._capture_lock = threading.Lock()
         self._ifindex = 0
@@ -99,6 +106,8 @@ class Exporter:
         self.registry = CollectorRegistry(auto_describe=False)
         slo = settings.slo_runtime
         sources = [self.pipeline.self_samples, self._capture_samples, *settings.extra_self_sources]
+        if self.fast is not None:
+            sources.append(self.fast.self_samples)
         if slo is not None:
             sources.append(slo.self_samples)
         self.registry.register(ExporterCollector(self.http, sources, slo.collect if slo is not None else None))
@@ -168,8 +177,11 @@ class Exporter:
     def _open_capture(self) -> None:
         from exporter.capture.live import LiveCapture  # bcc is imported only when capturing
 
-        capture = LiveCapture(self.settings.interface, self.settings.ports)
+        capture = LiveCapture(self.settings.interface, self.settings.ports, fast_path=self.settings.fast_path,
+                              histogram_bounds=(self.http.duration_buckets, self.http.size_buckets))
         capture.open()
+        if self.fast is not None:
+            self.fast.attach(capture.bpf_filter)
         state = interface_state(self.settings.interface)
         with self._capture_lock:
             self.capture = capture
@@ -208,6 +220,8 @@ class Exporter:
             self.health.set(False, "stopping")
             with self._capture_lock:
                 if self.capture is not None:
+                    if self.fast is not None:
+                        self.fast.detach()
                     self.capture.close()
             self.pipeline.flush()
             if slo is not None:
@@ -216,6 +230,7 @@ class Exporter:
 
     def _loop(self) -> None:
         feed = self.pipeline.feed
+        fast = self.fast
         next_expire = next_check = time.monotonic() + EXPIRE_EVERY_S
         next_reattach = 0.0
         while not self._stop.is_set():
@@ -233,6 +248,9 @@ class Exporter:
                     self._detach(f"reading the capture failed: {exc}")
                     next_reattach = time.monotonic() + REATTACH_EVERY_S
                     continue
+                if fast is not None:
+                    # Before parsing: a handover record always precedes its flow's segments.
+                    self.pipeline.seed(fast.take_handovers())
                 if segments:
                     feed(segments)
             now = time.monotonic()
@@ -272,6 +290,8 @@ class Exporter:
                     self._closed_filter[name] = self._closed_filter.get(name, 0) + value
             except (OSError, CaptureError):
                 pass  # the last counts of a broken socket are lost; the next capture counts anew
+            if self.fast is not None:
+                self.fast.detach()
             capture.close()
         self.detached_total += 1
         self.health.set(False, f"capture detached: {reason}; retrying every {REATTACH_EVERY_S:g}s")

@@ -114,6 +114,10 @@ def run_options(func: Any) -> Any:
                      show_default=True, envvar=env_var("log_level")),
         click.option("--user", envvar=env_var("user"),
                      help="Once the filter is attached, drop every capability and run as this user."),
+        click.option("--fast-path/--no-fast-path", default=False, show_default=True,
+                     envvar=env_var("fast_path"),
+                     help="Aggregate simple HTTP/1.x exchanges in the kernel (user space gets the rest); "
+                          "--no-fast-path parses everything in user space, the reference path."),
         click.option("--web-config", "--web.config.file", "web_config", type=click.Path(dir_okay=False),
                      envvar=env_var("web_config"),
                      help="Prometheus exporter-toolkit web config: TLS and basic auth for the endpoints."),
@@ -151,9 +155,10 @@ def run(ctx: click.Context, /, **params: Any) -> None:
         raise click.UsageError("give at least one --port (or EBPF_SLO_PORT, or port: in --config)")
     from exporter.app import Exporter
 
-    exporter = Exporter(_run_settings(params))
+    settings = _run_settings(params)
+    exporter = Exporter(settings)
     exporter.install_signal_handlers()
-    scheme = "https" if exporter.settings.web_config is not None and exporter.settings.web_config.tls else "http"
+    scheme = "https" if settings.web_config is not None and settings.web_config.tls is not None else "http"
     click.echo(f"serving {scheme}://{params['listen']}/metrics", err=True)
     exporter.run()
 
@@ -189,6 +194,7 @@ def _run_settings(params: dict[str, Any]) -> Any:
         limits=limits,
         slo_runtime=runtime,
         user=params.get("user") or None,
+        fast_path=bool(params.get("fast_path")),
         web_config=_web_config(params.get("web_config"), params.get("user")),
     )
 

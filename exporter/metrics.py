@@ -69,8 +69,23 @@ class _Histogram:
         self.total = 0.0
 
 
+# Histograms aggregated elsewhere (the kernel fast path), merged at scrape time:
+# (label key as HttpMetrics keys it, then (bucket counts incl. the overflow slot, sum) for
+# duration in seconds, request body and response body, on HttpMetrics' own bounds).
+ExternalSeries = tuple[
+    tuple[str, str, str, str],
+    tuple[Sequence[int], float],
+    tuple[Sequence[int], float],
+    tuple[Sequence[int], float],
+]
+
+
 class HttpMetrics:
-    """Aggregates exchanges into the three OTel HTTP histograms."""
+    """Aggregates exchanges into the three OTel HTTP histograms.
+
+    Sources added with `add_source` (the kernel fast path) are read at scrape time and
+    summed into the same label sets.
+    """
 
     def __init__(
         self,
@@ -82,6 +97,11 @@ class HttpMetrics:
         self._lock = threading.Lock()
         # One entry per label set: (duration, request body, response body) histograms.
         self._series: dict[tuple[str, str, str, str], tuple[_Histogram, _Histogram, _Histogram]] = {}
+        self._sources: list[Callable[[], Iterable[ExternalSeries]]] = []
+
+    def add_source(self, source: Callable[[], Iterable[ExternalSeries]]) -> None:
+        """Merge `source()` into every collect(); its bucket lists must use this object's bounds."""
+        self._sources.append(source)
 
     def observe(self, exchange: Exchange, route: str) -> None:
         key = (method_label(exchange.method), str(exchange.status), route, str(exchange.server_port))
@@ -105,13 +125,26 @@ class HttpMetrics:
             resp_size.total += exchange.response_body_bytes
 
     def series_count(self) -> int:
-        return len(self._series)
+        return len(self._series)  # user-space label sets; merged sources are not counted
+
+    def _merged(self) -> list[tuple[tuple[str, str, str, str], list[tuple[list[int], float]]]]:
+        with self._lock:
+            snapshot = {
+                key: [(list(h.counts), h.total) for h in hists] for key, hists in self._series.items()
+            }
+        for source in self._sources:
+            for key, *hists in source():
+                mine = snapshot.get(key)
+                if mine is None:
+                    snapshot[key] = [(list(counts), float(total)) for counts, total in hists]
+                    continue
+                for i, (counts, total) in enumerate(hists):
+                    have, have_total = mine[i]
+                    mine[i] = ([a + b for a, b in zip(have, counts)], have_total + total)
+        return list(snapshot.items())
 
     def collect(self) -> Iterator[Metric]:
-        with self._lock:
-            snapshot = [
-                (key, [(list(h.counts), h.total) for h in hists]) for key, hists in self._series.items()
-            ]
+        snapshot = self._merged()
         families = (
             HistogramMetricFamily(
                 HTTP_DURATION, "Duration of HTTP server requests, first request byte to last response byte.",

@@ -6,10 +6,10 @@ mapper names routes, HttpMetrics aggregates, and the optional SLO runtime counts
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
-from exporter.core.flows import CoreStats, Limits, Tracker
+from exporter.core.flows import CoreStats, FlowKey, Handover, Limits, Tracker
 from exporter.core.model import Exchange, Segment
 from exporter.core.routes import RouteMapper
 from exporter.metrics import HttpMetrics, SelfSample
@@ -33,6 +33,8 @@ class Pipeline:
         self.http = http
         self.sinks = list(sinks)
         self.exchanges = 0
+        # Exchanges counted elsewhere (the kernel fast path), added to exchanges_total.
+        self.other_exchanges: Callable[[], int] | None = None
 
     def feed(self, segments: Iterable[Segment]) -> None:
         feed = self.tracker.feed
@@ -41,6 +43,12 @@ class Pipeline:
             exchanges = feed(segment)
             if exchanges:
                 emit(exchanges)
+
+    def seed(self, handovers: Iterable[tuple[FlowKey, Handover]]) -> None:
+        """Connections another parser (the kernel) hands over mid-stream; see Tracker.seed."""
+        seed = self.tracker.seed
+        for key, handover in handovers:
+            self._emit(seed(key, handover))
 
     def expire(self, now_ns: int) -> None:
         self._emit(self.tracker.expire(now_ns))
@@ -58,7 +66,10 @@ class Pipeline:
 
     def self_samples(self) -> Iterator[SelfSample]:
         yield from core_samples(self.tracker.stats)
-        yield SelfSample("exchanges_total", "counter", "HTTP exchanges rebuilt from the wire.", self.exchanges)
+        other = self.other_exchanges() if self.other_exchanges is not None else 0
+        yield SelfSample("exchanges_total", "counter",
+                         "HTTP exchanges rebuilt from the wire (in user space and, with the fast path, the kernel).",
+                         self.exchanges + other)
         yield SelfSample("route_overflow_total", "counter",
                          "Exchanges whose route was replaced by the overflow route (route cap reached).",
                          self.routes.overflowed)

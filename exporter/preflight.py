@@ -14,9 +14,18 @@ CAPABILITIES = {
     "CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_SETPCAP": 8, "CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13,
     "CAP_SYS_ADMIN": 21, "CAP_SYS_RESOURCE": 24, "CAP_PERFMON": 38, "CAP_BPF": 39,
 }
-# What capture needs (tested: tests/integration/test_privileges.py), and what --user needs on top
-# when the exporter does not start as root (to change uid/gid and empty the bounding set).
-CAPTURE_CAPABILITIES = ("CAP_BPF", "CAP_NET_RAW")
+# What capture needs, and nothing more: tests/integration/test_privileges.py runs the real
+# filter with exactly this set, then without each member in turn and expects the kernel to
+# refuse, so the set follows the filter as it changes. CAP_BPF loads the program and creates
+# its maps; CAP_NET_RAW opens the packet socket; CAP_PERFMON is needed only because the
+# in-kernel aggregation (bpf/http_filter.c, `v->resp[si]++` on an http_agg value) does pointer
+# arithmetic the verifier allows only with it (Spectre v1 masking, "pointer arithmetic ...
+# prohibited for !root"). Make that code verifiable without it and drop CAP_PERFMON here.
+CAPTURE_CAPABILITIES = ("CAP_BPF", "CAP_NET_RAW", "CAP_PERFMON")
+# CAP_SYS_ADMIN stands in for these (kernels before 5.8 know no other way).
+SYS_ADMIN_COVERS = frozenset({"CAP_BPF", "CAP_PERFMON"})
+# What --user needs on top when the exporter does not start as root (to change uid/gid and
+# empty the bounding set).
 DROP_CAPABILITIES = ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP")
 UNPRIVILEGED_BPF = Path("/proc/sys/kernel/unprivileged_bpf_disabled")
 BPF_PROG_LOAD = 5
@@ -41,19 +50,23 @@ def effective_capabilities(status_text: str | None = None) -> set[str]:
     return set()
 
 
+def missing_capture_capabilities(caps: set[str]) -> list[str]:
+    """The members of CAPTURE_CAPABILITIES not in `caps` (CAP_SYS_ADMIN covering its share)."""
+    covered = SYS_ADMIN_COVERS if "CAP_SYS_ADMIN" in caps else frozenset()
+    return [c for c in CAPTURE_CAPABILITIES if c not in caps and c not in covered]
+
+
 def has_capture_privileges(caps: set[str]) -> bool:
-    """Loading a socket filter needs CAP_BPF (CAP_SYS_ADMIN before 5.8); the packet socket CAP_NET_RAW."""
-    return "CAP_NET_RAW" in caps and bool(caps & {"CAP_BPF", "CAP_SYS_ADMIN"})
+    """Everything in CAPTURE_CAPABILITIES (see there for why each is needed)."""
+    return not missing_capture_capabilities(caps)
 
 
 def check_privileges(caps: set[str] | None = None) -> CheckResult:
     """Which of the capabilities capture needs are present and which are missing."""
     caps = effective_capabilities() if caps is None else caps
-    needed = set(CAPTURE_CAPABILITIES)
-    present = sorted(needed & caps)
-    missing = sorted(needed - caps)
-    if "CAP_BPF" in missing and "CAP_SYS_ADMIN" in caps:
-        missing.remove("CAP_BPF")  # CAP_SYS_ADMIN still covers BPF (and is all kernels before 5.8 know)
+    present = sorted(set(CAPTURE_CAPABILITIES) & caps)
+    missing = missing_capture_capabilities(caps)
+    if "CAP_SYS_ADMIN" in caps and SYS_ADMIN_COVERS - caps:
         present.append("CAP_SYS_ADMIN")
     drop_missing = [c for c in DROP_CAPABILITIES if c not in caps]
     detail = f"uid {os.geteuid()}; present: {', '.join(present) or 'none'}; missing: {', '.join(missing) or 'none'}"
@@ -65,7 +78,8 @@ def check_privileges(caps: set[str] | None = None) -> CheckResult:
     if not missing:
         return CheckResult("privileges", True, detail)
     return CheckResult("privileges", False, detail,
-                       "run as root, or grant exactly CAP_BPF and CAP_NET_RAW (e.g. systemd AmbientCapabilities=)")
+                       f"run as root, or grant exactly {' '.join(CAPTURE_CAPABILITIES)} "
+                       "(e.g. systemd AmbientCapabilities=)")
 
 
 def check_bpf_syscall() -> CheckResult:

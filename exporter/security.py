@@ -1,23 +1,25 @@
 """Least privilege: what the capture needs, and giving everything up once it has it.
 
-The capture needs two capabilities, only while it starts (found by test, see
-tests/integration/test_privileges.py):
+The capture needs, only while it starts, the capabilities in
+`exporter.preflight.CAPTURE_CAPABILITIES` (found by test and kept true by
+tests/integration/test_privileges.py, which removes each in turn):
 
-- CAP_BPF to load the socket filter and create its maps (`bpf(BPF_PROG_LOAD)`,
-  `bpf(BPF_MAP_CREATE)`): with kernel.unprivileged_bpf_disabled at 1 or 2 nothing else
-  may load one;
-- CAP_NET_RAW to open the AF_PACKET socket.
+- CAP_BPF to load the socket filter and create its maps: with
+  kernel.unprivileged_bpf_disabled at 1 or 2 nothing else may;
+- CAP_NET_RAW to open the AF_PACKET socket;
+- CAP_PERFMON, for now, because one piece of the filter's in-kernel aggregation does
+  pointer arithmetic the verifier allows only with it (see preflight.py).
 
-Not needed: CAP_SYS_ADMIN (CAP_BPF replaced it in Linux 5.8), CAP_PERFMON (a socket
-filter reads no kernel memory), CAP_NET_ADMIN (the ring path never forces the socket
-buffer past net.core.rmem_max), CAP_SYS_RESOURCE (BPF memory is charged to the memory
-cgroup since Linux 5.11, not to RLIMIT_MEMLOCK).
+Not needed: CAP_SYS_ADMIN (CAP_BPF replaced it in Linux 5.8), CAP_NET_ADMIN (the ring path
+never forces the socket buffer past net.core.rmem_max), CAP_SYS_RESOURCE (BPF memory is
+charged to the memory cgroup since Linux 5.11, not to RLIMIT_MEMLOCK: tested at 0).
 
 After the filter is attached and the packet socket with its ring is open, the process only
 reads that socket and the filter's maps through file descriptors it already holds. Since
 Linux 6.5 the kernel checks CAP_BPF when a map or program is *created or fetched by id*,
 not on lookups or updates through an fd already held, so `drop_privileges` can give up
-every capability and the exporter keeps counting.
+every capability and the exporter keeps counting (tested: kernel counters, body_skip
+updates and packet reads all continue as uid nobody with no capability).
 
 `drop_privileges` runs before any other thread exists: capabilities, the bounding set and
 no_new_privs are per thread in Linux, and a thread started earlier would keep its own.
@@ -145,7 +147,14 @@ def drop_privileges(user: str, hand_over: Iterable[Path] = ()) -> DroppedTo:
     data = (_CapData * 2)()
     if libc.capset(ctypes.byref(header), data) != 0:
         raise ExporterError(f"capset failed: {os.strerror(ctypes.get_errno())}")
-    # 6. Verify, for every thread, from what the kernel says.
+    # 6. What the user must still write must be reachable: chown does not open the parents.
+    for directory in hand_over:
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise ExporterError(
+                f"user {target.user} cannot write {directory} (a parent directory is closed to it): "
+                "give --spool-dir a place that user can reach, such as /var/lib/ebpf-slo-exporter"
+            )
+    # 7. Verify, for every thread, from what the kernel says.
     for task, status in _task_statuses():
         sets = capability_sets(status)
         held = {name: mask for name, mask in sets.items() if mask}

@@ -188,9 +188,9 @@ def _tls_context(section: dict[str, Any], base: Path, where: str) -> ssl.SSLCont
         raise ConfigError(f"{where}: min_version is above max_version")
     try:
         if "cert_file" in section:
-            cert = _file(base, section["cert_file"], f"{where}.cert_file")
-            key = _file(base, section["key_file"], f"{where}.key_file")
-            context.load_cert_chain(cert, key)
+            cert_path = _file(base, section["cert_file"], f"{where}.cert_file")
+            key_path = _file(base, section["key_file"], f"{where}.key_file")
+            context.load_cert_chain(cert_path, key_path)
         else:
             _load_inline(context, str(section["cert"]), str(section["key"]))
     except (OSError, ssl.SSLError) as exc:

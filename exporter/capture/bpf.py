@@ -12,7 +12,9 @@ import ctypes as ct
 import ipaddress
 import os
 import platform
+import socket
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,11 @@ from exporter.preflight import effective_capabilities, has_capture_privileges
 
 __all__ = [
     "COUNTER_NAMES",
+    "FAST_COUNTER_NAMES",
+    "HANDOVER_REASONS",
+    "METHODS",
+    "KernelAggregate",
+    "KernelHandover",
     "DEFAULT_SNAPLEN",
     "HttpFilter",
     "find_source",
@@ -101,6 +108,48 @@ def require_privileges() -> None:
         raise CaptureError("BPF needs root or CAP_BPF+CAP_NET_RAW: run with sudo")
 
 
+@dataclass(frozen=True, slots=True)
+class KernelHandover:
+    """One `handover` record: a FAST flow the kernel turned over to user space (see the C header)."""
+
+    flow: tuple[str, int, str, int]  # client ip, client port, server ip, server port
+    reason: str
+    phase: int  # 0 nothing open, 1 request waiting, 2 response head consumed
+    method: str
+    path: str
+    start_ns: int  # bpf_ktime_get_ns: CLOCK_MONOTONIC
+    client_next_seq: int
+    server_next_seq: int | None
+    status: int
+    response_length: int
+    response_seen: int
+
+
+@dataclass(frozen=True, slots=True)
+class KernelAggregate:
+    """One `http_agg` entry summed over CPUs: every exchange of one label set taken in the kernel."""
+
+    port: int
+    method: str
+    status: int
+    path: str
+    count: int
+    duration_sum_ns: int
+    response_sum: int
+    duration_counts: tuple[int, ...]  # one per duration bound, then the overflow slot
+    response_counts: tuple[int, ...]  # one per size bound, then the overflow slot
+
+
+def _key_ip(raw: Any) -> str:
+    packed = bytes(raw)
+    if packed[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    return socket.inet_ntop(socket.AF_INET6, packed)
+
+
+_V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
+
+
 def _flow_key_bytes(ip: str) -> bytes:
     """16-byte address as the filter keys it: IPv6 as is, IPv4 as ::ffff:a.b.c.d."""
     try:
@@ -128,9 +177,11 @@ class HttpFilter:
         link_header_len: int = 14,
         src_file: Path | None = None,
         fast_path: bool = False,
+        histogram_bounds: tuple[Iterable[float], Iterable[float]] = ((), ()),
     ) -> None:
         require_privileges()
         self._fast_path = fast_path
+        self._n_dur = self._n_size = 0
         release = platform.release()
         build = Path("/lib/modules") / release / "build"
         if not build.is_dir():
@@ -178,6 +229,9 @@ class HttpFilter:
         self._flow_states = self._bpf[b"flow_state"]
         self.handovers = self._bpf[b"handover"]
         self.aggregates = self._bpf[b"http_agg"]
+        # Bounds before the fast path is switched on: a zeroed bounds map would put every
+        # exchange in the overflow bucket.
+        self.set_bounds(*histogram_bounds)
         self.configure(loopback=loopback, snaplen=snaplen, link_header_len=link_header_len)
         self.set_ports(ports)
 
@@ -245,6 +299,8 @@ class HttpFilter:
         leaf.n_dur = len(durations)
         leaf.n_size = len(size_list)
         self._bounds[ct.c_int(0)] = leaf
+        self._n_dur = len(durations)
+        self._n_size = len(size_list)
 
     def fast_counters(self) -> dict[str, int]:
         """Fast path events since load, summed over CPUs."""
@@ -254,6 +310,70 @@ class HttpFilter:
         """Flows turned over to user space, by reason, summed over CPUs."""
         return {name: int(self._handover_counters.sum(ct.c_int(i)).value)
                 for i, name in enumerate(HANDOVER_REASONS)}
+
+    def drain_handovers(self) -> list[KernelHandover]:
+        """Take (read and delete) every handover record the kernel wrote since the last call.
+
+        One syscall when there are none. Call it after each ring read and before parsing
+        what was read: a record is always written before its flow's first passed-up segment.
+        """
+        table = self.handovers
+        out: list[KernelHandover] = []
+        for key in list(table.keys()):
+            try:
+                leaf = table[key]
+                del table[key]
+            except KeyError:
+                continue  # gone already (a second reader); nothing to seed
+            out.append(KernelHandover(
+                flow=(_key_ip(key.saddr), int(key.sport), _key_ip(key.daddr), int(key.dport)),
+                reason=HANDOVER_REASONS[leaf.reason] if leaf.reason < len(HANDOVER_REASONS) else "?",
+                phase=int(leaf.phase),
+                method=METHODS[leaf.method] if leaf.method < len(METHODS) else "",
+                path=bytes(leaf.path[: leaf.path_len]).decode("latin-1"),
+                start_ns=int(leaf.start_ns),
+                client_next_seq=int(leaf.cseq),
+                server_next_seq=int(leaf.sseq) if leaf.sseq_known else None,
+                status=int(leaf.status),
+                response_length=int(leaf.resp_len),
+                response_seen=int(leaf.resp_seen),
+            ))
+        return out
+
+    def read_aggregates(self) -> list[KernelAggregate]:
+        """Every `http_agg` entry, summed over CPUs (one lookup per entry)."""
+        n_dur = self._n_dur + 1
+        n_size = self._n_size + 1
+        out: list[KernelAggregate] = []
+        for key, per_cpu in self.aggregates.items():
+            count = dur_sum = resp_sum = 0
+            dur = [0] * n_dur
+            resp = [0] * n_size
+            for value in per_cpu:
+                count += value.count
+                dur_sum += value.dur_sum_ns
+                resp_sum += value.resp_sum
+                for i in range(n_dur):
+                    dur[i] += value.dur[i]
+                for i in range(n_size):
+                    resp[i] += value.resp[i]
+            if not count:
+                continue
+            out.append(KernelAggregate(
+                port=int(key.port),
+                method=METHODS[key.method] if key.method < len(METHODS) else "",
+                status=int(key.status),
+                path=bytes(key.path[: key.path_len]).decode("latin-1"),
+                count=count,
+                duration_sum_ns=dur_sum,
+                response_sum=resp_sum,
+                duration_counts=tuple(dur),
+                response_counts=tuple(resp),
+            ))
+        return out
+
+    def flow_state_capacity(self) -> int:
+        return int(self._flow_states.max_entries)
 
     def ports(self) -> set[int]:
         return {k.value for k in self._ports.keys()}

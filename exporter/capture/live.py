@@ -94,6 +94,8 @@ class LiveCapture:
         block_timeout_ms: int = 64,
         rcvbuf: int = 32 << 20,
         bpf_filter: HttpFilter | None = None,
+        fast_path: bool = False,
+        histogram_bounds: tuple[Sequence[float], Sequence[float]] = ((), ()),
     ) -> None:
         self.interface = interface
         self.ports = tuple(ports)
@@ -104,6 +106,8 @@ class LiveCapture:
         self.block_timeout_ms = block_timeout_ms
         self.rcvbuf = rcvbuf
         self._shared_filter = bpf_filter
+        self.fast_path = fast_path
+        self.histogram_bounds = histogram_bounds
         self._filter: HttpFilter | None = None
         self._sock: socket.socket | None = None
         self._mm: mmap.mmap | None = None
@@ -141,12 +145,13 @@ class LiveCapture:
             if self._shared_filter is not None:
                 self._filter = self._shared_filter
                 self._filter.configure(
-                    loopback=loopback, snaplen=self.snaplen, link_header_len=link_header_len
+                    loopback=loopback, snaplen=self.snaplen, link_header_len=link_header_len,
                 )
                 self._filter.set_ports(self.ports)
             else:
                 self._filter = HttpFilter(
-                    self.ports, loopback=loopback, snaplen=self.snaplen, link_header_len=link_header_len
+                    self.ports, loopback=loopback, snaplen=self.snaplen, link_header_len=link_header_len,
+                    fast_path=self.fast_path, histogram_bounds=self.histogram_bounds,
                 )
             self._open_socket()
         except BaseException:
@@ -230,6 +235,13 @@ class LiveCapture:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+    @property
+    def bpf_filter(self) -> HttpFilter:
+        """The attached filter and its maps (fast path aggregates and handovers live there)."""
+        if self._filter is None:
+            raise CaptureError("capture is not open: call open() first")
+        return self._filter
 
     def fileno(self) -> int:
         return self._socket().fileno()

@@ -46,7 +46,7 @@ from exporter.core.http1 import (
 )
 from exporter.core.model import FIN, RST, SYN, Exchange, Segment
 
-__all__ = ["CoreStats", "Limits", "Tracker"]
+__all__ = ["CoreStats", "Handover", "Limits", "Tracker"]
 
 _SEQ_SPACE = 1 << 32
 _SEQ_MASK = _SEQ_SPACE - 1
@@ -103,6 +103,27 @@ class CoreStats:
         self.flows_closed = 0
         self.retransmitted_segments = 0
         self.out_of_order_segments = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Handover:
+    """Where a connection stands when another parser (the kernel's fast path) hands it over.
+
+    `Tracker.seed` makes the flow continue from here exactly as if the Tracker had parsed
+    everything before: the next sequence number of each direction (None: not known yet,
+    the first segment sets it), and the exchange in progress, if any. An exchange whose
+    response head was already consumed carries its status, Content-Length and the body
+    bytes already seen; the rest of the body then arrives as ordinary segments.
+    """
+
+    client_next_seq: int | None
+    server_next_seq: int | None
+    method: str | None = None  # None: no request waiting
+    target: str = "/"
+    start_ns: int = 0
+    response_status: int = 0  # 0: no response byte consumed yet
+    response_length: int = 0
+    response_seen: int = 0
 
 
 def _seq_delta(seq: int, reference: int) -> int:
@@ -305,6 +326,31 @@ class Tracker:
             emitted.clear()
             return done
         return []
+
+    def seed(self, key: FlowKey, handover: Handover) -> list[Exchange]:
+        """Start tracking connection `key` (client ip, client port, server ip, server port) mid-stream.
+
+        Any flow already tracked under `key` is an older connection on the same 4-tuple
+        and is closed first (its close-delimited response may complete: returned).
+        """
+        old = self._flows.get(key)
+        if old is not None:
+            self._close(old, graceful=True)
+        flow = self._open(key)
+        flow.last_ns = handover.start_ns
+        if handover.client_next_seq is not None:
+            flow.client.next_seq = handover.client_next_seq & _SEQ_MASK
+        if handover.server_next_seq is not None:
+            flow.server.next_seq = handover.server_next_seq & _SEQ_MASK
+        if handover.method is not None:
+            flow.on_request(PendingRequest(handover.method, handover.target, handover.start_ns))
+            if handover.response_status:
+                # The parser takes the consumed head as a minimal one with the same framing, and
+                # the body bytes already seen as bytes of known length but unknown content.
+                head = b"HTTP/1.1 %d \r\nContent-Length: %d\r\n\r\n" % (
+                    handover.response_status, handover.response_length)
+                flow.responses.feed(head, handover.start_ns, handover.response_seen)
+        return self._take_emitted()
 
     def expire(self, now_ns: int) -> list[Exchange]:
         """Evict flows idle for `idle_timeout_ns`; their close-delimited responses end here."""

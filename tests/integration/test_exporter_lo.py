@@ -11,7 +11,10 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -96,14 +99,188 @@ def mixed_traffic(host: str, port: int) -> int:
     return sent
 
 
+class RawConn:
+    """One kept-alive connection driven byte by byte, with a minimal response reader."""
+
+    def __init__(self, host: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.settimeout(10)
+        self.sock.connect((host, port))
+        self.file = self.sock.makefile("rb")
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def response(self, method: str = "GET") -> int:
+        """Read one final response (interim ones skipped); returns its status."""
+        while True:
+            status = int(self.file.readline().split()[1])
+            headers = {}
+            while (line := self.file.readline()) not in (b"\r\n", b"\n", b""):
+                name, _, value = line.decode().partition(":")
+                headers[name.strip().lower()] = value.strip()
+            if status >= 200:
+                break
+        if method == "HEAD" or status in (204, 304):
+            return status
+        if headers.get("transfer-encoding") == "chunked":
+            while (size := int(self.file.readline().split(b";")[0], 16)):
+                self.file.read(size + 2)
+            self.file.readline()
+        elif "content-length" in headers:
+            self.file.read(int(headers["content-length"]))
+        else:
+            self.file.read()  # close-delimited
+        return status
+
+    def get(self, path: str) -> int:
+        self.send(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+        return self.response()
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def handover_traffic(host: str, port: int) -> int:
+    """Connections the kernel fast path takes first (a simple GET), then has to hand over; returns requests."""
+    sent = 0
+
+    def warm() -> RawConn:
+        nonlocal sent
+        conn = RawConn(host, port)
+        conn.get("/warm")
+        sent += 1
+        return conn
+
+    conn = warm()  # a second request while the first waits for its response
+    conn.send(b"GET /delay/100 HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.03)
+    conn.send(b"GET /status/201 HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn.response(), conn.response()
+    conn.close()
+    sent += 2
+
+    conn = warm()  # a second request while the first one's 3 MB body streams
+    conn.send(b"GET /bytes/3000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert conn.file.readline().startswith(b"HTTP/1.1 200")
+    while conn.file.readline() not in (b"\r\n", b""):
+        pass
+    conn.file.read(1000)  # a little of the body; the server then waits on a full socket
+    time.sleep(0.05)
+    conn.send(b"GET /status/202 HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn.file.read(3_000_000 - 1000)
+    conn.response()
+    conn.close()
+    sent += 2
+
+    for path in ("/chunked/50000", "/close/20000"):  # framing the kernel leaves to user space
+        conn = warm()
+        conn.get(path)
+        conn.close()
+        sent += 1
+
+    conn = warm()  # stays in the kernel: no body, 204, 304, a 3 MB Content-Length body
+    conn.send(b"HEAD /bytes/100 HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn.response("HEAD")
+    for path in ("/status/204", "/status/304", "/bytes/3000000", "/status/503"):
+        conn.get(path)
+    conn.close()
+    sent += 5
+
+    requests_after_warm = [
+        [b"GET /split/head HTTP/1.1\r\nHost: x\r\n", b"X-Pad: p\r\n\r\n"],  # a head over two segments
+        [b"PURGE /cache HTTP/1.1\r\nHost: x\r\n\r\n"],  # unknown method
+        [b"GET http://example.test/absolute/form?x=1 HTTP/1.1\r\nHost: x\r\n\r\n"],  # absolute form
+        [b"".join(b"GET /status/%d HTTP/1.1\r\nHost: x\r\n\r\n" % c for c in (200, 404, 500))],  # pipelined
+    ]
+    for pieces in requests_after_warm:
+        conn = warm()
+        for piece in pieces:
+            conn.send(piece)
+            time.sleep(0.02)
+        responses = max(1, pieces[0].count(b" HTTP/1.1\r\n"))
+        for _ in range(responses):
+            conn.response()
+        conn.close()
+        sent += responses
+
+    conn = warm()  # 100-continue
+    conn.send(b"POST /upload HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+    assert conn.file.readline().startswith(b"HTTP/1.1 100")
+    conn.file.readline()
+    conn.send(b"body")
+    conn.response()
+    conn.close()
+    sent += 1
+
+    conn = warm()  # the client half-closes while its request waits
+    conn.send(b"GET /delay/50 HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn.sock.shutdown(socket.SHUT_WR)
+    conn.response()
+    conn.close()
+    sent += 1
+    return sent
+
+
+MODES = {"fast": "--fast-path", "reference": "--no-fast-path"}
+
+
+@contextmanager
+def both_paths(port: int, *args: str) -> Iterator[dict[str, ExporterProcess]]:
+    """The same capture twice at once: the kernel fast path and the user-space reference path."""
+    procs = {mode: ExporterProcess("--interface", "lo", "--port", str(port), *args, flag)
+             for mode, flag in MODES.items()}
+    errors: list[BaseException] = []
+
+    def start(proc: ExporterProcess) -> None:
+        try:
+            proc.start()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(proc,)) for proc in procs.values()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        if errors:
+            raise errors[0]
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.stop()
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def assert_same_histograms(fast: Samples, reference: Samples) -> None:
+    """Counts and buckets equal; sums equal for sizes, within clock noise for durations."""
+    def http(samples: Samples) -> Samples:
+        return {key: value for key, value in samples.items() if key[0].startswith("http_server_")}
+
+    fast, reference = http(fast), http(reference)
+    assert fast.keys() == reference.keys()
+    for key, value in reference.items():
+        name = key[0]
+        if name == "http_server_request_duration_seconds_sum":
+            count = reference[("http_server_request_duration_seconds_count", key[1])]
+            assert abs(fast[key] - value) <= 0.001 * count + 0.01 * value, key
+        else:
+            assert fast[key] == value, key
+
+
 @pytest.fixture(params=["127.0.0.1", "::1"], ids=["ipv4", "ipv6"])
 def host(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
 def test_counts_equal_server_log(host: str) -> None:
-    with logging_server(host) as server, ExporterProcess("--interface", "lo", "--port", str(server.port),
-                                                          *ROUTES) as exporter:
+    with logging_server(host) as server, both_paths(server.port, *ROUTES) as exporters:
         sent = mixed_traffic(host, server.port)
         # Pipelining: five requests in one segment, answered in order.
         pipelined = b"".join(b"GET /status/%d HTTP/1.1\r\nHost: x\r\n\r\n" % code for code in (200, 404, 200, 500, 201))
@@ -117,18 +294,47 @@ def test_counts_equal_server_log(host: str) -> None:
         # Proxy absolute form: recorded by its path.
         raw_exchange(host, server.port, b"GET http://example.test:80/absolute/form?x=1 HTTP/1.1\r\nHost: x\r\n\r\n")
         sent += 5 + 3
-        samples = exporter.wait_for_exchanges(sent)
+        sent += handover_traffic(host, server.port)
+        scraped = {mode: proc.wait_for_exchanges(sent) for mode, proc in exporters.items()}
     expected = expected_counts(server.log)
     assert sum(server.log.values()) == sent
-    assert counts_by_key(samples, server.port) == expected
-    assert self_metric(samples, "kernel_drops_total") == 0
-    assert self_metric(samples, "unmatched_responses_total") == 0
-    assert not any("hunter2" in value for (_, labels), _v in samples.items() for _, value in labels)
+    for mode, samples in scraped.items():
+        assert self_metric(samples, "fast_path_busy_total") == 0, mode
+        assert self_metric(samples, "fast_path_handover_map_full_total") == 0, mode
+        assert counts_by_key(samples, server.port) == expected, mode
+        assert self_metric(samples, "kernel_drops_total") == 0, mode
+        assert self_metric(samples, "unmatched_responses_total") == 0, mode
+        assert not any("hunter2" in value for (_, labels), _v in samples.items() for _, value in labels)
+    fast = scraped["fast"]
+    assert self_metric(fast, "fast_path_exchanges_total") >= 10
+    for reason in ("pipelined", "response", "request", "close"):
+        assert self_metric(fast, "fast_path_handovers_total", reason=reason) > 0, reason
+    assert self_metric(fast, "fast_path_handovers_seeded_total") > 0
+    assert_same_histograms(fast, scraped["reference"])
+
+
+def test_fast_path_histograms_equal_the_reference_path(host: str) -> None:
+    """Traffic the kernel takes almost all of: every histogram sample as the reference path has it."""
+    with logging_server(host) as server, both_paths(server.port, *ROUTES) as exporters:
+        conns = [RawConn(host, server.port) for _ in range(4)]
+        sent = 0
+        for i in range(60):
+            conn = conns[i % len(conns)]
+            path = ("/", "/items?page=%d" % i, "/bytes/%d" % (i * 997 % 20000), "/status/404",
+                    "/status/204", "/delay/%d" % (i % 3 * 10))[i % 6]
+            conn.get(path)
+            sent += 1
+        for conn in conns:
+            conn.close()
+        scraped = {mode: proc.wait_for_exchanges(sent) for mode, proc in exporters.items()}
+    assert counts_by_key(scraped["reference"], server.port) == expected_counts(server.log)
+    assert self_metric(scraped["fast"], "fast_path_exchanges_total") == sent
+    assert self_metric(scraped["fast"], "packets_received_total") == 0
+    assert_same_histograms(scraped["fast"], scraped["reference"])
 
 
 def test_latency_lands_in_the_right_bucket_and_idle_time_is_not_counted(host: str) -> None:
-    with logging_server(host) as server, ExporterProcess("--interface", "lo", "--port", str(server.port),
-                                                          *ROUTES) as exporter:
+    with logging_server(host) as server, both_paths(server.port, *ROUTES) as exporters:
         conn = http.client.HTTPConnection(host, server.port, timeout=10)
         for delay in (200, 600):
             conn.request("GET", f"/delay/{delay}")
@@ -137,18 +343,20 @@ def test_latency_lands_in_the_right_bucket_and_idle_time_is_not_counted(host: st
         conn.request("GET", "/fast")
         conn.getresponse().read()
         conn.close()
-        samples = exporter.wait_for_exchanges(3)
+        scraped = {mode: proc.wait_for_exchanges(3) for mode, proc in exporters.items()}
 
-    def bucket(route: str, le: str) -> float:
-        labels = (("http_request_method", "GET"), ("http_response_status_code", "200"),
-                  ("http_route", route), ("le", le), ("server_port", str(server.port)))
-        return samples[("http_server_request_duration_seconds_bucket", labels)]
+    for mode, samples in scraped.items():
+        def bucket(route: str, le: str) -> float:
+            labels = (("http_request_method", "GET"), ("http_response_status_code", "200"),
+                      ("http_route", route), ("le", le), ("server_port", str(server.port)))
+            return samples[("http_server_request_duration_seconds_bucket", labels)]
 
-    assert bucket("/delay/{ms}", "0.15") == 0
-    assert bucket("/delay/{ms}", "0.25") == 1
-    assert bucket("/delay/{ms}", "0.5") == 1
-    assert bucket("/delay/{ms}", "0.75") == 2
-    assert bucket("/fast", "0.1") == 1
+        assert bucket("/delay/{ms}", "0.15") == 0, mode
+        assert bucket("/delay/{ms}", "0.25") == 1, mode
+        assert bucket("/delay/{ms}", "0.5") == 1, mode
+        assert bucket("/delay/{ms}", "0.75") == 2, mode
+        assert bucket("/fast", "0.1") == 1, mode
+    assert self_metric(scraped["fast"], "fast_path_exchanges_total") == 3
 
 
 def test_sigterm_and_sigint_stop_within_a_second_on_a_silent_link() -> None:

@@ -1,9 +1,11 @@
 """Least privilege, tested on the real exporter: what it needs, and giving it all up.
 
-- The capture runs as an unprivileged uid holding only CAP_BPF and CAP_NET_RAW (ambient,
-  via setpriv), with RLIMIT_MEMLOCK at 0, and counts real traffic exactly.
-- Each of the two is needed: without either, the kernel itself refuses (the exporter's own
-  precheck is bypassed in that probe, so the refusal is the kernel's).
+The needed set is `exporter.preflight.CAPTURE_CAPABILITIES`; these tests keep it true:
+
+- The capture runs as an unprivileged uid holding only that set (ambient, via setpriv),
+  with RLIMIT_MEMLOCK at 0, and counts real traffic exactly.
+- Each member is needed: without any one of them the kernel itself refuses (the
+  exporter's own precheck is bypassed in that probe, so the refusal is the kernel's).
 - `--user` drops every capability in every thread (effective, permitted, inheritable,
   bounding, ambient), sets no_new_privs and switches uid/gid; counting goes on afterwards.
 - `check` names the capabilities present and missing.
@@ -25,11 +27,12 @@ from pathlib import Path
 
 import pytest
 
+from exporter.preflight import CAPABILITIES, CAPTURE_CAPABILITIES
 from tests.integration.harness import REPO, ExporterProcess, counts_by_key, logging_server, self_metric
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to grant capabilities")
 
-CAP_NET_RAW, CAP_BPF = 13, 39
+NEEDED = [name.removeprefix("CAP_").lower() for name in CAPTURE_CAPABILITIES]  # setpriv's spelling
 NOBODY = pwd.getpwnam("nobody")
 
 
@@ -106,14 +109,14 @@ def task_status(pid: int) -> dict[str, dict[str, str]]:
 def test_capture_needs_only_cap_bpf_and_cap_net_raw(tmp_path: Path) -> None:
     env = unprivileged_env(tmp_path)
     with logging_server("127.0.0.1") as server, PrivExporter(
-        "--interface", "lo", "--port", str(server.port), prefix=setpriv(["bpf", "net_raw"]), preexec=no_memlock,
+        "--interface", "lo", "--port", str(server.port), prefix=setpriv(NEEDED), preexec=no_memlock,
         env=env,
     ) as exporter:
         assert exporter.proc is not None
         status = task_status(exporter.proc.pid)
         traffic(server.port, ["/a", "/b", "/a", "/status/404"])
         samples = exporter.wait_for_exchanges(4)
-    mask = f"{1 << CAP_BPF | 1 << CAP_NET_RAW:016x}"
+    mask = f"{sum(1 << CAPABILITIES[name] for name in CAPTURE_CAPABILITIES):016x}"
     for fields in status.values():
         assert fields["Uid"].split() == [str(NOBODY.pw_uid)] * 4
         assert (fields["CapEff"], fields["CapPrm"], fields["CapAmb"], fields["CapBnd"]) == (mask,) * 4
@@ -135,22 +138,23 @@ except CaptureError as exc:
 """
 
 
-@pytest.mark.parametrize(
-    ("caps", "expected"),
-    [
-        (["bpf", "net_raw"], "OPENED"),
-        (["net_raw"], "REFUSED BPF program"),  # BPF_PROG_LOAD / MAP_CREATE: EPERM
-        (["bpf"], "REFUSED packet capture needs root or CAP_NET_RAW"),  # socket(AF_PACKET): EPERM
-    ],
-    ids=["both", "no-cap-bpf", "no-cap-net-raw"],
-)
-def test_the_kernel_refuses_without_either(tmp_path: Path, caps: list[str], expected: str) -> None:
+def probe(tmp_path: Path, caps: list[str]) -> str:
     result = subprocess.run([*setpriv(caps), sys.executable, "-c", PROBE], cwd=REPO, capture_output=True,
                             text=True, timeout=120, env={**os.environ, **unprivileged_env(tmp_path)},
                             preexec_fn=no_memlock)
     lines = [line for line in result.stdout.splitlines() if line.startswith(("OPENED", "REFUSED"))]
-    assert len(lines) == 1 and lines[0].startswith(expected), result.stdout + result.stderr
-    assert sysctl_unprivileged_bpf() == "2"  # why nothing works without CAP_BPF here
+    assert len(lines) == 1, result.stdout + result.stderr
+    return lines[0]
+
+
+def test_the_needed_set_is_enough_and_each_member_is_needed(tmp_path: Path) -> None:
+    assert probe(tmp_path, NEEDED) == "OPENED"
+    for name in NEEDED:
+        assert probe(tmp_path, [c for c in NEEDED if c != name]).startswith("REFUSED"), name
+    # Never needed: these must stay out of the set.
+    assert not {"CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_SYS_RESOURCE"} & set(CAPTURE_CAPABILITIES)
+    assert {"CAP_BPF", "CAP_NET_RAW"} <= set(CAPTURE_CAPABILITIES)
+    assert sysctl_unprivileged_bpf() == "2"  # why nothing loads without CAP_BPF here
 
 
 def sysctl_unprivileged_bpf() -> str:
@@ -176,7 +180,7 @@ def test_user_drops_every_capability_and_keeps_counting(tmp_path: Path, start: s
         env = None
     else:  # a non-root start (uid daemon) with what --user needs on top of capture
         daemon = pwd.getpwnam("daemon")
-        prefix = setpriv(["bpf", "net_raw", "setuid", "setgid", "setpcap"], daemon.pw_uid, daemon.pw_gid)
+        prefix = setpriv([*NEEDED, "setuid", "setgid", "setpcap"], daemon.pw_uid, daemon.pw_gid)
         env = unprivileged_env(tmp_path)
     with logging_server("127.0.0.1") as server, PrivExporter(
         "--interface", "lo", "--port", str(server.port), "--user", "nobody", prefix=prefix, env=env,
@@ -213,10 +217,47 @@ def test_check_names_present_and_missing_capabilities(tmp_path: Path) -> None:
     assert partial.returncode == 1
     line = next(x for x in partial.stdout.splitlines() if "privileges" in x)
     assert line.startswith("FAIL privileges")
-    assert "uid 65534; present: CAP_NET_RAW; missing: CAP_BPF;" in line
+    missing = ", ".join(c for c in CAPTURE_CAPABILITIES if c != "CAP_NET_RAW")
+    assert f"uid 65534; present: CAP_NET_RAW; missing: {missing};" in line
     assert "for --user: missing CAP_SETUID, CAP_SETGID, CAP_SETPCAP" in line
-    full = subprocess.run([*setpriv(["bpf", "net_raw"]), sys.executable, "-m", "exporter", "check"], cwd=REPO,
+    full = subprocess.run([*setpriv(NEEDED), sys.executable, "-m", "exporter", "check"], cwd=REPO,
                           capture_output=True, text=True, timeout=60, env=env)
     line = next(x for x in full.stdout.splitlines() if "privileges" in x)
     assert line.startswith("ok   privileges")
-    assert "present: CAP_BPF, CAP_NET_RAW; missing: none" in line
+    assert f"present: {', '.join(sorted(CAPTURE_CAPABILITIES))}; missing: none" in line
+
+
+EXAMPLE = REPO / "examples" / "reliably.yaml"
+
+
+def test_user_keeps_spooling_and_pushing(tmp_path: Path) -> None:
+    from tests.integration.receiver import Receiver
+
+    base = Path(tempfile.mkdtemp(prefix="ebpf-slo-spool-"))
+    os.chmod(base, 0o755)
+    spool = base / "spool"
+    closed = tmp_path / "closed-spool"  # under pytest's root-only tmp: unreachable for nobody
+    with Receiver() as rx, logging_server("127.0.0.1") as server:
+        rx.script(500)  # the first push fails: its indicator waits in the spool
+        env = {"RELIABLY_TOKEN": "tok-priv-test", "RELIABLY_ORG": "priv"}
+        with PrivExporter("--interface", "lo", "--port", str(server.port), "--user", "nobody", "--slo",
+                          str(EXAMPLE), "--reliably-url", rx.url, "--push-interval", "1s", "--spool-dir",
+                          str(spool), env=env) as exporter:
+            assert exporter.proc is not None
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and sum(r.body is not None for r in rx.requests) < 3:
+                traffic(server.port, ["/"] * 5)
+                time.sleep(0.3)
+            assert_no_privileges(exporter.proc.pid, NOBODY.pw_uid)
+            owners = {p.name: p.stat().st_uid for p in [spool, *spool.iterdir()]}
+        assert len(rx.requests) >= 3
+        assert rx.requests[0].body == rx.requests[1].body  # the failed one, sent again by user nobody
+        assert set(owners.values()) == {NOBODY.pw_uid} and "state.json" in owners
+        refused = subprocess.run(
+            [sys.executable, "-m", "exporter", "run", "-i", "lo", "-p", str(server.port), "--listen", "127.0.0.1:0",
+             "--user", "nobody", "--slo", str(EXAMPLE), "--reliably-url", rx.url, "--spool-dir", str(closed)],
+            cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: user nobody cannot write {closed} (a parent directory is closed to it): give --spool-dir "
+        "a place that user can reach, such as /var/lib/ebpf-slo-exporter")

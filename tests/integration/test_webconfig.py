@@ -143,7 +143,7 @@ def tls_config(pki: Pki, extra: str = "") -> str:
 
 def test_tls_serves_metrics_to_a_client_that_trusts_the_ca(pki: Pki, serve: object) -> None:
     served = serve(load_web_config(write_config(pki.dir, tls_config(pki))))  # type: ignore[operator]
-    status, headers, body = get(served.port, context=client_context(pki))
+    status, _headers, body = get(served.port, context=client_context(pki))
     assert status == 200
     assert b"demo_requests_total 3.0" in body
     # A client that does not trust our CA refuses the server.
@@ -326,5 +326,6 @@ def test_bad_web_config_stops_the_cli_with_one_line(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "exporter", "run", "-p", "8080", "--listen", "127.0.0.1:0",
                              "--web-config", str(config)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
-    assert result.stderr == f"error: web config {config}: basic_auth_users: the password of 'alice' is not a bcrypt hash\n"
+    assert result.stderr == (f"error: web config {config}: basic_auth_users: "
+                             "the password of 'alice' is not a bcrypt hash\n")
     assert "hunter2" not in result.stderr

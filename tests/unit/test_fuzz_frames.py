@@ -19,7 +19,7 @@ from exporter.core.model import Segment
 from tests.unit.fuzz_settings import fuzz
 
 REASONS = {getattr(frames, name) for name in dir(frames) if name.startswith("REASON_")}
-LINKTYPES = sorted(SUPPORTED_LINKTYPES) + [2, 147, 65535]
+LINKTYPES = [*sorted(SUPPORTED_LINKTYPES), 2, 147, 65535]
 
 
 def tcp(sport: int, dport: int, seq: int, flags: int, options: bytes, payload: bytes) -> bytes:

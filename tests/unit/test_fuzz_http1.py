@@ -167,7 +167,9 @@ def conversations(draw: st.DrawFn) -> tuple[list[Spec], list[Segment], list[tupl
 
 @fuzz(500)
 @given(conversations())
-def test_valid_exchanges_round_trip_exactly(conversation: tuple[list[Spec], list[Segment], list[tuple[int, int]]]) -> None:
+def test_valid_exchanges_round_trip_exactly(
+    conversation: tuple[list[Spec], list[Segment], list[tuple[int, int]]],
+) -> None:
     items, segments, times = conversation
     tracker = Tracker([PORT])
     out: list[Exchange] = []

@@ -1,0 +1,259 @@
+"""User space's side of the kernel fast path: aggregates, handovers and its self-metrics.
+
+bpf/http_filter.c, with its fast path on, completes simple HTTP/1.x exchanges in the kernel
+and adds them to the `http_agg` map; everything else reaches user space per connection,
+and a connection the kernel gives up mid-exchange comes with a `handover` record (the C
+file's header has the scheme). This module:
+
+- turns handover records into `core.flows.Handover` seeds for the Tracker
+  (`KernelFastPath.take_handovers`, called after every ring read, before parsing);
+- reads `http_agg` when Prometheus scrapes and hands HttpMetrics the histograms per label
+  set (`KernelFastPath.series`, registered with `HttpMetrics.add_source`), with paths
+  named by the same `normalise_target` + RouteMapper as the user-space path;
+- offers `poll_deltas()` for the SLO runtime (below);
+- reports the fast path's own counters (`self_samples`).
+
+API for the SLO runtime (`poll_deltas`), meant to be called about once a second from one
+thread: it returns what the kernel aggregated since the previous call, as
+``{(route, server_port, method_label, status): KernelDelta}``, where
+``KernelDelta.duration_counts[i]`` is the number of new exchanges in duration bucket ``i``
+(bounds: `HttpMetrics.duration_buckets`, the last slot is above the highest bound),
+``count`` their total and ``duration_sum_s`` their summed duration. The first call returns
+everything since the filter was loaded. These exchanges never pass through
+`Pipeline` sinks, so a consumer that counts good/total per route must add both.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from exporter.capture.bpf import HttpFilter, KernelAggregate, KernelHandover
+from exporter.core.flows import FlowKey, Handover
+from exporter.core.http1 import method_label, normalise_target
+from exporter.core.routes import RouteMapper
+from exporter.metrics import ExternalSeries, HttpMetrics, SelfSample
+
+__all__ = ["KernelDelta", "KernelFastPath"]
+
+_SeriesKey = tuple[str, str, str, str]  # method label, status, route, port (HttpMetrics' order)
+_AggKey = tuple[int, str, int, str]  # port, method, status, path
+
+
+@dataclass(frozen=True, slots=True)
+class KernelDelta:
+    """New kernel-aggregated exchanges of one (route, port, method, status) since the last poll."""
+
+    count: int
+    duration_sum_s: float
+    duration_counts: tuple[int, ...]
+
+
+class KernelFastPath:
+    """The fast path's user-space half. `attach` it to each filter the capture opens.
+
+    A filter's maps die with it, so `detach` (before the capture closes) keeps what the
+    kernel had counted, and every total stays monotonic across reattachments.
+    """
+
+    def __init__(
+        self,
+        routes: RouteMapper,
+        http: HttpMetrics,
+        *,
+        realtime_offset_ns: Callable[[], int] = lambda: time.time_ns() - time.monotonic_ns(),
+    ) -> None:
+        self._filter: HttpFilter | None = None
+        self._closed: list[KernelAggregate] = []
+        self._closed_counters: dict[str, int] = {}
+        self._routes = routes
+        self._http = http
+        self._offset = realtime_offset_ns
+        self._lock = threading.Lock()
+        # (port, path) -> route: RouteMapper counts a route overflow on every call, so each
+        # distinct kernel path is named once, not once per scrape.
+        self._route_cache: dict[tuple[int, str], str] = {}
+        self._size_zero_slot = _bisect_left(http.size_buckets, 0)
+        self._last_poll: dict[_AggKey, KernelAggregate] = {}
+        self.handovers_seeded = 0
+
+    def attach(self, bpf_filter: HttpFilter) -> None:
+        self._filter = bpf_filter
+
+    def detach(self) -> None:
+        """Keep what the attached filter counted; call before the filter closes."""
+        bpf_filter, self._filter = self._filter, None
+        if bpf_filter is None:
+            return
+        try:
+            aggregates = bpf_filter.read_aggregates()
+            counters = self._kernel_counters(bpf_filter)
+        except OSError:
+            return  # a broken filter's last counts are lost, as the capture's own are
+        with self._lock:
+            self._closed.extend(aggregates)
+            for name, value in counters.items():
+                self._closed_counters[name] = self._closed_counters.get(name, 0) + value
+            self._last_poll.clear()  # the new filter's map starts from zero
+
+    @staticmethod
+    def _kernel_counters(bpf_filter: HttpFilter) -> dict[str, int]:
+        counters = dict(bpf_filter.fast_counters())
+        for reason, value in bpf_filter.handover_counters().items():
+            counters["handover:" + reason] = value
+        return counters
+
+    def _counters(self) -> dict[str, int]:
+        counters = dict(self._closed_counters)
+        if self._filter is not None:
+            for name, value in self._kernel_counters(self._filter).items():
+                counters[name] = counters.get(name, 0) + value
+        return counters
+
+    # -- handovers -----------------------------------------------------------------------
+
+    def take_handovers(self) -> list[tuple[FlowKey, Handover]]:
+        """Handover records since the last call, as Tracker seeds (monotonic start times made realtime)."""
+        if self._filter is None:
+            return []
+        records = self._filter.drain_handovers()
+        if not records:
+            return []
+        offset = self._offset()
+        seeds = [(record.flow, to_handover(record, offset)) for record in records]
+        self.handovers_seeded += len(seeds)
+        return seeds
+
+    # -- aggregates ----------------------------------------------------------------------
+
+    def _route(self, port: int, path: str) -> str:
+        key = (port, path)
+        route = self._route_cache.get(key)
+        if route is None:
+            route = self._route_cache[key] = self._routes.route(port, normalise_target(path))
+        return route
+
+    def _read(self, live_only: bool = False) -> list[tuple[_SeriesKey, KernelAggregate]]:
+        aggregates = self._filter.read_aggregates() if self._filter is not None else []
+        with self._lock:
+            if not live_only:
+                aggregates = self._closed + aggregates
+            return [
+                ((method_label(agg.method), str(agg.status), self._route(agg.port, agg.path), str(agg.port)), agg)
+                for agg in aggregates
+            ]
+
+    def series(self) -> list[ExternalSeries]:
+        """Histograms per HttpMetrics label set, for `HttpMetrics.add_source` (read at scrape time)."""
+        merged: dict[_SeriesKey, tuple[list[int], int, list[int], int]] = {}
+        for key, agg in self._read():
+            entry = merged.get(key)
+            if entry is None:
+                entry = merged[key] = ([0] * len(agg.duration_counts), 0, [0] * len(agg.response_counts), 0)
+            dur, _, resp, _ = entry
+            for i, n in enumerate(agg.duration_counts):
+                dur[i] += n
+            for i, n in enumerate(agg.response_counts):
+                resp[i] += n
+            merged[key] = (dur, entry[1] + agg.duration_sum_ns, resp, entry[3] + agg.response_sum)
+        out: list[ExternalSeries] = []
+        zero_slot = self._size_zero_slot
+        for key, (dur, dur_ns, resp, resp_sum) in merged.items():
+            count = sum(dur)
+            request = [0] * len(resp)
+            request[zero_slot] = count  # the fast path only takes requests without a body
+            out.append((key, (dur, dur_ns / 1e9), (request, 0.0), (resp, float(resp_sum))))
+        return out
+
+    def exchanges(self) -> int:
+        return self._counters().get("exchanges", 0)
+
+    def poll_deltas(self) -> dict[tuple[str, int, str, int], KernelDelta]:
+        """Exchanges aggregated in the kernel since the previous call (see the module docstring)."""
+        out: dict[tuple[str, int, str, int], KernelDelta] = {}
+        for (method, status, route, port), agg in self._read(live_only=True):
+            agg_key = (agg.port, agg.method, agg.status, agg.path)
+            last = self._last_poll.get(agg_key)
+            self._last_poll[agg_key] = agg
+            if last is not None:
+                if agg.count == last.count:
+                    continue
+                counts = tuple(a - b for a, b in zip(agg.duration_counts, last.duration_counts))
+                delta = KernelDelta(agg.count - last.count, (agg.duration_sum_ns - last.duration_sum_ns) / 1e9,
+                                    counts)
+            else:
+                delta = KernelDelta(agg.count, agg.duration_sum_ns / 1e9, agg.duration_counts)
+            key = (route, int(port), method, int(status))
+            prior = out.get(key)
+            if prior is not None:  # two paths, one route
+                delta = KernelDelta(
+                    prior.count + delta.count, prior.duration_sum_s + delta.duration_sum_s,
+                    tuple(a + b for a, b in zip(prior.duration_counts, delta.duration_counts)),
+                )
+            out[key] = delta
+        return out
+
+    # -- self-metrics --------------------------------------------------------------------
+
+    def self_samples(self) -> Iterator[SelfSample]:
+        fast = self._counters()
+        if self._filter is None and not fast:
+            return
+        fast.setdefault("requests", 0)
+        yield SelfSample("fast_path_requests_total", "counter", "Requests taken by the kernel fast path.",
+                         fast["requests"])
+        yield SelfSample("fast_path_exchanges_total", "counter",
+                         "Exchanges completed and aggregated in the kernel.", fast["exchanges"])
+        yield SelfSample("fast_path_retransmits_total", "counter",
+                         "Segments of kernel-tracked connections that repeated data already seen.",
+                         fast["retransmits"])
+        yield SelfSample("fast_path_busy_total", "counter",
+                         "Segments passed up because another CPU held their connection (expected 0).",
+                         fast["busy"])
+        yield SelfSample("fast_path_flow_states_created_total", "counter",
+                         "Connection states the kernel created.", fast["flows_created"])
+        yield SelfSample("fast_path_flow_states_deleted_total", "counter",
+                         "Connection states the kernel deleted at FIN/RST. Created minus deleted near the "
+                         "capacity means LRU evictions, which the kernel does not report.",
+                         fast["flows_deleted"])
+        if self._filter is not None:
+            yield SelfSample("fast_path_flow_states_capacity", "gauge",
+                             "Size of the kernel's connection state map.", self._filter.flow_state_capacity())
+        yield SelfSample("fast_path_handover_map_full_total", "counter",
+                         "Handover records lost to a full map (expected 0).", fast["handover_map_full"])
+        yield SelfSample("fast_path_handovers_seeded_total", "counter",
+                         "Handover records user space took up.", self.handovers_seeded)
+        for name, value in fast.items():
+            if not name.startswith("handover:"):
+                continue
+            reason = name.split(":", 1)[1]
+            yield SelfSample("fast_path_handovers_total", "counter",
+                             "Connections the kernel left to user space, by reason (agg_full: the "
+                             "aggregate map is full).", value, (("reason", reason),))
+
+
+def to_handover(record: KernelHandover, realtime_offset_ns: int) -> Handover:
+    """A kernel record as the Tracker's seed. Pure: table-tested without a kernel."""
+    start_ns = record.start_ns + realtime_offset_ns
+    if record.phase == 0:
+        return Handover(record.client_next_seq, record.server_next_seq, start_ns=start_ns)
+    response = record.phase == 2
+    return Handover(
+        record.client_next_seq,
+        record.server_next_seq,
+        method=record.method,
+        target=record.path,
+        start_ns=start_ns,
+        response_status=record.status if response else 0,
+        response_length=record.response_length if response else 0,
+        response_seen=record.response_seen if response else 0,
+    )
+
+
+def _bisect_left(bounds: tuple[float, ...], value: float) -> int:
+    for i, bound in enumerate(bounds):
+        if bound >= value:
+            return i
+    return len(bounds)

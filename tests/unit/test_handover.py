@@ -1,0 +1,127 @@
+"""Tracker.seed: a connection the kernel's fast path hands over mid-stream continues exactly.
+
+Each case runs the same bytes twice: once entirely through the Tracker (the reference),
+once with a prefix "consumed by the kernel" and replaced by the Handover the kernel would
+write at that point. The exchanges must be the same.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from exporter.capture.bpf import KernelHandover
+from exporter.capture.kernel_agg import to_handover
+from exporter.core.flows import Handover, Tracker
+from exporter.core.model import Exchange
+from exporter.metrics import HttpMetrics
+from tests.unit.test_flows import PORT, Conn
+
+KEY = ("10.0.0.1", 40000, "10.0.0.2", PORT)
+REQ1 = b"GET /a?secret=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+REQ2 = b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+HEAD1 = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
+HEAD2 = b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\n"
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+
+
+def reference(steps: list[tuple[str, bytes, int]]) -> list[Exchange]:
+    conn, tracker, out = Conn(), Tracker([PORT]), []
+    for side, data, ts in steps:
+        out += tracker.feed(conn.seg(side, data, ts))
+    return out + tracker.flush()
+
+
+def handed_over(steps: list[tuple[str, bytes, int]], kernel_steps: int, handover: Handover) -> list[Exchange]:
+    """The first `kernel_steps` never reach the Tracker; the seed stands in for them."""
+    conn, tracker, out = Conn(), Tracker([PORT]), []
+    segments = [conn.seg(side, data, ts) for side, data, ts in steps]
+    out += tracker.seed(KEY, handover)
+    for seg in segments[kernel_steps:]:
+        out += tracker.feed(seg)
+    return out + tracker.flush()
+
+
+C0, S0 = 1000, 900_000  # Conn's initial sequence numbers
+
+
+@pytest.mark.parametrize(
+    ("name", "steps", "kernel_steps", "handover"),
+    [
+        (
+            "pipelined while the request waits",
+            [("c", REQ1, 10), ("c", REQ2, 20), ("s", HEAD1 + b"0123456789", 30), ("s", HEAD2 + b"abc", 40)],
+            1,
+            Handover(C0 + len(REQ1), None, "GET", "/a", 10),
+        ),
+        (
+            "pipelined while the body streams",
+            [("c", REQ1, 10), ("s", HEAD1 + b"0123", 30), ("c", REQ2, 35), ("s", b"456789", 40),
+             ("s", HEAD2 + b"abc", 50)],
+            2,
+            Handover(C0 + len(REQ1), S0 + len(HEAD1) + 4, "GET", "/a", 10, 200, 10, 4),
+        ),
+        (
+            "response head the kernel cannot frame",
+            [("c", REQ1, 10), ("s", CHUNKED, 30)],
+            1,
+            Handover(C0 + len(REQ1), None, "GET", "/a", 10),
+        ),
+        (
+            "next request after a kernel exchange is not simple",
+            [("c", REQ1, 10), ("s", HEAD1 + b"0123456789", 30), ("c", b"PURGE /x HTTP/1.1\r\n\r\n", 50),
+             ("s", HEAD2 + b"abc", 60)],
+            2,
+            Handover(C0 + len(REQ1), S0 + len(HEAD1) + 10),
+        ),
+    ],
+)
+def test_seeded_flow_continues_like_the_reference(
+    name: str, steps: list[tuple[str, bytes, int]], kernel_steps: int, handover: Handover
+) -> None:
+    expected = reference(steps)
+    # Exchanges that completed inside the kernel are counted there, not by the Tracker.
+    kernel_done = len(reference(steps[:kernel_steps])) if kernel_steps else 0
+    assert handed_over(steps, kernel_steps, handover) == expected[kernel_done:]
+
+
+def test_a_retransmission_of_kernel_data_is_ignored_after_the_seed() -> None:
+    conn, tracker = Conn(), Tracker([PORT])
+    first = conn.seg("s", HEAD1 + b"0123456789", 30, seq=S0)
+    tracker.seed(KEY, Handover(C0 + len(REQ1), S0 + len(first.payload), "GET", "/a", 10))
+    assert tracker.feed(first) == []  # before the seeded server seq: a retransmission
+    assert tracker.stats.retransmitted_segments == 1
+    conn.next["s"] = S0 + len(first.payload)
+    done = tracker.feed(conn.seg("s", HEAD2 + b"abc", 40))
+    assert done == [Exchange("GET", "/a", 404, 10, 40, 0, 3, PORT)]
+
+
+def test_seed_replaces_an_older_connection_on_the_same_tuple() -> None:
+    tracker = Tracker([PORT])
+    conn = Conn()
+    tracker.feed(conn.seg("c", REQ1, 1))
+    tracker.seed(KEY, Handover(C0 + 5000, None, "GET", "/new", 10))
+    assert tracker.stats.requests_without_response == 1  # the old connection's request
+    assert tracker.stats.flows_active == 1
+
+
+def test_kernel_record_becomes_a_seed_with_realtime_start() -> None:
+    record = KernelHandover(KEY, "pipelined", 2, "GET", "/a", 1_000, 5, 7, 200, 10, 4)
+    assert to_handover(record, 10**18) == Handover(5, 7, "GET", "/a", 10**18 + 1_000, 200, 10, 4)
+    idle = KernelHandover(KEY, "request", 0, "", "", 0, 5, None, 0, 0, 0)
+    assert to_handover(idle, 1) == Handover(5, None, start_ns=1)
+
+
+def test_http_metrics_merges_an_external_source_by_label_set() -> None:
+    http = HttpMetrics(duration_buckets=(0.1, 1.0), size_buckets=(0, 100))
+    http.observe(Exchange("GET", "/a", 200, 0, 50_000_000, 0, 10, PORT), "/a")
+    key = ("GET", "200", "/a", str(PORT))
+    http.add_source(lambda: [(key, ([1, 1, 0], 0.6), ([2, 0, 0], 0.0), ([0, 2, 0], 20.0)),
+                             (("HEAD", "200", "/h", str(PORT)), ([1, 0, 0], 0.01), ([1, 0, 0], 0.0),
+                              ([1, 0, 0], 0.0))])
+    families = {f.name: f for f in http.collect()}
+    samples = {(s.name, s.labels.get("http_route"), s.labels.get("le")): s.value
+               for s in families["http_server_request_duration_seconds"].samples}
+    assert samples[("http_server_request_duration_seconds_count", "/a", None)] == 3
+    assert samples[("http_server_request_duration_seconds_bucket", "/a", "0.1")] == 2
+    assert samples[("http_server_request_duration_seconds_sum", "/a", None)] == pytest.approx(0.65)
+    assert samples[("http_server_request_duration_seconds_count", "/h", None)] == 1
