@@ -114,7 +114,7 @@ def run_options(func: Any) -> Any:
                      show_default=True, envvar=env_var("log_level")),
         click.option("--user", envvar=env_var("user"),
                      help="Once the filter is attached, drop every capability and run as this user."),
-        click.option("--fast-path/--no-fast-path", default=False, show_default=True,
+        click.option("--fast-path/--no-fast-path", default=True, show_default=True,
                      envvar=env_var("fast_path"),
                      help="Aggregate simple HTTP/1.x exchanges in the kernel (user space gets the rest); "
                           "--no-fast-path parses everything in user space, the reference path."),
@@ -194,9 +194,20 @@ def _run_settings(params: dict[str, Any]) -> Any:
         limits=limits,
         slo_runtime=runtime,
         user=params.get("user") or None,
-        fast_path=bool(params.get("fast_path")),
+        fast_path=_fast_path(params, runtime),
         web_config=_web_config(params.get("web_config"), params.get("user")),
     )
+
+
+def _fast_path(params: dict[str, Any], runtime: Any) -> bool:
+    if not params.get("fast_path"):
+        return False
+    if runtime is not None:
+        # Kernel-aggregated exchanges bypass the pipeline's sinks; until the SLO runtime
+        # reads them (KernelFastPath.poll_deltas), SLOs need every exchange in user space.
+        log.info("--slo: using the user-space path for every exchange (fast path off)")
+        return False
+    return True
 
 
 def _web_config(path: str | None, user: str | None) -> Any:

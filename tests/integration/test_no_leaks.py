@@ -37,6 +37,33 @@ def fetch(url: str) -> str:
         return str(exc.read().decode())
 
 
+def send_secrets(port: int, secret: str) -> list[tuple[str, str, bytes | None, dict[str, str]]]:
+    """The secret in a query, Authorization, a cookie, another header, bodies; then a malformed request."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    requests: list[tuple[str, str, bytes | None, dict[str, str]]] = [
+        ("GET", f"/?token={secret}", None, {}),
+        ("GET", "/", None, {"Authorization": f"Bearer {secret}"}),
+        ("GET", "/", None, {"Cookie": f"session={secret}"}),
+        ("GET", "/", None, {"X-Api-Key": secret}),
+        ("POST", "/", f"password={secret}".encode(), {"Content-Type": "application/x-www-form-urlencoded"}),
+        ("PUT", f"/?{secret}", secret.encode() * 100, {}),
+        ("GET", f"/status/500?k={secret}", None, {}),
+    ]
+    for method, target, body, headers in requests:
+        conn.request(method, target, body=body, headers=headers)
+        conn.getresponse().read()
+    conn.close()
+    # A malformed request: the parser's error path sees the secret too.
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        raw.sendall(f"GET /?a={secret} HTTP/1.1\r\nBroken header {secret}\r\n\r\n".encode())
+        raw.settimeout(5)
+        raw.recv(65536)
+    return requests
+
+
+EXPECTED = {("GET", "200", "/"): 4, ("POST", "200", "/"): 1, ("PUT", "200", "/"): 1, ("GET", "500", "/status/{id}"): 1}
+
+
 def test_no_secret_reaches_any_output(tmp_path: Path) -> None:
     secret = f"s3cr3t{uuid.uuid4().hex}"
     token = f"tok{uuid.uuid4().hex}"
@@ -49,25 +76,7 @@ def test_no_secret_reaches_any_output(tmp_path: Path) -> None:
             env={"RELIABLY_TOKEN": token, "RELIABLY_ORG": "leak-test"},
         )
         with exporter:
-            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-            requests = [
-                ("GET", f"/?token={secret}", None, {}),
-                ("GET", "/", None, {"Authorization": f"Bearer {secret}"}),
-                ("GET", "/", None, {"Cookie": f"session={secret}"}),
-                ("GET", "/", None, {"X-Api-Key": secret}),
-                ("POST", "/", f"password={secret}".encode(), {"Content-Type": "application/x-www-form-urlencoded"}),
-                ("PUT", f"/?{secret}", secret.encode() * 100, {}),
-                ("GET", f"/status/500?k={secret}", None, {}),
-            ]
-            for method, target, body, headers in requests:
-                conn.request(method, target, body=body, headers=headers)
-                conn.getresponse().read()
-            conn.close()
-            # A malformed request: the parser's error path sees the secret too.
-            with socket.create_connection(("127.0.0.1", server.port)) as raw:
-                raw.sendall(f"GET /?a={secret} HTTP/1.1\r\nBroken header {secret}\r\n\r\n".encode())
-                raw.settimeout(5)
-                raw.recv(65536)
+            requests = send_secrets(server.port, secret)
             samples = exporter.wait_for_exchanges(len(requests))
             # Wait for pushes: two failures, then the spooled indicators go through.
             deadline = time.monotonic() + 20
@@ -88,9 +97,7 @@ def test_no_secret_reaches_any_output(tmp_path: Path) -> None:
                 outputs[f"spool {path.name}"] = path.read_bytes().decode(errors="replace")
         pushes = list(rx.requests)
     # The run did what it should: every exchange counted, pushes made, failures logged.
-    assert counts_by_key(samples, server.port) == {
-        ("GET", "200", "/"): 4, ("POST", "200", "/"): 1, ("PUT", "200", "/"): 1, ("GET", "500", "/status/{id}"): 1,
-    }
+    assert counts_by_key(samples, server.port) == EXPECTED
     assert self_metric(samples, "exchanges_total") == len(requests)
     # The malformed one is a parse error, and its 400 answer has no request to pair with.
     assert self_metric(samples, "parse_errors_total", reason="bad_header") == 1
@@ -105,3 +112,21 @@ def test_no_secret_reaches_any_output(tmp_path: Path) -> None:
         assert push.headers["Authorization"] == f"Bearer {token}"
     leaks = {name: text for name, text in outputs.items() if secret in text or token in text}
     assert leaks == {}
+
+
+def test_no_secret_with_the_kernel_fast_path() -> None:
+    """The in-kernel aggregation sees the same bytes: its labels must not carry them either."""
+    secret = f"s3cr3t{uuid.uuid4().hex}"
+    with logging_server("127.0.0.1") as server:
+        with ExporterProcess("--interface", "lo", "--port", str(server.port), "--fast-path",
+                             "--log-level", "debug") as exporter:
+            send_secrets(server.port, secret)
+            deadline = time.monotonic() + 10
+            samples = exporter.scrape()
+            while time.monotonic() < deadline and counts_by_key(samples, server.port) != EXPECTED:
+                time.sleep(0.2)
+                samples = exporter.scrape()
+            outputs = {path: fetch(exporter.base + path) for path in ("/metrics", "/api/v1/slo", "/", "/healthz")}
+        outputs["stdout+stderr"] = exporter.output
+    assert counts_by_key(samples, server.port) == EXPECTED
+    assert {name: text for name, text in outputs.items() if secret in text} == {}
