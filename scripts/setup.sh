@@ -65,7 +65,9 @@ fi
 stamp=.venv/.installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   say "installing the project and its test dependencies into .venv"
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+  # --ignore-installed: the venv sees system site-packages (for bcc), but our Python
+  # dependencies must come from pyproject.toml, not from whatever the host has.
+  .venv/bin/python -m pip install -q --disable-pip-version-check --ignore-installed -e ".[test]"
   touch "$stamp"
 fi
 if ! .venv/bin/python -c "import bcc" 2>/dev/null; then
