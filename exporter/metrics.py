@@ -140,7 +140,7 @@ class HttpMetrics:
                     continue
                 for i, (counts, total) in enumerate(hists):
                     have, have_total = mine[i]
-                    mine[i] = ([a + b for a, b in zip(have, counts)], have_total + total)
+                    mine[i] = ([a + b for a, b in zip(have, counts, strict=True)], have_total + total)
         return list(snapshot.items())
 
     def collect(self) -> Iterator[Metric]:

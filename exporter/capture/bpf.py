@@ -23,13 +23,13 @@ from exporter.preflight import effective_capabilities, has_capture_privileges
 
 __all__ = [
     "COUNTER_NAMES",
+    "DEFAULT_SNAPLEN",
     "FAST_COUNTER_NAMES",
     "HANDOVER_REASONS",
     "METHODS",
+    "HttpFilter",
     "KernelAggregate",
     "KernelHandover",
-    "DEFAULT_SNAPLEN",
-    "HttpFilter",
     "find_source",
     "require_privileges",
 ]
@@ -140,6 +140,14 @@ class KernelAggregate:
     response_counts: tuple[int, ...]  # one per size bound, then the overflow slot
 
 
+def _release_compiler_heap() -> None:
+    """Give clang's freed heap back to the OS: ~35 MB of RSS that glibc would otherwise keep."""
+    try:
+        ct.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
+
+
 def _key_ip(raw: Any) -> str:
     packed = bytes(raw)
     if packed[:12] == _V4_MAPPED:
@@ -219,6 +227,7 @@ class HttpFilter:
             if os.geteuid() != 0 and ("Operation not permitted" in msg or "Permission denied" in msg):
                 raise CaptureError("BPF needs root or CAP_BPF+CAP_NET_RAW: run with sudo") from exc
             raise CaptureError(f"kernel refused the BPF program: {msg}") from exc
+        _release_compiler_heap()
         self._ports = self._bpf[b"watched_ports"]
         self._config = self._bpf[b"config"]
         self._counters = self._bpf[b"filter_counters"]

@@ -180,7 +180,7 @@ class KernelFastPath:
             if last is not None:
                 if agg.count == last.count:
                     continue
-                counts = tuple(a - b for a, b in zip(agg.duration_counts, last.duration_counts))
+                counts = tuple(a - b for a, b in zip(agg.duration_counts, last.duration_counts, strict=True))
                 delta = KernelDelta(agg.count - last.count, (agg.duration_sum_ns - last.duration_sum_ns) / 1e9,
                                     counts)
             else:
@@ -190,7 +190,7 @@ class KernelFastPath:
             if prior is not None:  # two paths, one route
                 delta = KernelDelta(
                     prior.count + delta.count, prior.duration_sum_s + delta.duration_sum_s,
-                    tuple(a + b for a, b in zip(prior.duration_counts, delta.duration_counts)),
+                    tuple(a + b for a, b in zip(prior.duration_counts, delta.duration_counts, strict=True)),
                 )
             out[key] = delta
         return out

@@ -238,7 +238,7 @@ def both_paths(port: int, *args: str) -> Iterator[dict[str, ExporterProcess]]:
     def start(proc: ExporterProcess) -> None:
         try:
             proc.start()
-        except BaseException as exc:  # noqa: BLE001 - re-raised below, in the test's thread
+        except BaseException as exc:  # re-raised below, in the test's thread
             errors.append(exc)
 
     threads = [threading.Thread(target=start, args=(proc,)) for proc in procs.values()]
@@ -324,8 +324,8 @@ def test_fast_path_histograms_equal_the_reference_path(host: str) -> None:
         sent = 0
         for i in range(60):
             conn = conns[i % len(conns)]
-            path = ("/", "/items?page=%d" % i, "/bytes/%d" % (i * 997 % 20000), "/status/404",
-                    "/status/204", "/delay/%d" % (i % 3 * 10))[i % 6]
+            path = ("/", f"/items?page={i}", f"/bytes/{i * 997 % 20000}", "/status/404",
+                    "/status/204", f"/delay/{i % 3 * 10}")[i % 6]
             conn.get(path)
             sent += 1
         for conn in conns:
@@ -350,7 +350,7 @@ def test_latency_lands_in_the_right_bucket_and_idle_time_is_not_counted(host: st
         scraped = {mode: proc.wait_for_exchanges(3) for mode, proc in exporters.items()}
 
     for mode, samples in scraped.items():
-        def bucket(route: str, le: str) -> float:
+        def bucket(route: str, le: str, samples: Samples = samples) -> float:
             labels = (("http_request_method", "GET"), ("http_response_status_code", "200"),
                       ("http_route", route), ("le", le), ("server_port", str(server.port)))
             return samples[("http_server_request_duration_seconds_bucket", labels)]

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-from exporter.capture.bpf import KernelHandover
-from exporter.capture.kernel_agg import to_handover
+from exporter.capture.bpf import FAST_COUNTER_NAMES, HANDOVER_REASONS, KernelAggregate, KernelHandover
+from exporter.capture.kernel_agg import KernelDelta, KernelFastPath, to_handover
 from exporter.core.flows import Handover, Tracker
 from exporter.core.model import Exchange
+from exporter.core.routes import RouteMapper
 from exporter.metrics import HttpMetrics
 from tests.unit.test_flows import PORT, Conn
 
@@ -125,3 +126,51 @@ def test_http_metrics_merges_an_external_source_by_label_set() -> None:
     assert samples[("http_server_request_duration_seconds_bucket", "/a", "0.1")] == 2
     assert samples[("http_server_request_duration_seconds_sum", "/a", None)] == pytest.approx(0.65)
     assert samples[("http_server_request_duration_seconds_count", "/h", None)] == 1
+
+
+class FakeFilter:
+    """Stands in for HttpFilter's map readers: what the kernel aggregated so far."""
+
+    def __init__(self) -> None:
+        self.aggregates: list[KernelAggregate] = []
+        self.records: list[KernelHandover] = []
+
+    def read_aggregates(self) -> list[KernelAggregate]:
+        return list(self.aggregates)
+
+    def drain_handovers(self) -> list[KernelHandover]:
+        records, self.records = self.records, []
+        return records
+
+    def fast_counters(self) -> dict[str, int]:
+        return dict.fromkeys(FAST_COUNTER_NAMES, 0) | {"exchanges": sum(a.count for a in self.aggregates)}
+
+    def handover_counters(self) -> dict[str, int]:
+        return dict.fromkeys(HANDOVER_REASONS, 0)
+
+    def flow_state_capacity(self) -> int:
+        return 65536
+
+
+def agg(path: str, count: int, buckets: tuple[int, ...]) -> KernelAggregate:
+    return KernelAggregate(PORT, "GET", 200, path, count, count * 1_000_000, 0, buckets, (count, 0, 0))
+
+
+def test_kernel_series_and_poll_deltas_name_routes_like_the_user_space_path() -> None:
+    http = HttpMetrics(duration_buckets=(0.1, 1.0), size_buckets=(0, 100))
+    fake = FakeFilter()
+    fast = KernelFastPath(RouteMapper(["/items/{id}"]), http, realtime_offset_ns=lambda: 0)
+    fast.attach(fake)  # type: ignore[arg-type]
+    http.add_source(fast.series)
+    fake.aggregates = [agg("/items/1", 2, (2, 0, 0)), agg("/items/2", 1, (0, 1, 0))]
+    assert fast.poll_deltas() == {("/items/{id}", PORT, "GET", 200): KernelDelta(3, 0.003, (2, 1, 0))}
+    fake.aggregates = [agg("/items/1", 3, (3, 0, 0)), agg("/items/2", 1, (0, 1, 0))]
+    assert fast.poll_deltas() == {("/items/{id}", PORT, "GET", 200): KernelDelta(1, 0.001, (1, 0, 0))}
+    assert fast.poll_deltas() == {}
+    families = {f.name: f for f in http.collect()}
+    counts = {s.labels["http_route"]: s.value for s in families["http_server_request_duration_seconds"].samples
+              if s.name.endswith("_count")}
+    assert counts == {"/items/{id}": 4}
+    fast.detach()  # the filter closes: what it counted stays
+    assert {s.value for s in next(iter(http.collect())).samples if s.name.endswith("_count")} == {4}
+    assert fast.exchanges() == 4
