@@ -122,7 +122,8 @@ class KernelFastPath:
         if not records:
             return []
         offset = self._offset()
-        seeds = [(record.flow, to_handover(record, offset)) for record in records]
+        now_ns = time.time_ns()
+        seeds = [(record.flow, to_handover(record, offset, now_ns)) for record in records]
         self.handovers_seeded += len(seeds)
         return seeds
 
@@ -234,11 +235,11 @@ class KernelFastPath:
                              "aggregate map is full).", value, (("reason", reason),))
 
 
-def to_handover(record: KernelHandover, realtime_offset_ns: int) -> Handover:
+def to_handover(record: KernelHandover, realtime_offset_ns: int, seen_ns: int = 0) -> Handover:
     """A kernel record as the Tracker's seed. Pure: table-tested without a kernel."""
     start_ns = record.start_ns + realtime_offset_ns
     if record.phase == 0:
-        return Handover(record.client_next_seq, record.server_next_seq, start_ns=start_ns)
+        return Handover(record.client_next_seq, record.server_next_seq, start_ns=start_ns, seen_ns=seen_ns)
     response = record.phase == 2
     return Handover(
         record.client_next_seq,
@@ -249,6 +250,7 @@ def to_handover(record: KernelHandover, realtime_offset_ns: int) -> Handover:
         response_status=record.status if response else 0,
         response_length=record.response_length if response else 0,
         response_seen=record.response_seen if response else 0,
+        seen_ns=seen_ns,
     )
 
 

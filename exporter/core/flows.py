@@ -124,6 +124,7 @@ class Handover:
     response_status: int = 0  # 0: no response byte consumed yet
     response_length: int = 0
     response_seen: int = 0
+    seen_ns: int = 0  # when the handover happened: the flow's idle clock starts here
 
 
 def _seq_delta(seq: int, reference: int) -> int:
@@ -337,7 +338,7 @@ class Tracker:
         if old is not None:
             self._close(old, graceful=True)
         flow = self._open(key)
-        flow.last_ns = handover.start_ns
+        flow.last_ns = max(handover.start_ns, handover.seen_ns)
         if handover.client_next_seq is not None:
             flow.client.next_seq = handover.client_next_seq & _SEQ_MASK
         if handover.server_next_seq is not None:

@@ -11,7 +11,7 @@ import pytest
 
 from exporter.capture.bpf import FAST_COUNTER_NAMES, HANDOVER_REASONS, KernelAggregate, KernelHandover
 from exporter.capture.kernel_agg import KernelDelta, KernelFastPath, to_handover
-from exporter.core.flows import Handover, Tracker
+from exporter.core.flows import Handover, Limits, Tracker
 from exporter.core.model import Exchange
 from exporter.core.routes import RouteMapper
 from exporter.metrics import HttpMetrics
@@ -94,6 +94,15 @@ def test_a_retransmission_of_kernel_data_is_ignored_after_the_seed() -> None:
     conn.next["s"] = S0 + len(first.payload)
     done = tracker.feed(conn.seg("s", HEAD2 + b"abc", 40))
     assert done == [Exchange("GET", "/a", 404, 10, 40, 0, 3, PORT)]
+
+
+def test_a_seeded_flow_idles_from_the_handover_not_from_its_last_request() -> None:
+    tracker = Tracker([PORT], Limits(idle_timeout_ns=100))
+    tracker.seed(KEY, Handover(C0, S0, start_ns=10, seen_ns=1_000))
+    tracker.expire(1_050)
+    assert tracker.stats.flows_active == 1
+    tracker.expire(1_200)
+    assert tracker.stats.flows_active == 0
 
 
 def test_seed_replaces_an_older_connection_on_the_same_tuple() -> None:
