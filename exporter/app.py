@@ -221,6 +221,7 @@ class Exporter:
             with self._capture_lock:
                 if self.capture is not None:
                     if self.fast is not None:
+                        self._kernel_exchanges_to_slo()
                         self.fast.detach()
                     self.capture.close()
             self.pipeline.flush()
@@ -262,7 +263,18 @@ class Exporter:
                 next_check = now + IFACE_CHECK_EVERY_S
             if now >= next_expire:
                 self.pipeline.expire(time.time_ns())
+                if fast is not None and self.capture is not None:
+                    self._kernel_exchanges_to_slo()
                 next_expire = now + EXPIRE_EVERY_S
+
+    def _kernel_exchanges_to_slo(self) -> None:
+        """Feed the SLO windows what the kernel aggregated since the last call (fast path)."""
+        slo = self.settings.slo_runtime
+        if slo is None or self.fast is None:
+            return
+        bounds = self.http.duration_buckets
+        for (route, port, _method, status), delta in self.fast.poll_deltas().items():
+            slo.observe_counts(route, port, status, delta.duration_counts, bounds)
 
     def _interface_lost(self) -> str:
         """Why the capture's interface is gone, or '' while it is fine."""
@@ -291,6 +303,7 @@ class Exporter:
             except (OSError, CaptureError):
                 pass  # the last counts of a broken socket are lost; the next capture counts anew
             if self.fast is not None:
+                self._kernel_exchanges_to_slo()
                 self.fast.detach()
             capture.close()
         self.detached_total += 1

@@ -194,20 +194,9 @@ def _run_settings(params: dict[str, Any]) -> Any:
         limits=limits,
         slo_runtime=runtime,
         user=params.get("user") or None,
-        fast_path=_fast_path(params, runtime),
+        fast_path=bool(params.get("fast_path")),
         web_config=_web_config(params.get("web_config"), params.get("user")),
     )
-
-
-def _fast_path(params: dict[str, Any], runtime: Any) -> bool:
-    if not params.get("fast_path"):
-        return False
-    if runtime is not None:
-        # Kernel-aggregated exchanges bypass the pipeline's sinks; until the SLO runtime
-        # reads them (KernelFastPath.poll_deltas), SLOs need every exchange in user space.
-        log.info("--slo: using the user-space path for every exchange (fast path off)")
-        return False
-    return True
 
 
 def _web_config(path: str | None, user: str | None) -> Any:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from exporter.core.model import Exchange
@@ -48,6 +49,22 @@ class Matcher:
         # le="0.15" bucket uses (ns / 1e9 <= 0.15 exactly when ns <= 150_000_000).
         self.latency_target_ns = round(target * 1e9) if target is not None else None
         self.good_classes = frozenset(int(c[0]) for c in objective.good_status_classes)
+
+    def good_of(self, route: str, port: int, status: int, duration_counts: Sequence[int],
+                bounds: Sequence[float]) -> int | None:
+        """Good events among aggregated ones (the kernel fast path), or None if not covered.
+
+        `duration_counts[i]` counts durations in (bounds[i-1], bounds[i]], the last slot those
+        above every bound. The latency target is always a bound (`run` adds it), so buckets at
+        or under it are exactly the good ones."""
+        if self.route is not None and route != self.route:
+            return None
+        if self.port is not None and port != self.port:
+            return None
+        if self.latency_target_ns is not None:
+            return sum(count for count, bound in zip(duration_counts, bounds, strict=False)
+                       if round(bound * 1e9) <= self.latency_target_ns)
+        return sum(duration_counts) if status // 100 in self.good_classes else 0
 
     def classify(self, exchange: Exchange, route: str) -> int:
         """GOOD, BAD, or NOT_COUNTED when the objective does not cover this exchange."""
@@ -194,6 +211,21 @@ class Evaluator:
                 verdict = matcher.classify(exchange, route)
                 if verdict != NOT_COUNTED and not ring.add(index, verdict == GOOD):
                     self.too_old += 1
+
+    def observe_counts(self, route: str, port: int, status: int, duration_counts: Sequence[int],
+                       bounds: Sequence[float], now_ns: int) -> None:
+        """Exchanges the kernel aggregated since the last poll, counted in the current bucket.
+
+        The kernel keeps no per-exchange time, so they land in the bucket of the poll (about
+        once a second): an exchange near a bucket edge may count one bucket late."""
+        index = now_ns // self.bucket_ns
+        total = sum(duration_counts)
+        with self._lock:
+            self.observed += total
+            for matcher, ring in zip(self._matchers, self._rings, strict=True):
+                good = matcher.good_of(route, port, status, duration_counts, bounds)
+                if good is not None and not ring.add_many(index, good, total):
+                    self.too_old += total
 
     def due(self, now_s: float) -> list[int]:
         """Ends of the push intervals to close now, oldest first."""

@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +163,11 @@ class SloRuntime:
 
     def observe(self, exchange: Exchange, route: str) -> None:
         self.evaluator.observe(exchange, route, int(self._clock() * 1e9))
+
+    def observe_counts(self, route: str, port: int, status: int, duration_counts: Sequence[int],
+                       bounds: Sequence[float]) -> None:
+        """Kernel-aggregated exchanges (fast path), polled about once a second."""
+        self.evaluator.observe_counts(route, port, status, duration_counts, bounds, int(self._clock() * 1e9))
 
     # -- background thread ---------------------------------------------------------------
 

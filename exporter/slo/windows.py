@@ -59,6 +59,10 @@ class BucketRing:
 
     def add(self, index: int, good: bool) -> bool:
         """Count one event in bucket `index`. False when the slot already holds a newer bucket."""
+        return self.add_many(index, 1 if good else 0, 1)
+
+    def add_many(self, index: int, good: int, total: int) -> bool:
+        """Count `total` events, `good` of them good, in bucket `index` (kernel aggregates)."""
         slot = index % self.slots
         held = self._index[slot]
         if held != index:
@@ -67,9 +71,8 @@ class BucketRing:
             self._index[slot] = index
             self._good[slot] = 0
             self._total[slot] = 0
-        self._total[slot] += 1
-        if good:
-            self._good[slot] += 1
+        self._total[slot] += total
+        self._good[slot] += good
         return True
 
     def sum(self, first: int, end: int) -> tuple[int, int]:

@@ -120,3 +120,28 @@ def test_no_traffic_is_no_data() -> None:
 def test_rates_slightly_over_total_are_clamped() -> None:
     # Prometheus extrapolation can make good a hair larger than total.
     assert Result(0, 60, 1.0000000001, 1.0, 0.99).sli == 1.0
+
+
+def test_kernel_aggregates_count_like_the_same_exchanges_one_by_one() -> None:
+    """The fast path hands the SLO windows bucket counts; they must classify as per-exchange."""
+    from exporter.metrics import DEFAULT_DURATION_BUCKETS
+    from exporter.slo.evaluate import Evaluator
+
+    objectives = parse_manifest(LATENCY + "---\n" + AVAILABILITY_2XX)
+    bounds = DEFAULT_DURATION_BUCKETS
+    durations_ms = [1, 40, 150, 150.000001, 151, 600, 20_000]
+    cases = [(status, ms) for status in (200, 404, 503) for ms in durations_ms]
+    one_by_one = Evaluator(objectives, 10, start_s=1000, grace_s=1)
+    aggregated = Evaluator(objectives, 10, start_s=1000, grace_s=1)
+    now_ns = 1_003 * 10**9
+    for status, ms in cases:
+        exchange = Exchange("GET", "/api", status, now_ns - round(ms * 1e6), now_ns, 0, 0, 8080)
+        one_by_one.observe(exchange, "/api", now_ns)
+    for status in (200, 404, 503):
+        counts = [0] * (len(bounds) + 1)
+        for ms in durations_ms:
+            counts[sum(1 for b in bounds if b < ms / 1000)] += 1
+        aggregated.observe_counts("/api", 8080, status, counts, bounds, now_ns)
+    expected = [(c.objective.name, c.window.good, c.window.total) for c in one_by_one.close(1010)]
+    assert [(c.objective.name, c.window.good, c.window.total) for c in aggregated.close(1010)] == expected
+    assert expected == [("fast", 9, 21), ("ok", 7, 21)]
