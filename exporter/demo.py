@@ -27,7 +27,7 @@ class DemoHandler(BaseHTTPRequestHandler):
     slow_fraction = 0.01
     error_fraction = 0.007
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         draw = random.random()
         if draw < self.slow_fraction:
             time.sleep(random.uniform(0.0, 1.0))
@@ -39,7 +39,7 @@ class DemoHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 

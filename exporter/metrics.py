@@ -159,7 +159,7 @@ class HttpMetrics:
         )
         bounds = (self.duration_buckets, self.size_buckets, self.size_buckets)
         for key, hists in snapshot:
-            for family, bucket_bounds, (counts, total) in zip(families, bounds, hists):
+            for family, bucket_bounds, (counts, total) in zip(families, bounds, hists, strict=True):
                 family.add_metric(list(key), _cumulative(bucket_bounds, counts), total)
         yield from families
 
@@ -167,7 +167,7 @@ class HttpMetrics:
 def _cumulative(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[str, float]]:
     running = 0
     buckets: list[tuple[str, float]] = []
-    for bound, count in zip(bounds, counts):
+    for bound, count in zip(bounds, counts, strict=False):  # counts has one more slot: +Inf
         running += count
         buckets.append((format_bound(bound), running))
     running += counts[-1]

@@ -59,7 +59,7 @@ class _ThreadingServerV6(_ThreadingServer):
 
 class _QuietHandler(WSGIRequestHandler):
     # Scrapes every few seconds would drown the exporter's own log.
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 

@@ -24,17 +24,17 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-import pypacker.pypacker
+import pypacker.pypacker  # noqa: F401 - imported first for its side effect, see below
+
+from exporter.capture.frames import SUPPORTED_LINKTYPES, decode_frame, wanted
+from exporter.core.model import Segment
+from exporter.errors import CaptureError
 
 # pypacker logs a warning to its own stderr handler when the optional netifaces is
 # missing (replay never needs it). Its logger level is set by pypacker.pypacker, so
 # raise it after that import and before ppcap pulls in the module that warns.
 logging.getLogger("pypacker").setLevel(logging.ERROR)
 from pypacker import ppcap  # noqa: E402
-
-from exporter.capture.frames import SUPPORTED_LINKTYPES, decode_frame, wanted
-from exporter.core.model import Segment
-from exporter.errors import CaptureError
 
 __all__ = ["read_capture"]
 

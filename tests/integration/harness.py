@@ -79,7 +79,7 @@ class LoggingHandler(BaseHTTPRequestHandler):
             if self.command != "HEAD" and status not in (204, 304):
                 self.wfile.write(body)
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _respond  # noqa: N815
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _respond
 
     def handle_expect_100(self) -> bool:
         self.server.record_interim()
@@ -100,7 +100,7 @@ class LoggingHandler(BaseHTTPRequestHandler):
         handler()
         self.wfile.flush()
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
