@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -173,7 +173,10 @@ def self_metric(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], n
 class ExporterProcess:
     """`python -m exporter run ...` as a child, ready once /healthz says 200."""
 
-    def __init__(self, *args: str, listen_port: int | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, listen_port: int | None = None, env: dict[str, str] | None = None,
+                 prefix: Sequence[str] = (), preexec: Callable[[], None] | None = None) -> None:
+        self.prefix = list(prefix)  # e.g. setpriv, to start with fewer privileges
+        self.preexec = preexec
         self.listen_port = listen_port or free_port()
         self.args = ["--listen", f"127.0.0.1:{self.listen_port}", *args]
         self.env = {**os.environ, **(env or {})}
@@ -184,10 +187,11 @@ class ExporterProcess:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.listen_port}"
 
-    def start(self, timeout: float = 30.0) -> ExporterProcess:
+    def start(self, timeout: float = 45.0) -> ExporterProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "run", *self.args],
+            [*self.prefix, sys.executable, "-m", "exporter", "run", *self.args],
             cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            preexec_fn=self.preexec,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

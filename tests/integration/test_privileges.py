@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,37 +44,6 @@ def setpriv(caps: Sequence[str], uid: int = NOBODY.pw_uid, gid: int = NOBODY.pw_
 
 def no_memlock() -> None:
     resource.setrlimit(resource.RLIMIT_MEMLOCK, (0, 0))
-
-
-class PrivExporter(ExporterProcess):
-    """The harness's exporter, started through a command prefix (setpriv) and preexec hook."""
-
-    def __init__(self, *args: str, prefix: Sequence[str] = (), preexec: object = None,
-                 env: dict[str, str] | None = None) -> None:
-        super().__init__(*args, env=env)
-        self.prefix = list(prefix)
-        self.preexec = preexec
-
-    def start(self, timeout: float = 40.0) -> PrivExporter:
-        self.proc = subprocess.Popen(
-            [*self.prefix, sys.executable, "-m", "exporter", "run", *self.args],
-            cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            preexec_fn=self.preexec,  # type: ignore[arg-type]
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.output = self.proc.stdout.read() if self.proc.stdout else ""
-                raise RuntimeError(f"exporter exited with {self.proc.returncode}: {self.output}")
-            try:
-                with urllib.request.urlopen(self.base + "/healthz", timeout=1) as response:
-                    if response.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"exporter not ready within {timeout}s: {self.output}")
 
 
 def unprivileged_env(tmp_path: Path) -> dict[str, str]:
@@ -112,7 +80,7 @@ def task_status(pid: int) -> dict[str, dict[str, str]]:
 
 def test_capture_needs_only_cap_bpf_and_cap_net_raw(tmp_path: Path) -> None:
     env = unprivileged_env(tmp_path)
-    with logging_server("127.0.0.1") as server, PrivExporter(
+    with logging_server("127.0.0.1") as server, ExporterProcess(
         "--interface", "lo", "--port", str(server.port), prefix=setpriv(NEEDED), preexec=no_memlock,
         env=env,
     ) as exporter:
@@ -186,7 +154,7 @@ def test_user_drops_every_capability_and_keeps_counting(tmp_path: Path, start: s
         daemon = pwd.getpwnam("daemon")
         prefix = setpriv([*NEEDED, "setuid", "setgid", "setpcap"], daemon.pw_uid, daemon.pw_gid)
         env = unprivileged_env(tmp_path)
-    with logging_server("127.0.0.1") as server, PrivExporter(
+    with logging_server("127.0.0.1") as server, ExporterProcess(
         "--interface", "lo", "--port", str(server.port), "--user", "nobody", prefix=prefix, env=env,
     ) as exporter:
         assert exporter.proc is not None
@@ -246,7 +214,7 @@ def test_user_keeps_spooling_and_pushing(tmp_path: Path) -> None:
     with Receiver() as rx, logging_server("127.0.0.1") as server:
         rx.script(500)  # the first push fails: its indicator waits in the spool
         env = {"RELIABLY_TOKEN": "tok-priv-test", "RELIABLY_ORG": "priv"}
-        with PrivExporter("--interface", "lo", "--port", str(server.port), "--user", "nobody", "--slo",
+        with ExporterProcess("--interface", "lo", "--port", str(server.port), "--user", "nobody", "--slo",
                           str(EXAMPLE), "--reliably-url", rx.url, "--push-interval", "1s", "--spool-dir",
                           str(spool), env=env) as exporter:
             assert exporter.proc is not None
