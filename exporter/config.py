@@ -46,6 +46,7 @@ FILE_KEYS = {
     "spool_dir": "spool_dir",
     "log_level": "log_level",
     "user": "user",
+    "fast_path": "fast_path",
     "web_config": "web_config",
 }
 

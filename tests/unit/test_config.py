@@ -67,7 +67,8 @@ def capture_settings(monkeypatch: pytest.MonkeyPatch, args: list[str], env: dict
 
 def test_flag_env_and_file_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("interface: from-file\nport: 81\nlisten: 127.0.0.1:9999\nmax_routes_per_port: 7\n")
+    path.write_text("interface: from-file\nport: 81\nlisten: 127.0.0.1:9999\nmax_routes_per_port: 7\n"
+                    "fast_path: false\n")
     seen = capture_settings(monkeypatch, ["--config", str(path), "--interface", "from-flag"],
                             env={"EBPF_SLO_LISTEN": "127.0.0.1:8888"})
     settings = seen["settings"]
@@ -75,6 +76,7 @@ def test_flag_env_and_file_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert settings.ports == (81,)
     assert str(settings.listen) == "127.0.0.1:8888"
     assert settings.max_routes_per_port == 7
+    assert settings.fast_path is False
 
 
 def test_slo_latency_targets_become_bucket_bounds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
