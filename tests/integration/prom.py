@@ -11,7 +11,6 @@ on exit. Other tests (the lead's end-to-end run) can point it at the real export
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,14 +24,9 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import start_http_server
 
+from tests.integration.harness import free_port
+
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class ExpositionServer:
