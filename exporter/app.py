@@ -175,11 +175,14 @@ class Exporter:
         signal.signal(signal.SIGTERM, handler)
 
     def _open_capture(self) -> None:
-        from exporter.capture.live import LiveCapture  # bcc is imported only when capturing
+        from exporter.capture.live import LiveCapture  # the capture modules load only when capturing
 
         capture = LiveCapture(self.settings.interface, self.settings.ports, fast_path=self.settings.fast_path,
                               histogram_bounds=(self.http.duration_buckets, self.http.size_buckets))
         capture.open()
+        report = capture.bpf_filter.load_report
+        log.info("BPF filter compiled and loaded in %.1f s by a helper process (peak RSS %d MB, exited)",
+                 report.compile_s, report.helper_peak_rss_kb // 1024)
         if self.fast is not None:
             self.fast.attach(capture.bpf_filter)
         state = interface_state(self.settings.interface)

@@ -1,7 +1,8 @@
 """The capture edge: kernel filter, packet socket, frame decoder, capture files.
 
     live.LiveCapture   AF_PACKET socket + bpf/http_filter.c, TPACKET_V3 ring or recvmsg
-    bpf.HttpFilter     the compiled filter and its maps (the only importer of bcc)
+    bpf.HttpFilter     the loaded filter and its maps, over bpf(2) (bpfsys)
+    bpf_loader         helper process: the only importer of bcc, compiles and hands over fds
     frames             pure frame -> Segment decoder, shared by live and replay
     pcap.read_capture  pcap/pcapng replay (imports pypacker, so not re-exported here)
 

@@ -1,23 +1,30 @@
-"""Load bpf/http_filter.c with BCC and talk to its maps.
+"""Load bpf/http_filter.c and talk to its maps.
 
-This module is the only one that imports bcc. Everything BCC, clang or the
-kernel can throw at load time becomes a `CaptureError` whose message names the
-fix. The counter and config indices are defined here, once, and handed to the C
-file as -D defines; the C source itself is never edited or templated.
+BCC compiles and loads the filter in a helper process (bpf_loader.py), so that
+LLVM never maps into the exporter; this module receives the program and map
+descriptors and reads the maps with bpf(2) (bpfsys.py). Everything BCC, clang
+or the kernel can throw at load time becomes a `CaptureError` whose message
+names the fix. The counter and config indices are defined here, once, and
+handed to the C file as -D defines; the C source itself is never edited or
+templated. So are the byte layouts of its map keys and values (the `struct`
+formats below), which are checked against the loaded maps' sizes.
 """
 
 from __future__ import annotations
 
-import ctypes as ct
 import ipaddress
+import json
 import os
 import platform
 import socket
+import struct
+import subprocess
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from exporter.capture.bpfsys import BpfMap, possible_cpus
 from exporter.errors import CaptureError
 from exporter.preflight import effective_capabilities, has_capture_privileges
 
@@ -140,22 +147,111 @@ class KernelAggregate:
     response_counts: tuple[int, ...]  # one per size bound, then the overflow slot
 
 
-def _release_compiler_heap() -> None:
-    """Give clang's freed heap back to the OS: ~35 MB of RSS that glibc would otherwise keep."""
-    try:
-        ct.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to trim
+# Byte layouts of the C structs (native order, the C file's field order and padding).
+_U16 = struct.Struct("=H")
+_U32 = struct.Struct("=I")
+_FLOW_KEY = struct.Struct("=16s16sHH")  # struct flow_key
+_HIST_BOUNDS = struct.Struct(f"={MAX_DURATION_BOUNDS}Q{MAX_SIZE_BOUNDS}QII")  # struct hist_bounds
+# struct fp_handover: start_ns, cseq, sseq, resp_len, resp_seen, status, phase, method, path_len,
+# sseq_known, reason, pad, path.
+_HANDOVER = struct.Struct(f"=QIIIIHBBBBBx{PATH_LEN}s")
+_AGG_KEY = struct.Struct(f"=HHBB2x{PATH_LEN}s")  # struct http_agg_key: port, status, method, path_len, path
+_AGG_VAL_SLOTS = 3 + MAX_DURATION_BOUNDS + 1 + MAX_SIZE_BOUNDS + 1  # struct http_agg_val, all u64
+_PER_CPU_U64 = 8
+
+# Every map this module touches: name -> (key size, value size) as the kernel reports them.
+_MAP_LAYOUT: dict[str, tuple[int, int]] = {
+    "watched_ports": (2, 1),
+    "config": (4, 4),
+    "filter_counters": (4, _PER_CPU_U64),
+    "fast_counters": (4, _PER_CPU_U64),
+    "handover_counters": (4, _PER_CPU_U64),
+    "body_skip": (_FLOW_KEY.size, 4),
+    "agg_bounds": (4, _HIST_BOUNDS.size),
+    "flow_state": (_FLOW_KEY.size, 136),  # struct fp_state: only its capacity is read here
+    "handover": (_FLOW_KEY.size, _HANDOVER.size),
+    "http_agg": (_AGG_KEY.size, _AGG_VAL_SLOTS * 8),
+}
+
+_V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 
 
-def _key_ip(raw: Any) -> str:
-    packed = bytes(raw)
+def _ip_from_key(packed: bytes) -> str:
     if packed[:12] == _V4_MAPPED:
         return socket.inet_ntop(socket.AF_INET, packed[12:])
     return socket.inet_ntop(socket.AF_INET6, packed)
 
 
-_V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
+def _flow_from_key(key: bytes) -> tuple[str, int, str, int]:
+    saddr, daddr, sport, dport = _FLOW_KEY.unpack(key)
+    return _ip_from_key(saddr), sport, _ip_from_key(daddr), dport
+
+
+@dataclass(frozen=True, slots=True)
+class LoadReport:
+    """What loading cost, in the helper process: for the startup log and the benchmark."""
+
+    compile_s: float
+    helper_peak_rss_kb: int
+
+
+def _load_in_helper(src: Path, cflags: list[str]) -> tuple[int, dict[str, BpfMap], LoadReport]:
+    """Compile and load in bpf_loader.py; return our copies of the program and map descriptors."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    argv = [sys.executable, "-m", "exporter.capture.bpf_loader", str(theirs.fileno())]
+    with ours:
+        try:
+            helper = subprocess.Popen(argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            raise CaptureError(f"cannot start the BPF loader process {argv[0]}: {exc.strerror}") from None
+        finally:
+            theirs.close()
+        request = {"src": str(src), "cflags": cflags, "function": "http_filter", "maps": list(_MAP_LAYOUT)}
+        message, fds = b"", list[int]()
+        try:
+            ours.sendall(json.dumps(request).encode())
+            message, fds, _flags, _addr = socket.recv_fds(ours, 1 << 16, 1 + len(_MAP_LAYOUT))
+        except OSError:
+            pass  # the helper died first: reported below with its exit status
+        except BaseException:
+            helper.kill()
+            helper.wait()
+            raise
+        code = helper.wait()
+    if not message:
+        raise CaptureError(
+            f"the BPF loader process ({sys.executable} -m exporter.capture.bpf_loader) exited with "
+            f"status {code} before answering: see its output above, or reinstall the package"
+        )
+    reply = json.loads(message)
+    if not reply["ok"]:
+        for fd in fds:
+            os.close(fd)
+        kind, msg = reply["kind"], reply["message"]
+        if kind == "import":
+            raise CaptureError("BCC Python bindings not importable: install python3-bpfcc (`make setup`)")
+        if kind == "compile":
+            raise CaptureError(f"BPF program {src} failed to compile: {msg} (see clang output above)")
+        # As root, EACCES is the verifier's refusal, not a privilege problem.
+        if os.geteuid() != 0 and ("Operation not permitted" in msg or "Permission denied" in msg):
+            raise CaptureError(
+                "BPF needs root or CAP_BPF+CAP_NET_RAW+CAP_PERFMON, kept across exec: run with sudo, "
+                "or grant them as ambient capabilities (systemd AmbientCapabilities=, setpriv --ambient-caps)"
+            )
+        raise CaptureError(f"kernel refused the BPF program: {msg}")
+    if len(fds) != 1 + len(_MAP_LAYOUT):
+        for fd in fds:
+            os.close(fd)
+        raise CaptureError(f"the BPF loader sent {len(fds)} descriptors, expected {1 + len(_MAP_LAYOUT)}")
+    prog_fd, map_fds = fds[0], fds[1:]
+    ncpus = possible_cpus()
+    try:
+        maps = {name: BpfMap(fd, ncpus) for name, fd in zip(_MAP_LAYOUT, map_fds, strict=True)}
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return prog_fd, maps, LoadReport(reply["compile_s"], reply["peak_rss_kb"])
 
 
 def _flow_key_bytes(ip: str) -> bytes:
@@ -194,12 +290,6 @@ class HttpFilter:
         build = Path("/lib/modules") / release / "build"
         if not build.is_dir():
             raise CaptureError(f"kernel headers not found under {build}: run `make setup`")
-        try:
-            from bcc import BPF
-        except ImportError as exc:
-            raise CaptureError(
-                "BCC Python bindings not importable: install python3-bpfcc (`make setup`)"
-            ) from exc
         src = src_file or find_source()
         cflags = [f"-DCNT_{name.upper()}={i}" for i, name in enumerate(COUNTER_NAMES)]
         cflags.append(f"-DCNT_COUNT={len(COUNTER_NAMES)}")
@@ -210,44 +300,39 @@ class HttpFilter:
         cflags += [f"-DHO_{name.upper()}={i}" for i, name in enumerate(HANDOVER_REASONS)]
         cflags.append(f"-DHO_COUNT={len(HANDOVER_REASONS)}")
         cflags.append("-w")  # kernel headers are noisy under BCC's clang; our own code is reviewed
-        # BCC raises bare Exception for compile and load failures; this is the one
-        # place that catches that, and it turns it into the project's error.
+        self._prog_fd, maps, self.load_report = _load_in_helper(src, cflags)
+        self._maps = maps
         try:
-            self._bpf: Any = BPF(src_file=str(src).encode(), cflags=cflags)
-        except Exception as exc:
-            raise CaptureError(
-                f"BPF program {src} failed to compile: {exc} (see clang output above)"
-            ) from exc
-        try:
-            self._fn: Any = self._bpf.load_func(b"http_filter", BPF.SOCKET_FILTER)
-        except Exception as exc:
-            self._bpf.cleanup()
-            msg = str(exc)
-            # As root, EACCES is the verifier's refusal, not a privilege problem.
-            if os.geteuid() != 0 and ("Operation not permitted" in msg or "Permission denied" in msg):
-                raise CaptureError("BPF needs root or CAP_BPF+CAP_NET_RAW: run with sudo") from exc
-            raise CaptureError(f"kernel refused the BPF program: {msg}") from exc
-        _release_compiler_heap()
-        self._ports = self._bpf[b"watched_ports"]
-        self._config = self._bpf[b"config"]
-        self._counters = self._bpf[b"filter_counters"]
-        self._skip = self._bpf[b"body_skip"]
-        self._fast_counters = self._bpf[b"fast_counters"]
-        self._handover_counters = self._bpf[b"handover_counters"]
-        self._bounds = self._bpf[b"agg_bounds"]
-        self._flow_states = self._bpf[b"flow_state"]
-        self.handovers = self._bpf[b"handover"]
-        self.aggregates = self._bpf[b"http_agg"]
-        # Bounds before the fast path is switched on: a zeroed bounds map would put every
-        # exchange in the overflow bucket.
-        self.set_bounds(*histogram_bounds)
-        self.configure(loopback=loopback, snaplen=snaplen, link_header_len=link_header_len)
-        self.set_ports(ports)
+            for name, (key_size, value_size) in _MAP_LAYOUT.items():
+                info = maps[name].info
+                if (info.key_size, info.value_size) != (key_size, value_size):
+                    raise CaptureError(
+                        f"BPF map {name} has {info.key_size}-byte keys and {info.value_size}-byte values, "
+                        f"bpf.py expects {key_size} and {value_size}: http_filter.c and bpf.py disagree"
+                    )
+            self._ports = maps["watched_ports"]
+            self._config = maps["config"]
+            self._counters = maps["filter_counters"]
+            self._skip = maps["body_skip"]
+            self._fast_counters = maps["fast_counters"]
+            self._handover_counters = maps["handover_counters"]
+            self._bounds = maps["agg_bounds"]
+            self._flow_states = maps["flow_state"]
+            self._handovers = maps["handover"]
+            self._aggregates = maps["http_agg"]
+            # Bounds before the fast path is switched on: a zeroed bounds map would put every
+            # exchange in the overflow bucket.
+            self.set_bounds(*histogram_bounds)
+            self.configure(loopback=loopback, snaplen=snaplen, link_header_len=link_header_len)
+            self.set_ports(ports)
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def fd(self) -> int:
         """File descriptor of the loaded program, for SO_ATTACH_BPF."""
-        return int(self._fn.fd)
+        return self._prog_fd
 
     def configure(
         self, *, loopback: bool, snaplen: int, link_header_len: int, fast_path: bool | None = None
@@ -261,7 +346,7 @@ class HttpFilter:
         values = {"loopback": int(loopback), "snaplen": snaplen, "link_header_len": link_header_len,
                   "fast_path": int(self._fast_path)}
         for i, name in enumerate(_CONFIG_NAMES):
-            self._config[ct.c_int(i)] = ct.c_uint32(values[name])
+            self._config.update(_U32.pack(i), _U32.pack(values[name]))
 
     def set_ports(self, ports: Iterable[int]) -> None:
         """Replace the watched ports (1..65535)."""
@@ -271,10 +356,10 @@ class HttpFilter:
                 raise CaptureError(f"port {port} out of range 1..65535")
             wanted.add(port)
         for key in list(self._ports.keys()):
-            if key.value not in wanted:
-                del self._ports[key]
+            if _U16.unpack(key)[0] not in wanted:
+                self._ports.delete(key)
         for port in wanted:
-            self._ports[self._ports.Key(port)] = self._ports.Leaf(1)
+            self._ports.update(_U16.pack(port), b"\x01")
 
     @property
     def fast_path(self) -> bool:
@@ -295,29 +380,27 @@ class HttpFilter:
             )
         if any(b < 0 for b in durations + size_list):
             raise CaptureError("the fast path needs non-negative bucket bounds: run with --no-fast-path")
-        leaf = self._bounds.Leaf()
-        for i in range(MAX_DURATION_BOUNDS):
-            leaf.dur_ns[i] = (1 << 64) - 1  # unused: nothing lies above it
-        for i in range(MAX_SIZE_BOUNDS):
-            leaf.size[i] = (1 << 64) - 1
-        for i, bound in enumerate(durations):
-            # d_ns > floor(b * 1e9) <=> d_ns / 1e9 > b for integer d_ns (to float precision).
-            leaf.dur_ns[i] = min(int(bound * 1e9), (1 << 64) - 1)
-        for i, bound in enumerate(size_list):
-            leaf.size[i] = min(int(bound), (1 << 64) - 1)  # integer n > floor(b) <=> n > b
-        leaf.n_dur = len(durations)
-        leaf.n_size = len(size_list)
-        self._bounds[ct.c_int(0)] = leaf
+        unused = (1 << 64) - 1  # nothing lies above it
+        # d_ns > floor(b * 1e9) <=> d_ns / 1e9 > b for integer d_ns (to float precision);
+        # integer n > floor(b) <=> n > b.
+        dur_ns = [min(int(bound * 1e9), unused) for bound in durations]
+        size_bytes = [min(int(bound), unused) for bound in size_list]
+        leaf = _HIST_BOUNDS.pack(
+            *dur_ns, *[unused] * (MAX_DURATION_BOUNDS - len(dur_ns)),
+            *size_bytes, *[unused] * (MAX_SIZE_BOUNDS - len(size_bytes)),
+            len(durations), len(size_list),
+        )
+        self._bounds.update(_U32.pack(0), leaf)
         self._n_dur = len(durations)
         self._n_size = len(size_list)
 
     def fast_counters(self) -> dict[str, int]:
         """Fast path events since load, summed over CPUs."""
-        return {name: int(self._fast_counters.sum(ct.c_int(i)).value) for i, name in enumerate(FAST_COUNTER_NAMES)}
+        return {name: self._fast_counters.per_cpu_u64_sum(_U32.pack(i)) for i, name in enumerate(FAST_COUNTER_NAMES)}
 
     def handover_counters(self) -> dict[str, int]:
         """Flows turned over to user space, by reason, summed over CPUs."""
-        return {name: int(self._handover_counters.sum(ct.c_int(i)).value)
+        return {name: self._handover_counters.per_cpu_u64_sum(_U32.pack(i))
                 for i, name in enumerate(HANDOVER_REASONS)}
 
     def drain_handovers(self) -> list[KernelHandover]:
@@ -326,26 +409,26 @@ class HttpFilter:
         One syscall when there are none. Call it after each ring read and before parsing
         what was read: a record is always written before its flow's first passed-up segment.
         """
-        table = self.handovers
+        table = self._handovers
         out: list[KernelHandover] = []
         for key in list(table.keys()):
-            try:
-                leaf = table[key]
-                del table[key]
-            except KeyError:
+            raw = table.lookup(key)
+            if raw is None or not table.delete(key):
                 continue  # gone already (a second reader); nothing to seed
+            (start_ns, cseq, sseq, resp_len, resp_seen, status, phase, method, path_len, sseq_known, reason,
+             path) = _HANDOVER.unpack(raw)
             out.append(KernelHandover(
-                flow=(_key_ip(key.saddr), int(key.sport), _key_ip(key.daddr), int(key.dport)),
-                reason=HANDOVER_REASONS[leaf.reason] if leaf.reason < len(HANDOVER_REASONS) else "?",
-                phase=int(leaf.phase),
-                method=METHODS[leaf.method] if leaf.method < len(METHODS) else "",
-                path=bytes(leaf.path[: leaf.path_len]).decode("latin-1"),
-                start_ns=int(leaf.start_ns),
-                client_next_seq=int(leaf.cseq),
-                server_next_seq=int(leaf.sseq) if leaf.sseq_known else None,
-                status=int(leaf.status),
-                response_length=int(leaf.resp_len),
-                response_seen=int(leaf.resp_seen),
+                flow=_flow_from_key(key),
+                reason=HANDOVER_REASONS[reason] if reason < len(HANDOVER_REASONS) else "?",
+                phase=phase,
+                method=METHODS[method] if method < len(METHODS) else "",
+                path=path[:path_len].decode("latin-1"),
+                start_ns=start_ns,
+                client_next_seq=cseq,
+                server_next_seq=sseq if sseq_known else None,
+                status=status,
+                response_length=resp_len,
+                response_seen=resp_seen,
             ))
         return out
 
@@ -354,25 +437,27 @@ class HttpFilter:
         n_dur = self._n_dur + 1
         n_size = self._n_size + 1
         out: list[KernelAggregate] = []
-        for key, per_cpu in self.aggregates.items():
-            count = dur_sum = resp_sum = 0
-            dur = [0] * n_dur
-            resp = [0] * n_size
-            for value in per_cpu:
-                count += value.count
-                dur_sum += value.dur_sum_ns
-                resp_sum += value.resp_sum
-                for i in range(n_dur):
-                    dur[i] += value.dur[i]
-                for i in range(n_size):
-                    resp[i] += value.resp[i]
+        table = self._aggregates
+        stride = table.value_stride // 8
+        slots = _AGG_VAL_SLOTS
+        for key in list(table.keys()):
+            raw = table.lookup(key)
+            if raw is None:
+                continue  # never deleted by the kernel; only a concurrent reader could
+            words = memoryview(raw).cast("Q")
+            # Column sums over CPUs: slot j of CPU c is words[c * stride + j].
+            totals = [sum(words[j::stride]) for j in range(slots)]
+            count, dur_sum, resp_sum = totals[0], totals[1], totals[2]
             if not count:
                 continue
+            dur = totals[3:3 + n_dur]
+            resp = totals[3 + MAX_DURATION_BOUNDS + 1:3 + MAX_DURATION_BOUNDS + 1 + n_size]
+            port, status, method, path_len, path = _AGG_KEY.unpack(key)
             out.append(KernelAggregate(
-                port=int(key.port),
-                method=METHODS[key.method] if key.method < len(METHODS) else "",
-                status=int(key.status),
-                path=bytes(key.path[: key.path_len]).decode("latin-1"),
+                port=port,
+                method=METHODS[method] if method < len(METHODS) else "",
+                status=status,
+                path=path[:path_len].decode("latin-1"),
                 count=count,
                 duration_sum_ns=dur_sum,
                 response_sum=resp_sum,
@@ -382,10 +467,10 @@ class HttpFilter:
         return out
 
     def flow_state_capacity(self) -> int:
-        return int(self._flow_states.max_entries)
+        return self._flow_states.info.max_entries
 
     def ports(self) -> set[int]:
-        return {k.value for k in self._ports.keys()}
+        return {_U16.unpack(k)[0] for k in self._ports.keys()}
 
     def counters(self) -> dict[str, int]:
         """Kernel counters summed over CPUs, since load. Cheap: one lookup per slot.
@@ -395,30 +480,29 @@ class HttpFilter:
         seen >= kept + sum(dropped_*) always holds in what this returns.
         """
         values = {
-            name: int(self._counters.sum(ct.c_int(i)).value)
+            name: self._counters.per_cpu_u64_sum(_U32.pack(i))
             for i, name in reversed(list(enumerate(COUNTER_NAMES)))
         }
         return {name: values[name] for name in COUNTER_NAMES}
 
-    def _skip_key(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int) -> Any:
-        key = self._skip.Key()
-        ct.memmove(key.saddr, _flow_key_bytes(src_ip), 16)
-        ct.memmove(key.daddr, _flow_key_bytes(dst_ip), 16)
-        key.sport = src_port
-        key.dport = dst_port
-        return key
+    @staticmethod
+    def _skip_key(src_ip: str, src_port: int, dst_ip: str, dst_port: int) -> bytes:
+        return _FLOW_KEY.pack(_flow_key_bytes(src_ip), _flow_key_bytes(dst_ip), src_port, dst_port)
 
     def skip_body(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, seq_end: int) -> None:
         """Truncate to headers every segment of this direction whose payload ends at or before seq_end."""
         key = self._skip_key(src_ip, src_port, dst_ip, dst_port)
-        self._skip[key] = self._skip.Leaf(seq_end & 0xFFFFFFFF)
+        self._skip.update(key, _U32.pack(seq_end & 0xFFFFFFFF))
 
     def forget_skip(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int) -> None:
         key = self._skip_key(src_ip, src_port, dst_ip, dst_port)
-        try:
-            del self._skip[key]
-        except KeyError:
-            pass  # already gone (LRU eviction or never set): nothing to forget
+        self._skip.delete(key)  # False when already gone (LRU eviction or never set): nothing to forget
 
     def close(self) -> None:
-        self._bpf.cleanup()
+        """Close our descriptors. Sockets the program is attached to keep it (and its maps) alive."""
+        for bpf_map in self._maps.values():
+            bpf_map.close()
+        self._maps = {}
+        if self._prog_fd >= 0:
+            os.close(self._prog_fd)
+            self._prog_fd = -1
