@@ -43,13 +43,14 @@ NOTE = """\
 Requests are lines in nginx's access log; completeness is requests counted by the capture ÷ those.
 Capture CPU is utime+stime of the seed or exporter process from wrk's start until it is idle after
 the load, ÷ requests (the BPF filter runs in softirq and is charged to nginx and wrk instead).
-Peak RSS is VmHWM, which includes BCC compiling the filter with clang at start; RSS at end is VmRSS
-after the load. Other load is CPU used during the load by processes outside the run, in cores: above
+Peak RSS is the exporter's VmHWM; RSS at end is VmRSS after the load. BCC compiles the filter with
+clang in a helper process that exits once the filter is loaded: its peak is the loader column, for
+the first seconds only. Other load is CPU used during the load by processes outside the run, in cores: above
 ~0.1, something else shared the 2 cores and the run is noisy. Medians are column-wise."""
 SOAK_SAMPLE_S = 10.0
 SOAK_CLOSE_EVERY = 100
 CONNS = 10_000
-NUMERIC = ("rps", "ratio", "completeness", "drops", "cpu_us", "rss_mb", "rss_end_mb", "nginx_cpu_us",
+NUMERIC = ("rps", "ratio", "completeness", "drops", "cpu_us", "rss_mb", "rss_end_mb", "loader_mb", "nginx_cpu_us",
            "other_cores", "logged", "counted",
            "socket_errors", "wrk_latency_s", "capture_latency_s")
 
@@ -64,6 +65,7 @@ COL_DROPS = Column("kernel drops", "drops", fmt_int)
 COL_CPU = Column("capture CPU µs/req", "cpu_us", fmt_us)
 COL_RSS = Column("peak RSS MB", "rss_mb", lambda v: fmt(v))
 COL_RSS_END = Column("RSS MB at end", "rss_end_mb", lambda v: fmt(v))
+COL_LOADER = Column("loader peak MB", "loader_mb", lambda v: fmt(v))
 COL_NGINX = Column("nginx CPU µs/req", "nginx_cpu_us", fmt_us)
 COL_OTHER = Column("other load (cores)", "other_cores", lambda v: fmt_us(v) if v is None else f"{v:.2f}")
 COL_ERRORS = Column("wrk socket errors", "socket_errors", fmt_int)
@@ -209,7 +211,7 @@ def main(scenario: str, duration: float | None, connections: int, threads: int, 
 def _run_scenario(bench: Bench, scenario: str, chosen: Sequence[str], duration: float, connections: int,
                   threads: int, rates: str) -> list[Table]:
     main_columns = [COL_CONFIG, COL_RPS, COL_RATIO, COL_COMPLETE, COL_DROPS, COL_CPU, COL_RSS, COL_RSS_END,
-                    COL_NGINX, COL_OTHER]
+                    COL_LOADER, COL_NGINX, COL_OTHER]
     if scenario == "red":
         load = Load(duration, connections, threads)
         rows = bench.interleaved([(c, load) for c in chosen])
@@ -240,7 +242,7 @@ def _run_scenario(bench: Bench, scenario: str, chosen: Sequence[str], duration: 
         load = Load(duration, conns, threads, label=f"{conns} conns")
         rows = bench.interleaved([(c, load) for c in chosen])
         columns = [COL_CONFIG, COL_RPS, COL_RATIO, COL_COMPLETE, COL_DROPS, COL_CPU, COL_RSS, COL_RSS_END,
-                   COL_ERRORS]
+                   COL_LOADER, COL_ERRORS]
         return _tables(f"{conns} concurrent connections, wrk -t{threads} -c{conns} -d{duration:g}s", rows,
                        columns, bench.repeat)
     # soak

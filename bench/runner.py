@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import resource
 import subprocess
 import sys
@@ -66,6 +67,7 @@ class RunResult:
     cpu_s: float | None = None
     hwm_mb: float | None = None
     rss_end_mb: float | None = None
+    loader_mb: float | None = None  # peak RSS of the exporter's BPF loader process, gone after start
     nginx_cpu_s: float | None = None
     other_cores: float | None = None  # CPU used by processes outside this run, in cores, during the load
     capture_latency_mean_s: float | None = None
@@ -87,6 +89,7 @@ class RunResult:
             "cpu_us": per_request(self.cpu_s),
             "rss_mb": self.hwm_mb,
             "rss_end_mb": self.rss_end_mb,
+            "loader_mb": self.loader_mb,
             "nginx_cpu_us": per_request(self.nginx_cpu_s),
             "other_cores": self.other_cores,
             "logged": self.logged,
@@ -195,6 +198,7 @@ class Runner:
             result.rss_end_mb = proc.rss_mb
             if config == "exporter":
                 assert before is not None
+                result.loader_mb = _loader_peak_mb(capture.log_path)
                 after = _settled_scrape(listen, nginx.port, result.logged)
                 result.counted = after.requests - before.requests
                 result.kernel_drops = (after.kernel_drops or 0) - (before.kernel_drops or 0)
@@ -265,6 +269,12 @@ def _own_cpu_s() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF)
     reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
+
+
+def _loader_peak_mb(log_path: Path) -> float | None:
+    """The helper's peak as the exporter logs it at start ("... by a helper process (peak RSS N MB, ...")."""
+    found = re.search(r"helper process \(peak RSS (\d+) MB", _read(log_path))
+    return float(found.group(1)) if found else None
 
 
 def _read(path: Path) -> str:

@@ -98,9 +98,12 @@
  *
  * Trade-offs, candidly:
  * - On a loopback interface every packet passes the packet taps twice, once
- *   as PACKET_OUTGOING and once as PACKET_HOST. The outgoing copy is dropped,
- *   but only when user space says the interface is loopback (config map): on
- *   a real interface a local server's responses are outgoing and must stay.
+ *   as PACKET_OUTGOING and once as PACKET_HOST. live.py sets
+ *   PACKET_IGNORE_OUTGOING on lo, so the kernel skips the outgoing pass before
+ *   cloning the skb or running this filter; the check below stays for kernels
+ *   before 4.20. Either way only when user space says the interface is
+ *   loopback (config map): on a real interface a local server's responses are
+ *   outgoing and must stay.
  * - Non-first IPv4/IPv6 fragments are dropped: they have no TCP header and
  *   TCP on a sane path does not fragment (PMTU discovery). A first fragment is
  *   kept as it is, with only the payload that fragment holds.

@@ -42,6 +42,7 @@ PACKET_AUXDATA = 8
 PACKET_STATISTICS = 6
 PACKET_RX_RING = 5
 PACKET_VERSION = 10
+PACKET_IGNORE_OUTGOING = 23
 TPACKET_V3 = 2
 TP_STATUS_KERNEL = 0
 TP_STATUS_USER = 1
@@ -109,6 +110,7 @@ class LiveCapture:
         self.fast_path = fast_path
         self.histogram_bounds = histogram_bounds
         self._filter: HttpFilter | None = None
+        self._loopback = False
         self._sock: socket.socket | None = None
         self._mm: mmap.mmap | None = None
         self._view: memoryview | None = None
@@ -141,6 +143,7 @@ class LiveCapture:
                 "does not parse: capture on an Ethernet, loopback or IP tunnel interface"
             )
         loopback = bool(_sysfs_int(self.interface, "flags", 16) & IFF_LOOPBACK)
+        self._loopback = loopback
         try:
             if self._shared_filter is not None:
                 self._filter = self._shared_filter
@@ -169,6 +172,14 @@ class LiveCapture:
         self._sock = sock
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_BPF, self._filter.fd)
+            if self._loopback:
+                # On lo every packet passes the taps twice. Ignoring the outgoing pass here spares the
+                # kernel an skb clone and a filter run per packet (the filter drops that copy anyway,
+                # and still does on kernels before 4.20, which refuse the option).
+                try:
+                    sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+                except OSError:
+                    pass
             # Enables kernel receive timestamps (netstamp) for both paths; the ring reads
             # the same skb timestamp from tpacket3_hdr.
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
