@@ -34,6 +34,7 @@ from bench.report import (
 )
 from bench.runner import CONFIGS, REPO, Load, Runner, RunResult, run_quiet
 from bench.wrk import churn_script, paced_script
+from exporter.capture.bpfsys import enable_run_time_stats
 
 SCENARIOS = ("red", "size", "rate", "conns", "soak")
 DEFAULT_DURATION = {"red": 20.0, "size": 10.0, "rate": 20.0, "conns": 20.0, "soak": 600.0}
@@ -50,8 +51,8 @@ the first seconds only. Other load is CPU used during the load by processes outs
 SOAK_SAMPLE_S = 10.0
 SOAK_CLOSE_EVERY = 100
 CONNS = 10_000
-NUMERIC = ("rps", "ratio", "completeness", "drops", "cpu_us", "rss_mb", "rss_end_mb", "loader_mb", "nginx_cpu_us",
-           "other_cores", "logged", "counted",
+NUMERIC = ("rps", "ratio", "completeness", "drops", "cpu_us", "rss_mb", "rss_end_mb", "loader_mb", "filter_us",
+           "nginx_cpu_us", "other_cores", "logged", "counted",
            "socket_errors", "wrk_latency_s", "capture_latency_s")
 
 COL_CONFIG = Column("config", "config", align="left")
@@ -66,6 +67,7 @@ COL_CPU = Column("capture CPU µs/req", "cpu_us", fmt_us)
 COL_RSS = Column("peak RSS MB", "rss_mb", lambda v: fmt(v))
 COL_RSS_END = Column("RSS MB at end", "rss_end_mb", lambda v: fmt(v))
 COL_LOADER = Column("loader peak MB", "loader_mb", lambda v: fmt(v))
+COL_FILTER = Column("filter CPU µs/req", "filter_us", fmt_us)
 COL_NGINX = Column("nginx CPU µs/req", "nginx_cpu_us", fmt_us)
 COL_OTHER = Column("other load (cores)", "other_cores", lambda v: fmt_us(v) if v is None else f"{v:.2f}")
 COL_ERRORS = Column("wrk socket errors", "socket_errors", fmt_int)
@@ -167,8 +169,11 @@ def _group_key(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @click.option("--markdown", is_flag=True,
               help="Print markdown tables (the default when stdout is not a terminal).")
 @click.option("--keep-workdir", is_flag=True, help="Keep the temp dir with nginx, wrk and exporter logs.")
+@click.option("--filter-stats", is_flag=True,
+              help="Also measure the BPF filter's own CPU per request (kernel run time statistics; they add "
+                   "two clock reads per filter run, so throughput is quoted without them).")
 def main(scenario: str, duration: float | None, connections: int, threads: int, repeat: int,
-         configs: str | None, rates: str, markdown: bool, keep_workdir: bool) -> None:
+         configs: str | None, rates: str, markdown: bool, keep_workdir: bool, filter_stats: bool) -> None:
     """Load benchmark: nginx on lo under wrk, with no capture, the 2021 seed design, and the exporter.
 
     Needs root (BPF), nginx and wrk (`make setup` installs them). Prints markdown tables
@@ -195,8 +200,14 @@ def main(scenario: str, duration: float | None, connections: int, threads: int, 
     click.echo("\n".join(["## Benchmark", "", *_machine(), ""]))
     try:
         with Children(workdir) as children:
-            bench = Bench(Runner(children, tools, workdir), repeat, echo)
-            tables = _run_scenario(bench, scenario, chosen, duration, connections, threads, rates)
+            stats_fd = enable_run_time_stats() if filter_stats else None
+            try:
+                bench = Bench(Runner(children, tools, workdir, filter_stats), repeat, echo)
+                tables = _run_scenario(bench, scenario, chosen, duration, connections, threads, rates,
+                                       filter_stats)
+            finally:
+                if stats_fd is not None:
+                    os.close(stats_fd)
         for table in tables:
             print_table(table)
     finally:
@@ -209,9 +220,9 @@ def main(scenario: str, duration: float | None, connections: int, threads: int, 
 
 
 def _run_scenario(bench: Bench, scenario: str, chosen: Sequence[str], duration: float, connections: int,
-                  threads: int, rates: str) -> list[Table]:
-    main_columns = [COL_CONFIG, COL_RPS, COL_RATIO, COL_COMPLETE, COL_DROPS, COL_CPU, COL_RSS, COL_RSS_END,
-                    COL_LOADER, COL_NGINX, COL_OTHER]
+                  threads: int, rates: str, filter_stats: bool = False) -> list[Table]:
+    main_columns = [COL_CONFIG, COL_RPS, COL_RATIO, COL_COMPLETE, COL_DROPS, COL_CPU,
+                    *([COL_FILTER] if filter_stats else []), COL_RSS, COL_RSS_END, COL_LOADER, COL_NGINX, COL_OTHER]
     if scenario == "red":
         load = Load(duration, connections, threads)
         rows = bench.interleaved([(c, load) for c in chosen])

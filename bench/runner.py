@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import resource
 import subprocess
@@ -68,6 +69,7 @@ class RunResult:
     hwm_mb: float | None = None
     rss_end_mb: float | None = None
     loader_mb: float | None = None  # peak RSS of the exporter's BPF loader process, gone after start
+    filter_s: float | None = None  # BPF run time of the capture's filter during the load (--filter-stats)
     nginx_cpu_s: float | None = None
     other_cores: float | None = None  # CPU used by processes outside this run, in cores, during the load
     capture_latency_mean_s: float | None = None
@@ -90,6 +92,7 @@ class RunResult:
             "rss_mb": self.hwm_mb,
             "rss_end_mb": self.rss_end_mb,
             "loader_mb": self.loader_mb,
+            "filter_us": per_request(self.filter_s),
             "nginx_cpu_us": per_request(self.nginx_cpu_s),
             "other_cores": self.other_cores,
             "logged": self.logged,
@@ -119,7 +122,9 @@ def _process_tree_cpu(pid: int) -> float:
 
 
 class Runner:
-    def __init__(self, children: Children, tools: dict[str, str], workdir: Path) -> None:
+    def __init__(self, children: Children, tools: dict[str, str], workdir: Path,
+                 filter_stats: bool = False) -> None:
+        self.filter_stats = filter_stats  # the caller holds kernel BPF run time statistics on
         self.children = children
         self.tools = tools
         self.workdir = workdir
@@ -180,11 +185,15 @@ class Runner:
             assert nginx.child is not None
             nginx_cpu0 = _process_tree_cpu(nginx.child.pid)
             cpu0 = read_proc(capture.pid).cpu_s if capture else 0.0
+            filter0 = _filter_run_time_s(capture.pid) if capture else 0.0
             machine0, own0, t0 = _machine_busy_s(), _own_cpu_s(), time.monotonic()
             result.wrk, result.rss_samples = self._wrk(load, nginx, capture, rss_every_s)
             ours = (_process_tree_cpu(nginx.child.pid) - nginx_cpu0 + _own_cpu_s() - own0
                     + (read_proc(capture.pid).cpu_s - cpu0 if capture and capture.alive() else 0.0))
             result.other_cores = max(0.0, _machine_busy_s() - machine0 - ours) / (time.monotonic() - t0)
+            filter1 = _filter_run_time_s(capture.pid) if capture and capture.alive() else 0.0
+            if self.filter_stats and capture:
+                result.filter_s = filter1 - filter0
             result.logged = nginx.count_requests()  # waits for nginx's log flush
             result.nginx_cpu_s = _process_tree_cpu(nginx.child.pid) - nginx_cpu0
             if capture is None:
@@ -269,6 +278,25 @@ def _own_cpu_s() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF)
     reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
+
+
+def _filter_run_time_s(pid: int) -> float:
+    """Seconds the kernel spent running the BPF programs this process holds (0 without statistics on)."""
+    total_ns = 0
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return 0.0
+    for fd in fds:
+        try:
+            if os.readlink(fd) != "anon_inode:bpf-prog":
+                continue
+            for line in Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().splitlines():
+                if line.startswith("run_time_ns:"):
+                    total_ns += int(line.split()[1])
+        except OSError:
+            continue  # closed meanwhile
+    return total_ns / 1e9
 
 
 def _loader_peak_mb(log_path: Path) -> float | None:
