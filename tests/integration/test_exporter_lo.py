@@ -428,3 +428,68 @@ def test_without_privileges_names_the_fix() -> None:
     assert result.returncode == 1, result.stderr
     assert "error:" in result.stderr and ("root" in result.stderr or "CAP_" in result.stderr)
     assert "Traceback" not in result.stderr
+
+
+class CraftedServer:
+    """Answers `GET /v/<n>` with a header value of n bytes, and `GET /lf/<k>` with a bare LF k bytes
+    into a value: the head shapes the kernel scan passes over a word at a time, or must stop at."""
+
+    def __init__(self, host: str) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.bind((host, 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def response(path: str) -> bytes:
+        kind, n = path.strip("/").split("/")
+        if kind == "v":
+            headers = b"X-V: " + b"v" * int(n) + b"\r\n"
+        else:
+            headers = b"X-V: " + b"a" * int(n) + b"\nX-W: " + b"b" * (16 - int(n)) + b"\r\n"
+        return b"HTTP/1.1 200 OK\r\n" + headers + b"Content-Length: 2\r\n\r\nok"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rb") as stream:
+                while line := stream.readline():
+                    path = line.split()[1].decode()
+                    while stream.readline() not in (b"\r\n", b""):
+                        pass
+                    conn.sendall(self.response(path))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_kernel_scan_takes_every_value_length_and_stops_at_a_bare_lf(host: str) -> None:
+    server = CraftedServer(host)
+    try:
+        with both_paths(server.port, "--route", "/v/{n}", "--route", "/lf/{k}") as exporters:
+            conn = RawConn(host, server.port)
+            lengths, offsets = range(0, 41), range(0, 17)
+            for n in lengths:
+                assert conn.get(f"/v/{n}") == 200
+            conn.close()
+            for k in offsets:  # the kernel hands the flow over at the bare LF: one connection each
+                conn = RawConn(host, server.port)
+                assert conn.get(f"/lf/{k}") == 200
+                conn.close()
+            sent = len(lengths) + len(offsets)
+            scraped = {mode: proc.wait_for_exchanges(sent) for mode, proc in exporters.items()}
+    finally:
+        server.close()
+    expected = {("GET", "200", "/v/{n}"): len(lengths), ("GET", "200", "/lf/{k}"): len(offsets)}
+    for mode, samples in scraped.items():
+        assert counts_by_key(samples, server.port) == expected, mode
+    # Every clean head stayed in the kernel and no head with a bare LF did.
+    assert self_metric(scraped["fast"], "fast_path_exchanges_total") == len(lengths)
+    assert self_metric(scraped["fast"], "fast_path_handovers_total", reason="response") == len(offsets)
+    assert_same_histograms(scraped["fast"], scraped["reference"])
