@@ -9,9 +9,11 @@ as one `Exchange`.
 
 Sequence numbers: the first segment seen on a direction sets the expected number (we may
 join a connection in the middle; capture usually drops bare SYNs). Data already consumed
-is a retransmission and is ignored; data ahead is held until the gap fills. When the held
-bytes exceed `Limits.max_buffered_bytes`, or the direction ends with a gap still open, the
-data is lost for good: "gap" is counted once and the parser resyncs.
+is a retransmission and is ignored; data ahead is held until the gap fills. Held data that
+falls inside a body the parser only counts is held by length, without its content. When the
+held bytes exceed `Limits.max_buffered_bytes` (a first held segment always fits), or the
+direction ends with a gap still open, the data is lost for good: "gap" is counted once and
+the parser resyncs.
 
 Pairing stays conservative, because a wrong pair is worse than a missing one:
 
@@ -60,7 +62,8 @@ FlowKey = tuple[str, int, str, int]
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_flows: int = 65536  # tracked connections; beyond → evict least-recently-active, counted
-    max_buffered_bytes: int = 65536  # per direction: out-of-order data + unparsed head bytes
+    # Per direction: out-of-order data + unparsed head bytes, beyond a first held segment.
+    max_buffered_bytes: int = 65536
     max_pending_requests: int = 128  # per connection, requests awaiting a response
     max_header_bytes: int = 32768  # a larger head is a parse error ("header_too_large")
     idle_timeout_ns: int = 300 * 10**9  # flows idle this long are evicted by expire()
@@ -417,10 +420,18 @@ class Tracker:
                 if held_seq == seq and held_len >= plen:
                     stats.retransmitted_segments += 1
                     return
-            held.append((seq, seg.ts_ns, seg.payload, plen))
-            side.held_bytes += len(seg.payload) + _HELD_OVERHEAD
+            payload = seg.payload
+            if payload and delta + plen <= parser.opaque_bytes:
+                # Body bytes the parser will only count: hold their length, not their content.
+                # One lo segment is ~64 KiB, and two CPUs swap adjacent ones under load.
+                payload = b""
+            held.append((seq, seg.ts_ns, payload, plen))
+            side.held_bytes += len(payload) + _HELD_OVERHEAD
             stats.out_of_order_segments += 1
-            if side.held_bytes + parser.buffered_bytes > self._limits.max_buffered_bytes:
+            # One segment is always held, whatever its size (the snap length bounds it): a
+            # head segment overtaken by the next one is a swap, not loss, even when that one
+            # alone is larger than the limit.
+            if len(held) > 1 and side.held_bytes + parser.buffered_bytes > self._limits.max_buffered_bytes:
                 self._skip_gap(flow, side, to_server)
             return
         if delta + plen <= 0:

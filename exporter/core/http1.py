@@ -167,6 +167,7 @@ _CHUNK_LF = 6
 _TRAILERS = 7
 _LOST = 8
 _DEAD = 9  # no longer HTTP (upgrade, tunnel) or stream finished
+_UNBOUNDED = 1 << 62  # opaque_bytes of a body that ends only with the connection
 
 # `_parse_head` outcomes; a value >= 0 is where to resume within the head.
 _PARSED = -1
@@ -232,6 +233,20 @@ class _Parser:
     @property
     def alive(self) -> bool:
         return self._state != _DEAD
+
+    @property
+    def opaque_bytes(self) -> int:
+        """How many of the next bytes will be counted without being looked at.
+
+        The rest of a Content-Length body or of a chunk, or all of a close-delimited body;
+        0 where the next bytes may be framing. Their content can be dropped unseen.
+        """
+        state = self._state
+        if state == _BODY or state == _CHUNK_DATA:
+            return self._remaining
+        if state == _CLOSE_BODY:
+            return _UNBOUNDED
+        return 0
 
     def feed(self, data: bytes, ts_ns: int, missing: int = 0) -> None:
         """Consume in-order bytes carried by a segment stamped `ts_ns`.

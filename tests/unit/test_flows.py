@@ -549,3 +549,40 @@ def test_http_looking_garbage_never_raises(pieces: list[bytes], client: bool) ->
     for index, piece in enumerate(pieces):
         tracker.feed(conn.seg("c" if client else "s", piece, index))
     tracker.flush()
+
+
+# -- lo-sized segments out of order ---------------------------------------------------------
+
+LO_MSS = 65483  # payload of one full-size segment on lo (MTU 65536), more than max_buffered_bytes
+
+
+def test_full_size_body_segments_swapped_are_held_by_length_only() -> None:
+    tracker = Tracker([PORT])
+    conn = Conn()
+    play([Step("c", get("/first"), 0), Step("s", ok(), 0)], tracker, conn)  # both directions known
+    tracker.feed(conn.seg("c", get("/big"), 1))
+    response = ok(b"y" * (3 * LO_MSS))
+    first, second, third = response[:LO_MSS], response[LO_MSS : 2 * LO_MSS], response[2 * LO_MSS :]
+    out = tracker.feed(conn.seg("s", first, 2))
+    s2 = conn.seg("s", second, 3)
+    s3 = conn.seg("s", third, 4)
+    out += tracker.feed(s3)  # overtakes s2: pure body, so only its length is kept
+    held = next(iter(tracker._flows.values())).server
+    assert held.held_bytes < 1000
+    out += tracker.feed(s2)
+    assert out == [ex("GET", "/big", 200, 1, 4, 0, 3 * LO_MSS)]
+    assert errors(tracker.stats) == {}
+
+
+def test_a_head_segment_overtaken_by_a_full_size_one_is_a_swap_not_a_gap() -> None:
+    tracker = Tracker([PORT])
+    conn = Conn()
+    play([Step("c", get("/first"), 0), Step("s", ok(), 0)], tracker, conn)  # both directions known
+    tracker.feed(conn.seg("c", get("/big"), 1))
+    response = ok(b"y" * (2 * LO_MSS))
+    head_segment = conn.seg("s", response[:LO_MSS], 2)
+    rest = conn.seg("s", response[LO_MSS:], 3)
+    out = tracker.feed(rest)  # content kept (the head is not parsed yet), over the limit alone
+    out += tracker.feed(head_segment)
+    assert out == [ex("GET", "/big", 200, 1, 3, 0, 2 * LO_MSS)]
+    assert errors(tracker.stats) == {}

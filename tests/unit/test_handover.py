@@ -183,3 +183,38 @@ def test_kernel_series_and_poll_deltas_name_routes_like_the_user_space_path() ->
     fast.detach()  # the filter closes: what it counted stays
     assert {s.value for s in next(iter(http.collect())).samples if s.name.endswith("_count")} == {4}
     assert fast.exchanges() == 4
+
+
+LO_MSS = 65483  # payload of one full-size segment on lo (MTU 65536)
+
+
+def test_a_handed_over_body_survives_two_cpus_swapping_full_size_segments() -> None:
+    """The bench's 1 MB case: segment k+1 of a body reaches the tap before segment k.
+
+    The kernel hands the flow over (reason seq) with the body partly seen; user space must
+    hold k+1 until k arrives microseconds later, although k+1 alone is larger than
+    max_buffered_bytes. It used to declare a gap at once and lose the exchange.
+    """
+    body = 1 << 20
+    seen = 7 * LO_MSS - 246  # the head took 246 bytes of the first segment
+    tracker = Tracker([PORT])
+    conn = Conn()
+    start = S0 + 246 + seen
+    conn.next["c"] = C0 + len(REQ1)
+    conn.next["s"] = start
+    assert tracker.seed(KEY, Handover(C0 + len(REQ1), start, "GET", "/1m", 10, 200, body, seen)) == []
+    left = body - seen
+    segments = []
+    ts = 100
+    while left:
+        n = min(LO_MSS, left)
+        segments.append(conn.seg("s", b"x" * n, ts))
+        left -= n
+        ts += 1
+    segments[0], segments[1] = segments[1], segments[0]
+    out = []
+    for seg in segments:
+        out += tracker.feed(seg)
+    assert out == [Exchange("GET", "/1m", 200, 10, ts - 1, 0, body, PORT)]
+    assert tracker.stats.parse_errors["gap"] == 0
+    assert tracker.stats.requests_without_response == 0
