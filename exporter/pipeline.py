@@ -98,3 +98,6 @@ def core_samples(stats: CoreStats) -> Iterator[SelfSample]:
     yield SelfSample("out_of_order_segments_total", "counter",
                      "Segments that arrived ahead of a gap and were held until it filled.",
                      stats.out_of_order_segments)
+    yield SelfSample("held_bytes", "gauge",
+                     "Out-of-order data held for reordering, all connections together (bounded).",
+                     stats.held_bytes)

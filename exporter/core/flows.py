@@ -64,6 +64,9 @@ class Limits:
     max_flows: int = 65536  # tracked connections; beyond → evict least-recently-active, counted
     # Per direction: out-of-order data + unparsed head bytes, beyond a first held segment.
     max_buffered_bytes: int = 65536
+    # All flows together: what held out-of-order data may cost at most (the per-direction
+    # allowance times max_flows would be gigabytes). Past it, the flow that asks gets a gap.
+    max_held_bytes_total: int = 64 << 20
     max_pending_requests: int = 128  # per connection, requests awaiting a response
     max_header_bytes: int = 32768  # a larger head is a parse error ("header_too_large")
     idle_timeout_ns: int = 300 * 10**9  # flows idle this long are evicted by expire()
@@ -72,6 +75,7 @@ class Limits:
         for name in (
             "max_flows",
             "max_buffered_bytes",
+            "max_held_bytes_total",
             "max_pending_requests",
             "max_header_bytes",
             "idle_timeout_ns",
@@ -87,6 +91,7 @@ class CoreStats:
         "flows_active",
         "flows_closed",
         "flows_evicted",
+        "held_bytes",
         "out_of_order_segments",
         "parse_errors",
         "requests_without_response",
@@ -106,6 +111,7 @@ class CoreStats:
         self.flows_closed = 0
         self.retransmitted_segments = 0
         self.out_of_order_segments = 0
+        self.held_bytes = 0  # gauge: out-of-order data held for every flow together
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,6 +406,8 @@ class Tracker:
                 else:
                     self.stats.parse_errors["gap"] += 1
                     side.held.clear()
+                    self.stats.held_bytes -= side.held_bytes
+                    side.held_bytes = 0
         flow.responses.finish(graceful)
         flow.requests.stop()
         flow.drop_waiting()
@@ -427,11 +435,14 @@ class Tracker:
                 payload = b""
             held.append((seq, seg.ts_ns, payload, plen))
             side.held_bytes += len(payload) + _HELD_OVERHEAD
+            stats.held_bytes += len(payload) + _HELD_OVERHEAD
             stats.out_of_order_segments += 1
             # One segment is always held, whatever its size (the snap length bounds it): a
             # head segment overtaken by the next one is a swap, not loss, even when that one
             # alone is larger than the limit.
-            if len(held) > 1 and side.held_bytes + parser.buffered_bytes > self._limits.max_buffered_bytes:
+            limits = self._limits
+            if (len(held) > 1 and side.held_bytes + parser.buffered_bytes > limits.max_buffered_bytes
+                    or stats.held_bytes > limits.max_held_bytes_total):
                 self._skip_gap(flow, side, to_server)
             return
         if delta + plen <= 0:
@@ -461,6 +472,7 @@ class Tracker:
                 return
             seq, ts_ns, payload, plen = held.pop(ready)
             side.held_bytes -= len(payload) + _HELD_OVERHEAD
+            self.stats.held_bytes -= len(payload) + _HELD_OVERHEAD
             delta = _seq_delta(seq, expected)
             if delta + plen <= 0:
                 self.stats.retransmitted_segments += 1
@@ -489,6 +501,7 @@ class Tracker:
                 continue
             resumed = True
             self._deliver(flow, side, to_server, payload, plen, -delta, ts_ns)
+        self.stats.held_bytes -= side.held_bytes
         side.held_bytes = 0
 
     def _fin(self, flow: _Flow, side: _Side, fin_seq: int, to_server: bool) -> None:

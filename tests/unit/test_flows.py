@@ -586,3 +586,25 @@ def test_a_head_segment_overtaken_by_a_full_size_one_is_a_swap_not_a_gap() -> No
     out += tracker.feed(head_segment)
     assert out == [ex("GET", "/big", 200, 1, 3, 0, 2 * LO_MSS)]
     assert errors(tracker.stats) == {}
+
+
+def test_held_data_of_all_flows_together_is_bounded() -> None:
+    """Past max_held_bytes_total the flow that asks to hold more gets a gap; the others keep theirs."""
+    tracker = Tracker([PORT], Limits(max_held_bytes_total=3000))
+    first, second = Conn(client_port=40001), Conn(client_port=40002)
+    for conn, ts in ((first, 1), (second, 2)):
+        assert play([Step("c", get("/warm"), ts), Step("s", ok(), ts)], tracker, conn)[0]
+    # Each connection loses its next request on the wire; the one after it is held.
+    for conn, ts in ((first, 10), (second, 20)):
+        conn.next["c"] += len(get("/lost"))
+        tracker.feed(conn.seg("c", get("/held") + b"p" * 1000, ts))
+    assert tracker.stats.out_of_order_segments == 2
+    assert tracker.stats.parse_errors["gap"] == 0
+    assert tracker.stats.held_bytes == 2 * (len(get("/held")) + 1000 + 64)
+    # A third held segment would pass the total: that flow gives up its hole at once.
+    first.next["c"] += len(get("/lost"))
+    tracker.feed(first.seg("c", get("/more") + b"q" * 1000, 30))
+    assert tracker.stats.parse_errors["gap"] == 1
+    assert tracker.stats.held_bytes == len(get("/held")) + 1000 + 64  # the second flow's, still held
+    tracker.flush()
+    assert tracker.stats.held_bytes == 0
