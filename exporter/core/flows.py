@@ -441,7 +441,7 @@ class Tracker:
             # head segment overtaken by the next one is a swap, not loss, even when that one
             # alone is larger than the limit.
             limits = self._limits
-            if (len(held) > 1 and side.held_bytes + parser.buffered_bytes > limits.max_buffered_bytes
+            if ((len(held) > 1 and side.held_bytes + parser.buffered_bytes > limits.max_buffered_bytes)
                     or stats.held_bytes > limits.max_held_bytes_total):
                 self._skip_gap(flow, side, to_server)
             return
