@@ -42,6 +42,9 @@ DEFAULT_CONFIGS = {"red": CONFIGS, "size": ("baseline", "exporter"), "rate": ("e
                    "conns": ("baseline", "exporter"), "soak": ("exporter",)}
 NOTE = """\
 Requests are lines in nginx's access log; completeness is requests counted by the capture ÷ those.
+"Cut at wrk's exit" are logged requests whose response nginx never finished sending (wrk resets its
+open connections when it stops); the wire never carries their end, so the exporter does not count
+them as exchanges (it counts them in requests_without_response_total) and they bound completeness.
 Capture CPU is utime+stime of the seed or exporter process from wrk's start until it is idle after
 the load, ÷ requests (the BPF filter runs in softirq and is charged to nginx and wrk instead).
 Peak RSS is the exporter's VmHWM; RSS at end is VmRSS after the load. BCC compiles the filter with
@@ -52,7 +55,7 @@ SOAK_SAMPLE_S = 10.0
 SOAK_CLOSE_EVERY = 100
 CONNS = 10_000
 NUMERIC = ("rps", "ratio", "completeness", "drops", "cpu_us", "rss_mb", "rss_end_mb", "loader_mb", "filter_us",
-           "nginx_cpu_us", "other_cores", "logged", "counted",
+           "nginx_cpu_us", "other_cores", "logged", "unfinished", "counted",
            "socket_errors", "wrk_latency_s", "capture_latency_s")
 
 COL_CONFIG = Column("config", "config", align="left")
@@ -74,6 +77,7 @@ COL_ERRORS = Column("wrk socket errors", "socket_errors", fmt_int)
 COL_WRK_LAT = Column("wrk mean latency", "wrk_latency_s", fmt_ms)
 COL_CAP_LAT = Column("exporter mean duration", "capture_latency_s", fmt_ms)
 COL_REQUESTS = Column("requests (nginx log)", "logged", fmt_int)
+COL_UNFINISHED = Column("cut at wrk's exit", "unfinished", fmt_int)
 
 
 def _machine() -> list[str]:
@@ -221,7 +225,7 @@ def main(scenario: str, duration: float | None, connections: int, threads: int, 
 
 def _run_scenario(bench: Bench, scenario: str, chosen: Sequence[str], duration: float, connections: int,
                   threads: int, rates: str, filter_stats: bool = False) -> list[Table]:
-    main_columns = [COL_CONFIG, COL_RPS, COL_RATIO, COL_COMPLETE, COL_DROPS, COL_CPU,
+    main_columns = [COL_CONFIG, COL_RPS, COL_RATIO, COL_COMPLETE, COL_UNFINISHED, COL_DROPS, COL_CPU,
                     *([COL_FILTER] if filter_stats else []), COL_RSS, COL_RSS_END, COL_LOADER, COL_NGINX, COL_OTHER]
     if scenario == "red":
         load = Load(duration, connections, threads)
@@ -252,8 +256,8 @@ def _run_scenario(bench: Bench, scenario: str, chosen: Sequence[str], duration: 
         conns = max(connections, CONNS) if connections != 32 else CONNS
         load = Load(duration, conns, threads, label=f"{conns} conns")
         rows = bench.interleaved([(c, load) for c in chosen])
-        columns = [COL_CONFIG, COL_RPS, COL_RATIO, COL_COMPLETE, COL_DROPS, COL_CPU, COL_RSS, COL_RSS_END,
-                   COL_LOADER, COL_ERRORS]
+        columns = [COL_CONFIG, COL_RPS, COL_RATIO, COL_COMPLETE, COL_UNFINISHED, COL_DROPS, COL_CPU, COL_RSS,
+                   COL_RSS_END, COL_LOADER, COL_ERRORS]
         return _tables(f"{conns} concurrent connections, wrk -t{threads} -c{conns} -d{duration:g}s", rows,
                        columns, bench.repeat)
     # soak

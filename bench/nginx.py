@@ -37,7 +37,7 @@ events {{
 }}
 
 http {{
-    log_format bench '$status $body_bytes_sent';
+    log_format bench '$status $body_bytes_sent $request_completion';
     access_log {root}/access.log bench buffer=64k flush={flush}s;
     client_body_temp_path {root}/tmp;
     proxy_temp_path {root}/tmp;
@@ -126,6 +126,15 @@ class Nginx:
             last = now
             time.sleep(FLUSH_S / 2)
         return last
+
+    def count_unfinished(self) -> int:
+        """Logged requests whose response nginx did not finish sending: wrk's exit resets the
+        connections it has in flight, and nginx logs those too ($request_completion empty)."""
+        try:
+            with open(self.access_log, "rb") as log:
+                return sum(1 for line in log if not line.rstrip().endswith(b" OK"))
+        except FileNotFoundError:
+            return 0
 
     def _lines(self) -> int:
         try:

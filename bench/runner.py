@@ -63,6 +63,7 @@ class RunResult:
     label: str
     wrk: WrkResult | None = None
     logged: int = 0
+    unfinished: int = 0  # of `logged`: responses cut off when wrk exits
     counted: float | None = None
     kernel_drops: float | None = None
     cpu_s: float | None = None
@@ -96,6 +97,7 @@ class RunResult:
             "nginx_cpu_us": per_request(self.nginx_cpu_s),
             "other_cores": self.other_cores,
             "logged": self.logged,
+            "unfinished": self.unfinished,
             "counted": self.counted,
             "socket_errors": self.wrk.socket_errors if self.wrk else None,
             "wrk_latency_s": self.wrk.latency_mean_s if self.wrk else None,
@@ -195,6 +197,7 @@ class Runner:
             if self.filter_stats and capture:
                 result.filter_s = filter1 - filter0
             result.logged = nginx.count_requests()  # waits for nginx's log flush
+            result.unfinished = nginx.count_unfinished()
             result.nginx_cpu_s = _process_tree_cpu(nginx.child.pid) - nginx_cpu0
             if capture is None:
                 return result
