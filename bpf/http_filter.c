@@ -178,9 +178,16 @@ struct flow_key {
     u16 dport;
 };
 
-/* Sequence number (exclusive) up to which payload is not needed. LRU so that
- * entries user space forgot to remove cannot fill the map. */
-BPF_TABLE("lru_hash", struct flow_key, u32, body_skip, 16384);
+/* A stretch of a direction's byte stream whose payload user space only counts
+ * (a body it knows the length of): segments lying wholly within [start, end)
+ * are cut to their headers. Both ends are checked, so an entry left over from
+ * an earlier connection on the same 4-tuple rarely matches a new one's random
+ * sequence numbers. LRU so that entries user space forgot cannot fill the map. */
+struct skip_range {
+    u32 start;
+    u32 end;  /* exclusive */
+};
+BPF_TABLE("lru_hash", struct flow_key, struct skip_range, body_skip, 16384);
 
 /* Histogram bounds, written once by bpf.py: a value's bucket is the number of
  * bounds strictly below it (Python's bisect_left, since `le` is <=). Unused
@@ -214,6 +221,9 @@ struct fp_state {
     u8 sseq_known;
     u8 fins;            /* bit 0: client FIN seen, bit 1: server FIN seen */
     char path[PATH_LEN];
+    u64 held_ns;        /* when the held body range arrived */
+    u32 held_seq;       /* a body segment that overtook the one before it: its range, */
+    u32 held_len;       /* counted once the gap before it fills; 0 when none */
 };
 BPF_TABLE("lru_hash", struct flow_key, struct fp_state, flow_state, FLOW_STATES);
 
@@ -232,6 +242,9 @@ struct fp_handover {
     u8 reason;
     u8 pad;
     char path[PATH_LEN];
+    u64 held_ns;        /* the flow's held body range, if held_len: user space counts it */
+    u32 held_seq;       /* by length when the gap before it fills */
+    u32 held_len;
 };
 BPF_HASH(handover, struct flow_key, struct fp_handover, HANDOVER_ENTRIES);
 
@@ -280,6 +293,7 @@ struct scratch {
     u32 head_len;
     u32 status;
     u32 body;
+    u32 merged;           /* held body bytes a completing segment joined up with */
     u32 skipped;          /* bytes the scan passed over a word at a time */
 };
 BPF_PERCPU_ARRAY(scratch, struct scratch, 1);
@@ -710,6 +724,7 @@ static __always_inline u32 fast_step(struct __sk_buff *skb, struct scratch *s, s
                                      u8 syn, u64 now)
 {
     u32 phase = st->phase;
+    s->merged = 0;
     if (rst)
         return phase == PHASE_IDLE ? V_DELETE : V_HANDOVER + HO_CLOSE;
     if (syn)
@@ -755,8 +770,26 @@ static __always_inline u32 fast_step(struct __sk_buff *skb, struct scratch *s, s
             fcount(FC_RETRANSMITS);
             return V_CONSUMED;
         }
-        if (d != 0)
+        if (d != 0) {
+            /* On lo a response's segments leave from two CPUs, and one sometimes reaches
+             * the tap before the one ahead of it. Hold one such range that lies wholly
+             * inside the body (its bytes are only counted) rather than hand over. */
+            if (d > 0 && phase == PHASE_RESPONSE) {
+                if (st->held_len) {
+                    if (seq == st->held_seq && plen <= st->held_len) {
+                        fcount(FC_RETRANSMITS);
+                        return V_CONSUMED;
+                    }
+                } else if ((u64)(u32)d + plen <= (u64)(st->resp_len - st->resp_seen)) {
+                    st->held_seq = seq;
+                    st->held_len = plen;
+                    st->held_ns = now;
+                    fcount(FC_OVERTAKEN);
+                    return V_CONSUMED;
+                }
+            }
             return V_HANDOVER + HO_SEQ;
+        }
     }
     if (phase == PHASE_IDLE)
         return V_HANDOVER + HO_UNSOLICITED;
@@ -780,15 +813,26 @@ static __always_inline u32 fast_step(struct __sk_buff *skb, struct scratch *s, s
         return V_CONSUMED;
     }
     u32 left = st->resp_len - st->resp_seen;
-    if (plen > left)
+    u32 got = plen;
+    if (st->held_len) {
+        u32 gap = st->held_seq - seq;  /* bytes from here to the held range */
+        if (plen > gap)
+            return V_HANDOVER + HO_SEQ;  /* overlaps it: resegmented, user space sorts it out */
+        if (plen == gap)
+            got = plen + st->held_len;  /* fills the hole: the held bytes count now */
+    }
+    if (got > left)
         return V_HANDOVER + HO_EXTRA;
-    if (plen == left) {
+    if (got == left) {
         s->status = st->status;
         s->body = st->resp_len;
+        s->merged = got - plen;
         return V_COMPLETE;
     }
-    st->resp_seen += plen;
-    st->sseq = seq + plen;
+    st->resp_seen += got;
+    st->sseq = seq + got;
+    if (got != plen)
+        st->held_len = 0;
     return V_CONSUMED;
 }
 
@@ -814,6 +858,9 @@ static __always_inline void hand_over(struct scratch *s, struct flow_key *fk, st
     ho->reason = reason;
     ho->pad = 0;
     __builtin_memcpy(ho->path, st->path, PATH_LEN);
+    ho->held_ns = st->held_ns;
+    ho->held_seq = st->held_seq;
+    ho->held_len = st->held_len;
     if (handover.update(fk, ho) != 0)
         fcount(FC_HANDOVER_MAP_FULL);
     hcount(reason);
@@ -900,6 +947,9 @@ static __always_inline int fast_path(struct __sk_buff *skb, struct flow_key *key
         ns->status = 0;
         ns->sseq_known = 0;
         ns->fins = 0;
+        ns->held_ns = 0;
+        ns->held_seq = 0;
+        ns->held_len = 0;
         int simple = s->kind == KIND_REQUEST;
         if (simple) {
             ns->mode = MODE_FAST;
@@ -926,10 +976,14 @@ static __always_inline int fast_path(struct __sk_buff *skb, struct flow_key *key
     u16 server_port = fk.dport;
     u32 v = fast_step(skb, s, st, to_server, seq, plen, off, fin, rst, syn, now);
     if (v == V_COMPLETE) {
-        if (aggregate(s, st, server_port, now, s->body) == 0) {
+        /* A held range that ends the body carries the response's last byte: its time is the
+         * exchange's end, as user space times a reordered response. */
+        u64 end = s->merged ? st->held_ns : now;
+        if (aggregate(s, st, server_port, end, s->body) == 0) {
             st->phase = PHASE_IDLE;
-            st->sseq = seq + plen;
+            st->sseq = seq + plen + s->merged;
             st->sseq_known = 1;
+            st->held_len = 0;
             fcount(FC_EXCHANGES);
             v = V_CONSUMED;
         } else {
@@ -1098,10 +1152,10 @@ int http_filter(struct __sk_buff *skb)
         return headers_end;
     }
 
-    u32 *seq_end = body_skip.lookup(kp);
-    if (seq_end) {
+    struct skip_range *skip = body_skip.lookup(kp);
+    if (skip) {
         u32 last = seq + payload_len; /* exclusive end, mod 2^32 */
-        if ((s32)(last - *seq_end) <= 0) {
+        if ((s32)(seq - skip->start) >= 0 && (s32)(last - skip->end) <= 0) {
             count(CNT_KEPT);
             count(CNT_TRUNCATED_BODY_SKIP);
             return headers_end;

@@ -85,7 +85,7 @@ class Exporter:
         self.http = HttpMetrics(settings.duration_buckets) if settings.duration_buckets else HttpMetrics()
         self.routes = RouteMapper(settings.routes, max_routes_per_port=settings.max_routes_per_port)
         sinks = [settings.slo_runtime] if settings.slo_runtime is not None else []
-        self.pipeline = Pipeline(settings.ports, self.routes, self.http, settings.limits, sinks)
+        self.pipeline = Pipeline(settings.ports, self.routes, self.http, settings.limits, sinks, hint_skips=True)
         self.fast: Any = None  # exporter.capture.kernel_agg.KernelFastPath with --fast-path
         if settings.fast_path:
             from exporter.capture.kernel_agg import KernelFastPath  # no bcc import until a filter loads
@@ -257,6 +257,7 @@ class Exporter:
                     self.pipeline.seed(fast.take_handovers())
                 if segments:
                     feed(segments)
+                    self._apply_skip_hints(capture)
             now = time.monotonic()
             if self.capture is not None and now >= next_check:
                 lost = self._interface_lost()
@@ -269,6 +270,20 @@ class Exporter:
                 if fast is not None and self.capture is not None:
                     self._kernel_exchanges_to_slo()
                 next_expire = now + EXPIRE_EVERY_S
+
+    def _apply_skip_hints(self, capture: Any) -> None:
+        """Body bytes the parser only counts: have the filter cut them to headers from now on."""
+        for (key, to_server), stretch in self.pipeline.tracker.take_skip_hints().items():
+            client_ip, client_port, server_ip, server_port = key
+            ends = ((client_ip, client_port, server_ip, server_port) if to_server
+                    else (server_ip, server_port, client_ip, client_port))
+            try:
+                if stretch is None:
+                    capture.forget_skip(*ends)
+                else:
+                    capture.skip_body(*ends, *stretch)
+            except CaptureError:
+                pass  # an address the filter cannot key (not IP): the bytes just come up whole
 
     def _kernel_exchanges_to_slo(self) -> None:
         """Feed the SLO windows what the kernel aggregated since the last call (fast path)."""

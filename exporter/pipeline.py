@@ -27,8 +27,9 @@ class Pipeline:
         http: HttpMetrics,
         limits: Limits | None = None,
         sinks: Iterable[ExchangeSink] = (),
+        hint_skips: bool = False,
     ) -> None:
-        self.tracker = Tracker(ports, limits or Limits())
+        self.tracker = Tracker(ports, limits or Limits(), hint_skips=hint_skips)
         self.routes = routes
         self.http = http
         self.sinks = list(sinks)

@@ -66,6 +66,7 @@ FAST_COUNTER_NAMES: tuple[str, ...] = (
     "flows_created",  # flow_state entries created
     "flows_deleted",  # flow_state entries deleted at FIN/RST (LRU evictions are not seen)
     "handover_map_full",  # handover records lost to a full map (inexact; expected 0)
+    "overtaken",  # response body segments that overtook the one before them, held by range
 )
 
 # Slots of `handover_counters`: why a flow went to user space. `new_flow` is a flow
@@ -130,6 +131,11 @@ class KernelHandover:
     status: int
     response_length: int
     response_seen: int
+    # A response body range the kernel held (it overtook the segment before it): user space
+    # counts its held_length bytes when the stream reaches held_seq. 0: none.
+    held_ns: int = 0
+    held_seq: int = 0
+    held_length: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,10 +157,11 @@ class KernelAggregate:
 _U16 = struct.Struct("=H")
 _U32 = struct.Struct("=I")
 _FLOW_KEY = struct.Struct("=16s16sHH")  # struct flow_key
+_SKIP_RANGE = struct.Struct("=II")  # struct skip_range: start, end (exclusive)
 _HIST_BOUNDS = struct.Struct(f"={MAX_DURATION_BOUNDS}Q{MAX_SIZE_BOUNDS}QII")  # struct hist_bounds
 # struct fp_handover: start_ns, cseq, sseq, resp_len, resp_seen, status, phase, method, path_len,
-# sseq_known, reason, pad, path.
-_HANDOVER = struct.Struct(f"=QIIIIHBBBBBx{PATH_LEN}s")
+# sseq_known, reason, pad, path, held_ns, held_seq, held_len.
+_HANDOVER = struct.Struct(f"=QIIIIHBBBBBx{PATH_LEN}sQII")
 _AGG_KEY = struct.Struct(f"=HHBB2x{PATH_LEN}s")  # struct http_agg_key: port, status, method, path_len, path
 _AGG_VAL_SLOTS = 3 + MAX_DURATION_BOUNDS + 1 + MAX_SIZE_BOUNDS + 1  # struct http_agg_val, all u64
 _PER_CPU_U64 = 8
@@ -166,9 +173,9 @@ _MAP_LAYOUT: dict[str, tuple[int, int]] = {
     "filter_counters": (4, _PER_CPU_U64),
     "fast_counters": (4, _PER_CPU_U64),
     "handover_counters": (4, _PER_CPU_U64),
-    "body_skip": (_FLOW_KEY.size, 4),
+    "body_skip": (_FLOW_KEY.size, 8),  # struct skip_range
     "agg_bounds": (4, _HIST_BOUNDS.size),
-    "flow_state": (_FLOW_KEY.size, 136),  # struct fp_state: only its capacity is read here
+    "flow_state": (_FLOW_KEY.size, 152),  # struct fp_state: only its capacity is read here
     "handover": (_FLOW_KEY.size, _HANDOVER.size),
     "http_agg": (_AGG_KEY.size, _AGG_VAL_SLOTS * 8),
 }
@@ -416,7 +423,7 @@ class HttpFilter:
             if raw is None or not table.delete(key):
                 continue  # gone already (a second reader); nothing to seed
             (start_ns, cseq, sseq, resp_len, resp_seen, status, phase, method, path_len, sseq_known, reason,
-             path) = _HANDOVER.unpack(raw)
+             path, held_ns, held_seq, held_len) = _HANDOVER.unpack(raw)
             out.append(KernelHandover(
                 flow=_flow_from_key(key),
                 reason=HANDOVER_REASONS[reason] if reason < len(HANDOVER_REASONS) else "?",
@@ -429,6 +436,9 @@ class HttpFilter:
                 status=status,
                 response_length=resp_len,
                 response_seen=resp_seen,
+                held_ns=held_ns,
+                held_seq=held_seq,
+                held_length=held_len,
             ))
         return out
 
@@ -489,10 +499,11 @@ class HttpFilter:
     def _skip_key(src_ip: str, src_port: int, dst_ip: str, dst_port: int) -> bytes:
         return _FLOW_KEY.pack(_flow_key_bytes(src_ip), _flow_key_bytes(dst_ip), src_port, dst_port)
 
-    def skip_body(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, seq_end: int) -> None:
-        """Truncate to headers every segment of this direction whose payload ends at or before seq_end."""
+    def skip_body(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, seq_start: int,
+                  seq_end: int) -> None:
+        """Truncate to headers every segment of this direction lying wholly in [seq_start, seq_end)."""
         key = self._skip_key(src_ip, src_port, dst_ip, dst_port)
-        self._skip.update(key, _U32.pack(seq_end & 0xFFFFFFFF))
+        self._skip.update(key, _SKIP_RANGE.pack(seq_start & 0xFFFFFFFF, seq_end & 0xFFFFFFFF))
 
     def forget_skip(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int) -> None:
         key = self._skip_key(src_ip, src_port, dst_ip, dst_port)

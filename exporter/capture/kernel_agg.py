@@ -210,6 +210,9 @@ class KernelFastPath:
         yield SelfSample("fast_path_retransmits_total", "counter",
                          "Segments of kernel-tracked connections that repeated data already seen.",
                          fast["retransmits"])
+        yield SelfSample("fast_path_overtaken_segments_total", "counter",
+                         "Response body segments that arrived ahead of the one before them and were "
+                         "held by range in the kernel.", fast.get("overtaken", 0))
         yield SelfSample("fast_path_busy_total", "counter",
                          "Segments passed up because another CPU held their connection (expected 0).",
                          fast["busy"])
@@ -251,6 +254,8 @@ def to_handover(record: KernelHandover, realtime_offset_ns: int, seen_ns: int = 
         response_length=record.response_length if response else 0,
         response_seen=record.response_seen if response else 0,
         seen_ns=seen_ns,
+        held=(record.held_seq, record.held_length, record.held_ns + realtime_offset_ns)
+        if response and record.held_length else None,
     )
 
 

@@ -383,11 +383,12 @@ class LiveCapture:
 
     # -- body skipping -----------------------------------------------------
 
-    def skip_body(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, seq_end: int) -> None:
-        """Have the kernel cut to headers every segment of this direction ending at or before seq_end."""
+    def skip_body(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, seq_start: int,
+                  seq_end: int) -> None:
+        """Have the kernel cut to headers every segment of this direction lying in [seq_start, seq_end)."""
         if self._filter is None:
             raise CaptureError("capture is not open: call open() first")
-        self._filter.skip_body(src_ip, src_port, dst_ip, dst_port, seq_end)
+        self._filter.skip_body(src_ip, src_port, dst_ip, dst_port, seq_start, seq_end)
 
     def forget_skip(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int) -> None:
         if self._filter is None:

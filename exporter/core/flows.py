@@ -55,6 +55,10 @@ _SEQ_MASK = _SEQ_SPACE - 1
 _SEQ_HALF = 1 << 31
 _REUSE_DISTANCE = 1 << 20  # random ISNs land this close to the old numbers with odds ~1/2000
 _HELD_OVERHEAD = 64  # a held segment costs its tuple too, even when its payload was cut
+# Body stretches worth a map update (below, the bytes cost less than the syscall), and the
+# most one skip hint covers (well inside the 2**31 that 32-bit sequence comparisons allow).
+_SKIP_MIN = 32 * 1024
+_SKIP_WINDOW = 1 << 30
 
 FlowKey = tuple[str, int, str, int]
 
@@ -134,6 +138,9 @@ class Handover:
     response_length: int = 0
     response_seen: int = 0
     seen_ns: int = 0  # when the handover happened: the flow's idle clock starts here
+    # Response body bytes that arrived ahead of a gap and were consumed unread: (seq, length,
+    # arrival time). They count, by length, once the stream reaches seq.
+    held: tuple[int, int, int] | None = None
 
 
 def _seq_delta(seq: int, reference: int) -> int:
@@ -145,7 +152,7 @@ def _seq_delta(seq: int, reference: int) -> int:
 class _Side:
     """One direction of a connection: where its byte stream stands."""
 
-    __slots__ = ("fin", "held", "held_bytes", "next_seq")
+    __slots__ = ("fin", "held", "held_bytes", "next_seq", "skip_end")
 
     def __init__(self) -> None:
         self.next_seq = -1  # unknown until the first segment
@@ -153,6 +160,7 @@ class _Side:
         self.held: list[tuple[int, int, bytes, int]] = []
         self.held_bytes = 0
         self.fin = False
+        self.skip_end = -1  # end of the last skip range hinted for this side; -1: none
 
 
 class _Flow:
@@ -261,12 +269,18 @@ class _Flow:
 class Tracker:
     """Segments in, exchanges out, for every connection to `server_ports`."""
 
-    __slots__ = ("_emitted", "_flows", "_limits", "_server_ports", "stats")
+    __slots__ = ("_emitted", "_flows", "_limits", "_server_ports", "skip_hints", "stats")
 
     def __init__(
-        self, server_ports: Iterable[int], limits: Limits = Limits(), stats: CoreStats | None = None
+        self, server_ports: Iterable[int], limits: Limits = Limits(), stats: CoreStats | None = None,
+        hint_skips: bool = False,
     ) -> None:
+        """`hint_skips`: collect `skip_hints` for a capture that can drop body bytes unread."""
         self._server_ports = frozenset(server_ports)
+        # (connection, towards the server) -> (first, end) of a stretch of that direction's byte
+        # stream the parser will only count, or None: forget the last one (the connection ended).
+        # The capture applies and clears them (take_skip_hints); None when nobody asked.
+        self.skip_hints: dict[tuple[FlowKey, bool], tuple[int, int] | None] | None = {} if hint_skips else None
         self._limits = limits
         self.stats = stats if stats is not None else CoreStats()
         # Least recently active first, so that expire() only looks at the front.
@@ -327,6 +341,8 @@ class Tracker:
                     parser.feed(payload, seg.ts_ns, plen - len(payload))
                 else:
                     self._reorder(flow, side, seq, seg, to_server)
+                if self.skip_hints is not None and not side.held:
+                    self._hint_skip(flow, side, to_server)
             if flags & FIN:
                 self._fin(flow, side, (seq + plen) & _SEQ_MASK, to_server)
 
@@ -360,7 +376,20 @@ class Tracker:
                 head = b"HTTP/1.1 %d \r\nContent-Length: %d\r\n\r\n" % (
                     handover.response_status, handover.response_length)
                 flow.responses.feed(head, handover.start_ns, handover.response_seen)
+                if handover.held is not None:
+                    held_seq, held_length, held_ns = handover.held
+                    flow.server.held.append((held_seq & _SEQ_MASK, held_ns, b"", held_length))
+                    flow.server.held_bytes += _HELD_OVERHEAD
+                    self.stats.held_bytes += _HELD_OVERHEAD
+                    self.stats.out_of_order_segments += 1
         return self._take_emitted()
+
+    def take_skip_hints(self) -> dict[tuple[FlowKey, bool], tuple[int, int] | None]:
+        hints = self.skip_hints
+        if not hints:
+            return {}
+        self.skip_hints = {}
+        return hints
 
     def expire(self, now_ns: int) -> list[Exchange]:
         """Evict flows idle for `idle_timeout_ns`; their close-delimited responses end here."""
@@ -397,8 +426,27 @@ class Tracker:
         self.stats.flows_active += 1
         return flow
 
+    def _hint_skip(self, flow: _Flow, side: _Side, to_server: bool) -> None:
+        """Ask for the body bytes ahead to be dropped unread, once per body (see skip_hints)."""
+        parser = flow.requests if to_server else flow.responses
+        wanted = min(parser.opaque_bytes, _SKIP_WINDOW)
+        if wanted < _SKIP_MIN:
+            return
+        covered = _seq_delta(side.skip_end, side.next_seq) if side.skip_end >= 0 else 0
+        # A Content-Length body is covered whole by its first hint; a body that ends with the
+        # connection is covered a window at a time, renewed when half of it is used.
+        if covered >= wanted // 2:
+            return
+        side.skip_end = (side.next_seq + wanted) & _SEQ_MASK
+        assert self.skip_hints is not None
+        self.skip_hints[(flow.key, to_server)] = (side.next_seq, side.skip_end)
+
     def _close(self, flow: _Flow, graceful: bool) -> None:
         """Forget a flow. Graceful (FIN, idle, end of input) finishes close-delimited bodies."""
+        if self.skip_hints is not None:
+            for side, to_server in ((flow.client, True), (flow.server, False)):
+                if side.skip_end >= 0:
+                    self.skip_hints[(flow.key, to_server)] = None
         for side, to_server in ((flow.client, True), (flow.server, False)):
             if side.held:
                 if graceful:

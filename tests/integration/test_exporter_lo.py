@@ -493,3 +493,40 @@ def test_kernel_scan_takes_every_value_length_and_stops_at_a_bare_lf(host: str) 
     assert self_metric(scraped["fast"], "fast_path_exchanges_total") == len(lengths)
     assert self_metric(scraped["fast"], "fast_path_handovers_total", reason="response") == len(offsets)
     assert_same_histograms(scraped["fast"], scraped["reference"])
+
+
+def test_a_long_body_in_user_space_comes_up_cut_to_headers_and_counts_exactly(host: str) -> None:
+    """--no-fast-path: once the parser knows a body's length, the filter drops its bytes unread."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    body, piece = 400_000, 10_000
+    with socket.socket(family, socket.SOCK_STREAM) as listener:
+        listener.bind((host, 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn, conn.makefile("rb") as stream:
+                for _ in range(2):
+                    while stream.readline() not in (b"\r\n", b""):
+                        pass
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % body)
+                    for _ in range(body // piece):  # a slow download: the hint lands early in it
+                        conn.sendall(b"b" * piece)
+                        time.sleep(0.005)
+
+        with ExporterProcess("--interface", "lo", "--port", str(port), "--no-fast-path") as exporter:
+            thread = threading.Thread(target=serve, daemon=True)
+            thread.start()
+            client = RawConn(host, port)
+            assert client.get("/download") == 200
+            assert client.get("/download") == 200
+            client.close()
+            thread.join(10)
+            samples = exporter.wait_for_exchanges(2)
+    assert counts_by_key(samples, port) == {("GET", "200", "/download"): 2}
+    sizes = sum(value for (name, labels), value in samples.items()
+                if name == "http_server_response_body_size_bytes_sum" and ("server_port", str(port)) in labels)
+    assert sizes == 2 * body
+    assert self_metric(samples, "filter_packets_total", verdict="truncated_body_skip") > 0
+    assert self_metric(samples, "parse_errors_total", reason="gap") == 0

@@ -608,3 +608,42 @@ def test_held_data_of_all_flows_together_is_bounded() -> None:
     assert tracker.stats.held_bytes == len(get("/held")) + 1000 + 64  # the second flow's, still held
     tracker.flush()
     assert tracker.stats.held_bytes == 0
+
+
+def test_skip_hints_cover_each_long_body_once_and_are_forgotten_at_close() -> None:
+    tracker = Tracker([PORT], hint_skips=True)
+    conn = Conn()
+    key = (conn.client, conn.client_port, conn.server, PORT)
+    tracker.feed(conn.seg("c", get("/big"), 1))
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"
+    tracker.feed(conn.seg("s", head + b"x" * 1000, 2))
+    body_at = conn.next["s"]
+    assert tracker.take_skip_hints() == {(key, False): (body_at, body_at + 99_000)}
+    tracker.feed(conn.seg("s", b"", 3, payload_len=60_000))  # cut to headers by the kernel: counted by length
+    assert tracker.take_skip_hints() == {}  # the first hint covers the whole body
+    tracker.feed(conn.seg("s", b"", 4, payload_len=39_000))
+    # A short body is not worth a hint; the next long one is.
+    tracker.feed(conn.seg("c", get("/small"), 5))
+    tracker.feed(conn.seg("s", ok(b"s" * 100), 6))
+    assert tracker.take_skip_hints() == {}
+    tracker.feed(conn.seg("c", get("/big2"), 7))
+    tracker.feed(conn.seg("s", head, 8))
+    assert tracker.take_skip_hints() == {(key, False): (conn.next["s"], conn.next["s"] + 100_000)}
+    tracker.feed(conn.seg("s", b"", 9, payload_len=100_000))
+    tracker.flush()
+    assert tracker.take_skip_hints() == {(key, False): None}  # the connection ended: forget it
+
+
+def test_skip_hints_renew_a_close_delimited_body_window_by_window() -> None:
+    tracker = Tracker([PORT], hint_skips=True)
+    conn = Conn()
+    tracker.feed(conn.seg("c", get("/stream"), 1))
+    tracker.feed(conn.seg("s", b"HTTP/1.0 200 OK\r\n\r\n", 2))
+    start = conn.next["s"]
+    (first,) = tracker.take_skip_hints().values()
+    assert first == (start, (start + (1 << 30)) & 0xFFFFFFFF)
+    tracker.feed(conn.seg("s", b"", 3, payload_len=(1 << 29) - 1))
+    assert tracker.take_skip_hints() == {}
+    tracker.feed(conn.seg("s", b"", 4, payload_len=2))  # past half the window: renewed from here
+    (renewed,) = tracker.take_skip_hints().values()
+    assert renewed == (conn.next["s"], (conn.next["s"] + (1 << 30)) & 0xFFFFFFFF)

@@ -7,6 +7,8 @@ write at that point. The exchanges must be the same.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from exporter.capture.bpf import FAST_COUNTER_NAMES, HANDOVER_REASONS, KernelAggregate, KernelHandover
@@ -218,3 +220,30 @@ def test_a_handed_over_body_survives_two_cpus_swapping_full_size_segments() -> N
     assert out == [Exchange("GET", "/1m", 200, 10, ts - 1, 0, body, PORT)]
     assert tracker.stats.parse_errors["gap"] == 0
     assert tracker.stats.requests_without_response == 0
+
+
+def test_a_body_range_the_kernel_held_counts_when_the_gap_before_it_fills() -> None:
+    """The kernel held "6789" (it overtook "45") and then handed over: user space counts it by length."""
+    body_start = S0 + len(HEAD1)
+    handover = Handover(C0 + len(REQ1), body_start + 4, "GET", "/a", 10, 200, 10, 4, seen_ns=36,
+                        held=(body_start + 6, 4, 35))
+    tracker = Tracker([PORT])
+    assert tracker.seed(KEY, handover) == []
+    assert tracker.stats.held_bytes > 0
+    conn = Conn()
+    # Ends when its last byte arrived (35), as the Tracker times any reordered response.
+    assert tracker.feed(conn.seg("s", b"45", 40, seq=body_start + 4)) == [
+        Exchange("GET", "/a", 200, 10, 35, 0, 10, PORT)]
+    assert tracker.stats.held_bytes == 0
+    assert tracker.stats.parse_errors["gap"] == 0
+    # The next exchange on the connection starts after the held range.
+    tracker.feed(conn.seg("c", REQ2, 50, seq=C0 + len(REQ1)))
+    assert tracker.feed(conn.seg("s", HEAD2 + b"abc", 60, seq=body_start + 10)) == [
+        Exchange("GET", "/b", 404, 50, 60, 0, 3, PORT)]
+
+
+def test_a_held_range_in_the_kernel_record_reaches_the_seed() -> None:
+    record = KernelHandover(KEY, "seq", 2, "GET", "/a", 1_000, 5, 7, 200, 10, 4,
+                            held_ns=2_000, held_seq=9, held_length=4)
+    assert to_handover(record, 10**18).held == (9, 4, 10**18 + 2_000)
+    assert to_handover(dataclasses.replace(record, held_length=0), 10**18).held is None
