@@ -154,8 +154,10 @@
 #endif
 #define CLAIM_TRIES 256  /* x 32 reads: ~10-40 us of waiting; a holder needs about 1 us */
 
-/* Ports to watch, host byte order. Filled and changed from Python at run time. */
-BPF_HASH(watched_ports, u16, u8, 1024);
+/* Ports to watch: 1 at the index of each (host byte order). Filled and changed
+ * from Python at run time. An array rather than a hash: its lookup is inlined
+ * by the JIT, and every packet on the interface pays one or two of them. */
+BPF_ARRAY(watched_ports, u8, 65536);
 
 /* CFG_* indices: loopback flag, snap length, link-layer header length (14 or 0), fast path. */
 BPF_ARRAY(config, u32, CFG_COUNT);
@@ -624,9 +626,17 @@ static __always_inline void classify(struct __sk_buff *skb, struct scratch *s, u
     u32 path_len = vs->path_len;
     if (path_len > PATH_LEN || mlen > 8)
         return;
+    /* A word at a time, the bytes past path_len zeroed (the path is part of the
+     * http_agg key): a twelfth of the byte loop's instructions. Little-endian, as
+     * every JIT target we run on: a word's first byte is its low byte. buf's 8
+     * spare bytes keep the last read in bounds. */
 #pragma unroll
-    for (u32 k = 0; k < PATH_LEN; k++)
-        s->st.path[k] = k < path_len ? s->buf[(mlen + k) & (HEAD_MAX - 1)] : 0;
+    for (u32 w = 0; w < PATH_LEN / 8; w++) {
+        u32 lo = w * 8;
+        u64 word = *(u64 *)(s->buf + ((mlen + lo) & (HEAD_MAX - 1)));
+        u64 keep = path_len >= lo + 8 ? ~0ULL : path_len <= lo ? 0 : (1ULL << ((path_len - lo) * 8)) - 1;
+        *(u64 *)(s->st.path + lo) = word & keep;
+    }
     s->st.path_len = path_len;
     s->st.method = vs->method;
     vs->kind = KIND_REQUEST;
@@ -778,6 +788,15 @@ static __always_inline u32 fast_step(struct __sk_buff *skb, struct scratch *s, s
                 if (st->held_len) {
                     if (seq == st->held_seq && plen <= st->held_len) {
                         fcount(FC_RETRANSMITS);
+                        return V_CONSUMED;
+                    }
+                    /* The segment after the held range overtook the same gap (seen: k+1 and
+                     * k+2 both before k): the range grows, and its time is its last byte's. */
+                    if (seq == st->held_seq + st->held_len &&
+                        (u64)(u32)d + plen <= (u64)(st->resp_len - st->resp_seen)) {
+                        st->held_len += plen;
+                        st->held_ns = now;
+                        fcount(FC_OVERTAKEN);
                         return V_CONSUMED;
                     }
                 } else if ((u64)(u32)d + plen <= (u64)(st->resp_len - st->resp_seen)) {
@@ -1121,8 +1140,11 @@ int http_filter(struct __sk_buff *skb)
     u16 sport = ntohs(tcp.source);
     u16 dport = ntohs(tcp.dest);
     /* The destination port wins when both are watched, as in user space's Tracker. */
-    int to_server = watched_ports.lookup(&dport) != NULL;
-    if (!to_server && !watched_ports.lookup(&sport)) {
+    u32 dport_idx = dport, sport_idx = sport;
+    u8 *watched = watched_ports.lookup(&dport_idx);
+    int to_server = watched && *watched;
+    watched = to_server ? NULL : watched_ports.lookup(&sport_idx);
+    if (!to_server && !(watched && *watched)) {
         count(CNT_DROPPED_PORT);
         return 0;
     }

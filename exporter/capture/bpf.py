@@ -154,7 +154,6 @@ class KernelAggregate:
 
 
 # Byte layouts of the C structs (native order, the C file's field order and padding).
-_U16 = struct.Struct("=H")
 _U32 = struct.Struct("=I")
 _FLOW_KEY = struct.Struct("=16s16sHH")  # struct flow_key
 _SKIP_RANGE = struct.Struct("=II")  # struct skip_range: start, end (exclusive)
@@ -168,7 +167,7 @@ _PER_CPU_U64 = 8
 
 # Every map this module touches: name -> (key size, value size) as the kernel reports them.
 _MAP_LAYOUT: dict[str, tuple[int, int]] = {
-    "watched_ports": (2, 1),
+    "watched_ports": (4, 1),  # array indexed by port
     "config": (4, 4),
     "filter_counters": (4, _PER_CPU_U64),
     "fast_counters": (4, _PER_CPU_U64),
@@ -293,6 +292,7 @@ class HttpFilter:
         require_privileges()
         self._fast_path = fast_path
         self._n_dur = self._n_size = 0
+        self._watched: set[int] = set()  # what watched_ports holds: an array is not worth walking
         release = platform.release()
         build = Path("/lib/modules") / release / "build"
         if not build.is_dir():
@@ -362,11 +362,11 @@ class HttpFilter:
             if not 0 < port < 65536:
                 raise CaptureError(f"port {port} out of range 1..65535")
             wanted.add(port)
-        for key in list(self._ports.keys()):
-            if _U16.unpack(key)[0] not in wanted:
-                self._ports.delete(key)
-        for port in wanted:
-            self._ports.update(_U16.pack(port), b"\x01")
+        for port in self._watched - wanted:
+            self._ports.update(_U32.pack(port), b"\x00")
+        for port in wanted - self._watched:
+            self._ports.update(_U32.pack(port), b"\x01")
+        self._watched = wanted
 
     @property
     def fast_path(self) -> bool:
@@ -480,7 +480,7 @@ class HttpFilter:
         return self._flow_states.info.max_entries
 
     def ports(self) -> set[int]:
-        return {_U16.unpack(k)[0] for k in self._ports.keys()}
+        return set(self._watched)
 
     def counters(self) -> dict[str, int]:
         """Kernel counters summed over CPUs, since load. Cheap: one lookup per slot.

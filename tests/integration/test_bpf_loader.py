@@ -35,10 +35,15 @@ def bpf_filter() -> Iterator[HttpFilter]:
 
 
 def test_ports_round_trip(bpf_filter: HttpFilter) -> None:
+    def in_kernel(port: int) -> bytes | None:
+        return bpf_filter._ports.lookup(struct.pack("=I", port))
+
     bpf_filter.set_ports([80, 443, 65535])
     assert bpf_filter.ports() == {80, 443, 65535}
+    assert [in_kernel(p) for p in (80, 443, 65535, 8080, 1)] == [b"\x01", b"\x01", b"\x01", b"\x00", b"\x00"]
     bpf_filter.set_ports([8080])
     assert bpf_filter.ports() == {8080}
+    assert [in_kernel(p) for p in (80, 443, 65535, 8080)] == [b"\x00", b"\x00", b"\x00", b"\x01"]
 
 
 def test_bounds_are_written_as_struct_hist_bounds(bpf_filter: HttpFilter) -> None:

@@ -75,12 +75,14 @@ def test_an_overtaking_body_segment_is_counted_in_the_kernel_and_after_a_handove
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
         sock.bind(("lo", 0))
         with both_paths(port, "--route", "/held/{n}") as exporters:
-            # The kernel holds body[20:30] and counts it when body[10:20] fills the gap.
+            # Two segments overtake body[10:20]: the kernel holds body[20:30] as one range and
+            # counts it when the gap fills.
             kept = Wire(sock, port, 40001)
             kept.request(b"GET /held/1 HTTP/1.1\r\nHost: x\r\n\r\n")
             kept.response(HEAD + BODY[:10])
             kept.advance(len(HEAD) + 10)
-            kept.response(BODY[20:], at=10)
+            kept.response(BODY[20:25], at=10)
+            kept.response(BODY[25:], at=15)
             kept.response(BODY[10:20])
             kept.advance(20)
             kept.request(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")  # the connection goes on in the kernel
@@ -105,7 +107,7 @@ def test_an_overtaking_body_segment_is_counted_in_the_kernel_and_after_a_handove
         assert body_bytes == 60, mode
         assert self_metric(samples, "parse_errors_total", reason="gap") == 0, mode
     fast = scraped["fast"]
-    assert self_metric(fast, "fast_path_overtaken_segments_total") == 2
+    assert self_metric(fast, "fast_path_overtaken_segments_total") == 3
     assert self_metric(fast, "fast_path_exchanges_total") == 2  # /held/1 and /after
     assert self_metric(fast, "fast_path_handovers_total", reason="pipelined") == 1
     assert self_metric(fast, "fast_path_handovers_total", reason="seq") == 0
