@@ -80,12 +80,14 @@
  * - `http_agg` is never cleared (reading and deleting races the increments),
  *   so distinct (port, method, status, path) keys are bounded by AGG_ENTRIES;
  *   past it, exchanges go to user space (handover reason agg_full), exactly.
- * - The head scan is a byte-at-a-time state machine over at most HEAD_MAX
- *   bytes with its state in the per-CPU scratch map value, which keeps the
+ * - The head scan is a state machine over at most HEAD_MAX bytes, a byte at a
+ *   time except inside header values (below), with its state in the per-CPU
+ *   scratch map value, which keeps the
  *   verifier's work linear in HEAD_MAX; it is called from one site only, and
  *   the values that would split the verifier's states (method, flow key) are
  *   parked in memory too. Even so the verifier walks every state of every
- *   byte: ~850k of its 1M-instruction budget on 6.18 with HEAD_MAX 512. A
+ *   byte: 835k of its 1M-instruction budget on 6.18 with HEAD_MAX 512 (the
+ *   verified_insns line of the program's fdinfo). A
  *   larger HEAD_MAX, or more states in the scan, needs tail calls to split it.
  * - Header values, most of a head's bytes, are passed 8 at a time when a word
  *   holds neither CR nor LF (an exact zero-byte test on word ^ 0x0d.., 0x0a..):
