@@ -40,14 +40,35 @@ class CheckResult:
     fix: str = ""
 
 
-def effective_capabilities(status_text: str | None = None) -> set[str]:
-    """Names of the capabilities in this process's effective set (from /proc/self/status)."""
+def _capability_set(field: str, status_text: str | None) -> set[str]:
     text = status_text if status_text is not None else Path("/proc/self/status").read_text()
     for line in text.splitlines():
-        if line.startswith("CapEff:"):
+        if line.startswith(field + ":"):
             mask = int(line.split()[1], 16)
             return {name for name, bit in CAPABILITIES.items() if mask >> bit & 1}
     return set()
+
+
+def effective_capabilities(status_text: str | None = None) -> set[str]:
+    """Names of the capabilities in this process's effective set (from /proc/self/status)."""
+    return _capability_set("CapEff", status_text)
+
+
+def exec_capabilities(status_text: str | None = None, euid: int | None = None) -> set[str]:
+    """What a child started with exec holds: the BPF loader is one (exporter/capture/bpf_loader.py).
+
+    Root's child gets the bounding set back; anyone else's only the ambient set (Python
+    carries no file capabilities).
+    """
+    root = (os.geteuid() if euid is None else euid) == 0
+    return _capability_set("CapBnd" if root else "CapAmb", status_text)
+
+
+def lost_across_exec(status_text: str | None = None, euid: int | None = None) -> list[str]:
+    """Capture capabilities this process has but its BPF loader child would not."""
+    now = missing_capture_capabilities(effective_capabilities(status_text))
+    child = missing_capture_capabilities(exec_capabilities(status_text, euid))
+    return [c for c in child if c not in now]
 
 
 def missing_capture_capabilities(caps: set[str]) -> list[str]:
@@ -75,6 +96,12 @@ def check_privileges(caps: set[str] | None = None) -> CheckResult:
         detail += f"; kernel.unprivileged_bpf_disabled={UNPRIVILEGED_BPF.read_text().strip()}"
     except OSError:
         pass
+    lost: list[str] = lost_across_exec() if caps is None else []
+    if not missing and lost:
+        return CheckResult("privileges", False, detail + f"; not ambient: {', '.join(lost)}",
+                           "the BPF filter is loaded by a helper process, which keeps only ambient "
+                           "capabilities: grant them as ambient (systemd AmbientCapabilities=, "
+                           "setpriv --ambient-caps, capsh --addamb)")
     if not missing:
         return CheckResult("privileges", True, detail)
     return CheckResult("privileges", False, detail,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from exporter.capture.bpfsys import BpfMap, possible_cpus
 from exporter.errors import CaptureError
-from exporter.preflight import effective_capabilities, has_capture_privileges
+from exporter.preflight import effective_capabilities, has_capture_privileges, lost_across_exec
 
 __all__ = [
     "COUNTER_NAMES",
@@ -114,6 +114,12 @@ def require_privileges() -> None:
         return
     if not has_capture_privileges(effective_capabilities()):
         raise CaptureError("BPF needs root or CAP_BPF+CAP_NET_RAW: run with sudo")
+    lost = lost_across_exec()
+    if lost:
+        raise CaptureError(
+            f"{', '.join(lost)} would not reach the BPF loader process (not ambient): grant them as "
+            "ambient capabilities (systemd AmbientCapabilities=, setpriv --ambient-caps), or run as root"
+        )
 
 
 @dataclass(frozen=True, slots=True)

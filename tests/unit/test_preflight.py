@@ -1,0 +1,40 @@
+"""Which capabilities reach the BPF loader, a child the exporter starts with exec."""
+
+from __future__ import annotations
+
+from exporter.preflight import CAPABILITIES, check_privileges, exec_capabilities, lost_across_exec
+
+
+def status(eff: set[str], amb: set[str], bnd: set[str]) -> str:
+    def mask(names: set[str]) -> str:
+        return format(sum(1 << CAPABILITIES[n] for n in names), "016x")
+
+    return f"Name:\tpython3\nCapInh:\t{mask(amb)}\nCapPrm:\t{mask(eff)}\nCapEff:\t{mask(eff)}\n" \
+           f"CapBnd:\t{mask(bnd)}\nCapAmb:\t{mask(amb)}\n"
+
+
+CAPTURE = {"CAP_BPF", "CAP_NET_RAW", "CAP_PERFMON"}
+ALL = set(CAPABILITIES)
+
+
+def test_an_unprivileged_user_with_ambient_capabilities_passes_them_on() -> None:
+    text = status(CAPTURE, CAPTURE, CAPTURE)
+    assert exec_capabilities(text, euid=65534) == CAPTURE
+    assert lost_across_exec(text, euid=65534) == []
+
+
+def test_effective_but_not_ambient_capabilities_are_named() -> None:
+    text = status(CAPTURE, {"CAP_NET_RAW"}, ALL)
+    assert lost_across_exec(text, euid=65534) == ["CAP_BPF", "CAP_PERFMON"]
+
+
+def test_root_passes_on_its_bounding_set() -> None:
+    assert lost_across_exec(status(ALL, set(), ALL), euid=0) == []
+    assert lost_across_exec(status(ALL, set(), ALL - {"CAP_PERFMON", "CAP_SYS_ADMIN"}), euid=0) == ["CAP_PERFMON"]
+
+
+def test_nothing_is_lost_when_nothing_was_there() -> None:
+    # Missing capabilities are check_privileges' own finding, not a loss across exec.
+    assert lost_across_exec(status(set(), set(), ALL), euid=65534) == []
+    result = check_privileges(set())
+    assert not result.ok and "missing: CAP_BPF, CAP_NET_RAW, CAP_PERFMON" in result.detail
