@@ -88,7 +88,7 @@ class Exporter:
         self.pipeline = Pipeline(settings.ports, self.routes, self.http, settings.limits, sinks, hint_skips=True)
         self.fast: Any = None  # exporter.capture.kernel_agg.KernelFastPath with --fast-path
         if settings.fast_path:
-            from exporter.capture.kernel_agg import KernelFastPath  # no bcc import until a filter loads
+            from exporter.capture.kernel_agg import KernelFastPath  # the capture modules load only when capturing
 
             self.fast = KernelFastPath(self.routes, self.http)
             self.http.add_source(self.fast.series)
