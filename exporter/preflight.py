@@ -29,7 +29,8 @@ SYS_ADMIN_COVERS = frozenset({"CAP_BPF", "CAP_PERFMON"})
 DROP_CAPABILITIES = ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP")
 UNPRIVILEGED_BPF = Path("/proc/sys/kernel/unprivileged_bpf_disabled")
 BPF_PROG_LOAD = 5
-SYS_BPF = {"x86_64": 321, "aarch64": 280}
+# bpf(2) is not in libc; its number by architecture (also used by capture/bpfsys.py).
+SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351, "riscv64": 280}
 
 
 @dataclass(frozen=True, slots=True)

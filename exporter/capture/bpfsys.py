@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exporter.errors import CaptureError
+from exporter.preflight import SYS_BPF
 
 __all__ = ["BpfMap", "MapInfo", "enable_run_time_stats", "map_info", "possible_cpus"]
 
-# bpf(2) is not in libc; its number depends on the architecture.
-_SYSCALL_NR = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351, "riscv64": 280}
 
 _MAP_LOOKUP_ELEM = 1
 _MAP_UPDATE_ELEM = 2
@@ -49,7 +48,7 @@ _libc.syscall.restype = ct.c_long
 def _syscall_nr() -> int:
     machine = platform.machine()
     try:
-        return _SYSCALL_NR[machine]
+        return SYS_BPF[machine]
     except KeyError:
         raise CaptureError(f"no bpf(2) syscall number known for {machine}: please report this") from None
 
