@@ -28,7 +28,17 @@ from exporter.core.model import Exchange
 HTTP_DURATION = "http_server_request_duration_seconds"
 HTTP_REQUEST_BODY = "http_server_request_body_size_bytes"
 HTTP_RESPONSE_BODY = "http_server_response_body_size_bytes"
-HTTP_LABELS = ("http_request_method", "http_response_status_code", "http_route", "server_port")
+HTTP_LABELS = (
+    "http_request_method", "http_response_status_code", "http_route", "server_port",
+    "url_scheme", "network_protocol_version",
+)
+# One label set of the HTTP histograms, in HTTP_LABELS' order.
+HttpKey = tuple[str, str, str, str, str, str]
+
+# OpenTelemetry RPC conventions (rpc.server.duration), as Beyla/OBI expose them for gRPC.
+RPC_DURATION = "rpc_server_duration_seconds"
+RPC_LABELS = ("rpc_system", "rpc_service", "rpc_method", "rpc_grpc_status_code", "server_port")
+RpcKey = tuple[str, str, str, str, str]
 
 # OTel's default duration buckets plus 0.15 s, so the demo's 150 ms SLO lands on a bound.
 DEFAULT_DURATION_BUCKETS: tuple[float, ...] = (
@@ -73,15 +83,21 @@ class _Histogram:
 # (label key as HttpMetrics keys it, then (bucket counts incl. the overflow slot, sum) for
 # duration in seconds, request body and response body, on HttpMetrics' own bounds).
 ExternalSeries = tuple[
-    tuple[str, str, str, str],
+    HttpKey,
     tuple[Sequence[int], float],
     tuple[Sequence[int], float],
     tuple[Sequence[int], float],
 ]
 
 
+def http_key(method: str, status: int | str, route: str, port: int | str,
+             scheme: str = "http", protocol_version: str = "1.1") -> HttpKey:
+    """The label values of one HTTP series, in HTTP_LABELS' order: the one place that order lives."""
+    return (method_label(method), str(status), route, str(port), scheme, protocol_version)
+
+
 class HttpMetrics:
-    """Aggregates exchanges into the three OTel HTTP histograms.
+    """Aggregates exchanges into the three OTel HTTP histograms (and gRPC calls into the RPC one).
 
     Sources added with `add_source` (the kernel fast path) are read at scrape time and
     summed into the same label sets.
@@ -96,7 +112,8 @@ class HttpMetrics:
         self.size_buckets = tuple(sorted(set(float(b) for b in size_buckets)))
         self._lock = threading.Lock()
         # One entry per label set: (duration, request body, response body) histograms.
-        self._series: dict[tuple[str, str, str, str], tuple[_Histogram, _Histogram, _Histogram]] = {}
+        self._series: dict[HttpKey, tuple[_Histogram, _Histogram, _Histogram]] = {}
+        self._rpc: dict[RpcKey, _Histogram] = {}
         self._sources: list[Callable[[], Iterable[ExternalSeries]]] = []
 
     def add_source(self, source: Callable[[], Iterable[ExternalSeries]]) -> None:
@@ -104,7 +121,10 @@ class HttpMetrics:
         self._sources.append(source)
 
     def observe(self, exchange: Exchange, route: str) -> None:
-        key = (method_label(exchange.method), str(exchange.status), route, str(exchange.server_port))
+        key = http_key(exchange.method, exchange.status, route, exchange.server_port,
+                       exchange.scheme, exchange.protocol_version)
+        seconds = exchange.duration_seconds
+        duration_slot = bisect.bisect_left(self.duration_buckets, seconds)
         with self._lock:
             series = self._series.get(key)
             if series is None:
@@ -115,19 +135,26 @@ class HttpMetrics:
                 )
                 self._series[key] = series
             duration, req_size, resp_size = series
-            seconds = exchange.duration_seconds
             # bisect_left: a value equal to a bound belongs in that bound's bucket (le is <=).
-            duration.counts[bisect.bisect_left(self.duration_buckets, seconds)] += 1
+            duration.counts[duration_slot] += 1
             duration.total += seconds
             req_size.counts[bisect.bisect_left(self.size_buckets, exchange.request_body_bytes)] += 1
             req_size.total += exchange.request_body_bytes
             resp_size.counts[bisect.bisect_left(self.size_buckets, exchange.response_body_bytes)] += 1
             resp_size.total += exchange.response_body_bytes
+            rpc = exchange.rpc
+            if rpc is not None:
+                rpc_key = (rpc.system, rpc.service, rpc.method, rpc.status_code, str(exchange.server_port))
+                rpc_hist = self._rpc.get(rpc_key)
+                if rpc_hist is None:
+                    rpc_hist = self._rpc[rpc_key] = _Histogram(len(self.duration_buckets))
+                rpc_hist.counts[duration_slot] += 1
+                rpc_hist.total += seconds
 
     def series_count(self) -> int:
-        return len(self._series)  # user-space label sets; merged sources are not counted
+        return len(self._series) + len(self._rpc)  # user-space label sets; merged sources are not counted
 
-    def _merged(self) -> list[tuple[tuple[str, str, str, str], list[tuple[list[int], float]]]]:
+    def _merged(self) -> list[tuple[HttpKey, list[tuple[list[int], float]]]]:
         with self._lock:
             snapshot = {
                 key: [(list(h.counts), h.total) for h in hists] for key, hists in self._series.items()
@@ -162,6 +189,16 @@ class HttpMetrics:
             for family, bucket_bounds, (counts, total) in zip(families, bounds, hists, strict=True):
                 family.add_metric(list(key), _cumulative(bucket_bounds, counts), total)
         yield from families
+        with self._lock:
+            rpc = [(key, list(h.counts), h.total) for key, h in self._rpc.items()]
+        if rpc:
+            rpc_family = HistogramMetricFamily(
+                RPC_DURATION, "Duration of RPC server calls (gRPC streams), first request byte to last response byte.",
+                labels=RPC_LABELS, unit="seconds",
+            )
+            for rpc_key, counts, total in rpc:
+                rpc_family.add_metric(list(rpc_key), _cumulative(self.duration_buckets, counts), total)
+            yield rpc_family
 
 
 def _cumulative(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[str, float]]:

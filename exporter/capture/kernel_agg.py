@@ -32,13 +32,12 @@ from dataclasses import dataclass
 
 from exporter.capture.bpf import HttpFilter, KernelAggregate, KernelHandover
 from exporter.core.flows import FlowKey, Handover
-from exporter.core.http1 import method_label, normalise_target
+from exporter.core.http1 import normalise_target
 from exporter.core.routes import RouteMapper
-from exporter.metrics import ExternalSeries, HttpMetrics, SelfSample
+from exporter.metrics import ExternalSeries, HttpKey, HttpMetrics, SelfSample, http_key
 
 __all__ = ["KernelDelta", "KernelFastPath"]
 
-_SeriesKey = tuple[str, str, str, str]  # method label, status, route, port (HttpMetrics' order)
 _AggKey = tuple[int, str, int, str]  # port, method, status, path
 
 
@@ -136,19 +135,20 @@ class KernelFastPath:
             route = self._route_cache[key] = self._routes.route(port, normalise_target(path))
         return route
 
-    def _read(self, live_only: bool = False) -> list[tuple[_SeriesKey, KernelAggregate]]:
+    def _read(self, live_only: bool = False) -> list[tuple[HttpKey, KernelAggregate]]:
         aggregates = self._filter.read_aggregates() if self._filter is not None else []
         with self._lock:
             if not live_only:
                 aggregates = self._closed + aggregates
             return [
-                ((method_label(agg.method), str(agg.status), self._route(agg.port, agg.path), str(agg.port)), agg)
+                # The kernel path only takes clear-text HTTP/1.x: the scheme and version defaults.
+                (http_key(agg.method, agg.status, self._route(agg.port, agg.path), agg.port), agg)
                 for agg in aggregates
             ]
 
     def series(self) -> list[ExternalSeries]:
         """Histograms per HttpMetrics label set, for `HttpMetrics.add_source` (read at scrape time)."""
-        merged: dict[_SeriesKey, tuple[list[int], int, list[int], int]] = {}
+        merged: dict[HttpKey, tuple[list[int], int, list[int], int]] = {}
         for key, agg in self._read():
             entry = merged.get(key)
             if entry is None:
@@ -174,7 +174,7 @@ class KernelFastPath:
     def poll_deltas(self) -> dict[tuple[str, int, str, int], KernelDelta]:
         """Exchanges aggregated in the kernel since the previous call (see the module docstring)."""
         out: dict[tuple[str, int, str, int], KernelDelta] = {}
-        for (method, status, route, port), agg in self._read(live_only=True):
+        for (method, status, route, port, _scheme, _version), agg in self._read(live_only=True):
             agg_key = (agg.port, agg.method, agg.status, agg.path)
             last = self._last_poll.get(agg_key)
             self._last_poll[agg_key] = agg

@@ -37,6 +37,16 @@ class Segment:
 
 
 @dataclass(frozen=True, slots=True)
+class RpcCall:
+    """What an exchange adds when it is an RPC (gRPC over HTTP/2), in OTel's RPC terms."""
+
+    system: str  # rpc.system: "grpc"
+    service: str  # rpc.service, e.g. "helloworld.Greeter"
+    method: str  # rpc.method, e.g. "SayHello"
+    status_code: str  # rpc.grpc.status_code as text: "0".."16", or a documented non-numeric value
+
+
+@dataclass(frozen=True, slots=True)
 class Exchange:
     """One HTTP request with its final response.
 
@@ -52,6 +62,11 @@ class Exchange:
     request_body_bytes: int
     response_body_bytes: int
     server_port: int
+    # Where the bytes came from, as OTel labels them. Every capture source sets these; the
+    # defaults are clear-text HTTP/1.x on the wire.
+    scheme: str = "http"  # url.scheme: "https" for plaintext read from the TLS library
+    protocol_version: str = "1.1"  # network.protocol.version: "1.0", "1.1" or "2"
+    rpc: RpcCall | None = None  # set for gRPC streams; they also feed the RPC histogram
 
     @property
     def duration_seconds(self) -> float:

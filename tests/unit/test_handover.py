@@ -126,9 +126,9 @@ def test_kernel_record_becomes_a_seed_with_realtime_start() -> None:
 def test_http_metrics_merges_an_external_source_by_label_set() -> None:
     http = HttpMetrics(duration_buckets=(0.1, 1.0), size_buckets=(0, 100))
     http.observe(Exchange("GET", "/a", 200, 0, 50_000_000, 0, 10, PORT), "/a")
-    key = ("GET", "200", "/a", str(PORT))
+    key = ("GET", "200", "/a", str(PORT), "http", "1.1")
     http.add_source(lambda: [(key, ([1, 1, 0], 0.6), ([2, 0, 0], 0.0), ([0, 2, 0], 20.0)),
-                             (("HEAD", "200", "/h", str(PORT)), ([1, 0, 0], 0.01), ([1, 0, 0], 0.0),
+                             (("HEAD", "200", "/h", str(PORT), "http", "1.1"), ([1, 0, 0], 0.01), ([1, 0, 0], 0.0),
                               ([1, 0, 0], 0.0))])
     families = {f.name: f for f in http.collect()}
     samples = {(s.name, s.labels.get("http_route"), s.labels.get("le")): s.value
