@@ -92,7 +92,7 @@ def self_value(name: str) -> float:
 
 def served() -> float:
     labels = (("http_request_method", "GET"), ("http_response_status_code", "200"), ("http_route", "/"),
-              ("server_port", str(PORT)))
+              ("network_protocol_version", "1.1"), ("server_port", str(PORT)), ("url_scheme", "http"))
     return metrics().get(("http_server_request_duration_seconds_count", labels), 0.0)
 
 
