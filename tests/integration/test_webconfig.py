@@ -316,7 +316,7 @@ def test_the_exporter_with_web_config_file(pki: Pki, tmp_path: Path) -> None:
             output = proc.communicate(timeout=10)[0]
     assert status == 200
     line = ('http_server_request_duration_seconds_count{http_request_method="GET",http_response_status_code="200",'
-            f'http_route="/via-tls",server_port="{server.port}",url_scheme="http",network_protocol_version="1.1"}} 3.0')
+            f'http_route="/via-tls",network_protocol_version="1.1",server_port="{server.port}",url_scheme="http"}} 3.0')
     assert line in body.decode()
     assert f"serving https://127.0.0.1:{listen}/metrics" in output
 
