@@ -26,6 +26,11 @@ import yaml
 from exporter.errors import ConfigError
 
 DEFAULT_LISTEN = "0.0.0.0:9640"
+DEFAULT_PUSH_INTERVAL_S = 10  # Reliably indicators: one per objective per interval
+DEFAULT_MAX_ROUTES_PER_PORT = 100
+DEFAULT_FAST_PATH = True  # the kernel aggregates the common exchange; --no-fast-path is the reference
+DEFAULT_BACKOFF_BASE_S = 1.0  # first retry after ~1 s, doubling...
+DEFAULT_BACKOFF_MAX_S = 60.0  # ...up to a minute
 ENV_PREFIX = "EBPF_SLO"
 
 # Keys accepted in the config file, mapped to the click parameter they fill.

@@ -59,6 +59,20 @@ SLO_LABELS = ("slo", "service", "category", "window")
 
 SELF = "ebpf_slo_exporter"
 
+# Self-metric names, without the SELF prefix the collector adds (SelfSample.name). The
+# collectors, the dashboards and the benchmarks all take them from here.
+SELF_SLO_EVALUATIONS = "slo_evaluations_total"
+SELF_SLO_QUERY_RETRIES = "slo_query_retries_total"
+SELF_SLO_LOOP_ERRORS = "slo_loop_errors_total"
+SELF_SLO_INTERVALS_SKIPPED = "slo_intervals_skipped_total"
+SELF_SLO_EVENTS_DROPPED = "slo_events_dropped_total"
+SELF_SLO_EVENTS_LATE = "slo_events_late_total"
+SELF_SLO_PUSH = "slo_push_total"
+SELF_SLO_PUSH_ERRORS = "slo_push_errors_total"
+SELF_SLO_SPOOL_INDICATORS = "slo_spool_indicators"
+SELF_SLO_SPOOL_DROPPED = "slo_spool_dropped_total"
+SELF_SLO_SPOOL_QUARANTINED = "slo_spool_quarantined_total"
+
 
 def format_bound(bound: float) -> str:
     """Bucket bound as a Prometheus `le` label: the shortest float text, `+Inf` for infinity.
