@@ -1,8 +1,10 @@
 """Defaults and the YAML config file. Every `run` flag has a key here and an environment variable.
 
 Precedence, highest first: command-line flag, environment variable (`EBPF_SLO_<FLAG>`),
-config file (`--config`), built-in default. Click resolves the first two; `merge_file`
-fills in only what click left at its default.
+config file (`--config`), built-in default. Click resolves all four: `--config` is eager
+and puts the file's values in click's `default_map` (cli.py).
+
+The built-in defaults that more than one module needs live here and nowhere else.
 
 Config file keys are the long flag names with `_` or `-`:
 

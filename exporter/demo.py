@@ -130,7 +130,7 @@ def run_demo(port: int, listen: ListenAddress, rate: float, reliably_url: str | 
     from exporter.slo.runtime import SloRuntime, push_settings_from
 
     objectives = parse_manifest(demo_manifest_text(), source="demo reliably.yaml")
-    runtime = SloRuntime(objectives, push=push_settings_from(reliably_url), push_interval_s=10.0)
+    runtime = SloRuntime(objectives, push=push_settings_from(reliably_url))
     settings = RunSettings(
         interface="lo",
         ports=(port,),

@@ -18,11 +18,11 @@ from exporter.bridge.client import PushRejected, PushRetryable, ReliablyClient
 from exporter.bridge.indicator import Indicator
 from exporter.bridge.spool import Spool
 from exporter.metrics import (
-    SELF_SLO_PUSH,
-    SELF_SLO_PUSH_ERRORS,
-    SELF_SLO_SPOOL_DROPPED,
+    SELF_SLO_PUSH_ERRORS_TOTAL,
+    SELF_SLO_PUSH_TOTAL,
+    SELF_SLO_SPOOL_DROPPED_TOTAL,
     SELF_SLO_SPOOL_INDICATORS,
-    SELF_SLO_SPOOL_QUARANTINED,
+    SELF_SLO_SPOOL_QUARANTINED_TOTAL,
     SelfSample,
 )
 
@@ -117,7 +117,7 @@ class Pusher:
     def self_samples(self) -> Iterator[SelfSample]:
         for outcome in OUTCOMES:
             yield SelfSample(
-                SELF_SLO_PUSH,
+                SELF_SLO_PUSH_TOTAL,
                 "counter",
                 "Indicator push attempts to Reliably, by outcome (retry: will be tried again; "
                 "rejected: 4xx, dropped; failed: unexpected error).",
@@ -126,7 +126,7 @@ class Pusher:
             )
         for reason, count in sorted(self.reasons.items()):
             yield SelfSample(
-                SELF_SLO_PUSH_ERRORS,
+                SELF_SLO_PUSH_ERRORS_TOTAL,
                 "counter",
                 "Failed indicator pushes, by reason.",
                 float(count),
@@ -136,13 +136,13 @@ class Pusher:
             SELF_SLO_SPOOL_INDICATORS, "gauge", "Indicators waiting in the spool.", float(len(self.spool))
         )
         yield SelfSample(
-            SELF_SLO_SPOOL_DROPPED,
+            SELF_SLO_SPOOL_DROPPED_TOTAL,
             "counter",
             "Indicators dropped because the spool was full.",
             float(self.spool.dropped),
         )
         yield SelfSample(
-            SELF_SLO_SPOOL_QUARANTINED,
+            SELF_SLO_SPOOL_QUARANTINED_TOTAL,
             "counter",
             "Unreadable spool files moved aside (*.corrupt).",
             float(self.spool.quarantined),

@@ -39,9 +39,9 @@ from exporter.bridge.backoff import Backoff
 from exporter.bridge.indicator import Indicator, rfc3339
 from exporter.bridge.pusher import Pusher
 from exporter.metrics import (
-    SELF_SLO_EVALUATIONS,
-    SELF_SLO_INTERVALS_SKIPPED,
-    SELF_SLO_LOOP_ERRORS,
+    SELF_SLO_EVALUATIONS_TOTAL,
+    SELF_SLO_INTERVALS_SKIPPED_TOTAL,
+    SELF_SLO_LOOP_ERRORS_TOTAL,
     SelfSample,
 )
 
@@ -244,7 +244,7 @@ class IntervalScheduler(Generic[T]):
     def self_samples(self) -> Iterator[SelfSample]:
         for outcome in EVALUATION_OUTCOMES:
             yield SelfSample(
-                SELF_SLO_EVALUATIONS,
+                SELF_SLO_EVALUATIONS_TOTAL,
                 "counter",
                 "Objective evaluations at interval close, by outcome (no_data: nothing in the interval; "
                 "error: the interval could not be evaluated or spooled).",
@@ -252,10 +252,10 @@ class IntervalScheduler(Generic[T]):
                 (("outcome", outcome),),
             )
         yield SelfSample(
-            SELF_SLO_LOOP_ERRORS, "counter", "SLO loop iterations that failed (logged).", float(self.loop_errors)
+            SELF_SLO_LOOP_ERRORS_TOTAL, "counter", "SLO loop iterations that failed (logged).", float(self.loop_errors)
         )
         yield SelfSample(
-            SELF_SLO_INTERVALS_SKIPPED,
+            SELF_SLO_INTERVALS_SKIPPED_TOTAL,
             "counter",
             "Push intervals older than the catch-up limit, never evaluated.",
             float(self.skipped),

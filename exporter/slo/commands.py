@@ -28,7 +28,7 @@ from exporter.bridge.pusher import Pusher
 from exporter.bridge.scheduler import IntervalScheduler
 from exporter.bridge.settings import PushSettings, resolve_push_settings
 from exporter.bridge.spool import Spool, default_spool_dir
-from exporter.config import env_var
+from exporter.config import DEFAULT_PUSH_INTERVAL_S, env_var
 from exporter.errors import ConfigError, PushError, QueryError
 from exporter.slo.evaluate import Result
 from exporter.slo.manifest import Objective, load_manifest, parse_duration
@@ -347,7 +347,7 @@ def report(
 @click.option(
     "--push-interval",
     type=Duration(),
-    default="10s",
+    default=f"{DEFAULT_PUSH_INTERVAL_S}s",
     show_default=True,
     callback=_whole_seconds,
     envvar=_env("push_interval"),

@@ -23,7 +23,7 @@ import httpx
 from exporter.bridge.backoff import Backoff
 from exporter.bridge.scheduler import Measured
 from exporter.errors import QueryError
-from exporter.metrics import SELF_SLO_EVALUATIONS, SELF_SLO_QUERY_RETRIES, SelfSample, format_bound
+from exporter.metrics import SELF_SLO_EVALUATIONS_TOTAL, SELF_SLO_QUERY_RETRIES_TOTAL, SelfSample, format_bound
 from exporter.slo.evaluate import Result
 from exporter.slo.manifest import Objective, format_duration
 from exporter.slo.query import le_regex, sli
@@ -177,14 +177,14 @@ class PromQLSource:
     def self_samples(self) -> Iterator[SelfSample]:
         for outcome, count in self.outcomes.items():
             yield SelfSample(
-                SELF_SLO_EVALUATIONS,
+                SELF_SLO_EVALUATIONS_TOTAL,
                 "counter",
                 "Objective evaluations against Prometheus, by outcome.",
                 float(count),
                 (("outcome", outcome),),
             )
         yield SelfSample(
-            SELF_SLO_QUERY_RETRIES,
+            SELF_SLO_QUERY_RETRIES_TOTAL,
             "counter",
             "Prometheus queries retried after a transport error.",
             float(self.retries),

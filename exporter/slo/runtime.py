@@ -30,8 +30,8 @@ from exporter.bridge.spool import DEFAULT_MAX_ITEMS, Spool, default_spool_dir
 from exporter.config import DEFAULT_PUSH_INTERVAL_S
 from exporter.core.model import Exchange
 from exporter.metrics import (
-    SELF_SLO_EVENTS_DROPPED,
-    SELF_SLO_EVENTS_LATE,
+    SELF_SLO_EVENTS_DROPPED_TOTAL,
+    SELF_SLO_EVENTS_LATE_TOTAL,
     SLO_BUDGET_REMAINING,
     SLO_BURN_RATE,
     SLO_GOOD,
@@ -254,7 +254,7 @@ class SloRuntime:
         samples = list(self.scheduler.self_samples())
         samples += [
             SelfSample(
-                SELF_SLO_EVENTS_DROPPED,
+                SELF_SLO_EVENTS_DROPPED_TOTAL,
                 "counter",
                 "Exchanges the SLO windows could not count, by reason "
                 "(too_old: older than any kept bucket; future: timestamp ahead of the clock).",
@@ -262,7 +262,7 @@ class SloRuntime:
                 (("reason", "too_old"),),
             ),
             SelfSample(
-                SELF_SLO_EVENTS_DROPPED,
+                SELF_SLO_EVENTS_DROPPED_TOTAL,
                 "counter",
                 "Exchanges the SLO windows could not count, by reason "
                 "(too_old: older than any kept bucket; future: timestamp ahead of the clock).",
@@ -270,7 +270,7 @@ class SloRuntime:
                 (("reason", "future"),),
             ),
             SelfSample(
-                SELF_SLO_EVENTS_LATE,
+                SELF_SLO_EVENTS_LATE_TOTAL,
                 "counter",
                 "Exchanges counted after their push interval was closed (in windows, not indicators).",
                 float(ev.late_after_close),
