@@ -26,7 +26,7 @@ bench: setup
 
 lint: setup
 	$(BIN)/python -m ruff check exporter tests bench
-	$(BIN)/python -m mypy exporter
+	$(BIN)/python -m mypy exporter dashboards/build.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -39,6 +39,9 @@ HttpKey = tuple[str, str, str, str, str, str]
 RPC_DURATION = "rpc_server_duration_seconds"
 RPC_LABELS = ("rpc_system", "rpc_service", "rpc_method", "rpc_grpc_status_code", "server_port")
 RpcKey = tuple[str, str, str, str, str]
+# gRPC status codes that are the server's fault (OTel's rpc.grpc.status_code semantics):
+# UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS.
+GRPC_SERVER_ERROR_CODES: tuple[str, ...] = ("2", "4", "12", "13", "14", "15")
 
 # OTel's default duration buckets plus 0.15 s, so the demo's 150 ms SLO lands on a bound.
 DEFAULT_DURATION_BUCKETS: tuple[float, ...] = (

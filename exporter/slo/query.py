@@ -30,7 +30,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from exporter.metrics import HTTP_DURATION, format_bound
+from exporter.metrics import GRPC_SERVER_ERROR_CODES, HTTP_DURATION, format_bound
 from exporter.slo.manifest import STATUS_CLASSES, Objective, format_duration
 
 __all__ = [
@@ -39,6 +39,8 @@ __all__ = [
     "STATUS_LABEL",
     "Sli",
     "error_ratio",
+    "grpc_server_error_regex",
+    "job_matchers",
     "le_regex",
     "le_spellings",
     "narrowing",
@@ -46,6 +48,7 @@ __all__ = [
     "quote",
     "selector",
     "sli",
+    "status_classes_regex",
 ]
 
 STATUS_LABEL = "http_response_status_code"
@@ -108,9 +111,19 @@ def job_matchers(job_selector: str) -> list[str]:
     return [m.strip() for m in job_selector.split(",") if m.strip()] if job_selector else []
 
 
+def status_classes_regex(classes: Sequence[str]) -> str:
+    """`5..` for ["5xx"], `4..|5..` for ["4xx", "5xx"]: the status label's regex of classes."""
+    return "|".join(f"{c[0]}.." for c in classes)
+
+
+def grpc_server_error_regex() -> str:
+    """The rpc_grpc_status_code regex of the codes that count as server errors."""
+    return "|".join(GRPC_SERVER_ERROR_CODES)
+
+
 def _bad_classes_regex(objective: Objective) -> str | None:
     bad = [c for c in STATUS_CLASSES if c not in objective.good_status_classes]
-    return "|".join(f"{c[0]}.." for c in bad) if bad else None
+    return status_classes_regex(bad) if bad else None
 
 
 @dataclass(frozen=True, slots=True)
