@@ -38,6 +38,7 @@ from typing import Generic, Protocol, TypeVar
 from exporter.bridge.backoff import Backoff
 from exporter.bridge.indicator import Indicator, rfc3339
 from exporter.bridge.pusher import Pusher
+from exporter.errors import ExporterError
 from exporter.metrics import (
     SELF_SLO_EVALUATIONS_TOTAL,
     SELF_SLO_INTERVALS_SKIPPED_TOTAL,
@@ -146,7 +147,7 @@ class IntervalScheduler(Generic[T]):
                 continue
             try:
                 batch = self.source.close_interval(to_s)
-            except Exception as exc:
+            except Exception as exc:  # a failing source, or a bug in it, must not stop the loop
                 self._failed(to_s, now, exc)
                 break
             self._failures_in_a_row = 0
@@ -161,10 +162,10 @@ class IntervalScheduler(Generic[T]):
         delay = self.backoff.delay(self._failures_in_a_row)
         self._retry_at = now + delay
         self.last_error = str(exc) or type(exc).__name__
-        if isinstance(exc, (OSError, ValueError, LookupError, ArithmeticError, TypeError)):
-            log.exception("closing the interval ending %s failed; retrying in %.1fs", rfc3339(to_s), delay)
-        else:  # the sources' own errors (QueryError...) carry a complete one-line message
+        if isinstance(exc, ExporterError):  # QueryError...: a complete one-line message
             log.warning("interval ending %s not evaluated: %s; retrying in %.1fs", rfc3339(to_s), exc, delay)
+        else:  # a bug: keep the traceback
+            log.exception("closing the interval ending %s failed; retrying in %.1fs", rfc3339(to_s), delay)
 
     def _deliver(self, to_s: int, measured: list[Measured]) -> None:
         from_s = to_s - self.interval_s

@@ -20,8 +20,9 @@ Pure text: no I/O. Three things are stated here once and nowhere else:
   (`or vector(0)`) counts as zero errors; an empty *total* is "no data"; an empty latency
   *good* with traffic means the histogram has no bucket at the target, an error.
 
-How an objective narrows the exporter's series lives in `narrowing` alone: a new selector
-(say `rpc_service`) is one more matcher there, and every consumer follows.
+Which histogram an objective reads (`histogram`) and how it narrows its series
+(`narrowing`) live here alone: an objective on gRPC calls (`rpc_service`, `rpc_method`)
+is a change to those two functions, and the bridge, the rules and the dashboards follow.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ __all__ = [
     "Sli",
     "error_ratio",
     "grpc_server_error_regex",
+    "histogram",
     "job_matchers",
     "le_regex",
     "le_spellings",
@@ -92,8 +94,16 @@ def le_regex(bound: float) -> str:
     return "|".join(re.escape(s).replace("\\-", "-") for s in le_spellings(bound))
 
 
+def histogram(objective: Objective) -> tuple[str, str]:
+    """(histogram, status label) an objective reads. Every objective reads the HTTP histogram
+    today; an objective on gRPC calls would read RPC_DURATION and rpc_grpc_status_code, and
+    its status regex would come from GRPC_SERVER_ERROR_CODES (see `_bad_regex`)."""
+    return HTTP_DURATION, STATUS_LABEL
+
+
 def narrowing(objective: Objective) -> list[str]:
-    """The label matchers an objective puts on the exporter's series (route, port)."""
+    """The label matchers an objective puts on the exporter's series (route, port). A new
+    selector (rpc_service, rpc_method...) is one more matcher here."""
     matchers = []
     if objective.route is not None:
         matchers.append(f"{ROUTE_LABEL}={quote(objective.route)}")
@@ -121,7 +131,8 @@ def grpc_server_error_regex() -> str:
     return "|".join(GRPC_SERVER_ERROR_CODES)
 
 
-def _bad_classes_regex(objective: Objective) -> str | None:
+def _bad_regex(objective: Objective) -> str | None:
+    """The status label's regex of bad events; None when every class is good."""
     bad = [c for c in STATUS_CLASSES if c not in objective.good_status_classes]
     return status_classes_regex(bad) if bad else None
 
@@ -156,20 +167,18 @@ def sli(objective: Objective, window: str | float | None = None, extra: Sequence
     if objective.promql is not None:
         good, total = objective.promql.render(window)
         return Sli(total=f"sum({total})", good=f"sum({good}) or vector(0)")
+    metric, status_label = histogram(objective)
     base = [*extra, *narrowing(objective)]
-    total = f"sum(rate({HTTP_DURATION}_count{selector(base)}[{window}]))"
+    total = f"sum(rate({metric}_count{selector(base)}[{window}]))"
     if objective.category == "latency":
         assert objective.latency_target_seconds is not None
         le = f"le=~{quote(le_regex(objective.latency_target_seconds))}"
-        return Sli(total=total, good=f"sum(rate({HTTP_DURATION}_bucket{selector([*base, le])}[{window}]))")
-    bad_regex = _bad_classes_regex(objective)
+        return Sli(total=total, good=f"sum(rate({metric}_bucket{selector([*base, le])}[{window}]))")
+    bad_regex = _bad_regex(objective)
     if bad_regex is None:
         return Sli(total=total, bad="vector(0)")
-    status = f"{STATUS_LABEL}=~{quote(bad_regex)}"
-    return Sli(
-        total=total,
-        bad=f"sum(rate({HTTP_DURATION}_count{selector([*base, status])}[{window}])) or vector(0)",
-    )
+    status = f"{status_label}=~{quote(bad_regex)}"
+    return Sli(total=total, bad=f"sum(rate({metric}_count{selector([*base, status])}[{window}])) or vector(0)")
 
 
 def error_ratio(query: Sli) -> str:
