@@ -142,3 +142,21 @@ def test_backoff_is_capped_exponential_with_equal_jitter(failures: int, fixed: f
     assert Backoff(1.0, 8.0, jitter=None).delay(failures) == fixed
     assert Backoff(1.0, 8.0, jitter=lambda: 0.0).delay(failures) == fixed / 2
     assert Backoff(1.0, 8.0, jitter=lambda: 1.0).delay(failures) == fixed
+
+
+def test_bridge_never_imports_slo() -> None:
+    """The dependency runs one way: slo/ plugs its sources into bridge/'s scheduler."""
+    import ast
+
+    bridge = Path(__file__).resolve().parents[2] / "exporter" / "bridge"
+    offenders = []
+    for path in sorted(bridge.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = (
+                [node.module or ""] if isinstance(node, ast.ImportFrom)
+                else [alias.name for alias in node.names] if isinstance(node, ast.Import)
+                else []
+            )
+            offenders += [f"{path.name}: {name}" for name in names if name.startswith("exporter.slo")]
+    assert {p.name for p in bridge.glob("*.py")} >= {"backoff.py", "pusher.py", "scheduler.py"}
+    assert offenders == []
