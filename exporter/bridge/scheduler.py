@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -61,6 +61,10 @@ class Measured:
     objective: str  # the objective's slug
     selector: tuple[tuple[str, str], ...]  # its indicatorSelector, sorted
     percent: float | None  # None: no data in the interval, nothing is sent
+
+    @classmethod
+    def of(cls, objective: str, selector: Mapping[str, str], percent: float | None) -> Measured:
+        return cls(objective, tuple(sorted(selector.items())), percent)
 
 
 class IntervalSource(Protocol[T]):

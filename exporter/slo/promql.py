@@ -210,4 +210,4 @@ class PromQLIntervals:
 
     def measured(self, item: tuple[Objective, Result]) -> Measured:
         objective, result = item
-        return Measured(objective.slug, tuple(sorted(objective.selector.items())), result.percent)
+        return Measured.of(objective.slug, objective.selector, result.percent)

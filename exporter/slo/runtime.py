@@ -171,7 +171,7 @@ class SloRuntime:
         return self.evaluator.close(to_s)
 
     def measured(self, item: Closed) -> Measured:
-        return Measured(item.objective.slug, tuple(sorted(item.objective.selector.items())), item.interval.percent)
+        return Measured.of(item.objective.slug, item.objective.selector, item.interval.percent)
 
     # -- background thread ---------------------------------------------------------------
 
