@@ -15,11 +15,14 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from exporter.config import ListenAddress
 from exporter.errors import ConfigError
+
+if TYPE_CHECKING:  # imported lazily: the demo's child processes never load the SLO side
+    from exporter.slo.runtime import SloRuntime
 
 
 class DemoHandler(BaseHTTPRequestHandler):
@@ -102,7 +105,7 @@ def generate_load(url: str, rate: float, clients: int, duration: float | None) -
     return sum(sent)
 
 
-def _live_report(runtime: Any, stopping: threading.Event) -> None:
+def _live_report(runtime: SloRuntime, stopping: threading.Event) -> None:
     """The `slo report --watch` table, fed straight from the in-process runtime."""
     from rich.console import Console
 

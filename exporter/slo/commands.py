@@ -45,6 +45,8 @@ from exporter.slo.report import (
 
 log = logging.getLogger("ebpf_slo_exporter.slo")
 
+Bridge = IntervalScheduler[tuple[Objective, Result]]  # the scheduler with PromQL as its source
+
 # Prometheus keeps its data for weeks, but an hour-old interval is rarely worth a late
 # indicator; older ones are skipped and counted (slo_intervals_skipped_total).
 MAX_CATCHUP_S = 3600.0
@@ -402,7 +404,7 @@ def bridge(
     if settings is not None:
         pusher = Pusher(ReliablyClient(settings), Spool(spool_dir or default_spool_dir()))
     printed: list[Indicator] = []
-    loop: IntervalScheduler[tuple[Objective, Result]] = IntervalScheduler(
+    loop: Bridge = IntervalScheduler(
         PromQLIntervals(objectives, PromQLSource(client), push_interval),
         pusher,
         interval_s=push_interval,
@@ -425,7 +427,7 @@ def bridge(
             pusher.client.close()
 
 
-def _bridge_once(loop: IntervalScheduler[Any], printed: list[Indicator], dry_run: bool) -> None:
+def _bridge_once(loop: Bridge, printed: list[Indicator], dry_run: bool) -> None:
     # Re-open the last closed interval, whatever an earlier run recorded.
     last = int((time.time() - loop.grace_s) // loop.interval_s) * loop.interval_s
     loop.closed_until_s = last - loop.interval_s
@@ -446,7 +448,7 @@ def _bridge_once(loop: IntervalScheduler[Any], printed: list[Indicator], dry_run
             )
 
 
-def _bridge_forever(loop: IntervalScheduler[Any]) -> None:
+def _bridge_forever(loop: Bridge) -> None:
     stop = threading.Event()
 
     def on_term(signum: int, frame: FrameType | None) -> None:
@@ -461,7 +463,7 @@ def _bridge_forever(loop: IntervalScheduler[Any]) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _dry_run_loop(loop: IntervalScheduler[Any], printed: list[Indicator]) -> None:
+def _dry_run_loop(loop: Bridge, printed: list[Indicator]) -> None:
     try:
         while True:
             loop.tick()
