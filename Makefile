@@ -25,7 +25,7 @@ bench: setup
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: setup
-	$(BIN)/python -m ruff check exporter tests bench
+	$(BIN)/python -m ruff check exporter tests bench dashboards
 	$(BIN)/python -m mypy exporter dashboards/build.py
 
 clean:
