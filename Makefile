@@ -25,8 +25,8 @@ bench: setup
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: setup
-	$(BIN)/python -m ruff check exporter tests bench
-	$(BIN)/python -m mypy exporter
+	$(BIN)/python -m ruff check exporter tests bench dashboards
+	$(BIN)/python -m mypy exporter dashboards/build.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -8,10 +8,18 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.metrics import (
+    HTTP_DURATION,
+    SELF,
+    SELF_EXCHANGES_TOTAL,
+    SELF_KERNEL_DROPS_TOTAL,
+    SELF_PACKETS_RECEIVED_TOTAL,
+)
+
 __all__ = ["CLK_TCK", "ProcSample", "Scrape", "fetch_scrape", "parse_scrape", "read_proc"]
 
-DURATION = "http_server_request_duration_seconds"
-PREFIX = "ebpf_slo_exporter_"
+DURATION = HTTP_DURATION
+PREFIX = SELF + "_"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -39,9 +47,9 @@ def parse_scrape(text: str, port: int) -> Scrape:
     return Scrape(
         requests=count,
         duration_sum_s=total,
-        exchanges=self_metrics.get("exchanges_total"),
-        kernel_drops=self_metrics.get("kernel_drops_total"),
-        packets=self_metrics.get("packets_received_total"),
+        exchanges=self_metrics.get(SELF_EXCHANGES_TOTAL),
+        kernel_drops=self_metrics.get(SELF_KERNEL_DROPS_TOTAL),
+        packets=self_metrics.get(SELF_PACKETS_RECEIVED_TOTAL),
     )
 
 

@@ -1,9 +1,13 @@
-"""Writes the three Grafana dashboards in this folder from one description: `python3 dashboards/build.py`.
+"""Writes the three Grafana dashboards in this folder: `python3 dashboards/build.py`.
 
+The dashboards are built with grafana-foundation-sdk, Grafana Labs' typed builders, so a
+misspelt option or a panel field of the wrong type fails here, not silently in Grafana.
 The JSON files are committed (Grafana imports or provisions them as they are); this script
-is their source, so metric names come from exporter/metrics.py and recording-rule names
-from exporter/slo/rules.py instead of being typed twice. tests/unit/test_dashboards.py
-fails when a committed file differs from what this script writes.
+is their source. Metric names come from exporter/metrics.py, recording-rule names from
+exporter/slo/rules.py, and label matchers, quoting and status regexes from
+exporter/slo/query.py (the builder the bridge and `slo rules` use), instead of being typed
+twice. tests/unit/test_dashboards.py fails when a committed file differs from what this
+script writes, and decodes every file back through the SDK's models.
 
 Every dashboard has a `datasource` variable of type prometheus and no `__inputs`, so the
 same file works for "Import" in the UI and for file provisioning. Panels and their targets
@@ -19,8 +23,21 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+
+from grafana_foundation_sdk.builders import common as common_builders
+from grafana_foundation_sdk.builders import dashboard as dashboard_builders
+from grafana_foundation_sdk.builders import heatmap as heatmap_builders
+from grafana_foundation_sdk.builders import prometheus as prometheus_builders
+from grafana_foundation_sdk.builders import stat as stat_builders
+from grafana_foundation_sdk.builders import table as table_builders
+from grafana_foundation_sdk.builders import timeseries as timeseries_builders
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common as common_models
+from grafana_foundation_sdk.models import dashboard as dashboard_models
+from grafana_foundation_sdk.models import heatmap as heatmap_models
+from grafana_foundation_sdk.models import prometheus as prometheus_models
 
 HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # run as a script from anywhere
@@ -30,164 +47,199 @@ from exporter.metrics import (  # noqa: E402
     HTTP_DURATION,
     HTTP_REQUEST_BODY,
     HTTP_RESPONSE_BODY,
+    RPC_DURATION,
     SELF,
+    SELF_EXCHANGES_TOTAL,
+    SELF_FILTER_ATTACHED,
+    SELF_FILTER_PACKETS_TOTAL,
+    SELF_FLOWS_ACTIVE,
+    SELF_FLOWS_EVICTED_TOTAL,
+    SELF_KERNEL_DROPS_TOTAL,
+    SELF_PACKETS_RECEIVED_TOTAL,
+    SELF_PARSE_ERRORS_TOTAL,
+    SELF_REQUESTS_WITHOUT_RESPONSE_TOTAL,
+    SELF_ROUTE_OVERFLOW_TOTAL,
+    SELF_SLO_PUSH_TOTAL,
+    SELF_SLO_SPOOL_INDICATORS,
+    SELF_UNMATCHED_RESPONSES_TOTAL,
+)
+from exporter.slo.query import (  # noqa: E402
+    grpc_server_error_regex,
+    quote,
+    selector,
+    status_classes_regex,
 )
 from exporter.slo.rules import ALERT_NAME, STANDARD_WINDOWS  # noqa: E402
 
+# The SDK's models default to schemaVersion 36; the panels it writes are the current
+# shapes, so say so and spare Grafana migrations written for older JSON.
 SCHEMA_VERSION = 39
-DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+DATASOURCE = dashboard_models.DataSourceRef(type_val="prometheus", uid="${datasource}")
+TAG = "ebpf-slo-exporter"
+
+Query = prometheus_builders.Dataquery
+Panel = (
+    timeseries_builders.Panel | stat_builders.Panel | table_builders.Panel | heatmap_builders.Panel
+)
 
 
 # ---------------------------------------------------------------- building blocks
 
 
-def datasource_variable() -> dict[str, Any]:
-    return {
-        "name": "datasource",
-        "label": "Data source",
-        "type": "datasource",
-        "query": "prometheus",
-        "current": {},
-        "hide": 0,
-        "includeAll": False,
-        "multi": False,
-        "options": [],
-        "refresh": 1,
-        "regex": "",
-        "skipUrlSync": False,
-    }
+def match(label: str, variable: str) -> str:
+    """A regex matcher on a multi-value variable (its All is `.*`)."""
+    return f"{label}=~{quote('$' + variable)}"
 
 
-def query_variable(name: str, label: str, query: str) -> dict[str, Any]:
+def datasource_variable() -> dashboard_builders.DatasourceVariable:
+    return dashboard_builders.DatasourceVariable("datasource").label("Data source").type("prometheus")
+
+
+def query_variable(name: str, label: str, query: str) -> dashboard_builders.QueryVariable:
     """A multi-value label_values variable whose All is `.*` (so `=~"$name"` matches everything)."""
-    return {
-        "name": name,
-        "label": label,
-        "type": "query",
-        "datasource": DATASOURCE,
-        "definition": query,
-        "query": {"query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
-        "current": {},
-        "hide": 0,
-        "includeAll": True,
-        "allValue": ".*",
-        "multi": True,
-        "options": [],
-        "refresh": 2,  # on time range change
-        "regex": "",
-        "skipUrlSync": False,
-        "sort": 1,
-    }
+    return (
+        dashboard_builders.QueryVariable(name)
+        .label(label)
+        .datasource(DATASOURCE)
+        .query(query)
+        .include_all(True)
+        .all_value(".*")
+        .multi(True)
+        .refresh(dashboard_models.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(dashboard_models.VariableSort.ALPHABETICAL_ASC)
+    )
 
 
-def target(expr: str, legend: str = "__auto", ref: str = "A", **extra: Any) -> dict[str, Any]:
-    return {
-        "datasource": DATASOURCE,
-        "refId": ref,
-        "expr": expr,
-        "legendFormat": legend,
-        "range": True,
-        "instant": False,
-        "editorMode": "code",
-        **extra,
-    }
+def target(expr: str, legend: str = "__auto") -> Query:
+    return (
+        Query()
+        .datasource(DATASOURCE)
+        .expr(expr)
+        .legend_format(legend)
+        .range()
+        .editor_mode(prometheus_models.QueryEditorMode.CODE)
+    )
 
 
-def instant(expr: str, ref: str, legend: str = "__auto") -> dict[str, Any]:
-    return target(expr, legend, ref, range=False, instant=True, format="table")
+def instant(expr: str, legend: str = "__auto") -> Query:
+    return (
+        Query()
+        .datasource(DATASOURCE)
+        .expr(expr)
+        .legend_format(legend)
+        .instant()
+        .format(prometheus_models.PromQueryFormat.TABLE)
+        .editor_mode(prometheus_models.QueryEditorMode.CODE)
+    )
+
+
+def _with_targets(panel: Panel, targets: Sequence[Query]) -> None:
+    for index, item in enumerate(targets):
+        panel.with_target(item.ref_id(chr(ord("A") + index)))
+
+
+def thresholds(*steps: tuple[str, float | None]) -> dashboard_builders.ThresholdsConfig:
+    return (
+        dashboard_builders.ThresholdsConfig()
+        .mode(dashboard_models.ThresholdsMode.ABSOLUTE)
+        .steps([dashboard_models.Threshold(value=value, color=color) for color, value in steps])
+    )
 
 
 def timeseries(
     title: str,
-    targets: list[dict[str, Any]],
+    targets: Sequence[Query],
     unit: str,
     description: str = "",
     stack: bool = False,
-    **defaults: Any,
-) -> dict[str, Any]:
-    return {
-        "type": "timeseries",
-        "title": title,
-        "description": description,
-        "datasource": DATASOURCE,
-        "targets": _refs(targets),
-        "fieldConfig": {
-            "defaults": {
-                "unit": unit,
-                "custom": {
-                    "drawStyle": "line",
-                    "lineWidth": 1,
-                    "fillOpacity": 10,
-                    "showPoints": "never",
-                    "spanNulls": False,
-                    "stacking": {"mode": "normal" if stack else "none", "group": "A"},
-                },
-                **defaults,
-            },
-            "overrides": [],
-        },
-        "options": {
-            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True, "calcs": []},
-            "tooltip": {"mode": "multi", "sort": "desc"},
-        },
-    }
+    minimum: float | None = None,
+) -> timeseries_builders.Panel:
+    panel = (
+        timeseries_builders.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .unit(unit)
+        .draw_style(common_models.GraphDrawStyle.LINE)
+        .line_width(1)
+        .fill_opacity(10)
+        .show_points(common_models.VisibilityMode.NEVER)
+        .span_nulls(False)
+        .stacking(
+            common_builders.StackingConfig()
+            .mode(common_models.StackingMode.NORMAL if stack else common_models.StackingMode.NONE)
+            .group("A")
+        )
+        .legend(
+            common_builders.VizLegendOptions()
+            .display_mode(common_models.LegendDisplayMode.LIST)
+            .placement(common_models.LegendPlacement.BOTTOM)
+            .show_legend(True)
+            .calcs([])
+        )
+        .tooltip(
+            common_builders.VizTooltipOptions()
+            .mode(common_models.TooltipDisplayMode.MULTI)
+            .sort(common_models.SortOrder.DESCENDING)
+        )
+    )
+    if minimum is not None:
+        panel.min(minimum)
+    _with_targets(panel, targets)
+    return panel
 
 
 def stat(
     title: str,
-    targets: list[dict[str, Any]],
+    targets: Sequence[Query],
     unit: str,
     description: str = "",
-    thresholds: list[dict[str, Any]] | None = None,
-    **defaults: Any,
-) -> dict[str, Any]:
-    return {
-        "type": "stat",
-        "title": title,
-        "description": description,
-        "datasource": DATASOURCE,
-        "targets": _refs(targets),
-        "fieldConfig": {
-            "defaults": {
-                "unit": unit,
-                "thresholds": {
-                    "mode": "absolute",
-                    "steps": thresholds or [{"color": "green", "value": None}],
-                },
-                **defaults,
-            },
-            "overrides": [],
-        },
-        "options": {
-            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-            "colorMode": "value",
-            "graphMode": "area",
-            "justifyMode": "auto",
-            "orientation": "auto",
-            "textMode": "auto",
-        },
-    }
+    steps: Sequence[tuple[str, float | None]] = (("green", None),),
+    decimals: float | None = None,
+) -> stat_builders.Panel:
+    panel = (
+        stat_builders.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .unit(unit)
+        .thresholds(thresholds(*steps))
+        .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]).fields("").values(False))
+        .color_mode(common_models.BigValueColorMode.VALUE)
+        .graph_mode(common_models.BigValueGraphMode.AREA)
+        .justify_mode(common_models.BigValueJustifyMode.AUTO)
+        .orientation(common_models.VizOrientation.AUTO)
+        .text_mode(common_models.BigValueTextMode.AUTO)
+    )
+    if decimals is not None:
+        panel.decimals(decimals)
+    _with_targets(panel, targets)
+    return panel
 
 
-def _refs(targets: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    for index, item in enumerate(targets):
-        item["refId"] = chr(ord("A") + index)
-    return targets
+def table(title: str, description: str, targets: Sequence[Query]) -> table_builders.Panel:
+    panel = (
+        table_builders.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .show_header(True)
+        .cell_height(common_models.TableCellHeight.SM)
+        .footer(common_builders.TableFooterOptions().show(False).reducer(["sum"]).fields([]))
+    )
+    _with_targets(panel, targets)
+    return panel
 
 
-def layout(panels: list[tuple[dict[str, Any], int, int]]) -> list[dict[str, Any]]:
-    """(panel, width, height) in reading order -> panels with ids and a flowing 24-column grid."""
-    x = y = row_height = 0
-    placed = []
-    for index, (panel, width, height) in enumerate(panels, start=1):
-        if x + width > 24:
-            x, y, row_height = 0, y + row_height, 0
-        panel["id"] = index
-        panel["gridPos"] = {"h": height, "w": width, "x": x, "y": y}
-        x += width
-        row_height = max(row_height, height)
-        placed.append(panel)
-    return placed
+def transformation(kind: str, options: dict[str, object]) -> dashboard_models.DataTransformerConfig:
+    return dashboard_models.DataTransformerConfig(id_val=kind, options=options)
+
+
+def unit_by_name(field: str, unit: str) -> tuple[str, list[dashboard_models.DynamicConfigValue]]:
+    return field, [dashboard_models.DynamicConfigValue(id_val="unit", value=unit)]
+
+
+Placed = tuple[Panel, int, int]  # (panel, width, height) in reading order
 
 
 def dashboard(
@@ -195,61 +247,68 @@ def dashboard(
     title: str,
     tags: list[str],
     description: str,
-    variables: list[dict[str, Any]],
-    panels: list[tuple[dict[str, Any], int, int]],
+    variables: Sequence[dashboard_builders.QueryVariable],
+    sections: Sequence[tuple[str | None, Sequence[Placed]]],
     time_from: str = "now-1h",
-) -> dict[str, Any]:
-    return {
-        "uid": uid,
-        "title": title,
-        "description": description,
-        "tags": ["ebpf-slo-exporter", *tags],
-        "editable": True,
-        "graphTooltip": 1,
-        "timezone": "browser",
-        "schemaVersion": SCHEMA_VERSION,
-        "version": 1,
-        "refresh": "10s",
-        "time": {"from": time_from, "to": "now"},
-        "fiscalYearStartMonth": 0,
-        "liveNow": False,
-        "weekStart": "",
-        "links": [
-            {
-                "title": "ebpf-slo-exporter",
-                "type": "dashboards",
-                "tags": ["ebpf-slo-exporter"],
-                "asDropdown": True,
-                "includeVars": False,
-                "keepTime": True,
-            }
-        ],
-        "annotations": {
-            "list": [
-                {
-                    "builtIn": 1,
-                    "datasource": {"type": "grafana", "uid": "-- Grafana --"},
-                    "enable": True,
-                    "hide": True,
-                    "iconColor": "rgba(0, 211, 255, 1)",
-                    "name": "Annotations & Alerts",
-                    "type": "dashboard",
-                }
-            ]
-        },
-        "templating": {"list": [datasource_variable(), *variables]},
-        "panels": layout(panels),
-    }
+) -> dashboard_models.Dashboard:
+    """Panels flow over the 24-column grid in reading order; a named section starts a row.
+
+    An empty annotation list: Grafana adds its built-in "Annotations & Alerts" to every
+    dashboard (the SDK's model has no `builtIn` flag to write it the way Grafana does)."""
+    board = (
+        dashboard_builders.Dashboard(title)
+        .uid(uid)
+        .description(description)
+        .tags([TAG, *tags])
+        .editable()
+        .tooltip(dashboard_models.DashboardCursorSync.CROSSHAIR)
+        .timezone("browser")
+        .version(1)
+        .refresh("10s")
+        .time(time_from, "now")
+        .fiscal_year_start_month(0)
+        .live_now(False)
+        .week_start("")
+        .link(
+            dashboard_builders.DashboardLink(TAG)
+            .type(dashboard_models.DashboardLinkType.DASHBOARDS)
+            .tags([TAG])
+            .as_dropdown(True)
+            .include_vars(False)
+            .keep_time(True)
+        )
+        .annotations([])
+        .with_variable(datasource_variable())
+    )
+    for variable in variables:
+        board.with_variable(variable)
+    panel_id = 0
+    for row_title, placed in sections:
+        if row_title is not None:
+            panel_id += 1
+            board.with_row(dashboard_builders.Row(row_title).id(panel_id))
+        for panel, width, height in placed:
+            panel_id += 1
+            board.with_panel(panel.id(panel_id).span(width).height(height))
+    built = board.build()
+    built.schema_version = SCHEMA_VERSION
+    return built
 
 
 # ---------------------------------------------------------------- HTTP overview
 
-HTTP_FILTER = 'instance=~"$instance", server_port=~"$port", http_route=~"$route"'
+HTTP_FILTER = [
+    match("instance", "instance"),
+    match("server_port", "port"),
+    match("http_route", "route"),
+    match("url_scheme", "scheme"),
+    match("network_protocol_version", "protocol"),
+]
+ERRORS_5XX = f"http_response_status_code=~{quote(status_classes_regex(['5xx']))}"
 
 
 def _http(suffix: str, extra: str = "", metric: str = HTTP_DURATION) -> str:
-    matchers = HTTP_FILTER + (f", {extra}" if extra else "")
-    return f"{metric}_{suffix}{{{matchers}}}"
+    return f"{metric}_{suffix}{selector([*HTTP_FILTER, *([extra] if extra else [])])}"
 
 
 def _p95_body(metric: str) -> str:
@@ -257,156 +316,203 @@ def _p95_body(metric: str) -> str:
     return f"histogram_quantile(0.95, sum by (le) (rate({bucket}[$__rate_interval])))"
 
 
-def http_overview() -> dict[str, Any]:
+def _latency_heatmap(bucket: str) -> heatmap_builders.Panel:
+    panel = (
+        heatmap_builders.Panel()
+        .title("Latency distribution")
+        .description(
+            "Requests per second in each duration bucket (the exporter's histogram, not a calculation)."
+        )
+        .datasource(DATASOURCE)
+        .hide_from(common_builders.HideSeriesConfig().legend(False).tooltip(False).viz(False))
+        .scale_distribution(common_builders.ScaleDistributionConfig().type(common_models.ScaleDistribution.LINEAR))
+        .calculate(False)
+        .y_axis(
+            heatmap_builders.YAxisConfig()
+            .axis_placement(common_models.AxisPlacement.LEFT)
+            .unit("s")
+            .reverse(False)
+        )
+        .rows_frame(heatmap_builders.RowsHeatmapOptions().layout(common_models.HeatmapCellLayout.LE))
+        .color(
+            heatmap_builders.HeatmapColorOptions()
+            .mode(heatmap_models.HeatmapColorMode.SCHEME)
+            .scheme("Oranges")
+            .fill("dark-orange")
+            .scale(heatmap_models.HeatmapColorScale.EXPONENTIAL)
+            .exponent(0.5)
+            .steps(64)
+            .reverse(False)
+        )
+        .cell_gap(1)
+        .filter_values(heatmap_builders.FilterValueRange().le(1e-9))
+        .show_legend()
+        .show_tooltip()
+        .show_y_histogram()
+        .exemplars_color("rgba(255,0,255,0.7)")
+    )
+    _with_targets(
+        panel,
+        [target(f"sum by (le) (rate({bucket}[$__rate_interval]))", "{{le}}").format(
+            prometheus_models.PromQueryFormat.HEATMAP
+        )],
+    )
+    return panel
+
+
+def _top_routes(count: str, errors: str, bucket: str) -> table_builders.Panel:
+    panel = table(
+        "Top routes over the time range",
+        "Busiest 10 routes: request rate, 5xx ratio and p95 latency over the dashboard's range.",
+        [
+            instant(f"topk(10, sum by (http_route) (rate({count}[$__range])))"),
+            instant(
+                f"(sum by (http_route) (rate({errors}[$__range]))"
+                f" or sum by (http_route) (rate({count}[$__range])) * 0)"
+                f" / (sum by (http_route) (rate({count}[$__range])) > 0)"
+            ),
+            instant(f"histogram_quantile(0.95, sum by (http_route, le) (rate({bucket}[$__range])))"),
+        ],
+    )
+    panel.with_transformation(transformation("merge", {}))
+    panel.with_transformation(
+        transformation(
+            "organize",
+            {
+                "excludeByName": {"Time": True},
+                "renameByName": {
+                    "http_route": "Route",
+                    "Value #A": "Requests/s",
+                    "Value #B": "5xx ratio",
+                    "Value #C": "p95 latency",
+                },
+            },
+        )
+    )
+    panel.with_transformation(transformation("sortBy", {"sort": [{"field": "Requests/s", "desc": True}]}))
+    for name, unit in (("Requests/s", "reqps"), ("5xx ratio", "percentunit"), ("p95 latency", "s")):
+        panel.override_by_name(*unit_by_name(name, unit))
+    return panel
+
+
+RPC_FILTER = [match("instance", "instance"), match("server_port", "port")]
+RPC_BY = "rpc_service, rpc_method"
+
+
+def _rpc(suffix: str, extra: str = "") -> str:
+    return f"{RPC_DURATION}_{suffix}{selector([*RPC_FILTER, *([extra] if extra else [])])}"
+
+
+def grpc_panels() -> list[Placed]:
+    """The gRPC row: calls as OTel's rpc.server.duration (rpc_server_duration_seconds)."""
+    count, bucket = _rpc("count"), _rpc("bucket")
+    errors = _rpc("count", f"rpc_grpc_status_code=~{quote(grpc_server_error_regex())}")
+    by_method = f"sum by ({RPC_BY}) (rate({count}[$__rate_interval]))"
+    return [
+        (
+            timeseries(
+                "gRPC calls by method and status code",
+                [
+                    target(
+                        f"sum by ({RPC_BY}, rpc_grpc_status_code) (rate({count}[$__rate_interval]))",
+                        "{{rpc_service}}/{{rpc_method}} {{rpc_grpc_status_code}}",
+                    )
+                ],
+                "reqps",
+                stack=True,
+            ),
+            8,
+            8,
+        ),
+        (
+            timeseries(
+                "gRPC server error ratio by method",
+                [
+                    target(
+                        f"(sum by ({RPC_BY}) (rate({errors}[$__rate_interval])) or {by_method} * 0)"
+                        f" / ({by_method} > 0)",
+                        "{{rpc_service}}/{{rpc_method}}",
+                    )
+                ],
+                "percentunit",
+                description="Calls ending in a status the server is to blame for: UNKNOWN, "
+                "DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS (codes "
+                f"{', '.join(grpc_server_error_regex().split('|'))}).",
+                minimum=0,
+            ),
+            8,
+            8,
+        ),
+        (
+            timeseries(
+                "gRPC latency p95 by method",
+                [
+                    target(
+                        f"histogram_quantile(0.95, sum by ({RPC_BY}, le) (rate({bucket}[$__rate_interval])))",
+                        "{{rpc_service}}/{{rpc_method}}",
+                    )
+                ],
+                "s",
+                description="First request byte to last response byte of each call (stream).",
+            ),
+            8,
+            8,
+        ),
+    ]
+
+
+def http_overview() -> dashboard_models.Dashboard:
     count, bucket = _http("count"), _http("bucket")
-    errors = _http("count", 'http_response_status_code=~"5.."')
+    errors = _http("count", ERRORS_5XX)
     rate_all = f"sum(rate({count}[$__rate_interval]))"
     quantiles = [
-        target(
-            f"histogram_quantile({q}, sum by (le) (rate({bucket}[$__rate_interval])))", f"p{round(q * 100)}"
-        )
+        target(f"histogram_quantile({q}, sum by (le) (rate({bucket}[$__rate_interval])))", f"p{round(q * 100)}")
         for q in (0.5, 0.95, 0.99)
     ]
+    p95 = target(f"histogram_quantile(0.95, sum by (le) (rate({bucket}[$__rate_interval])))", "p95")
     by_route_errors = (
         f"(sum by (http_route) (rate({errors}[$__rate_interval]))"
         f" or sum by (http_route) (rate({count}[$__rate_interval])) * 0)"
         f" / (sum by (http_route) (rate({count}[$__rate_interval])) > 0)"
     )
-    top_routes = [
-        instant(f"topk(10, sum by (http_route) (rate({count}[$__range])))", "A"),
-        instant(
-            f"(sum by (http_route) (rate({errors}[$__range]))"
-            f" or sum by (http_route) (rate({count}[$__range])) * 0)"
-            f" / (sum by (http_route) (rate({count}[$__range])) > 0)",
-            "B",
-        ),
-        instant(f"histogram_quantile(0.95, sum by (http_route, le) (rate({bucket}[$__range])))", "C"),
-    ]
-    table = {
-        "type": "table",
-        "title": "Top routes over the time range",
-        "description": "Busiest 10 routes: request rate, 5xx ratio and p95 latency over the "
-        "dashboard's range.",
-        "datasource": DATASOURCE,
-        "targets": _refs(top_routes),
-        "transformations": [
-            {"id": "merge", "options": {}},
-            {
-                "id": "organize",
-                "options": {
-                    "excludeByName": {"Time": True},
-                    "renameByName": {
-                        "http_route": "Route",
-                        "Value #A": "Requests/s",
-                        "Value #B": "5xx ratio",
-                        "Value #C": "p95 latency",
-                    },
-                },
-            },
-            {"id": "sortBy", "options": {"sort": [{"field": "Requests/s", "desc": True}]}},
-        ],
-        "fieldConfig": {
-            "defaults": {"custom": {"align": "auto", "cellOptions": {"type": "auto"}}},
-            "overrides": [
-                {
-                    "matcher": {"id": "byName", "options": "Requests/s"},
-                    "properties": [{"id": "unit", "value": "reqps"}],
-                },
-                {
-                    "matcher": {"id": "byName", "options": "5xx ratio"},
-                    "properties": [{"id": "unit", "value": "percentunit"}],
-                },
-                {
-                    "matcher": {"id": "byName", "options": "p95 latency"},
-                    "properties": [{"id": "unit", "value": "s"}],
-                },
-            ],
-        },
-        "options": {
-            "showHeader": True,
-            "cellHeight": "sm",
-            "footer": {"show": False, "reducer": ["sum"], "fields": ""},
-        },
-    }
-    heatmap = {
-        "type": "heatmap",
-        "title": "Latency distribution",
-        "description": "Requests per second in each duration bucket (the exporter's histogram, "
-        "not a calculation).",
-        "datasource": DATASOURCE,
-        "targets": _refs(
-            [target(f"sum by (le) (rate({bucket}[$__rate_interval]))", "{{le}}", format="heatmap")]
-        ),
-        "fieldConfig": {
-            "defaults": {
-                "custom": {
-                    "hideFrom": {"legend": False, "tooltip": False, "viz": False},
-                    "scaleDistribution": {"type": "linear"},
-                }
-            },
-            "overrides": [],
-        },
-        "options": {
-            "calculate": False,
-            "yAxis": {"axisPlacement": "left", "unit": "s", "reverse": False},
-            "rowsFrame": {"layout": "le"},
-            "color": {
-                "mode": "scheme",
-                "scheme": "Oranges",
-                "fill": "dark-orange",
-                "scale": "exponential",
-                "exponent": 0.5,
-                "steps": 64,
-                "reverse": False,
-            },
-            "cellGap": 1,
-            "filterValues": {"le": 1e-9},
-            "legend": {"show": True},
-            "tooltip": {"mode": "single", "yHistogram": True, "showColorScale": False},
-            "exemplars": {"color": "rgba(255,0,255,0.7)"},
-        },
-    }
+    scoped = selector([match("instance", "instance")])
+    port_scoped = selector([match("instance", "instance"), match("server_port", "port")])
     variables = [
         query_variable("instance", "Instance", f"label_values({HTTP_DURATION}_count, instance)"),
-        query_variable(
-            "port",
-            "Server port",
-            f'label_values({HTTP_DURATION}_count{{instance=~"$instance"}}, server_port)',
-        ),
+        query_variable("port", "Server port", f"label_values({HTTP_DURATION}_count{scoped}, server_port)"),
         query_variable(
             "route",
             "Route",
-            f'label_values({HTTP_DURATION}_count{{instance=~"$instance", server_port=~"$port"}}, http_route)',
+            f"label_values({HTTP_DURATION}_count{port_scoped}, http_route)",
+        ),
+        query_variable("scheme", "Scheme", f"label_values({HTTP_DURATION}_count{scoped}, url_scheme)"),
+        query_variable(
+            "protocol", "HTTP version", f"label_values({HTTP_DURATION}_count{scoped}, network_protocol_version)"
         ),
     ]
     body = [
         target(_p95_body(HTTP_REQUEST_BODY), "request p95"),
         target(_p95_body(HTTP_RESPONSE_BODY), "response p95"),
     ]
-    panels = [
+    http: list[Placed] = [
         (stat("Requests per second", [target(rate_all, "req/s")], "reqps"), 6, 4),
         (
             stat(
                 "5xx ratio",
                 [target(f"(sum(rate({errors}[$__rate_interval])) or vector(0)) / ({rate_all} > 0)", "5xx")],
                 "percentunit",
-                thresholds=[
-                    {"color": "green", "value": None},
-                    {"color": "orange", "value": 0.01},
-                    {"color": "red", "value": 0.05},
-                ],
+                steps=(("green", None), ("orange", 0.01), ("red", 0.05)),
             ),
             6,
             4,
         ),
-        (stat("p95 latency", [quantiles[1] | {"legendFormat": "p95"}], "s"), 6, 4),
+        (stat("p95 latency", [p95], "s"), 6, 4),
         (
             stat(
                 "Active routes",
                 [
                     target(
-                        f"count(count by (http_route) (rate({count}[$__rate_interval]) > 0)) "
-                        f"or on() vector(0)",
+                        f"count(count by (http_route) (rate({count}[$__rate_interval]) > 0)) or on() vector(0)",
                         "routes",
                     )
                 ],
@@ -432,9 +538,7 @@ def http_overview() -> dict[str, Any]:
             8,
         ),
         (
-            timeseries(
-                "5xx ratio by route", [target(by_route_errors, "{{http_route}}")], "percentunit", min=0
-            ),
+            timeseries("5xx ratio by route", [target(by_route_errors, "{{http_route}}")], "percentunit", minimum=0),
             12,
             8,
         ),
@@ -449,8 +553,8 @@ def http_overview() -> dict[str, Any]:
             12,
             8,
         ),
-        (heatmap, 12, 8),
-        (table, 16, 8),
+        (_latency_heatmap(bucket), 12, 8),
+        (_top_routes(count, errors, bucket), 16, 8),
         (timeseries("Body size p95", body, "bytes"), 8, 8),
     ]
     return dashboard(
@@ -459,55 +563,50 @@ def http_overview() -> dict[str, Any]:
         ["http", "red"],
         "Rate, errors and duration of HTTP traffic seen on the wire by ebpf-slo-exporter.",
         variables,
-        panels,
+        [(None, http), ("gRPC", grpc_panels())],
     )
 
 
 # ---------------------------------------------------------------- SLO
 
-SLO_FILTER = 'service=~"$service", slo=~"$slo"'
-ALERTS_FIRING = f'ALERTS{{alertname="{ALERT_NAME}", alertstate="firing", {SLO_FILTER}}}'
+SLO_FILTER = [match("service", "service"), match("slo", "slo")]
+SLO = selector(SLO_FILTER)
+ALERTS_FIRING = "ALERTS" + selector(
+    [f"alertname={quote(ALERT_NAME)}", f"alertstate={quote('firing')}", *SLO_FILTER]
+)
 
 
-def slo_dashboard() -> dict[str, Any]:
+def _alert_table() -> table_builders.Panel:
+    panel = table(
+        "Burn-rate alerts firing",
+        f"{ALERT_NAME} alerts from the generated rules that are firing now. Empty when all is well.",
+        [instant(ALERTS_FIRING)],
+    )
+    panel.with_transformation(
+        transformation(
+            "organize",
+            {
+                "excludeByName": {"Time": True, "Value": True, "__name__": True, "alertstate": True},
+                "renameByName": {},
+            },
+        )
+    )
+    return panel
+
+
+def slo_dashboard() -> dashboard_models.Dashboard:
     variables = [
         query_variable("service", "Service", "label_values(slo:objective:ratio, service)"),
-        query_variable("slo", "SLO", 'label_values(slo:objective:ratio{service=~"$service"}, slo)'),
+        query_variable(
+            "slo", "SLO", f"label_values(slo:objective:ratio{selector([match('service', 'service')])}, slo)"
+        ),
     ]
-    burn_targets = [
-        target(f"slo:burn_rate:ratio_rate{w}{{{SLO_FILTER}}}", f"{{{{slo}}}} {w}") for w in STANDARD_WINDOWS
-    ]
-    alert_table = {
-        "type": "table",
-        "title": "Burn-rate alerts firing",
-        "description": f"{ALERT_NAME} alerts from the generated rules that are firing now. "
-        "Empty when all is well.",
-        "datasource": DATASOURCE,
-        "targets": _refs([instant(ALERTS_FIRING, "A")]),
-        "transformations": [
-            {
-                "id": "organize",
-                "options": {
-                    "excludeByName": {"Time": True, "Value": True, "__name__": True, "alertstate": True},
-                    "renameByName": {},
-                },
-            }
-        ],
-        "fieldConfig": {
-            "defaults": {"custom": {"align": "auto", "cellOptions": {"type": "auto"}}},
-            "overrides": [],
-        },
-        "options": {
-            "showHeader": True,
-            "cellHeight": "sm",
-            "footer": {"show": False, "reducer": ["sum"], "fields": ""},
-        },
-    }
-    panels = [
+    burn = [target(f"slo:burn_rate:ratio_rate{w}{SLO}", f"{{{{slo}}}} {w}") for w in STANDARD_WINDOWS]
+    panels: list[Placed] = [
         (
             stat(
                 "SLI over the SLO period",
-                [target(f"1 - slo:sli_error:ratio_period{{{SLO_FILTER}}}", "{{slo}}")],
+                [target(f"1 - slo:sli_error:ratio_period{SLO}", "{{slo}}")],
                 "percentunit",
                 description="Share of good events over each objective's own period (its window).",
                 decimals=3,
@@ -518,14 +617,10 @@ def slo_dashboard() -> dict[str, Any]:
         (
             stat(
                 "Error budget remaining",
-                [target(f"slo:error_budget_remaining:ratio{{{SLO_FILTER}}}", "{{slo}}")],
+                [target(f"slo:error_budget_remaining:ratio{SLO}", "{{slo}}")],
                 "percentunit",
                 description="1 - errors / budget over the period. Below 0: the objective is missed.",
-                thresholds=[
-                    {"color": "red", "value": None},
-                    {"color": "orange", "value": 0},
-                    {"color": "green", "value": 0.25},
-                ],
+                steps=(("red", None), ("orange", 0), ("green", 0.25)),
                 decimals=1,
             ),
             8,
@@ -536,7 +631,7 @@ def slo_dashboard() -> dict[str, Any]:
                 "Alerts firing",
                 [target(f"count({ALERTS_FIRING}) or on() vector(0)", "firing")],
                 "none",
-                thresholds=[{"color": "green", "value": None}, {"color": "red", "value": 1}],
+                steps=(("green", None), ("red", 1)),
             ),
             8,
             5,
@@ -545,8 +640,8 @@ def slo_dashboard() -> dict[str, Any]:
             timeseries(
                 "SLI vs objective",
                 [
-                    target(f"1 - slo:sli_error:ratio_period{{{SLO_FILTER}}}", "{{slo}} SLI ({{window}})"),
-                    target(f"slo:objective:ratio{{{SLO_FILTER}}}", "{{slo}} objective"),
+                    target(f"1 - slo:sli_error:ratio_period{SLO}", "{{slo}} SLI ({{window}})"),
+                    target(f"slo:objective:ratio{SLO}", "{{slo}} objective"),
                 ],
                 "percentunit",
                 description="Dips in the SLI below the objective line are spent budget.",
@@ -557,7 +652,7 @@ def slo_dashboard() -> dict[str, Any]:
         (
             timeseries(
                 "Error budget remaining",
-                [target(f"slo:error_budget_remaining:ratio{{{SLO_FILTER}}}", "{{slo}}")],
+                [target(f"slo:error_budget_remaining:ratio{SLO}", "{{slo}}")],
                 "percentunit",
             ),
             12,
@@ -566,7 +661,7 @@ def slo_dashboard() -> dict[str, Any]:
         (
             timeseries(
                 "Burn rate by window",
-                burn_targets,
+                burn,
                 "none",
                 description="Error ratio over each window divided by the budget. 1 spends exactly the "
                 "budget over the period; the alerts page at 14.4 (1h and 5m) and 6 (6h and 30m) "
@@ -576,15 +671,11 @@ def slo_dashboard() -> dict[str, Any]:
             9,
         ),
         (
-            timeseries(
-                "SLI error ratio, 5m",
-                [target(f"slo:sli_error:ratio_rate5m{{{SLO_FILTER}}}", "{{slo}}")],
-                "percentunit",
-            ),
+            timeseries("SLI error ratio, 5m", [target(f"slo:sli_error:ratio_rate5m{SLO}", "{{slo}}")], "percentunit"),
             8,
             9,
         ),
-        (alert_table, 24, 6),
+        (_alert_table(), 24, 6),
     ]
     return dashboard(
         "ebpf-slo-slo",
@@ -592,36 +683,35 @@ def slo_dashboard() -> dict[str, Any]:
         ["slo"],
         "Objectives from the Reliably manifest, through the rules of `ebpf-slo-exporter slo rules`.",
         variables,
-        panels,
+        [(None, panels)],
         time_from="now-6h",
     )
 
 
 # ---------------------------------------------------------------- exporter health
 
-INSTANCE = 'instance=~"$instance"'
+INSTANCE = selector([match("instance", "instance")])
 
 
 def _self(name: str) -> str:
-    return f"{SELF}_{name}{{{INSTANCE}}}"
+    return f"{SELF}_{name}{INSTANCE}"
 
 
 def _rate(name: str, by: str = "instance") -> str:
     return f"sum by ({by}) (rate({_self(name)}[$__rate_interval]))"
 
 
-def exporter_health() -> dict[str, Any]:
+def exporter_health() -> dashboard_models.Dashboard:
     variables = [
-        query_variable("instance", "Instance", f"label_values({SELF}_packets_received_total, instance)")
+        query_variable("instance", "Instance", f"label_values({SELF}_{SELF_PACKETS_RECEIVED_TOTAL}, instance)")
     ]
-    attached = f"max by (instance) ({_self('filter_attached')})"
-    panels = [
+    panels: list[Placed] = [
         (
             stat(
                 "Socket filter attached",
-                [target(attached, "{{instance}}")],
+                [target(f"max by (instance) ({_self(SELF_FILTER_ATTACHED)})", "{{instance}}")],
                 "bool_yes_no",
-                thresholds=[{"color": "red", "value": None}, {"color": "green", "value": 1}],
+                steps=(("red", None), ("green", 1)),
             ),
             6,
             4,
@@ -629,7 +719,7 @@ def exporter_health() -> dict[str, Any]:
         (
             stat(
                 "Packets/s",
-                [target(f"sum(rate({_self('packets_received_total')}[$__rate_interval]))", "packets/s")],
+                [target(f"sum(rate({_self(SELF_PACKETS_RECEIVED_TOTAL)}[$__rate_interval]))", "packets/s")],
                 "pps",
             ),
             6,
@@ -638,20 +728,20 @@ def exporter_health() -> dict[str, Any]:
         (
             stat(
                 "Kernel drops/s",
-                [target(f"sum(rate({_self('kernel_drops_total')}[$__rate_interval]))", "drops/s")],
+                [target(f"sum(rate({_self(SELF_KERNEL_DROPS_TOTAL)}[$__rate_interval]))", "drops/s")],
                 "pps",
-                thresholds=[{"color": "green", "value": None}, {"color": "red", "value": 0.001}],
+                steps=(("green", None), ("red", 0.001)),
             ),
             6,
             4,
         ),
-        (stat("Active flows", [target(f"sum({_self('flows_active')})", "flows")], "none"), 6, 4),
+        (stat("Active flows", [target(f"sum({_self(SELF_FLOWS_ACTIVE)})", "flows")], "none"), 6, 4),
         (
             timeseries(
                 "Packets received and dropped in the kernel",
                 [
-                    target(_rate("packets_received_total"), "{{instance}} received"),
-                    target(_rate("kernel_drops_total"), "{{instance}} dropped"),
+                    target(_rate(SELF_PACKETS_RECEIVED_TOTAL), "{{instance}} received"),
+                    target(_rate(SELF_KERNEL_DROPS_TOTAL), "{{instance}} dropped"),
                 ],
                 "pps",
             ),
@@ -661,7 +751,7 @@ def exporter_health() -> dict[str, Any]:
         (
             timeseries(
                 "Parse errors by reason",
-                [target(_rate("parse_errors_total", "reason"), "{{reason}}")],
+                [target(_rate(SELF_PARSE_ERRORS_TOTAL, "reason"), "{{reason}}")],
                 "ops",
                 description="Bytes the HTTP parser could not make sense of, by reason.",
             ),
@@ -672,9 +762,9 @@ def exporter_health() -> dict[str, Any]:
             timeseries(
                 "Unpaired messages",
                 [
-                    target(_rate("unmatched_responses_total"), "{{instance}} responses without a request"),
+                    target(_rate(SELF_UNMATCHED_RESPONSES_TOTAL), "{{instance}} responses without a request"),
                     target(
-                        _rate("requests_without_response_total"), "{{instance}} requests without a response"
+                        _rate(SELF_REQUESTS_WITHOUT_RESPONSE_TOTAL), "{{instance}} requests without a response"
                     ),
                 ],
                 "ops",
@@ -688,8 +778,8 @@ def exporter_health() -> dict[str, Any]:
             timeseries(
                 "Flows",
                 [
-                    target(f"sum by (instance) ({_self('flows_active')})", "{{instance}} active"),
-                    target(_rate("flows_evicted_total", "reason"), "evicted/s: {{reason}}"),
+                    target(f"sum by (instance) ({_self(SELF_FLOWS_ACTIVE)})", "{{instance}} active"),
+                    target(_rate(SELF_FLOWS_EVICTED_TOTAL, "reason"), "evicted/s: {{reason}}"),
                 ],
                 "short",
             ),
@@ -699,12 +789,7 @@ def exporter_health() -> dict[str, Any]:
         (
             timeseries(
                 "Kernel filter verdicts",
-                [
-                    target(
-                        f"sum by (verdict) (rate({_self('filter_packets_total')}[$__rate_interval]))",
-                        "{{verdict}}",
-                    )
-                ],
+                [target(_rate(SELF_FILTER_PACKETS_TOTAL, "verdict"), "{{verdict}}")],
                 "pps",
                 description="What the socket filter did with each packet: most should die in the kernel "
                 "(other ports, no payload, loopback duplicates); only `kept` reaches user space.",
@@ -715,7 +800,7 @@ def exporter_health() -> dict[str, Any]:
         (
             timeseries(
                 "HTTP exchanges rebuilt",
-                [target(_rate("exchanges_total"), "{{instance}}")],
+                [target(_rate(SELF_EXCHANGES_TOTAL), "{{instance}}")],
                 "ops",
                 description="Request/response pairs the exporter reassembled and counted.",
             ),
@@ -725,7 +810,7 @@ def exporter_health() -> dict[str, Any]:
         (
             timeseries(
                 "Route cardinality overflow",
-                [target(_rate("route_overflow_total"), "{{instance}}")],
+                [target(_rate(SELF_ROUTE_OVERFLOW_TOTAL), "{{instance}}")],
                 "ops",
                 description="Requests folded into the overflow route because the route cap was reached.",
             ),
@@ -735,7 +820,7 @@ def exporter_health() -> dict[str, Any]:
         (
             timeseries(
                 "Reliably pushes by outcome",
-                [target(f"{_rate('slo_push_total', 'outcome')} or on() vector(0)", "{{outcome}}")],
+                [target(f"{_rate(SELF_SLO_PUSH_TOTAL, 'outcome')} or on() vector(0)", "{{outcome}}")],
                 "ops",
                 description="Indicator pushes to Reliably. Zero when the bridge is not configured.",
             ),
@@ -747,7 +832,7 @@ def exporter_health() -> dict[str, Any]:
                 "Spooled indicators",
                 [
                     target(
-                        f"sum by (instance) ({_self('slo_spool_indicators')}) or on() vector(0)",
+                        f"sum by (instance) ({_self(SELF_SLO_SPOOL_INDICATORS)}) or on() vector(0)",
                         "{{instance}}",
                     )
                 ],
@@ -764,11 +849,11 @@ def exporter_health() -> dict[str, Any]:
         ["health"],
         "Is the exporter seeing everything? Kernel drops, parser errors, unpaired messages, caps.",
         variables,
-        panels,
+        [(None, panels)],
     )
 
 
-DASHBOARDS = {
+DASHBOARDS: dict[str, Callable[[], dashboard_models.Dashboard]] = {
     "http-overview.json": http_overview,
     "slo.json": slo_dashboard,
     "exporter-health.json": exporter_health,
@@ -776,7 +861,7 @@ DASHBOARDS = {
 
 
 def render(name: str) -> str:
-    return json.dumps(DASHBOARDS[name](), indent=2) + "\n"
+    return json.dumps(DASHBOARDS[name](), cls=JSONEncoder, indent=2) + "\n"
 
 
 def main() -> None:

@@ -24,19 +24,37 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
-from exporter.config import ListenAddress
+from exporter.config import DEFAULT_FAST_PATH, DEFAULT_MAX_ROUTES_PER_PORT, ListenAddress
 from exporter.core.flows import Limits
 from exporter.core.routes import RouteMapper
 from exporter.errors import CaptureError
-from exporter.metrics import ExporterCollector, HttpMetrics, SelfSample
+from exporter.metrics import (
+    SELF_CAPTURE_DETACHED_TOTAL,
+    SELF_CAPTURE_REATTACHED_TOTAL,
+    SELF_DECODE_ERRORS_TOTAL,
+    SELF_FILTER_ATTACHED,
+    SELF_FILTER_PACKETS_TOTAL,
+    SELF_KERNEL_DROPS_TOTAL,
+    SELF_PACKETS_RECEIVED_TOTAL,
+    ExporterCollector,
+    HttpMetrics,
+    SelfSample,
+)
 from exporter.pipeline import Pipeline
 from exporter.server import Health, MetricsServer, build_app
+
+if TYPE_CHECKING:  # imported lazily at run time: the capture modules load only when capturing
+    from exporter.capture.kernel_agg import KernelFastPath
+    from exporter.capture.live import LiveCapture
+    from exporter.slo.runtime import SloRuntime
+    from exporter.webconfig import WebConfig
 
 log = logging.getLogger("ebpf_slo_exporter")
 
@@ -55,13 +73,13 @@ class RunSettings:
     listen: ListenAddress
     routes: tuple[str, ...] = ()
     duration_buckets: tuple[float, ...] = ()
-    max_routes_per_port: int = 100
+    max_routes_per_port: int = DEFAULT_MAX_ROUTES_PER_PORT
     limits: Limits = field(default_factory=Limits)
-    slo_runtime: Any = None  # exporter.slo.runtime.SloRuntime, optional
-    extra_self_sources: list[Any] = field(default_factory=list)
+    slo_runtime: SloRuntime | None = None
+    extra_self_sources: list[Callable[[], Iterable[SelfSample]]] = field(default_factory=list)
     user: str | None = None  # drop every privilege and become this user once capturing
-    web_config: Any = None  # exporter.webconfig.WebConfig: TLS and basic auth, optional
-    fast_path: bool = False  # simple exchanges aggregated in the kernel (capture/kernel_agg.py)
+    web_config: WebConfig | None = None  # TLS and basic auth, optional
+    fast_path: bool = DEFAULT_FAST_PATH  # simple exchanges aggregated in the kernel (capture/kernel_agg.py)
 
 
 def interface_state(interface: str) -> tuple[int, bool] | None:
@@ -86,14 +104,14 @@ class Exporter:
         self.routes = RouteMapper(settings.routes, max_routes_per_port=settings.max_routes_per_port)
         sinks = [settings.slo_runtime] if settings.slo_runtime is not None else []
         self.pipeline = Pipeline(settings.ports, self.routes, self.http, settings.limits, sinks, hint_skips=True)
-        self.fast: Any = None  # exporter.capture.kernel_agg.KernelFastPath with --fast-path
+        self.fast: KernelFastPath | None = None  # with --fast-path
         if settings.fast_path:
             from exporter.capture.kernel_agg import KernelFastPath  # the capture modules load only when capturing
 
             self.fast = KernelFastPath(self.routes, self.http)
             self.http.add_source(self.fast.series)
             self.pipeline.other_exchanges = self.fast.exchanges
-        self.capture: Any = None
+        self.capture: LiveCapture | None = None
         self._capture_lock = threading.Lock()
         self._ifindex = 0
         # Counters of captures closed after an interface loss, so the exported ones never go back.
@@ -126,12 +144,12 @@ class Exporter:
 
     def _capture_samples(self) -> list[SelfSample]:
         samples = [
-            SelfSample("filter_attached", "gauge", "1 while the BPF filter is attached to the interface.",
+            SelfSample(SELF_FILTER_ATTACHED, "gauge", "1 while the BPF filter is attached to the interface.",
                        1.0 if self.health.ready else 0.0),
-            SelfSample("capture_detached_total", "counter",
+            SelfSample(SELF_CAPTURE_DETACHED_TOTAL, "counter",
                        "Times the capture lost its interface (down, deleted or a read error).",
                        self.detached_total),
-            SelfSample("capture_reattached_total", "counter",
+            SelfSample(SELF_CAPTURE_REATTACHED_TOTAL, "counter",
                        "Times the capture was opened again after losing its interface.", self.reattached_total),
         ]
         with self._capture_lock:
@@ -147,16 +165,16 @@ class Exporter:
                 for name, value in capture.filter_counters().items():
                     filter_counts[name] = filter_counts.get(name, 0) + value
         samples += [
-            SelfSample("packets_received_total", "counter", "Frames the filter passed to user space.",
+            SelfSample(SELF_PACKETS_RECEIVED_TOTAL, "counter", "Frames the filter passed to user space.",
                        counts["packets"]),
-            SelfSample("kernel_drops_total", "counter",
+            SelfSample(SELF_KERNEL_DROPS_TOTAL, "counter",
                        "Frames the kernel dropped before user space read them (socket buffer full).",
                        counts["drops"]),
-            SelfSample("decode_errors_total", "counter", "Frames user space could not decode as TCP.",
+            SelfSample(SELF_DECODE_ERRORS_TOTAL, "counter", "Frames user space could not decode as TCP.",
                        counts["decode_errors"]),
         ]
         for name, value in sorted(filter_counts.items()):
-            samples.append(SelfSample("filter_packets_total", "counter",
+            samples.append(SelfSample(SELF_FILTER_PACKETS_TOTAL, "counter",
                                       "Packets the BPF filter looked at, by verdict.", value, (("verdict", name),)))
         return samples
 
@@ -200,7 +218,7 @@ class Exporter:
         self._privileges_dropped = True
         log.info("dropped every capability; now running as %s (uid %d, gid %d)", who.user, who.uid, who.gid)
 
-    def run(self, on_ready: Any = None) -> None:
+    def run(self, on_ready: Callable[[Exporter], None] | None = None) -> None:
         """Serve and capture until stopped. Errors from capture start are raised as CaptureError."""
         user = self.settings.user
         if user is None:
@@ -271,7 +289,7 @@ class Exporter:
                     self._kernel_exchanges_to_slo()
                 next_expire = now + EXPIRE_EVERY_S
 
-    def _apply_skip_hints(self, capture: Any) -> None:
+    def _apply_skip_hints(self, capture: LiveCapture) -> None:
         """Body bytes the parser only counts: have the filter cut them to headers from now on."""
         for (key, to_server), stretch in self.pipeline.tracker.take_skip_hints().items():
             client_ip, client_port, server_ip, server_port = key

@@ -9,15 +9,18 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from exporter import __version__
 from exporter.config import (
+    DEFAULT_FAST_PATH,
     DEFAULT_LISTEN,
+    DEFAULT_MAX_ROUTES_PER_PORT,
+    DEFAULT_PUSH_INTERVAL_S,
     ListenAddress,
     env_var,
     load_file,
@@ -26,6 +29,12 @@ from exporter.config import (
     parse_port,
 )
 from exporter.errors import ConfigError, ExporterError
+
+if TYPE_CHECKING:  # imported lazily at run time: `--help` and `check` stay fast and need no bcc
+    from exporter.app import RunSettings
+    from exporter.slo.manifest import Objective
+    from exporter.slo.runtime import SloRuntime
+    from exporter.webconfig import WebConfig
 
 log = logging.getLogger("ebpf_slo_exporter")
 
@@ -53,25 +62,27 @@ def _buckets(ctx: click.Context, param: click.Parameter, value: str | None) -> t
         raise click.BadParameter(str(exc)) from None
 
 
-def _apply_config_file(ctx: click.Context, params: dict[str, Any]) -> dict[str, Any]:
-    """Fill every parameter still at its default from the --config file."""
-    path = params.get("config")
-    if not path:
-        return params
-    for name, value in load_file(path).items():
-        source = ctx.get_parameter_source(name)
-        if source not in (None, click.core.ParameterSource.DEFAULT):
+def _config_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Eager: load --config into click's default_map before the other options are read, so
+    click itself gives the precedence flag > environment variable > file > built-in default."""
+    if not value:
+        return value
+    values = load_file(value)  # a ConfigError: one line, exit status 1, as before
+    params = {p.name: p for p in ctx.command.params}
+    defaults: dict[str, Any] = {}
+    for name, raw in values.items():
+        option = params.get(name)
+        if option is None:
             continue
-        param = next((p for p in ctx.command.params if p.name == name), None)
-        if param is None:
-            continue
-        if param.multiple and not isinstance(value, (list, tuple)):
-            value = [value]
-        try:
-            params[name] = param.process_value(ctx, value)
+        if option.multiple and not isinstance(raw, (list, tuple)):
+            raw = [raw]
+        try:  # checked here too, so a bad value names the file it came from
+            option.process_value(ctx, raw)
         except click.BadParameter as exc:
-            raise ConfigError(f"config file {path}: {name}: {exc.format_message()}") from None
-    return params
+            raise ConfigError(f"config file {value}: {name}: {exc.format_message()}") from None
+        defaults[name] = raw
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
 
 
 def _setup_logging(level: str) -> None:
@@ -89,7 +100,10 @@ def cli() -> None:
     """
 
 
-def run_options(func: Any) -> Any:
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def run_options(func: F) -> F:
     options = [
         click.option("--interface", "-i", envvar=env_var("interface"), default="lo", show_default=True,
                      help="Network interface to capture on."),
@@ -101,7 +115,8 @@ def run_options(func: Any) -> Any:
                      help="Route pattern such as /api/items/{id} (repeatable); matched before the ID heuristic."),
         click.option("--duration-buckets", envvar=env_var("duration_buckets"), callback=_buckets,
                      help="Latency histogram bounds in seconds, comma-separated. SLO latency targets are added."),
-        click.option("--max-routes-per-port", type=click.IntRange(1, 100_000), default=100, show_default=True,
+        click.option("--max-routes-per-port", type=click.IntRange(1, 100_000), default=DEFAULT_MAX_ROUTES_PER_PORT,
+                     show_default=True,
                      envvar=env_var("max_routes_per_port"),
                      help="Distinct http_route values per port before new ones become /{overflow}."),
         click.option("--max-flows", type=click.IntRange(16, 10_000_000), default=65536, show_default=True,
@@ -109,12 +124,13 @@ def run_options(func: Any) -> Any:
         click.option("--idle-timeout", type=click.FloatRange(1, 86400), default=300.0, show_default=True,
                      envvar=env_var("idle_timeout"), help="Seconds before an idle connection is forgotten."),
         click.option("--config", "-c", type=click.Path(dir_okay=False), envvar=env_var("config"),
+                     is_eager=True, callback=_config_file,
                      help="YAML file with any of these options (flags and env vars win)."),
         click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
                      show_default=True, envvar=env_var("log_level")),
         click.option("--user", envvar=env_var("user"),
                      help="Once the filter is attached, drop every capability and run as this user."),
-        click.option("--fast-path/--no-fast-path", default=True, show_default=True,
+        click.option("--fast-path/--no-fast-path", default=DEFAULT_FAST_PATH, show_default=True,
                      envvar=env_var("fast_path"),
                      help="Aggregate simple HTTP/1.x exchanges in the kernel (user space gets the rest); "
                           "--no-fast-path parses everything in user space, the reference path."),
@@ -127,11 +143,12 @@ def run_options(func: Any) -> Any:
     return func
 
 
-def slo_options(func: Any) -> Any:
+def slo_options(func: F) -> F:
     options = [
         click.option("--slo", type=click.Path(dir_okay=False), envvar=env_var("slo"),
                      help="Reliably objectives manifest (multi-document YAML) to evaluate."),
-        click.option("--push-interval", default="10s", show_default=True, envvar=env_var("push_interval"),
+        click.option("--push-interval", default=f"{DEFAULT_PUSH_INTERVAL_S}s", show_default=True,
+                     envvar=env_var("push_interval"),
                      help="How often indicators are computed and pushed."),
         click.option("--spool-dir", type=click.Path(file_okay=False), envvar=env_var("spool_dir"),
                      help="Where unsent indicators wait (default: $XDG_STATE_HOME/ebpf-slo-exporter/spool)."),
@@ -149,7 +166,6 @@ def slo_options(func: Any) -> Any:
 @click.pass_context
 def run(ctx: click.Context, /, **params: Any) -> None:
     """Capture HTTP on an interface and serve /metrics until SIGINT or SIGTERM."""
-    params = _apply_config_file(ctx, params)
     _setup_logging(params["log_level"])
     if not params["ports"]:
         raise click.UsageError("give at least one --port (or EBPF_SLO_PORT, or port: in --config)")
@@ -163,7 +179,7 @@ def run(ctx: click.Context, /, **params: Any) -> None:
     exporter.run()
 
 
-def _run_settings(params: dict[str, Any]) -> Any:
+def _run_settings(params: dict[str, Any]) -> RunSettings:
     from exporter.app import RunSettings
     from exporter.core.flows import Limits
     from exporter.metrics import DEFAULT_DURATION_BUCKETS
@@ -199,7 +215,7 @@ def _run_settings(params: dict[str, Any]) -> Any:
     )
 
 
-def _web_config(path: str | None, user: str | None) -> Any:
+def _web_config(path: str | None, user: str | None) -> WebConfig | None:
     if user:
         from exporter.security import resolve_user
 
@@ -213,7 +229,7 @@ def _web_config(path: str | None, user: str | None) -> Any:
     return config
 
 
-def _slo_runtime(objectives: list[Any], params: dict[str, Any], push_interval: float) -> Any:
+def _slo_runtime(objectives: list[Objective], params: dict[str, Any], push_interval: float) -> SloRuntime:
     from exporter.slo.commands import settings_from_options
     from exporter.slo.runtime import SloRuntime
 
@@ -229,7 +245,8 @@ def _slo_runtime(objectives: list[Any], params: dict[str, Any], push_interval: f
               help="TCP port of the HTTP service (repeat, or comma-separate).")
 @click.option("--route", "routes", multiple=True, help="Route pattern such as /api/items/{id} (repeatable).")
 @click.option("--duration-buckets", callback=_buckets, help="Latency histogram bounds in seconds.")
-@click.option("--max-routes-per-port", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@click.option("--max-routes-per-port", type=click.IntRange(1, 100_000), default=DEFAULT_MAX_ROUTES_PER_PORT,
+              show_default=True)
 @click.option("--openmetrics", is_flag=True, help="Print OpenMetrics text instead of the Prometheus format.")
 def replay(capture_file: str, ports: tuple[int, ...], routes: tuple[str, ...],
            duration_buckets: tuple[float, ...] | None, max_routes_per_port: int, openmetrics: bool) -> None:

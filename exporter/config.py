@@ -1,8 +1,10 @@
 """Defaults and the YAML config file. Every `run` flag has a key here and an environment variable.
 
 Precedence, highest first: command-line flag, environment variable (`EBPF_SLO_<FLAG>`),
-config file (`--config`), built-in default. Click resolves the first two; `merge_file`
-fills in only what click left at its default.
+config file (`--config`), built-in default. Click resolves all four: `--config` is eager
+and puts the file's values in click's `default_map` (cli.py).
+
+The built-in defaults that more than one module needs live here and nowhere else.
 
 Config file keys are the long flag names with `_` or `-`:
 
@@ -26,6 +28,11 @@ import yaml
 from exporter.errors import ConfigError
 
 DEFAULT_LISTEN = "0.0.0.0:9640"
+DEFAULT_PUSH_INTERVAL_S = 10  # Reliably indicators: one per objective per interval
+DEFAULT_MAX_ROUTES_PER_PORT = 100
+DEFAULT_FAST_PATH = True  # the kernel aggregates the common exchange; --no-fast-path is the reference
+DEFAULT_BACKOFF_BASE_S = 1.0  # first retry after ~1 s, doubling...
+DEFAULT_BACKOFF_MAX_S = 60.0  # ...up to a minute
 ENV_PREFIX = "EBPF_SLO"
 
 # Keys accepted in the config file, mapped to the click parameter they fill.

@@ -15,11 +15,14 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from exporter.config import ListenAddress
 from exporter.errors import ConfigError
+
+if TYPE_CHECKING:  # imported lazily: the demo's child processes never load the SLO side
+    from exporter.slo.runtime import SloRuntime
 
 
 class DemoHandler(BaseHTTPRequestHandler):
@@ -102,7 +105,7 @@ def generate_load(url: str, rate: float, clients: int, duration: float | None) -
     return sum(sent)
 
 
-def _live_report(runtime: Any, stopping: threading.Event) -> None:
+def _live_report(runtime: SloRuntime, stopping: threading.Event) -> None:
     """The `slo report --watch` table, fed straight from the in-process runtime."""
     from rich.console import Console
 
@@ -130,7 +133,7 @@ def run_demo(port: int, listen: ListenAddress, rate: float, reliably_url: str | 
     from exporter.slo.runtime import SloRuntime, push_settings_from
 
     objectives = parse_manifest(demo_manifest_text(), source="demo reliably.yaml")
-    runtime = SloRuntime(objectives, push=push_settings_from(reliably_url), push_interval_s=10.0)
+    runtime = SloRuntime(objectives, push=push_settings_from(reliably_url))
     settings = RunSettings(
         interface="lo",
         ports=(port,),

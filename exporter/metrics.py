@@ -39,6 +39,9 @@ HttpKey = tuple[str, str, str, str, str, str]
 RPC_DURATION = "rpc_server_duration_seconds"
 RPC_LABELS = ("rpc_system", "rpc_service", "rpc_method", "rpc_grpc_status_code", "server_port")
 RpcKey = tuple[str, str, str, str, str]
+# gRPC status codes that are the server's fault (OTel's rpc.grpc.status_code semantics):
+# UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS.
+GRPC_SERVER_ERROR_CODES: tuple[str, ...] = ("2", "4", "12", "13", "14", "15")
 
 # OTel's default duration buckets plus 0.15 s, so the demo's 150 ms SLO lands on a bound.
 DEFAULT_DURATION_BUCKETS: tuple[float, ...] = (
@@ -58,6 +61,51 @@ SLO_TOTAL = "slo_total_events"
 SLO_LABELS = ("slo", "service", "category", "window")
 
 SELF = "ebpf_slo_exporter"
+
+# Self-metric names, without the SELF prefix the collector adds (SelfSample.name). The
+# collectors, the dashboards and the benchmarks all take them from here.
+SELF_FILTER_ATTACHED = "filter_attached"
+SELF_CAPTURE_DETACHED_TOTAL = "capture_detached_total"
+SELF_CAPTURE_REATTACHED_TOTAL = "capture_reattached_total"
+SELF_PACKETS_RECEIVED_TOTAL = "packets_received_total"
+SELF_KERNEL_DROPS_TOTAL = "kernel_drops_total"
+SELF_DECODE_ERRORS_TOTAL = "decode_errors_total"
+SELF_FILTER_PACKETS_TOTAL = "filter_packets_total"
+SELF_EXCHANGES_TOTAL = "exchanges_total"
+SELF_ROUTE_OVERFLOW_TOTAL = "route_overflow_total"
+SELF_HTTP_SERIES = "http_series"
+SELF_SEGMENTS_TOTAL = "segments_total"
+SELF_PARSE_ERRORS_TOTAL = "parse_errors_total"
+SELF_UNMATCHED_RESPONSES_TOTAL = "unmatched_responses_total"
+SELF_REQUESTS_WITHOUT_RESPONSE_TOTAL = "requests_without_response_total"
+SELF_FLOWS_ACTIVE = "flows_active"
+SELF_FLOWS_EVICTED_TOTAL = "flows_evicted_total"
+SELF_FLOWS_CLOSED_TOTAL = "flows_closed_total"
+SELF_RETRANSMITTED_SEGMENTS_TOTAL = "retransmitted_segments_total"
+SELF_OUT_OF_ORDER_SEGMENTS_TOTAL = "out_of_order_segments_total"
+SELF_HELD_BYTES = "held_bytes"
+SELF_FAST_PATH_REQUESTS_TOTAL = "fast_path_requests_total"
+SELF_FAST_PATH_EXCHANGES_TOTAL = "fast_path_exchanges_total"
+SELF_FAST_PATH_RETRANSMITS_TOTAL = "fast_path_retransmits_total"
+SELF_FAST_PATH_OVERTAKEN_SEGMENTS_TOTAL = "fast_path_overtaken_segments_total"
+SELF_FAST_PATH_BUSY_TOTAL = "fast_path_busy_total"
+SELF_FAST_PATH_FLOW_STATES_CREATED_TOTAL = "fast_path_flow_states_created_total"
+SELF_FAST_PATH_FLOW_STATES_DELETED_TOTAL = "fast_path_flow_states_deleted_total"
+SELF_FAST_PATH_FLOW_STATES_CAPACITY = "fast_path_flow_states_capacity"
+SELF_FAST_PATH_HANDOVER_MAP_FULL_TOTAL = "fast_path_handover_map_full_total"
+SELF_FAST_PATH_HANDOVERS_SEEDED_TOTAL = "fast_path_handovers_seeded_total"
+SELF_FAST_PATH_HANDOVERS_TOTAL = "fast_path_handovers_total"
+SELF_SLO_EVALUATIONS_TOTAL = "slo_evaluations_total"
+SELF_SLO_QUERY_RETRIES_TOTAL = "slo_query_retries_total"
+SELF_SLO_LOOP_ERRORS_TOTAL = "slo_loop_errors_total"
+SELF_SLO_INTERVALS_SKIPPED_TOTAL = "slo_intervals_skipped_total"
+SELF_SLO_EVENTS_DROPPED_TOTAL = "slo_events_dropped_total"
+SELF_SLO_EVENTS_LATE_TOTAL = "slo_events_late_total"
+SELF_SLO_PUSH_TOTAL = "slo_push_total"
+SELF_SLO_PUSH_ERRORS_TOTAL = "slo_push_errors_total"
+SELF_SLO_SPOOL_INDICATORS = "slo_spool_indicators"
+SELF_SLO_SPOOL_DROPPED_TOTAL = "slo_spool_dropped_total"
+SELF_SLO_SPOOL_QUARANTINED_TOTAL = "slo_spool_quarantined_total"
 
 
 def format_bound(bound: float) -> str:

@@ -12,7 +12,23 @@ from typing import Protocol
 from exporter.core.flows import CoreStats, FlowKey, Handover, Limits, Tracker
 from exporter.core.model import Exchange, Segment
 from exporter.core.routes import RouteMapper
-from exporter.metrics import HttpMetrics, SelfSample
+from exporter.metrics import (
+    SELF_EXCHANGES_TOTAL,
+    SELF_FLOWS_ACTIVE,
+    SELF_FLOWS_CLOSED_TOTAL,
+    SELF_FLOWS_EVICTED_TOTAL,
+    SELF_HELD_BYTES,
+    SELF_HTTP_SERIES,
+    SELF_OUT_OF_ORDER_SEGMENTS_TOTAL,
+    SELF_PARSE_ERRORS_TOTAL,
+    SELF_REQUESTS_WITHOUT_RESPONSE_TOTAL,
+    SELF_RETRANSMITTED_SEGMENTS_TOTAL,
+    SELF_ROUTE_OVERFLOW_TOTAL,
+    SELF_SEGMENTS_TOTAL,
+    SELF_UNMATCHED_RESPONSES_TOTAL,
+    HttpMetrics,
+    SelfSample,
+)
 
 
 class ExchangeSink(Protocol):
@@ -68,37 +84,37 @@ class Pipeline:
     def self_samples(self) -> Iterator[SelfSample]:
         yield from core_samples(self.tracker.stats)
         other = self.other_exchanges() if self.other_exchanges is not None else 0
-        yield SelfSample("exchanges_total", "counter",
+        yield SelfSample(SELF_EXCHANGES_TOTAL, "counter",
                          "HTTP exchanges rebuilt from the wire (in user space and, with the fast path, the kernel).",
                          self.exchanges + other)
-        yield SelfSample("route_overflow_total", "counter",
+        yield SelfSample(SELF_ROUTE_OVERFLOW_TOTAL, "counter",
                          "Exchanges whose route was replaced by the overflow route (route cap reached).",
                          self.routes.overflowed)
-        yield SelfSample("http_series", "gauge", "Label sets in the HTTP histograms.", self.http.series_count())
+        yield SelfSample(SELF_HTTP_SERIES, "gauge", "Label sets in the HTTP histograms.", self.http.series_count())
 
 
 def core_samples(stats: CoreStats) -> Iterator[SelfSample]:
-    yield SelfSample("segments_total", "counter", "TCP segments handed to the HTTP parser.", stats.segments)
+    yield SelfSample(SELF_SEGMENTS_TOTAL, "counter", "TCP segments handed to the HTTP parser.", stats.segments)
     for reason, count in sorted(stats.parse_errors.items()):
-        yield SelfSample("parse_errors_total", "counter", "HTTP parse errors, by reason.", count,
+        yield SelfSample(SELF_PARSE_ERRORS_TOTAL, "counter", "HTTP parse errors, by reason.", count,
                          (("reason", reason),))
-    yield SelfSample("unmatched_responses_total", "counter",
+    yield SelfSample(SELF_UNMATCHED_RESPONSES_TOTAL, "counter",
                      "Responses seen with no pending request on their connection.", stats.unmatched_responses)
-    yield SelfSample("requests_without_response_total", "counter",
+    yield SelfSample(SELF_REQUESTS_WITHOUT_RESPONSE_TOTAL, "counter",
                      "Requests whose connection ended or was evicted before a response.",
                      stats.requests_without_response)
-    yield SelfSample("flows_active", "gauge", "TCP connections tracked now.", stats.flows_active)
+    yield SelfSample(SELF_FLOWS_ACTIVE, "gauge", "TCP connections tracked now.", stats.flows_active)
     for reason, count in sorted(stats.flows_evicted.items()):
-        yield SelfSample("flows_evicted_total", "counter", "Connections evicted before they closed, by reason.",
+        yield SelfSample(SELF_FLOWS_EVICTED_TOTAL, "counter", "Connections evicted before they closed, by reason.",
                          count, (("reason", reason),))
-    yield SelfSample("flows_closed_total", "counter", "Connections that ended with FIN or RST.",
+    yield SelfSample(SELF_FLOWS_CLOSED_TOTAL, "counter", "Connections that ended with FIN or RST.",
                      stats.flows_closed)
-    yield SelfSample("retransmitted_segments_total", "counter",
+    yield SelfSample(SELF_RETRANSMITTED_SEGMENTS_TOTAL, "counter",
                      "Segments whose data had already been seen (retransmits, duplicates).",
                      stats.retransmitted_segments)
-    yield SelfSample("out_of_order_segments_total", "counter",
+    yield SelfSample(SELF_OUT_OF_ORDER_SEGMENTS_TOTAL, "counter",
                      "Segments that arrived ahead of a gap and were held until it filled.",
                      stats.out_of_order_segments)
-    yield SelfSample("held_bytes", "gauge",
+    yield SelfSample(SELF_HELD_BYTES, "gauge",
                      "Out-of-order data held for reordering, all connections together (bounded).",
                      stats.held_bytes)

@@ -1,4 +1,4 @@
-"""Sends spooled indicators, oldest first, with capped exponential backoff and jitter.
+"""Sends spooled indicators, oldest first, backing off as exporter/bridge/backoff.py says.
 
 The pusher never raises out of `pump`: every failure is logged, counted and retried later
 (or dead-lettered for a 4xx), so the loop that calls it keeps running. Only the head of the
@@ -8,16 +8,23 @@ spool is attempted, which keeps the order of delivery the order of the intervals
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 
+from exporter.bridge.backoff import Backoff
 from exporter.bridge.client import PushRejected, PushRetryable, ReliablyClient
 from exporter.bridge.indicator import Indicator
 from exporter.bridge.spool import Spool
-from exporter.metrics import SelfSample
+from exporter.metrics import (
+    SELF_SLO_PUSH_ERRORS_TOTAL,
+    SELF_SLO_PUSH_TOTAL,
+    SELF_SLO_SPOOL_DROPPED_TOTAL,
+    SELF_SLO_SPOOL_INDICATORS,
+    SELF_SLO_SPOOL_QUARANTINED_TOTAL,
+    SelfSample,
+)
 
 log = logging.getLogger("ebpf_slo_exporter.bridge")
 
@@ -30,17 +37,13 @@ class Pusher:
         client: ReliablyClient,
         spool: Spool,
         *,
-        base_backoff_s: float = 1.0,
-        max_backoff_s: float = 60.0,
+        backoff: Backoff | None = None,
         monotonic: Callable[[], float] = time.monotonic,
-        jitter: Callable[[], float] = random.random,
     ) -> None:
         self.client = client
         self.spool = spool
-        self.base_backoff_s = base_backoff_s
-        self.max_backoff_s = max_backoff_s
+        self.backoff = backoff or Backoff()
         self._monotonic = monotonic
-        self._jitter = jitter
         self._failures_in_a_row = 0
         self._next_attempt = 0.0
         self.outcomes: Counter[str] = Counter({o: 0 for o in OUTCOMES})
@@ -51,12 +54,6 @@ class Pusher:
     def submit(self, indicators: Iterable[Indicator]) -> None:
         for indicator in indicators:
             self.spool.put(indicator)
-
-    def backoff_s(self, failures: int) -> float:
-        """Capped exponential, with "equal jitter": half fixed, half random, so retries from
-        many exporters spread out but never come back sooner than half the step."""
-        step = min(self.max_backoff_s, self.base_backoff_s * (2 ** max(0, failures - 1)))
-        return float(step / 2 + step / 2 * self._jitter())
 
     def pump(self, deadline: float, stop: threading.Event) -> None:
         """Send until the spool is empty, `deadline` (monotonic) passes or `stop` is set."""
@@ -88,7 +85,7 @@ class Pusher:
             delay = (
                 exc.retry_after_s
                 if exc.retry_after_s is not None
-                else self.backoff_s(self._failures_in_a_row)
+                else self.backoff.delay(self._failures_in_a_row)
             )
             self._next_attempt = self._monotonic() + delay
             self.last_error = str(exc)
@@ -112,7 +109,7 @@ class Pusher:
         self.outcomes["failed"] += 1
         self.reasons[reason] += 1
         self._failures_in_a_row += 1
-        delay = self.backoff_s(self._failures_in_a_row)
+        delay = self.backoff.delay(self._failures_in_a_row)
         self._next_attempt = self._monotonic() + delay
         self.last_error = f"{type(exc).__name__}: {exc}"
         log.exception("pushing failed unexpectedly; retrying in %.1fs", delay)
@@ -120,7 +117,7 @@ class Pusher:
     def self_samples(self) -> Iterator[SelfSample]:
         for outcome in OUTCOMES:
             yield SelfSample(
-                "slo_push_total",
+                SELF_SLO_PUSH_TOTAL,
                 "counter",
                 "Indicator push attempts to Reliably, by outcome (retry: will be tried again; "
                 "rejected: 4xx, dropped; failed: unexpected error).",
@@ -129,23 +126,23 @@ class Pusher:
             )
         for reason, count in sorted(self.reasons.items()):
             yield SelfSample(
-                "slo_push_errors_total",
+                SELF_SLO_PUSH_ERRORS_TOTAL,
                 "counter",
                 "Failed indicator pushes, by reason.",
                 float(count),
                 (("reason", reason),),
             )
         yield SelfSample(
-            "slo_spool_indicators", "gauge", "Indicators waiting in the spool.", float(len(self.spool))
+            SELF_SLO_SPOOL_INDICATORS, "gauge", "Indicators waiting in the spool.", float(len(self.spool))
         )
         yield SelfSample(
-            "slo_spool_dropped_total",
+            SELF_SLO_SPOOL_DROPPED_TOTAL,
             "counter",
             "Indicators dropped because the spool was full.",
             float(self.spool.dropped),
         )
         yield SelfSample(
-            "slo_spool_quarantined_total",
+            SELF_SLO_SPOOL_QUARANTINED_TOTAL,
             "counter",
             "Unreadable spool files moved aside (*.corrupt).",
             float(self.spool.quarantined),

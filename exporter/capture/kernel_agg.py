@@ -34,7 +34,24 @@ from exporter.capture.bpf import HttpFilter, KernelAggregate, KernelHandover
 from exporter.core.flows import FlowKey, Handover
 from exporter.core.http1 import normalise_target
 from exporter.core.routes import RouteMapper
-from exporter.metrics import ExternalSeries, HttpKey, HttpMetrics, SelfSample, http_key
+from exporter.metrics import (
+    SELF_FAST_PATH_BUSY_TOTAL,
+    SELF_FAST_PATH_EXCHANGES_TOTAL,
+    SELF_FAST_PATH_FLOW_STATES_CAPACITY,
+    SELF_FAST_PATH_FLOW_STATES_CREATED_TOTAL,
+    SELF_FAST_PATH_FLOW_STATES_DELETED_TOTAL,
+    SELF_FAST_PATH_HANDOVER_MAP_FULL_TOTAL,
+    SELF_FAST_PATH_HANDOVERS_SEEDED_TOTAL,
+    SELF_FAST_PATH_HANDOVERS_TOTAL,
+    SELF_FAST_PATH_OVERTAKEN_SEGMENTS_TOTAL,
+    SELF_FAST_PATH_REQUESTS_TOTAL,
+    SELF_FAST_PATH_RETRANSMITS_TOTAL,
+    ExternalSeries,
+    HttpKey,
+    HttpMetrics,
+    SelfSample,
+    http_key,
+)
 
 __all__ = ["KernelDelta", "KernelFastPath"]
 
@@ -203,37 +220,37 @@ class KernelFastPath:
         if self._filter is None and not fast:
             return
         fast.setdefault("requests", 0)
-        yield SelfSample("fast_path_requests_total", "counter", "Requests taken by the kernel fast path.",
+        yield SelfSample(SELF_FAST_PATH_REQUESTS_TOTAL, "counter", "Requests taken by the kernel fast path.",
                          fast["requests"])
-        yield SelfSample("fast_path_exchanges_total", "counter",
+        yield SelfSample(SELF_FAST_PATH_EXCHANGES_TOTAL, "counter",
                          "Exchanges completed and aggregated in the kernel.", fast["exchanges"])
-        yield SelfSample("fast_path_retransmits_total", "counter",
+        yield SelfSample(SELF_FAST_PATH_RETRANSMITS_TOTAL, "counter",
                          "Segments of kernel-tracked connections that repeated data already seen.",
                          fast["retransmits"])
-        yield SelfSample("fast_path_overtaken_segments_total", "counter",
+        yield SelfSample(SELF_FAST_PATH_OVERTAKEN_SEGMENTS_TOTAL, "counter",
                          "Response body segments that arrived ahead of the one before them and were "
                          "held by range in the kernel.", fast.get("overtaken", 0))
-        yield SelfSample("fast_path_busy_total", "counter",
+        yield SelfSample(SELF_FAST_PATH_BUSY_TOTAL, "counter",
                          "Segments passed up because another CPU held their connection (expected 0).",
                          fast["busy"])
-        yield SelfSample("fast_path_flow_states_created_total", "counter",
+        yield SelfSample(SELF_FAST_PATH_FLOW_STATES_CREATED_TOTAL, "counter",
                          "Connection states the kernel created.", fast["flows_created"])
-        yield SelfSample("fast_path_flow_states_deleted_total", "counter",
+        yield SelfSample(SELF_FAST_PATH_FLOW_STATES_DELETED_TOTAL, "counter",
                          "Connection states the kernel deleted at FIN/RST. Created minus deleted near the "
                          "capacity means LRU evictions, which the kernel does not report.",
                          fast["flows_deleted"])
         if self._filter is not None:
-            yield SelfSample("fast_path_flow_states_capacity", "gauge",
+            yield SelfSample(SELF_FAST_PATH_FLOW_STATES_CAPACITY, "gauge",
                              "Size of the kernel's connection state map.", self._filter.flow_state_capacity())
-        yield SelfSample("fast_path_handover_map_full_total", "counter",
+        yield SelfSample(SELF_FAST_PATH_HANDOVER_MAP_FULL_TOTAL, "counter",
                          "Handover records lost to a full map (expected 0).", fast["handover_map_full"])
-        yield SelfSample("fast_path_handovers_seeded_total", "counter",
+        yield SelfSample(SELF_FAST_PATH_HANDOVERS_SEEDED_TOTAL, "counter",
                          "Handover records user space took up.", self.handovers_seeded)
         for name, value in fast.items():
             if not name.startswith("handover:"):
                 continue
             reason = name.split(":", 1)[1]
-            yield SelfSample("fast_path_handovers_total", "counter",
+            yield SelfSample(SELF_FAST_PATH_HANDOVERS_TOTAL, "counter",
                              "Connections the kernel left to user space, by reason (agg_full: the "
                              "aggregate map is full).", value, (("reason", reason),))
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from exporter.config import DEFAULT_MAX_ROUTES_PER_PORT
 from exporter.core.http1 import normalise_target
 
 __all__ = ["MAX_ROUTE_CHARS", "MAX_ROUTE_SEGMENTS", "RouteMapper", "normalise_target"]
@@ -80,7 +81,7 @@ class RouteMapper:
     def __init__(
         self,
         patterns: Sequence[str] = (),
-        max_routes_per_port: int = 100,
+        max_routes_per_port: int = DEFAULT_MAX_ROUTES_PER_PORT,
         overflow_route: str = "/{overflow}",
     ) -> None:
         if max_routes_per_port <= 0:

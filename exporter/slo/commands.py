@@ -21,14 +21,18 @@ from urllib.parse import urlsplit
 import click
 from rich.console import Console
 
+from exporter.bridge.backoff import Backoff
 from exporter.bridge.client import PushRejected, PushRetryable, ReliablyClient
-from exporter.bridge.loop import PrometheusBridge
+from exporter.bridge.indicator import Indicator
 from exporter.bridge.pusher import Pusher
+from exporter.bridge.scheduler import IntervalScheduler
 from exporter.bridge.settings import PushSettings, resolve_push_settings
 from exporter.bridge.spool import Spool, default_spool_dir
+from exporter.config import DEFAULT_PUSH_INTERVAL_S, env_var
 from exporter.errors import ConfigError, PushError, QueryError
+from exporter.slo.evaluate import Result
 from exporter.slo.manifest import Objective, load_manifest, parse_duration
-from exporter.slo.promql import PrometheusClient, PromQLSource
+from exporter.slo.promql import PrometheusClient, PromQLIntervals, PromQLSource
 from exporter.slo.report import (
     FORMATS,
     fetch_snapshot,
@@ -41,11 +45,15 @@ from exporter.slo.report import (
 
 log = logging.getLogger("ebpf_slo_exporter.slo")
 
-ENV_PREFIX = "EBPF_SLO"  # the same prefix as the run command's options (exporter/config.py)
+Bridge = IntervalScheduler[tuple[Objective, Result]]  # the scheduler with PromQL as its source
+
+# Prometheus keeps its data for weeks, but an hour-old interval is rarely worth a late
+# indicator; older ones are skipped and counted (slo_intervals_skipped_total).
+MAX_CATCHUP_S = 3600.0
 
 
 def _env(flag: str) -> str:
-    return f"{ENV_PREFIX}_{flag.upper().replace('-', '_')}"
+    return env_var(flag)
 
 
 class Duration(click.ParamType):  # type: ignore[type-arg]
@@ -194,7 +202,15 @@ def sync(
         client.close()
 
 
-def _put_with_retries(client: ReliablyClient, kind: str, body: dict[str, Any], attempts: int = 3) -> None:
+def _put_with_retries(
+    client: ReliablyClient,
+    kind: str,
+    body: dict[str, Any],
+    attempts: int = 3,
+    backoff: Backoff | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    backoff = backoff or Backoff()
     for attempt in range(1, attempts + 1):
         try:
             client.put(kind, body)
@@ -202,7 +218,7 @@ def _put_with_retries(client: ReliablyClient, kind: str, body: dict[str, Any], a
         except PushRetryable as exc:
             if attempt == attempts:
                 raise PushError(f"{exc} (gave up after {attempts} attempts)") from exc
-            time.sleep(exc.retry_after_s if exc.retry_after_s is not None else float(attempt))
+            sleep(exc.retry_after_s if exc.retry_after_s is not None else backoff.delay(attempt))
         except PushRejected:
             raise
 
@@ -333,7 +349,7 @@ def report(
 @click.option(
     "--push-interval",
     type=Duration(),
-    default="10s",
+    default=f"{DEFAULT_PUSH_INTERVAL_S}s",
     show_default=True,
     callback=_whole_seconds,
     envvar=_env("push_interval"),
@@ -387,12 +403,21 @@ def bridge(
     pusher = None
     if settings is not None:
         pusher = Pusher(ReliablyClient(settings), Spool(spool_dir or default_spool_dir()))
-    loop = PrometheusBridge(objectives, PromQLSource(client), pusher, interval_s=push_interval, grace_s=grace)
+    printed: list[Indicator] = []
+    loop: Bridge = IntervalScheduler(
+        PromQLIntervals(objectives, PromQLSource(client), push_interval),
+        pusher,
+        interval_s=push_interval,
+        grace_s=grace,
+        max_catchup_s=MAX_CATCHUP_S,
+        on_indicators=printed.extend if dry_run else None,
+        thread_name="bridge",
+    )
     try:
         if once:
-            _bridge_once(loop, push_interval, grace, dry_run)
+            _bridge_once(loop, printed, dry_run)
         elif dry_run:
-            _dry_run_loop(loop)
+            _dry_run_loop(loop, printed)
         else:
             log.info("bridging %d objectives from %s every %ds", len(objectives), prometheus, push_interval)
             _bridge_forever(loop)
@@ -402,14 +427,15 @@ def bridge(
             pusher.client.close()
 
 
-def _bridge_once(loop: PrometheusBridge, push_interval: int, grace: float, dry_run: bool) -> None:
+def _bridge_once(loop: Bridge, printed: list[Indicator], dry_run: bool) -> None:
     # Re-open the last closed interval, whatever an earlier run recorded.
-    loop.closed_until_s = int((time.time() - grace) // push_interval) * push_interval - push_interval
-    indicators = loop.tick()
-    if loop.query_failures:
+    last = int((time.time() - loop.grace_s) // loop.interval_s) * loop.interval_s
+    loop.closed_until_s = last - loop.interval_s
+    loop.tick()
+    if loop.evaluations["error"]:
         raise QueryError(f"the last interval could not be evaluated: {loop.last_error}")
     if dry_run:
-        for indicator in indicators:
+        for indicator in printed:
             click.echo(json.dumps(indicator.body(), sort_keys=True))
         return
     pusher = loop.pusher
@@ -422,7 +448,7 @@ def _bridge_once(loop: PrometheusBridge, push_interval: int, grace: float, dry_r
             )
 
 
-def _bridge_forever(loop: PrometheusBridge) -> None:
+def _bridge_forever(loop: Bridge) -> None:
     stop = threading.Event()
 
     def on_term(signum: int, frame: FrameType | None) -> None:
@@ -437,11 +463,13 @@ def _bridge_forever(loop: PrometheusBridge) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _dry_run_loop(loop: PrometheusBridge) -> None:
+def _dry_run_loop(loop: Bridge, printed: list[Indicator]) -> None:
     try:
         while True:
-            for indicator in loop.tick():
+            loop.tick()
+            for indicator in printed:
                 click.echo(json.dumps(indicator.body(), sort_keys=True))
+            printed.clear()
             time.sleep(1.0)
     except KeyboardInterrupt:
         pass

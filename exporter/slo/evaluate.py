@@ -151,14 +151,15 @@ HISTORY = 5  # results kept per objective: the report's trend
 
 
 class Evaluator:
-    """Bucketed counts for every objective, and the closing of push intervals. No clock: the
-    caller passes `now`, so tests drive it with plain numbers.
+    """Bucketed counts for every objective, and the evaluation of push intervals. No clock:
+    the caller passes `now`, so tests drive it with plain numbers.
 
-    Push intervals are `[k * push, (k + 1) * push)` of the realtime clock. Interval `to` is
-    closed once `now >= to + grace_s`: the grace lets exchanges still in the pipeline (their
-    end_ns is before `to` but they reach us a little later) count in their own interval.
-    An exchange that arrives after its interval was closed still counts in the windows that
-    cover it (`late_after_close`), but the indicator already sent is never changed.
+    Push intervals are `[k * push, (k + 1) * push)` of the realtime clock; when to close
+    them is exporter/bridge/scheduler.py's decision (it waits `grace_s` after each so that
+    exchanges still in the pipeline count in their own interval). `closed_until_s` follows
+    the scheduler's watermark only to count an exchange that arrives after its interval
+    was closed (`late_after_close`): it still counts in the windows that cover it, but the
+    indicator already sent is never changed.
     """
 
     def __init__(
@@ -227,18 +228,10 @@ class Evaluator:
                 if good is not None and not ring.add_many(index, good, total):
                     self.too_old += total
 
-    def due(self, now_s: float) -> list[int]:
-        """Ends of the push intervals to close now, oldest first."""
-        last = int((now_s - self.grace_s) // self.push_s) * self.push_s
-        # After a long stop of the clock (suspend), skip intervals no ring still holds: they
-        # are empty and would send nothing anyway.
-        oldest_kept = last - self._retention * self.bucket_s
-        first = max(self.closed_until_s + self.push_s, oldest_kept - oldest_kept % self.push_s)
-        return list(range(first, last + 1, self.push_s))
-
-    def next_due_s(self) -> float:
-        """Wall-clock second at which the next interval can be closed."""
-        return self.closed_until_s + self.push_s + self.grace_s
+    @property
+    def retention_s(self) -> int:
+        """How far back the rings hold buckets: older intervals can no longer be closed."""
+        return self._retention * self.bucket_s
 
     def close(self, to_s: int) -> list[Closed]:
         """Evaluate every objective for the interval ending at `to_s` and its window."""

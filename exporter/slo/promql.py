@@ -1,18 +1,7 @@
 """Prometheus mode: the same objectives, evaluated by PromQL over /api/v1/query (httpx).
 
-The queries read the exporter's own histogram (`http_server_request_duration_seconds`):
-
-    latency       good  = sum(rate(<h>_bucket{le=~"<target forms>", <narrowing>}[W]))
-                  total = sum(rate(<h>_count{<narrowing>}[W]))
-    availability  good  = sum(rate(<h>_count{<narrowing>, http_response_status_code=~"[1234].."}[W]))
-                          or vector(0)
-                  total = sum(rate(<h>_count{<narrowing>}[W]))
-    promql        the manifest's good and total, with {{window}} replaced by W
-
-`le` is matched by a regex of every spelling of the bound (`0.15`; `1.0|1` for whole
-numbers) because Prometheus 3 rewrites `le="1"` to `le="1.0"` at ingestion, and the
-exporter writes the float form: a rule must match both. The good query of availability
-falls back to 0 (`or vector(0)`): with no matching series the ratio would be empty, not 0.
+The queries are exporter/slo/query.py's, the same text `slo rules` records: the total, and
+the good (latency, promql) or bad (availability) events from which the good are derived.
 An empty *total* is "no data". An empty latency *good* while total has traffic means
 the histogram has no bucket at the target, which is an error, not 0%.
 
@@ -25,76 +14,34 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 
+from exporter.bridge.backoff import Backoff
+from exporter.bridge.scheduler import Measured
 from exporter.errors import QueryError
-from exporter.metrics import HTTP_DURATION, SelfSample, format_bound
+from exporter.metrics import SELF_SLO_EVALUATIONS_TOTAL, SELF_SLO_QUERY_RETRIES_TOTAL, SelfSample, format_bound
 from exporter.slo.evaluate import Result
 from exporter.slo.manifest import Objective, format_duration
+from exporter.slo.query import le_regex, sli
+
+__all__ = ["PromQLIntervals", "PromQLSource", "PrometheusClient", "le_regex", "queries"]
 
 log = logging.getLogger("ebpf_slo_exporter.promql")
 
-STATUS_LABEL = "http_response_status_code"
-ROUTE_LABEL = "http_route"
-PORT_LABEL = "server_port"
-
-
-def le_spellings(bound: float) -> list[str]:
-    """Every way a bucket bound may be written in `le`: ours (format_bound: `0.15`, `1.0`),
-    Prometheus 2 / other clients (`1`), Go's shortest form (`1e-05`)."""
-    forms = [format_bound(bound)]
-    if float(bound).is_integer():
-        forms.append(str(int(bound)))
-    go_form = f"{bound:g}"
-    if go_form not in forms:
-        forms.append(go_form)
-    return forms
-
-
-def le_regex(bound: float) -> str:
-    return "|".join(re.escape(form) for form in le_spellings(bound))
-
-
-def quote(value: str) -> str:
-    """A PromQL double-quoted string literal (escapes backslash, quote, newline)."""
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'"{escaped}"'
-
-
-def narrowing(objective: Objective) -> list[str]:
-    matchers = []
-    if objective.route is not None:
-        matchers.append(f"{ROUTE_LABEL}={quote(objective.route)}")
-    if objective.port is not None:
-        matchers.append(f"{PORT_LABEL}={quote(str(objective.port))}")
-    return matchers
-
-
-def _selector(matchers: list[str]) -> str:
-    return "{" + ",".join(matchers) + "}"
-
+# A query is retried within one evaluation only for a brief blip (a restart of Prometheus);
+# longer outages are the scheduler's to wait out, with its own backoff. Without jitter:
+# one process, a handful of queries, and the retry must come within the grace period.
+QUERY_RETRY_BACKOFF = Backoff(base_s=0.5, max_s=2.0, jitter=None)
 
 def queries(objective: Objective, window: str | None = None) -> tuple[str, str]:
-    """(good, total) PromQL for an objective over `window` (default: its own window)."""
-    window = window or format_duration(objective.window_seconds)
-    if objective.promql is not None:
-        return objective.promql.render(window)
-    base = narrowing(objective)
-    total = f"sum(rate({HTTP_DURATION}_count{_selector(base)}[{window}]))"
-    if objective.category == "latency":
-        assert objective.latency_target_seconds is not None
-        le = f"le=~{quote(le_regex(objective.latency_target_seconds))}"
-        good = f"sum(rate({HTTP_DURATION}_bucket{_selector([*base, le])}[{window}]))"
-        return good, total
-    classes = "".join(sorted(c[0] for c in objective.good_status_classes))
-    status = f"{STATUS_LABEL}=~{quote(f'[{classes}]..')}"
-    good = f"sum(rate({HTTP_DURATION}_count{_selector([*base, status])}[{window}])) or vector(0)"
-    return good, total
+    """(stated, total) PromQL for an objective over `window` (default: its own window);
+    `stated` is its good or its bad events, as exporter/slo/query.py states the SLI."""
+    built = sli(objective, window)
+    return built.stated, built.total
 
 
 class PrometheusClient:
@@ -178,12 +125,12 @@ class PromQLSource:
         client: PrometheusClient,
         *,
         attempts: int = 3,
-        retry_delay_s: float = 0.5,
+        backoff: Backoff = QUERY_RETRY_BACKOFF,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.client = client
         self.attempts = max(1, attempts)
-        self.retry_delay_s = retry_delay_s
+        self.backoff = backoff
         self._sleep = sleep
         self.outcomes = {"ok": 0, "no_data": 0, "error": 0}
         self.retries = 0
@@ -197,7 +144,7 @@ class PromQLSource:
                 if isinstance(exc.__cause__, httpx.TransportError) and attempt < self.attempts:
                     self.retries += 1
                     log.warning("%s; retry %d of %d", exc, attempt, self.attempts - 1)
-                    self._sleep(self.retry_delay_s * attempt)
+                    self._sleep(self.backoff.delay(attempt))
                     continue
                 raise
         raise AssertionError("unreachable")
@@ -205,39 +152,62 @@ class PromQLSource:
     def evaluate(self, objective: Objective, at: float, window_s: float | None = None) -> Result:
         """The objective's ratio over [at - window, at). QueryError when Prometheus fails."""
         window_s = objective.window_seconds if window_s is None else window_s
-        good_q, total_q = queries(objective, format_duration(window_s))
+        built = sli(objective, format_duration(window_s))
         try:
-            total = self._query(total_q, at)
-            good = self._query(good_q, at)
-            if total is not None and total > 0 and good is None:
+            total = self._query(built.total, at)
+            stated = self._query(built.stated, at)
+            if total is not None and total > 0 and stated is None:
                 raise QueryError(
                     f"objective {objective.name!r}: no series for its good events although there is traffic; "
                     + (
                         "does the histogram have a bucket at "
                         f"le={format_bound(objective.latency_target_seconds)}?"
                         if objective.latency_target_seconds is not None
-                        else f"query: {good_q}"
+                        else f"query: {built.stated}"
                     )
                 )
         except QueryError:
             self.outcomes["error"] += 1
             raise
-        result = Result(at - window_s, at, good or 0.0, total or 0.0, objective.objective_ratio)
+        good = built.good_of(total or 0.0, stated or 0.0)
+        result = Result(at - window_s, at, good, total or 0.0, objective.objective_ratio)
         self.outcomes["ok" if result.sli is not None else "no_data"] += 1
         return result
 
     def self_samples(self) -> Iterator[SelfSample]:
         for outcome, count in self.outcomes.items():
             yield SelfSample(
-                "slo_evaluations_total",
+                SELF_SLO_EVALUATIONS_TOTAL,
                 "counter",
                 "Objective evaluations against Prometheus, by outcome.",
                 float(count),
                 (("outcome", outcome),),
             )
         yield SelfSample(
-            "slo_query_retries_total",
+            SELF_SLO_QUERY_RETRIES_TOTAL,
             "counter",
             "Prometheus queries retried after a transport error.",
             float(self.retries),
         )
+
+
+class PromQLIntervals:
+    """PromQL as the interval scheduler's source (the `bridge` command): every objective over
+    the closed interval, evaluated at `time=to` so an interval missed while Prometheus was
+    down is evaluated later with the same answer. A failure raises QueryError, and the
+    scheduler tries the same interval again after its backoff.
+
+    `rate()` needs two samples inside the interval: keep the push interval at least twice
+    the scrape interval, or intervals read as "no data" and send nothing."""
+
+    def __init__(self, objectives: list[Objective], source: PromQLSource, interval_s: int) -> None:
+        self.objectives = objectives
+        self.source = source
+        self.interval_s = interval_s
+
+    def close_interval(self, to_s: int) -> list[tuple[Objective, Result]]:
+        return [(o, self.source.evaluate(o, to_s, self.interval_s)) for o in self.objectives]
+
+    def measured(self, item: tuple[Objective, Result]) -> Measured:
+        objective, result = item
+        return Measured.of(objective.slug, objective.selector, result.percent)

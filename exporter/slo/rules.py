@@ -17,14 +17,13 @@ What is recorded, each series labelled `slo` (the objective's slug), `service`, 
     slo:sli_error:ratio_period        error ratio over the period         (+ window=<period>)
     slo:error_budget_remaining:ratio  1 - period error ratio / budget     (+ window=<period>)
 
-The SLI is always a ratio of sums over the raw counters (never an average of ratios):
+The SLI is always a ratio of sums over the raw counters (never an average of ratios), and
+its PromQL comes from exporter/slo/query.py, the builder the bridge and the dashboards use
+too, so a recording and a pushed indicator read the same series the same way:
 
-- latency:      1 - sum(rate(bucket{le=<target>}[W])) / sum(rate(count[W]))
-  The `le` matcher is a regex over the equivalent spellings of the bound (`0.15|0.150`,
-  `1|1.0|1.00|1.000`) because Prometheus 3 rewrites `le="1"` to `le="1.0"` at ingestion
-  while Prometheus 2 keeps whatever the target exposed. The target must be a bucket bound
-  (the exporter adds one for every latency objective); if it is not, the recording is
-  empty rather than a made-up value.
+- latency:      1 - sum(rate(bucket{le=~<every spelling of the target>}[W])) / sum(rate(count[W]))
+  The target must be a bucket bound (the exporter adds one for every latency objective);
+  if it is not, the recording is empty rather than a made-up value.
 - availability: sum(rate(count{status=~<bad classes>}[W])) / sum(rate(count[W])), the bad
   classes being those not in `goodStatusClasses` (5xx by default). `or vector(0)` makes a
   missing error series (no 5xx seen yet) count as zero errors instead of an empty result.
@@ -64,8 +63,9 @@ import click
 import yaml
 
 from exporter.errors import ConfigError
-from exporter.metrics import HTTP_DURATION, format_bound
-from exporter.slo.manifest import STATUS_CLASSES, Objective, format_duration, load_manifest
+from exporter.slo.manifest import Objective, format_duration, load_manifest
+from exporter.slo.query import error_ratio, job_matchers, le_regex, quote, selector, sli
+from exporter.slo.query import number as _number
 
 __all__ = [
     "ALERT_NAME",
@@ -109,67 +109,9 @@ def burn_rate_factor(alert: BurnRateAlert, period_seconds: float) -> float:
     return max(round(factor, 6), 1.0)
 
 
-def le_regex(bound: float) -> str:
-    """A regex (for `le=~`) matching every usual spelling of a bucket bound.
-
-    0.15 -> `0\\.15|0\\.150`; 1 -> `1|1\\.0|1\\.00|1\\.000`. Exponent forms (1e-05) are kept
-    as the one spelling both Python and Go produce.
-    """
-    canonical = format_bound(bound)
-    spellings = [canonical]
-    if "e" not in canonical and "inf" not in canonical.lower():
-        whole, _, fraction = canonical.partition(".")
-        fraction = fraction.rstrip("0")
-        if not fraction:
-            spellings.append(whole)
-        for width in range(max(len(fraction), 1), 4):
-            spellings.append(f"{whole}.{fraction.ljust(width, '0')}")
-    unique = sorted(set(spellings), key=lambda s: (len(s), s))
-    return "|".join(re.escape(s).replace("\\-", "-") for s in unique)
-
-
-def _number(value: float) -> str:
-    return format(value, ".10g")
-
-
-def _promql_string(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _selector(objective: Objective, job_selector: str, *extra: str) -> str:
-    matchers = [m.strip() for m in job_selector.split(",") if m.strip()] if job_selector else []
-    if objective.route is not None:
-        matchers.append(f"http_route={_promql_string(objective.route)}")
-    if objective.port is not None:
-        matchers.append(f'server_port="{objective.port}"')
-    matchers.extend(extra)
-    return "{" + ", ".join(matchers) + "}"
-
-
-def _bad_status_regex(objective: Objective) -> str | None:
-    bad = [c for c in STATUS_CLASSES if c not in objective.good_status_classes]
-    return "|".join(f"{c[0]}.." for c in bad) if bad else None
-
-
 def sli_error_expr(objective: Objective, window: str, job_selector: str = "") -> str:
     """The PromQL of the objective's error ratio over `window` (empty, never NaN, with no traffic)."""
-    if objective.promql is not None:
-        good, total = objective.promql.render(window)
-        return f"1 - ((sum({good}) or vector(0)) / (sum({total}) > 0))"
-    total = f"sum(rate({HTTP_DURATION}_count{_selector(objective, job_selector)}[{window}]))"
-    if objective.category == "latency":
-        assert objective.latency_target_seconds is not None
-        le = _promql_string(le_regex(objective.latency_target_seconds))
-        good = f"sum(rate({HTTP_DURATION}_bucket{_selector(objective, job_selector, f'le=~{le}')}[{window}]))"
-        return f"1 - ({good} / ({total} > 0))"
-    bad_regex = _bad_status_regex(objective)
-    if bad_regex is None:
-        bad = "vector(0)"
-    else:
-        status = f"http_response_status_code=~{_promql_string(bad_regex)}"
-        errors = f"{HTTP_DURATION}_count{_selector(objective, job_selector, status)}"
-        bad = f"(sum(rate({errors}[{window}])) or vector(0))"
-    return f"{bad} / ({total} > 0)"
+    return error_ratio(sli(objective, window, job_matchers(job_selector)))
 
 
 def _windows(objective: Objective) -> list[str]:
@@ -182,7 +124,7 @@ def _group(objective: Objective, job_selector: str, runbook_url: str) -> dict[st
     period = format_duration(objective.window_seconds)
     period_labels = {**labels, "window": period}
     budget = max(1.0 - objective.objective_ratio, 1e-9)  # a 100% objective has no budget; stay finite
-    match = f'{{slo="{objective.slug}"}}'
+    match = selector([f"slo={quote(objective.slug)}"])
     rules: list[dict[str, Any]] = []
 
     for window in _windows(objective):

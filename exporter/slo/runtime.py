@@ -1,27 +1,18 @@
-"""The embedded SLO runtime: counts exchanges as they are captured, closes push intervals,
-pushes Reliably indicators, and serves results to /metrics and /api/v1/slo.
+"""The embedded SLO runtime: counts exchanges as they are captured, evaluates the push
+intervals the scheduler closes, and serves results to /metrics and /api/v1/slo.
 
 Threads:
 - the capture thread calls `observe` (a lock, one bucket index, a few comparisons per objective);
-- one background thread (`start`) wakes at each interval end plus the grace period,
-  closes the interval, spools its indicators and sends what the spool holds;
+- the scheduler's thread (exporter/bridge/scheduler.py, `start`) wakes at each interval end
+  plus the grace period, closes the interval here, spools its indicators and sends what
+  the spool holds; the watermark, the indicator shape and the retries are its business;
 - scrapes call `collect`, `snapshot` and `self_samples`, which only read.
-
-Indicators: one per objective per closed interval `[from, to)`, holding that interval's
-percent. An interval without traffic for an objective sends nothing for it: Reliably
-would read a 0 as "everything failed", and the absence of an indicator is what the
-Reliably CLI's own agent produces for no traffic too.
-
-Restarts: the end of the last closed interval is written to the spool directory with the
-spooled indicators, so a new runtime never closes that interval again (it would have only
-part of the traffic, a different value under the same id) and sends what was left first.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -29,13 +20,18 @@ from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from exporter.bridge.backoff import Backoff
 from exporter.bridge.client import ReliablyClient
-from exporter.bridge.indicator import Indicator, rfc3339
+from exporter.bridge.indicator import rfc3339
 from exporter.bridge.pusher import Pusher
+from exporter.bridge.scheduler import IntervalScheduler, Measured
 from exporter.bridge.settings import PushSettings, resolve_push_settings
 from exporter.bridge.spool import DEFAULT_MAX_ITEMS, Spool, default_spool_dir
+from exporter.config import DEFAULT_PUSH_INTERVAL_S
 from exporter.core.model import Exchange
 from exporter.metrics import (
+    SELF_SLO_EVENTS_DROPPED_TOTAL,
+    SELF_SLO_EVENTS_LATE_TOTAL,
     SLO_BUDGET_REMAINING,
     SLO_BURN_RATE,
     SLO_GOOD,
@@ -51,7 +47,6 @@ from exporter.slo.manifest import Objective, format_duration
 log = logging.getLogger("ebpf_slo_exporter.slo")
 
 SNAPSHOT_VERSION = 1
-MAX_SLEEP_S = 1.0  # re-read the clock at least this often: it may jump (NTP, suspend)
 
 
 def result_json(result: Result | None) -> dict[str, Any] | None:
@@ -108,18 +103,20 @@ def push_settings_from(
 
 
 class SloRuntime:
+    """The embedded source of indicators: exporter/bridge/scheduler.py closes the intervals
+    and pushes; this class counts exchanges and evaluates what the scheduler closes."""
+
     def __init__(
         self,
         objectives: list[Objective],
         *,
         push: PushSettings | None = None,
-        push_interval_s: float = 10.0,
+        push_interval_s: float = DEFAULT_PUSH_INTERVAL_S,
         spool_dir: Path | None = None,
         wall_clock: Callable[[], float] = time.time,
         grace_s: float | None = None,
         spool_max_items: int = DEFAULT_MAX_ITEMS,
-        base_backoff_s: float = 1.0,
-        max_backoff_s: float = 60.0,
+        backoff: Backoff | None = None,
         client: ReliablyClient | None = None,
     ) -> None:
         if push_interval_s != int(push_interval_s) or push_interval_s < 1:
@@ -128,36 +125,35 @@ class SloRuntime:
         self.push_settings = push
         self.push_interval_s = int(push_interval_s)
         self._clock = wall_clock
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._tick_lock = threading.Lock()
-        self.evaluation_errors = 0
-        self.evaluations = {"ok": 0, "no_data": 0, "error": 0}
-        self.pusher: Pusher | None = None
-        closed_until: int | None = None
+        pusher: Pusher | None = None
         if push is not None:
-            spool = Spool(spool_dir or default_spool_dir(), spool_max_items)
-            state = spool.read_state()
-            raw = state.get("closed_until")
-            closed_until = raw if isinstance(raw, int) else None
-            self.pusher = Pusher(
+            pusher = Pusher(
                 client or ReliablyClient(push),
-                spool,
-                base_backoff_s=base_backoff_s,
-                max_backoff_s=max_backoff_s,
+                Spool(spool_dir or default_spool_dir(), spool_max_items),
+                backoff=backoff,
             )
         # Default grace: 2 s for the pipeline's backlog, at most half an interval.
         grace = min(2.0, self.push_interval_s / 2) if grace_s is None else grace_s
-        self.evaluator = Evaluator(
-            self.objectives,
-            self.push_interval_s,
-            start_s=wall_clock(),
+        self.evaluator = Evaluator(self.objectives, self.push_interval_s, start_s=wall_clock(), grace_s=grace)
+        self.scheduler: IntervalScheduler[Closed] = IntervalScheduler(
+            self,
+            pusher,
+            interval_s=self.push_interval_s,
             grace_s=grace,
-            closed_until_s=closed_until,
+            # After a long stop of the clock (suspend), intervals no ring still holds are empty
+            # and would send nothing anyway: skip them.
+            max_catchup_s=self.evaluator.retention_s,
+            wall_clock=wall_clock,
+            backoff=backoff,
         )
+        self.evaluator.closed_until_s = self.scheduler.closed_until_s
 
     def __repr__(self) -> str:
         return f"SloRuntime({len(self.objectives)} objectives, push={self.push_settings!r})"
+
+    @property
+    def pusher(self) -> Pusher | None:
+        return self.scheduler.pusher
 
     # -- capture thread ------------------------------------------------------------------
 
@@ -169,101 +165,27 @@ class SloRuntime:
         """Kernel-aggregated exchanges (fast path), polled about once a second."""
         self.evaluator.observe_counts(route, port, status, duration_counts, bounds, int(self._clock() * 1e9))
 
+    # -- the scheduler's source ------------------------------------------------------------
+
+    def close_interval(self, to_s: int) -> list[Closed]:
+        return self.evaluator.close(to_s)
+
+    def measured(self, item: Closed) -> Measured:
+        return Measured.of(item.objective.slug, item.objective.selector, item.interval.percent)
+
     # -- background thread ---------------------------------------------------------------
 
     def tick(self, *, final: bool = False) -> list[Closed]:
-        """Close every interval that is due and spool its indicators. The thread calls this;
-        tests call it directly with a fake clock. `final` (at stop) closes intervals that
-        have ended without waiting for their grace: the pipeline was flushed before."""
-        with self._tick_lock:
-            return self._tick(final)
-
-    def _tick(self, final: bool) -> list[Closed]:
-        closed: list[Closed] = []
-        now = self._clock() + (self.evaluator.grace_s if final else 0.0)
-        for to_s in self.evaluator.due(now):
-            try:
-                batch = self.evaluator.close(to_s)
-            except Exception:  # a bug here must not stop the next intervals
-                self.evaluations["error"] += len(self.objectives)
-                log.exception("evaluating the interval ending %s failed", rfc3339(to_s))
-                continue
-            for item in batch:
-                self.evaluations["ok" if item.window.total > 0 else "no_data"] += 1
-            closed.extend(batch)
-            if self.pusher is not None:
-                self._spool(batch, to_s)
-        return closed
-
-    def _spool(self, batch: list[Closed], to_s: int) -> None:
-        assert self.pusher is not None
-        indicators = [
-            Indicator(
-                c.objective.slug,
-                tuple(sorted(c.objective.selector.items())),
-                int(c.interval.start_s),
-                int(c.interval.end_s),
-                round(percent, 6),
-            )
-            for c in batch
-            if (percent := c.interval.percent) is not None
-        ]
-        try:
-            self.pusher.submit(indicators)
-            # Written after the indicators: a crash in between resends nothing twice, since
-            # the spool refuses an id it holds and the values are identical.
-            self.pusher.spool.write_state({"closed_until": to_s})
-        except OSError as exc:
-            self.evaluations["error"] += len(batch)
-            log.error(
-                "cannot write the spool in %s: %s; indicators of %s are lost",
-                self.pusher.spool.directory,
-                exc.strerror,
-                rfc3339(to_s),
-            )
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.tick()
-                wait_s = max(0.0, min(MAX_SLEEP_S, self.evaluator.next_due_s() - self._clock()))
-                if self.pusher is not None:
-                    self.pusher.pump(time.monotonic() + wait_s, self._stop)
-                    wait_s = max(0.0, min(MAX_SLEEP_S, self.evaluator.next_due_s() - self._clock()))
-                self._stop.wait(wait_s if wait_s > 0 else 0.05)
-            except Exception:  # the loop never dies: log, count, carry on
-                self.evaluation_errors += 1
-                log.exception("SLO loop iteration failed")
-                self._stop.wait(MAX_SLEEP_S)
+        """Close every interval that is due and spool its indicators. The scheduler's thread
+        calls this; tests call it directly with a fake clock."""
+        return self.scheduler.tick(final=final)
 
     def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="slo-push", daemon=True)
-        self._thread.start()
+        self.scheduler.start()
 
     def stop(self, timeout_s: float = 1.0) -> None:
-        """Stop the loop. A push stuck on a hanging endpoint is abandoned (daemon thread);
-        its indicator stays in the spool and is sent by the next run.
-
-        Intervals that ended but were still in their grace period are closed and spooled
-        now: the next run would not close them (the watermark), so they would be lost."""
-        self._stop.set()
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join(timeout_s)
-            if thread.is_alive():
-                log.warning(
-                    "SLO push thread still busy after %.1fs; unsent indicators stay spooled", timeout_s
-                )
-        if self._tick_lock.acquire(timeout=max(0.0, timeout_s / 2)):
-            try:
-                self._tick(final=True)
-            except Exception:
-                log.exception("closing the last intervals at stop failed")
-            finally:
-                self._tick_lock.release()
+        """Stop the loop; intervals that ended but were in their grace are closed and spooled."""
+        self.scheduler.stop(timeout_s)
 
     # -- readers -------------------------------------------------------------------------
 
@@ -328,26 +250,11 @@ class SloRuntime:
         }
 
     def self_samples(self) -> Iterable[SelfSample]:
-        samples = [
-            SelfSample(
-                "slo_evaluations_total",
-                "counter",
-                "Objective evaluations at interval close, by outcome (no_data: empty window).",
-                float(count),
-                (("outcome", outcome),),
-            )
-            for outcome, count in self.evaluations.items()
-        ]
         ev = self.evaluator
+        samples = list(self.scheduler.self_samples())
         samples += [
             SelfSample(
-                "slo_loop_errors_total",
-                "counter",
-                "SLO loop iterations that failed (logged).",
-                float(self.evaluation_errors),
-            ),
-            SelfSample(
-                "slo_events_dropped_total",
+                SELF_SLO_EVENTS_DROPPED_TOTAL,
                 "counter",
                 "Exchanges the SLO windows could not count, by reason "
                 "(too_old: older than any kept bucket; future: timestamp ahead of the clock).",
@@ -355,7 +262,7 @@ class SloRuntime:
                 (("reason", "too_old"),),
             ),
             SelfSample(
-                "slo_events_dropped_total",
+                SELF_SLO_EVENTS_DROPPED_TOTAL,
                 "counter",
                 "Exchanges the SLO windows could not count, by reason "
                 "(too_old: older than any kept bucket; future: timestamp ahead of the clock).",
@@ -363,12 +270,10 @@ class SloRuntime:
                 (("reason", "future"),),
             ),
             SelfSample(
-                "slo_events_late_total",
+                SELF_SLO_EVENTS_LATE_TOTAL,
                 "counter",
                 "Exchanges counted after their push interval was closed (in windows, not indicators).",
                 float(ev.late_after_close),
             ),
         ]
-        if self.pusher is not None:
-            samples += list(self.pusher.self_samples())
         return samples

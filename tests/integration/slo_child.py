@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+from exporter.bridge.backoff import Backoff
 from exporter.bridge.settings import PushSettings
 from exporter.core.model import Exchange
 from exporter.slo.manifest import load_manifest
@@ -37,8 +38,7 @@ def main() -> None:
         push_interval_s=1,
         spool_dir=Path(args.spool),
         grace_s=0.3,
-        base_backoff_s=0.05,
-        max_backoff_s=0.2,
+        backoff=Backoff(base_s=0.05, max_s=0.2),
     )
     stop = threading.Event()
 

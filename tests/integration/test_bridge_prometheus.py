@@ -154,19 +154,22 @@ def client(world: tuple[PrometheusServer, SloRuntime]) -> Iterator[PrometheusCli
 
 
 def test_queries_as_built() -> None:
+    """The bridge's queries are exporter/slo/query.py's: the rules' text, stated as good
+    (latency) or bad (availability) events; `le` in every spelling of the bound."""
     good, total = queries(FAST)
     assert good == (
-        'sum(rate(http_server_request_duration_seconds_bucket{http_route="/",le=~"0\\\\.15"}[10s]))'
+        "sum(rate(http_server_request_duration_seconds_bucket"
+        '{http_route="/", le=~"0\\\\.15|0\\\\.150"}[10s]))'
     )
     assert total == 'sum(rate(http_server_request_duration_seconds_count{http_route="/"}[10s]))'
-    good, _ = queries(AVAILABLE, "5m")
-    assert good == (
-        'sum(rate(http_server_request_duration_seconds_count{http_route="/",'
-        'http_response_status_code=~"[1234].."}[5m])) or vector(0)'
+    bad, _ = queries(AVAILABLE, "5m")
+    assert bad == (
+        'sum(rate(http_server_request_duration_seconds_count{http_route="/", '
+        'http_response_status_code=~"5.."}[5m])) or vector(0)'
     )
-    assert le_regex(1.0) == "1\\.0|1"
-    assert le_regex(0.15) == "0\\.15"
-    assert queries(BY_PROMQL, "1h")[1] == "sum(rate(http_server_request_duration_seconds_count[1h]))"
+    assert le_regex(1.0) == "1|1\\.0|1\\.00|1\\.000"
+    assert le_regex(0.15) == "0\\.15|0\\.150"
+    assert queries(BY_PROMQL, "1h")[1] == "sum(sum(rate(http_server_request_duration_seconds_count[1h])))"
 
 
 def test_promql_sli_matches_the_traffic_and_the_embedded_runtime(
@@ -220,7 +223,7 @@ def test_error_envelope_is_a_query_error_and_not_retried(client: PrometheusClien
     sleeps: list[float] = []
     source = PromQLSource(client, sleep=sleeps.append)
     with pytest.raises(
-        QueryError, match=r"^Prometheus rejected the query \(bad_data\): .*query: sum\(rate\(nope"
+        QueryError, match=r"^Prometheus rejected the query \(bad_data\): .*query: sum\(sum\(rate\(nope"
     ):
         source.evaluate(broken, time.time())
     assert sleeps == []

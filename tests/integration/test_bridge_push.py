@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from exporter.bridge.backoff import Backoff
 from exporter.bridge.indicator import rfc3339
 from exporter.bridge.settings import PushSettings
 from exporter.core.model import Exchange
@@ -49,8 +50,7 @@ def runtime_for(url: str, spool: Path, clock: Clock | None = None, **kwargs: flo
         push=PushSettings(url, ORG, TOKEN, timeout_s=kwargs.pop("timeout_s", 2.0)),
         spool_dir=spool,
         wall_clock=clock or time.time,
-        base_backoff_s=0.02,
-        max_backoff_s=0.1,
+        backoff=Backoff(base_s=0.02, max_s=0.1),
         **kwargs,  # type: ignore[arg-type]
     )
 

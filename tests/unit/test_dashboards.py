@@ -12,8 +12,11 @@ from typing import Any
 
 import pytest
 import yaml
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.cog.plugins import register_default_plugins
+from grafana_foundation_sdk.models.dashboard import Dashboard
 
-from exporter.metrics import HTTP_DURATION, HTTP_REQUEST_BODY, HTTP_RESPONSE_BODY, SELF
+from exporter.metrics import HTTP_DURATION, HTTP_REQUEST_BODY, HTTP_RESPONSE_BODY, RPC_DURATION, SELF
 from exporter.slo.manifest import load_manifest
 from exporter.slo.rules import ALERT_NAME, render_rules
 from tests.dashboards_queries import DASHBOARDS_DIR, all_dashboard_queries, panel_queries, substitute
@@ -58,6 +61,18 @@ def test_committed_dashboard_is_what_build_py_writes(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_committed_dashboard_decodes_through_the_sdk_models_unchanged(name):
+    """Every field is one the SDK's typed models know, with a value of the right type:
+    decoding the file into grafana_foundation_sdk's Dashboard and encoding it again gives
+    the same JSON (a field the models drop, or a misspelt one, would not survive)."""
+    register_default_plugins()  # panel options and targets decode into their plugin's typed models
+    raw = _load(name)
+    decoded = Dashboard.from_json(raw)
+    assert json.loads(json.dumps(decoded, cls=JSONEncoder)) == raw
+    assert decoded.uid == raw["uid"] and len(decoded.panels or []) == len(raw["panels"])
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_dashboard_has_what_import_and_provisioning_need(name):
     board = _load(name)
     assert board["schemaVersion"] >= 39
@@ -71,7 +86,7 @@ def test_dashboard_has_what_import_and_provisioning_need(name):
     for variable in variables:
         if variable["type"] == "query":
             assert variable["datasource"] == DATASOURCE
-            assert variable["definition"].startswith("label_values(")
+            assert variable["query"].startswith("label_values(")  # the SDK's model has no `definition`
             assert variable["multi"] and variable["includeAll"] and variable["allValue"] == ".*"
 
 
@@ -83,6 +98,9 @@ def test_every_panel_has_the_templated_datasource_targets_a_unique_id_and_a_plac
     assert len(ids) == len(set(ids))
     cells: set[tuple[int, int]] = set()
     for panel in panels:
+        if panel["type"] == "row":  # a section header: no query of its own, the full width
+            assert panel["gridPos"]["w"] == 24 and panel["gridPos"]["h"] == 1 and not panel.get("targets")
+            continue
         assert panel["datasource"] == DATASOURCE, panel["title"]
         assert panel["targets"], panel["title"]
         refs = [t["refId"] for t in panel["targets"]]
@@ -104,18 +122,41 @@ def test_every_panel_has_the_templated_datasource_targets_a_unique_id_and_a_plac
 def test_http_overview_has_the_filter_variables_and_the_red_panels():
     board = _load("http-overview.json")
     variables = {v["name"]: v for v in board["templating"]["list"]}
-    assert {"datasource", "instance", "port", "route"} <= variables.keys()
+    assert {"datasource", "instance", "port", "route", "scheme", "protocol"} <= variables.keys()
     assert (
-        "server_port" in variables["port"]["definition"] and "http_route" in variables["route"]["definition"]
+        "server_port" in variables["port"]["query"] and "http_route" in variables["route"]["query"]
     )
-    exprs = [t["expr"] for p in board["panels"] for t in p["targets"]]
+    exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
     for quantile in ("0.5", "0.95", "0.99"):
         assert any(f"histogram_quantile({quantile}, sum by (le) (" in e for e in exprs)
-    assert {p["type"] for p in board["panels"]} >= {"heatmap", "table", "timeseries", "stat"}
+    assert {p["type"] for p in board["panels"]} >= {"heatmap", "table", "timeseries", "stat", "row"}
     for expr in exprs:
         if HTTP_DURATION in expr or "body_size" in expr:
-            for matcher in ('instance=~"$instance"', 'server_port=~"$port"', 'http_route=~"$route"'):
+            for matcher in (
+                'instance=~"$instance"',
+                'server_port=~"$port"',
+                'http_route=~"$route"',
+                'url_scheme=~"$scheme"',
+                'network_protocol_version=~"$protocol"',
+            ):
                 assert matcher in expr
+
+
+def test_http_overview_has_a_grpc_row_on_the_rpc_histogram():
+    board = _load("http-overview.json")
+    titles = [p["title"] for p in board["panels"]]
+    row = titles.index("gRPC")
+    assert board["panels"][row]["type"] == "row"
+    grpc = board["panels"][row + 1 :]
+    assert [p["title"] for p in grpc] == [
+        "gRPC calls by method and status code",
+        "gRPC server error ratio by method",
+        "gRPC latency p95 by method",
+    ]
+    exprs = [t["expr"] for p in grpc for t in p["targets"]]
+    assert all(RPC_DURATION in e and 'instance=~"$instance"' in e and 'server_port=~"$port"' in e for e in exprs)
+    assert 'rpc_grpc_status_code=~"2|4|12|13|14|15"' in exprs[1]
+    assert all(p["gridPos"]["y"] > board["panels"][row]["gridPos"]["y"] for p in grpc)
 
 
 def test_every_query_names_a_metric_the_exporter_or_the_rules_produce():
@@ -126,7 +167,7 @@ def test_every_query_names_a_metric_the_exporter_or_the_rules_produce():
         | {"ALERTS"}
         | {
             f"{base}_{suffix}"
-            for base in (HTTP_DURATION, HTTP_REQUEST_BODY, HTTP_RESPONSE_BODY)
+            for base in (HTTP_DURATION, HTTP_REQUEST_BODY, HTTP_RESPONSE_BODY, RPC_DURATION)
             for suffix in ("bucket", "count", "sum")
         }
         | {f"{SELF}_{name}" for name in SELF_METRICS}
@@ -149,6 +190,9 @@ def test_every_query_names_a_metric_the_exporter_or_the_rules_produce():
         "reason",
         "outcome",
         "verdict",
+        "rpc_service",
+        "rpc_method",
+        "rpc_grpc_status_code",
     }
     for query in all_dashboard_queries():
         text = re.sub(r'"[^"]*"', '""', query.expr)  # drop label values

@@ -147,4 +147,4 @@ def test_start_and_stop_without_push_return_promptly() -> None:
     runtime = SloRuntime(load_manifest(EXAMPLE), push_interval_s=1)
     runtime.start()
     runtime.stop(timeout_s=2.0)
-    assert runtime._thread is None
+    assert runtime.scheduler._thread is None
