@@ -125,6 +125,7 @@ _U_SKIP = 2  # passing over payload bytes (DATA content, padding, frames we igno
 _U_PAD_LENGTH = 3  # the pad-length byte of a padded DATA frame
 
 _GRPC_CONTENT = b"application/grpc"
+_DECODED_CACHE = 64  # header blocks remembered per direction (see _Reader._decode)
 
 
 class Http2Limits:
@@ -426,6 +427,7 @@ class _Reader:
         "_block_stream",
         "_buf",
         "_conn",
+        "_decoded",
         "_decoder",
         "_flags",
         "_frame_ns",
@@ -433,6 +435,7 @@ class _Reader:
         "_left",
         "_pad",
         "_stream",
+        "_table_version",
         "_to_server",
         "_unit",
         "_want",
@@ -445,6 +448,8 @@ class _Reader:
     def __init__(self, conn: Http2Connection, to_server: bool) -> None:
         self._conn = conn
         self._to_server = to_server
+        self._decoded: dict[bytes, tuple[int, list[tuple[bytes, bytes]]]] = {}
+        self._table_version = 0
         self.alive = True
         self.synced = False  # at a frame boundary we trust
         self.seen_start = False  # HPACK state known: this direction was read from its first frame
@@ -469,7 +474,36 @@ class _Reader:
     def _new_decoder(self) -> Decoder:
         decoder = Decoder(max_header_list_size=self._conn.limits.max_header_block)
         decoder.max_allowed_table_size = self._conn.limits.max_header_table
+        self._decoded = {}
+        self._table_version = 0
         return decoder
+
+    def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        """HPACK-decode a block, reusing the result of the same bytes under the same table.
+
+        hpack costs ~10-30 us a block here, and most blocks repeat: a client's requests, once
+        its encoder has indexed them, are a handful of indexed fields that leave the table as
+        it was. A block that changed nothing decodes the same way for as long as the table
+        stays as it is, so it is cached under the table's version; any block that changes the
+        table bumps the version, which retires every cached result at once.
+        """
+        hit = self._decoded.get(block)
+        if hit is not None and hit[0] == self._table_version:
+            return hit[1]
+        table = self._decoder.header_table
+        entries = table.dynamic_entries
+        # The newest entry is held (not only its id) so that a new entry cannot reuse its address.
+        newest = entries[0] if entries else None
+        size = len(entries)
+        maxsize = table.maxsize
+        fields: list[tuple[bytes, bytes]] = self._decoder.decode(block, raw=True)  # type: ignore[assignment]
+        if (entries[0] if entries else None) is newest and len(entries) == size and table.maxsize == maxsize:
+            if len(self._decoded) >= _DECODED_CACHE:
+                self._decoded.clear()
+            self._decoded[block] = (self._table_version, fields)
+        else:
+            self._table_version += 1
+        return fields
 
     # -- the parser interface flows uses -------------------------------------------------
 
@@ -772,7 +806,7 @@ class _Reader:
         fields: list[tuple[bytes, bytes]] | None = None
         if block is not None and not self._block_over:
             try:
-                fields = self._decoder.decode(bytes(block), raw=True)  # type: ignore[assignment]  # bytes pairs
+                fields = self._decode(bytes(block))
             except (HPACKError, IndexError, ValueError, TypeError):
                 if self.seen_start:
                     self._conn.stats.parse_errors["bad_header_block"] += 1

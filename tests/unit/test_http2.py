@@ -20,7 +20,16 @@ from hyperframe.frame import (
 )
 
 from exporter.core.flows import Limits, Tracker
-from exporter.core.http2 import GRPC_STATUS_MISSING, GRPC_STATUS_RESET, PREFACE, RESET_STATUS, looks_like_frames
+from exporter.core.http2 import (
+    GRPC_STATUS_MISSING,
+    GRPC_STATUS_RESET,
+    PREFACE,
+    RESET_STATUS,
+    Http2Connection,
+    Http2Limits,
+    Http2Stats,
+    looks_like_frames,
+)
 from exporter.core.model import SYN, Exchange, RpcCall
 from tests.unit.test_flows import PORT, Conn
 
@@ -443,3 +452,15 @@ def test_connection_closed_with_open_streams() -> None:
 ])
 def test_looks_like_frames(payload: bytes, expected: bool) -> None:
     assert looks_like_frames(payload) is expected
+
+
+def test_decoded_block_cache_follows_the_dynamic_table() -> None:
+    reader = Http2Connection(PORT, [], Http2Stats(), Http2Limits()).client
+    encoder = Encoder()
+    first = encoder.encode([(":path", "/a")])  # a literal that inserts (:path, /a) at index 62
+    again = encoder.encode([(":path", "/a")])  # index 62
+    assert reader._decode(first) == [(b":path", b"/a")]
+    assert reader._decode(again) == [(b":path", b"/a")]
+    assert reader._decode(again) == [(b":path", b"/a")]  # from the cache
+    assert reader._decode(encoder.encode([(":path", "/b")])) == [(b":path", b"/b")]  # now index 62
+    assert reader._decode(again) == [(b":path", b"/b")]
