@@ -123,8 +123,9 @@ class Bench:
             baseline: dict[str, float] = {}
             for config, load in plan:
                 what = f"{config} {load.label}".strip()
+                streams = f" -m{load.h2_streams}" if load.h2_streams else ""
                 self.echo(f"  run {round_no}/{self.repeat}: {what} "
-                          f"(wrk -t{load.threads} -c{load.connections} -d{load.duration_s:g}s)")
+                          f"({load.tool} -t{load.threads} -c{load.connections}{streams} -d{load.duration_s:g}s)")
                 try:
                     result = self.runner.run(config, load, rss_every_s)
                 except BenchError as exc:
