@@ -190,6 +190,31 @@ def looks_like_frames(data: bytes | bytearray, start: int = 0) -> bool:
     return pos >= end or end - pos < _FRAME_HEADER
 
 
+def _read_request(fields: list[tuple[bytes, bytes]]) -> tuple[str, str, str, str] | None:
+    """(method, target, gRPC service, gRPC method) of a request's fields; None when malformed."""
+    method = path = authority = content_type = b""
+    for name, value in fields:
+        if name == b":method":
+            method = value
+        elif name == b":path":
+            path = value
+        elif name == b":authority":
+            authority = value
+        elif name == b"content-type":
+            content_type = value
+    if not path and method == b"CONNECT":
+        path = authority  # authority-form, as HTTP/1 reports a CONNECT target
+    if not method or not path:
+        return None
+    target = path.decode("latin-1")
+    service = rpc_method = ""
+    if content_type.startswith(_GRPC_CONTENT) and target[0] == "/":
+        service, _, rpc_method = target.partition("?")[0][1:].rpartition("/")
+        if not service or not rpc_method:
+            service = rpc_method = ""
+    return method.decode("latin-1"), normalise_target(target), service, rpc_method
+
+
 class _Stream:
     """One stream: its request, and what the response has shown so far."""
 
@@ -228,6 +253,7 @@ class Http2Connection:
         "emitted",
         "last_client_stream",
         "limits",
+        "parsed",
         "scheme",
         "server",
         "server_port",
@@ -254,6 +280,8 @@ class Http2Connection:
         self.streams: dict[int, _Stream] = {}
         self.last_client_stream = 0
         self.counted = False  # counted in stats.connections
+        # The last request block read, and what it said: a cached decode returns the same list.
+        self.parsed: tuple[list[tuple[bytes, bytes]], tuple[str, str, str, str] | None] | None = None
         self.client = _Reader(self, True)
         self.server = _Reader(self, False)
         if upgraded is not None:
@@ -299,30 +327,20 @@ class Http2Connection:
             self.stats.undecodable_streams += 1
             self.open_stream(stream_id, _Stream("", "", start_ns, known=False))
             return
-        method = path = authority = b""
-        content_type = b""
-        for name, value in fields:
-            if name == b":method":
-                method = value
-            elif name == b":path":
-                path = value
-            elif name == b":authority":
-                authority = value
-            elif name == b"content-type":
-                content_type = value
-        if not path and method == b"CONNECT":
-            path = authority  # authority-form, as HTTP/1 reports a CONNECT target
-        if not method or not path:
+        parsed = self.parsed
+        if parsed is not None and parsed[0] is fields:
+            request = parsed[1]  # the same block as the last request: decoded once, read once
+        else:
+            request = _read_request(fields)
+            self.parsed = (fields, request)
+        if request is None:
             self.stats.undecodable_streams += 1  # malformed request: no route to give it
             self.open_stream(stream_id, _Stream("", "", start_ns, known=False))
             return
-        target = path.decode("latin-1")
-        stream = _Stream(method.decode("latin-1"), normalise_target(target), start_ns)
-        if content_type.startswith(_GRPC_CONTENT):
-            service, _, rpc_method = target.partition("?")[0][1:].rpartition("/")
-            if service and rpc_method and target[0] == "/":
-                stream.service = service
-                stream.rpc_method = rpc_method
+        method, target, service, rpc_method = request
+        stream = _Stream(method, target, start_ns)
+        stream.service = service
+        stream.rpc_method = rpc_method
         self.open_stream(stream_id, stream)
 
     def response_headers(self, stream_id: int, fields: list[tuple[bytes, bytes]] | None, end_stream: bool,
