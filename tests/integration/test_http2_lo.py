@@ -294,6 +294,13 @@ def test_nginx_h2c_matches_access_log(host: str, fast_path: str) -> None:
     assert sum(self_metric(samples, "http2_streams_dropped_total", reason=r)
                for r in ("lost", "cap", "goaway", "closed")) == 0
     assert self_metric(samples, "parse_errors_total", reason="not_http") == 0
+    # The kernel's fast path handed every h2c connection over ("PRI" is no HTTP/1 method) and
+    # was never told to cut an HTTP/2 body: frame headers sit anywhere in the DATA.
+    if fast_path == "--fast-path":
+        assert ("ebpf_slo_exporter_fast_path_exchanges_total", ()) in samples
+        assert self_metric(samples, "fast_path_exchanges_total") == 0
+    assert ("ebpf_slo_exporter_filter_packets_total", (("verdict", "truncated_body_skip"),)) in samples
+    assert self_metric(samples, "filter_packets_total", verdict="truncated_body_skip") == 0
     # 20 KB bodies (two DATA frames each, cut anywhere by TCP): every byte is counted.
     size_sum = sum(value for (name, labels), value in samples.items()
                    if name == "http_server_response_body_size_bytes_sum" and dict(labels)["http_route"] ==
