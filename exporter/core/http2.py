@@ -776,15 +776,16 @@ class _Reader:
             if start > end:
                 return self._error("bad_frame")
             self._start_block(self._stream, flags, kind)
-            assert self._block is not None
-            self._block += payload[start:end]
-            if flags & _END_HEADERS:
-                self._end_block(self._block, ts_ns)
+            if flags & _END_HEADERS:  # the usual case: the whole block in this one frame
+                self._end_block(payload[start:end] if start or end < len(payload) else payload, ts_ns)
+            else:
+                assert self._block is not None
+                self._block += payload[start:end]
         elif kind == _CONTINUATION:
             assert self._block is not None
             self._block += payload
             if self._flags & _END_HEADERS:
-                self._end_block(self._block, ts_ns)
+                self._end_block(bytes(self._block), ts_ns)
         elif kind == _SETTINGS:
             for at in range(0, len(payload), 6):
                 ident, value = struct.unpack_from(">HI", payload, at)
@@ -818,13 +819,13 @@ class _Reader:
         self._block_ns = self._frame_ns
         self._block_push = kind == _PUSH_PROMISE
 
-    def _end_block(self, block: bytearray | None, ts_ns: int) -> None:
+    def _end_block(self, block: bytes | None, ts_ns: int) -> None:
         """A whole header block: decode it (always, to keep HPACK in step) and apply it."""
         self._block = None
         fields: list[tuple[bytes, bytes]] | None = None
         if block is not None and not self._block_over:
             try:
-                fields = self._decode(bytes(block))
+                fields = self._decode(block)
             except (HPACKError, IndexError, ValueError, TypeError):
                 if self.seen_start:
                     self._conn.stats.parse_errors["bad_header_block"] += 1
