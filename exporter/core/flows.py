@@ -302,7 +302,9 @@ class _Flow:
             return
         if (to_server and data.startswith(PREFACE)) or looks_like_frames(data):
             self.use_http2()
-        elif (_REQUEST_START if to_server else _RESPONSE_START).match(data) or self.sniff_tries >= _SNIFF_TRIES:
+        elif ((_REQUEST_START if to_server else _RESPONSE_START).match(data) or b"HTTP/1." in data
+              or self.sniff_tries >= _SNIFF_TRIES):
+            # An HTTP/1 start, or one further in (joined mid-body): the HTTP/1 parser resyncs there.
             self.use_http1()
         else:
             # Neither an HTTP/1 message start nor a frame boundary: joined in the middle of

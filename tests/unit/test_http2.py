@@ -464,3 +464,11 @@ def test_decoded_block_cache_follows_the_dynamic_table() -> None:
     assert reader._decode(again) == [(b":path", b"/a")]  # from the cache
     assert reader._decode(encoder.encode([(":path", "/b")])) == [(b":path", b"/b")]  # now index 62
     assert reader._decode(again) == [(b":path", b"/b")]
+
+
+def test_http1_joined_mid_body_is_still_picked_up_at_the_next_head() -> None:
+    out, _ = run([
+        ("c", b"tail of a body we joined in the middle of\r\nGET /next HTTP/1.1\r\nHost: x\r\n\r\n", 1),
+        ("s", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 2),
+    ])
+    assert [(e.method, e.target, e.status, e.protocol_version) for e in out] == [("GET", "/next", 200, "1.1")]
