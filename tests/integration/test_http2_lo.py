@@ -306,3 +306,43 @@ def test_nginx_h2c_matches_access_log(host: str, fast_path: str) -> None:
                    if name == "http_server_response_body_size_bytes_sum" and dict(labels)["http_route"] ==
                    "/files/{name}")
     assert size_sum == 20_000 * expected[("GET", "200", "/files/{name}")]
+
+
+def test_grpc_connection_opened_before_start_never_guesses() -> None:
+    """A channel whose HPACK tables were filled before the exporter started: what is counted is
+    exact, and every other call after the start is on the undecodable counter."""
+    with grpc_server("127.0.0.1") as (port, recorder), \
+            grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        unary = channel.unary_unary(f"/{SERVICE}/Unary")
+        lookup = channel.unary_unary(f"/{SERVICE}/Lookup")
+        for i in range(10):  # before start: the client's and the server's encoders index their fields
+            assert unary(b"%d" % i, timeout=10) == b"echo:%d" % i
+        with ExporterProcess("--interface", "lo", "--port", str(port)) as exporter:
+            before = sum(recorder.calls.values())
+            for i in range(30):
+                assert unary(b"%d" % i, timeout=10) == b"echo:%d" % i
+            for _ in range(5):
+                with pytest.raises(grpc.RpcError):
+                    lookup(b"x", timeout=10)
+            after = sum(recorder.calls.values()) - before
+            assert after == 35
+            deadline = time.monotonic() + 15
+            samples = exporter.scrape()
+            while time.monotonic() < deadline:
+                counted = sum(rpc_counts(samples, port).values())
+                if counted + self_metric(samples, "http2_undecodable_streams_total") >= after:
+                    break
+                time.sleep(0.1)
+                samples = exporter.scrape()
+            time.sleep(0.3)
+            samples = exporter.scrape()
+    assert self_metric(samples, "kernel_drops_total") == 0
+    got = rpc_counts(samples, port)
+    undecodable = self_metric(samples, "http2_undecodable_streams_total")
+    assert sum(got.values()) + undecodable == after, (got, undecodable)
+    # Whatever was counted is right: only the two methods and their true codes.
+    assert set(got) <= {(SERVICE, "Unary", "0"), (SERVICE, "Lookup", "5")}, got
+    assert got[(SERVICE, "Unary", "0")] <= 30 and got[(SERVICE, "Lookup", "5")] <= 5
+    assert self_metric(samples, "http2_connections_total", how="mid_stream") == 1
+    for reason in ("bad_preface", "bad_frame", "bad_header_block", "truncated"):
+        assert self_metric(samples, "http2_parse_errors_total", reason=reason) == 0
