@@ -346,3 +346,101 @@ def test_grpc_connection_opened_before_start_never_guesses() -> None:
     assert self_metric(samples, "http2_connections_total", how="mid_stream") == 1
     for reason in ("bad_preface", "bad_frame", "bad_header_block", "truncated"):
         assert self_metric(samples, "http2_parse_errors_total", reason=reason) == 0
+
+
+# -- h2c upgrade ----------------------------------------------------------------------------
+
+
+class UpgradeServer:
+    """HTTP/1.1 → h2c via `Upgrade: h2c` (RFC 7540 §3.2) with the h2 state machine; logs what it answers."""
+
+    def __init__(self, host: str) -> None:
+        import socket
+
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.bind((host, 0))
+        self.sock.listen(8)
+        self.port = int(self.sock.getsockname()[1])
+        self.log: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+
+    def answer(self, h2conn: Any, stream: int, method: str, path: str) -> None:
+        status = 404 if path.startswith("/missing") else 200
+        body = b"" if status == 404 else b"hello " * (len(path) + 1)
+        h2conn.send_headers(stream, [(":status", str(status)), ("content-length", str(len(body)))],
+                            end_stream=not body)
+        if body:
+            h2conn.send_data(stream, body, end_stream=True)
+        with self.lock:
+            self.log[(method, str(status), path.split("?", 1)[0])] += 1
+
+    def handle(self, conn: Any) -> None:
+        import h2.config
+        import h2.connection
+        import h2.events
+
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            lines = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+            method, path, _ = lines[0].split(" ")
+            headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+            h2conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+            h2conn.initiate_upgrade_connection(headers["http2-settings"])
+            self.answer(h2conn, 1, method, path)
+            conn.sendall(h2conn.data_to_send())
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                for event in h2conn.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        fields = {k.decode(): v.decode() for k, v in event.headers}
+                        self.answer(h2conn, event.stream_id, fields[":method"], fields[":path"])
+                    elif isinstance(event, h2.events.ConnectionTerminated):
+                        conn.sendall(h2conn.data_to_send())
+                        return
+                conn.sendall(h2conn.data_to_send())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_h2c_upgrade_with_curl(host: str) -> None:
+    server = UpgradeServer(host)
+    try:
+        with ExporterProcess("--interface", "lo", "--port", str(server.port)) as exporter:
+            base = f"http://[{host}]:{server.port}" if ":" in host else f"http://{host}:{server.port}"
+            # One curl, one connection: the first request upgrades (stream 1), the rest are streams 3, 5, 7.
+            done = subprocess.run(["curl", "-s", "--http2", "-o", "/dev/null", "-o", "/dev/null", "-o", "/dev/null",
+                                   "-o", "/dev/null", f"{base}/first?x=1", f"{base}/missing", f"{base}/a/b",
+                                   f"{base}/first"], capture_output=True, timeout=20, check=False)
+            assert done.returncode == 0, done.stderr
+            assert sum(server.log.values()) == 4
+            samples = exporter.wait_for_exchanges(4)
+    finally:
+        server.close()
+    assert self_metric(samples, "kernel_drops_total") == 0
+    assert counts_by_key(samples, server.port) == server.log
+    assert self_metric(samples, "http2_connections_total", how="upgrade") == 1
+    assert self_metric(samples, "parse_errors_total", reason="not_http") == 0
+    versions = {dict(labels)["network_protocol_version"] for (name, labels) in samples
+                if name == "http_server_request_duration_seconds_count"}
+    assert versions == {"2"}  # the upgraded request too: it is answered on stream 1
