@@ -561,6 +561,7 @@ class _Reader:
     def feed(self, data: bytes, ts_ns: int, missing: int = 0) -> None:
         if not self.alive:
             return
+        first = not self.started or bool(self._buf)  # the direction's first bytes (a cut preface included)
         self.started = True
         pos = 0
         end = len(data)
@@ -580,6 +581,10 @@ class _Reader:
                 if not server.started:
                     # The server's first byte is then the start of its frames, and of its HPACK state.
                     server.synced = server.seen_start = True
+            elif self._to_server and first and data[:4] == PREFACE[:4]:
+                self._conn.stats.parse_errors["bad_preface"] += 1  # e.g. after a 101 to h2c
+                self.stop()
+                return
             elif not looks_like_frames(data):
                 return  # not at a frame boundary yet (joined mid-stream, or after a loss)
             elif self._to_server:

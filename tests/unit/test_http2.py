@@ -472,3 +472,16 @@ def test_http1_joined_mid_body_is_still_picked_up_at_the_next_head() -> None:
         ("s", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 2),
     ])
     assert [(e.method, e.target, e.status, e.protocol_version) for e in out] == [("GET", "/next", 200, "1.1")]
+
+
+def test_bad_preface_after_an_upgrade_is_counted() -> None:
+    upgrade = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\r\n"
+    switching = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+    out, tracker = run([
+        ("c", upgrade, 1),
+        ("s", switching, 2),
+        ("c", b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n" + wire(settings()), 3),
+    ])
+    assert out == []
+    assert tracker.stats.http2.parse_errors["bad_preface"] == 1
+    assert tracker.stats.http2.streams_dropped["closed"] == 1  # the upgraded request never got its answer
