@@ -36,10 +36,13 @@ from bench.runner import CONFIGS, REPO, Load, Runner, RunResult, run_quiet
 from bench.wrk import churn_script, paced_script
 from exporter.capture.bpfsys import enable_run_time_stats
 
-SCENARIOS = ("red", "size", "rate", "conns", "soak")
-DEFAULT_DURATION = {"red": 20.0, "size": 10.0, "rate": 20.0, "conns": 20.0, "soak": 600.0}
+SCENARIOS = ("red", "size", "rate", "conns", "soak", "h2")
+DEFAULT_DURATION = {"red": 20.0, "size": 10.0, "rate": 20.0, "conns": 20.0, "soak": 600.0, "h2": 10.0}
 DEFAULT_CONFIGS = {"red": CONFIGS, "size": ("baseline", "exporter"), "rate": ("exporter",),
-                   "conns": ("baseline", "exporter"), "soak": ("exporter",)}
+                   "conns": ("baseline", "exporter"), "soak": ("exporter",), "h2": ("baseline", "exporter")}
+H2_STREAMS = 10  # h2load -m: concurrent streams per connection
+H2_CONNECTIONS = 4
+H2_RATES = "5000,20000"
 NOTE = """\
 Requests are lines in nginx's access log; completeness is requests counted by the capture ÷ those.
 "Cut at wrk's exit" are logged requests whose response nginx never finished sending (wrk resets its
@@ -120,8 +123,9 @@ class Bench:
             baseline: dict[str, float] = {}
             for config, load in plan:
                 what = f"{config} {load.label}".strip()
+                streams = f" -m{load.h2_streams}" if load.h2_streams else ""
                 self.echo(f"  run {round_no}/{self.repeat}: {what} "
-                          f"(wrk -t{load.threads} -c{load.connections} -d{load.duration_s:g}s)")
+                          f"({load.tool} -t{load.threads} -c{load.connections}{streams} -d{load.duration_s:g}s)")
                 try:
                     result = self.runner.run(config, load, rss_every_s)
                 except BenchError as exc:
@@ -159,7 +163,7 @@ def _group_key(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
               help="red: the three configurations side by side; size: response bodies 1 KB-1 MB; rate: low "
                    "paced rates vs full load, with latency spot checks; conns: 10k open connections; "
                    "soak: RSS "
-                   "over a long run.")
+                   "over a long run; h2: h2load against nginx h2c (HTTP/2 streams), paced and unpaced.")
 @click.option("--duration", type=click.FloatRange(1, 86400),
               help="Seconds of load per run [default: 20; size 10; soak 600].")
 @click.option("--connections", type=click.IntRange(1, 60000), default=32, show_default=True,
@@ -168,8 +172,8 @@ def _group_key(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @click.option("--repeat", type=click.IntRange(1, 100), default=3, show_default=True,
               help="Rounds of the configurations, interleaved; medians are reported.")
 @click.option("--configs", help="Comma-separated subset of baseline,seed,exporter [default: per scenario].")
-@click.option("--rates", default="100,1000", show_default=True,
-              help="rate scenario: paced request rates per second, compared with unpaced full load.")
+@click.option("--rates", help="rate and h2 scenarios: paced request rates per second, compared with unpaced "
+                              f"full load [default: rate 100,1000; h2 {H2_RATES}].")
 @click.option("--markdown", is_flag=True,
               help="Print markdown tables (the default when stdout is not a terminal).")
 @click.option("--keep-workdir", is_flag=True, help="Keep the temp dir with nginx, wrk and exporter logs.")
@@ -177,7 +181,7 @@ def _group_key(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
               help="Also measure the BPF filter's own CPU per request (kernel run time statistics; they add "
                    "two clock reads per filter run, so throughput is quoted without them).")
 def main(scenario: str, duration: float | None, connections: int, threads: int, repeat: int,
-         configs: str | None, rates: str, markdown: bool, keep_workdir: bool, filter_stats: bool) -> None:
+         configs: str | None, rates: str | None, markdown: bool, keep_workdir: bool, filter_stats: bool) -> None:
     """Load benchmark: nginx on lo under wrk, with no capture, the 2021 seed design, and the exporter.
 
     Needs root (BPF), nginx and wrk (`make setup` installs them). Prints markdown tables
@@ -192,7 +196,8 @@ def main(scenario: str, duration: float | None, connections: int, threads: int, 
                                  f"choose from {', '.join(CONFIGS)}", param_hint="--configs")
     if os.geteuid() != 0 and set(chosen) - {"baseline"}:
         raise BenchError("the seed and the exporter attach BPF filters: run as root (sudo make bench)")
-    tools = require_tools(["nginx", "wrk"])
+    tools = require_tools(["nginx", "h2load"] if scenario == "h2" else ["nginx", "wrk"])
+    rates = rates or (H2_RATES if scenario == "h2" else "100,1000")
     if set(chosen) - {"baseline"}:
         _require_python_modules(["bcc", "pypacker"])
 
@@ -252,6 +257,24 @@ def _run_scenario(bench: Bench, scenario: str, chosen: Sequence[str], duration: 
         columns = [Column("rate", "label", align="left"), COL_CONFIG, COL_RPS, COL_COMPLETE, COL_DROPS,
                    COL_CPU, COL_CAP_LAT, COL_WRK_LAT]
         return _tables("cost and latency against request rate", rows, columns, bench.repeat, group="group")
+    if scenario == "h2":
+        conns = connections if connections != 32 else H2_CONNECTIONS
+        plan = []
+        for text in rates.split(","):
+            rate = float(text)
+            paced = Load(duration, conns, threads, label=f"paced {rate:g}/s", h2_streams=H2_STREAMS,
+                         h2_rps=rate / conns)
+            plan += [(c, paced) for c in chosen]
+        plan += [(c, Load(duration, conns, threads, label="full load", h2_streams=H2_STREAMS)) for c in chosen]
+        rows = _group_key(bench.interleaved(plan))
+        columns = [Column("rate", "label", align="left"), COL_CONFIG, Column("server streams/s", "rps", fmt_int),
+                   COL_COMPLETE, COL_UNFINISHED, COL_DROPS, Column("capture CPU µs/stream", "cpu_us", fmt_us),
+                   COL_RSS, COL_NGINX, COL_OTHER]
+        tables = _tables(f"HTTP/2: nginx h2c `return 200 \"ok\"`, h2load -t{threads} -c{conns} -m{H2_STREAMS} "
+                         f"-D{duration:g}", rows, columns, bench.repeat, group="group")
+        tables[-1].note = NOTE.replace("wrk", "h2load") + (
+            "\nStreams are HTTP/2 requests (one per stream); \"vs no capture\" compares server streams/s.")
+        return tables
     if scenario == "conns":
         conns = max(connections, CONNS) if connections != 32 else CONNS
         load = Load(duration, conns, threads, label=f"{conns} conns")

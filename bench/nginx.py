@@ -51,7 +51,7 @@ http {{
     default_type text/plain;
 
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen 127.0.0.1:{port}{http2} backlog=4096;
         root {root}/www;
         location = / {{ return 200 "ok"; }}
         location = /ready {{ access_log off; return 200 "ready"; }}
@@ -67,12 +67,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def render_config(root: Path, port: int, connections: int = 20000, nofile: int = 65536) -> str:
-    return _CONFIG.format(root=root, port=port, connections=connections, nofile=nofile, flush=int(FLUSH_S))
+def render_config(root: Path, port: int, connections: int = 20000, nofile: int = 65536, http2: bool = False) -> str:
+    """`http2`: the listener speaks HTTP/2 with prior knowledge (h2c; nginx 1.22's `listen ... http2`)."""
+    return _CONFIG.format(root=root, port=port, connections=connections, nofile=nofile, flush=int(FLUSH_S),
+                          http2=" http2" if http2 else "")
 
 
 class Nginx:
-    def __init__(self, children: Children, binary: str, workdir: Path) -> None:
+    def __init__(self, children: Children, binary: str, workdir: Path, http2: bool = False) -> None:
+        self.http2 = http2
         self.children = children
         self.binary = binary
         self.root = workdir / "nginx"
@@ -99,7 +102,7 @@ class Nginx:
                 break
             directory.chmod(directory.stat().st_mode | 0o055)
         conf = self.root / "nginx.conf"
-        conf.write_text(render_config(self.root, self.port))
+        conf.write_text(render_config(self.root, self.port, http2=self.http2))
         self.child = self.children.start("nginx", [self.binary, "-p", str(self.root), "-c", str(conf)])
         if not wait_until(self._answers, 10.0):
             tail = self.child.log_tail() or (self.root / "error.log").read_text(errors="replace")[-300:]
@@ -110,6 +113,9 @@ class Nginx:
             raise BenchError(f"nginx exited at start: {self.child.log_tail()}")
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                if self.http2:  # the client preface and an empty SETTINGS; nginx answers with its SETTINGS
+                    sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+                    return sock.recv(9)[3:4] == b"\x04"
                 sock.sendall(b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                 return sock.recv(16).startswith(b"HTTP/1.1 200")
         except OSError:

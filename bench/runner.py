@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.h2load import parse_h2load
 from bench.nginx import Nginx
 from bench.procs import BenchError, Child, Children, wait_until
 from bench.scrape import CLK_TCK, Scrape, fetch_scrape, read_proc
@@ -49,8 +50,21 @@ class Load:
     path: str = "/"
     script: str | None = None  # Lua for wrk -s
     label: str = ""
+    # HTTP/2: > 0 drives nginx's h2c listener with h2load -m this many streams per connection.
+    h2_streams: int = 0
+    h2_rps: float = 0.0  # h2load --rps, requests per second per connection (0: unpaced)
+
+    @property
+    def tool(self) -> str:
+        return "h2load" if self.h2_streams else "wrk"
 
     def argv(self, wrk: str, url: str, script_path: Path | None) -> list[str]:
+        if self.h2_streams:
+            argv = [wrk, f"-t{self.threads}", f"-c{self.connections}", f"-m{self.h2_streams}",
+                    f"-D{self.duration_s:g}"]
+            if self.h2_rps:
+                argv.append(f"--rps={self.h2_rps:g}")
+            return [*argv, url]
         argv = [wrk, f"-t{self.threads}", f"-c{self.connections}", f"-d{self.duration_s:g}s", "--latency"]
         if script_path is not None:
             argv += ["-s", str(script_path)]
@@ -172,7 +186,8 @@ class Runner:
     def run(self, config: str, load: Load, rss_every_s: float | None = None) -> RunResult:
         self._n += 1
         result = RunResult(config, load.label)
-        nginx = Nginx(self.children, self.tools["nginx"], self.workdir / f"run{self._n}")
+        nginx = Nginx(self.children, self.tools["nginx"], self.workdir / f"run{self._n}",
+                      http2=bool(load.h2_streams))
         capture: Child | None = None
         try:
             nginx.start()
@@ -237,7 +252,7 @@ class Runner:
             script.write_text(load.script)
         out = self.workdir / f"wrk.{self._n}.out"
         with open(out, "wb") as stdout:
-            child = self.children.start("wrk", load.argv(self.tools["wrk"], nginx.url(load.path), script),
+            child = self.children.start(load.tool, load.argv(self.tools[load.tool], nginx.url(load.path), script),
                                         stdout=stdout)
         deadline = time.monotonic() + load.duration_s + 30 + load.connections / 1000
         samples: list[tuple[float, float]] = []
@@ -257,9 +272,10 @@ class Runner:
             self.children.stop(child)
         text = out.read_text(errors="replace")
         if child.proc.returncode != 0:
-            raise BenchError(f"wrk failed (exit {child.proc.returncode}): {child.log_tail() or text[-200:]}")
+            raise BenchError(f"{load.tool} failed (exit {child.proc.returncode}): "
+                             f"{child.log_tail() or text[-200:]}")
         try:
-            wrk = parse_wrk(text)
+            wrk = parse_h2load(text) if load.h2_streams else parse_wrk(text)
         except ValueError as exc:
             raise BenchError(f"{exc}: {text[-200:]!r}") from None
         if wrk.non_2xx:

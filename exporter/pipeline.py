@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 from exporter.core.flows import CoreStats, FlowKey, Handover, Limits, Tracker
+from exporter.core.http2 import FRAME_TYPES, Http2Stats
 from exporter.core.model import Exchange, Segment
 from exporter.core.routes import RouteMapper
 from exporter.metrics import (
@@ -118,3 +119,33 @@ def core_samples(stats: CoreStats) -> Iterator[SelfSample]:
     yield SelfSample(SELF_HELD_BYTES, "gauge",
                      "Out-of-order data held for reordering, all connections together (bounded).",
                      stats.held_bytes)
+    yield from http2_samples(stats.http2)
+
+
+def http2_samples(stats: Http2Stats) -> Iterator[SelfSample]:
+    for how, count in sorted(stats.connections.items()):
+        yield SelfSample("http2_connections_total", "counter",
+                         "HTTP/2 connections decoded, by how they were recognised.", count, (("how", how),))
+    for kind, count in zip(FRAME_TYPES, stats.frames, strict=True):
+        yield SelfSample("http2_frames_total", "counter", "HTTP/2 frames read, by type.", count, (("type", kind),))
+    for reason, count in sorted(stats.parse_errors.items()):
+        yield SelfSample("http2_parse_errors_total", "counter",
+                         "HTTP/2 framing or HPACK errors, by reason; the direction resyncs after each.", count,
+                         (("reason", reason),))
+    for cap, count in sorted(stats.caps.items()):
+        yield SelfSample("http2_caps_hit_total", "counter",
+                         "Times a per-connection HTTP/2 cap was hit (streams, header_block, header_table).",
+                         count, (("cap", cap),))
+    yield SelfSample("http2_undecodable_streams_total", "counter",
+                     "HTTP/2 streams not counted because their request or status could not be decoded exactly "
+                     "(connections joined mid-stream, HPACK entries never seen).", stats.undecodable_streams)
+    for reason, count in sorted(stats.streams_dropped.items()):
+        yield SelfSample("http2_streams_dropped_total", "counter",
+                         "Decoded HTTP/2 streams that left without an exchange, by reason.", count,
+                         (("reason", reason),))
+    yield SelfSample("http2_reset_streams_total", "counter",
+                     "HTTP/2 streams reset (RST_STREAM) before their response ended; counted with status 0.",
+                     stats.reset_streams)
+    yield SelfSample("http2_push_promises_total", "counter",
+                     "HTTP/2 server pushes seen; pushed responses are not counted as exchanges.",
+                     stats.push_promises)

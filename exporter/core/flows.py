@@ -35,9 +35,11 @@ Parse error reasons are listed in `http1`; "gap" is counted here.
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from exporter.core.http1 import (
     PARSE_ERROR_REASONS,
@@ -46,6 +48,7 @@ from exporter.core.http1 import (
     ResponseParser,
     normalise_target,
 )
+from exporter.core.http2 import PREFACE, Http2Connection, Http2Limits, Http2Stats, looks_like_frames
 from exporter.core.model import FIN, RST, SYN, Exchange, Segment
 
 __all__ = ["CoreStats", "Handover", "Limits", "Tracker"]
@@ -74,9 +77,16 @@ class Limits:
     max_pending_requests: int = 128  # per connection, requests awaiting a response
     max_header_bytes: int = 32768  # a larger head is a parse error ("header_too_large")
     idle_timeout_ns: int = 300 * 10**9  # flows idle this long are evicted by expire()
+    # HTTP/2, per connection: open streams (beyond → the oldest is dropped, counted), and the
+    # HPACK table a peer may ask for (SETTINGS_HEADER_TABLE_SIZE; beyond → capped, counted).
+    # A header block is bounded by max_header_bytes, like an HTTP/1 head.
+    max_h2_streams: int = 256
+    max_h2_header_table: int = 65536
 
     def __post_init__(self) -> None:
         for name in (
+            "max_h2_streams",
+            "max_h2_header_table",
             "max_flows",
             "max_buffered_bytes",
             "max_held_bytes_total",
@@ -96,6 +106,7 @@ class CoreStats:
         "flows_closed",
         "flows_evicted",
         "held_bytes",
+        "http2",
         "out_of_order_segments",
         "parse_errors",
         "requests_without_response",
@@ -116,6 +127,7 @@ class CoreStats:
         self.retransmitted_segments = 0
         self.out_of_order_segments = 0
         self.held_bytes = 0  # gauge: out-of-order data held for every flow together
+        self.http2 = Http2Stats()
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +175,69 @@ class _Side:
         self.skip_end = -1  # end of the last skip range hinted for this side; -1: none
 
 
+class _ByteParser(Protocol):
+    """What a flow drives per direction: an HTTP/1 parser, an HTTP/2 reader, or the sniffer."""
+
+    @property
+    def alive(self) -> bool: ...
+    @property
+    def opaque_bytes(self) -> int: ...
+    @property
+    def buffered_bytes(self) -> int: ...
+    def feed(self, data: bytes, ts_ns: int, missing: int = 0) -> None: ...
+    def lose(self) -> None: ...
+    def stop(self) -> None: ...
+    def finish(self, graceful: bool = True) -> None: ...
+
+
+# Segments a connection's first data may be neither HTTP/1 text nor whole HTTP/2 frames (joined
+# in the middle of a frame) before it is handed to the HTTP/1 parser anyway.
+_SNIFF_TRIES = 8
+# How an HTTP/1 message (or a prefix of one cut by the segment end) begins.
+_REQUEST_START = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,20}(?: |\Z)|[\r\n]")
+_RESPONSE_START = re.compile(rb"HTTP/|H(?:T(?:T(?:P)?)?)?\Z|[\r\n]")
+
+
+class _Sniffer:
+    """Stands in for a direction's parser until a connection's first bytes say HTTP/1 or HTTP/2.
+
+    Nothing here looks at TCP itself, so any ordered byte source (the TLS capture's plaintext)
+    gets the same detection: the client preface means HTTP/2 from the start; whole plausible
+    frames on a connection joined mid-stream mean HTTP/2 with unknown HPACK state; text means
+    HTTP/1 (an `Upgrade: h2c` + 101 switches later, in `_Flow.on_upgrade`).
+    """
+
+    __slots__ = ("flow", "to_server")
+
+    def __init__(self, flow: _Flow, to_server: bool) -> None:
+        self.flow = flow
+        self.to_server = to_server
+
+    @property
+    def alive(self) -> bool:
+        return True
+
+    @property
+    def opaque_bytes(self) -> int:
+        return 0
+
+    @property
+    def buffered_bytes(self) -> int:
+        return len(self.flow.sniffed)
+
+    def feed(self, data: bytes, ts_ns: int, missing: int = 0) -> None:
+        self.flow.sniff(self.to_server, data, ts_ns, missing)
+
+    def lose(self) -> None:
+        self.flow.sniffed = b""
+
+    def stop(self) -> None:
+        pass
+
+    def finish(self, graceful: bool = True) -> None:
+        pass
+
+
 class _Flow:
     """One TCP connection, and the pairing of its requests with responses."""
 
@@ -170,36 +245,90 @@ class _Flow:
         "answering",
         "client",
         "emitted",
+        "h2",
         "key",
         "last_ns",
         "last_unmatched_ns",
+        "limits",
         "max_pending",
         "pending",
         "requests",
         "responses",
+        "scheme",
         "server",
         "server_port",
         "skipped",
+        "sniff_tries",
+        "sniffed",
+        "sniffed_ns",
         "stats",
     )
 
-    def __init__(self, key: FlowKey, stats: CoreStats, emitted: list[Exchange], limits: Limits) -> None:
+    def __init__(self, key: FlowKey, stats: CoreStats, emitted: list[Exchange], limits: Limits,
+                 scheme: str = "http") -> None:
         self.key = key
         self.server_port = key[3]
         self.stats = stats
         self.emitted = emitted
+        self.limits = limits
+        self.scheme = scheme
         self.max_pending = limits.max_pending_requests
         self.last_ns = 0
         self.client = _Side()
         self.server = _Side()
-        errors = stats.parse_errors
-        self.requests = RequestParser(self, errors, limits.max_header_bytes, limits.max_buffered_bytes)
-        self.responses = ResponseParser(self, errors, limits.max_header_bytes, limits.max_buffered_bytes)
+        # Until the first bytes decide (see _Sniffer): then HTTP/1 parsers or an HTTP/2 connection.
+        self.requests: _ByteParser = _Sniffer(self, True)
+        self.responses: _ByteParser = _Sniffer(self, False)
+        self.h2: Http2Connection | None = None
+        self.sniffed = b""  # the start of a client preface cut by the segment end
+        self.sniffed_ns = 0
+        self.sniff_tries = 0
         self.pending: list[PendingRequest] = []
         self.answering: PendingRequest | None = None
         # Methods of requests dropped from a full queue whose responses are still due.
         self.skipped: list[str] = []
         self.last_unmatched_ns = -1
+
+    # -- protocol detection --------------------------------------------------------------
+
+    def sniff(self, to_server: bool, data: bytes, ts_ns: int, missing: int) -> None:
+        if to_server and self.sniffed:
+            data = self.sniffed + data
+            ts_ns = self.sniffed_ns
+            self.sniffed = b""
+        if to_server and len(data) < len(PREFACE) and not missing and PREFACE.startswith(data):
+            self.sniffed = data
+            self.sniffed_ns = ts_ns
+            return
+        if (to_server and data.startswith(PREFACE)) or looks_like_frames(data):
+            self.use_http2()
+        elif ((_REQUEST_START if to_server else _RESPONSE_START).match(data) or b"HTTP/1." in data
+              or self.sniff_tries >= _SNIFF_TRIES):
+            # An HTTP/1 start, or one further in (joined mid-body): the HTTP/1 parser resyncs there.
+            self.use_http1()
+        else:
+            # Neither an HTTP/1 message start nor a frame boundary: joined in the middle of
+            # something. Wait (a few segments at most) for a start that says which.
+            self.sniff_tries += 1
+            return
+        (self.requests if to_server else self.responses).feed(data, ts_ns, missing)
+
+    def use_http1(self) -> None:
+        errors = self.stats.parse_errors
+        limits = self.limits
+        self.requests = RequestParser(self, errors, limits.max_header_bytes, limits.max_buffered_bytes)
+        self.responses = ResponseParser(self, errors, limits.max_header_bytes, limits.max_buffered_bytes)
+
+    def use_http2(self, upgraded: PendingRequest | None = None, upgraded_body: int = 0) -> Http2Connection:
+        limits = self.limits
+        conn = self.h2 = Http2Connection(
+            self.server_port, self.emitted, self.stats.http2,
+            Http2Limits(limits.max_h2_streams, limits.max_header_bytes, limits.max_h2_header_table),
+            self.scheme, upgraded, upgraded_body,
+        )
+        self.requests = conn.client
+        self.responses = conn.server
+        return conn
 
     # -- RequestSink ---------------------------------------------------------------------
 
@@ -234,8 +363,6 @@ class _Flow:
         if request is None:
             return
         self.answering = None
-        requests = self.requests
-        request_body = requests.body_so_far if request is requests.current else request.body_bytes
         self.emitted.append(
             Exchange(
                 request.method,
@@ -243,17 +370,36 @@ class _Flow:
                 status,
                 request.start_ns,
                 end_ns,
-                request_body,
+                self._request_body(request),
                 body_bytes,
                 self.server_port,
+                self.scheme,
             )
         )
+
+    def _request_body(self, request: PendingRequest) -> int:
+        requests = self.requests
+        if isinstance(requests, RequestParser) and request is requests.current:
+            return requests.body_so_far
+        return request.body_bytes
 
     def on_response_lost(self) -> None:
         self.drop_waiting()
 
-    def on_upgrade(self) -> None:
+    def on_upgrade(self, protocol: str) -> None:
+        answering = self.answering
         self.requests.stop()
+        if protocol == "h2c" and answering is not None:
+            # The request that switched is stream 1 of the HTTP/2 connection that follows;
+            # bytes after the 101 head go straight to the HTTP/2 reader.
+            self.answering = None
+            body = self._request_body(answering)
+            self.drop_waiting()
+            old_responses = self.responses
+            conn = self.use_http2(answering, body)
+            if isinstance(old_responses, ResponseParser):
+                old_responses.successor = conn.server
+            return
         self.drop_waiting()
 
     def drop_waiting(self) -> None:
@@ -269,13 +415,17 @@ class _Flow:
 class Tracker:
     """Segments in, exchanges out, for every connection to `server_ports`."""
 
-    __slots__ = ("_emitted", "_flows", "_limits", "_server_ports", "skip_hints", "stats")
+    __slots__ = ("_emitted", "_flows", "_limits", "_scheme", "_server_ports", "skip_hints", "stats")
 
     def __init__(
         self, server_ports: Iterable[int], limits: Limits = Limits(), stats: CoreStats | None = None,
-        hint_skips: bool = False,
+        hint_skips: bool = False, scheme: str = "http",
     ) -> None:
-        """`hint_skips`: collect `skip_hints` for a capture that can drop body bytes unread."""
+        """`hint_skips`: collect `skip_hints` for a capture that can drop body bytes unread.
+
+        `scheme`: the url.scheme of every exchange: "https" for plaintext from the TLS capture.
+        """
+        self._scheme = scheme
         self._server_ports = frozenset(server_ports)
         # (connection, towards the server) -> (first, end) of a stretch of that direction's byte
         # stream the parser will only count, or None: forget the last one (the connection ended).
@@ -369,6 +519,7 @@ class Tracker:
         if handover.server_next_seq is not None:
             flow.server.next_seq = handover.server_next_seq & _SEQ_MASK
         if handover.method is not None:
+            flow.use_http1()  # the kernel parsed an HTTP/1 request on it
             flow.on_request(PendingRequest(handover.method, handover.target, handover.start_ns))
             if handover.response_status:
                 # The parser takes the consumed head as a minimal one with the same framing, and
@@ -422,7 +573,7 @@ class Tracker:
         if len(flows) >= self._limits.max_flows:
             self.stats.flows_evicted["capacity"] += 1
             self._close(next(iter(flows.values())), graceful=False)
-        flow = flows[key] = _Flow(key, self.stats, self._emitted, self._limits)
+        flow = flows[key] = _Flow(key, self.stats, self._emitted, self._limits, self._scheme)
         self.stats.flows_active += 1
         return flow
 
@@ -459,6 +610,8 @@ class Tracker:
         flow.responses.finish(graceful)
         flow.requests.stop()
         flow.drop_waiting()
+        if flow.h2 is not None:
+            flow.h2.close()
         if self._flows.pop(flow.key, None) is not None:
             self.stats.flows_active -= 1
 

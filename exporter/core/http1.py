@@ -37,6 +37,7 @@ from typing import Final, Protocol
 __all__ = [
     "KNOWN_METHODS",
     "PARSE_ERROR_REASONS",
+    "ByteSink",
     "PendingRequest",
     "RequestParser",
     "RequestSink",
@@ -131,8 +132,18 @@ class ResponseSink(Protocol):
     def on_response_lost(self) -> None:
         """The response parser lost its place: whatever it was answering is gone."""
 
-    def on_upgrade(self) -> None:
-        """101 or a successful CONNECT: the connection is no longer HTTP/1."""
+    def on_upgrade(self, protocol: str) -> None:
+        """101 or a successful CONNECT: the connection is no longer HTTP/1.
+
+        `protocol` is the 101's `Upgrade` token, lowercased (`h2c`, `websocket`), else "".
+        For `h2c` the request that switched is not answered here: HTTP/2 answers it on
+        stream 1, so no response is completed for it.
+        """
+
+
+class ByteSink(Protocol):
+    def feed(self, data: bytes, ts_ns: int, missing: int = 0) -> None:
+        """In-order bytes of one direction, stamped with their segment's kernel time."""
 
 
 _TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
@@ -194,6 +205,7 @@ class _Parser:
         "_state",
         "_tentative",
         "_trailer_bytes",
+        "successor",
     )
 
     _candidate: re.Pattern[bytes]
@@ -217,6 +229,8 @@ class _Parser:
         self._tentative = False
         self._lost_tail = b""
         self._lost_tail_ns = 0
+        # Where bytes go once this parser has stopped (after an upgrade to HTTP/2).
+        self.successor: ByteSink | None = None
 
     # -- interface for flows -------------------------------------------------------------
 
@@ -304,6 +318,9 @@ class _Parser:
             elif state == _LOST:
                 pos = self._feed_lost(data, pos, ts_ns)
             else:
+                successor = self.successor
+                if successor is not None:
+                    successor.feed(data[pos:], ts_ns, missing)
                 return
         if missing:
             self._feed_missing(missing, ts_ns)
@@ -555,6 +572,15 @@ class _Parser:
         pass
 
 
+_UPGRADE = re.compile(rb"\nupgrade:[ \t]*([^\r\n \t,]*)", re.I)
+
+
+def _upgrade_protocol(head: bytes) -> str:
+    """The first token of a 101's Upgrade header, lowercased; "" without one."""
+    found = _UPGRADE.search(head)
+    return found.group(1).decode("latin-1").lower() if found is not None else ""
+
+
 def _framing(head: bytes) -> tuple[int, int]:
     """Body framing from the headers: (state, content length); length -1 is invalid.
 
@@ -678,8 +704,8 @@ class RequestParser(_Parser):
             current.body_bytes = self._body_bytes
             self._current = None
 
-    def finish(self) -> None:
-        """The client closed its side: nothing more will come."""
+    def finish(self, graceful: bool = True) -> None:
+        """The client closed its side: nothing more will come (`graceful` is for symmetry)."""
         self._on_lost()
         self.stop()
 
@@ -735,9 +761,11 @@ class ResponseParser(_Parser):
         self._in_response = True
         if status == 101 or (method == "CONNECT" and status < 300):
             self._in_response = False
-            self._sink.on_response_complete(status, ts_ns, 0)
+            protocol = _upgrade_protocol(head) if status == 101 else ""
+            if protocol != "h2c":
+                self._sink.on_response_complete(status, ts_ns, 0)
             self.stop()
-            self._sink.on_upgrade()
+            self._sink.on_upgrade(protocol)
             return _PARSED
         if method == "HEAD" or status == 204 or status == 304:
             framing = _HEAD

@@ -39,11 +39,16 @@ GOOD = 1
 class Matcher:
     """An objective compiled for the capture thread: a few comparisons, no allocation."""
 
-    __slots__ = ("good_classes", "latency_target_ns", "port", "route")
+    __slots__ = ("good_classes", "grpc_bad", "latency_target_ns", "port", "route", "rpc_method", "rpc_service",
+                 "selects_rpc")
 
     def __init__(self, objective: Objective) -> None:
         self.route = objective.route
         self.port = objective.port
+        self.rpc_service = objective.rpc_service
+        self.rpc_method = objective.rpc_method
+        self.selects_rpc = objective.rpc_service is not None or objective.rpc_method is not None
+        self.grpc_bad = frozenset(objective.grpc_bad_codes)
         target = objective.latency_target_seconds
         # Integer nanoseconds: 150ms is exactly 150_000_000, the same edge the histogram's
         # le="0.15" bucket uses (ns / 1e9 <= 0.15 exactly when ns <= 150_000_000).
@@ -57,6 +62,8 @@ class Matcher:
         `duration_counts[i]` counts durations in (bounds[i-1], bounds[i]], the last slot those
         above every bound. The latency target is always a bound (`run` adds it), so buckets at
         or under it are exactly the good ones."""
+        if self.selects_rpc:
+            return None  # the kernel aggregates HTTP/1.x only: never a gRPC call
         if self.route is not None and route != self.route:
             return None
         if self.port is not None and port != self.port:
@@ -72,6 +79,13 @@ class Matcher:
             return NOT_COUNTED
         if self.port is not None and exchange.server_port != self.port:
             return NOT_COUNTED
+        rpc = exchange.rpc
+        if self.selects_rpc:
+            if rpc is None or (self.rpc_service is not None and rpc.service != self.rpc_service) or (
+                    self.rpc_method is not None and rpc.method != self.rpc_method):
+                return NOT_COUNTED
+            if self.latency_target_ns is None:
+                return BAD if rpc.status_code in self.grpc_bad else GOOD
         if self.latency_target_ns is not None:
             return GOOD if exchange.end_ns - exchange.start_ns <= self.latency_target_ns else BAD
         return GOOD if exchange.status // 100 in self.good_classes else BAD

@@ -6,7 +6,14 @@ existing `reliably.yaml` works unchanged. Two extension fields are ours, both op
 - `spec.goodStatusClasses: [2xx, 3xx, 4xx]` for availability objectives (default: every
   class except 5xx);
 - `spec.promql: {good: "...", total: "..."}` for ratios evaluated by Prometheus; `{{window}}`
-  in either query is replaced with the evaluation window (`5m`, `30d`, …).
+  in either query is replaced with the evaluation window (`5m`, `30d`, …);
+- `spec.grpcBadStatusCodes: [UNKNOWN, INTERNAL, 14, reset]` for availability objectives
+  that select gRPC (default: OTel's server errors, plus a stream reset or a response with no
+  grpc-status, see `DEFAULT_GRPC_BAD_CODES`).
+
+`indicatorSelector.rpc_service` / `rpc_method` select gRPC calls (rpc_server_duration_seconds):
+such an objective counts only gRPC streams, and its availability is judged on the gRPC status
+code rather than the HTTP status class.
 
 Every problem is a `ConfigError` with one line that names the document and the field.
 """
@@ -27,6 +34,18 @@ API_VERSION = "reliably.com/v1"
 CATEGORIES = ("latency", "availability")
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 DEFAULT_GOOD_CLASSES = ("1xx", "2xx", "3xx", "4xx")
+# gRPC status codes by name, as rpc.grpc.status_code carries them (numbers, as text).
+GRPC_CODES = {
+    "OK": "0", "CANCELLED": "1", "UNKNOWN": "2", "INVALID_ARGUMENT": "3", "DEADLINE_EXCEEDED": "4",
+    "NOT_FOUND": "5", "ALREADY_EXISTS": "6", "PERMISSION_DENIED": "7", "RESOURCE_EXHAUSTED": "8",
+    "FAILED_PRECONDITION": "9", "ABORTED": "10", "OUT_OF_RANGE": "11", "UNIMPLEMENTED": "12", "INTERNAL": "13",
+    "UNAVAILABLE": "14", "DATA_LOSS": "15", "UNAUTHENTICATED": "16",
+}
+# The exporter's own values (core/http2): a stream reset with no grpc-status, a response without one.
+GRPC_NON_NUMERIC = ("reset", "missing")
+# OTel's server errors (UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS),
+# plus our two non-numeric values: a reset is how a client's deadline usually shows on the wire.
+DEFAULT_GRPC_BAD_CODES = ("2", "4", "12", "13", "14", "15", *GRPC_NON_NUMERIC)
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
@@ -84,6 +103,9 @@ class Objective:
     port: int | None = None  # from selector `port` / `server_port`
     good_status_classes: tuple[str, ...] = DEFAULT_GOOD_CLASSES
     promql: PromQLRatio | None = None
+    rpc_service: str | None = None  # from selector `rpc_service`: gRPC calls only
+    rpc_method: str | None = None  # from selector `rpc_method`
+    grpc_bad_codes: tuple[str, ...] = DEFAULT_GRPC_BAD_CODES  # rpc status codes that are bad (availability)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -209,6 +231,10 @@ def _parse_objective(doc: Any, where: str) -> Objective:
             raise ConfigError(f"{where}: indicatorSelector port {raw_port!r} is not a TCP port")
         port = int(raw_port)
 
+    rpc_service = selector.get("rpc_service") or None
+    rpc_method = selector.get("rpc_method") or None
+    grpc_bad = _parse_grpc_codes(spec, where, category, promql, rpc_service or rpc_method)
+
     return Objective(
         name=name,
         service=service,
@@ -223,7 +249,32 @@ def _parse_objective(doc: Any, where: str) -> Objective:
         port=port,
         good_status_classes=good_classes,
         promql=promql,
+        rpc_service=rpc_service,
+        rpc_method=rpc_method,
+        grpc_bad_codes=grpc_bad,
     )
+
+
+def _parse_grpc_codes(spec: dict[str, Any], where: str, category: str, promql: PromQLRatio | None,
+                      selects_rpc: str | None) -> tuple[str, ...]:
+    if "grpcBadStatusCodes" not in spec:
+        return DEFAULT_GRPC_BAD_CODES
+    if category != "availability" or promql is not None or not selects_rpc:
+        raise ConfigError(f"{where}: spec.grpcBadStatusCodes applies to availability objectives that select "
+                          f"gRPC (indicatorSelector.rpc_service or rpc_method) only")
+    raw = spec["grpcBadStatusCodes"]
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where}: spec.grpcBadStatusCodes must be a list such as [UNKNOWN, INTERNAL, 14]")
+    codes = []
+    for item in raw:
+        text = str(item).strip()
+        code = GRPC_CODES.get(text.upper(), text if text in GRPC_CODES.values() or text in GRPC_NON_NUMERIC
+                              else None)
+        if code is None:
+            raise ConfigError(f"{where}: spec.grpcBadStatusCodes has {text!r}; use a gRPC code name "
+                              f"(UNAVAILABLE), its number (0-16), reset or missing")
+        codes.append(code)
+    return tuple(codes)
 
 
 def _parse_promql(raw: Any, where: str) -> PromQLRatio | None:

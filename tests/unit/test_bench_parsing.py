@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from bench.h2load import parse_h2load
 from bench.report import (
     Column,
     Table,
@@ -209,3 +210,29 @@ def test_completeness_keeps_the_digits_that_matter() -> None:
     assert fmt_completeness(1.0) == "100.000%"
     assert fmt_completeness(0.1248) == "12.48%"
     assert fmt_completeness(None) == "n/a"
+
+
+H2LOAD = """\
+starting benchmark...
+spawning thread #0: 4 total client(s). 4 total requests
+Application protocol: h2c
+
+finished in 5.00s, 18070.40 req/s, 1.02MB/s
+requests: 90352 total, 90352 started, 90342 done, 90342 succeeded, 0 failed, 0 errored, 0 timeout
+status codes: 90342 2xx, 0 3xx, 0 4xx, 0 5xx
+traffic: 5.12MB (5367543) total, 1.05MB (1097411) headers (space savings 93.46%), 176.45KB (180684) data
+                     min         max         mean         sd        +/- sd
+time for request:       71us     35.32ms      1.72ms      2.76ms    78.50%
+time for connect:      244us       476us       345us       118us    66.67%
+"""
+
+
+def test_h2load_report() -> None:
+    result = parse_h2load(H2LOAD)
+    assert (result.requests, result.duration_s, result.requests_per_s) == (90342, 5.0, 18070.40)
+    assert result.latency_mean_s == pytest.approx(0.00172) and result.latency_max_s == pytest.approx(0.03532)
+    assert result.non_2xx == 0 and result.socket_errors == 0
+    failing = H2LOAD.replace("0 4xx, 0 5xx", "7 4xx, 3 5xx").replace("0 errored, 0 timeout", "2 errored, 1 timeout")
+    assert parse_h2load(failing).non_2xx == 10 and parse_h2load(failing).socket_errors == 3
+    with pytest.raises(ValueError, match="h2load output"):
+        parse_h2load("nothing")

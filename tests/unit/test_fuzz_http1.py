@@ -207,7 +207,7 @@ class Sink:
     def on_response_lost(self) -> None:
         pass
 
-    def on_upgrade(self) -> None:
+    def on_upgrade(self, protocol: str) -> None:
         pass
 
 

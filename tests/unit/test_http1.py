@@ -42,7 +42,7 @@ class ResponseRecorder:
     def on_response_lost(self) -> None:
         self.events.append(("lost", 0, 0, 0))
 
-    def on_upgrade(self) -> None:
+    def on_upgrade(self, protocol: str) -> None:
         self.events.append(("upgrade", 0, 0, 0))
 
 
