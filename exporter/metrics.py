@@ -55,6 +55,7 @@ SLO_BUDGET_REMAINING = "slo_error_budget_remaining_ratio"
 SLO_BURN_RATE = "slo_burn_rate"
 SLO_GOOD = "slo_good_events"
 SLO_TOTAL = "slo_total_events"
+SLO_WINDOW_COVERAGE = "slo_window_coverage_ratio"  # observed part of the window, 0..1
 SLO_LABELS = ("slo", "service", "category", "window")
 
 SELF = "ebpf_slo_exporter"

@@ -43,10 +43,12 @@ from exporter.metrics import (
     SLO_OBJECTIVE,
     SLO_SLI,
     SLO_TOTAL,
+    SLO_WINDOW_COVERAGE,
     SelfSample,
 )
-from exporter.slo.evaluate import Closed, Evaluator, Result, json_number
+from exporter.slo.evaluate import Closed, Evaluator, Restored, Result, json_number
 from exporter.slo.manifest import Objective, format_duration
+from exporter.slo.state import StateStore
 
 log = logging.getLogger("ebpf_slo_exporter.slo")
 
@@ -67,6 +69,8 @@ def result_json(result: Result | None) -> dict[str, Any] | None:
         "burn_rate": json_number(result.burn_rate),
         "budget_remaining": json_number(result.budget_remaining),
         "met": result.met,
+        "covered_seconds": result.covered_s,
+        "coverage": result.coverage,
     }
 
 
@@ -121,6 +125,8 @@ class SloRuntime:
         base_backoff_s: float = 1.0,
         max_backoff_s: float = 60.0,
         client: ReliablyClient | None = None,
+        state_dir: Path | None = None,
+        state_save_every_s: float = 60.0,
     ) -> None:
         if push_interval_s != int(push_interval_s) or push_interval_s < 1:
             raise ValueError("the push interval must be a whole number of seconds, at least 1s")
@@ -155,6 +161,41 @@ class SloRuntime:
             grace_s=grace,
             closed_until_s=closed_until,
         )
+        self.state: StateStore | None = None
+        self.state_save_every_s = state_save_every_s
+        self.restored = Restored(None, 0, 0)
+        self.restore_gap_s = 0.0
+        if state_dir is not None:
+            self._restore(StateStore(state_dir))
+
+    def _restore(self, store: StateStore) -> None:
+        self.state = store
+        raw = store.load()
+        if raw is not None:
+            self.restored = self.evaluator.restore(raw)
+            if self.restored.saved_at_s is None:
+                store.quarantine("not a saved SLO window state")
+        saved_at = self.restored.saved_at_s
+        if saved_at is not None:
+            # Time between the last save and this start was not observed: a clean stop
+            # loses only the downtime, a SIGKILL also what was counted since the last save.
+            self.restore_gap_s = max(0.0, self.evaluator.start_s - saved_at)
+            log.info("SLO windows restored from %s: %d objectives (%d saved ones discarded: "
+                     "definition changed or gone), %.0fs since the last save not observed",
+                     store.path, self.restored.restored, self.restored.discarded, self.restore_gap_s)
+        store.last_save_s = self.evaluator.start_s
+
+    def save_state(self) -> bool:
+        """Save the windows now (the loop does it every `state_save_every_s`, and `stop`)."""
+        if self.state is None:
+            return False
+        now = self._clock()
+        return self.state.save(self.evaluator.export_state(now), now)
+
+    def _save_if_due(self) -> None:
+        store = self.state
+        if store is not None and self._clock() >= (store.last_save_s or 0.0) + self.state_save_every_s:
+            self.save_state()
 
     def __repr__(self) -> str:
         return f"SloRuntime({len(self.objectives)} objectives, push={self.push_settings!r})"
@@ -226,6 +267,7 @@ class SloRuntime:
         while not self._stop.is_set():
             try:
                 self.tick()
+                self._save_if_due()
                 wait_s = max(0.0, min(MAX_SLEEP_S, self.evaluator.next_due_s() - self._clock()))
                 if self.pusher is not None:
                     self.pusher.pump(time.monotonic() + wait_s, self._stop)
@@ -264,6 +306,10 @@ class SloRuntime:
                 log.exception("closing the last intervals at stop failed")
             finally:
                 self._tick_lock.release()
+        try:
+            self.save_state()
+        except Exception:  # a bug in saving must not keep the exporter from stopping
+            log.exception("saving the SLO windows at stop failed")
 
     # -- readers -------------------------------------------------------------------------
 
@@ -283,11 +329,19 @@ class SloRuntime:
         )
         good = GaugeMetricFamily(SLO_GOOD, "Good events in the objective's window.", labels=SLO_LABELS)
         total = GaugeMetricFamily(SLO_TOTAL, "Events in the objective's window.", labels=SLO_LABELS)
+        coverage = GaugeMetricFamily(
+            SLO_WINDOW_COVERAGE,
+            "Part of the objective's window the exporter observed (1: all of it; less after a start "
+            "or a restart that lost time).",
+            labels=SLO_LABELS,
+        )
         for obj, result in zip(self.objectives, latest, strict=True):
             labels = objective_labels(obj)
             objective.add_metric(labels, obj.objective_ratio)
             if result is None:
                 continue
+            if result.coverage is not None:
+                coverage.add_metric(labels, result.coverage)
             good.add_metric(labels, result.good)
             total.add_metric(labels, result.total)
             ratio = result.sli
@@ -298,7 +352,7 @@ class SloRuntime:
             assert burn_value is not None and budget_value is not None
             burn.add_metric(labels, burn_value)
             budget.add_metric(labels, budget_value)
-        yield from (sli, objective, budget, burn, good, total)
+        yield from (sli, objective, budget, burn, good, total, coverage)
 
     def snapshot(self) -> dict[str, Any]:
         trends = self.evaluator.trends()
@@ -323,9 +377,49 @@ class SloRuntime:
             "generated_at": rfc3339(self._clock()),
             "push_interval_seconds": self.push_interval_s,
             "bucket_seconds": self.evaluator.bucket_s,
+            "state": self._state_json(),
             "objectives": objectives,
             "push": push,
         }
+
+    def _state_json(self) -> dict[str, Any]:
+        store = self.state
+        if store is None:
+            return {"saved": False}
+        return {
+            "saved": True,
+            "path": str(store.path),
+            "save_interval_seconds": self.state_save_every_s,
+            "last_save": rfc3339(store.last_save_s) if store.last_save_s is not None else None,
+            "restored_objectives": self.restored.restored,
+            "restore_gap_seconds": self.restore_gap_s,
+        }
+
+    def _state_samples(self) -> list[SelfSample]:
+        store = self.state
+        if store is None:
+            return []
+        saves_help = "Saves of the SLO windows to --state-dir, by outcome."
+        return [
+            *(SelfSample("slo_state_saves_total", "counter", saves_help, float(count), (("outcome", outcome),))
+              for outcome, count in store.saves.items()),
+            SelfSample("slo_state_quarantined_total", "counter",
+                       "Unreadable SLO state files moved aside as *.corrupt (the windows started empty).",
+                       float(store.quarantined)),
+            SelfSample("slo_state_restored_objectives", "gauge",
+                       "Objectives whose windows were restored from the saved state at start.",
+                       float(self.restored.restored)),
+            SelfSample("slo_state_discarded_objectives", "gauge",
+                       "Saved objectives not restored at start: definition changed, removed or unreadable.",
+                       float(self.restored.discarded)),
+            SelfSample("slo_state_restore_gap_seconds", "gauge",
+                       "Seconds between the last save and this start that no window observed "
+                       "(downtime; after a SIGKILL also what was counted since the last save).",
+                       self.restore_gap_s),
+            SelfSample("slo_coverage_periods_dropped_total", "counter",
+                       "Oldest observed stretches forgotten past the cap (coverage is understated).",
+                       float(self.evaluator.coverage_periods_dropped())),
+        ]
 
     def self_samples(self) -> Iterable[SelfSample]:
         samples = [
@@ -369,6 +463,7 @@ class SloRuntime:
                 float(ev.late_after_close),
             ),
         ]
+        samples += self._state_samples()
         if self.pusher is not None:
             samples += list(self.pusher.self_samples())
         return samples
