@@ -21,6 +21,8 @@ from prometheus_client import CollectorRegistry
 
 from exporter.metrics import HTTP_DURATION, SELF
 from exporter.server import Health
+from exporter.slo.evaluate import format_coverage
+from exporter.slo.manifest import format_duration
 
 REFRESH_S = 10
 CHART_W, CHART_H = 320, 64
@@ -39,6 +41,7 @@ class ObjectiveView:
     burn_interval: float | None  # over the last push interval
     burn_window: float | None
     coverage: float | None
+    covered_s: float | None
     push_interval_s: int
     chart: Sequence[tuple[float, float | None]]  # (interval end, window SLI %) oldest first
 
@@ -70,7 +73,7 @@ def _fmt_ratio(value: float | None) -> str:
     if value is None:
         return "—"
     if math.isinf(value):
-        return "∞" if value > 0 else "−∞"
+        return "inf" if value > 0 else "-inf"
     return f"{value:.2f}"
 
 
@@ -126,8 +129,10 @@ def _objective_rows(objectives: Sequence[ObjectiveView]) -> str:
     for view in objectives:
         met = None if view.sli_percent is None else view.sli_percent >= view.objective_percent - 1e-9
         state = {None: ("nodata", "no data"), True: ("met", "met"), False: ("notmet", "not met")}[met]
-        coverage = "—" if view.coverage is None else f"{view.coverage * 100:.2f}%"
-        partial = view.coverage is not None and view.coverage < 0.9999
+        coverage = format_coverage(view.coverage)
+        if view.covered_s is not None:
+            coverage += f" ({format_duration(max(1, round(view.covered_s)))} of {view.window})"
+        partial = view.coverage is not None and view.coverage < 1.0
         rows.append(
             f'<tr class="{state[0]}"><td>{html.escape(view.service)}</td><td>{html.escape(view.name)}</td>'
             f"<td>{html.escape(view.category)}</td>"
@@ -184,7 +189,8 @@ def _health(health: HealthView) -> str:
 STYLE = """
 body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}
 h1{font-size:1.4em;margin:0 0 .2em}h2{font-size:1.1em;margin:1.4em 0 .4em}
-table{border-collapse:collapse}th,td{padding:.3em .6em;border-bottom:1px solid #e4e4e4;text-align:left;vertical-align:middle}
+table{border-collapse:collapse}
+th,td{padding:.3em .6em;border-bottom:1px solid #e4e4e4;text-align:left;vertical-align:middle}
 th{font-weight:600;background:#f4f4f4}.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.met td:nth-child(9){color:#2ca02c}tr.notmet td:nth-child(9){color:#d62728;font-weight:600}
 tr.nodata td:nth-child(9),.muted{color:#888}.partial{color:#b8860b}
@@ -281,8 +287,6 @@ class StatusPage:
         runtime = self._slo
         if runtime is None:
             return []
-        from exporter.slo.manifest import format_duration
-
         views = []
         for objective, points in zip(runtime.objectives, runtime.evaluator.chart(), strict=True):
             interval, window = points[-1] if points else (None, None)
@@ -297,6 +301,7 @@ class StatusPage:
                 burn_interval=interval.burn_rate if interval else None,
                 burn_window=window.burn_rate if window else None,
                 coverage=window.coverage if window else None,
+                covered_s=window.covered_s if window else None,
                 push_interval_s=runtime.push_interval_s,
                 chart=[(w.end_s, w.percent) for _, w in points],
             ))

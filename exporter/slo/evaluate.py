@@ -26,8 +26,8 @@ import json
 import math
 import sys
 import threading
-from collections import deque
 import zlib
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -147,6 +147,19 @@ def burn_rate(good: float, total: float, objective_ratio: float) -> float | None
 def budget_remaining(good: float, total: float, objective_ratio: float) -> float | None:
     burn = burn_rate(good, total, objective_ratio)
     return None if burn is None else 1.0 - burn
+
+
+def format_coverage(coverage: float | None) -> str:
+    """The observed part of a window for people: `100%`, `12.50%`, `<0.01%` (a young window
+    of 30 days), `—` (not known). Never rounds a partial window up to 100% or down to 0%."""
+    if coverage is None:
+        return "—"
+    percent = coverage * 100
+    if percent >= 100 or percent == 0:
+        return f"{percent:.0f}%"
+    if percent < 0.01:
+        return "<0.01%"
+    return f"{min(percent, 99.99):.2f}%"
 
 
 def json_number(value: float | None) -> float | str | None:

@@ -27,7 +27,7 @@ from rich.text import Text
 
 from exporter.bridge.indicator import rfc3339
 from exporter.errors import ExporterError, QueryError
-from exporter.slo.evaluate import Result
+from exporter.slo.evaluate import Result, format_coverage
 from exporter.slo.manifest import Objective, format_duration
 from exporter.slo.promql import PromQLSource
 
@@ -192,12 +192,7 @@ def fmt_icon(line: ReportLine, pad: bool = False) -> str:
 
 def fmt_coverage(line: ReportLine) -> str:
     """The observed part of the window: `100%`, `0.02%` (a young or restarted window), `—`."""
-    if line.coverage is None:
-        return NO_DATA
-    percent = line.coverage * 100
-    if percent >= 99.995 or percent == 0:
-        return f"{percent:.0f}%"
-    return f"{percent:.2f}%" if percent >= 0.01 else "<0.01%"
+    return format_coverage(line.coverage)
 
 
 def _shows_coverage(lines: list[ReportLine]) -> bool:
@@ -257,7 +252,8 @@ def _md(text: str) -> str:
 def render_markdown(lines: list[ReportLine]) -> str:
     coverage = _shows_coverage(lines)
     out = [
-        "| | Service | Objective | Current | Target | / Time Window | Type | Trend |" + (" Observed |" if coverage else ""),
+        "| | Service | Objective | Current | Target | / Time Window | Type | Trend |"
+        + (" Observed |" if coverage else ""),
         "|---|---|---|---:|---:|---|---|---|" + ("---:|" if coverage else ""),
     ]
     for service, members in _grouped(lines):

@@ -163,7 +163,8 @@ def test_ratio_with_several_targets_gives_one_objective_each() -> None:
         "  indicator:\n    metadata: {name: i}\n    spec:\n      ratioMetric:\n"
         "        good: {metricSource: {type: ebpf-slo-exporter, spec: {statusClasses: [2xx]}}}\n"
         "        total: {metricSource: {type: ebpf-slo-exporter}}\n"
-    ) + ROLLING + OCCURRENCES + "  objectives: [{displayName: gold, target: 0.999}, {displayName: silver, target: 0.99}]\n"
+    ) + ROLLING + OCCURRENCES + (
+        "  objectives: [{displayName: gold, target: 0.999}, {displayName: silver, target: 0.99}]\n")
     gold, silver = parse_manifest(text)
     assert (gold.name, gold.objective_percent, gold.good_status_classes) == ("s gold", 99.9, ("2xx",))
     assert (silver.name, silver.objective_percent) == ("s silver", 99.0)
