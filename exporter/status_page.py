@@ -288,8 +288,9 @@ class StatusPage:
         if runtime is None:
             return []
         views = []
-        for objective, points in zip(runtime.objectives, runtime.evaluator.chart(), strict=True):
-            interval, window = points[-1] if points else (None, None)
+        evaluator = runtime.evaluator
+        for objective, points, interval, window in zip(runtime.objectives, evaluator.chart(),
+                                                       evaluator.last_intervals(), evaluator.latest(), strict=True):
             views.append(ObjectiveView(
                 name=objective.name,
                 service=objective.service,
@@ -303,7 +304,7 @@ class StatusPage:
                 coverage=window.coverage if window else None,
                 covered_s=window.covered_s if window else None,
                 push_interval_s=runtime.push_interval_s,
-                chart=[(w.end_s, w.percent) for _, w in points],
+                chart=points,
             ))
         return views
 

@@ -179,7 +179,7 @@ class Closed:
 
 
 HISTORY = 5  # results kept per objective: the report's trend
-CHART_POINTS = 360  # closed intervals kept per objective for the status page's chart (an hour at 10 s)
+CHART_POINTS = 360  # window SLIs kept per objective for the status page's chart (an hour at 10 s)
 STATE_VERSION = 1
 
 
@@ -251,7 +251,10 @@ class Evaluator:
         # A watermark from a previous run wins: intervals it closed are never closed again.
         self.closed_until_s = max(start_boundary, closed_until_s or 0)
         self.history: list[deque[Result]] = [deque(maxlen=HISTORY) for _ in self.objectives]
-        self._chart: list[deque[tuple[Result, Result]]] = [deque(maxlen=CHART_POINTS) for _ in self.objectives]
+        # (interval end, window SLI percent or None): small tuples, not Results, so an hour of
+        # points costs tens of kB per objective.
+        self._chart: list[deque[tuple[float, float | None]]] = [deque(maxlen=CHART_POINTS) for _ in self.objectives]
+        self._last_interval: list[Result | None] = [None for _ in self.objectives]
         self._lock = threading.Lock()
         self.observed = 0
         self.too_old = 0  # older than any bucket still kept
@@ -321,7 +324,8 @@ class Evaluator:
                 window = Result(start, to_s, good, total, objective.objective_ratio,
                                 ring.covered_seconds(start, to_s))
                 self.history[i].append(window)
-                self._chart[i].append((interval, window))
+                self._chart[i].append((float(to_s), window.percent))
+                self._last_interval[i] = interval
                 closed.append(Closed(objective, interval, window))
             self.closed_until_s = max(self.closed_until_s, to_s)
         return closed
@@ -371,10 +375,15 @@ class Evaluator:
         with self._lock:
             return [h[-1] if h else None for h in self.history]
 
-    def chart(self) -> list[list[tuple[Result, Result]]]:
-        """(interval, window) results of the last closed intervals, oldest first, per objective."""
+    def chart(self) -> list[list[tuple[float, float | None]]]:
+        """(interval end, window SLI percent) of the last closed intervals, oldest first, per objective."""
         with self._lock:
             return [list(points) for points in self._chart]
+
+    def last_intervals(self) -> list[Result | None]:
+        """The last closed push interval's result per objective."""
+        with self._lock:
+            return list(self._last_interval)
 
     def trends(self) -> list[list[Result]]:
         with self._lock:
