@@ -141,7 +141,8 @@ def _objective_rows(objectives: Sequence[ObjectiveView]) -> str:
             f'<td class="num">{_fmt_percent(None if view.budget_remaining is None else view.budget_remaining * 100, 1)}'
             f"</td>"
             f'<td class="num">{_fmt_ratio(view.burn_interval)} / {_fmt_ratio(view.burn_window)}</td>'
-            f'<td class="num{" partial" if partial else ""}">{coverage}{" (partial)" if partial else ""}</td>'
+            f'<td class="num{" partial" if partial else ""}">'
+            f'{html.escape(coverage)}{" (partial)" if partial else ""}</td>'
             f"<td>{state[1]}</td><td>{chart_svg(view)}</td></tr>"
         )
     interval = objectives[0].push_interval_s
