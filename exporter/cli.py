@@ -182,7 +182,7 @@ def _run_settings(params: dict[str, Any]) -> Any:
     if params.get("slo"):
         from exporter.slo.manifest import latency_targets, load_manifest, parse_duration
 
-        objectives = load_manifest(params["slo"])
+        objectives = _embedded_objectives(load_manifest(params["slo"]), params["slo"])
         added = latency_targets(objectives) - buckets
         if added:
             log.info("added latency bucket bounds %s for SLO targets", sorted(added))
@@ -206,6 +206,20 @@ def _run_settings(params: dict[str, Any]) -> Any:
         fast_path=bool(params.get("fast_path")),
         web_config=_web_config(params.get("web_config"), params.get("user")),
     )
+
+
+def _embedded_objectives(objectives: list[Any], path: str) -> list[Any]:
+    """The objectives `run` can evaluate from the wire. PromQL ratios (Reliably's spec.promql,
+    OpenSLO Prometheus queries) need Prometheus: counting them here would be a wrong number."""
+    embedded = [o for o in objectives if o.promql is None]
+    skipped = [o.name for o in objectives if o.promql is not None]
+    if not embedded:
+        raise ConfigError(f"{path}: every objective is a PromQL ratio, which needs Prometheus; "
+                          f"run `ebpf-slo-exporter bridge --slo {path} --prometheus URL` instead")
+    if skipped:
+        log.warning("not evaluated in process (PromQL ratios; use `bridge --prometheus` or "
+                    "`slo report --prometheus`): %s", ", ".join(skipped))
+    return embedded
 
 
 def _web_config(path: str | None, user: str | None) -> Any:

@@ -168,3 +168,16 @@ def test_ratio_with_several_targets_gives_one_objective_each() -> None:
     gold, silver = parse_manifest(text)
     assert (gold.name, gold.objective_percent, gold.good_status_classes) == ("s gold", 99.9, ("2xx",))
     assert (silver.name, silver.objective_percent) == ("s silver", 99.0)
+
+
+def test_run_leaves_promql_ratios_to_prometheus(caplog: pytest.LogCaptureFixture) -> None:
+    from exporter.cli import _embedded_objectives
+
+    mixed = load_manifest(EXAMPLE) + load_manifest(FIXTURES / "prometheus.yaml")
+    assert [o.name for o in _embedded_objectives(mixed, "f.yaml")] == ["search-availability", "search-latency"]
+    assert caplog.messages == ["not evaluated in process (PromQL ratios; use `bridge --prometheus` or "
+                               "`slo report --prometheus`): shop-good-total, shop-bad-total"]
+    with pytest.raises(ConfigError) as error:
+        _embedded_objectives(load_manifest(FIXTURES / "prometheus.yaml"), "p.yaml")
+    assert str(error.value) == ("p.yaml: every objective is a PromQL ratio, which needs Prometheus; "
+                                "run `ebpf-slo-exporter bridge --slo p.yaml --prometheus URL` instead")
