@@ -332,13 +332,13 @@ class Evaluator:
 
     def export_state(self, now_s: float) -> dict[str, Any]:
         """Every objective's counts and observed stretches, up to `now_s`, as JSON-safe data."""
-        with self._lock:
-            saved: dict[str, Any] = {}
+        with self._lock:  # held only to copy: the capture thread waits microseconds, not the encoding
+            copies = []
             for objective, ring in zip(self.objectives, self._rings, strict=True):
                 ring.observed_until(now_s)
-                saved[state_key(objective, ring.layout())] = ring.to_dict()
-            return {"version": STATE_VERSION, "saved_at": now_s, "byteorder": sys.byteorder,
-                    "objectives": saved}
+                copies.append((state_key(objective, ring.layout()), ring.copy()))
+        saved = {key: ring.to_dict() for key, ring in copies}
+        return {"version": STATE_VERSION, "saved_at": now_s, "byteorder": sys.byteorder, "objectives": saved}
 
     def restore(self, state: Any) -> Restored:
         """Take the counts of a saved state for each objective whose key matches; the time

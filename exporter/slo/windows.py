@@ -147,6 +147,12 @@ class BucketRing:
         return {"slots": self.slots, "head": self.head, "good": _encode(self._good),
                 "total": _encode(self._total)}
 
+    def copy(self) -> BucketRing:
+        twin = BucketRing.__new__(BucketRing)
+        twin.slots, twin.head = self.slots, self.head
+        twin._good, twin._total = array("q", self._good), array("q", self._total)
+        return twin
+
     def load(self, raw: Any, byteorder: str) -> None:
         """Take counts saved by `to_dict`; ValueError (nothing changed) when they do not fit."""
         if not isinstance(raw, dict) or raw.get("slots") != self.slots:
@@ -257,6 +263,16 @@ class WindowCounts:
     def layout(self) -> dict[str, int]:
         return {"bucket_s": self.bucket_s, "fine": self.fine.slots, "per_coarse": self.per_coarse,
                 "coarse": self.coarse.slots if self.coarse is not None else 0}
+
+    def copy(self) -> WindowCounts:
+        """A copy to encode outside the caller's lock (copying arrays takes microseconds,
+        compressing them milliseconds)."""
+        twin = WindowCounts.__new__(WindowCounts)
+        twin.bucket_s, twin.window_buckets, twin.per_coarse = self.bucket_s, self.window_buckets, self.per_coarse
+        twin.fine = self.fine.copy()
+        twin.coarse = self.coarse.copy() if self.coarse is not None else None
+        twin.periods, twin.periods_dropped = list(self.periods), self.periods_dropped
+        return twin
 
     def to_dict(self) -> dict[str, Any]:
         return {
