@@ -201,9 +201,9 @@ class Exporter:
         slo = self.settings.slo_runtime
         pusher = getattr(slo, "pusher", None)
         hand_over = [pusher.spool.directory] if pusher is not None else []
-        state = getattr(slo, "state", None)
-        if state is not None:
-            hand_over.append(state.directory)  # the SLO windows are saved there after the drop
+        persistence = getattr(slo, "persistence", None)
+        if persistence is not None:
+            hand_over.append(persistence.directory)  # the SLO windows are saved there after the drop
         who = drop_privileges(user, hand_over)
         self._privileges_dropped = True
         log.info("dropped every capability; now running as %s (uid %d, gid %d)", who.user, who.uid, who.gid)

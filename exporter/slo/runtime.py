@@ -46,9 +46,9 @@ from exporter.metrics import (
     SLO_WINDOW_COVERAGE,
     SelfSample,
 )
-from exporter.slo.evaluate import Closed, Evaluator, Restored, Result, json_number
+from exporter.slo.evaluate import Closed, Evaluator, Result, json_number
 from exporter.slo.manifest import Objective, format_duration
-from exporter.slo.state import StateStore
+from exporter.slo.state import StateStore, WindowPersistence
 
 log = logging.getLogger("ebpf_slo_exporter.slo")
 
@@ -161,41 +161,10 @@ class SloRuntime:
             grace_s=grace,
             closed_until_s=closed_until,
         )
-        self.state: StateStore | None = None
-        self.state_save_every_s = state_save_every_s
-        self.restored = Restored(None, 0, 0)
-        self.restore_gap_s = 0.0
+        self.persistence: WindowPersistence | None = None
         if state_dir is not None:
-            self._restore(StateStore(state_dir))
-
-    def _restore(self, store: StateStore) -> None:
-        self.state = store
-        raw = store.load()
-        if raw is not None:
-            self.restored = self.evaluator.restore(raw)
-            if self.restored.saved_at_s is None:
-                store.quarantine("not a saved SLO window state")
-        saved_at = self.restored.saved_at_s
-        if saved_at is not None:
-            # Time between the last save and this start was not observed: a clean stop
-            # loses only the downtime, a SIGKILL also what was counted since the last save.
-            self.restore_gap_s = max(0.0, self.evaluator.start_s - saved_at)
-            log.info("SLO windows restored from %s: %d objectives (%d saved ones discarded: "
-                     "definition changed or gone), %.0fs since the last save not observed",
-                     store.path, self.restored.restored, self.restored.discarded, self.restore_gap_s)
-        store.last_save_s = self.evaluator.start_s
-
-    def save_state(self) -> bool:
-        """Save the windows now (the loop does it every `state_save_every_s`, and `stop`)."""
-        if self.state is None:
-            return False
-        now = self._clock()
-        return self.state.save(self.evaluator.export_state(now), now)
-
-    def _save_if_due(self) -> None:
-        store = self.state
-        if store is not None and self._clock() >= (store.last_save_s or 0.0) + self.state_save_every_s:
-            self.save_state()
+            self.persistence = WindowPersistence(StateStore(state_dir), self.evaluator, wall_clock,
+                                                 state_save_every_s)
 
     def __repr__(self) -> str:
         return f"SloRuntime({len(self.objectives)} objectives, push={self.push_settings!r})"
@@ -267,7 +236,8 @@ class SloRuntime:
         while not self._stop.is_set():
             try:
                 self.tick()
-                self._save_if_due()
+                if self.persistence is not None:
+                    self.persistence.save_if_due()
                 wait_s = max(0.0, min(MAX_SLEEP_S, self.evaluator.next_due_s() - self._clock()))
                 if self.pusher is not None:
                     self.pusher.pump(time.monotonic() + wait_s, self._stop)
@@ -307,7 +277,8 @@ class SloRuntime:
             finally:
                 self._tick_lock.release()
         try:
-            self.save_state()
+            if self.persistence is not None:
+                self.persistence.save()
         except Exception:  # a bug in saving must not keep the exporter from stopping
             log.exception("saving the SLO windows at stop failed")
 
@@ -377,49 +348,10 @@ class SloRuntime:
             "generated_at": rfc3339(self._clock()),
             "push_interval_seconds": self.push_interval_s,
             "bucket_seconds": self.evaluator.bucket_s,
-            "state": self._state_json(),
+            "state": self.persistence.json() if self.persistence is not None else {"saved": False},
             "objectives": objectives,
             "push": push,
         }
-
-    def _state_json(self) -> dict[str, Any]:
-        store = self.state
-        if store is None:
-            return {"saved": False}
-        return {
-            "saved": True,
-            "path": str(store.path),
-            "save_interval_seconds": self.state_save_every_s,
-            "last_save": rfc3339(store.last_save_s) if store.last_save_s is not None else None,
-            "restored_objectives": self.restored.restored,
-            "restore_gap_seconds": self.restore_gap_s,
-        }
-
-    def _state_samples(self) -> list[SelfSample]:
-        store = self.state
-        if store is None:
-            return []
-        saves_help = "Saves of the SLO windows to --state-dir, by outcome."
-        return [
-            *(SelfSample("slo_state_saves_total", "counter", saves_help, float(count), (("outcome", outcome),))
-              for outcome, count in store.saves.items()),
-            SelfSample("slo_state_quarantined_total", "counter",
-                       "Unreadable SLO state files moved aside as *.corrupt (the windows started empty).",
-                       float(store.quarantined)),
-            SelfSample("slo_state_restored_objectives", "gauge",
-                       "Objectives whose windows were restored from the saved state at start.",
-                       float(self.restored.restored)),
-            SelfSample("slo_state_discarded_objectives", "gauge",
-                       "Saved objectives not restored at start: definition changed, removed or unreadable.",
-                       float(self.restored.discarded)),
-            SelfSample("slo_state_restore_gap_seconds", "gauge",
-                       "Seconds between the last save and this start that no window observed "
-                       "(downtime; after a SIGKILL also what was counted since the last save).",
-                       self.restore_gap_s),
-            SelfSample("slo_coverage_periods_dropped_total", "counter",
-                       "Oldest observed stretches forgotten past the cap (coverage is understated).",
-                       float(self.evaluator.coverage_periods_dropped())),
-        ]
 
     def self_samples(self) -> Iterable[SelfSample]:
         samples = [
@@ -463,7 +395,11 @@ class SloRuntime:
                 float(ev.late_after_close),
             ),
         ]
-        samples += self._state_samples()
+        samples.append(SelfSample("slo_coverage_periods_dropped_total", "counter",
+                                  "Oldest observed stretches forgotten past the cap (coverage is understated).",
+                                  float(ev.coverage_periods_dropped())))
+        if self.persistence is not None:
+            samples += self.persistence.self_samples()
         if self.pusher is not None:
             samples += list(self.pusher.self_samples())
         return samples

@@ -7,7 +7,8 @@ one. A file that cannot be read back (a full disk, a hand edit, another program'
 moved aside as `windows.json.corrupt`, counted, and logged on one line; the exporter then
 starts with empty windows. Which objectives may take saved counts is the evaluator's
 business (`Evaluator.restore`, keyed by a hash of each objective); this module only moves
-bytes.
+bytes, and `WindowPersistence` ties the two together for the runtime: restore at start,
+save when due and at stop, and report on it (JSON and self-metrics).
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from exporter.bridge.indicator import rfc3339
 from exporter.bridge.spool import atomic_write
 from exporter.errors import ConfigError
+from exporter.metrics import SelfSample
+from exporter.slo.evaluate import Evaluator, Restored
 
 log = logging.getLogger("ebpf_slo_exporter.slo")
 
@@ -77,3 +82,75 @@ class StateStore:
         self.saves["ok"] += 1
         self.last_save_s = now_s
         return True
+
+
+class WindowPersistence:
+    """The evaluator's windows restored from, and saved to, one StateStore. The runtime calls
+    `save_if_due` after closing intervals and `save` at stop; the clock is the runtime's."""
+
+    def __init__(self, store: StateStore, evaluator: Evaluator, clock: Callable[[], float],
+                 save_every_s: float) -> None:
+        self.store = store
+        self.evaluator = evaluator
+        self.save_every_s = save_every_s
+        self._clock = clock
+        self.restored = Restored(None, 0, 0)
+        self.restore_gap_s = 0.0
+        raw = store.load()
+        if raw is not None:
+            self.restored = evaluator.restore(raw)
+            if self.restored.saved_at_s is None:
+                store.quarantine("not a saved SLO window state")
+        saved_at = self.restored.saved_at_s
+        if saved_at is not None:
+            # Time between the last save and this start was not observed: a clean stop
+            # loses only the downtime, a SIGKILL also what was counted since the last save.
+            self.restore_gap_s = max(0.0, evaluator.start_s - saved_at)
+            log.info("SLO windows restored from %s: %d objectives (%d saved ones discarded: "
+                     "definition changed or gone), %.0fs since the last save not observed",
+                     store.path, self.restored.restored, self.restored.discarded, self.restore_gap_s)
+        store.last_save_s = evaluator.start_s
+
+    @property
+    def directory(self) -> Path:
+        return self.store.directory
+
+    def save(self) -> bool:
+        now = self._clock()
+        return self.store.save(self.evaluator.export_state(now), now)
+
+    def save_if_due(self) -> None:
+        if self._clock() >= (self.store.last_save_s or 0.0) + self.save_every_s:
+            self.save()
+
+    def json(self) -> dict[str, Any]:
+        last = self.store.last_save_s
+        return {
+            "saved": True,
+            "path": str(self.store.path),
+            "save_interval_seconds": self.save_every_s,
+            "last_save": rfc3339(last) if last is not None else None,
+            "restored_objectives": self.restored.restored,
+            "restore_gap_seconds": self.restore_gap_s,
+        }
+
+    def self_samples(self) -> list[SelfSample]:
+        store = self.store
+        saves_help = "Saves of the SLO windows to --state-dir, by outcome."
+        return [
+            *(SelfSample("slo_state_saves_total", "counter", saves_help, float(count), (("outcome", outcome),))
+              for outcome, count in store.saves.items()),
+            SelfSample("slo_state_quarantined_total", "counter",
+                       "Unreadable SLO state files moved aside as *.corrupt (the windows started empty).",
+                       float(store.quarantined)),
+            SelfSample("slo_state_restored_objectives", "gauge",
+                       "Objectives whose windows were restored from the saved state at start.",
+                       float(self.restored.restored)),
+            SelfSample("slo_state_discarded_objectives", "gauge",
+                       "Saved objectives not restored at start: definition changed, removed or unreadable.",
+                       float(self.restored.discarded)),
+            SelfSample("slo_state_restore_gap_seconds", "gauge",
+                       "Seconds between the last save and this start that no window observed "
+                       "(downtime; after a SIGKILL also what was counted since the last save).",
+                       self.restore_gap_s),
+        ]

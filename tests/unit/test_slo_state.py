@@ -129,8 +129,8 @@ def test_restart_keeps_the_window_and_leaves_the_downtime_uncovered(tmp_path: Pa
 
     clock.now = T0 + 900.0  # down for about five minutes
     second = SloRuntime(objectives, wall_clock=clock, state_dir=tmp_path, state_save_every_s=60)
-    assert second.restored.restored == 2
-    assert second.restore_gap_s == pytest.approx(900 - 599.5)  # saved at the last clock reading
+    assert second.persistence.restored.restored == 2
+    assert second.persistence.restore_gap_s == pytest.approx(900 - 599.5)  # saved at the last clock reading
     slow += run_traffic(second, clock, T0 + 900, 300, 10)
     clock.now = T0 + 1212.0
     second.tick()
@@ -144,7 +144,8 @@ def test_restart_keeps_the_window_and_leaves_the_downtime_uncovered(tmp_path: Pa
     registry = registry_for(second)
     assert registry.get_sample_value("slo_window_coverage_ratio", FAST) == window.coverage
     assert registry.get_sample_value("ebpf_slo_exporter_slo_state_restored_objectives") == 2
-    assert registry.get_sample_value("ebpf_slo_exporter_slo_state_restore_gap_seconds") == second.restore_gap_s
+    gap = second.persistence.restore_gap_s
+    assert registry.get_sample_value("ebpf_slo_exporter_slo_state_restore_gap_seconds") == gap
     current = second.snapshot()["objectives"][0]["current"]
     assert (current["covered_seconds"], current["coverage"]) == (window.covered_s, window.coverage)
 
@@ -157,11 +158,11 @@ def test_sigkill_loses_at_most_one_save_interval_and_counts_it(tmp_path: Path) -
         clock.now = T0 + i + 0.5
         first.observe(exchange(clock.now), "/")
         first._tick(False)
-        first._save_if_due()  # what the loop does after each tick
+        first.persistence.save_if_due()  # what the loop does after each tick
     # Saved at T0+60.5 and T0+120.5; the 29 exchanges after it die with the process (no stop()).
     clock.now = T0 + 200.0
     second = SloRuntime(objectives, wall_clock=clock, state_dir=tmp_path)
-    assert second.restore_gap_s == pytest.approx(200 - 120.5)
+    assert second.persistence.restore_gap_s == pytest.approx(200 - 120.5)
     clock.now = T0 + 212.0
     second.tick()
     window = second.evaluator.latest()[0]
@@ -179,7 +180,7 @@ def test_changed_objective_does_not_inherit_counts(tmp_path: Path) -> None:
     second = SloRuntime(changed, wall_clock=clock, state_dir=tmp_path)
     # The latency target decides which exchanges are good: a fresh start. The availability
     # target changed too, but its counts do not depend on it: kept.
-    assert (second.restored.restored, second.restored.discarded) == (1, 1)
+    assert (second.persistence.restored.restored, second.persistence.restored.discarded) == (1, 1)
     clock.now = T0 + 52.0
     second.tick()
     latency, availability = second.evaluator.latest()
@@ -216,7 +217,7 @@ def test_damaged_objective_entry_is_discarded_not_fatal(tmp_path: Path) -> None:
     state["objectives"][key]["fine"]["good"] = "not base64!"
     (tmp_path / "windows.json").write_text(json.dumps(state))
     second = SloRuntime(parse_manifest(MANIFEST), wall_clock=Clock(T0 + 30), state_dir=tmp_path)
-    assert (second.restored.restored, second.restored.discarded) == (1, 1)
+    assert (second.persistence.restored.restored, second.persistence.restored.discarded) == (1, 1)
 
 
 def test_unwritable_state_dir_is_a_config_error(tmp_path: Path) -> None:
