@@ -234,3 +234,20 @@ def test_fresh_start_coverage_is_the_observed_part() -> None:
     window = ev.close(T0 + 10)[0].window
     assert window.covered_s == 7.0
     assert window.coverage == pytest.approx(7 / (window.end_s - window.start_s))
+
+
+def test_saved_counts_that_do_not_fit_the_ring_are_refused() -> None:
+    import base64
+    import zlib
+
+    ring = BucketRing(10)
+    ring.add(5, True)
+    saved = ring.to_dict()
+    too_big = base64.b64encode(zlib.compress(bytes(10**7))).decode()  # inflates to 10 MB
+    for damaged in ({**saved, "good": too_big}, {**saved, "total": saved["good"][:8]}, {**saved, "slots": 11},
+                    {**saved, "head": "5"}):
+        with pytest.raises(ValueError):
+            BucketRing(10).load(damaged, sys.byteorder)
+    restored = BucketRing(10)
+    restored.load(saved, sys.byteorder)
+    assert restored.sum(0, 10) == (1, 1)
