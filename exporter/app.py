@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
+from exporter import __version__
 from exporter.config import DEFAULT_FAST_PATH, DEFAULT_MAX_ROUTES_PER_PORT, ListenAddress
 from exporter.core.flows import Limits
 from exporter.core.routes import RouteMapper
@@ -49,6 +50,7 @@ from exporter.metrics import (
 )
 from exporter.pipeline import Pipeline
 from exporter.server import Health, MetricsServer, build_app
+from exporter.status_page import StatusPage
 
 if TYPE_CHECKING:  # imported lazily at run time: the capture modules load only when capturing
     from exporter.capture.kernel_agg import KernelFastPath
@@ -129,11 +131,14 @@ class Exporter:
         if slo is not None:
             sources.append(slo.self_samples)
         self.registry.register(ExporterCollector(self.http, sources, slo.collect if slo is not None else None))
+        description = f"interface {settings.interface}, ports {', '.join(map(str, settings.ports))}"
+        self.status_page = StatusPage(self.registry, self.health, description, __version__, slo)
         app = build_app(
             self.registry,
             self.health,
-            f"interface {settings.interface}, ports {', '.join(map(str, settings.ports))}",
+            description,
             slo.snapshot if slo is not None else None,
+            self.status_page.render,
         )
         web = settings.web_config
         if web is not None:
@@ -214,6 +219,9 @@ class Exporter:
         slo = self.settings.slo_runtime
         pusher = getattr(slo, "pusher", None)
         hand_over = [pusher.spool.directory] if pusher is not None else []
+        persistence = getattr(slo, "persistence", None)
+        if persistence is not None:
+            hand_over.append(persistence.directory)  # the SLO windows are saved there after the drop
         who = drop_privileges(user, hand_over)
         self._privileges_dropped = True
         log.info("dropped every capability; now running as %s (uid %d, gid %d)", who.user, who.uid, who.gid)

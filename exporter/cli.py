@@ -21,7 +21,10 @@ from exporter.config import (
     DEFAULT_LISTEN,
     DEFAULT_MAX_ROUTES_PER_PORT,
     DEFAULT_PUSH_INTERVAL_S,
+    DEFAULT_STATE_SAVE_INTERVAL,
+    STATE_SUBDIR,
     ListenAddress,
+    default_state_dir,
     env_var,
     load_file,
     parse_buckets,
@@ -152,6 +155,12 @@ def slo_options(func: F) -> F:
                      help="How often indicators are computed and pushed."),
         click.option("--spool-dir", type=click.Path(file_okay=False), envvar=env_var("spool_dir"),
                      help="Where unsent indicators wait (default: $XDG_STATE_HOME/ebpf-slo-exporter/spool)."),
+        click.option("--state-dir", type=click.Path(file_okay=False), envvar=env_var("state_dir"),
+                     help=f"Where the SLO windows are saved so a restart keeps them "
+                          f"(default: <--spool-dir>/{STATE_SUBDIR} when --spool-dir is given, else not saved)."),
+        click.option("--state-save-interval", default=DEFAULT_STATE_SAVE_INTERVAL, show_default=True,
+                     envvar=env_var("state_save_interval"),
+                     help="How often the SLO windows are saved; a SIGKILL loses at most this much."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -189,7 +198,7 @@ def _run_settings(params: dict[str, Any]) -> RunSettings:
     if params.get("slo"):
         from exporter.slo.manifest import latency_targets, load_manifest, parse_duration
 
-        objectives = load_manifest(params["slo"])
+        objectives = _embedded_objectives(load_manifest(params["slo"]), params["slo"])
         added = latency_targets(objectives) - buckets
         if added:
             log.info("added latency bucket bounds %s for SLO targets", sorted(added))
@@ -215,6 +224,20 @@ def _run_settings(params: dict[str, Any]) -> RunSettings:
     )
 
 
+def _embedded_objectives(objectives: list[Objective], path: str) -> list[Objective]:
+    """The objectives `run` can evaluate from the wire. PromQL ratios (Reliably's spec.promql,
+    OpenSLO Prometheus queries) need Prometheus: counting them here would be a wrong number."""
+    embedded = [o for o in objectives if o.promql is None]
+    skipped = [o.name for o in objectives if o.promql is not None]
+    if not embedded:
+        raise ConfigError(f"{path}: every objective is a PromQL ratio, which needs Prometheus; "
+                          f"run `ebpf-slo-exporter bridge --slo {path} --prometheus URL` instead")
+    if skipped:
+        log.warning("not evaluated in process (PromQL ratios; use `bridge --prometheus` or "
+                    "`slo report --prometheus`): %s", ", ".join(skipped))
+    return embedded
+
+
 def _web_config(path: str | None, user: str | None) -> WebConfig | None:
     if user:
         from exporter.security import resolve_user
@@ -235,8 +258,20 @@ def _slo_runtime(objectives: list[Objective], params: dict[str, Any], push_inter
 
     push = settings_from_options(params.get("reliably_url"), params.get("reliably_org"),
                                  params.get("reliably_token"), params.get("reliably_config"))
+    from exporter.slo.manifest import parse_duration
+
     spool = Path(params["spool_dir"]) if params.get("spool_dir") else None
-    return SloRuntime(objectives, push=push, push_interval_s=push_interval, spool_dir=spool)
+    state_dir = default_state_dir(params.get("state_dir"), params.get("spool_dir"))
+    try:
+        save_every = parse_duration(params.get("state_save_interval") or DEFAULT_STATE_SAVE_INTERVAL)
+    except ValueError as exc:
+        raise ConfigError(f"--state-save-interval: {exc}") from None
+    if save_every < 1:
+        raise ConfigError("--state-save-interval must be at least 1s")
+    if state_dir is None:
+        log.info("SLO windows are not saved: they start empty at each start (give --state-dir or --spool-dir)")
+    return SloRuntime(objectives, push=push, push_interval_s=push_interval, spool_dir=spool,
+                      state_dir=state_dir, state_save_every_s=save_every)
 
 
 @cli.command()

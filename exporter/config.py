@@ -34,6 +34,10 @@ DEFAULT_FAST_PATH = True  # the kernel aggregates the common exchange; --no-fast
 DEFAULT_BACKOFF_BASE_S = 1.0  # first retry after ~1 s, doubling...
 DEFAULT_BACKOFF_MAX_S = 60.0  # ...up to a minute
 ENV_PREFIX = "EBPF_SLO"
+# The SLO windows are saved this often (a SIGKILL loses at most this much), under
+# `--state-dir`, or by default in this subdirectory of `--spool-dir` when that is given.
+DEFAULT_STATE_SAVE_INTERVAL = "60s"
+STATE_SUBDIR = "slo-state"
 
 # Keys accepted in the config file, mapped to the click parameter they fill.
 FILE_KEYS = {
@@ -51,6 +55,8 @@ FILE_KEYS = {
     "reliably_url": "reliably_url",
     "push_interval": "push_interval",
     "spool_dir": "spool_dir",
+    "state_dir": "state_dir",
+    "state_save_interval": "state_save_interval",
     "log_level": "log_level",
     "user": "user",
     "fast_path": "fast_path",
@@ -82,6 +88,16 @@ def load_file(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"config file {path}: unknown key {key!r}; known keys: {known}")
         values[name] = value
     return values
+
+
+def default_state_dir(state_dir: str | None, spool_dir: str | None) -> Path | None:
+    """Where the SLO windows are saved: `--state-dir`, else `<--spool-dir>/slo-state`, else
+    nowhere (the windows start empty at each start, and the log says so)."""
+    if state_dir:
+        return Path(state_dir)
+    if spool_dir:
+        return Path(spool_dir) / STATE_SUBDIR
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,6 +58,7 @@ SLO_BUDGET_REMAINING = "slo_error_budget_remaining_ratio"
 SLO_BURN_RATE = "slo_burn_rate"
 SLO_GOOD = "slo_good_events"
 SLO_TOTAL = "slo_total_events"
+SLO_WINDOW_COVERAGE = "slo_window_coverage_ratio"  # observed part of the window, 0..1
 SLO_LABELS = ("slo", "service", "category", "window")
 
 SELF = "ebpf_slo_exporter"
@@ -106,6 +107,12 @@ SELF_SLO_PUSH_ERRORS_TOTAL = "slo_push_errors_total"
 SELF_SLO_SPOOL_INDICATORS = "slo_spool_indicators"
 SELF_SLO_SPOOL_DROPPED_TOTAL = "slo_spool_dropped_total"
 SELF_SLO_SPOOL_QUARANTINED_TOTAL = "slo_spool_quarantined_total"
+SELF_SLO_STATE_SAVES_TOTAL = "slo_state_saves_total"
+SELF_SLO_STATE_QUARANTINED_TOTAL = "slo_state_quarantined_total"
+SELF_SLO_STATE_RESTORED_OBJECTIVES = "slo_state_restored_objectives"
+SELF_SLO_STATE_DISCARDED_OBJECTIVES = "slo_state_discarded_objectives"
+SELF_SLO_STATE_RESTORE_GAP_SECONDS = "slo_state_restore_gap_seconds"
+SELF_SLO_COVERAGE_PERIODS_DROPPED_TOTAL = "slo_coverage_periods_dropped_total"
 
 
 def format_bound(bound: float) -> str:

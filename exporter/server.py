@@ -101,7 +101,10 @@ def build_app(
     health: Health,
     description: str,
     slo_snapshot: Callable[[], dict[str, Any]] | None = None,
+    status_page: Callable[[], str] | None = None,
 ) -> Callable[[WSGIEnviron, StartResponse], Iterable[bytes]]:
+    """The WSGI app. `status_page` renders `/` (exporter.status_page); without it `/` is the
+    plain landing page with links."""
     metrics_app = make_wsgi_app(registry)
 
     def app(environ: WSGIEnviron, start_response: StartResponse) -> Iterable[bytes]:
@@ -122,8 +125,9 @@ def build_app(
             start_response("200 OK", [("Content-Type", "application/json")])
             return [json.dumps(payload, indent=2).encode()]
         if path in ("/", "/index.html"):
-            start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
-            return [LANDING.format(version=__version__, what=description).encode()]
+            page = status_page() if status_page is not None else LANDING.format(version=__version__, what=description)
+            start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store")])
+            return [page.encode()]
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found: try /metrics\n"]
 

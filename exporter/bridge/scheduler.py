@@ -88,6 +88,7 @@ class IntervalScheduler(Generic[T]):
         wall_clock: Callable[[], float] = time.time,
         backoff: Backoff | None = None,
         on_indicators: Callable[[list[Indicator]], None] | None = None,
+        after_tick: Callable[[bool], None] | None = None,
         thread_name: str = "slo-push",
     ) -> None:
         if interval_s < 1 or interval_s != int(interval_s):
@@ -99,6 +100,9 @@ class IntervalScheduler(Generic[T]):
         self.max_catchup_s = max_catchup_s
         self.backoff = backoff or Backoff()
         self.on_indicators = on_indicators
+        # The source's own housekeeping on the loop's thread (saving state), after every tick;
+        # its argument says whether this is the last one, at stop.
+        self.after_tick = after_tick
         self._clock = wall_clock
         self._thread_name = thread_name
         saved = None
@@ -207,6 +211,8 @@ class IntervalScheduler(Generic[T]):
         while not stop.is_set():
             try:
                 self.tick()
+                if self.after_tick is not None:
+                    self.after_tick(False)
                 wait_s = max(0.0, min(MAX_SLEEP_S, self.next_due_s() - self._clock()))
                 if self.pusher is not None:
                     self.pusher.pump(time.monotonic() + wait_s, stop)
@@ -243,6 +249,11 @@ class IntervalScheduler(Generic[T]):
                 log.exception("closing the last intervals at stop failed")
             finally:
                 self._tick_lock.release()
+        if self.after_tick is not None:
+            try:
+                self.after_tick(True)
+            except Exception:  # must not keep the exporter from stopping
+                log.exception("the last housekeeping at stop failed")
 
     # -- self-metrics ------------------------------------------------------------------------
 

@@ -21,15 +21,20 @@ Narrowing an objective to exchanges (all given ones must match):
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import sys
 import threading
+import zlib
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from exporter.core.model import Exchange
 from exporter.slo.manifest import Objective
-from exporter.slo.windows import BucketRing, choose_bucket_seconds, slots_needed
+from exporter.slo.windows import WindowCounts, choose_bucket_seconds
 
 NOT_COUNTED = -1
 BAD = 0
@@ -94,13 +99,26 @@ class Matcher:
 @dataclass(frozen=True, slots=True)
 class Result:
     """One evaluation of one objective over [start_s, end_s). good/total are counts, or rates
-    when Prometheus evaluated them; only their ratio matters."""
+    when Prometheus evaluated them; only their ratio matters.
+
+    `covered_s`: how much of [start_s, end_s) the exporter was observing (None: not known,
+    as with Prometheus). After a restart the downtime is not covered, so a window that
+    holds 40 seconds of data is never read as a full 30 days."""
 
     start_s: float
     end_s: float
     good: float
     total: float
     objective_ratio: float
+    covered_s: float | None = None
+
+    @property
+    def coverage(self) -> float | None:
+        """Covered part of the window, 0..1; None when not known."""
+        span = self.end_s - self.start_s
+        if self.covered_s is None or span <= 0:
+            return None
+        return min(1.0, max(0.0, self.covered_s / span))
 
     @property
     def sli(self) -> float | None:
@@ -145,6 +163,19 @@ def budget_remaining(good: float, total: float, objective_ratio: float) -> float
     return None if burn is None else 1.0 - burn
 
 
+def format_coverage(coverage: float | None) -> str:
+    """The observed part of a window for people: `100%`, `12.50%`, `<0.01%` (a young window
+    of 30 days), `—` (not known). Never rounds a partial window up to 100% or down to 0%."""
+    if coverage is None:
+        return "—"
+    percent = coverage * 100
+    if percent >= 100 or percent == 0:
+        return f"{percent:.0f}%"
+    if percent < 0.01:
+        return "<0.01%"
+    return f"{min(percent, 99.99):.2f}%"
+
+
 def json_number(value: float | None) -> float | str | None:
     """JSON has no infinities: write them as Prometheus' API does, "+Inf" / "-Inf"."""
     if value is None or math.isfinite(value):
@@ -162,6 +193,37 @@ class Closed:
 
 
 HISTORY = 5  # results kept per objective: the report's trend
+CHART_POINTS = 360  # window SLIs kept per objective for the status page's chart (an hour at 10 s)
+STATE_VERSION = 1
+
+
+def state_key(objective: Objective, layout: dict[str, int]) -> str:
+    """What saved counts are filed under: a hash of everything that decides which exchanges
+    count and whether each is good, and of the ring layout. Changing any of it starts the
+    objective afresh rather than inheriting counts made under other rules. The target
+    (objectivePercent) is left out on purpose: the counts do not depend on it, so tightening
+    99% to 99.9% keeps the 30 days already observed."""
+    counted = {
+        "service": objective.service,
+        "name": objective.name,
+        "category": objective.category,
+        "window_seconds": objective.window_seconds,
+        "latency_target_seconds": objective.latency_target_seconds,
+        "route": objective.route,
+        "port": objective.port,
+        "good_status_classes": list(objective.good_status_classes),
+        "layout": layout,
+    }
+    return hashlib.sha256(json.dumps(counted, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """What `Evaluator.restore` did with a saved state."""
+
+    saved_at_s: float | None  # None: the state held nothing usable
+    restored: int  # objectives that took their saved counts
+    discarded: int  # saved objectives not taken (definition or layout changed, unreadable, gone)
 
 
 class Evaluator:
@@ -194,15 +256,20 @@ class Evaluator:
         self.bucket_ns = self.bucket_s * 1_000_000_000
         self._matchers = [Matcher(o) for o in self.objectives]
         self._rings = [
-            BucketRing(slots_needed(o.window_seconds, self.push_s, grace_s, self.bucket_s))
-            for o in self.objectives
+            WindowCounts(o.window_seconds, self.push_s, grace_s, self.bucket_s) for o in self.objectives
         ]
-        self._window_buckets = [math.ceil(o.window_seconds / self.bucket_s) for o in self.objectives]
-        self._retention = max((r.slots for r in self._rings), default=1)
+        for ring in self._rings:
+            ring.begin(start_s)
+        self._retention = max((r.retention for r in self._rings), default=1)
+        self.start_s = start_s
         start_boundary = int(start_s // self.push_s) * self.push_s
         # A watermark from a previous run wins: intervals it closed are never closed again.
         self.closed_until_s = max(start_boundary, closed_until_s or 0)
         self.history: list[deque[Result]] = [deque(maxlen=HISTORY) for _ in self.objectives]
+        # (interval end, window SLI percent or None): small tuples, not Results, so an hour of
+        # points costs tens of kB per objective.
+        self._chart: list[deque[tuple[float, float | None]]] = [deque(maxlen=CHART_POINTS) for _ in self.objectives]
+        self._last_interval: list[Result | None] = [None for _ in self.objectives]
         self._lock = threading.Lock()
         self.observed = 0
         self.too_old = 0  # older than any bucket still kept
@@ -255,24 +322,75 @@ class Evaluator:
         with self._lock:
             for i, objective in enumerate(self.objectives):
                 ring = self._rings[i]
-                good, total = ring.sum(interval_first, end)
-                interval = Result(to_s - self.push_s, to_s, good, total, objective.objective_ratio)
-                good, total = ring.sum(end - self._window_buckets[i], end)
-                window = Result(
-                    to_s - self._window_buckets[i] * self.bucket_s,
-                    to_s,
-                    good,
-                    total,
-                    objective.objective_ratio,
-                )
+                ring.observed_until(to_s)
+                good, total = ring.interval_sum(interval_first, end)
+                interval = Result(to_s - self.push_s, to_s, good, total, objective.objective_ratio,
+                                  ring.covered_seconds(to_s - self.push_s, to_s))
+                first, good, total = ring.window_sum(end)
+                start = first * self.bucket_s
+                window = Result(start, to_s, good, total, objective.objective_ratio,
+                                ring.covered_seconds(start, to_s))
                 self.history[i].append(window)
+                self._chart[i].append((float(to_s), window.percent))
+                self._last_interval[i] = interval
                 closed.append(Closed(objective, interval, window))
             self.closed_until_s = max(self.closed_until_s, to_s)
         return closed
 
+    def export_state(self, now_s: float) -> dict[str, Any]:
+        """Every objective's counts and observed stretches, up to `now_s`, as JSON-safe data."""
+        with self._lock:  # held only to copy: the capture thread waits microseconds, not the encoding
+            copies = []
+            for objective, ring in zip(self.objectives, self._rings, strict=True):
+                ring.observed_until(now_s)
+                copies.append((state_key(objective, ring.layout()), ring.copy()))
+        saved = {key: ring.to_dict() for key, ring in copies}
+        return {"version": STATE_VERSION, "saved_at": now_s, "byteorder": sys.byteorder, "objectives": saved}
+
+    def restore(self, state: Any) -> Restored:
+        """Take the counts of a saved state for each objective whose key matches; the time
+        between the save and `start_s` is left uncovered. Never raises on odd content: what
+        does not fit is discarded and counted."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            return Restored(None, 0, 0)
+        saved_at = state.get("saved_at")
+        saved = state.get("objectives")
+        byteorder = state.get("byteorder")
+        if not isinstance(saved_at, (int, float)) or not isinstance(saved, dict) or byteorder not in ("little", "big"):
+            return Restored(None, 0, 0)
+        restored = 0
+        with self._lock:
+            for objective, ring in zip(self.objectives, self._rings, strict=True):
+                raw = saved.get(state_key(objective, ring.layout()))
+                if raw is None:
+                    continue
+                try:
+                    ring.load(raw, byteorder)
+                except (ValueError, TypeError, zlib.error):
+                    continue
+                ring.begin(self.start_s)
+                restored += 1
+        return Restored(float(saved_at), restored, len(saved) - restored)
+
+    def coverage_periods_dropped(self) -> int:
+        return sum(r.periods_dropped for r in self._rings)
+
+    def edge_seconds(self) -> list[int]:
+        return [r.edge_seconds for r in self._rings]
+
     def latest(self) -> list[Result | None]:
         with self._lock:
             return [h[-1] if h else None for h in self.history]
+
+    def chart(self) -> list[list[tuple[float, float | None]]]:
+        """(interval end, window SLI percent) of the last closed intervals, oldest first, per objective."""
+        with self._lock:
+            return [list(points) for points in self._chart]
+
+    def last_intervals(self) -> list[Result | None]:
+        """The last closed push interval's result per objective."""
+        with self._lock:
+            return list(self._last_interval)
 
     def trends(self) -> list[list[Result]]:
         with self._lock:

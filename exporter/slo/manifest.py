@@ -1,4 +1,5 @@
 """Reliably objective manifests: multi-document YAML of `kind: Objective`, parsed and validated.
+Documents of `apiVersion: openslo/v1` in the same file go to `openslo.py`.
 
 The file format is Reliably's own (`reliably slo sync` reads the same file), so a user's
 existing `reliably.yaml` works unchanged. Two extension fields are ours, both optional:
@@ -136,7 +137,18 @@ def parse_manifest(text: str, source: str = "<slo>") -> list[Objective]:
         raise ConfigError(f"{source}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
     if not documents:
         raise ConfigError(f"{source}: no objectives found (expected documents of kind: Objective)")
-    objectives = [_parse_objective(doc, f"{source} document {i + 1}") for i, doc in enumerate(documents)]
+    # Dispatch on apiVersion: OpenSLO documents refer to each other (indicatorRef, Service),
+    # so they are read together; Reliably objectives stand alone.
+    from exporter.slo import openslo  # openslo builds on this module's types
+
+    open_docs = [(f"{source} document {i + 1}", doc) for i, doc in enumerate(documents) if openslo.is_openslo(doc)]
+    objectives = [
+        _parse_objective(doc, f"{source} document {i + 1}")
+        for i, doc in enumerate(documents)
+        if not openslo.is_openslo(doc)
+    ]
+    if open_docs:
+        objectives += openslo.parse_documents(open_docs)
     seen: set[tuple[str, str]] = set()
     for objective in objectives:
         key = (objective.service, objective.name)
@@ -151,10 +163,14 @@ def parse_manifest(text: str, source: str = "<slo>") -> list[Objective]:
 def _parse_objective(doc: Any, where: str) -> Objective:
     if not isinstance(doc, dict):
         raise ConfigError(f"{where}: expected a mapping with apiVersion, kind, metadata and spec")
+    if str(doc.get("apiVersion", "")).startswith("openslo/"):
+        raise ConfigError(f"{where}: apiVersion is {doc.get('apiVersion')!r}; of OpenSLO only openslo/v1 is supported")
     if doc.get("kind") != "Objective":
         raise ConfigError(f"{where}: kind is {doc.get('kind')!r}; only kind: Objective is supported")
     if doc.get("apiVersion", API_VERSION) != API_VERSION:
-        raise ConfigError(f"{where}: apiVersion is {doc.get('apiVersion')!r}; expected {API_VERSION}")
+        raise ConfigError(
+            f"{where}: apiVersion is {doc.get('apiVersion')!r}; expected {API_VERSION} or openslo/v1"
+        )
     metadata = doc.get("metadata") or {}
     spec = doc.get("spec")
     if not isinstance(metadata, dict) or not isinstance(spec, dict):

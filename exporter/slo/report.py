@@ -27,7 +27,7 @@ from rich.text import Text
 
 from exporter.bridge.indicator import rfc3339
 from exporter.errors import ExporterError, QueryError
-from exporter.slo.evaluate import Result
+from exporter.slo.evaluate import Result, format_coverage
 from exporter.slo.manifest import Objective, format_duration
 from exporter.slo.promql import PromQLSource
 
@@ -53,6 +53,7 @@ class ReportLine:
     window_from: str | None
     window_to: str | None
     trend: tuple[bool | None, ...]  # met per result, oldest first, current last
+    coverage: float | None = None  # observed part of the window, 0..1; None: not known (Prometheus)
 
     @property
     def met(self) -> bool | None:
@@ -94,6 +95,10 @@ def fetch_snapshot(base: str, *, timeout_s: float = 5.0, transport: httpx.BaseTr
         raise ReportSourceError(f"{url} did not answer with JSON") from exc
 
 
+def _ratio(raw: Any) -> float | None:
+    return float(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else None
+
+
 def _percent(raw: Any) -> float | None:
     if isinstance(raw, (int, float)) and not isinstance(raw, bool):
         return float(raw)
@@ -125,6 +130,7 @@ def lines_from_snapshot(snapshot: Any, only: Iterable[Objective] | None = None) 
                 window_from=str(current["from"]) if current else None,
                 window_to=str(current["to"]) if current else None,
                 trend=trend[-TREND_LENGTH:],
+                coverage=_ratio(current.get("coverage")) if current else None,
             )
         )
     return lines
@@ -143,6 +149,7 @@ def line_from_results(objective: Objective, results: list[Result]) -> ReportLine
         window_from=rfc3339(current.start_s) if current else None,
         window_to=rfc3339(current.end_s) if current else None,
         trend=tuple(r.met for r in results[-TREND_LENGTH:]),
+        coverage=current.coverage if current else None,
     )
 
 
@@ -183,6 +190,16 @@ def fmt_icon(line: ReportLine, pad: bool = False) -> str:
     return MET if met else NOT_MET
 
 
+def fmt_coverage(line: ReportLine) -> str:
+    """The observed part of the window: `100%`, `0.02%` (a young or restarted window), `—`."""
+    return format_coverage(line.coverage)
+
+
+def _shows_coverage(lines: list[ReportLine]) -> bool:
+    # Known only for the exporter's own windows; a Prometheus report keeps its old columns.
+    return any(line.coverage is not None for line in lines)
+
+
 def fmt_trend(line: ReportLine) -> str:
     return " ".join(NO_DATA if t is None else (TREND_MET if t else TREND_NOT_MET) for t in line.trend)
 
@@ -195,17 +212,21 @@ def render_table(lines: list[ReportLine]) -> Table:
     table.add_column("/ Time Window", no_wrap=True)
     table.add_column("Type", no_wrap=True)
     table.add_column("Trend", no_wrap=True)
+    coverage = _shows_coverage(lines)
+    if coverage:
+        table.add_column("Observed", justify="right", no_wrap=True)
     for number, (service, members) in enumerate(_grouped(lines), start=1):
         table.add_row(Text(f"  Service #{number}: {service}", style="bold"))
         for line in members:
-            table.add_row(
+            cells = [
                 f"  {fmt_icon(line, pad=True)} {line.name}",
                 fmt_current(line),
                 fmt_objective(line.objective_percent),
                 f"/ {format_duration(line.window_seconds)}",
                 line.type,
                 fmt_trend(line),
-            )
+            ]
+            table.add_row(*cells, *([fmt_coverage(line)] if coverage else []))
     return table
 
 
@@ -215,10 +236,11 @@ def render_text(lines: list[ReportLine]) -> str:
         out.append(f"Service #{number}: {service}")
         for line in members:
             state = {None: "no data", True: "met", False: "not met"}[line.met]
+            observed = f", {fmt_coverage(line)} of the window observed" if line.coverage is not None else ""
             out.append(
                 f"  {fmt_icon(line)} {line.name}: {fmt_current(line)} of "
                 f"{fmt_objective(line.objective_percent)} / {format_duration(line.window_seconds)} "
-                f"({line.type}, {state}) trend {fmt_trend(line) or NO_DATA}"
+                f"({line.type}, {state}{observed}) trend {fmt_trend(line) or NO_DATA}"
             )
     return "\n".join(out) + "\n"
 
@@ -228,16 +250,18 @@ def _md(text: str) -> str:
 
 
 def render_markdown(lines: list[ReportLine]) -> str:
+    coverage = _shows_coverage(lines)
     out = [
-        "| | Service | Objective | Current | Target | / Time Window | Type | Trend |",
-        "|---|---|---|---:|---:|---|---|---|",
+        "| | Service | Objective | Current | Target | / Time Window | Type | Trend |"
+        + (" Observed |" if coverage else ""),
+        "|---|---|---|---:|---:|---|---|---|" + ("---:|" if coverage else ""),
     ]
     for service, members in _grouped(lines):
         for line in members:
             out.append(
                 f"| {fmt_icon(line)} | {_md(service)} | {_md(line.name)} | {fmt_current(line)} | "
                 f"{fmt_objective(line.objective_percent)} | {format_duration(line.window_seconds)} | "
-                f"{line.type} | {fmt_trend(line)} |"
+                f"{line.type} | {fmt_trend(line)} |" + (f" {fmt_coverage(line)} |" if coverage else "")
             )
     return "\n".join(out) + "\n"
 
@@ -256,7 +280,8 @@ def report_document(lines: list[ReportLine], timestamp: float) -> dict[str, Any]
                         "objective": line.objective_percent,
                         "period": format_duration(line.window_seconds),
                         "result": {"actual": line.actual, "delta": line.delta, "slo_is_met": line.met},
-                        "window": {"from": line.window_from, "to": line.window_to},
+                        "window": {"from": line.window_from, "to": line.window_to,
+                                   **({"coverage": line.coverage} if line.coverage is not None else {})},
                     }
                     for line in members
                 ],

@@ -30,6 +30,7 @@ from exporter.bridge.spool import DEFAULT_MAX_ITEMS, Spool, default_spool_dir
 from exporter.config import DEFAULT_PUSH_INTERVAL_S
 from exporter.core.model import Exchange
 from exporter.metrics import (
+    SELF_SLO_COVERAGE_PERIODS_DROPPED_TOTAL,
     SELF_SLO_EVENTS_DROPPED_TOTAL,
     SELF_SLO_EVENTS_LATE_TOTAL,
     SLO_BUDGET_REMAINING,
@@ -39,10 +40,12 @@ from exporter.metrics import (
     SLO_OBJECTIVE,
     SLO_SLI,
     SLO_TOTAL,
+    SLO_WINDOW_COVERAGE,
     SelfSample,
 )
 from exporter.slo.evaluate import Closed, Evaluator, Result, json_number
 from exporter.slo.manifest import Objective, format_duration
+from exporter.slo.state import StateStore, WindowPersistence
 
 log = logging.getLogger("ebpf_slo_exporter.slo")
 
@@ -62,6 +65,8 @@ def result_json(result: Result | None) -> dict[str, Any] | None:
         "burn_rate": json_number(result.burn_rate),
         "budget_remaining": json_number(result.budget_remaining),
         "met": result.met,
+        "covered_seconds": result.covered_s,
+        "coverage": result.coverage,
     }
 
 
@@ -118,6 +123,8 @@ class SloRuntime:
         spool_max_items: int = DEFAULT_MAX_ITEMS,
         backoff: Backoff | None = None,
         client: ReliablyClient | None = None,
+        state_dir: Path | None = None,
+        state_save_every_s: float = 60.0,
     ) -> None:
         if push_interval_s != int(push_interval_s) or push_interval_s < 1:
             raise ValueError("the push interval must be a whole number of seconds, at least 1s")
@@ -147,6 +154,11 @@ class SloRuntime:
             backoff=backoff,
         )
         self.evaluator.closed_until_s = self.scheduler.closed_until_s
+        self.persistence: WindowPersistence | None = None
+        if state_dir is not None:
+            self.persistence = WindowPersistence(StateStore(state_dir), self.evaluator, wall_clock,
+                                                 state_save_every_s)
+            self.scheduler.after_tick = self._save_state
 
     def __repr__(self) -> str:
         return f"SloRuntime({len(self.objectives)} objectives, push={self.push_settings!r})"
@@ -180,6 +192,14 @@ class SloRuntime:
         calls this; tests call it directly with a fake clock."""
         return self.scheduler.tick(final=final)
 
+    def _save_state(self, final: bool) -> None:
+        """After each tick on the scheduler's thread: save the windows when due, and always at stop."""
+        assert self.persistence is not None
+        if final:
+            self.persistence.save()
+        else:
+            self.persistence.save_if_due()
+
     def start(self) -> None:
         self.scheduler.start()
 
@@ -205,11 +225,19 @@ class SloRuntime:
         )
         good = GaugeMetricFamily(SLO_GOOD, "Good events in the objective's window.", labels=SLO_LABELS)
         total = GaugeMetricFamily(SLO_TOTAL, "Events in the objective's window.", labels=SLO_LABELS)
+        coverage = GaugeMetricFamily(
+            SLO_WINDOW_COVERAGE,
+            "Part of the objective's window the exporter observed (1: all of it; less after a start "
+            "or a restart that lost time).",
+            labels=SLO_LABELS,
+        )
         for obj, result in zip(self.objectives, latest, strict=True):
             labels = objective_labels(obj)
             objective.add_metric(labels, obj.objective_ratio)
             if result is None:
                 continue
+            if result.coverage is not None:
+                coverage.add_metric(labels, result.coverage)
             good.add_metric(labels, result.good)
             total.add_metric(labels, result.total)
             ratio = result.sli
@@ -220,7 +248,7 @@ class SloRuntime:
             assert burn_value is not None and budget_value is not None
             burn.add_metric(labels, burn_value)
             budget.add_metric(labels, budget_value)
-        yield from (sli, objective, budget, burn, good, total)
+        yield from (sli, objective, budget, burn, good, total, coverage)
 
     def snapshot(self) -> dict[str, Any]:
         trends = self.evaluator.trends()
@@ -245,6 +273,7 @@ class SloRuntime:
             "generated_at": rfc3339(self._clock()),
             "push_interval_seconds": self.push_interval_s,
             "bucket_seconds": self.evaluator.bucket_s,
+            "state": self.persistence.json() if self.persistence is not None else {"saved": False},
             "objectives": objectives,
             "push": push,
         }
@@ -276,4 +305,9 @@ class SloRuntime:
                 float(ev.late_after_close),
             ),
         ]
+        samples.append(SelfSample(SELF_SLO_COVERAGE_PERIODS_DROPPED_TOTAL, "counter",
+                                  "Oldest observed stretches forgotten past the cap (coverage is understated).",
+                                  float(ev.coverage_periods_dropped())))
+        if self.persistence is not None:
+            samples += self.persistence.self_samples()
         return samples

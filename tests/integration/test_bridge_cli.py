@@ -169,19 +169,20 @@ def snapshot_after_traffic() -> dict[str, object]:
         (
             "text",
             "Service #1: ebpf-2021-demo\n"
-            "  ❌ 99% of the responses are under 150ms: 98.50% of 99.5% / 1m (Latency, not met) trend ✕\n"
+            "  ❌ 99% of the responses are under 150ms: 98.50% of 99.5% / 1m (Latency, not met, "
+            "11.67% of the window observed) trend ✕\n"
             "  ✅ 99% of the responses to our users are in the 2xx class: 99.50% of 99% / 1m "
-            "(Availability, met) trend ✓\n",
+            "(Availability, met, 11.67% of the window observed) trend ✓\n",
         ),
         (
             "table",
             "                                                             Current  Objective  / Time Window  "
-            "Type          Trend\n"
+            "Type          Trend  Observed\n"
             "  Service #1: ebpf-2021-demo\n"
             "  ❌ 99% of the responses are under 150ms                     98.50%      99.5%  / 1m           "
-            "Latency       ✕\n"
+            "Latency       ✕        11.67%\n"
             "  ✅ 99% of the responses to our users are in the 2xx class   99.50%        99%  / 1m           "
-            "Availability  ✓\n",
+            "Availability  ✓        11.67%\n",
         ),
     ],
 )
@@ -205,7 +206,8 @@ def test_report_from_json_keeps_the_shape() -> None:
         "objective": 99.5,
         "period": "1m",
         "result": {"actual": 98.5, "delta": -1.0, "slo_is_met": False},
-        "window": {"from": "2021-06-01T11:59:10Z", "to": "2021-06-01T12:00:10Z"},
+        # The runtime started at 12:00:03: 7 s of the minute were observed.
+        "window": {"from": "2021-06-01T11:59:10Z", "to": "2021-06-01T12:00:10Z", "coverage": 7 / 60},
     }
 
 

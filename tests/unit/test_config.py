@@ -6,7 +6,15 @@ import pytest
 from click.testing import CliRunner
 
 from exporter import cli as cli_module
-from exporter.config import ListenAddress, load_file, parse_buckets, parse_listen, parse_port
+from exporter.config import (
+    STATE_SUBDIR,
+    ListenAddress,
+    default_state_dir,
+    load_file,
+    parse_buckets,
+    parse_listen,
+    parse_port,
+)
 from exporter.errors import ConfigError
 
 
@@ -88,3 +96,15 @@ def test_slo_latency_targets_become_bucket_bounds(monkeypatch: pytest.MonkeyPatc
     )
     seen = capture_settings(monkeypatch, ["--port", "80", "--slo", str(slo), "--duration-buckets", "0.1,0.5"])
     assert seen["settings"].duration_buckets == (0.1, 0.12, 0.5)
+
+
+def test_state_dir_defaults_under_the_spool_dir_only_when_given() -> None:
+    assert default_state_dir("/var/lib/slo", "/var/spool/x") == Path("/var/lib/slo")
+    assert default_state_dir(None, "/var/spool/x") == Path("/var/spool/x") / STATE_SUBDIR
+    assert default_state_dir(None, None) is None
+
+
+def test_state_options_from_the_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("state-dir: /srv/state\nstate_save_interval: 30s\n")
+    assert load_file(path) == {"state_dir": "/srv/state", "state_save_interval": "30s"}

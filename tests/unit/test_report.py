@@ -18,6 +18,9 @@ from exporter.slo.report import (
     line_from_results,
     lines_from_snapshot,
     render,
+    render_markdown,
+    render_table,
+    render_text,
     report_document,
     snapshot_url,
     to_string,
@@ -198,6 +201,7 @@ def test_lines_from_a_runtime_snapshot() -> None:
         "1970-01-01T00:15:50Z",
         "1970-01-01T00:16:50Z",
         (True,),
+        coverage=7 / 60,  # started at 1003: 7 s of the minute were observed
     )
     assert (availability.actual, availability.met, availability.trend) == (98.0, False, (False,))
     only = lines_from_snapshot(snapshot, load_manifest(EXAMPLE)[1:])
@@ -255,3 +259,21 @@ def test_watch_refreshes_until_ctrl_c_and_shows_errors() -> None:
     assert "first frame" in text
     assert "error: exporter went away (retrying every 3s)" in text
     assert "third frame" in text
+
+
+def test_partial_window_is_shown_as_partial_in_every_format() -> None:
+    young = ReportLine("shop", "fast", "latency", 99.9, 2592000.0, 100.0, "a", "b", (True,), coverage=40 / 2592000)
+    full = ReportLine("shop", "up", "availability", 99.0, 60.0, 99.5, "c", "d", (True,), coverage=1.0)
+    assert render_text([young, full]) == (
+        "Service #1: shop\n"
+        "  ✅ fast: 100.00% of 99.9% / 30d (Latency, met, <0.01% of the window observed) trend ✓\n"
+        "  ✅ up: 99.50% of 99% / 1m (Availability, met, 100% of the window observed) trend ✓\n"
+    )
+    table = to_string(render_table([young, full]))
+    assert table.splitlines()[0].split() == ["Current", "Objective", "/", "Time", "Window", "Type", "Trend",
+                                             "Observed"]
+    assert table.splitlines()[2].split()[-2:] == ["✓", "<0.01%"]
+    assert render_markdown([young]).splitlines()[2].endswith("| ✓ | <0.01% |")
+    document = report_document([young], 0)
+    assert document["services"][0]["service_levels"][0]["window"] == {"from": "a", "to": "b",
+                                                                        "coverage": 40 / 2592000}

@@ -105,6 +105,9 @@ def test_gauges_and_snapshot_after_traffic() -> None:
             "burn_rate": 5.0,
             "budget_remaining": -4.0,
             "met": False,
+            # Started at 1003: 7 s of the minute [950, 1010) were observed.
+            "covered_seconds": 7.0,
+            "coverage": 7 / 60,
         },
         "history": [latency["current"]],
     }
