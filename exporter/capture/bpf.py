@@ -26,7 +26,15 @@ from pathlib import Path
 
 from exporter.capture.bpfsys import BpfMap, possible_cpus
 from exporter.errors import CaptureError
-from exporter.preflight import effective_capabilities, has_capture_privileges, lost_across_exec
+from exporter.preflight import (
+    CAPTURE_CAPABILITIES,
+    SECCOMP_FIX,
+    effective_capabilities,
+    has_capture_privileges,
+    lost_across_exec,
+    missing_capture_capabilities,
+    seccomp_mode,
+)
 
 __all__ = [
     "COUNTER_NAMES",
@@ -207,6 +215,22 @@ class LoadReport:
     helper_peak_rss_kb: int
 
 
+def _refusal_hint(message: str, status_text: str | None = None) -> str:
+    """What most likely stands behind the kernel's refusal, and the fix, as a sentence to append.
+
+    As root in a container without CAP_PERFMON the verifier does not answer EPERM: the load
+    fails with EFAULT ("Bad address"), which names nothing. Under a seccomp filter that denies
+    bpf(2), even creating a map fails with EPERM, whatever the capabilities.
+    """
+    if "Operation not permitted" in message and seccomp_mode(status_text) == 2:
+        return f"; {SECCOMP_FIX}"
+    if "Bad address" in message and "CAP_PERFMON" in missing_capture_capabilities(effective_capabilities(status_text)):
+        return ("; CAP_PERFMON is missing (the fast path's in-kernel aggregation needs it): grant "
+                f"{'+'.join(CAPTURE_CAPABILITIES)} (Kubernetes: capabilities.add [BPF, NET_RAW, PERFMON]; "
+                "podman/docker: --cap-add BPF,NET_RAW,PERFMON)")
+    return ""
+
+
 def _load_in_helper(src: Path, cflags: list[str]) -> tuple[int, dict[str, BpfMap], LoadReport]:
     """Compile and load in bpf_loader.py; return our copies of the program and map descriptors."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -245,12 +269,13 @@ def _load_in_helper(src: Path, cflags: list[str]) -> tuple[int, dict[str, BpfMap
         if kind == "compile":
             raise CaptureError(f"BPF program {src} failed to compile: {msg} (see clang output above)")
         # As root, EACCES is the verifier's refusal, not a privilege problem.
-        if os.geteuid() != 0 and ("Operation not permitted" in msg or "Permission denied" in msg):
+        if os.geteuid() != 0 and seccomp_mode() != 2 and (
+                "Operation not permitted" in msg or "Permission denied" in msg):
             raise CaptureError(
                 "BPF needs root or CAP_BPF+CAP_NET_RAW+CAP_PERFMON, kept across exec: run with sudo, "
                 "or grant them as ambient capabilities (systemd AmbientCapabilities=, setpriv --ambient-caps)"
             )
-        raise CaptureError(f"kernel refused the BPF program: {msg}")
+        raise CaptureError(f"kernel refused the BPF program: {msg}{_refusal_hint(msg)}")
     if len(fds) != 1 + len(_MAP_LAYOUT):
         for fd in fds:
             os.close(fd)
