@@ -62,6 +62,9 @@ class RunSettings:
     user: str | None = None  # drop every privilege and become this user once capturing
     web_config: Any = None  # exporter.webconfig.WebConfig: TLS and basic auth, optional
     fast_path: bool = False  # simple exchanges aggregated in the kernel (capture/kernel_agg.py)
+    # Every --interface given: several, `any` or a glob make the capture node-wide (one socket on
+    # every interface, duplicates dropped in the kernel). Empty: just `interface`.
+    interfaces: tuple[str, ...] = ()
 
 
 def interface_state(interface: str) -> tuple[int, bool] | None:
@@ -78,9 +81,16 @@ def interface_state(interface: str) -> tuple[int, bool] | None:
     return index, bool(struct.unpack_from("16sH", raw)[1] & _IFF_UP)
 
 
+def _node_wide(patterns: tuple[str, ...]) -> bool:
+    """The rule of capture/live.py's is_node_wide, without importing the capture modules."""
+    return len(patterns) > 1 or any(p == "any" or any(c in p for c in "*?[") for p in patterns)
+
+
 class Exporter:
     def __init__(self, settings: RunSettings) -> None:
         self.settings = settings
+        self.patterns = settings.interfaces or (settings.interface,)
+        self.node_wide = _node_wide(self.patterns)
         self.health = Health()
         self.http = HttpMetrics(settings.duration_buckets) if settings.duration_buckets else HttpMetrics()
         self.routes = RouteMapper(settings.routes, max_routes_per_port=settings.max_routes_per_port)
@@ -114,7 +124,7 @@ class Exporter:
         app = build_app(
             self.registry,
             self.health,
-            f"interface {settings.interface}, ports {', '.join(map(str, settings.ports))}",
+            f"interface {', '.join(self.patterns)}, ports {', '.join(map(str, settings.ports))}",
             slo.snapshot if slo is not None else None,
         )
         web = settings.web_config
@@ -138,6 +148,20 @@ class Exporter:
             counts = dict(self._closed_counts)
             filter_counts = dict(self._closed_filter)
             capture = self.capture
+            attached = dict(capture.attached) if capture is not None and self.node_wide else {}
+            if capture is not None and not self.node_wide:
+                attached = {self._ifindex: self.settings.interface}
+            samples += [
+                SelfSample("interface_attached", "gauge",
+                           "1 for each interface the capture is attached to now (node-wide: matched by "
+                           "an --interface pattern).", 1.0, (("interface", name),))
+                for name in sorted(attached.values())
+            ]
+            if self.node_wide:
+                samples.append(SelfSample(
+                    "capture_interfaces_over_cap", "gauge",
+                    "Interfaces an --interface pattern matches beyond the filter's capacity (not captured).",
+                    capture.interfaces_over_cap if capture is not None else 0))
             if capture is None and not filter_counts:
                 return samples
             if capture is not None:
@@ -177,8 +201,9 @@ class Exporter:
     def _open_capture(self) -> None:
         from exporter.capture.live import LiveCapture  # the capture modules load only when capturing
 
-        capture = LiveCapture(self.settings.interface, self.settings.ports, fast_path=self.settings.fast_path,
-                              histogram_bounds=(self.http.duration_buckets, self.http.size_buckets))
+        capture = LiveCapture(",".join(self.patterns), self.settings.ports, fast_path=self.settings.fast_path,
+                              histogram_bounds=(self.http.duration_buckets, self.http.size_buckets),
+                              node_patterns=self.patterns if self.node_wide else ())
         capture.open()
         report = capture.bpf_filter.load_report
         log.info("BPF filter compiled and loaded in %.1f s by a helper process (peak RSS %d MB, exited)",
@@ -211,8 +236,8 @@ class Exporter:
             if user is not None:
                 self._drop_privileges(user)
                 self.server.start()
-            self.health.set(True, f"filter attached to {self.settings.interface}")
-            log.info("capturing HTTP on %s ports %s; metrics on http://%s/metrics", self.settings.interface,
+            self.health.set(True, self._attached_text())
+            log.info("capturing HTTP on %s ports %s; metrics on http://%s/metrics", ", ".join(self.patterns),
                      ",".join(map(str, self.settings.ports)), self.settings.listen)
             if slo is not None:
                 slo.start()
@@ -259,7 +284,10 @@ class Exporter:
                     feed(segments)
                     self._apply_skip_hints(capture)
             now = time.monotonic()
-            if self.capture is not None and now >= next_check:
+            if self.capture is not None and now >= next_check and self.node_wide:
+                self._refresh_interfaces()
+                next_check = now + IFACE_CHECK_EVERY_S
+            elif self.capture is not None and now >= next_check:
                 lost = self._interface_lost()
                 if lost:
                     self._detach(lost)
@@ -270,6 +298,32 @@ class Exporter:
                 if fast is not None and self.capture is not None:
                     self._kernel_exchanges_to_slo()
                 next_expire = now + EXPIRE_EVERY_S
+
+    def _attached_text(self) -> str:
+        """The /healthz text: what is captured, and the patterns still waiting for an interface."""
+        if not self.node_wide:
+            return f"filter attached to {self.settings.interface}"
+        capture = self.capture
+        names = sorted(capture.attached.values()) if capture is not None else []
+        text = f"filter attached to {len(names)} interface(s) matching {', '.join(self.patterns)}"
+        if names and "any" not in self.patterns:
+            text += f": {', '.join(names)}"
+        if capture is not None and capture.unmatched:
+            text += f"; waiting for {', '.join(capture.unmatched)} (no interface matches yet)"
+        return text
+
+    def _refresh_interfaces(self) -> None:
+        """Node-wide: pick up interfaces that appeared and drop the ones gone, without a restart."""
+        try:
+            added, gone = self.capture.refresh_interfaces()
+        except (OSError, CaptureError) as exc:
+            log.warning("matching the --interface patterns again failed: %s", exc)
+            return
+        if added:
+            log.info("capturing on new interface(s) %s", ", ".join(added))
+        if gone:
+            log.info("interface(s) %s gone; no longer captured", ", ".join(gone))
+        self.health.set(True, self._attached_text())
 
     def _apply_skip_hints(self, capture: Any) -> None:
         """Body bytes the parser only counts: have the filter cut them to headers from now on."""
@@ -337,7 +391,7 @@ class Exporter:
                                    "so only a restart can reattach")
             return
         state = interface_state(name)
-        if state is None or not state[1]:
+        if not self.node_wide and (state is None or not state[1]):
             return
         try:
             self._open_capture()

@@ -37,6 +37,14 @@ def _ports(ctx: click.Context, param: click.Parameter, value: Sequence[str]) -> 
         raise click.BadParameter(str(exc)) from None
 
 
+def _interfaces(ctx: click.Context, param: click.Parameter, value: Sequence[str]) -> tuple[str, ...]:
+    names = tuple(part.strip() for item in value for part in str(item).split(",") if part.strip())
+    for name in names:
+        if len(name) > 15 and not any(c in name for c in "*?["):
+            raise click.BadParameter(f"{name!r} is longer than an interface name can be (15 characters)")
+    return names or ("lo",)
+
+
 def _listen(ctx: click.Context, param: click.Parameter, value: str) -> ListenAddress:
     try:
         return parse_listen(value)
@@ -91,8 +99,11 @@ def cli() -> None:
 
 def run_options(func: Any) -> Any:
     options = [
-        click.option("--interface", "-i", envvar=env_var("interface"), default="lo", show_default=True,
-                     help="Network interface to capture on."),
+        click.option("--interface", "-i", "interface", multiple=True, envvar=env_var("interface"),
+                     default=("lo",), show_default=True, callback=_interfaces,
+                     help="Interface to capture on (repeat, or comma-separate): a name, a glob such as "
+                          "'veth*', or 'any'. Several, a glob or 'any' capture node-wide: interfaces "
+                          "that appear later are picked up, and each exchange is counted once."),
         click.option("--port", "-p", "ports", multiple=True, envvar=env_var("port"), callback=_ports,
                      help="TCP port of the HTTP service (repeat, or comma-separate). Required."),
         click.option("--listen", envvar=env_var("listen"), default=DEFAULT_LISTEN, show_default=True,
@@ -185,7 +196,8 @@ def _run_settings(params: dict[str, Any]) -> Any:
         runtime = _slo_runtime(objectives, params, push_interval)
     limits = Limits(max_flows=params["max_flows"], idle_timeout_ns=int(params["idle_timeout"] * 1e9))
     return RunSettings(
-        interface=params["interface"],
+        interface=params["interface"][0],
+        interfaces=tuple(params["interface"]),
         ports=params["ports"],
         listen=params["listen"],
         routes=tuple(params["routes"]),
