@@ -30,11 +30,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from exporter.config import ListenAddress
+from exporter.config import DEFAULT_INSTANCE_GRACE_S, DEFAULT_MAX_SERVERS, DEFAULT_POD_LOGS, ListenAddress
 from exporter.core.flows import Limits
 from exporter.core.routes import RouteMapper
 from exporter.errors import CaptureError
-from exporter.metrics import ExporterCollector, HttpMetrics, SelfSample
+from exporter.metrics import TARGET_INFO, TARGET_INFO_LABELS, ExporterCollector, HttpMetrics, SelfSample
 from exporter.pipeline import Pipeline
 from exporter.server import Health, MetricsServer, build_app
 
@@ -65,6 +65,12 @@ class RunSettings:
     # Every --interface given: several, `any` or a glob make the capture node-wide (one socket on
     # every interface, duplicates dropped in the kernel). Empty: just `interface`.
     interfaces: tuple[str, ...] = ()
+    # Identity (exporter/identity/): name each server; off for tests that want bare series.
+    identity: bool = True
+    services: tuple[Any, ...] = ()  # identity.ServiceOverride: --service NAME=KIND:VALUE
+    pod_logs: str = DEFAULT_POD_LOGS
+    instance_grace_s: float = DEFAULT_INSTANCE_GRACE_S
+    max_servers: int = DEFAULT_MAX_SERVERS
 
 
 def interface_state(interface: str) -> tuple[int, bool] | None:
@@ -103,6 +109,18 @@ class Exporter:
             self.fast = KernelFastPath(self.routes, self.http)
             self.http.add_source(self.fast.series)
             self.pipeline.other_exchanges = self.fast.exchanges
+        self.resolver: Any = None  # exporter.identity.resolver.Resolver
+        self.instances_forgotten = 0
+        if settings.identity:
+            from pathlib import Path
+
+            from exporter.identity.resolver import Resolver
+
+            pod_logs = Path(settings.pod_logs)
+            self.resolver = Resolver(pod_logs=pod_logs, container_logs=pod_logs.parent / "containers",
+                                     overrides=settings.services, max_entries=settings.max_servers)
+            resolver = self.resolver
+            self.pipeline.identify = lambda ip, port: resolver.identify(ip, port).labels()
         self.capture: Any = None
         self._capture_lock = threading.Lock()
         self._ifindex = 0
@@ -115,7 +133,8 @@ class Exporter:
         self._stop = threading.Event()
         self.registry = CollectorRegistry(auto_describe=False)
         slo = settings.slo_runtime
-        sources = [self.pipeline.self_samples, self._capture_samples, *settings.extra_self_sources]
+        sources = [self.pipeline.self_samples, self._capture_samples, self._identity_samples,
+                   *settings.extra_self_sources]
         if self.fast is not None:
             sources.append(self.fast.self_samples)
         if slo is not None:
@@ -182,6 +201,33 @@ class Exporter:
         for name, value in sorted(filter_counts.items()):
             samples.append(SelfSample("filter_packets_total", "counter",
                                       "Packets the BPF filter looked at, by verdict.", value, (("verdict", name),)))
+        return samples
+
+    def _identity_samples(self) -> list[SelfSample]:
+        resolver = self.resolver
+        if resolver is None:
+            return []
+        from exporter.identity.resolver import REASONS
+
+        samples = [
+            SelfSample("identity_resolutions_total", "counter",
+                       "Servers looked up in /proc (cache misses).", resolver.resolutions),
+            SelfSample("identity_instances_forgotten_total", "counter",
+                       "Series dropped because their server's process was gone for the grace period.",
+                       self.instances_forgotten),
+        ]
+        samples += [
+            SelfSample("identity_failures_total", "counter",
+                       "Servers left with empty identity labels (or evicted from the bounded cache), by reason.",
+                       resolver.failures[reason], (("reason", reason),))
+            for reason in REASONS
+        ]
+        for server in resolver.servers():
+            labels = tuple(zip(TARGET_INFO_LABELS, (*server.identity.labels(), server.identity.k8s_pod_uid),
+                               strict=True))
+            samples.append(SelfSample(TARGET_INFO, "gauge",
+                                      "One per server identified: its identity labels; join with "
+                                      "kube_pod_info on uid.", 1.0, labels))
         return samples
 
     def request_stop(self, *_: Any) -> None:
@@ -295,6 +341,10 @@ class Exporter:
                 next_check = now + IFACE_CHECK_EVERY_S
             if now >= next_expire:
                 self.pipeline.expire(time.time_ns())
+                if self.resolver is not None:
+                    gone = self.resolver.sweep(self.settings.instance_grace_s)
+                    if gone:
+                        self.instances_forgotten += self.http.forget_instances(gone)
                 if fast is not None and self.capture is not None:
                     self._kernel_exchanges_to_slo()
                 next_expire = now + EXPIRE_EVERY_S

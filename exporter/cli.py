@@ -17,7 +17,9 @@ import click
 
 from exporter import __version__
 from exporter.config import (
+    DEFAULT_INSTANCE_GRACE_S,
     DEFAULT_LISTEN,
+    DEFAULT_POD_LOGS,
     ListenAddress,
     env_var,
     load_file,
@@ -43,6 +45,15 @@ def _interfaces(ctx: click.Context, param: click.Parameter, value: Sequence[str]
         if len(name) > 15 and not any(c in name for c in "*?["):
             raise click.BadParameter(f"{name!r} is longer than an interface name can be (15 characters)")
     return names or ("lo",)
+
+
+def _services(ctx: click.Context, param: click.Parameter, value: Sequence[str]) -> tuple[Any, ...]:
+    from exporter.identity import parse_service_override
+
+    try:
+        return tuple(parse_service_override(str(item)) for item in value)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _listen(ctx: click.Context, param: click.Parameter, value: str) -> ListenAddress:
@@ -129,6 +140,16 @@ def run_options(func: Any) -> Any:
                      envvar=env_var("fast_path"),
                      help="Aggregate simple HTTP/1.x exchanges in the kernel (user space gets the rest); "
                           "--no-fast-path parses everything in user space, the reference path."),
+        click.option("--service", "services", multiple=True, envvar=env_var("service"), callback=_services,
+                     help="Name the servers a selector matches: NAME=port:8080, NAME=process:nginx, "
+                          "NAME=cgroup:GLOB or NAME=container:ID-PREFIX (repeatable; first match wins). "
+                          "Default: the Kubernetes container name, else the process name."),
+        click.option("--pod-logs", type=click.Path(file_okay=False), default=DEFAULT_POD_LOGS, show_default=True,
+                     envvar=env_var("pod_logs"),
+                     help="The kubelet's pod log directory, whose names give k8s namespace, pod and container."),
+        click.option("--instance-grace", type=click.FloatRange(0, 86400), default=DEFAULT_INSTANCE_GRACE_S,
+                     show_default=True, envvar=env_var("instance_grace"),
+                     help="Seconds a server's series stay after its process is gone."),
         click.option("--web-config", "--web.config.file", "web_config", type=click.Path(dir_okay=False),
                      envvar=env_var("web_config"),
                      help="Prometheus exporter-toolkit web config: TLS and basic auth for the endpoints."),
@@ -198,6 +219,9 @@ def _run_settings(params: dict[str, Any]) -> Any:
     return RunSettings(
         interface=params["interface"][0],
         interfaces=tuple(params["interface"]),
+        services=tuple(params.get("services") or ()),
+        pod_logs=params.get("pod_logs") or DEFAULT_POD_LOGS,
+        instance_grace_s=float(params.get("instance_grace", DEFAULT_INSTANCE_GRACE_S)),
         ports=params["ports"],
         listen=params["listen"],
         routes=tuple(params["routes"]),

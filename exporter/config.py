@@ -26,6 +26,14 @@ import yaml
 from exporter.errors import ConfigError
 
 DEFAULT_LISTEN = "0.0.0.0:9640"
+# Where the kubelet writes /var/log/pods/<namespace>_<pod>_<uid>/<container>/ (its sibling
+# containers/ holds <pod>_<namespace>_<container>-<container id>.log links): identity/ reads names there.
+DEFAULT_POD_LOGS = "/var/log/pods"
+# How long the series of a server whose process is gone stay on /metrics (one Prometheus
+# scrape interval is too short: a restarting pod would flap).
+DEFAULT_INSTANCE_GRACE_S = 300.0
+# Servers (address, port) whose identity is cached at once; the oldest beyond it is evicted (counted).
+DEFAULT_MAX_SERVERS = 4096
 ENV_PREFIX = "EBPF_SLO"
 
 # Keys accepted in the config file, mapped to the click parameter they fill.
@@ -48,6 +56,10 @@ FILE_KEYS = {
     "user": "user",
     "fast_path": "fast_path",
     "web_config": "web_config",
+    "service": "services",
+    "services": "services",
+    "pod_logs": "pod_logs",
+    "instance_grace": "instance_grace",
 }
 
 

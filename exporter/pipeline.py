@@ -36,6 +36,8 @@ class Pipeline:
         self.exchanges = 0
         # Exchanges counted elsewhere (the kernel fast path), added to exchanges_total.
         self.other_exchanges: Callable[[], int] | None = None
+        # (server ip, server port) -> the server's identity labels (identity.Resolver), optional.
+        self.identify: Callable[[str, int], tuple[str, ...]] | None = None
 
     def feed(self, segments: Iterable[Segment]) -> None:
         feed = self.tracker.feed
@@ -58,9 +60,13 @@ class Pipeline:
         self._emit(self.tracker.flush())
 
     def _emit(self, exchanges: list[Exchange]) -> None:
+        identify = self.identify
         for exchange in exchanges:
             route = self.routes.route(exchange.server_port, exchange.target)
-            self.http.observe(exchange, route)
+            if identify is not None:
+                self.http.observe(exchange, route, identify(exchange.server_ip, exchange.server_port))
+            else:
+                self.http.observe(exchange, route)
             for sink in self.sinks:
                 sink.observe(exchange, route)
         self.exchanges += len(exchanges)

@@ -142,6 +142,9 @@ class KernelFastPath:
                 aggregates = self._closed + aggregates
             return [
                 # The kernel path only takes clear-text HTTP/1.x: the scheme and version defaults.
+                # SEAM (identity): once KernelAggregate carries server_ip (branch `heads`), pass
+                # identity=self.identify(agg.server_ip, agg.port).labels() here; until then the
+                # fast path's series carry empty identity labels.
                 (http_key(agg.method, agg.status, self._route(agg.port, agg.path), agg.port), agg)
                 for agg in aggregates
             ]
@@ -174,7 +177,7 @@ class KernelFastPath:
     def poll_deltas(self) -> dict[tuple[str, int, str, int], KernelDelta]:
         """Exchanges aggregated in the kernel since the previous call (see the module docstring)."""
         out: dict[tuple[str, int, str, int], KernelDelta] = {}
-        for (method, status, route, port, _scheme, _version), agg in self._read(live_only=True):
+        for (method, status, route, port, *_scheme_version_identity), agg in self._read(live_only=True):
             agg_key = (agg.port, agg.method, agg.status, agg.path)
             last = self._last_poll.get(agg_key)
             self._last_poll[agg_key] = agg

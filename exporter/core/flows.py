@@ -178,6 +178,7 @@ class _Flow:
         "requests",
         "responses",
         "server",
+        "server_ip",
         "server_port",
         "skipped",
         "stats",
@@ -186,6 +187,7 @@ class _Flow:
     def __init__(self, key: FlowKey, stats: CoreStats, emitted: list[Exchange], limits: Limits) -> None:
         self.key = key
         self.server_port = key[3]
+        self.server_ip = key[2]
         self.stats = stats
         self.emitted = emitted
         self.max_pending = limits.max_pending_requests
@@ -246,6 +248,7 @@ class _Flow:
                 request_body,
                 body_bytes,
                 self.server_port,
+                server_ip=self.server_ip,
             )
         )
 
