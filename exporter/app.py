@@ -121,6 +121,8 @@ class Exporter:
                                      overrides=settings.services, max_entries=settings.max_servers)
             resolver = self.resolver
             self.pipeline.identify = lambda ip, port: resolver.identify(ip, port).labels()
+            if self.fast is not None:
+                self.fast.identify = self.pipeline.identify
         self.capture: Any = None
         self._capture_lock = threading.Lock()
         self._ifindex = 0

@@ -34,7 +34,7 @@ from exporter.capture.bpf import HttpFilter, KernelAggregate, KernelHandover
 from exporter.core.flows import FlowKey, Handover
 from exporter.core.http1 import normalise_target
 from exporter.core.routes import RouteMapper
-from exporter.metrics import ExternalSeries, HttpKey, HttpMetrics, SelfSample, http_key
+from exporter.metrics import NO_IDENTITY, ExternalSeries, HttpKey, HttpMetrics, SelfSample, http_key
 
 __all__ = ["KernelDelta", "KernelFastPath"]
 
@@ -77,6 +77,8 @@ class KernelFastPath:
         self._size_zero_slot = _bisect_left(http.size_buckets, 0)
         self._last_poll: dict[_AggKey, KernelAggregate] = {}
         self.handovers_seeded = 0
+        # (server ip, server port) -> the server's identity labels (identity.Resolver), optional.
+        self.identify: Callable[[str, int], tuple[str, ...]] | None = None
 
     def attach(self, bpf_filter: HttpFilter) -> None:
         self._filter = bpf_filter
@@ -140,12 +142,15 @@ class KernelFastPath:
         with self._lock:
             if not live_only:
                 aggregates = self._closed + aggregates
+            identify = self.identify
             return [
                 # The kernel path only takes clear-text HTTP/1.x: the scheme and version defaults.
+                (http_key(agg.method, agg.status, self._route(agg.port, agg.path), agg.port,
+                          identity=identify("", agg.port) if identify is not None else NO_IDENTITY), agg)
                 # SEAM (identity): once KernelAggregate carries server_ip (branch `heads`), pass
-                # identity=self.identify(agg.server_ip, agg.port).labels() here; until then the
-                # fast path's series carry empty identity labels.
-                (http_key(agg.method, agg.status, self._route(agg.port, agg.path), agg.port), agg)
+                # agg.server_ip instead of "" above. Until then the kernel's aggregates name their
+                # server only when one listener on the node owns the port (else empty labels,
+                # counted as identity_failures_total{reason="ambiguous_port"}).
                 for agg in aggregates
             ]
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import os
+import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exporter.identity.model import (
+    UNKNOWN,
     Identity,
     ServiceOverride,
     instance_id,
@@ -41,7 +43,7 @@ from exporter.identity.model import (
 __all__ = ["REASONS", "ResolvedServer", "Resolver"]
 
 _LISTEN = "0A"
-REASONS = ("process_gone", "no_listener", "permission_denied", "unknown_cgroup_layout", "evicted")
+REASONS = ("process_gone", "no_listener", "ambiguous_port", "permission_denied", "unknown_cgroup_layout", "evicted")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +86,7 @@ class Resolver:
         # Every server found, by instance id, until sweep() retires it: what target_info lists
         # and what sweep() checks (a cache entry can expire and be replaced meanwhile).
         self._known: OrderedDict[str, ResolvedServer] = OrderedDict()
+        self._lock = threading.Lock()
         self._gone_since: dict[str, float] = {}  # instance id -> when sweep() first found its process gone
         self.failures: Counter[str] = Counter()
         self.resolutions = 0
@@ -91,6 +94,15 @@ class Resolver:
     # -- the cached answer -------------------------------------------------
 
     def identify(self, server_ip: str, port: int) -> Identity:
+        """The server answering on server_ip:port; server_ip "" for a source that knows only the port
+        (then the one listener on that port anywhere on the node, if there is exactly one).
+
+        Thread-safe: the capture thread and a scrape (the fast path's series) both ask.
+        """
+        with self._lock:
+            return self._identify(server_ip, port)
+
+    def _identify(self, server_ip: str, port: int) -> Identity:
         key = (server_ip, port)
         now = self.clock()
         hit = self._cache.get(key)
@@ -113,13 +125,18 @@ class Resolver:
 
     def servers(self) -> list[ResolvedServer]:
         """Every server found and not retired yet (for the target_info metric)."""
-        return list(self._known.values())
+        with self._lock:
+            return list(self._known.values())
 
     def sweep(self, grace_s: float) -> set[str]:
         """Instance ids of servers whose process has been gone for `grace_s`: their series can go.
 
         Cheap (one stat per known server); they are forgotten here too.
         """
+        with self._lock:
+            return self._sweep(grace_s)
+
+    def _sweep(self, grace_s: float) -> set[str]:
         now = self.clock()
         gone: set[str] = set()
         for instance, entry in list(self._known.items()):
@@ -141,16 +158,23 @@ class Resolver:
 
     def resolve(self, server_ip: str, port: int) -> ResolvedServer:
         self.resolutions += 1
-        try:
-            address = ipaddress.ip_address(server_ip)
-        except ValueError:
-            self.failures["no_listener"] += 1
-            return ResolvedServer(Identity(service_instance_id=server_ip), 0)
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+        if server_ip:
+            try:
+                address = ipaddress.ip_address(server_ip)
+            except ValueError:
+                self.failures["no_listener"] += 1
+                return ResolvedServer(Identity(service_instance_id=server_ip), 0)
         namespaces, denied = self._namespaces()
-        if address.is_loopback:
+        if address is not None and address.is_loopback:
             own = self._readlink(self.proc / "self" / "ns" / "net")
             namespaces = {ns: pids for ns, pids in namespaces.items() if ns == own}
-        found = self._find_listener(namespaces, address, port)
+        if address is None:
+            found = self._only_listener(namespaces, port)
+            if found is None:
+                return ResolvedServer(UNKNOWN, 0)
+        else:
+            found = self._find_listener(namespaces, address, port)
         if found is None:
             # Some namespaces we may not look into may hold it.
             self.failures["permission_denied" if denied else "no_listener"] += 1
@@ -243,6 +267,21 @@ class Resolver:
         for netns, inode, listen in wildcard:
             if self._owns(namespaces[netns], address):
                 return netns, inode, listen
+        return None
+
+    def _only_listener(self, namespaces: dict[str, list[int]], port: int) -> tuple[str, str, str] | None:
+        """(netns, inode, listening address) of the one listener on `port` on the whole node, if one."""
+        found: list[tuple[str, str, str]] = []
+        for netns, pids in namespaces.items():
+            for pid in pids[:3]:
+                listeners = self._listeners(pid, port)
+                if listeners is None:
+                    continue
+                found += [(netns, inode, str(local)) for local, inode in listeners]
+                break
+        if len({netns for netns, _, _ in found}) == 1:
+            return found[0]  # one namespace (a dual-stack server lists two sockets)
+        self.failures["ambiguous_port" if found else "no_listener"] += 1
         return None
 
     def _listeners(self, pid: int, port: int) -> list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, str]] | None:

@@ -201,3 +201,16 @@ def test_the_cache_is_bounded_and_evictions_are_counted(tmp_path: Path) -> None:
     for last in range(20, 25):
         resolver.identify(f"10.231.9.{last}", 8080)
     assert resolver.failures["evicted"] == 3
+
+
+def test_a_source_that_knows_only_the_port_gets_the_one_listener_or_nothing(tmp_path: Path) -> None:
+    """The kernel fast path's aggregates carry no server address (yet): port-only lookups."""
+    proc, pods = _node(tmp_path)
+    resolver = Resolver(proc=proc, pod_logs=pods)
+    assert resolver.identify("", 8080) == Identity()  # three servers own 8080 on this node
+    assert resolver.failures["ambiguous_port"] == 1
+    _process(proc, 400, netns=HOST_NS, comm="api", cgroup="0::/\n", sockets=(7005,),
+             tcp=_tcp_line("00000000", 9090, "0A", 7005))
+    assert resolver.identify("", 9090) == Identity("api", f"{HOST_NS}/0.0.0.0")
+    assert resolver.identify("", 9091) == Identity()
+    assert resolver.failures["no_listener"] == 1
