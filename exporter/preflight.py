@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import fnmatch
 import os
 import platform
 import socket
@@ -180,6 +181,14 @@ def check_headers() -> CheckResult:
 
 def check_interface(interface: str) -> CheckResult:
     names = sorted(name for _, name in socket.if_nameindex())
+    if interface == "any":
+        return CheckResult("interface", True, f"any: every interface, now {', '.join(names)}")
+    if any(c in interface for c in "*?["):
+        matched = [name for name in names if fnmatch.fnmatchcase(name, interface)]
+        if matched:
+            return CheckResult("interface", True, f"{interface} matches {', '.join(matched)}")
+        return CheckResult("interface", True, f"{interface} matches nothing yet; the exporter waits for it "
+                                              f"(interfaces here: {', '.join(names)})")
     if interface in names:
         return CheckResult("interface", True, f"{interface} exists")
     return CheckResult("interface", False, f"no interface {interface!r}; interfaces here: {', '.join(names)}",

@@ -57,3 +57,13 @@ def test_a_bad_address_refusal_names_the_missing_cap_perfmon() -> None:
     assert _refusal_hint("bpf_prog_load: Bad address", status(CAPTURE, set(), ALL)) == ""
     filtered = status(CAPTURE, set(), ALL) + "Seccomp:\t2\n"
     assert "seccomp" in _refusal_hint("could not open bpf map: Operation not permitted", filtered)
+
+
+def test_check_accepts_any_and_globs_that_match_nothing_yet() -> None:
+    from exporter.preflight import check_interface
+
+    assert check_interface("any").ok
+    assert check_interface("l?").ok and "matches lo" in check_interface("l?").detail
+    waiting = check_interface("esxnone*")
+    assert waiting.ok and "matches nothing yet" in waiting.detail
+    assert not check_interface("esxnone0").ok
