@@ -20,7 +20,7 @@ if [ "$(id -u)" -ne 0 ]; then
   fi
 else SUDO=""; fi
 
-packages=(python3-bpfcc python3-venv python3-pip linux-headers-amd64 nginx-light wrk tshark prometheus prometheus-alertmanager libcap2-bin iproute2 curl openssl util-linux)
+packages=(python3-bpfcc python3-venv python3-pip linux-headers-amd64 nginx-light wrk tshark prometheus prometheus-alertmanager libcap2-bin iproute2 curl openssl util-linux podman runc mmdebstrap)
 [ "$(dpkg --print-architecture 2>/dev/null)" = arm64 ] && packages=("${packages[@]/linux-headers-amd64/linux-headers-arm64}")
 missing=()
 for p in "${packages[@]}"; do

@@ -29,6 +29,7 @@ from exporter.errors import CaptureError
 from exporter.preflight import (
     CAPTURE_CAPABILITIES,
     SECCOMP_FIX,
+    check_bpf_syscall,
     effective_capabilities,
     has_capture_privileges,
     lost_across_exec,
@@ -273,6 +274,11 @@ def _load_in_helper(src: Path, cflags: list[str]) -> tuple[int, dict[str, BpfMap
         if kind == "import":
             raise CaptureError("BCC Python bindings not importable: install python3-bpfcc (`make setup`)")
         if kind == "compile":
+            # BCC creates the maps while compiling: a bpf() that seccomp or a missing capability
+            # refuses shows up here, as "could not open bpf map ... Operation not permitted" above.
+            refused = check_bpf_syscall()
+            if not refused.ok:
+                raise CaptureError(f"{refused.detail}: {refused.fix}")
             raise CaptureError(f"BPF program {src} failed to compile: {msg} (see clang output above)")
         # As root, EACCES is the verifier's refusal, not a privilege problem.
         if os.geteuid() != 0 and seccomp_mode() != 2 and (
