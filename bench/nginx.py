@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.procs import BenchError, Child, Children, wait_until
@@ -51,7 +52,7 @@ http {{
     default_type text/plain;
 
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen {host}:{port} backlog=4096;
         root {root}/www;
         location = / {{ return 200 "ok"; }}
         location = /ready {{ access_log off; return 200 "ready"; }}
@@ -67,14 +68,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def render_config(root: Path, port: int, connections: int = 20000, nofile: int = 65536) -> str:
-    return _CONFIG.format(root=root, port=port, connections=connections, nofile=nofile, flush=int(FLUSH_S))
+def render_config(root: Path, port: int, connections: int = 20000, nofile: int = 65536,
+                  host: str = "127.0.0.1") -> str:
+    return _CONFIG.format(root=root, port=port, connections=connections, nofile=nofile, flush=int(FLUSH_S),
+                          host=host)
 
 
 class Nginx:
-    def __init__(self, children: Children, binary: str, workdir: Path) -> None:
+    def __init__(self, children: Children, binary: str, workdir: Path, host: str = "127.0.0.1",
+                 wrap: Callable[[list[str]], list[str]] = list) -> None:
         self.children = children
         self.binary = binary
+        self.host = host  # the address it listens on (the node scenario: a pod's)
+        self.wrap = wrap  # how its command line is started (the node scenario: in the pod's namespace)
         self.root = workdir / "nginx"
         self.port = free_port()
         self.child: Child | None = None
@@ -84,7 +90,7 @@ class Nginx:
         return self.root / "access.log"
 
     def url(self, path: str = "/") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"http://{self.host}:{self.port}{path}"
 
     def start(self) -> None:
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
@@ -99,17 +105,17 @@ class Nginx:
                 break
             directory.chmod(directory.stat().st_mode | 0o055)
         conf = self.root / "nginx.conf"
-        conf.write_text(render_config(self.root, self.port))
-        self.child = self.children.start("nginx", [self.binary, "-p", str(self.root), "-c", str(conf)])
+        conf.write_text(render_config(self.root, self.port, host=self.host))
+        self.child = self.children.start("nginx", self.wrap([self.binary, "-p", str(self.root), "-c", str(conf)]))
         if not wait_until(self._answers, 10.0):
             tail = self.child.log_tail() or (self.root / "error.log").read_text(errors="replace")[-300:]
-            raise BenchError(f"nginx did not start on 127.0.0.1:{self.port}: {tail.strip()}")
+            raise BenchError(f"nginx did not start on {self.host}:{self.port}: {tail.strip()}")
 
     def _answers(self) -> bool:
         if self.child is not None and not self.child.alive():
             raise BenchError(f"nginx exited at start: {self.child.log_tail()}")
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as sock:
                 sock.sendall(b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                 return sock.recv(16).startswith(b"HTTP/1.1 200")
         except OSError:
