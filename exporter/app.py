@@ -25,15 +25,23 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from exporter.config import DEFAULT_INSTANCE_GRACE_S, DEFAULT_MAX_SERVERS, DEFAULT_POD_LOGS, ListenAddress
+from exporter.config import (
+    DEFAULT_INSTANCE_GRACE_S,
+    DEFAULT_MAX_SERVERS,
+    DEFAULT_POD_LOGS,
+    ListenAddress,
+    is_node_wide,
+)
 from exporter.core.flows import Limits
 from exporter.core.routes import RouteMapper
 from exporter.errors import CaptureError
+from exporter.identity.resolver import REASONS, Resolver
 from exporter.metrics import TARGET_INFO, TARGET_INFO_LABELS, ExporterCollector, HttpMetrics, SelfSample
 from exporter.pipeline import Pipeline
 from exporter.server import Health, MetricsServer, build_app
@@ -65,8 +73,7 @@ class RunSettings:
     # Every --interface given: several, `any` or a glob make the capture node-wide (one socket on
     # every interface, duplicates dropped in the kernel). Empty: just `interface`.
     interfaces: tuple[str, ...] = ()
-    # Identity (exporter/identity/): name each server; off for tests that want bare series.
-    identity: bool = True
+    # Identity (exporter/identity/): how servers are named.
     services: tuple[Any, ...] = ()  # identity.ServiceOverride: --service NAME=KIND:VALUE
     pod_logs: str = DEFAULT_POD_LOGS
     instance_grace_s: float = DEFAULT_INSTANCE_GRACE_S
@@ -87,16 +94,11 @@ def interface_state(interface: str) -> tuple[int, bool] | None:
     return index, bool(struct.unpack_from("16sH", raw)[1] & _IFF_UP)
 
 
-def _node_wide(patterns: tuple[str, ...]) -> bool:
-    """The rule of capture/live.py's is_node_wide, without importing the capture modules."""
-    return len(patterns) > 1 or any(p == "any" or any(c in p for c in "*?[") for p in patterns)
-
-
 class Exporter:
     def __init__(self, settings: RunSettings) -> None:
         self.settings = settings
         self.patterns = settings.interfaces or (settings.interface,)
-        self.node_wide = _node_wide(self.patterns)
+        self.node_wide = is_node_wide(self.patterns)
         self.health = Health()
         self.http = HttpMetrics(settings.duration_buckets) if settings.duration_buckets else HttpMetrics()
         self.routes = RouteMapper(settings.routes, max_routes_per_port=settings.max_routes_per_port)
@@ -109,20 +111,14 @@ class Exporter:
             self.fast = KernelFastPath(self.routes, self.http)
             self.http.add_source(self.fast.series)
             self.pipeline.other_exchanges = self.fast.exchanges
-        self.resolver: Any = None  # exporter.identity.resolver.Resolver
         self.instances_forgotten = 0
-        if settings.identity:
-            from pathlib import Path
-
-            from exporter.identity.resolver import Resolver
-
-            pod_logs = Path(settings.pod_logs)
-            self.resolver = Resolver(pod_logs=pod_logs, container_logs=pod_logs.parent / "containers",
-                                     overrides=settings.services, max_entries=settings.max_servers)
-            resolver = self.resolver
-            self.pipeline.identify = lambda ip, port: resolver.identify(ip, port).labels()
-            if self.fast is not None:
-                self.fast.identify = self.pipeline.identify
+        pod_logs = Path(settings.pod_logs)
+        self.resolver = Resolver(pod_logs=pod_logs, container_logs=pod_logs.parent / "containers",
+                                 overrides=settings.services, max_entries=settings.max_servers)
+        resolver = self.resolver
+        self.pipeline.identify = lambda ip, port: resolver.identify(ip, port).labels()
+        if self.fast is not None:
+            self.fast.identify = self.pipeline.identify
         self.capture: Any = None
         self._capture_lock = threading.Lock()
         self._ifindex = 0
@@ -207,9 +203,6 @@ class Exporter:
 
     def _identity_samples(self) -> list[SelfSample]:
         resolver = self.resolver
-        if resolver is None:
-            return []
-        from exporter.identity.resolver import REASONS
 
         samples = [
             SelfSample("identity_resolutions_total", "counter",
@@ -343,10 +336,9 @@ class Exporter:
                 next_check = now + IFACE_CHECK_EVERY_S
             if now >= next_expire:
                 self.pipeline.expire(time.time_ns())
-                if self.resolver is not None:
-                    gone = self.resolver.sweep(self.settings.instance_grace_s)
-                    if gone:
-                        self.instances_forgotten += self.http.forget_instances(gone)
+                gone = self.resolver.sweep(self.settings.instance_grace_s)
+                if gone:
+                    self.instances_forgotten += self.http.forget_instances(gone)
                 if fast is not None and self.capture is not None:
                     self._kernel_exchanges_to_slo()
                 next_expire = now + EXPIRE_EVERY_S

@@ -63,6 +63,15 @@ FILE_KEYS = {
 }
 
 
+ANY_INTERFACE = "any"
+
+
+def is_node_wide(patterns: tuple[str, ...] | list[str]) -> bool:
+    """Several --interface values, `any` or a glob: capture on every interface they match, now and
+    later, with one socket and duplicates dropped in the kernel (capture/live.py)."""
+    return len(patterns) > 1 or any(p == ANY_INTERFACE or any(c in p for c in "*?[") for p in patterns)
+
+
 def env_var(flag: str) -> str:
     return f"{ENV_PREFIX}_{flag.upper().replace('-', '_')}"
 

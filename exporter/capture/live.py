@@ -39,10 +39,11 @@ from types import TracebackType
 
 from exporter.capture.bpf import DEFAULT_SNAPLEN, HttpFilter
 from exporter.capture.frames import LINKTYPE_ETHERNET, LINKTYPE_RAW, decode_frame_reason
+from exporter.config import ANY_INTERFACE
 from exporter.core.model import Segment
 from exporter.errors import CaptureError
 
-__all__ = ["ANY_INTERFACE", "LiveCapture", "interface_names", "is_node_wide", "match_interfaces"]
+__all__ = ["LiveCapture", "interface_names", "match_interfaces"]
 
 # Constants Python's socket module does not name (linux/socket.h, linux/if_packet.h).
 SO_ATTACH_BPF = 50
@@ -79,15 +80,9 @@ _put_u32 = struct.Struct("<I").pack_into
 _RECV_BATCH = 4096  # recvmsg path: at most this many packets per read()
 
 
-ANY_INTERFACE = "any"
 _AF_PACKET = 17
 # struct sockaddr_ll: family, protocol (network order), ifindex, hatype, pkttype, halen, addr[8].
 _SOCKADDR_LL = struct.Struct("=HHiHBB8s")
-
-
-def is_node_wide(patterns: Sequence[str]) -> bool:
-    """Several interfaces, `any` or a glob: one socket on every interface, duplicates dropped."""
-    return len(patterns) > 1 or any(p == ANY_INTERFACE or any(c in p for c in "*?[") for p in patterns)
 
 
 def match_interfaces(
