@@ -41,6 +41,7 @@ from exporter.config import (
 from exporter.core.flows import Limits
 from exporter.core.routes import RouteMapper
 from exporter.errors import CaptureError
+from exporter.identity.model import SERVICE_NAME_SLOT
 from exporter.identity.resolver import REASONS, Resolver
 from exporter.metrics import TARGET_INFO, TARGET_INFO_LABELS, ExporterCollector, HttpMetrics, SelfSample
 from exporter.pipeline import Pipeline
@@ -389,8 +390,12 @@ class Exporter:
         if slo is None or self.fast is None:
             return
         bounds = self.http.duration_buckets
+        identify = self.pipeline.identify
         for (route, port, _method, status), delta in self.fast.poll_deltas().items():
-            slo.observe_counts(route, port, status, delta.duration_counts, bounds)
+            # SEAM (identity): with KernelAggregate.server_ip (branch `heads`), name the server by
+            # its address as kernel_agg.py does; until then by its port when one listener owns it.
+            service_name = identify("", port)[SERVICE_NAME_SLOT] if identify is not None else ""
+            slo.observe_counts(route, port, status, delta.duration_counts, bounds, service_name)
 
     def _interface_lost(self) -> str:
         """Why the capture's interface is gone, or '' while it is fine."""

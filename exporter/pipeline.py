@@ -12,11 +12,12 @@ from typing import Protocol
 from exporter.core.flows import CoreStats, FlowKey, Handover, Limits, Tracker
 from exporter.core.model import Exchange, Segment
 from exporter.core.routes import RouteMapper
+from exporter.identity.model import SERVICE_NAME_SLOT
 from exporter.metrics import HttpMetrics, SelfSample
 
 
 class ExchangeSink(Protocol):
-    def observe(self, exchange: Exchange, route: str) -> None: ...
+    def observe(self, exchange: Exchange, route: str, service_name: str = "") -> None: ...
 
 
 class Pipeline:
@@ -64,11 +65,14 @@ class Pipeline:
         for exchange in exchanges:
             route = self.routes.route(exchange.server_port, exchange.target)
             if identify is not None:
-                self.http.observe(exchange, route, identify(exchange.server_ip, exchange.server_port))
+                identity = identify(exchange.server_ip, exchange.server_port)
+                self.http.observe(exchange, route, identity)
+                service_name = identity[SERVICE_NAME_SLOT]
             else:
                 self.http.observe(exchange, route)
+                service_name = ""
             for sink in self.sinks:
-                sink.observe(exchange, route)
+                sink.observe(exchange, route, service_name)
         self.exchanges += len(exchanges)
 
     def self_samples(self) -> Iterator[SelfSample]:

@@ -26,6 +26,7 @@ from exporter.errors import ConfigError
 
 __all__ = [
     "IDENTITY_LABEL_NAMES",
+    "SERVICE_NAME_SLOT",
     "CgroupIdentity",
     "Identity",
     "PodName",
@@ -40,6 +41,9 @@ __all__ = [
 IDENTITY_LABEL_NAMES = (
     "service_name", "service_instance_id", "k8s_namespace_name", "k8s_pod_name", "k8s_pod_uid", "container_id",
 )
+
+# Where service_name sits in Identity.labels() (SLO objectives select on it).
+SERVICE_NAME_SLOT = IDENTITY_LABEL_NAMES.index("service_name")
 
 _HEX64 = re.compile(r"^(?:(?:cri-containerd|crio|docker|libpod|containerd)-)?([0-9a-f]{64})(?:\.scope)?$")
 _POD_SYSTEMD = re.compile(r"^kubepods(?:-[a-z]+)?-pod([0-9a-f_]{36})\.slice$")

@@ -82,6 +82,7 @@ class Objective:
     latency_target_seconds: float | None = None
     route: str | None = None  # from selector `path`
     port: int | None = None  # from selector `port` / `server_port`
+    service_name: str | None = None  # from selector `service_name`: the server's identity label
     good_status_classes: tuple[str, ...] = DEFAULT_GOOD_CLASSES
     promql: PromQLRatio | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -209,6 +210,8 @@ def _parse_objective(doc: Any, where: str) -> Objective:
             raise ConfigError(f"{where}: indicatorSelector port {raw_port!r} is not a TCP port")
         port = int(raw_port)
 
+    service_name = selector.get("service_name") or None
+
     return Objective(
         name=name,
         service=service,
@@ -221,6 +224,7 @@ def _parse_objective(doc: Any, where: str) -> Objective:
         latency_target_seconds=latency_target,
         route=route,
         port=port,
+        service_name=service_name,
         good_status_classes=good_classes,
         promql=promql,
     )

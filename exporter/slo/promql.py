@@ -72,6 +72,8 @@ def narrowing(objective: Objective) -> list[str]:
         matchers.append(f"{ROUTE_LABEL}={quote(objective.route)}")
     if objective.port is not None:
         matchers.append(f"{PORT_LABEL}={quote(str(objective.port))}")
+    if objective.service_name is not None:
+        matchers.append(f"service_name={quote(objective.service_name)}")
     return matchers
 
 

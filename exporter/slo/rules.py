@@ -142,6 +142,8 @@ def _selector(objective: Objective, job_selector: str, *extra: str) -> str:
         matchers.append(f"http_route={_promql_string(objective.route)}")
     if objective.port is not None:
         matchers.append(f'server_port="{objective.port}"')
+    if objective.service_name is not None:
+        matchers.append(f"service_name={_promql_string(objective.service_name)}")
     matchers.extend(extra)
     return "{" + ", ".join(matchers) + "}"
 

@@ -194,3 +194,18 @@ def test_rules_command_reports_a_bad_manifest_in_one_line(tmp_path):
     result = CliRunner().invoke(rules_command, ["--slo", str(tmp_path / "missing.yaml")])
     assert result.exit_code == 1
     assert "cannot read SLO file" in result.output and "Traceback" not in result.output
+
+
+def test_an_objective_on_a_service_name_narrows_its_rules_and_queries() -> None:
+    from exporter.slo.promql import queries
+
+    [objective] = parse_manifest("""
+kind: Objective
+metadata: {labels: {name: checkout-ok, service: shop}}
+spec:
+  indicatorSelector: {category: availability, service_name: checkout}
+  objectivePercent: 99
+  window: 5m
+""")
+    assert 'service_name="checkout"' in sli_error_expr(objective, "5m")
+    assert all('service_name="checkout"' in q for q in queries(objective))
