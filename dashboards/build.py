@@ -244,7 +244,10 @@ def dashboard(
 
 # ---------------------------------------------------------------- HTTP overview
 
-HTTP_FILTER = 'instance=~"$instance", server_port=~"$port", http_route=~"$route"'
+# service_name and k8s_pod_name come from identity/; a series without them (a server not
+# named) still matches the `.*` of "All", since Prometheus reads a missing label as "".
+HTTP_FILTER = ('instance=~"$instance", service_name=~"$service", k8s_pod_name=~"$pod", server_port=~"$port", '
+               'http_route=~"$route"')
 
 
 def _http(suffix: str, extra: str = "", metric: str = HTTP_DURATION) -> str:
@@ -369,14 +372,26 @@ def http_overview() -> dict[str, Any]:
     variables = [
         query_variable("instance", "Instance", f"label_values({HTTP_DURATION}_count, instance)"),
         query_variable(
+            "service",
+            "Service",
+            f'label_values({HTTP_DURATION}_count{{instance=~"$instance"}}, service_name)',
+        ),
+        query_variable(
+            "pod",
+            "Pod",
+            f'label_values({HTTP_DURATION}_count{{instance=~"$instance", service_name=~"$service"}}, k8s_pod_name)',
+        ),
+        query_variable(
             "port",
             "Server port",
-            f'label_values({HTTP_DURATION}_count{{instance=~"$instance"}}, server_port)',
+            f'label_values({HTTP_DURATION}_count{{instance=~"$instance", service_name=~"$service", '
+            f'k8s_pod_name=~"$pod"}}, server_port)',
         ),
         query_variable(
             "route",
             "Route",
-            f'label_values({HTTP_DURATION}_count{{instance=~"$instance", server_port=~"$port"}}, http_route)',
+            f'label_values({HTTP_DURATION}_count{{instance=~"$instance", service_name=~"$service", '
+            f'k8s_pod_name=~"$pod", server_port=~"$port"}}, http_route)',
         ),
     ]
     body = [

@@ -104,7 +104,8 @@ def test_every_panel_has_the_templated_datasource_targets_a_unique_id_and_a_plac
 def test_http_overview_has_the_filter_variables_and_the_red_panels():
     board = _load("http-overview.json")
     variables = {v["name"]: v for v in board["templating"]["list"]}
-    assert {"datasource", "instance", "port", "route"} <= variables.keys()
+    assert {"datasource", "instance", "service", "pod", "port", "route"} <= variables.keys()
+    assert "service_name" in variables["service"]["definition"] and "k8s_pod_name" in variables["pod"]["definition"]
     assert (
         "server_port" in variables["port"]["definition"] and "http_route" in variables["route"]["definition"]
     )
@@ -114,7 +115,8 @@ def test_http_overview_has_the_filter_variables_and_the_red_panels():
     assert {p["type"] for p in board["panels"]} >= {"heatmap", "table", "timeseries", "stat"}
     for expr in exprs:
         if HTTP_DURATION in expr or "body_size" in expr:
-            for matcher in ('instance=~"$instance"', 'server_port=~"$port"', 'http_route=~"$route"'):
+            for matcher in ('instance=~"$instance"', 'service_name=~"$service"', 'k8s_pod_name=~"$pod"',
+                            'server_port=~"$port"', 'http_route=~"$route"'):
                 assert matcher in expr
 
 
