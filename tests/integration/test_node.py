@@ -157,7 +157,7 @@ def test_any_interface_names_each_server_and_counts_each_exchange_once(node: Nod
     (pod_logs / f"payments_checkout-7d9f8b6c5-x2x4z_{UID}" / "checkout").mkdir(parents=True)
 
     exporter = ExporterProcess("--interface", "any", "--port", str(PORT), "--no-fast-path",
-                               "--pod-logs", str(pod_logs)).start(timeout=120)
+                               "--pod-logs", str(pod_logs), "--instance-grace", "1").start(timeout=120)
     try:
         _requests(node, c, a, 7)  # pod -> pod: client veth (received) and server veth (sent)
         _requests(node, c, b, 5)
@@ -191,6 +191,17 @@ def test_any_interface_names_each_server_and_counts_each_exchange_once(node: Nod
         assert self_metric(samples, "filter_packets_total", verdict="dropped_duplicate") >= \
             self_metric(samples, "filter_packets_total", verdict="kept")
         assert self_metric(samples, "decode_errors_total") == 0
+        # Pod d's server goes away: after the grace period its series and target_info go too.
+        assert d.server is not None
+        d.server.terminate()
+        d.server.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(dict(labels).get("service_instance_id") == instance_d for (_, labels) in samples):
+            assert time.monotonic() < deadline, "the gone server's series are still on /metrics"
+            time.sleep(0.3)
+            samples = scrape(exporter.base + "/metrics")
+        assert _counted(samples) == _logged(a, instance_a) + _logged(b, instance_b)
+        assert self_metric(samples, "identity_instances_forgotten_total") == len(_logged(d, instance_d))
     finally:
         exporter.stop()
 
