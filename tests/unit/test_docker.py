@@ -253,7 +253,7 @@ def test_daemonset_runs_on_the_host_network_with_only_the_capabilities_it_needs(
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert all(m["name"] in volumes for m in mounts.values())
-    for host_path in ("/lib/modules", "/usr/src", "/var/log/pods"):
+    for host_path in ("/lib/modules", "/usr/src", "/var/log/pods", "/var/log/containers"):
         assert mounts[host_path]["readOnly"] is True
         assert volumes[mounts[host_path]["name"]]["hostPath"]["path"] == host_path
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
