@@ -6,7 +6,11 @@ exporter with its defaults. It reports server throughput and its ratio to the ba
 completeness against nginx's access log, kernel drops, capture CPU per request and peak
 RSS, as markdown tables with the date, machine and command.
 
+The `node` scenario moves nginx and wrk into two network namespaces joined by veths and a
+bridge (`netns`), and captures both veths and the bridge with a glob, so every segment is
+seen twice and one copy must be dropped in the kernel.
+
 Modules: `wrk` (load and its report), `nginx` (the server), `procs` (children that are
 always stopped), `scrape` (/metrics and /proc), `runner` (one measured run), `report`
-(medians and tables), `seed` (the reference design, run as a script).
+(medians and tables), `seed` (the reference design, run as a script), `netns` (the node).
 """

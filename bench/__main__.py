@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from bench.netns import Node
 from bench.nginx import BODY_PATHS
 from bench.procs import BenchError, Children, require_tools
 from bench.report import (
@@ -32,14 +33,15 @@ from bench.report import (
     render_markdown,
     render_rich,
 )
-from bench.runner import CONFIGS, REPO, Load, Runner, RunResult, run_quiet
+from bench.runner import CONFIGS, REPO, Load, Placement, Runner, RunResult, run_quiet
 from bench.wrk import churn_script, paced_script
 from exporter.capture.bpfsys import enable_run_time_stats
 
-SCENARIOS = ("red", "size", "rate", "conns", "soak", "h2")
-DEFAULT_DURATION = {"red": 20.0, "size": 10.0, "rate": 20.0, "conns": 20.0, "soak": 600.0, "h2": 10.0}
+SCENARIOS = ("red", "size", "rate", "conns", "soak", "h2", "node")
+DEFAULT_DURATION = {"red": 20.0, "size": 10.0, "rate": 20.0, "conns": 20.0, "soak": 600.0, "h2": 10.0, "node": 20.0}
 DEFAULT_CONFIGS = {"red": CONFIGS, "size": ("baseline", "exporter"), "rate": ("exporter",),
-                   "conns": ("baseline", "exporter"), "soak": ("exporter",), "h2": ("baseline", "exporter")}
+                   "conns": ("baseline", "exporter"), "soak": ("exporter",), "h2": ("baseline", "exporter"),
+                   "node": ("baseline", "exporter")}
 H2_STREAMS = 10  # h2load -m: concurrent streams per connection
 H2_CONNECTIONS = 4
 H2_RATES = "5000,20000"
@@ -210,13 +212,22 @@ def main(scenario: str, duration: float | None, connections: int, threads: int, 
     try:
         with Children(workdir) as children:
             stats_fd = enable_run_time_stats() if filter_stats else None
+            node = Node(f"b{os.getpid() % 100:02d}", 200 + os.getpid() % 50) if scenario == "node" else None
             try:
-                bench = Bench(Runner(children, tools, workdir, filter_stats), repeat, echo)
+                placement = Placement()
+                if node is not None:
+                    node.up()
+                    server, client = node.add_pod("srv", 1), node.add_pod("cli", 2)
+                    placement = Placement(node.link_glob, server, client)
+                bench = Bench(Runner(children, tools, workdir, filter_stats, placement), repeat, echo)
                 tables = _run_scenario(bench, scenario, chosen, duration, connections, threads, rates,
                                        filter_stats)
             finally:
                 if stats_fd is not None:
                     os.close(stats_fd)
+                if node is not None:
+                    children.stop_all()  # nginx runs in a namespace about to go
+                    node.close()
         for table in tables:
             print_table(table)
     finally:
@@ -232,6 +243,15 @@ def _run_scenario(bench: Bench, scenario: str, chosen: Sequence[str], duration: 
                   threads: int, rates: str, filter_stats: bool = False) -> list[Table]:
     main_columns = [COL_CONFIG, COL_RPS, COL_RATIO, COL_COMPLETE, COL_UNFINISHED, COL_DROPS, COL_CPU,
                     *([COL_FILTER] if filter_stats else []), COL_RSS, COL_RSS_END, COL_LOADER, COL_NGINX, COL_OTHER]
+    if scenario == "node":
+        load = Load(duration, connections, threads, label="pod to pod")
+        rows = bench.interleaved([(c, load) for c in chosen])
+        tables = _tables(f"nginx in one network namespace, wrk in another, through their veths and a bridge, "
+                         f"all captured (--interface esxn<tag>*, fast path on), wrk -t{threads} -c{connections} "
+                         f"-d{duration:g}s", rows, main_columns, bench.repeat)
+        tables[-1].note = NOTE + "\nEvery segment crosses two captured interfaces; the filter keeps the copies of " \
+            "the first (the client's veth) and drops the other (filter_packets_total{verdict=\"dropped_duplicate\"})."
+        return tables
     if scenario == "red":
         load = Load(duration, connections, threads)
         rows = bench.interleaved([(c, load) for c in chosen])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.procs import BenchError, Child, Children, wait_until
@@ -51,7 +52,7 @@ http {{
     default_type text/plain;
 
     server {{
-        listen 127.0.0.1:{port}{http2} backlog=4096;
+        listen {host}:{port}{http2} backlog=4096;
         root {root}/www;
         location = / {{ return 200 "ok"; }}
         location = /ready {{ access_log off; return 200 "ready"; }}
@@ -67,17 +68,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def render_config(root: Path, port: int, connections: int = 20000, nofile: int = 65536, http2: bool = False) -> str:
+def render_config(root: Path, port: int, connections: int = 20000, nofile: int = 65536,
+                  host: str = "127.0.0.1", http2: bool = False) -> str:
     """`http2`: the listener speaks HTTP/2 with prior knowledge (h2c; nginx 1.22's `listen ... http2`)."""
     return _CONFIG.format(root=root, port=port, connections=connections, nofile=nofile, flush=int(FLUSH_S),
-                          http2=" http2" if http2 else "")
+                          host=host, http2=" http2" if http2 else "")
 
 
 class Nginx:
-    def __init__(self, children: Children, binary: str, workdir: Path, http2: bool = False) -> None:
+    def __init__(self, children: Children, binary: str, workdir: Path, host: str = "127.0.0.1",
+                 wrap: Callable[[list[str]], list[str]] = list, http2: bool = False) -> None:
         self.http2 = http2
         self.children = children
         self.binary = binary
+        self.host = host  # the address it listens on (the node scenario: a pod's)
+        self.wrap = wrap  # how its command line is started (the node scenario: in the pod's namespace)
         self.root = workdir / "nginx"
         self.port = free_port()
         self.child: Child | None = None
@@ -87,7 +92,7 @@ class Nginx:
         return self.root / "access.log"
 
     def url(self, path: str = "/") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"http://{self.host}:{self.port}{path}"
 
     def start(self) -> None:
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
@@ -102,17 +107,17 @@ class Nginx:
                 break
             directory.chmod(directory.stat().st_mode | 0o055)
         conf = self.root / "nginx.conf"
-        conf.write_text(render_config(self.root, self.port, http2=self.http2))
-        self.child = self.children.start("nginx", [self.binary, "-p", str(self.root), "-c", str(conf)])
+        conf.write_text(render_config(self.root, self.port, host=self.host, http2=self.http2))
+        self.child = self.children.start("nginx", self.wrap([self.binary, "-p", str(self.root), "-c", str(conf)]))
         if not wait_until(self._answers, 10.0):
             tail = self.child.log_tail() or (self.root / "error.log").read_text(errors="replace")[-300:]
-            raise BenchError(f"nginx did not start on 127.0.0.1:{self.port}: {tail.strip()}")
+            raise BenchError(f"nginx did not start on {self.host}:{self.port}: {tail.strip()}")
 
     def _answers(self) -> bool:
         if self.child is not None and not self.child.alive():
             raise BenchError(f"nginx exited at start: {self.child.log_tail()}")
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as sock:
                 if self.http2:  # the client preface and an empty SETTINGS; nginx answers with its SETTINGS
                     sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
                     return sock.recv(9)[3:4] == b"\x04"

@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.h2load import parse_h2load
+from bench.netns import Pod
 from bench.nginx import Nginx
 from bench.procs import BenchError, Child, Children, wait_until
 from bench.scrape import CLK_TCK, Scrape, fetch_scrape, read_proc
 from bench.wrk import WrkResult, parse_wrk
 
-__all__ = ["CONFIGS", "REPO", "Load", "RunResult", "Runner"]
+__all__ = ["CONFIGS", "REPO", "Load", "Placement", "RunResult", "Runner"]
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ("baseline", "seed", "exporter")
@@ -137,10 +138,21 @@ def _process_tree_cpu(pid: int) -> float:
     return total
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where nginx, wrk and the capture run. Default: all on the host's lo. The node scenario puts
+    nginx and wrk in two pods (bench/netns.py) and captures with an --interface pattern."""
+
+    interface: str = "lo"
+    server: Pod | None = None  # nginx in this pod's namespace, listening on its address
+    client: Pod | None = None  # wrk in this pod's namespace
+
+
 class Runner:
     def __init__(self, children: Children, tools: dict[str, str], workdir: Path,
-                 filter_stats: bool = False) -> None:
+                 filter_stats: bool = False, placement: Placement = Placement()) -> None:
         self.filter_stats = filter_stats  # the caller holds kernel BPF run time statistics on
+        self.placement = placement
         self.children = children
         self.tools = tools
         self.workdir = workdir
@@ -158,8 +170,8 @@ class Runner:
         return child
 
     def _start_exporter(self, port: int, listen: str) -> Child:
-        argv = [sys.executable, "-m", "exporter", "run", "--interface", "lo", "--port", str(port),
-                "--listen", listen]
+        argv = [sys.executable, "-m", "exporter", "run", "--interface", self.placement.interface,
+                "--port", str(port), "--listen", listen]
         child = self.children.start("exporter", argv, cwd=REPO)
 
         def ready() -> bool:
@@ -186,7 +198,9 @@ class Runner:
     def run(self, config: str, load: Load, rss_every_s: float | None = None) -> RunResult:
         self._n += 1
         result = RunResult(config, load.label)
+        server = self.placement.server
         nginx = Nginx(self.children, self.tools["nginx"], self.workdir / f"run{self._n}",
+                      *((server.address, server.wrap) if server is not None else ()),
                       http2=bool(load.h2_streams))
         capture: Child | None = None
         try:
@@ -252,8 +266,9 @@ class Runner:
             script.write_text(load.script)
         out = self.workdir / f"wrk.{self._n}.out"
         with open(out, "wb") as stdout:
-            child = self.children.start(load.tool, load.argv(self.tools[load.tool], nginx.url(load.path), script),
-                                        stdout=stdout)
+            argv = load.argv(self.tools[load.tool], nginx.url(load.path), script)
+            client = self.placement.client
+            child = self.children.start(load.tool, client.wrap(argv) if client is not None else argv, stdout=stdout)
         deadline = time.monotonic() + load.duration_s + 30 + load.connections / 1000
         samples: list[tuple[float, float]] = []
         start = time.monotonic()

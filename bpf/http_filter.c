@@ -161,7 +161,8 @@
  * by the JIT, and every packet on the interface pays one or two of them. */
 BPF_ARRAY(watched_ports, u8, 65536);
 
-/* CFG_* indices: loopback flag, snap length, link-layer header length (14 or 0), fast path. */
+/* CFG_* indices: loopback flag, snap length, link-layer header length (14 or 0), fast path,
+ * node-wide capture, interface set (see NODE-WIDE CAPTURE below). */
 BPF_ARRAY(config, u32, CFG_COUNT);
 
 /* CNT_* indices: seen, kept, one slot per drop reason. */
@@ -181,6 +182,35 @@ struct flow_key {
     u16 sport;
     u16 dport;
 };
+
+/* NODE-WIDE CAPTURE (config slot CFG_NODE = 1; `--interface any`, a glob, or several):
+ * one packet socket bound to every interface (ifindex 0) sees a packet once per captured
+ * interface it crosses: pod A -> bridge -> pod B shows up on veth A (received) and veth B
+ * (sent); host -> pod on the bridge (sent) and the pod's veth (sent); lo twice (sent and
+ * received). Duplicates must die here, before the fast path, whose per-CPU flow state is
+ * keyed by the 4-tuple and would take a copy for a retransmission or a new request.
+ *  - capture_ifaces (CFG_IFACE_SET = 1): the ifindexes user space matched against the
+ *    --interface globs; a packet on any other interface is dropped first thing.
+ *  - lo: its sent copy is dropped, as the single-interface loopback mode does.
+ *  - flow_iface: per connection (keyed client -> server, so both directions share it), the
+ *    interface its first passed packet was seen on. Only that interface's copies count, so an
+ *    exchange is counted and timed once, by the clocks of the first captured interface it
+ *    crossed (for a pod client: its own veth; for a host client: the bridge or lo). LRU: an
+ *    evicted connection locks again on the interface its next segment is seen on first. */
+#ifndef CAPTURE_IFACES
+#define CAPTURE_IFACES 4096
+#endif
+#ifndef FLOW_IFACES
+#define FLOW_IFACES 65536
+#endif
+#define LOOPBACK_IFINDEX 1  /* lo is ifindex 1 in every network namespace */
+BPF_HASH(capture_ifaces, u32, u8, CAPTURE_IFACES);
+BPF_TABLE("lru_hash", struct flow_key, u32, flow_iface, FLOW_IFACES);
+struct node_scratch {
+    struct flow_key conn;  /* client -> server */
+    u32 ifindex;
+};
+BPF_PERCPU_ARRAY(node_scratch, struct node_scratch, 1);
 
 /* A stretch of a direction's byte stream whose payload user space only counts
  * (a body it knows the length of): segments lying wholly within [start, end)
@@ -1021,12 +1051,47 @@ static __always_inline int fast_path(struct __sk_buff *skb, struct flow_key *key
     return v >= V_HANDOVER;
 }
 
+/* Node-wide capture: 1 when this copy is on the interface the connection is locked to.
+ * The key is built in node_scratch, not on the stack: stack bytes written only when node-wide
+ * capture is on would split the verifier's states, and the fast path after this is explored
+ * once per state (twice: over the verifier's 1M-instruction budget). */
+static __always_inline int first_interface(struct __sk_buff *skb, struct flow_key *kp, int to_server)
+{
+    u32 zero = 0;
+    struct node_scratch *ns = node_scratch.lookup(&zero);
+    if (!ns)
+        return 1;
+    if (to_server) {
+        __builtin_memcpy(&ns->conn, kp, sizeof(ns->conn));
+    } else {
+        __builtin_memcpy(ns->conn.saddr, kp->daddr, 16);
+        __builtin_memcpy(ns->conn.daddr, kp->saddr, 16);
+        ns->conn.sport = kp->dport;
+        ns->conn.dport = kp->sport;
+    }
+    ns->ifindex = skb->ifindex;
+    u32 *locked = flow_iface.lookup(&ns->conn);
+    if (locked)
+        return *locked == ns->ifindex;
+    flow_iface.update(&ns->conn, &ns->ifindex);
+    return 1;
+}
+
 /* Returns 0 to drop, else the number of bytes to keep. Every path counts once. */
 int http_filter(struct __sk_buff *skb)
 {
     count(CNT_SEEN);
 
-    if (skb->pkt_type == PACKET_OUTGOING && cfg(CFG_LOOPBACK, 0)) {
+    if (cfg(CFG_IFACE_SET, 0)) {
+        u32 ifindex = skb->ifindex;
+        if (!capture_ifaces.lookup(&ifindex)) {
+            count(CNT_DROPPED_INTERFACE);
+            return 0;
+        }
+    }
+
+    if (skb->pkt_type == PACKET_OUTGOING &&
+        (cfg(CFG_LOOPBACK, 0) || (skb->ifindex == LOOPBACK_IFINDEX && cfg(CFG_NODE, 0)))) {
         count(CNT_DROPPED_LOOPBACK_DUP);
         return 0;
     }
@@ -1164,6 +1229,11 @@ int http_filter(struct __sk_buff *skb)
     kp->sport = sport;
     kp->dport = dport;
     u32 seq = ntohl(tcp.seq);
+
+    if (cfg(CFG_NODE, 0) && !first_interface(skb, kp, to_server)) {
+        count(CNT_DROPPED_DUPLICATE);
+        return 0;
+    }
 
     if (cfg(CFG_FAST_PATH, 0) &&
         !fast_path(skb, kp, to_server, seq, payload_len, headers_end, tcp.fin, tcp.rst, tcp.syn)) {

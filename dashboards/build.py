@@ -297,8 +297,12 @@ def dashboard(
 
 # ---------------------------------------------------------------- HTTP overview
 
+# service_name and k8s_pod_name come from identity/; a series without them (a server not
+# named) still matches the `.*` of "All", since Prometheus reads a missing label as "".
 HTTP_FILTER = [
     match("instance", "instance"),
+    match("service_name", "service"),
+    match("k8s_pod_name", "pod"),
     match("server_port", "port"),
     match("http_route", "route"),
     match("url_scheme", "scheme"),
@@ -475,11 +479,15 @@ def http_overview() -> dashboard_models.Dashboard:
         f" or sum by (http_route) (rate({count}[$__rate_interval])) * 0)"
         f" / (sum by (http_route) (rate({count}[$__rate_interval])) > 0)"
     )
-    scoped = selector([match("instance", "instance")])
-    port_scoped = selector([match("instance", "instance"), match("server_port", "port")])
+    # Each variable's choices narrowed by the variables before it.
+    chain = [match("instance", "instance"), match("service_name", "service"), match("k8s_pod_name", "pod"),
+             match("server_port", "port")]
+    scoped, service_scoped, pod_scoped, port_scoped = (selector(chain[:n]) for n in (1, 2, 3, 4))
     variables = [
         query_variable("instance", "Instance", f"label_values({HTTP_DURATION}_count, instance)"),
-        query_variable("port", "Server port", f"label_values({HTTP_DURATION}_count{scoped}, server_port)"),
+        query_variable("service", "Service", f"label_values({HTTP_DURATION}_count{scoped}, service_name)"),
+        query_variable("pod", "Pod", f"label_values({HTTP_DURATION}_count{service_scoped}, k8s_pod_name)"),
+        query_variable("port", "Server port", f"label_values({HTTP_DURATION}_count{pod_scoped}, server_port)"),
         query_variable(
             "route",
             "Route",

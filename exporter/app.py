@@ -26,16 +26,27 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
 from exporter import __version__
-from exporter.config import DEFAULT_FAST_PATH, DEFAULT_MAX_ROUTES_PER_PORT, ListenAddress
+from exporter.config import (
+    DEFAULT_FAST_PATH,
+    DEFAULT_INSTANCE_GRACE_S,
+    DEFAULT_MAX_ROUTES_PER_PORT,
+    DEFAULT_MAX_SERVERS,
+    DEFAULT_POD_LOGS,
+    ListenAddress,
+    is_node_wide,
+)
 from exporter.core.flows import Limits
 from exporter.core.routes import RouteMapper
 from exporter.errors import CaptureError
+from exporter.identity.model import SERVICE_NAME_SLOT, ServiceOverride
+from exporter.identity.resolver import REASONS, Resolver
 from exporter.metrics import (
     SELF_CAPTURE_DETACHED_TOTAL,
     SELF_CAPTURE_REATTACHED_TOTAL,
@@ -44,6 +55,8 @@ from exporter.metrics import (
     SELF_FILTER_PACKETS_TOTAL,
     SELF_KERNEL_DROPS_TOTAL,
     SELF_PACKETS_RECEIVED_TOTAL,
+    TARGET_INFO,
+    TARGET_INFO_LABELS,
     ExporterCollector,
     HttpMetrics,
     SelfSample,
@@ -82,6 +95,14 @@ class RunSettings:
     user: str | None = None  # drop every privilege and become this user once capturing
     web_config: WebConfig | None = None  # TLS and basic auth, optional
     fast_path: bool = DEFAULT_FAST_PATH  # simple exchanges aggregated in the kernel (capture/kernel_agg.py)
+    # Every --interface given: several, `any` or a glob make the capture node-wide (one socket on
+    # every interface, duplicates dropped in the kernel). Empty: just `interface`.
+    interfaces: tuple[str, ...] = ()
+    # Identity (exporter/identity/): how servers are named.
+    services: tuple[ServiceOverride, ...] = ()  # --service NAME=KIND:VALUE
+    pod_logs: str = DEFAULT_POD_LOGS
+    instance_grace_s: float = DEFAULT_INSTANCE_GRACE_S
+    max_servers: int = DEFAULT_MAX_SERVERS
 
 
 def interface_state(interface: str) -> tuple[int, bool] | None:
@@ -101,6 +122,8 @@ def interface_state(interface: str) -> tuple[int, bool] | None:
 class Exporter:
     def __init__(self, settings: RunSettings) -> None:
         self.settings = settings
+        self.patterns = settings.interfaces or (settings.interface,)
+        self.node_wide = is_node_wide(self.patterns)
         self.health = Health()
         self.http = HttpMetrics(settings.duration_buckets) if settings.duration_buckets else HttpMetrics()
         self.routes = RouteMapper(settings.routes, max_routes_per_port=settings.max_routes_per_port)
@@ -113,6 +136,14 @@ class Exporter:
             self.fast = KernelFastPath(self.routes, self.http)
             self.http.add_source(self.fast.series)
             self.pipeline.other_exchanges = self.fast.exchanges
+        self.instances_forgotten = 0
+        pod_logs = Path(settings.pod_logs)
+        self.resolver = Resolver(pod_logs=pod_logs, container_logs=pod_logs.parent / "containers",
+                                 overrides=settings.services, max_entries=settings.max_servers)
+        resolver = self.resolver
+        self.pipeline.identify = lambda ip, port: resolver.identify(ip, port).labels()
+        if self.fast is not None:
+            self.fast.identify = self.pipeline.identify
         self.capture: LiveCapture | None = None
         self._capture_lock = threading.Lock()
         self._ifindex = 0
@@ -125,13 +156,14 @@ class Exporter:
         self._stop = threading.Event()
         self.registry = CollectorRegistry(auto_describe=False)
         slo = settings.slo_runtime
-        sources = [self.pipeline.self_samples, self._capture_samples, *settings.extra_self_sources]
+        sources = [self.pipeline.self_samples, self._capture_samples, self._identity_samples,
+                   *settings.extra_self_sources]
         if self.fast is not None:
             sources.append(self.fast.self_samples)
         if slo is not None:
             sources.append(slo.self_samples)
         self.registry.register(ExporterCollector(self.http, sources, slo.collect if slo is not None else None))
-        description = f"interface {settings.interface}, ports {', '.join(map(str, settings.ports))}"
+        description = f"interface {', '.join(self.patterns)}, ports {', '.join(map(str, settings.ports))}"
         self.status_page = StatusPage(self.registry, self.health, description, __version__, slo)
         app = build_app(
             self.registry,
@@ -161,6 +193,20 @@ class Exporter:
             counts = dict(self._closed_counts)
             filter_counts = dict(self._closed_filter)
             capture = self.capture
+            attached = dict(capture.attached) if capture is not None and self.node_wide else {}
+            if capture is not None and not self.node_wide:
+                attached = {self._ifindex: self.settings.interface}
+            samples += [
+                SelfSample("interface_attached", "gauge",
+                           "1 for each interface the capture is attached to now (node-wide: matched by "
+                           "an --interface pattern).", 1.0, (("interface", name),))
+                for name in sorted(attached.values())
+            ]
+            if self.node_wide:
+                samples.append(SelfSample(
+                    "capture_interfaces_over_cap", "gauge",
+                    "Interfaces an --interface pattern matches beyond the filter's capacity (not captured).",
+                    capture.interfaces_over_cap if capture is not None else 0))
             if capture is None and not filter_counts:
                 return samples
             if capture is not None:
@@ -183,6 +229,30 @@ class Exporter:
                                       "Packets the BPF filter looked at, by verdict.", value, (("verdict", name),)))
         return samples
 
+    def _identity_samples(self) -> list[SelfSample]:
+        resolver = self.resolver
+
+        samples = [
+            SelfSample("identity_resolutions_total", "counter",
+                       "Servers looked up in /proc (cache misses).", resolver.resolutions),
+            SelfSample("identity_instances_forgotten_total", "counter",
+                       "Series dropped because their server's process was gone for the grace period.",
+                       self.instances_forgotten),
+        ]
+        samples += [
+            SelfSample("identity_failures_total", "counter",
+                       "Servers left with empty identity labels (or evicted from the bounded cache), by reason.",
+                       resolver.failures[reason], (("reason", reason),))
+            for reason in REASONS
+        ]
+        for server in resolver.servers():
+            labels = tuple(zip(TARGET_INFO_LABELS, (*server.identity.labels(), server.identity.k8s_pod_uid),
+                               strict=True))
+            samples.append(SelfSample(TARGET_INFO, "gauge",
+                                      "One per server identified: its identity labels; join with "
+                                      "kube_pod_info on uid.", 1.0, labels))
+        return samples
+
     def request_stop(self, *_: Any) -> None:
         self._stop.set()
 
@@ -200,8 +270,9 @@ class Exporter:
     def _open_capture(self) -> None:
         from exporter.capture.live import LiveCapture  # the capture modules load only when capturing
 
-        capture = LiveCapture(self.settings.interface, self.settings.ports, fast_path=self.settings.fast_path,
-                              histogram_bounds=(self.http.duration_buckets, self.http.size_buckets))
+        capture = LiveCapture(",".join(self.patterns), self.settings.ports, fast_path=self.settings.fast_path,
+                              histogram_bounds=(self.http.duration_buckets, self.http.size_buckets),
+                              node_patterns=self.patterns if self.node_wide else ())
         capture.open()
         report = capture.bpf_filter.load_report
         log.info("BPF filter compiled and loaded in %.1f s by a helper process (peak RSS %d MB, exited)",
@@ -237,8 +308,8 @@ class Exporter:
             if user is not None:
                 self._drop_privileges(user)
                 self.server.start()
-            self.health.set(True, f"filter attached to {self.settings.interface}")
-            log.info("capturing HTTP on %s ports %s; metrics on http://%s/metrics", self.settings.interface,
+            self.health.set(True, self._attached_text())
+            log.info("capturing HTTP on %s ports %s; metrics on http://%s/metrics", ", ".join(self.patterns),
                      ",".join(map(str, self.settings.ports)), self.settings.listen)
             if slo is not None:
                 slo.start()
@@ -285,7 +356,10 @@ class Exporter:
                     feed(segments)
                     self._apply_skip_hints(capture)
             now = time.monotonic()
-            if self.capture is not None and now >= next_check:
+            if self.capture is not None and now >= next_check and self.node_wide:
+                self._refresh_interfaces()
+                next_check = now + IFACE_CHECK_EVERY_S
+            elif self.capture is not None and now >= next_check:
                 lost = self._interface_lost()
                 if lost:
                     self._detach(lost)
@@ -293,9 +367,41 @@ class Exporter:
                 next_check = now + IFACE_CHECK_EVERY_S
             if now >= next_expire:
                 self.pipeline.expire(time.time_ns())
+                gone = self.resolver.sweep(self.settings.instance_grace_s)
+                if gone:
+                    self.instances_forgotten += self.http.forget_instances(gone)
                 if fast is not None and self.capture is not None:
                     self._kernel_exchanges_to_slo()
                 next_expire = now + EXPIRE_EVERY_S
+
+    def _attached_text(self) -> str:
+        """The /healthz text: what is captured, and the patterns still waiting for an interface."""
+        if not self.node_wide:
+            return f"filter attached to {self.settings.interface}"
+        capture = self.capture
+        names = sorted(capture.attached.values()) if capture is not None else []
+        text = f"filter attached to {len(names)} interface(s) matching {', '.join(self.patterns)}"
+        if names and "any" not in self.patterns:
+            text += f": {', '.join(names)}"
+        if capture is not None and capture.unmatched:
+            text += f"; waiting for {', '.join(capture.unmatched)} (no interface matches yet)"
+        return text
+
+    def _refresh_interfaces(self) -> None:
+        """Node-wide: pick up interfaces that appeared and drop the ones gone, without a restart."""
+        capture = self.capture
+        if capture is None:
+            return
+        try:
+            added, gone = capture.refresh_interfaces()
+        except (OSError, CaptureError) as exc:
+            log.warning("matching the --interface patterns again failed: %s", exc)
+            return
+        if added:
+            log.info("capturing on new interface(s) %s", ", ".join(added))
+        if gone:
+            log.info("interface(s) %s gone; no longer captured", ", ".join(gone))
+        self.health.set(True, self._attached_text())
 
     def _apply_skip_hints(self, capture: LiveCapture) -> None:
         """Body bytes the parser only counts: have the filter cut them to headers from now on."""
@@ -317,8 +423,12 @@ class Exporter:
         if slo is None or self.fast is None:
             return
         bounds = self.http.duration_buckets
+        identify = self.pipeline.identify
         for (route, port, _method, status), delta in self.fast.poll_deltas().items():
-            slo.observe_counts(route, port, status, delta.duration_counts, bounds)
+            # SEAM (identity): with KernelAggregate.server_ip (branch `heads`), name the server by
+            # its address as kernel_agg.py does; until then by its port when one listener owns it.
+            service_name = identify("", port)[SERVICE_NAME_SLOT] if identify is not None else ""
+            slo.observe_counts(route, port, status, delta.duration_counts, bounds, service_name)
 
     def _interface_lost(self) -> str:
         """Why the capture's interface is gone, or '' while it is fine."""
@@ -363,7 +473,7 @@ class Exporter:
                                    "so only a restart can reattach")
             return
         state = interface_state(name)
-        if state is None or not state[1]:
+        if not self.node_wide and (state is None or not state[1]):
             return
         try:
             self._open_capture()

@@ -18,8 +18,10 @@ import click
 from exporter import __version__
 from exporter.config import (
     DEFAULT_FAST_PATH,
+    DEFAULT_INSTANCE_GRACE_S,
     DEFAULT_LISTEN,
     DEFAULT_MAX_ROUTES_PER_PORT,
+    DEFAULT_POD_LOGS,
     DEFAULT_PUSH_INTERVAL_S,
     DEFAULT_STATE_SAVE_INTERVAL,
     STATE_SUBDIR,
@@ -45,6 +47,23 @@ log = logging.getLogger("ebpf_slo_exporter")
 def _ports(ctx: click.Context, param: click.Parameter, value: Sequence[str]) -> tuple[int, ...]:
     try:
         return tuple(parse_port(part) for item in value for part in str(item).split(",") if part.strip())
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _interfaces(ctx: click.Context, param: click.Parameter, value: Sequence[str]) -> tuple[str, ...]:
+    names = tuple(part.strip() for item in value for part in str(item).split(",") if part.strip())
+    for name in names:
+        if len(name) > 15 and not any(c in name for c in "*?["):
+            raise click.BadParameter(f"{name!r} is longer than an interface name can be (15 characters)")
+    return names or ("lo",)
+
+
+def _services(ctx: click.Context, param: click.Parameter, value: Sequence[str]) -> tuple[Any, ...]:
+    from exporter.identity import parse_service_override
+
+    try:
+        return tuple(parse_service_override(str(item)) for item in value)
     except ConfigError as exc:
         raise click.BadParameter(str(exc)) from None
 
@@ -108,8 +127,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def run_options(func: F) -> F:
     options = [
-        click.option("--interface", "-i", envvar=env_var("interface"), default="lo", show_default=True,
-                     help="Network interface to capture on."),
+        click.option("--interface", "-i", "interface", multiple=True, envvar=env_var("interface"),
+                     default=("lo",), show_default=True, callback=_interfaces,
+                     help="Interface to capture on (repeat, or comma-separate): a name, a glob such as "
+                          "'veth*', or 'any'. Several, a glob or 'any' capture node-wide: interfaces "
+                          "that appear later are picked up, and each exchange is counted once."),
         click.option("--port", "-p", "ports", multiple=True, envvar=env_var("port"), callback=_ports,
                      help="TCP port of the HTTP service (repeat, or comma-separate). Required."),
         click.option("--listen", envvar=env_var("listen"), default=DEFAULT_LISTEN, show_default=True,
@@ -137,6 +159,16 @@ def run_options(func: F) -> F:
                      envvar=env_var("fast_path"),
                      help="Aggregate simple HTTP/1.x exchanges in the kernel (user space gets the rest); "
                           "--no-fast-path parses everything in user space, the reference path."),
+        click.option("--service", "services", multiple=True, envvar=env_var("service"), callback=_services,
+                     help="Name the servers a selector matches: NAME=port:8080, NAME=process:nginx, "
+                          "NAME=cgroup:GLOB or NAME=container:ID-PREFIX (repeatable; first match wins). "
+                          "Default: the Kubernetes container name, else the process name."),
+        click.option("--pod-logs", type=click.Path(file_okay=False), default=DEFAULT_POD_LOGS, show_default=True,
+                     envvar=env_var("pod_logs"),
+                     help="The kubelet's pod log directory, whose names give k8s namespace, pod and container."),
+        click.option("--instance-grace", type=click.FloatRange(0, 86400), default=DEFAULT_INSTANCE_GRACE_S,
+                     show_default=True, envvar=env_var("instance_grace"),
+                     help="Seconds a server's series stay after its process is gone."),
         click.option("--web-config", "--web.config.file", "web_config", type=click.Path(dir_okay=False),
                      envvar=env_var("web_config"),
                      help="Prometheus exporter-toolkit web config: TLS and basic auth for the endpoints."),
@@ -210,7 +242,11 @@ def _run_settings(params: dict[str, Any]) -> RunSettings:
         runtime = _slo_runtime(objectives, params, push_interval)
     limits = Limits(max_flows=params["max_flows"], idle_timeout_ns=int(params["idle_timeout"] * 1e9))
     return RunSettings(
-        interface=params["interface"],
+        interface=params["interface"][0],
+        interfaces=tuple(params["interface"]),
+        services=tuple(params.get("services") or ()),
+        pod_logs=params.get("pod_logs") or DEFAULT_POD_LOGS,
+        instance_grace_s=float(params.get("instance_grace", DEFAULT_INSTANCE_GRACE_S)),
         ports=params["ports"],
         listen=params["listen"],
         routes=tuple(params["routes"]),

@@ -33,6 +33,14 @@ DEFAULT_MAX_ROUTES_PER_PORT = 100
 DEFAULT_FAST_PATH = True  # the kernel aggregates the common exchange; --no-fast-path is the reference
 DEFAULT_BACKOFF_BASE_S = 1.0  # first retry after ~1 s, doubling...
 DEFAULT_BACKOFF_MAX_S = 60.0  # ...up to a minute
+# Where the kubelet writes /var/log/pods/<namespace>_<pod>_<uid>/<container>/ (its sibling
+# containers/ holds <pod>_<namespace>_<container>-<container id>.log links): identity/ reads names there.
+DEFAULT_POD_LOGS = "/var/log/pods"
+# How long the series of a server whose process is gone stay on /metrics (one Prometheus
+# scrape interval is too short: a restarting pod would flap).
+DEFAULT_INSTANCE_GRACE_S = 300.0
+# Servers (address, port) whose identity is cached at once; the oldest beyond it is evicted (counted).
+DEFAULT_MAX_SERVERS = 4096
 ENV_PREFIX = "EBPF_SLO"
 # The SLO windows are saved this often (a SIGKILL loses at most this much), under
 # `--state-dir`, or by default in this subdirectory of `--spool-dir` when that is given.
@@ -61,7 +69,20 @@ FILE_KEYS = {
     "user": "user",
     "fast_path": "fast_path",
     "web_config": "web_config",
+    "service": "services",
+    "services": "services",
+    "pod_logs": "pod_logs",
+    "instance_grace": "instance_grace",
 }
+
+
+ANY_INTERFACE = "any"
+
+
+def is_node_wide(patterns: tuple[str, ...] | list[str]) -> bool:
+    """Several --interface values, `any` or a glob: capture on every interface they match, now and
+    later, with one socket and duplicates dropped in the kernel (capture/live.py)."""
+    return len(patterns) > 1 or any(p == ANY_INTERFACE or any(c in p for c in "*?[") for p in patterns)
 
 
 def env_var(flag: str) -> str:

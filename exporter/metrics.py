@@ -22,7 +22,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from exporter.core.http1 import method_label
+from exporter.core.http2 import GRPC_STATUS_MISSING, GRPC_STATUS_RESET
 from exporter.core.model import Exchange
+from exporter.identity.model import IDENTITY_LABEL_NAMES
 
 # OpenTelemetry HTTP semantic conventions, as Beyla/OBI expose them to Prometheus.
 HTTP_DURATION = "http_server_request_duration_seconds"
@@ -31,9 +33,19 @@ HTTP_RESPONSE_BODY = "http_server_response_body_size_bytes"
 HTTP_LABELS = (
     "http_request_method", "http_response_status_code", "http_route", "server_port",
     "url_scheme", "network_protocol_version",
+    # Which server answered (identity/): OTel resource attributes service.name,
+    # service.instance.id, k8s.namespace.name, k8s.pod.name, k8s.pod.uid, container.id.
+    *IDENTITY_LABEL_NAMES,
 )
 # One label set of the HTTP histograms, in HTTP_LABELS' order.
-HttpKey = tuple[str, str, str, str, str, str]
+HttpKey = tuple[str, ...]
+# The identity labels of a server nothing is known about (a replay, a source without addresses).
+NO_IDENTITY: tuple[str, ...] = ("",) * len(IDENTITY_LABEL_NAMES)
+_INSTANCE_SLOT = HTTP_LABELS.index("service_instance_id")
+
+# One sample per server identified, value 1: joins with kube-state-metrics' kube_pod_info on `uid`.
+TARGET_INFO = "target_info"  # exported as ebpf_slo_exporter_target_info
+TARGET_INFO_LABELS = (*IDENTITY_LABEL_NAMES, "uid")
 
 # OpenTelemetry RPC conventions (rpc.server.duration), as Beyla/OBI expose them for gRPC.
 RPC_DURATION = "rpc_server_duration_seconds"
@@ -42,6 +54,11 @@ RpcKey = tuple[str, str, str, str, str]
 # gRPC status codes that are the server's fault (OTel's rpc.grpc.status_code semantics):
 # UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS.
 GRPC_SERVER_ERROR_CODES: tuple[str, ...] = ("2", "4", "12", "13", "14", "15")
+# The exporter's own rpc_grpc_status_code values (named in core/http2): a stream reset with no
+# grpc-status (how a client's deadline or cancel usually shows on the wire), and a response
+# that ended without one. Both count as server errors wherever errors are counted.
+GRPC_NON_NUMERIC: tuple[str, ...] = (GRPC_STATUS_RESET, GRPC_STATUS_MISSING)
+GRPC_BAD_CODES: tuple[str, ...] = (*GRPC_SERVER_ERROR_CODES, *GRPC_NON_NUMERIC)
 
 # OTel's default duration buckets plus 0.15 s, so the demo's 150 ms SLO lands on a bound.
 DEFAULT_DURATION_BUCKETS: tuple[float, ...] = (
@@ -146,9 +163,13 @@ ExternalSeries = tuple[
 
 
 def http_key(method: str, status: int | str, route: str, port: int | str,
-             scheme: str = "http", protocol_version: str = "1.1") -> HttpKey:
-    """The label values of one HTTP series, in HTTP_LABELS' order: the one place that order lives."""
-    return (method_label(method), str(status), route, str(port), scheme, protocol_version)
+             scheme: str = "http", protocol_version: str = "1.1",
+             identity: tuple[str, ...] = NO_IDENTITY) -> HttpKey:
+    """The label values of one HTTP series, in HTTP_LABELS' order: the one place that order lives.
+
+    `identity`: the server's labels in IDENTITY_LABEL_NAMES' order (identity.Identity.labels()).
+    """
+    return (method_label(method), str(status), route, str(port), scheme, protocol_version, *identity)
 
 
 class HttpMetrics:
@@ -175,9 +196,9 @@ class HttpMetrics:
         """Merge `source()` into every collect(); its bucket lists must use this object's bounds."""
         self._sources.append(source)
 
-    def observe(self, exchange: Exchange, route: str) -> None:
+    def observe(self, exchange: Exchange, route: str, identity: tuple[str, ...] = NO_IDENTITY) -> None:
         key = http_key(exchange.method, exchange.status, route, exchange.server_port,
-                       exchange.scheme, exchange.protocol_version)
+                       exchange.scheme, exchange.protocol_version, identity)
         seconds = exchange.duration_seconds
         duration_slot = bisect.bisect_left(self.duration_buckets, seconds)
         with self._lock:
@@ -205,6 +226,16 @@ class HttpMetrics:
                     rpc_hist = self._rpc[rpc_key] = _Histogram(len(self.duration_buckets))
                 rpc_hist.counts[duration_slot] += 1
                 rpc_hist.total += seconds
+
+    def forget_instances(self, instance_ids: set[str]) -> int:
+        """Drop the series of servers that went away (identity/ says so); return how many."""
+        if not instance_ids:
+            return 0
+        with self._lock:
+            gone = [key for key in self._series if key[_INSTANCE_SLOT] in instance_ids]
+            for key in gone:
+                del self._series[key]
+        return len(gone)
 
     def series_count(self) -> int:
         return len(self._series) + len(self._rpc)  # user-space label sets; merged sources are not counted

@@ -13,6 +13,7 @@ from exporter.core.flows import CoreStats, FlowKey, Handover, Limits, Tracker
 from exporter.core.http2 import FRAME_TYPES, Http2Stats
 from exporter.core.model import Exchange, Segment
 from exporter.core.routes import RouteMapper
+from exporter.identity.model import SERVICE_NAME_SLOT
 from exporter.metrics import (
     SELF_EXCHANGES_TOTAL,
     SELF_FLOWS_ACTIVE,
@@ -33,7 +34,7 @@ from exporter.metrics import (
 
 
 class ExchangeSink(Protocol):
-    def observe(self, exchange: Exchange, route: str) -> None: ...
+    def observe(self, exchange: Exchange, route: str, service_name: str = "") -> None: ...
 
 
 class Pipeline:
@@ -53,6 +54,8 @@ class Pipeline:
         self.exchanges = 0
         # Exchanges counted elsewhere (the kernel fast path), added to exchanges_total.
         self.other_exchanges: Callable[[], int] | None = None
+        # (server ip, server port) -> the server's identity labels (identity.Resolver), optional.
+        self.identify: Callable[[str, int], tuple[str, ...]] | None = None
 
     def feed(self, segments: Iterable[Segment]) -> None:
         feed = self.tracker.feed
@@ -75,11 +78,18 @@ class Pipeline:
         self._emit(self.tracker.flush())
 
     def _emit(self, exchanges: list[Exchange]) -> None:
+        identify = self.identify
         for exchange in exchanges:
             route = self.routes.route(exchange.server_port, exchange.target)
-            self.http.observe(exchange, route)
+            if identify is not None:
+                identity = identify(exchange.server_ip, exchange.server_port)
+                self.http.observe(exchange, route, identity)
+                service_name = identity[SERVICE_NAME_SLOT]
+            else:
+                self.http.observe(exchange, route)
+                service_name = ""
             for sink in self.sinks:
-                sink.observe(exchange, route)
+                sink.observe(exchange, route, service_name)
         self.exchanges += len(exchanges)
 
     def self_samples(self) -> Iterator[SelfSample]:

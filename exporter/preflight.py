@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import fnmatch
 import os
 import platform
 import socket
@@ -12,6 +13,7 @@ from pathlib import Path
 # Capability bit numbers from linux/capability.h.
 CAPABILITIES = {
     "CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_SETPCAP": 8, "CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13,
+    "CAP_DAC_READ_SEARCH": 2, "CAP_SYS_PTRACE": 19,
     "CAP_SYS_ADMIN": 21, "CAP_SYS_RESOURCE": 24, "CAP_PERFMON": 38, "CAP_BPF": 39,
 }
 # What capture needs, and nothing more: tests/integration/test_privileges.py runs the real
@@ -22,6 +24,16 @@ CAPABILITIES = {
 # arithmetic the verifier allows only with it (Spectre v1 masking, "pointer arithmetic ...
 # prohibited for !root"). Make that code verifiable without it and drop CAP_PERFMON here.
 CAPTURE_CAPABILITIES = ("CAP_BPF", "CAP_NET_RAW", "CAP_PERFMON")
+# What naming the server (exporter/identity/) needs on top, in a container that is not root in
+# the host's sense: the listening socket's owner is found by reading other processes'
+# /proc/<pid>/fd links and /proc/<pid>/ns/net, which the kernel allows only with
+# CAP_SYS_PTRACE (ptrace read access) and, for processes of other users, CAP_DAC_READ_SEARCH
+# (their /proc/<pid>/fd directory is mode 0500). Without them capture still works; the identity
+# labels are then empty and the reason is counted.
+IDENTITY_CAPABILITIES = ("CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH")
+# The set the shipped manifests (deploy/kubernetes/daemonset.yaml, docker/compose.yaml) grant:
+# tests/unit/test_docker.py holds every manifest to exactly this list.
+MANIFEST_CAPABILITIES = CAPTURE_CAPABILITIES + IDENTITY_CAPABILITIES
 # CAP_SYS_ADMIN stands in for these (kernels before 5.8 know no other way).
 SYS_ADMIN_COVERS = frozenset({"CAP_BPF", "CAP_PERFMON"})
 # What --user needs on top when the exporter does not start as root (to change uid/gid and
@@ -110,7 +122,21 @@ def check_privileges(caps: set[str] | None = None) -> CheckResult:
                        "(e.g. systemd AmbientCapabilities=)")
 
 
-def check_bpf_syscall() -> CheckResult:
+def seccomp_mode(status_text: str | None = None) -> int:
+    """The `Seccomp:` line of /proc/self/status: 0 none, 1 strict, 2 a filter (a container's profile)."""
+    text = status_text if status_text is not None else Path("/proc/self/status").read_text()
+    for line in text.splitlines():
+        if line.startswith("Seccomp:"):
+            return int(line.split()[1])
+    return 0
+
+
+SECCOMP_FIX = ("a seccomp filter is in the way: run the container with a seccomp profile that allows "
+               "bpf(2), or unconfined (Kubernetes: securityContext.seccompProfile.type: Unconfined; "
+               "podman/docker: --security-opt seccomp=unconfined)")
+
+
+def check_bpf_syscall(status_text: str | None = None) -> CheckResult:
     number = SYS_BPF.get(platform.machine())
     if number is None:
         return CheckResult("bpf syscall", True, f"not probed on {platform.machine()}")
@@ -123,8 +149,14 @@ def check_bpf_syscall() -> CheckResult:
         return CheckResult("bpf syscall", False, "the kernel has no bpf() (CONFIG_BPF_SYSCALL off)",
                            "use a kernel built with CONFIG_BPF_SYSCALL=y")
     if result < 0 and err == 1:
+        if seccomp_mode(status_text) == 2:
+            return CheckResult("bpf syscall", False,
+                               "bpf() refused: operation not permitted, and this process runs under a "
+                               "seccomp filter (/proc/self/status Seccomp: 2)", SECCOMP_FIX)
         return CheckResult("bpf syscall", False, "bpf() refused: operation not permitted",
                            "run as root or grant CAP_BPF")
+    if seccomp_mode(status_text) == 2:
+        return CheckResult("bpf syscall", True, "available (under a seccomp filter that allows it)")
     return CheckResult("bpf syscall", True, "available")
 
 
@@ -149,6 +181,14 @@ def check_headers() -> CheckResult:
 
 def check_interface(interface: str) -> CheckResult:
     names = sorted(name for _, name in socket.if_nameindex())
+    if interface == "any":
+        return CheckResult("interface", True, f"any: every interface, now {', '.join(names)}")
+    if any(c in interface for c in "*?["):
+        matched = [name for name in names if fnmatch.fnmatchcase(name, interface)]
+        if matched:
+            return CheckResult("interface", True, f"{interface} matches {', '.join(matched)}")
+        return CheckResult("interface", True, f"{interface} matches nothing yet; the exporter waits for it "
+                                              f"(interfaces here: {', '.join(names)})")
     if interface in names:
         return CheckResult("interface", True, f"{interface} exists")
     return CheckResult("interface", False, f"no interface {interface!r}; interfaces here: {', '.join(names)}",

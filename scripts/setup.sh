@@ -23,6 +23,7 @@ else SUDO=""; fi
 packages=(python3-bpfcc python3-venv python3-pip linux-headers-amd64 nginx-light wrk tshark prometheus prometheus-alertmanager libcap2-bin iproute2 curl openssl util-linux)
 packages+=(nghttp2-client)  # h2load and curl --http2 for the HTTP/2 tests and bench
 packages+=(chromium)  # the status page test renders / in headless Chromium
+packages+=(podman runc mmdebstrap)  # make test-container builds and runs the image
 [ "$(dpkg --print-architecture 2>/dev/null)" = arm64 ] && packages=("${packages[@]/linux-headers-amd64/linux-headers-arm64}")
 missing=()
 for p in "${packages[@]}"; do

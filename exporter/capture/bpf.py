@@ -26,7 +26,16 @@ from pathlib import Path
 
 from exporter.capture.bpfsys import BpfMap, possible_cpus
 from exporter.errors import CaptureError
-from exporter.preflight import effective_capabilities, has_capture_privileges, lost_across_exec
+from exporter.preflight import (
+    CAPTURE_CAPABILITIES,
+    SECCOMP_FIX,
+    check_bpf_syscall,
+    effective_capabilities,
+    has_capture_privileges,
+    lost_across_exec,
+    missing_capture_capabilities,
+    seccomp_mode,
+)
 
 __all__ = [
     "COUNTER_NAMES",
@@ -55,6 +64,8 @@ COUNTER_NAMES: tuple[str, ...] = (
     "dropped_no_payload",
     "dropped_malformed",
     "consumed_fast_path",
+    "dropped_interface",  # node-wide capture: an interface no --interface pattern matches
+    "dropped_duplicate",  # node-wide capture: a copy seen on a second interface (flow_iface)
 )
 
 # Slots of the per-CPU `fast_counters` array: fast path events, not packet verdicts.
@@ -92,7 +103,7 @@ MAX_SIZE_BOUNDS = 16
 PATH_LEN = 96
 
 # Slots of the `config` array.
-_CONFIG_NAMES: tuple[str, ...] = ("loopback", "snaplen", "link_header_len", "fast_path")
+_CONFIG_NAMES: tuple[str, ...] = ("loopback", "snaplen", "link_header_len", "fast_path", "node", "iface_set")
 
 # 256 KiB, as tcpdump: a GSO super-packet on lo is up to 14 + 65535 bytes, so
 # 65535 would clip the tail of the largest ones.
@@ -183,7 +194,11 @@ _MAP_LAYOUT: dict[str, tuple[int, int]] = {
     "flow_state": (_FLOW_KEY.size, 152),  # struct fp_state: only its capacity is read here
     "handover": (_FLOW_KEY.size, _HANDOVER.size),
     "http_agg": (_AGG_KEY.size, _AGG_VAL_SLOTS * 8),
+    "capture_ifaces": (4, 1),  # node-wide capture: ifindexes the --interface patterns match
+    "flow_iface": (_FLOW_KEY.size, 4),  # node-wide capture: the interface each connection counts on
 }
+# Must match the C file's CAPTURE_IFACES.
+MAX_CAPTURE_INTERFACES = 4096
 
 _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 
@@ -205,6 +220,22 @@ class LoadReport:
 
     compile_s: float
     helper_peak_rss_kb: int
+
+
+def _refusal_hint(message: str, status_text: str | None = None) -> str:
+    """What most likely stands behind the kernel's refusal, and the fix, as a sentence to append.
+
+    As root in a container without CAP_PERFMON the verifier does not answer EPERM: the load
+    fails with EFAULT ("Bad address"), which names nothing. Under a seccomp filter that denies
+    bpf(2), even creating a map fails with EPERM, whatever the capabilities.
+    """
+    if "Operation not permitted" in message and seccomp_mode(status_text) == 2:
+        return f"; {SECCOMP_FIX}"
+    if "Bad address" in message and "CAP_PERFMON" in missing_capture_capabilities(effective_capabilities(status_text)):
+        return ("; CAP_PERFMON is missing (the fast path's in-kernel aggregation needs it): grant "
+                f"{'+'.join(CAPTURE_CAPABILITIES)} (Kubernetes: capabilities.add [BPF, NET_RAW, PERFMON]; "
+                "podman/docker: --cap-add BPF,NET_RAW,PERFMON)")
+    return ""
 
 
 def _load_in_helper(src: Path, cflags: list[str]) -> tuple[int, dict[str, BpfMap], LoadReport]:
@@ -243,14 +274,20 @@ def _load_in_helper(src: Path, cflags: list[str]) -> tuple[int, dict[str, BpfMap
         if kind == "import":
             raise CaptureError("BCC Python bindings not importable: install python3-bpfcc (`make setup`)")
         if kind == "compile":
+            # BCC creates the maps while compiling: a bpf() that seccomp or a missing capability
+            # refuses shows up here, as "could not open bpf map ... Operation not permitted" above.
+            refused = check_bpf_syscall()
+            if not refused.ok:
+                raise CaptureError(f"{refused.detail}: {refused.fix}")
             raise CaptureError(f"BPF program {src} failed to compile: {msg} (see clang output above)")
         # As root, EACCES is the verifier's refusal, not a privilege problem.
-        if os.geteuid() != 0 and ("Operation not permitted" in msg or "Permission denied" in msg):
+        if os.geteuid() != 0 and seccomp_mode() != 2 and (
+                "Operation not permitted" in msg or "Permission denied" in msg):
             raise CaptureError(
                 "BPF needs root or CAP_BPF+CAP_NET_RAW+CAP_PERFMON, kept across exec: run with sudo, "
                 "or grant them as ambient capabilities (systemd AmbientCapabilities=, setpriv --ambient-caps)"
             )
-        raise CaptureError(f"kernel refused the BPF program: {msg}")
+        raise CaptureError(f"kernel refused the BPF program: {msg}{_refusal_hint(msg)}")
     if len(fds) != 1 + len(_MAP_LAYOUT):
         for fd in fds:
             os.close(fd)
@@ -333,6 +370,8 @@ class HttpFilter:
             self._flow_states = maps["flow_state"]
             self._handovers = maps["handover"]
             self._aggregates = maps["http_agg"]
+            self._ifaces = maps["capture_ifaces"]
+            self._interfaces: set[int] = set()
             # Bounds before the fast path is switched on: a zeroed bounds map would put every
             # exchange in the overflow bucket.
             self.set_bounds(*histogram_bounds)
@@ -348,8 +387,11 @@ class HttpFilter:
         return self._prog_fd
 
     def configure(
-        self, *, loopback: bool, snaplen: int, link_header_len: int, fast_path: bool | None = None
+        self, *, loopback: bool, snaplen: int, link_header_len: int, fast_path: bool | None = None,
+        node: bool = False, interface_set: bool = False,
     ) -> None:
+        """`node`: one socket on every interface, duplicates dropped (see NODE-WIDE CAPTURE in
+        the C file); `interface_set`: only the interfaces given to `set_interfaces` count."""
         if fast_path is not None:
             self._fast_path = fast_path
         if not 64 <= snaplen <= 1 << 20:
@@ -357,7 +399,7 @@ class HttpFilter:
         if link_header_len not in (0, 14):
             raise CaptureError(f"link header length {link_header_len} unsupported (0 or 14)")
         values = {"loopback": int(loopback), "snaplen": snaplen, "link_header_len": link_header_len,
-                  "fast_path": int(self._fast_path)}
+                  "fast_path": int(self._fast_path), "node": int(node), "iface_set": int(interface_set)}
         for i, name in enumerate(_CONFIG_NAMES):
             self._config.update(_U32.pack(i), _U32.pack(values[name]))
 
@@ -373,6 +415,18 @@ class HttpFilter:
         for port in wanted - self._watched:
             self._ports.update(_U32.pack(port), b"\x01")
         self._watched = wanted
+
+    def set_interfaces(self, ifindexes: Iterable[int]) -> int:
+        """Replace the captured interfaces (node-wide capture with a set); return how many did not fit."""
+        wanted = sorted(set(ifindexes))
+        over = max(0, len(wanted) - MAX_CAPTURE_INTERFACES)
+        keep = set(wanted[:MAX_CAPTURE_INTERFACES])
+        for index in self._interfaces - keep:
+            self._ifaces.delete(_U32.pack(index))
+        for index in keep - self._interfaces:
+            self._ifaces.update(_U32.pack(index), b"\x01")
+        self._interfaces = keep
+        return over
 
     @property
     def fast_path(self) -> bool:

@@ -35,6 +35,7 @@ from exporter.core.flows import FlowKey, Handover
 from exporter.core.http1 import normalise_target
 from exporter.core.routes import RouteMapper
 from exporter.metrics import (
+    NO_IDENTITY,
     SELF_FAST_PATH_BUSY_TOTAL,
     SELF_FAST_PATH_EXCHANGES_TOTAL,
     SELF_FAST_PATH_FLOW_STATES_CAPACITY,
@@ -94,6 +95,8 @@ class KernelFastPath:
         self._size_zero_slot = _bisect_left(http.size_buckets, 0)
         self._last_poll: dict[_AggKey, KernelAggregate] = {}
         self.handovers_seeded = 0
+        # (server ip, server port) -> the server's identity labels (identity.Resolver), optional.
+        self.identify: Callable[[str, int], tuple[str, ...]] | None = None
 
     def attach(self, bpf_filter: HttpFilter) -> None:
         self._filter = bpf_filter
@@ -157,9 +160,15 @@ class KernelFastPath:
         with self._lock:
             if not live_only:
                 aggregates = self._closed + aggregates
+            identify = self.identify
             return [
                 # The kernel path only takes clear-text HTTP/1.x: the scheme and version defaults.
-                (http_key(agg.method, agg.status, self._route(agg.port, agg.path), agg.port), agg)
+                (http_key(agg.method, agg.status, self._route(agg.port, agg.path), agg.port,
+                          identity=identify("", agg.port) if identify is not None else NO_IDENTITY), agg)
+                # SEAM (identity): once KernelAggregate carries server_ip (branch `heads`), pass
+                # agg.server_ip instead of "" above. Until then the kernel's aggregates name their
+                # server only when one listener on the node owns the port (else empty labels,
+                # counted as identity_failures_total{reason="ambiguous_port"}).
                 for agg in aggregates
             ]
 
@@ -191,7 +200,7 @@ class KernelFastPath:
     def poll_deltas(self) -> dict[tuple[str, int, str, int], KernelDelta]:
         """Exchanges aggregated in the kernel since the previous call (see the module docstring)."""
         out: dict[tuple[str, int, str, int], KernelDelta] = {}
-        for (method, status, route, port, _scheme, _version), agg in self._read(live_only=True):
+        for (method, status, route, port, *_scheme_version_identity), agg in self._read(live_only=True):
             agg_key = (agg.port, agg.method, agg.status, agg.path)
             last = self._last_poll.get(agg_key)
             self._last_poll[agg_key] = agg

@@ -13,11 +13,22 @@ Two read paths give the same Segments:
 The socket is created bound to no protocol, gets its filter and ring, and only
 then is bound to the interface with ETH_P_ALL, so no packet from another
 interface or an unfiltered packet can slip in before the filter is attached.
+
+Node-wide capture (`node_patterns`: `any`, globs such as `veth*`, or several names): one
+SOCK_DGRAM socket bound to every interface (ifindex 0), so an interface that appears later
+is captured without a new socket, and every frame reaches the filter from its IP header
+whatever the link type. `refresh_interfaces()` (called about once a second) matches the
+patterns against the interfaces present and hands the filter their ifindexes; the filter
+drops the copies of a packet seen on a second captured interface (NODE-WIDE CAPTURE in
+bpf/http_filter.c).
 """
 
 from __future__ import annotations
 
+import ctypes
+import fnmatch
 import mmap
+import os
 import select
 import socket
 import struct
@@ -28,10 +39,11 @@ from types import TracebackType
 
 from exporter.capture.bpf import DEFAULT_SNAPLEN, HttpFilter
 from exporter.capture.frames import LINKTYPE_ETHERNET, LINKTYPE_RAW, decode_frame_reason
+from exporter.config import ANY_INTERFACE
 from exporter.core.model import Segment
 from exporter.errors import CaptureError
 
-__all__ = ["LiveCapture", "interface_names"]
+__all__ = ["LiveCapture", "interface_names", "match_interfaces"]
 
 # Constants Python's socket module does not name (linux/socket.h, linux/if_packet.h).
 SO_ATTACH_BPF = 50
@@ -68,12 +80,41 @@ _put_u32 = struct.Struct("<I").pack_into
 _RECV_BATCH = 4096  # recvmsg path: at most this many packets per read()
 
 
+_AF_PACKET = 17
+# struct sockaddr_ll: family, protocol (network order), ifindex, hatype, pkttype, halen, addr[8].
+_SOCKADDR_LL = struct.Struct("=HHiHBB8s")
+
+
+def match_interfaces(
+    patterns: Sequence[str], interfaces: Sequence[tuple[int, str]]
+) -> tuple[dict[int, str], list[str]]:
+    """({ifindex: name} of the interfaces some pattern matches, the patterns that match none yet)."""
+    matched: dict[int, str] = {}
+    unmatched: list[str] = []
+    for pattern in patterns:
+        hits = {index: name for index, name in interfaces
+                if pattern == ANY_INTERFACE or fnmatch.fnmatchcase(name, pattern)}
+        if not hits:
+            unmatched.append(pattern)
+        matched.update(hits)
+    return matched, unmatched
+
+
 def interface_names() -> list[str]:
     return [name for _, name in socket.if_nameindex()]
 
 
 def _sysfs_int(interface: str, attr: str, base: int = 10) -> int:
     return int(Path("/sys/class/net", interface, attr).read_text().strip(), base)
+
+
+def _bind_every_interface(sock: socket.socket) -> None:
+    """bind() to ifindex 0 (every interface): Python's AF_PACKET address only takes a name."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    address = _SOCKADDR_LL.pack(_AF_PACKET, socket.htons(ETH_P_ALL), 0, 0, 0, 0, b"")
+    if libc.bind(sock.fileno(), ctypes.c_char_p(address), len(address)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 class LiveCapture:
@@ -97,8 +138,14 @@ class LiveCapture:
         bpf_filter: HttpFilter | None = None,
         fast_path: bool = False,
         histogram_bounds: tuple[Sequence[float], Sequence[float]] = ((), ()),
+        node_patterns: Sequence[str] = (),
     ) -> None:
         self.interface = interface
+        self.node_patterns = tuple(node_patterns)
+        # Node-wide: what the patterns match now, and the patterns that match nothing yet.
+        self.attached: dict[int, str] = {}
+        self.unmatched: list[str] = []
+        self.interfaces_over_cap = 0
         self.ports = tuple(ports)
         self.ring = ring
         self.snaplen = snaplen
@@ -126,6 +173,8 @@ class LiveCapture:
     def open(self) -> LiveCapture:
         if self._sock is not None:
             return self
+        if self.node_patterns:
+            return self._open_node()
         try:
             socket.if_nametoindex(self.interface)
         except OSError:
@@ -162,11 +211,46 @@ class LiveCapture:
             raise
         return self
 
-    def _open_socket(self) -> None:
+    def _open_node(self) -> LiveCapture:
+        self._linktype = LINKTYPE_RAW  # SOCK_DGRAM: every frame starts at its IP header
+        every = ANY_INTERFACE in self.node_patterns
+        try:
+            if self._shared_filter is not None:
+                self._filter = self._shared_filter
+                self._filter.set_ports(self.ports)
+            else:
+                self._filter = HttpFilter(
+                    self.ports, snaplen=self.snaplen, link_header_len=0,
+                    fast_path=self.fast_path, histogram_bounds=self.histogram_bounds,
+                )
+            # The interface set first, so the filter never passes a packet of an unmatched one.
+            self.refresh_interfaces()
+            self._filter.configure(loopback=False, snaplen=self.snaplen, link_header_len=0,
+                                   node=True, interface_set=not every)
+            self._open_socket(node=True)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def refresh_interfaces(self) -> tuple[list[str], list[str]]:
+        """Match the patterns again (node-wide capture): (names added, names gone) since the last call."""
+        if not self.node_patterns or self._filter is None:
+            return [], []
+        matched, self.unmatched = match_interfaces(self.node_patterns, socket.if_nameindex())
+        before = self.attached
+        added = [name for index, name in matched.items() if before.get(index) != name]
+        gone = [name for index, name in before.items() if matched.get(index) != name]
+        if ANY_INTERFACE not in self.node_patterns and (added or gone or not before):
+            self.interfaces_over_cap = self._filter.set_interfaces(matched)
+        self.attached = matched
+        return sorted(added), sorted(gone)
+
+    def _open_socket(self, node: bool = False) -> None:
         assert self._filter is not None
         try:
             # Protocol 0: receives nothing until bind() below, after the filter is in place.
-            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM if node else socket.SOCK_RAW, 0)
         except PermissionError as exc:
             raise CaptureError("packet capture needs root or CAP_NET_RAW: run with sudo") from exc
         self._sock = sock
@@ -191,7 +275,10 @@ class LiveCapture:
                     sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.rcvbuf)
                 except PermissionError:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
-            sock.bind((self.interface, ETH_P_ALL))
+            if node:
+                _bind_every_interface(sock)
+            else:
+                sock.bind((self.interface, ETH_P_ALL))
             sock.setblocking(False)
         except OSError as exc:
             raise CaptureError(f"cannot set up packet socket on {self.interface!r}: {exc.strerror}") from exc

@@ -256,6 +256,7 @@ class _Flow:
         "responses",
         "scheme",
         "server",
+        "server_ip",
         "server_port",
         "skipped",
         "sniff_tries",
@@ -268,6 +269,7 @@ class _Flow:
                  scheme: str = "http") -> None:
         self.key = key
         self.server_port = key[3]
+        self.server_ip = key[2]
         self.stats = stats
         self.emitted = emitted
         self.limits = limits
@@ -324,7 +326,7 @@ class _Flow:
         conn = self.h2 = Http2Connection(
             self.server_port, self.emitted, self.stats.http2,
             Http2Limits(limits.max_h2_streams, limits.max_header_bytes, limits.max_h2_header_table),
-            self.scheme, upgraded, upgraded_body,
+            self.scheme, upgraded, upgraded_body, server_ip=self.server_ip,
         )
         self.requests = conn.client
         self.responses = conn.server
@@ -374,6 +376,7 @@ class _Flow:
                 body_bytes,
                 self.server_port,
                 self.scheme,
+                server_ip=self.server_ip,
             )
         )
 

@@ -256,6 +256,7 @@ class Http2Connection:
         "parsed",
         "scheme",
         "server",
+        "server_ip",
         "server_port",
         "stats",
         "streams",
@@ -270,9 +271,11 @@ class Http2Connection:
         scheme: str = "http",
         upgraded: PendingRequest | None = None,
         upgraded_body: int = 0,
+        server_ip: str = "",
     ) -> None:
         """`upgraded`: the HTTP/1.1 request that switched with `Upgrade: h2c`; it becomes stream 1."""
         self.server_port = server_port
+        self.server_ip = server_ip  # names the server (identity/) beside its port
         self.emitted = emitted
         self.stats = stats
         self.limits = limits
@@ -388,7 +391,7 @@ class Http2Connection:
             rpc = RpcCall("grpc", stream.service, stream.rpc_method, stream.grpc_status or GRPC_STATUS_MISSING)
         self.emitted.append(Exchange(
             stream.method, stream.target, stream.status, stream.start_ns, end_ns, stream.request_body,
-            stream.response_body, self.server_port, self.scheme, "2", rpc,
+            stream.response_body, self.server_port, self.scheme, "2", rpc, server_ip=self.server_ip,
         ))
 
     def reset(self, stream_id: int, end_ns: int) -> None:
@@ -401,7 +404,7 @@ class Http2Connection:
             rpc = RpcCall("grpc", stream.service, stream.rpc_method, stream.grpc_status or GRPC_STATUS_RESET)
         self.emitted.append(Exchange(
             stream.method, stream.target, RESET_STATUS, stream.start_ns, end_ns, stream.request_body,
-            stream.response_body, self.server_port, self.scheme, "2", rpc,
+            stream.response_body, self.server_port, self.scheme, "2", rpc, server_ip=self.server_ip,
         ))
 
     def goaway(self, last_stream_id: int) -> None:

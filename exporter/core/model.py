@@ -67,6 +67,9 @@ class Exchange:
     scheme: str = "http"  # url.scheme: "https" for plaintext read from the TLS library
     protocol_version: str = "1.1"  # network.protocol.version: "1.0", "1.1" or "2"
     rpc: RpcCall | None = None  # set for gRPC streams; they also feed the RPC histogram
+    # The address that answered, as the packets carry it: with the port and the capture's own
+    # network namespace, what identity/ resolves to a process, container and pod. "" when unknown.
+    server_ip: str = ""
 
     @property
     def duration_seconds(self) -> float:

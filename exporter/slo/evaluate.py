@@ -15,8 +15,11 @@ Narrowing an objective to exchanges (all given ones must match):
 - `route`: the selector's `path`, compared to the `http_route` the route mapper gave the
   exchange (so `/items/{id}` works when that pattern is configured);
 - `port`: the selector's `port` or `server_port`, compared to the exchange's server port;
-- `service` is only a label: one exporter watches one service's ports, so service narrows
-  nothing. Run one exporter per service, or give each objective a `port`.
+- `service_name`: the selector's `service_name`, compared to the `service_name` identity/
+  gave the server that answered (its Kubernetes container or process name, or a `--service`
+  override);
+- `service` is only a label of the objective (Reliably's), it narrows nothing: use
+  `service_name` or `port` to pick the server.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class Matcher:
     """An objective compiled for the capture thread: a few comparisons, no allocation."""
 
     __slots__ = ("good_classes", "grpc_bad", "latency_target_ns", "port", "route", "rpc_method", "rpc_service",
-                 "selects_rpc")
+                 "selects_rpc", "service_name")
 
     def __init__(self, objective: Objective) -> None:
         self.route = objective.route
@@ -54,6 +57,7 @@ class Matcher:
         self.rpc_method = objective.rpc_method
         self.selects_rpc = objective.rpc_service is not None or objective.rpc_method is not None
         self.grpc_bad = frozenset(objective.grpc_bad_codes)
+        self.service_name = objective.service_name
         target = objective.latency_target_seconds
         # Integer nanoseconds: 150ms is exactly 150_000_000, the same edge the histogram's
         # le="0.15" bucket uses (ns / 1e9 <= 0.15 exactly when ns <= 150_000_000).
@@ -61,7 +65,7 @@ class Matcher:
         self.good_classes = frozenset(int(c[0]) for c in objective.good_status_classes)
 
     def good_of(self, route: str, port: int, status: int, duration_counts: Sequence[int],
-                bounds: Sequence[float]) -> int | None:
+                bounds: Sequence[float], service_name: str = "") -> int | None:
         """Good events among aggregated ones (the kernel fast path), or None if not covered.
 
         `duration_counts[i]` counts durations in (bounds[i-1], bounds[i]], the last slot those
@@ -73,16 +77,20 @@ class Matcher:
             return None
         if self.port is not None and port != self.port:
             return None
+        if self.service_name is not None and service_name != self.service_name:
+            return None
         if self.latency_target_ns is not None:
             return sum(count for count, bound in zip(duration_counts, bounds, strict=False)
                        if round(bound * 1e9) <= self.latency_target_ns)
         return sum(duration_counts) if status // 100 in self.good_classes else 0
 
-    def classify(self, exchange: Exchange, route: str) -> int:
+    def classify(self, exchange: Exchange, route: str, service_name: str = "") -> int:
         """GOOD, BAD, or NOT_COUNTED when the objective does not cover this exchange."""
         if self.route is not None and route != self.route:
             return NOT_COUNTED
         if self.port is not None and exchange.server_port != self.port:
+            return NOT_COUNTED
+        if self.service_name is not None and service_name != self.service_name:
             return NOT_COUNTED
         rpc = exchange.rpc
         if self.selects_rpc:
@@ -276,7 +284,7 @@ class Evaluator:
         self.future = 0  # more than one bucket ahead of the clock: a bad timestamp
         self.late_after_close = 0
 
-    def observe(self, exchange: Exchange, route: str, now_ns: int) -> None:
+    def observe(self, exchange: Exchange, route: str, now_ns: int, service_name: str = "") -> None:
         index = exchange.end_ns // self.bucket_ns
         now_index = now_ns // self.bucket_ns
         with self._lock:
@@ -290,12 +298,12 @@ class Evaluator:
             if index * self.bucket_s < self.closed_until_s:
                 self.late_after_close += 1
             for matcher, ring in zip(self._matchers, self._rings, strict=True):
-                verdict = matcher.classify(exchange, route)
+                verdict = matcher.classify(exchange, route, service_name)
                 if verdict != NOT_COUNTED and not ring.add(index, verdict == GOOD):
                     self.too_old += 1
 
     def observe_counts(self, route: str, port: int, status: int, duration_counts: Sequence[int],
-                       bounds: Sequence[float], now_ns: int) -> None:
+                       bounds: Sequence[float], now_ns: int, service_name: str = "") -> None:
         """Exchanges the kernel aggregated since the last poll, counted in the current bucket.
 
         The kernel keeps no per-exchange time, so they land in the bucket of the poll (about
@@ -305,7 +313,7 @@ class Evaluator:
         with self._lock:
             self.observed += total
             for matcher, ring in zip(self._matchers, self._rings, strict=True):
-                good = matcher.good_of(route, port, status, duration_counts, bounds)
+                good = matcher.good_of(route, port, status, duration_counts, bounds, service_name)
                 if good is not None and not ring.add_many(index, good, total):
                     self.too_old += total
 

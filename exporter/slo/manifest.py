@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from exporter.errors import ConfigError
+from exporter.metrics import GRPC_BAD_CODES, GRPC_NON_NUMERIC
 
 API_VERSION = "reliably.com/v1"
 CATEGORIES = ("latency", "availability")
@@ -42,11 +43,8 @@ GRPC_CODES = {
     "FAILED_PRECONDITION": "9", "ABORTED": "10", "OUT_OF_RANGE": "11", "UNIMPLEMENTED": "12", "INTERNAL": "13",
     "UNAVAILABLE": "14", "DATA_LOSS": "15", "UNAUTHENTICATED": "16",
 }
-# The exporter's own values (core/http2): a stream reset with no grpc-status, a response without one.
-GRPC_NON_NUMERIC = ("reset", "missing")
-# OTel's server errors (UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS),
-# plus our two non-numeric values: a reset is how a client's deadline usually shows on the wire.
-DEFAULT_GRPC_BAD_CODES = ("2", "4", "12", "13", "14", "15", *GRPC_NON_NUMERIC)
+# OTel's server errors plus our two non-numeric values (metrics.py owns both lists).
+DEFAULT_GRPC_BAD_CODES = GRPC_BAD_CODES
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
@@ -102,6 +100,7 @@ class Objective:
     latency_target_seconds: float | None = None
     route: str | None = None  # from selector `path`
     port: int | None = None  # from selector `port` / `server_port`
+    service_name: str | None = None  # from selector `service_name`: the server's identity label
     good_status_classes: tuple[str, ...] = DEFAULT_GOOD_CLASSES
     promql: PromQLRatio | None = None
     rpc_service: str | None = None  # from selector `rpc_service`: gRPC calls only
@@ -250,6 +249,7 @@ def _parse_objective(doc: Any, where: str) -> Objective:
     rpc_service = selector.get("rpc_service") or None
     rpc_method = selector.get("rpc_method") or None
     grpc_bad = _parse_grpc_codes(spec, where, category, promql, rpc_service or rpc_method)
+    service_name = selector.get("service_name") or None
 
     return Objective(
         name=name,
@@ -263,6 +263,7 @@ def _parse_objective(doc: Any, where: str) -> Objective:
         latency_target_seconds=latency_target,
         route=route,
         port=port,
+        service_name=service_name,
         good_status_classes=good_classes,
         promql=promql,
         rpc_service=rpc_service,

@@ -31,7 +31,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from exporter.metrics import GRPC_SERVER_ERROR_CODES, HTTP_DURATION, format_bound
+from exporter.metrics import GRPC_BAD_CODES, HTTP_DURATION, RPC_DURATION, format_bound
 from exporter.slo.manifest import STATUS_CLASSES, Objective, format_duration
 
 __all__ = [
@@ -56,6 +56,11 @@ __all__ = [
 STATUS_LABEL = "http_response_status_code"
 ROUTE_LABEL = "http_route"
 PORT_LABEL = "server_port"
+SERVICE_NAME_LABEL = "service_name"
+RPC_SYSTEM_LABEL = "rpc_system"
+RPC_SERVICE_LABEL = "rpc_service"
+RPC_METHOD_LABEL = "rpc_method"
+GRPC_STATUS_LABEL = "rpc_grpc_status_code"
 
 _MAX_DECIMALS = 3  # 0.15 -> 0.150; 1 -> 1.000: the widest padding clients are seen to write
 
@@ -94,21 +99,34 @@ def le_regex(bound: float) -> str:
     return "|".join(re.escape(s).replace("\\-", "-") for s in le_spellings(bound))
 
 
+def selects_rpc(objective: Objective) -> bool:
+    return objective.rpc_service is not None or objective.rpc_method is not None
+
+
 def histogram(objective: Objective) -> tuple[str, str]:
-    """(histogram, status label) an objective reads. Every objective reads the HTTP histogram
-    today; an objective on gRPC calls would read RPC_DURATION and rpc_grpc_status_code, and
-    its status regex would come from GRPC_SERVER_ERROR_CODES (see `_bad_regex`)."""
+    """(histogram, status label) an objective reads: the RPC histogram and its gRPC status for
+    an objective on gRPC calls (`rpc_service`/`rpc_method`), else the HTTP one."""
+    if selects_rpc(objective):
+        return RPC_DURATION, GRPC_STATUS_LABEL
     return HTTP_DURATION, STATUS_LABEL
 
 
 def narrowing(objective: Objective) -> list[str]:
-    """The label matchers an objective puts on the exporter's series (route, port). A new
-    selector (rpc_service, rpc_method...) is one more matcher here."""
+    """The label matchers an objective puts on the exporter's series: route, port, the
+    server's service name, and for gRPC objectives the RPC system, service and method."""
     matchers = []
+    if selects_rpc(objective):
+        matchers.append(f'{RPC_SYSTEM_LABEL}="grpc"')
+        if objective.rpc_service is not None:
+            matchers.append(f"{RPC_SERVICE_LABEL}={quote(objective.rpc_service)}")
+        if objective.rpc_method is not None:
+            matchers.append(f"{RPC_METHOD_LABEL}={quote(objective.rpc_method)}")
     if objective.route is not None:
         matchers.append(f"{ROUTE_LABEL}={quote(objective.route)}")
     if objective.port is not None:
         matchers.append(f"{PORT_LABEL}={quote(str(objective.port))}")
+    if objective.service_name is not None:
+        matchers.append(f"{SERVICE_NAME_LABEL}={quote(objective.service_name)}")
     return matchers
 
 
@@ -126,13 +144,15 @@ def status_classes_regex(classes: Sequence[str]) -> str:
     return "|".join(f"{c[0]}.." for c in classes)
 
 
-def grpc_server_error_regex() -> str:
+def grpc_server_error_regex(codes: Sequence[str] = GRPC_BAD_CODES) -> str:
     """The rpc_grpc_status_code regex of the codes that count as server errors."""
-    return "|".join(GRPC_SERVER_ERROR_CODES)
+    return "|".join(re.escape(code) for code in codes)
 
 
 def _bad_regex(objective: Objective) -> str | None:
     """The status label's regex of bad events; None when every class is good."""
+    if selects_rpc(objective):
+        return grpc_server_error_regex(objective.grpc_bad_codes) if objective.grpc_bad_codes else None
     bad = [c for c in STATUS_CLASSES if c not in objective.good_status_classes]
     return status_classes_regex(bad) if bad else None
 

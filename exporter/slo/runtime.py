@@ -169,13 +169,14 @@ class SloRuntime:
 
     # -- capture thread ------------------------------------------------------------------
 
-    def observe(self, exchange: Exchange, route: str) -> None:
-        self.evaluator.observe(exchange, route, int(self._clock() * 1e9))
+    def observe(self, exchange: Exchange, route: str, service_name: str = "") -> None:
+        self.evaluator.observe(exchange, route, int(self._clock() * 1e9), service_name)
 
     def observe_counts(self, route: str, port: int, status: int, duration_counts: Sequence[int],
-                       bounds: Sequence[float]) -> None:
+                       bounds: Sequence[float], service_name: str = "") -> None:
         """Kernel-aggregated exchanges (fast path), polled about once a second."""
-        self.evaluator.observe_counts(route, port, status, duration_counts, bounds, int(self._clock() * 1e9))
+        self.evaluator.observe_counts(route, port, status, duration_counts, bounds, int(self._clock() * 1e9),
+                                      service_name)
 
     # -- the scheduler's source ------------------------------------------------------------
 

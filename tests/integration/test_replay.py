@@ -20,14 +20,20 @@ HTTP_FAMILIES = ("http_server_request_duration_seconds", "http_server_request_bo
 
 
 def http_samples(text: str) -> dict[str, float]:
-    """HTTP histogram samples by name and labels."""
+    """HTTP histogram samples by name and labels, without the identity labels: a pcap file does
+    not say which process answered, so replay leaves them empty while live capture fills them."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    out = {}
+    from exporter.identity import IDENTITY_LABEL_NAMES
+
+    out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         if family.name in HTTP_FAMILIES:
             for sample in family.samples:
-                out[f"{sample.name}{sorted(sample.labels.items())}"] = sample.value
+                labels = sorted((k, v) for k, v in sample.labels.items() if k not in IDENTITY_LABEL_NAMES)
+                key = f"{sample.name}{labels}"
+                assert key not in out, f"two servers in one run: {key}"
+                out[key] = sample.value
     return out
 
 

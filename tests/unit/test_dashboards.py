@@ -122,7 +122,8 @@ def test_every_panel_has_the_templated_datasource_targets_a_unique_id_and_a_plac
 def test_http_overview_has_the_filter_variables_and_the_red_panels():
     board = _load("http-overview.json")
     variables = {v["name"]: v for v in board["templating"]["list"]}
-    assert {"datasource", "instance", "port", "route", "scheme", "protocol"} <= variables.keys()
+    assert {"datasource", "instance", "service", "pod", "port", "route", "scheme", "protocol"} <= variables.keys()
+    assert "service_name" in variables["service"]["query"] and "k8s_pod_name" in variables["pod"]["query"]
     assert (
         "server_port" in variables["port"]["query"] and "http_route" in variables["route"]["query"]
     )
@@ -134,6 +135,8 @@ def test_http_overview_has_the_filter_variables_and_the_red_panels():
         if HTTP_DURATION in expr or "body_size" in expr:
             for matcher in (
                 'instance=~"$instance"',
+                'service_name=~"$service"',
+                'k8s_pod_name=~"$pod"',
                 'server_port=~"$port"',
                 'http_route=~"$route"',
                 'url_scheme=~"$scheme"',
@@ -155,7 +158,7 @@ def test_http_overview_has_a_grpc_row_on_the_rpc_histogram():
     ]
     exprs = [t["expr"] for p in grpc for t in p["targets"]]
     assert all(RPC_DURATION in e and 'instance=~"$instance"' in e and 'server_port=~"$port"' in e for e in exprs)
-    assert 'rpc_grpc_status_code=~"2|4|12|13|14|15"' in exprs[1]
+    assert 'rpc_grpc_status_code=~"2|4|12|13|14|15|reset|missing"' in exprs[1]
     assert all(p["gridPos"]["y"] > board["panels"][row]["gridPos"]["y"] for p in grpc)
 
 

@@ -53,6 +53,25 @@ def _assert_cli_accepts(args: list[str]) -> None:
     assert flags <= known, f"{command}: unknown options {sorted(flags - known)}"
 
 
+def _manifest_capabilities() -> list[str]:
+    """The exporter's own list, as container engines spell capabilities (no CAP_ prefix)."""
+    from exporter.preflight import MANIFEST_CAPABILITIES
+
+    return [name.removeprefix("CAP_") for name in MANIFEST_CAPABILITIES]
+
+
+def test_every_manifest_and_the_dockerfile_grant_the_exporters_own_capability_list():
+    """The manifests cannot drift from preflight.py again (they once lacked CAP_PERFMON)."""
+    from exporter.preflight import CAPTURE_CAPABILITIES, MANIFEST_CAPABILITIES
+
+    assert set(CAPTURE_CAPABILITIES) <= set(MANIFEST_CAPABILITIES)
+    assert _compose()["services"]["exporter"]["cap_add"] == _manifest_capabilities()
+    [container] = _one("DaemonSet")["spec"]["template"]["spec"]["containers"]
+    assert container["securityContext"]["capabilities"]["add"] == _manifest_capabilities()
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    assert all(name in dockerfile for name in MANIFEST_CAPABILITIES)
+
+
 def _host_port(address: str) -> int:
     return int(address.rsplit(":", 1)[1])
 
@@ -92,8 +111,9 @@ def test_compose_has_the_demo_loop_services_on_the_host_network():
     assert all(s["network_mode"] == "host" for s in services.values())
     exporter = services["exporter"]
     assert exporter["pid"] == "host"
-    assert {"BPF", "NET_RAW"} <= set(exporter["cap_add"]) and exporter["cap_drop"] == ["ALL"]
+    assert exporter["cap_add"] == _manifest_capabilities() and exporter["cap_drop"] == ["ALL"]
     assert "SYS_ADMIN" not in exporter["cap_add"] and not exporter.get("privileged")
+    assert exporter["security_opt"] == ["seccomp=unconfined"]
     assert {"/lib/modules:/lib/modules:ro", "/usr/src:/usr/src:ro"} <= set(exporter["volumes"])
     assert exporter["build"] == {"context": "..", "dockerfile": "docker/Dockerfile"}
     assert services["demo"]["image"] == services["load"]["image"] == exporter["image"]
@@ -224,14 +244,16 @@ def test_daemonset_runs_on_the_host_network_with_only_the_capabilities_it_needs(
     assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     [container] = pod["containers"]
     security = container["securityContext"]
-    assert security["capabilities"] == {"drop": ["ALL"], "add": ["BPF", "NET_RAW"]}
+    assert security["capabilities"] == {"drop": ["ALL"], "add": _manifest_capabilities()}
+    assert security["seccompProfile"] == {"type": "Unconfined"}
+    assert pod["hostPID"] is True
     assert security["privileged"] is False and security["allowPrivilegeEscalation"] is False
     assert container["resources"]["limits"]["memory"] and container["resources"]["limits"]["cpu"]
     assert container["resources"]["requests"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert all(m["name"] in volumes for m in mounts.values())
-    for host_path in ("/lib/modules", "/usr/src"):
+    for host_path in ("/lib/modules", "/usr/src", "/var/log/pods", "/var/log/containers"):
         assert mounts[host_path]["readOnly"] is True
         assert volumes[mounts[host_path]["name"]]["hostPath"]["path"] == host_path
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"

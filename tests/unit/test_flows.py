@@ -93,9 +93,10 @@ def play(
 
 
 def ex(
-    method: str, target: str, status: int, start: int, end: int, req_body: int = 0, resp_body: int = 0
+    method: str, target: str, status: int, start: int, end: int, req_body: int = 0, resp_body: int = 0,
+    server_ip: str = "10.0.0.2",
 ) -> Exchange:
-    return Exchange(method, target, status, start, end, req_body, resp_body, PORT)
+    return Exchange(method, target, status, start, end, req_body, resp_body, PORT, server_ip=server_ip)
 
 
 def errors(stats: CoreStats) -> dict[str, int]:
@@ -263,7 +264,7 @@ def test_conversations_whatever_the_cuts(
 def test_direction_and_key_work_for_ipv6() -> None:
     conn = Conn(client="::1", server="::1")
     out, _ = play([Step("c", get("/six"), 1), Step("s", ok(), 2)], conn=conn)
-    assert out == [ex("GET", "/six", 200, 1, 2, 0, 5)]
+    assert out == [ex("GET", "/six", 200, 1, 2, 0, 5, server_ip=conn.server)]
 
 
 def test_sequence_numbers_wrap_around() -> None:

@@ -177,7 +177,8 @@ def test_valid_exchanges_round_trip_exactly(
         out += tracker.feed(segment)
     out += tracker.flush()
     expected = [
-        Exchange(s.method, s.path, s.status, start, end, len(s.request_body), s.expected_response_bytes(), PORT)
+        Exchange(s.method, s.path, s.status, start, end, len(s.request_body), s.expected_response_bytes(), PORT,
+                 server_ip=SERVER)
         for s, (start, end) in zip(items, times, strict=True)
     ]
     assert out == expected

@@ -111,7 +111,7 @@ def expected(spec: list[Call], starts: dict[int, int], ends: dict[int, int]) -> 
         status = RESET_STATUS if call.reset else call.status
         response = 0 if call.reset else len(call.response_body)
         out.append(Exchange(call.method, call.path, status, starts[index], ends[index], len(call.request_body),
-                            response, PORT, "http", "2"))
+                            response, PORT, "http", "2", server_ip="10.2.0.2"))
     return out
 
 

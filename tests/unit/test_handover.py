@@ -16,7 +16,7 @@ from exporter.capture.kernel_agg import KernelDelta, KernelFastPath, to_handover
 from exporter.core.flows import Handover, Limits, Tracker
 from exporter.core.model import Exchange
 from exporter.core.routes import RouteMapper
-from exporter.metrics import HttpMetrics
+from exporter.metrics import HttpMetrics, http_key
 from tests.unit.test_flows import PORT, Conn
 
 KEY = ("10.0.0.1", 40000, "10.0.0.2", PORT)
@@ -95,7 +95,7 @@ def test_a_retransmission_of_kernel_data_is_ignored_after_the_seed() -> None:
     assert tracker.stats.retransmitted_segments == 1
     conn.next["s"] = S0 + len(first.payload)
     done = tracker.feed(conn.seg("s", HEAD2 + b"abc", 40))
-    assert done == [Exchange("GET", "/a", 404, 10, 40, 0, 3, PORT)]
+    assert done == [Exchange("GET", "/a", 404, 10, 40, 0, 3, PORT, server_ip="10.0.0.2")]
 
 
 def test_a_seeded_flow_idles_from_the_handover_not_from_its_last_request() -> None:
@@ -126,9 +126,9 @@ def test_kernel_record_becomes_a_seed_with_realtime_start() -> None:
 def test_http_metrics_merges_an_external_source_by_label_set() -> None:
     http = HttpMetrics(duration_buckets=(0.1, 1.0), size_buckets=(0, 100))
     http.observe(Exchange("GET", "/a", 200, 0, 50_000_000, 0, 10, PORT), "/a")
-    key = ("GET", "200", "/a", str(PORT), "http", "1.1")
+    key = http_key("GET", 200, "/a", PORT)
     http.add_source(lambda: [(key, ([1, 1, 0], 0.6), ([2, 0, 0], 0.0), ([0, 2, 0], 20.0)),
-                             (("HEAD", "200", "/h", str(PORT), "http", "1.1"), ([1, 0, 0], 0.01), ([1, 0, 0], 0.0),
+                             (http_key("HEAD", 200, "/h", PORT), ([1, 0, 0], 0.01), ([1, 0, 0], 0.0),
                               ([1, 0, 0], 0.0))])
     families = {f.name: f for f in http.collect()}
     samples = {(s.name, s.labels.get("http_route"), s.labels.get("le")): s.value
@@ -217,7 +217,7 @@ def test_a_handed_over_body_survives_two_cpus_swapping_full_size_segments() -> N
     out = []
     for seg in segments:
         out += tracker.feed(seg)
-    assert out == [Exchange("GET", "/1m", 200, 10, ts - 1, 0, body, PORT)]
+    assert out == [Exchange("GET", "/1m", 200, 10, ts - 1, 0, body, PORT, server_ip="10.0.0.2")]
     assert tracker.stats.parse_errors["gap"] == 0
     assert tracker.stats.requests_without_response == 0
 
@@ -233,13 +233,13 @@ def test_a_body_range_the_kernel_held_counts_when_the_gap_before_it_fills() -> N
     conn = Conn()
     # Ends when its last byte arrived (35), as the Tracker times any reordered response.
     assert tracker.feed(conn.seg("s", b"45", 40, seq=body_start + 4)) == [
-        Exchange("GET", "/a", 200, 10, 35, 0, 10, PORT)]
+        Exchange("GET", "/a", 200, 10, 35, 0, 10, PORT, server_ip="10.0.0.2")]
     assert tracker.stats.held_bytes == 0
     assert tracker.stats.parse_errors["gap"] == 0
     # The next exchange on the connection starts after the held range.
     tracker.feed(conn.seg("c", REQ2, 50, seq=C0 + len(REQ1)))
     assert tracker.feed(conn.seg("s", HEAD2 + b"abc", 60, seq=body_start + 10)) == [
-        Exchange("GET", "/b", 404, 50, 60, 0, 3, PORT)]
+        Exchange("GET", "/b", 404, 50, 60, 0, 3, PORT, server_ip="10.0.0.2")]
 
 
 def test_a_held_range_in_the_kernel_record_reaches_the_seed() -> None:

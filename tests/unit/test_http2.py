@@ -92,7 +92,7 @@ def run(steps: Sequence[tuple[str, bytes, int]], limits: Limits | None = None, c
 
 def h2(method: str, target: str, status: int, start: int, end: int, req: int = 0, resp: int = 0,
        rpc: RpcCall | None = None) -> Exchange:
-    return Exchange(method, target, status, start, end, req, resp, PORT, "http", "2", rpc)
+    return Exchange(method, target, status, start, end, req, resp, PORT, "http", "2", rpc, server_ip="10.0.0.2")
 
 
 def test_prior_knowledge_get_one_exchange_timed_on_segments() -> None:

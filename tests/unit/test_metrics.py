@@ -3,7 +3,10 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 
 from exporter.core.model import Exchange
+from exporter.identity import IDENTITY_LABEL_NAMES
 from exporter.metrics import ExporterCollector, HttpMetrics, SelfSample, format_bound
+
+NO_IDENTITY = dict.fromkeys(IDENTITY_LABEL_NAMES, "")
 
 
 def exchange(method: str = "GET", status: int = 200, seconds: float = 0.1, port: int = 8080,
@@ -24,7 +27,7 @@ def test_value_on_a_bound_lands_in_that_bucket() -> None:
     http.observe(exchange(seconds=9), "/")
     registry = registry_with(http)
     labels = {"http_request_method": "GET", "http_response_status_code": "200", "http_route": "/",
-              "server_port": "8080", "url_scheme": "http", "network_protocol_version": "1.1"}
+              "server_port": "8080", "url_scheme": "http", "network_protocol_version": "1.1", **NO_IDENTITY}
     get = registry.get_sample_value
     assert get("http_server_request_duration_seconds_bucket", {**labels, "le": "0.1"}) == 0
     assert get("http_server_request_duration_seconds_bucket", {**labels, "le": "0.15"}) == 1
@@ -39,7 +42,7 @@ def test_unknown_methods_are_other_and_sizes_are_recorded() -> None:
     http.observe(exchange(method="PURGE", request_body=5000, response_body=0), "/")
     registry = registry_with(http)
     labels = {"http_request_method": "_OTHER", "http_response_status_code": "200", "http_route": "/",
-              "server_port": "8080", "url_scheme": "http", "network_protocol_version": "1.1"}
+              "server_port": "8080", "url_scheme": "http", "network_protocol_version": "1.1", **NO_IDENTITY}
     assert registry.get_sample_value("http_server_request_body_size_bytes_sum", labels) == 5000
     assert registry.get_sample_value("http_server_response_body_size_bytes_bucket", {**labels, "le": "0.0"}) == 1
 

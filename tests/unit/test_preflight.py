@@ -38,3 +38,32 @@ def test_nothing_is_lost_when_nothing_was_there() -> None:
     assert lost_across_exec(status(set(), set(), ALL), euid=65534) == []
     result = check_privileges(set())
     assert not result.ok and "missing: CAP_BPF, CAP_NET_RAW, CAP_PERFMON" in result.detail
+
+
+def test_check_names_a_seccomp_filter_when_it_is_what_refuses_bpf() -> None:
+    from exporter.preflight import SECCOMP_FIX, seccomp_mode
+
+    assert seccomp_mode("Name:\tx\nSeccomp:\t2\nSeccomp_filters:\t1\n") == 2
+    assert seccomp_mode("Name:\tx\nSeccomp:\t0\n") == 0
+    assert "seccomp=unconfined" in SECCOMP_FIX and "Unconfined" in SECCOMP_FIX
+
+
+def test_a_bad_address_refusal_names_the_missing_cap_perfmon() -> None:
+    from exporter.capture.bpf import _refusal_hint
+
+    no_perfmon = status(CAPTURE - {"CAP_PERFMON"}, set(), ALL) + "Seccomp:\t0\n"
+    hint = _refusal_hint("bpf_prog_load: Bad address", no_perfmon)
+    assert "CAP_PERFMON is missing" in hint and "--cap-add BPF,NET_RAW,PERFMON" in hint
+    assert _refusal_hint("bpf_prog_load: Bad address", status(CAPTURE, set(), ALL)) == ""
+    filtered = status(CAPTURE, set(), ALL) + "Seccomp:\t2\n"
+    assert "seccomp" in _refusal_hint("could not open bpf map: Operation not permitted", filtered)
+
+
+def test_check_accepts_any_and_globs_that_match_nothing_yet() -> None:
+    from exporter.preflight import check_interface
+
+    assert check_interface("any").ok
+    assert check_interface("l?").ok and "matches lo" in check_interface("l?").detail
+    waiting = check_interface("esxnone*")
+    assert waiting.ok and "matches nothing yet" in waiting.detail
+    assert not check_interface("esxnone0").ok

@@ -194,3 +194,53 @@ def test_rules_command_reports_a_bad_manifest_in_one_line(tmp_path):
     result = CliRunner().invoke(rules_command, ["--slo", str(tmp_path / "missing.yaml")])
     assert result.exit_code == 1
     assert "cannot read SLO file" in result.output and "Traceback" not in result.output
+
+
+def test_an_objective_on_a_service_name_narrows_its_rules_and_queries() -> None:
+    from exporter.slo.promql import queries
+
+    [objective] = parse_manifest("""
+kind: Objective
+metadata: {labels: {name: checkout-ok, service: shop}}
+spec:
+  indicatorSelector: {category: availability, service_name: checkout}
+  objectivePercent: 99
+  window: 5m
+""")
+    assert 'service_name="checkout"' in sli_error_expr(objective, "5m")
+    assert all('service_name="checkout"' in q for q in queries(objective))
+
+
+GRPC_OBJECTIVES = """\
+apiVersion: reliably.com/v1
+kind: Objective
+metadata: {labels: {name: greeter availability, service: greeter}}
+spec:
+  indicatorSelector: {category: availability, rpc_service: helloworld.Greeter, rpc_method: SayHello}
+  objectivePercent: 99.9
+  window: 30d
+---
+apiVersion: reliably.com/v1
+kind: Objective
+metadata: {labels: {name: greeter latency, service: greeter}}
+spec:
+  indicatorSelector: {category: latency, rpc_service: helloworld.Greeter, latency_target: 150ms,
+                      service_name: greeter}
+  objectivePercent: 99
+  window: 30d
+"""
+
+
+def test_grpc_objectives_read_the_rpc_histogram_and_its_bad_codes():
+    availability, latency = parse_manifest(GRPC_OBJECTIVES)
+    narrowed = 'rpc_system="grpc", rpc_service="helloworld.Greeter", rpc_method="SayHello"'
+    assert sli_error_expr(availability, "5m") == (
+        f'(sum(rate(rpc_server_duration_seconds_count{{{narrowed}, '
+        f'rpc_grpc_status_code=~"2|4|12|13|14|15|reset|missing"}}[5m])) or vector(0))'
+        f" / (sum(rate(rpc_server_duration_seconds_count{{{narrowed}}}[5m])) > 0)"
+    )
+    scoped = 'rpc_system="grpc", rpc_service="helloworld.Greeter", service_name="greeter"'
+    assert sli_error_expr(latency, "1h") == (
+        f'1 - (sum(rate(rpc_server_duration_seconds_bucket{{{scoped}, le=~"0\\\\.15|0\\\\.150"}}[1h]))'
+        f" / (sum(rate(rpc_server_duration_seconds_count{{{scoped}}}[1h])) > 0))"
+    )

@@ -145,3 +145,27 @@ def test_kernel_aggregates_count_like_the_same_exchanges_one_by_one() -> None:
     expected = [(c.objective.name, c.window.good, c.window.total) for c in one_by_one.close(1010)]
     assert [(c.objective.name, c.window.good, c.window.total) for c in aggregated.close(1010)] == expected
     assert expected == [("fast", 9, 21), ("ok", 7, 21)]
+
+
+BY_SERVICE = """
+kind: Objective
+metadata: {labels: {name: checkout-ok, service: shop}}
+spec:
+  indicatorSelector: {category: availability, service_name: checkout}
+  objectivePercent: 99
+  window: 5m
+"""
+
+
+def test_an_objective_selects_the_server_by_service_name() -> None:
+    """Two servers on one port (two pods): service_name, from identity/, keeps their SLOs apart."""
+    objective = parse_manifest(BY_SERVICE)[0]
+    assert objective.service_name == "checkout"
+    matcher = Matcher(objective)
+    assert matcher.classify(ex(status=503), "/api", "checkout") == BAD
+    assert matcher.classify(ex(status=200), "/api", "checkout") == GOOD
+    assert matcher.classify(ex(status=503), "/api", "cart") == NOT_COUNTED
+    assert matcher.classify(ex(status=503), "/api") == NOT_COUNTED  # a server not named
+    assert matcher.good_of("/api", 8080, 200, (3, 1), (0.1,), "checkout") == 4
+    assert matcher.good_of("/api", 8080, 200, (3, 1), (0.1,), "cart") is None
+    assert Matcher(parse_manifest(LATENCY)[0]).classify(ex(), "/api", "anything") == GOOD
