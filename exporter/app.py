@@ -13,12 +13,18 @@ detached (503) and says that a restart is needed.
 
 `--user`: the capture is opened *before* the HTTP server thread starts, and privileges are
 dropped right after, while this is the only thread (capabilities are per thread).
+
+TLS (capture/tls.py, on unless --no-tls): uprobes on libssl feed a Tracker of their own in
+the same pipeline. They are attached right after the packet capture, before --user drops
+privileges, and read in the same loop: it waits on both descriptors. Without any libssl
+to probe the exporter warns and goes on with clear text, unless --libssl named one.
 """
 
 from __future__ import annotations
 
 import fcntl
 import logging
+import select
 import signal
 import socket
 import struct
@@ -31,7 +37,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from exporter.config import ListenAddress
-from exporter.core.flows import Limits
+from exporter.core.flows import Limits, Tracker
 from exporter.core.routes import RouteMapper
 from exporter.errors import CaptureError
 from exporter.metrics import ExporterCollector, HttpMetrics, SelfSample
@@ -62,6 +68,8 @@ class RunSettings:
     user: str | None = None  # drop every privilege and become this user once capturing
     web_config: Any = None  # exporter.webconfig.WebConfig: TLS and basic auth, optional
     fast_path: bool = False  # simple exchanges aggregated in the kernel (capture/kernel_agg.py)
+    tls: bool = True  # uprobes on libssl: HTTPS plaintext (capture/tls.py)
+    libssl: tuple[str, ...] = ()  # more libssl copies to probe, besides the system's
 
 
 def interface_state(interface: str) -> tuple[int, bool] | None:
@@ -93,6 +101,10 @@ class Exporter:
             self.fast = KernelFastPath(self.routes, self.http)
             self.http.add_source(self.fast.series)
             self.pipeline.other_exchanges = self.fast.exchanges
+        self.tls: Any = None  # exporter.capture.tls.TlsCapture once attached
+        self.tls_tracker: Tracker | None = None
+        if settings.tls:
+            self.tls_tracker = self.pipeline.add_tracker(Tracker(settings.ports, settings.limits, scheme="https"))
         self.capture: Any = None
         self._capture_lock = threading.Lock()
         self._ifindex = 0
@@ -108,6 +120,8 @@ class Exporter:
         sources = [self.pipeline.self_samples, self._capture_samples, *settings.extra_self_sources]
         if self.fast is not None:
             sources.append(self.fast.self_samples)
+        if settings.tls:
+            sources.append(self._tls_samples)
         if slo is not None:
             sources.append(slo.self_samples)
         self.registry.register(ExporterCollector(self.http, sources, slo.collect if slo is not None else None))
@@ -123,6 +137,29 @@ class Exporter:
 
             app = protect(app, web)
         self.server = MetricsServer(settings.listen, app, web.tls if web is not None else None)
+
+    def _tls_samples(self) -> list[SelfSample]:
+        tls = self.tls
+        return list(tls.self_samples()) if tls is not None else []
+
+    def _open_tls(self) -> None:
+        from exporter.capture.tls import TlsCapture, find_libraries
+
+        settings = self.settings
+        try:
+            libraries = find_libraries(settings.libssl)
+            tls = TlsCapture(settings.ports, libraries, max_connections=settings.limits.max_flows).open()
+        except CaptureError as exc:
+            if settings.libssl:
+                raise
+            log.warning("TLS capture off: %s", exc)
+            return
+        assert tls.probes is not None
+        for library, symbol, message in tls.probes.failed:
+            log.debug("uprobe on %s %s not attached: %s", library, symbol, message)
+        log.info("TLS probes on %s (compiled in %.1f s by the helper process)",
+                 ", ".join(tls.probes.libraries), tls.probes.compile_s)
+        self.tls = tls
 
     def _capture_samples(self) -> list[SelfSample]:
         samples = [
@@ -208,6 +245,8 @@ class Exporter:
         slo = self.settings.slo_runtime
         try:
             self._open_capture()
+            if self.settings.tls:
+                self._open_tls()
             if user is not None:
                 self._drop_privileges(user)
                 self.server.start()
@@ -227,6 +266,8 @@ class Exporter:
                         self._kernel_exchanges_to_slo()
                         self.fast.detach()
                     self.capture.close()
+            if self.tls is not None:
+                self.tls.close()
             self.pipeline.flush()
             if slo is not None:
                 slo.stop(timeout_s=1.0)
@@ -235,6 +276,7 @@ class Exporter:
     def _loop(self) -> None:
         feed = self.pipeline.feed
         fast = self.fast
+        tls, tls_tracker = self.tls, self.tls_tracker
         next_expire = next_check = time.monotonic() + EXPIRE_EVERY_S
         next_reattach = 0.0
         while not self._stop.is_set():
@@ -243,11 +285,19 @@ class Exporter:
                 if time.monotonic() >= next_reattach:
                     self._reattach()
                     next_reattach = time.monotonic() + REATTACH_EVERY_S
+                elif tls is not None:
+                    feed(tls.read(POLL_S), tls_tracker)
                 else:
                     self._stop.wait(POLL_S)
             else:
+                wait = POLL_S
+                if tls is not None:
+                    # Wait on both; then neither read blocks (a ring capture still waits up to 1 ms).
+                    select.select([capture, tls], [], [], POLL_S)
+                    feed(tls.read(0), tls_tracker)
+                    wait = 0
                 try:
-                    segments = capture.read(POLL_S)
+                    segments = capture.read(wait)
                 except (OSError, CaptureError) as exc:
                     self._detach(f"reading the capture failed: {exc}")
                     next_reattach = time.monotonic() + REATTACH_EVERY_S
@@ -266,6 +316,8 @@ class Exporter:
                     next_reattach = now + REATTACH_EVERY_S
                 next_check = now + IFACE_CHECK_EVERY_S
             if now >= next_expire:
+                if tls is not None:
+                    feed(tls.reap(time.time_ns()), tls_tracker)
                 self.pipeline.expire(time.time_ns())
                 if fast is not None and self.capture is not None:
                     self._kernel_exchanges_to_slo()

@@ -118,6 +118,13 @@ def run_options(func: Any) -> Any:
                      envvar=env_var("fast_path"),
                      help="Aggregate simple HTTP/1.x exchanges in the kernel (user space gets the rest); "
                           "--no-fast-path parses everything in user space, the reference path."),
+        click.option("--tls/--no-tls", default=True, show_default=True, envvar=env_var("tls"),
+                     help="Also count HTTPS served through a shared OpenSSL (uprobes on libssl); "
+                          "--no-tls leaves TLS traffic uncounted."),
+        click.option("--libssl", "libssl", multiple=True, envvar=env_var("libssl"),
+                     type=click.Path(dir_okay=False),
+                     help="Another libssl to probe, besides the system's (repeatable), e.g. "
+                          "/proc/<pid>/root/usr/lib/x86_64-linux-gnu/libssl.so.3 for a container's copy."),
         click.option("--web-config", "--web.config.file", "web_config", type=click.Path(dir_okay=False),
                      envvar=env_var("web_config"),
                      help="Prometheus exporter-toolkit web config: TLS and basic auth for the endpoints."),
@@ -195,6 +202,8 @@ def _run_settings(params: dict[str, Any]) -> Any:
         slo_runtime=runtime,
         user=params.get("user") or None,
         fast_path=bool(params.get("fast_path")),
+        tls=bool(params.get("tls", True)),
+        libssl=tuple(params.get("libssl") or ()),
         web_config=_web_config(params.get("web_config"), params.get("user")),
     )
 

@@ -13,6 +13,8 @@ Config file keys are the long flag names with `_` or `-`:
     duration_buckets: [0.005, 0.01, 0.15, 1]
     max_routes_per_port: 200
     slo: reliably.yaml
+    tls: true
+    libssl: [/opt/app/lib/libssl.so.3]
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ FILE_KEYS = {
     "user": "user",
     "fast_path": "fast_path",
     "web_config": "web_config",
+    "tls": "tls",
+    "libssl": "libssl",
 }
 
 

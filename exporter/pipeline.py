@@ -2,6 +2,10 @@
 
 It owns nothing of its own beyond wiring: the core tracks flows and parses HTTP, the route
 mapper names routes, HttpMetrics aggregates, and the optional SLO runtime counts good/total.
+
+A capture source with byte streams of its own (TLS plaintext, capture/tls.py) adds a Tracker
+with `add_tracker` and feeds it with `feed(segments, tracker)`: its exchanges then go the
+same way, and its core counters are added to the same self-metrics.
 """
 
 from __future__ import annotations
@@ -34,11 +38,17 @@ class Pipeline:
         self.http = http
         self.sinks = list(sinks)
         self.exchanges = 0
+        self.trackers = [self.tracker]
         # Exchanges counted elsewhere (the kernel fast path), added to exchanges_total.
         self.other_exchanges: Callable[[], int] | None = None
 
-    def feed(self, segments: Iterable[Segment]) -> None:
-        feed = self.tracker.feed
+    def add_tracker(self, tracker: Tracker) -> Tracker:
+        """Another source's connections (see the module docstring); expired and flushed with the rest."""
+        self.trackers.append(tracker)
+        return tracker
+
+    def feed(self, segments: Iterable[Segment], tracker: Tracker | None = None) -> None:
+        feed = (tracker or self.tracker).feed
         emit = self._emit
         for segment in segments:
             exchanges = feed(segment)
@@ -52,10 +62,12 @@ class Pipeline:
             self._emit(seed(key, handover))
 
     def expire(self, now_ns: int) -> None:
-        self._emit(self.tracker.expire(now_ns))
+        for tracker in self.trackers:
+            self._emit(tracker.expire(now_ns))
 
     def flush(self) -> None:
-        self._emit(self.tracker.flush())
+        for tracker in self.trackers:
+            self._emit(tracker.flush())
 
     def _emit(self, exchanges: list[Exchange]) -> None:
         for exchange in exchanges:
@@ -66,7 +78,8 @@ class Pipeline:
         self.exchanges += len(exchanges)
 
     def self_samples(self) -> Iterator[SelfSample]:
-        yield from core_samples(self.tracker.stats)
+        yield from core_samples(self.tracker.stats if len(self.trackers) == 1 else
+                                combined_stats(t.stats for t in self.trackers))
         other = self.other_exchanges() if self.other_exchanges is not None else 0
         yield SelfSample("exchanges_total", "counter",
                          "HTTP exchanges rebuilt from the wire (in user space and, with the fast path, the kernel).",
@@ -75,6 +88,21 @@ class Pipeline:
                          "Exchanges whose route was replaced by the overflow route (route cap reached).",
                          self.routes.overflowed)
         yield SelfSample("http_series", "gauge", "Label sets in the HTTP histograms.", self.http.series_count())
+
+
+def combined_stats(parts: Iterable[CoreStats]) -> CoreStats:
+    """Several trackers' counters added up, for one set of self-metrics."""
+    total = CoreStats()
+    for stats in parts:
+        for name in CoreStats.__slots__:
+            value = getattr(stats, name)
+            if isinstance(value, dict):
+                mine = getattr(total, name)
+                for key, count in value.items():
+                    mine[key] = mine.get(key, 0) + count
+            else:
+                setattr(total, name, getattr(total, name) + value)
+    return total
 
 
 def core_samples(stats: CoreStats) -> Iterator[SelfSample]:
@@ -99,6 +127,9 @@ def core_samples(stats: CoreStats) -> Iterator[SelfSample]:
     yield SelfSample("out_of_order_segments_total", "counter",
                      "Segments that arrived ahead of a gap and were held until it filled.",
                      stats.out_of_order_segments)
+    yield SelfSample("encrypted_flows_total", "counter",
+                     "Connections on a watched port that carried TLS records: not parsed, never a parse error "
+                     "(their plaintext comes from the TLS probes).", stats.encrypted_flows)
     yield SelfSample("held_bytes", "gauge",
                      "Out-of-order data held for reordering, all connections together (bounded).",
                      stats.held_bytes)

@@ -31,6 +31,12 @@ can still be paired with a request sent after the resync. A data segment retrans
 after both sides closed opens a new flow (it usually ends up as an unmatched response).
 
 Parse error reasons are listed in `http1`; "gap" is counted here.
+
+TLS on a watched port: a connection whose first data (either way) starts with a TLS record
+header is encrypted. Its bytes are not HTTP and not a parse error: the flow is marked, its
+segments are ignored until it ends, and it is counted in `CoreStats.encrypted_flows`. Its
+plaintext, when the TLS library is probed, reaches a Tracker of its own (capture/tls.py),
+whose exchanges carry `scheme="https"`.
 """
 
 from __future__ import annotations
@@ -92,6 +98,7 @@ class CoreStats:
     """Counters the metrics layer reads at scrape time. Plain ints; never reset."""
 
     __slots__ = (
+        "encrypted_flows",
         "flows_active",
         "flows_closed",
         "flows_evicted",
@@ -116,6 +123,7 @@ class CoreStats:
         self.retransmitted_segments = 0
         self.out_of_order_segments = 0
         self.held_bytes = 0  # gauge: out-of-order data held for every flow together
+        self.encrypted_flows = 0  # connections that turned out to carry TLS records: not parsed
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +149,12 @@ class Handover:
     # Response body bytes that arrived ahead of a gap and were consumed unread: (seq, length,
     # arrival time). They count, by length, once the stream reaches seq.
     held: tuple[int, int, int] | None = None
+
+
+def is_tls_record(payload: bytes) -> bool:
+    """A TLS record header: content type 20..23 (change_cipher_spec, alert, handshake,
+    application_data), then version 3.0..3.4. No HTTP/1.x message starts with these bytes."""
+    return len(payload) >= 3 and 20 <= payload[0] <= 23 and payload[1] == 3 and payload[2] <= 4
 
 
 def _seq_delta(seq: int, reference: int) -> int:
@@ -170,6 +184,7 @@ class _Flow:
         "answering",
         "client",
         "emitted",
+        "encrypted",
         "key",
         "last_ns",
         "last_unmatched_ns",
@@ -177,14 +192,21 @@ class _Flow:
         "pending",
         "requests",
         "responses",
+        "scheme",
+        "seen_data",
         "server",
         "server_port",
         "skipped",
         "stats",
     )
 
-    def __init__(self, key: FlowKey, stats: CoreStats, emitted: list[Exchange], limits: Limits) -> None:
+    def __init__(
+        self, key: FlowKey, stats: CoreStats, emitted: list[Exchange], limits: Limits, scheme: str = "http"
+    ) -> None:
         self.key = key
+        self.scheme = scheme
+        self.seen_data = False  # until the first payload byte: then TLS or not is decided
+        self.encrypted = False
         self.server_port = key[3]
         self.stats = stats
         self.emitted = emitted
@@ -246,6 +268,7 @@ class _Flow:
                 request_body,
                 body_bytes,
                 self.server_port,
+                scheme=self.scheme,
             )
         )
 
@@ -269,14 +292,18 @@ class _Flow:
 class Tracker:
     """Segments in, exchanges out, for every connection to `server_ports`."""
 
-    __slots__ = ("_emitted", "_flows", "_limits", "_server_ports", "skip_hints", "stats")
+    __slots__ = ("_emitted", "_flows", "_limits", "_scheme", "_server_ports", "skip_hints", "stats")
 
     def __init__(
         self, server_ports: Iterable[int], limits: Limits = Limits(), stats: CoreStats | None = None,
-        hint_skips: bool = False,
+        hint_skips: bool = False, scheme: str = "http",
     ) -> None:
-        """`hint_skips`: collect `skip_hints` for a capture that can drop body bytes unread."""
+        """`hint_skips`: collect `skip_hints` for a capture that can drop body bytes unread.
+
+        `scheme`: the url.scheme of every exchange: "https" for the plaintext of TLS connections.
+        """
         self._server_ports = frozenset(server_ports)
+        self._scheme = scheme
         # (connection, towards the server) -> (first, end) of a stretch of that direction's byte
         # stream the parser will only count, or None: forget the last one (the connection ended).
         # The capture applies and clears them (take_skip_hints); None when nobody asked.
@@ -308,8 +335,22 @@ class Tracker:
             flow = self._open(key)
         else:
             flows.move_to_end(key)
-        side = flow.client if to_server else flow.server
         plen = seg.payload_len
+        if not flow.seen_data and plen:
+            flow.seen_data = True
+            if self._scheme == "http" and is_tls_record(seg.payload):
+                flow.encrypted = True
+                self.stats.encrypted_flows += 1
+        if flow.encrypted:
+            flow.last_ns = seg.ts_ns
+            if flags & RST:
+                self._close(flow, graceful=True)
+            elif flags & FIN:
+                (flow.client if to_server else flow.server).fin = True
+                if flow.client.fin and flow.server.fin:
+                    self._close(flow, graceful=True)
+            return []
+        side = flow.client if to_server else flow.server
         if plen and (flow.client.fin or flow.server.fin) and side.next_seq >= 0:
             distance = _seq_delta(seg.seq, side.next_seq)
             if distance > _REUSE_DISTANCE or distance < -_REUSE_DISTANCE:
@@ -422,7 +463,7 @@ class Tracker:
         if len(flows) >= self._limits.max_flows:
             self.stats.flows_evicted["capacity"] += 1
             self._close(next(iter(flows.values())), graceful=False)
-        flow = flows[key] = _Flow(key, self.stats, self._emitted, self._limits)
+        flow = flows[key] = _Flow(key, self.stats, self._emitted, self._limits, self._scheme)
         self.stats.flows_active += 1
         return flow
 
