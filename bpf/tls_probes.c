@@ -43,6 +43,12 @@
  * space handles like a TCP gap. The bytes read from user memory never go past
  * the length the call returned.
  *
+ * Bodies: user space, which frames each message, names the stretches of a stream it will
+ * only count (`tls_skips`, the wire path's body_skip); calls inside one send their length
+ * in a header-only event instead of their bytes. A lost event marks its direction, and the
+ * next event sent says so (TLS_FLAG_AFTER_LOSS): the gap will not fill, and user space
+ * counts it as bytes of known length rather than waiting for them.
+ *
  * Return values: SSL_read/SSL_write return an int (read as 32-bit signed, so
  * -1 stays -1); <= 0 is an error or a retry and carries no data. The _ex
  * variants return 1 on success with the length behind their fourth argument.
@@ -81,7 +87,21 @@ struct tls_state_key {
 struct tls_state {
     u64 stream[2];  /* bytes read (KIND_READ) and written (KIND_WRITE) so far */
     s32 fd;         /* -1 until a syscall inside a call showed it */
-    u32 pad;
+    u8 lost[2];     /* per direction: bytes since the last event sent were lost */
+    u8 pad[2];
+};
+
+/* Per socket and direction, a stretch of the byte stream (32-bit offsets, wrapping) that
+ * only needs counting (a body of known length): calls inside it send their length only. */
+struct tls_skip_key {
+    u32 tgid;
+    s32 fd;
+    u32 dir;
+};
+
+struct tls_skip {
+    u32 start;
+    u32 end;
 };
 
 struct tls_sock_key {
@@ -99,11 +119,13 @@ struct tls_event {
     u32 len;         /* bytes of data[] that follow */
     u32 skipped;     /* with len 0: bytes of the call past the chunk budget, not copied */
     u8 kind;
-    u8 pad[3];
+    u8 flags;        /* TLS_FLAG_AFTER_LOSS: bytes before stream_off were lost */
+    u8 pad[2];
     u8 data[TLS_CHUNK * 2];  /* twice: the verifier bounds a length by a mask, so by 2 * TLS_CHUNK - 1 */
 };
 
 #define TLS_EVENT_HEADER 48
+#define TLS_FLAG_AFTER_LOSS 1
 
 BPF_HASH(tls_calls, u32, struct tls_call, 16384);
 /* accept()/accept4() in progress per thread: the listening fd; then what each accepted fd
@@ -117,6 +139,7 @@ BPF_TABLE("lru_hash", struct tls_sock_key, s32, tls_accepted, 65536);
 BPF_TABLE("lru_hash", struct tls_sock_key, u8, tls_used, 65536);
 BPF_TABLE("lru_hash", struct tls_state_key, struct tls_state, tls_state, 65536);
 BPF_TABLE("lru_hash", struct tls_sock_key, u8, tls_verdicts, 65536);
+BPF_TABLE("lru_hash", struct tls_skip_key, struct tls_skip, tls_skips, 65536);
 BPF_RINGBUF_OUTPUT(tls_events, TLS_RING_PAGES);
 BPF_PERCPU_ARRAY(tls_counters, u64, TC_COUNT);
 BPF_PERCPU_ARRAY(tls_scratch, struct tls_event, 1);
@@ -126,6 +149,20 @@ static __always_inline void count(u32 slot)
     u64 *value = tls_counters.lookup(&slot);
     if (value)
         (*value)++;
+}
+
+/* Hand one event to user space; a failure marks the direction so the next event says so. */
+static __always_inline int send(struct tls_event *ev, struct tls_state *state, u32 dir, u64 size)
+{
+    ev->flags = state->lost[dir & 1] ? TLS_FLAG_AFTER_LOSS : 0;
+    if (tls_events.ringbuf_output(ev, size & (TLS_CHUNK * 2 - 1), 0)) {
+        state->lost[dir & 1] = 1;
+        count(TC_LOST);
+        return -1;
+    }
+    state->lost[dir & 1] = 0;
+    count(TC_EVENTS);
+    return 0;
 }
 
 static __always_inline int enter(struct pt_regs *ctx, u8 kind, u64 out_len)
@@ -226,23 +263,41 @@ int tls_return(struct pt_regs *ctx)
     ev->skipped = 0;
     ev->kind = call.kind;
     u64 offset = 0;
+    struct tls_skip_key kkey = {.tgid = id >> 32, .fd = fd, .dir = dir};
     for (int i = 0; i < TLS_MAX_CHUNKS; i++) {
         if (offset >= total)
-            return 0;
+            break;
+        struct tls_skip *skip = tls_skips.lookup(&kkey);
+        if (skip) {
+            u32 rel = (u32)(base + offset) - skip->start;
+            u32 span = skip->end - skip->start;
+            if (rel < span) {
+                u64 inside = span - rel;
+                if (inside > total - offset)
+                    inside = total - offset;
+                count(TC_SKIPPED);
+                ev->stream_off = base + offset;
+                ev->len = 0;
+                ev->skipped = inside;
+                if (send(ev, state, dir, TLS_EVENT_HEADER))
+                    return 0;
+                offset += inside;
+                continue;
+            }
+        }
         u64 n = total - offset;
         if (n > TLS_CHUNK)
             n = TLS_CHUNK;
         ev->stream_off = base + offset;
         ev->len = n;
+        ev->skipped = 0;
         if (bpf_probe_read_user(ev->data, n & (TLS_CHUNK * 2 - 1), (void *)(call.buf + offset))) {
             count(TC_READ_ERRORS);
+            state->lost[dir & 1] = 1;
             return 0;
         }
-        if (tls_events.ringbuf_output(ev, (TLS_EVENT_HEADER + n) & (TLS_CHUNK * 2 - 1), 0)) {
-            count(TC_LOST);
+        if (send(ev, state, dir, TLS_EVENT_HEADER + n))
             return 0;
-        }
-        count(TC_EVENTS);
         offset += n;
     }
     if (offset < total) {
@@ -252,10 +307,7 @@ int tls_return(struct pt_regs *ctx)
         ev->stream_off = base + offset;
         ev->len = 0;
         ev->skipped = rest > 0xffffffff ? 0xffffffff : rest;
-        if (tls_events.ringbuf_output(ev, TLS_EVENT_HEADER, 0))
-            count(TC_LOST);
-        else
-            count(TC_EVENTS);
+        send(ev, state, dir, TLS_EVENT_HEADER);
     }
     return 0;
 }
@@ -289,6 +341,10 @@ int tls_sys_enter(struct bpf_raw_tracepoint_args *ctx)
         }
         if (!known)
             return 0;
+        struct tls_skip_key kkey = {.tgid = id >> 32, .fd = fd, .dir = KIND_READ};
+        tls_skips.delete(&kkey);
+        kkey.dir = KIND_WRITE;
+        tls_skips.delete(&kkey);
         struct tls_event *ev;
         u32 zero = 0;
         ev = tls_scratch.lookup(&zero);
@@ -303,6 +359,7 @@ int tls_sys_enter(struct bpf_raw_tracepoint_args *ctx)
         ev->len = 0;
         ev->skipped = 0;
         ev->kind = KIND_CLOSE;
+        ev->flags = 0;
         if (tls_events.ringbuf_output(ev, TLS_EVENT_HEADER, 0))
             count(TC_LOST);
         else

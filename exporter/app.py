@@ -104,7 +104,8 @@ class Exporter:
         self.tls: Any = None  # exporter.capture.tls.TlsCapture once attached
         self.tls_tracker: Tracker | None = None
         if settings.tls:
-            self.tls_tracker = self.pipeline.add_tracker(Tracker(settings.ports, settings.limits, scheme="https"))
+            self.tls_tracker = self.pipeline.add_tracker(
+                Tracker(settings.ports, settings.limits, hint_skips=True, scheme="https"))
         self.capture: Any = None
         self._capture_lock = threading.Lock()
         self._ifindex = 0
@@ -276,7 +277,7 @@ class Exporter:
     def _loop(self) -> None:
         feed = self.pipeline.feed
         fast = self.fast
-        tls, tls_tracker = self.tls, self.tls_tracker
+        tls = self.tls
         next_expire = next_check = time.monotonic() + EXPIRE_EVERY_S
         next_reattach = 0.0
         while not self._stop.is_set():
@@ -286,7 +287,7 @@ class Exporter:
                     self._reattach()
                     next_reattach = time.monotonic() + REATTACH_EVERY_S
                 elif tls is not None:
-                    feed(tls.read(POLL_S), tls_tracker)
+                    self._feed_tls(tls.read(POLL_S))
                 else:
                     self._stop.wait(POLL_S)
             else:
@@ -294,7 +295,7 @@ class Exporter:
                 if tls is not None:
                     # Wait on both; then neither read blocks (a ring capture still waits up to 1 ms).
                     select.select([capture, tls], [], [], POLL_S)
-                    feed(tls.read(0), tls_tracker)
+                    self._feed_tls(tls.read(0))
                     wait = 0
                 try:
                     segments = capture.read(wait)
@@ -317,11 +318,17 @@ class Exporter:
                 next_check = now + IFACE_CHECK_EVERY_S
             if now >= next_expire:
                 if tls is not None:
-                    feed(tls.reap(time.time_ns()), tls_tracker)
+                    self._feed_tls(tls.reap(time.time_ns()))
                 self.pipeline.expire(time.time_ns())
                 if fast is not None and self.capture is not None:
                     self._kernel_exchanges_to_slo()
                 next_expire = now + EXPIRE_EVERY_S
+
+    def _feed_tls(self, segments: list[Any]) -> None:
+        tracker = self.tls_tracker
+        if segments and tracker is not None:
+            self.pipeline.feed(segments, tracker)
+            self.tls.apply_skip_hints(tracker.take_skip_hints())
 
     def _apply_skip_hints(self, capture: Any) -> None:
         """Body bytes the parser only counts: have the filter cut them to headers from now on."""

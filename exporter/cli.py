@@ -122,7 +122,7 @@ def run_options(func: Any) -> Any:
                      help="Also count HTTPS served through a shared OpenSSL (uprobes on libssl); "
                           "--no-tls leaves TLS traffic uncounted."),
         click.option("--libssl", "libssl", multiple=True, envvar=env_var("libssl"),
-                     type=click.Path(dir_okay=False),
+                     type=click.Path(exists=True, dir_okay=False),
                      help="Another libssl to probe, besides the system's (repeatable), e.g. "
                           "/proc/<pid>/root/usr/lib/x86_64-linux-gnu/libssl.so.3 for a container's copy."),
         click.option("--web-config", "--web.config.file", "web_config", type=click.Path(dir_okay=False),

@@ -71,6 +71,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "no_fd",  # calls with data before any syscall showed the SSL*'s socket
     "ignored_calls",  # calls on connections with an IGNORE verdict, dropped in the kernel
     "read_errors",  # bpf_probe_read_user failures (the buffer was not readable)
+    "skipped",  # calls (or their head) inside a body stretch user space only counts: length only
 )
 
 # (symbol, entry program) probed in each library; every symbol's return goes to tls_return.
@@ -86,7 +87,11 @@ SYMBOLS: tuple[tuple[str, str], ...] = (
 # lengths by a mask) and per-CPU values are limited to 32 KiB.
 TLS_CHUNK = 8192
 TLS_MAX_CHUNKS = 16
-RING_PAGES = 4096  # 16 MiB with 4 KiB pages: ~0.3 s of a saturated loopback nginx
+# 64 MiB with 4 KiB pages. Body bytes cross to user space until the parser has framed the body
+# and its skip hint reached the kernel; a fast server writes a large body in a burst before that,
+# so the ring must hold bursts while the exporter waits for a CPU. Overflow is counted, and
+# becomes a gap of known length (exact when it falls in a body).
+RING_PAGES = 16384
 
 # The syscalls an OpenSSL socket BIO may do its I/O with, and close, by machine.
 SYSCALLS: dict[str, dict[str, int]] = {
@@ -114,9 +119,12 @@ KIND_CLOSE = 2
 VERDICT_WATCH = b"\x01"
 VERDICT_IGNORE = b"\x02"
 
-# struct tls_event's header: ts_ns, ssl, stream_off, tgid, fd, listen_fd, len, skipped, kind, pad[3].
-_EVENT = struct.Struct("=QQQIiiIIB3x")
+# struct tls_event's header: ts_ns, ssl, stream_off, tgid, fd, listen_fd, len, skipped, kind, flags, pad[2].
+_EVENT = struct.Struct("=QQQIiiIIBB2x")
+_FLAG_AFTER_LOSS = 1
 _SOCK_KEY = struct.Struct("=Ii")  # struct tls_sock_key
+_SKIP_KEY = struct.Struct("=IiI")  # struct tls_skip_key: tgid, fd, dir
+_SKIP = struct.Struct("=II")  # struct tls_skip: start, end (exclusive)
 _U32 = struct.Struct("=I")
 _SEQ_MASK = 0xFFFFFFFF
 _MAX_LISTENERS = 4096
@@ -125,6 +133,7 @@ _MAPS: dict[str, tuple[int, int]] = {  # name -> (key size, value size), checked
     "tls_verdicts": (_SOCK_KEY.size, 1),
     "tls_counters": (4, 8),
     "tls_events": (0, 0),
+    "tls_skips": (_SKIP_KEY.size, _SKIP.size),
 }
 
 
@@ -138,18 +147,19 @@ class TlsEvent:
     listen_fd: int  # the listening fd this one was accepted from; -1: accepted before we looked
     kind: int
     data: bytes
-    skipped: int = 0  # bytes past `data` the kernel did not copy (a call over the chunk budget)
+    skipped: int = 0  # bytes past `data` the kernel did not copy (a body stretch, or over the chunk budget)
+    after_loss: bool = False  # bytes of this direction before stream_offset were lost in the kernel
 
 
 def decode_event(raw: bytes) -> TlsEvent | None:
     """One ring buffer record; None when it is shorter than its header says (never expected)."""
     if len(raw) < _EVENT.size:
         return None
-    ts_ns, ssl, offset, tgid, fd, listen_fd, length, skipped, kind = _EVENT.unpack_from(raw)
+    ts_ns, ssl, offset, tgid, fd, listen_fd, length, skipped, kind, flags = _EVENT.unpack_from(raw)
     data = raw[_EVENT.size:_EVENT.size + length]
     if len(data) != length:
         return None
-    return TlsEvent(ts_ns, ssl, offset, tgid, fd, listen_fd, kind, data, skipped)
+    return TlsEvent(ts_ns, ssl, offset, tgid, fd, listen_fd, kind, data, skipped, bool(flags & _FLAG_AFTER_LOSS))
 
 
 def find_libraries(extra: Iterable[str] = (), globs: Iterable[str] = LIBRARY_GLOBS) -> list[str]:
@@ -283,8 +293,9 @@ class TlsProbes:
                 raise CaptureError(f"no uprobe could be attached to libssl ({reasons}): run with --no-tls")
             ncpus = possible_cpus()
             events_fd = map_fds[2]
-            self._maps = {"tls_verdicts": BpfMap(map_fds[0], ncpus), "tls_counters": BpfMap(map_fds[1], ncpus)}
-            for name in ("tls_verdicts", "tls_counters"):
+            self._maps = {"tls_verdicts": BpfMap(map_fds[0], ncpus), "tls_counters": BpfMap(map_fds[1], ncpus),
+                          "tls_skips": BpfMap(map_fds[3], ncpus)}
+            for name in ("tls_verdicts", "tls_counters", "tls_skips"):
                 info = self._maps[name].info
                 if (info.key_size, info.value_size) != _MAPS[name]:
                     raise CaptureError(f"BPF map {name} has {info.key_size}-byte keys and {info.value_size}-byte "
@@ -309,6 +320,16 @@ class TlsProbes:
 
     def forget_verdict(self, tgid: int, fd: int) -> None:
         self._maps["tls_verdicts"].delete(_SOCK_KEY.pack(tgid, fd))
+        for direction in (KIND_READ, KIND_WRITE):
+            self._maps["tls_skips"].delete(_SKIP_KEY.pack(tgid, fd, direction))
+
+    def set_skip(self, tgid: int, fd: int, direction: int, stretch: tuple[int, int] | None) -> None:
+        """A body stretch [start, end) of one direction's stream (32-bit offsets); None: none."""
+        key = _SKIP_KEY.pack(tgid, fd, direction)
+        if stretch is None:
+            self._maps["tls_skips"].delete(key)
+        else:
+            self._maps["tls_skips"].update(key, _SKIP.pack(stretch[0] & _SEQ_MASK, stretch[1] & _SEQ_MASK))
 
     def counters(self) -> dict[str, int]:
         table = self._maps["tls_counters"]
@@ -374,13 +395,18 @@ class _Conn:
 
     watched: bool
     ssl: int = 0
+    key: tuple[int, int] = (0, 0)  # (tgid, fd)
     client: tuple[str, int] = ("", 0)
     server: tuple[str, int] = ("", 0)
     next_offset: list[int] = field(default_factory=lambda: [-1, -1])  # read (to server), write
 
+    @property
+    def flow(self) -> tuple[str, int, str, int]:
+        return (*self.client, *self.server)
+
 
 class TlsCapture:
-    """Ring buffer events -> Segments of watched connections, with the verdicts pushed back."""
+    """Ring buffer events -> Segments of watched connections, with verdicts and body skips pushed back."""
 
     def __init__(
         self,
@@ -399,13 +425,17 @@ class TlsCapture:
         self._offset = realtime_offset_ns
         self._factory = probes_factory
         self.probes: TlsProbes | None = None
+        # Every (tgid, fd) seen, least recently used first; the watched ones also by flow key,
+        # for the Tracker's skip hints.
         self._conns: OrderedDict[tuple[int, int], _Conn] = OrderedDict()
+        self._flows: dict[tuple[str, int, str, int], _Conn] = {}
         self._listeners: dict[tuple[int, int], tuple[int, Endpoints | None]] = {}
         self._closing: set[tuple[int, int]] = set()
         self._generation = 0
         self.unresolved = 0
         self.evicted = 0
         self.decode_errors = 0
+        self.loss_gaps = 0
         self.segments = 0
         self._closed_counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
 
@@ -444,13 +474,12 @@ class TlsCapture:
     def segments_of(self, event: TlsEvent, realtime_offset_ns: int) -> Iterator[Segment]:
         """The Segment(s) one event stands for (none for an unwatched connection)."""
         key = (event.tgid, event.fd)
-        conns = self._conns
-        conn = conns.get(key)
+        conn = self._conns.get(key)
         ts = event.ts_ns + realtime_offset_ns
         if event.kind == KIND_CLOSE:
             if conn is None:
                 return
-            del conns[key]
+            self._forget(conn)
             if self.probes is not None:
                 self.probes.forget_verdict(event.tgid, event.fd)  # one we may have set after the close
             if conn.watched:
@@ -459,14 +488,14 @@ class TlsCapture:
         if conn is not None and conn.ssl != event.ssl:
             # Another SSL* on the same fd: the old connection closed unseen (a close() before
             # our first look at it); end its flow before the new one begins.
-            del conns[key]
+            self._forget(conn)
             if conn.watched:
                 yield from self._fins(conn, ts)
             conn = None
         if conn is None:
             conn = self._resolve(event)
         else:
-            conns.move_to_end(key)
+            self._conns.move_to_end(key)
         if not conn.watched:
             return
         direction = 1 if event.kind == KIND_WRITE else 0
@@ -474,10 +503,35 @@ class TlsCapture:
             src, dst = conn.server, conn.client
         else:
             src, dst = conn.client, conn.server
+        expected = conn.next_offset[direction]
+        if event.after_loss and 0 <= expected < event.stream_offset:
+            # The kernel lost these bytes and says so: they will never come. Their length is
+            # known, so the parser counts them as bytes it cannot read (exact inside a body).
+            self.loss_gaps += 1
+            yield Segment(ts, src[0], src[1], dst[0], dst[1], expected & _SEQ_MASK, ACK, b"",
+                          event.stream_offset - expected)
         length = len(event.data) + event.skipped
         conn.next_offset[direction] = event.stream_offset + length
         yield Segment(ts, src[0], src[1], dst[0], dst[1], event.stream_offset & _SEQ_MASK, ACK | PSH, event.data,
                       length)
+
+    def apply_skip_hints(self, hints: dict[tuple[tuple[str, int, str, int], bool], tuple[int, int] | None]) -> None:
+        """The Tracker's body stretches (see Tracker.skip_hints) as `tls_skips` entries."""
+        if self.probes is None:
+            return
+        for (flow, to_server), stretch in hints.items():
+            conn = self._flows.get(flow)
+            if conn is None:
+                continue  # closed meanwhile: the kernel dropped its entry at close()
+            try:
+                self.probes.set_skip(conn.key[0], conn.key[1], KIND_READ if to_server else KIND_WRITE, stretch)
+            except CaptureError:
+                pass  # LRU map: never full; a closed map means we are stopping
+
+    def _forget(self, conn: _Conn) -> None:
+        self._conns.pop(conn.key, None)
+        if conn.watched:
+            self._flows.pop(conn.flow, None)
 
     def _listener(self, tgid: int, listen_fd: int) -> Endpoints | None:
         """The listening socket's address, cached by inode (the fd number could be reused)."""
@@ -495,6 +549,8 @@ class TlsCapture:
 
     def _resolve(self, event: TlsEvent) -> _Conn:
         tgid, fd = event.tgid, event.fd
+        key = (tgid, fd)
+        conn = _Conn(False, event.ssl, key)
         if event.listen_fd >= 0:
             # Accepted while we watched: the listening socket says which port, and it is still
             # open even when this connection closed before its first event was read. The client
@@ -503,32 +559,29 @@ class TlsCapture:
             listener = self._listener(tgid, event.listen_fd)
             if listener is None:
                 self.unresolved += 1
-                conn = _Conn(False, event.ssl)
             elif listener.local_port in self._ports:
                 self._generation = (self._generation + 1) & 0xFFFF
-                conn = _Conn(True, event.ssl, (f"tls:{tgid}:{fd}", self._generation),
+                conn = _Conn(True, event.ssl, key, (f"tls:{tgid}:{fd}", self._generation),
                              (listener.local_ip, listener.local_port))
-            else:
-                conn = _Conn(False, event.ssl)
         else:
             found = self._resolver.resolve(tgid, fd)
             if found is None:
                 self.unresolved += 1
-                conn = _Conn(False, event.ssl)
             elif found.local_port in self._ports:
-                conn = _Conn(True, event.ssl, (found.peer_ip, found.peer_port), (found.local_ip, found.local_port))
-            else:
-                conn = _Conn(False, event.ssl)
-        if self.probes is not None and (tgid, fd) not in self._closing:
+                conn = _Conn(True, event.ssl, key, (found.peer_ip, found.peer_port),
+                             (found.local_ip, found.local_port))
+        if self.probes is not None and key not in self._closing:
             try:
                 self.probes.set_verdict(tgid, fd, conn.watched)
             except CaptureError:
                 pass  # map full (LRU: never) or closed; the next event asks again
         conns = self._conns
         if len(conns) >= self._max:
-            conns.popitem(last=False)
+            self._forget(next(iter(conns.values())))
             self.evicted += 1
-        conns[(tgid, fd)] = conn
+        conns[key] = conn
+        if conn.watched:
+            self._flows[conn.flow] = conn
         return conn
 
     @staticmethod
@@ -545,10 +598,8 @@ class TlsCapture:
         exists = alive or (lambda tgid: os.path.exists(f"/proc/{tgid}"))
         out: list[Segment] = []
         dead = {tgid for tgid, _ in self._conns if not exists(tgid)}
-        if not dead:
-            return out
-        for key in [key for key in self._conns if key[0] in dead]:
-            conn = self._conns.pop(key)
+        for conn in [conn for key, conn in self._conns.items() if key[0] in dead]:
+            self._forget(conn)
             if conn.watched:
                 out.append(Segment(now_ns, conn.client[0], conn.client[1], conn.server[0], conn.server[1],
                                    max(conn.next_offset[0], 0) & _SEQ_MASK, RST, b"", 0))
@@ -601,3 +652,8 @@ class TlsCapture:
                          "permission): ignored.", self.unresolved)
         yield SelfSample("tls_decode_errors_total", "counter", "TLS events shorter than their header says.",
                          self.decode_errors)
+        yield SelfSample("tls_calls_skipped_total", "counter",
+                         "SSL calls inside a body the parser only counts: their length was sent, not their bytes.",
+                         kernel["skipped"])
+        yield SelfSample("tls_loss_gaps_total", "counter",
+                         "Stretches of a watched stream lost in the kernel, counted by length.", self.loss_gaps)

@@ -34,7 +34,9 @@ Parse error reasons are listed in `http1`; "gap" is counted here.
 
 TLS on a watched port: a connection whose first data (either way) starts with a TLS record
 header is encrypted. Its bytes are not HTTP and not a parse error: the flow is marked, its
-segments are ignored until it ends, and it is counted in `CoreStats.encrypted_flows`. Its
+segments are ignored until it ends (with `hint_skips`, its byte streams are hinted away as
+bodies are, so that the capture cuts them to headers), and it is counted in
+`CoreStats.encrypted_flows`. Its
 plaintext, when the TLS library is probed, reaches a Tracker of its own (capture/tls.py),
 whose exchanges carry `scheme="https"`.
 """
@@ -343,6 +345,13 @@ class Tracker:
                 self.stats.encrypted_flows += 1
         if flow.encrypted:
             flow.last_ns = seg.ts_ns
+            if plen and self.skip_hints is not None:
+                # Nothing of it is parsed: have the capture cut its segments to headers.
+                side = flow.client if to_server else flow.server
+                end = (seg.seq + plen) & _SEQ_MASK
+                if side.skip_end < 0 or _seq_delta(side.skip_end, end) < _SKIP_WINDOW // 2:
+                    side.skip_end = (end + _SKIP_WINDOW) & _SEQ_MASK
+                    self.skip_hints[(key, to_server)] = (end, side.skip_end)
             if flags & RST:
                 self._close(flow, graceful=True)
             elif flags & FIN:
