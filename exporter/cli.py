@@ -263,16 +263,19 @@ def replay(capture_file: str, ports: tuple[int, ...], routes: tuple[str, ...],
 
 @cli.command()
 @click.option("--interface", "-i", default="lo", show_default=True, envvar=env_var("interface"))
-def check(interface: str) -> None:
-    """Preflight: privileges, BPF, BCC, kernel headers and the interface, each with a fix."""
+@click.option("--tls/--no-tls", default=True, show_default=True, envvar=env_var("tls"),
+              help="Also check what HTTPS capture needs (libssl, uprobe privileges).")
+@click.option("--libssl", "libssl", multiple=True, envvar=env_var("libssl"), help="Another libssl `run` would probe.")
+def check(interface: str, tls: bool, libssl: tuple[str, ...]) -> None:
+    """Preflight: privileges, BPF, BCC, kernel headers, the interface and TLS, each with a fix."""
     from exporter.preflight import run_checks
 
-    results = run_checks(interface)
+    results = run_checks(interface, libssl, tls)
     width = max(len(r.name) for r in results)
     for result in results:
-        mark = "ok  " if result.ok else "FAIL"
+        mark = "FAIL" if not result.ok else "warn" if result.warning else "ok  "
         line = f"{mark} {result.name.ljust(width)}  {result.detail}"
-        if not result.ok and result.fix:
+        if (not result.ok or result.warning) and result.fix:
             line += f"  -> {result.fix}"
         click.echo(line)
     failed = [r for r in results if not r.ok]

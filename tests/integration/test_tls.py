@@ -342,3 +342,38 @@ def test_no_tls_counts_nothing_and_a_missing_library_is_one_line(certificate: tu
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert f"Invalid value for '--libssl': File '{missing}' does not exist." in result.stderr
+
+
+ATTACH_PROBE = """
+from exporter.capture.tls import TlsProbes, find_libraries
+from exporter.errors import CaptureError
+try:
+    probes = TlsProbes(find_libraries())
+except CaptureError as exc:
+    print("refused:", exc)
+else:
+    print("attached:", ",".join(probes.libraries))
+    probes.close()
+"""
+
+
+def attach_as_nobody(caps: list[str]) -> str:
+    spec = ",".join(["-all", *(f"+{c}" for c in caps)])
+    home = Path(tempfile.mkdtemp(prefix="ebpf-slo-home-"))
+    home.chmod(0o777)
+    try:
+        result = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", f"--inh-caps={spec}",
+             f"--ambient-caps={spec}", f"--bounding-set={spec}", sys.executable, "-c", ATTACH_PROBE],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+            env={**os.environ, "HOME": str(home), "PYTHONDONTWRITEBYTECODE": "1"})
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    return result.stdout.strip()
+
+
+def test_uprobes_need_cap_sys_admin_and_it_is_enough() -> None:
+    """What preflight.TLS_CAPABILITIES says, measured: the capture's set cannot attach, SYS_ADMIN can."""
+    assert attach_as_nobody(["sys_admin"]) == "attached: /usr/lib/x86_64-linux-gnu/libssl.so.3"
+    refused = attach_as_nobody(["bpf", "perfmon", "net_raw"])
+    assert refused.startswith("refused: no uprobe could be attached to libssl"), refused
