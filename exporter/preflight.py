@@ -22,11 +22,11 @@ CAPABILITIES = {
 # arithmetic the verifier allows only with it (Spectre v1 masking, "pointer arithmetic ...
 # prohibited for !root"). Make that code verifiable without it and drop CAP_PERFMON here.
 CAPTURE_CAPABILITIES = ("CAP_BPF", "CAP_NET_RAW", "CAP_PERFMON")
-# What the TLS uprobes need on top (measured on Linux 6.18 with perf_event_paranoid=2, as nobody
-# with ambient capabilities; tests/integration/test_tls.py): BCC opens each uprobe's
-# perf event with PERF_SAMPLE_RAW, and the kernel lets only CAP_SYS_ADMIN have raw samples
-# while perf_event_paranoid > -1; CAP_BPF+CAP_PERFMON load the programs but cannot attach them.
-# CAP_SYS_ADMIN alone is enough for TLS; it also covers CAP_BPF and CAP_PERFMON for the filter.
+# What the TLS uprobes need (measured on this Linux 6.18 with perf_event_paranoid=2, as nobody
+# with ambient capabilities; tests/integration/test_tls.py): CAP_BPF+CAP_PERFMON load the
+# programs, but opening a uprobe perf event is refused (EACCES) without CAP_SYS_ADMIN, also as
+# uid 0 with only those two, and also with a perf_event_open of our own that asks for no raw
+# samples (tried, not kept). CAP_SYS_ADMIN alone is enough; it covers CAP_BPF and CAP_PERFMON.
 TLS_CAPABILITIES = ("CAP_SYS_ADMIN",)
 # CAP_SYS_ADMIN stands in for these (kernels before 5.8 know no other way).
 SYS_ADMIN_COVERS = frozenset({"CAP_BPF", "CAP_PERFMON"})
