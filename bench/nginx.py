@@ -7,11 +7,15 @@
   It is buffered (64 KB, flushed every second) so that logging costs nginx little;
   `count_requests()` waits for the flush.
 - `/` answers `200 ok`; `/1k`, `/100k`, `/1m` serve files of 1 KB, 100 KB and 1 MB.
+- `tls=True` (the tls scenario): the same server over HTTPS, with a self-signed certificate
+  made at start with the openssl command (TLS 1.3, nginx's default ciphers).
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
+import subprocess
 import time
 from pathlib import Path
 
@@ -51,7 +55,7 @@ http {{
     default_type text/plain;
 
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen 127.0.0.1:{port} backlog=4096{ssl};{certificate}
         root {root}/www;
         location = / {{ return 200 "ok"; }}
         location = /ready {{ access_log off; return 200 "ready"; }}
@@ -67,12 +71,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def render_config(root: Path, port: int, connections: int = 20000, nofile: int = 65536) -> str:
-    return _CONFIG.format(root=root, port=port, connections=connections, nofile=nofile, flush=int(FLUSH_S))
+def render_config(root: Path, port: int, connections: int = 20000, nofile: int = 65536, tls: bool = False) -> str:
+    certificate = (f"\n        ssl_certificate {root}/cert.pem;\n        ssl_certificate_key {root}/key.pem;"
+                   if tls else "")
+    return _CONFIG.format(root=root, port=port, connections=connections, nofile=nofile, flush=int(FLUSH_S),
+                          ssl=" ssl" if tls else "", certificate=certificate)
 
 
 class Nginx:
-    def __init__(self, children: Children, binary: str, workdir: Path) -> None:
+    def __init__(self, children: Children, binary: str, workdir: Path, tls: bool = False) -> None:
+        self.tls = tls
         self.children = children
         self.binary = binary
         self.root = workdir / "nginx"
@@ -84,7 +92,7 @@ class Nginx:
         return self.root / "access.log"
 
     def url(self, path: str = "/") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}{path}"
 
     def start(self) -> None:
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
@@ -98,8 +106,15 @@ class Nginx:
             if directory == Path("/tmp") or directory == directory.parent:
                 break
             directory.chmod(directory.stat().st_mode | 0o055)
+        if self.tls:
+            made = subprocess.run(
+                ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                 "-keyout", str(self.root / "key.pem"), "-out", str(self.root / "cert.pem")],
+                capture_output=True, text=True, check=False)
+            if made.returncode != 0:
+                raise BenchError(f"openssl could not make a certificate: {made.stderr.strip()[-200:]}")
         conf = self.root / "nginx.conf"
-        conf.write_text(render_config(self.root, self.port))
+        conf.write_text(render_config(self.root, self.port, tls=self.tls))
         self.child = self.children.start("nginx", [self.binary, "-p", str(self.root), "-c", str(conf)])
         if not wait_until(self._answers, 10.0):
             tail = self.child.log_tail() or (self.root / "error.log").read_text(errors="replace")[-300:]
@@ -109,7 +124,13 @@ class Nginx:
         if self.child is not None and not self.child.alive():
             raise BenchError(f"nginx exited at start: {self.child.log_tail()}")
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as raw:
+                sock = raw
+                if self.tls:
+                    context = ssl.create_default_context()
+                    context.check_hostname = False
+                    context.verify_mode = ssl.CERT_NONE
+                    sock = context.wrap_socket(raw)
                 sock.sendall(b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                 return sock.recv(16).startswith(b"HTTP/1.1 200")
         except OSError:

@@ -22,6 +22,7 @@ class Scrape:
     exchanges: float | None
     kernel_drops: float | None
     packets: float | None
+    tls_lost: float | None = None  # TLS events the ring buffer had no room for
 
 
 def parse_scrape(text: str, port: int) -> Scrape:
@@ -42,6 +43,7 @@ def parse_scrape(text: str, port: int) -> Scrape:
         exchanges=self_metrics.get("exchanges_total"),
         kernel_drops=self_metrics.get("kernel_drops_total"),
         packets=self_metrics.get("packets_received_total"),
+        tls_lost=self_metrics.get("tls_events_lost_total"),
     )
 
 

@@ -17,8 +17,9 @@ ELF symbol lookup. The request then has "probes" instead of "function":
 request  {"src", "cflags", "maps": [names],
           "probes": [{"library": path, "symbol": name, "function": name, "return": bool}],
           "raw_tracepoints": [{"tracepoint": name, "function": name}]}
-reply    {"ok": true, ..., "attached": [[library, symbol, return]], "failed": [[library, symbol, message]]}
-         with fds [*maps, *one attachment per "attached" entry, *one per raw tracepoint]
+reply    {"ok": true, ..., "attached": [[library, symbol, return]], "failed": [[library, symbol, message]],
+          "programs": [names]}
+         with fds [*maps, *one attachment per "attached" entry, *one per raw tracepoint, *programs]
 An attachment lives as long as some process holds its descriptor (a perf event for a
 uprobe, a raw tracepoint link), so the exporter's copies keep them after this process
 exits. This process must then exit without BCC's atexit cleanup, which would disable the
@@ -97,9 +98,13 @@ def _attach(request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         except Exception as exc:
             return {"ok": False, "kind": "load", "message": str(exc)}, []
         fds.append(int(bpf.raw_tracepoint_fds[tracepoint["tracepoint"].encode()]))
+    # The loaded programs too: holding them costs nothing, and /proc/<pid>/fdinfo of a program
+    # fd is where the kernel's run time statistics are read (bench --filter-stats).
+    programs = sorted(name.decode() for name in bpf.funcs)
+    fds.extend(int(bpf.funcs[name.encode()].fd) for name in programs)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     reply = {"ok": True, "compile_s": round(time.monotonic() - started, 3), "peak_rss_kb": peak_kb,
-             "attached": attached, "failed": failed}
+             "attached": attached, "failed": failed, "programs": programs}
     return reply, fds
 
 

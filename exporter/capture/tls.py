@@ -279,11 +279,12 @@ class TlsProbes:
         request: dict[str, Any] = {"src": str(src_file or tls_source()), "cflags": cflags, "maps": list(_MAPS),
                    "probes": probes, "raw_tracepoints": [{"tracepoint": "sys_enter", "function": "tls_sys_enter"},
                                        {"tracepoint": "sys_exit", "function": "tls_sys_exit"}]}
-        reply, fds = _run_helper(request, max_fds=len(_MAPS) + len(probes) + 2)
+        reply, fds = _run_helper(request, max_fds=len(_MAPS) + len(probes) + 2 + len(SYMBOLS) + 3)
         self.compile_s: float = reply["compile_s"]
         self.failed: list[tuple[str, str, str]] = [(lib, sym, msg) for lib, sym, msg in reply["failed"]]
         attached: list[tuple[str, str, bool]] = [(lib, sym, ret) for lib, sym, ret in reply["attached"]]
         self.libraries = sorted({item[0] for item in attached})
+        # Maps, attachments, then the programs (held for their run time statistics only).
         map_fds, self._attach_fds = fds[:len(_MAPS)], fds[len(_MAPS):]
         self._ring: RingBuffer | None = None
         self._maps: dict[str, BpfMap] = {}
