@@ -37,11 +37,11 @@
  * Events (`struct tls_event`, 48-byte header then data) go through the
  * `tls_events` ring buffer. One SSL call's bytes are sent in chunks of at most
  * TLS_CHUNK bytes, up to TLS_MAX_CHUNKS of them; each chunk carries its offset
- * in its direction's byte stream, kept per SSL* in `tls_state`, so that bytes
- * the ring buffer could not take (counted `lost`) or beyond the chunk budget
- * (counted `truncated`) become a gap of known length, which the parser in user
- * space handles like a TCP gap. The bytes read from user memory never go past
- * the length the call returned.
+ * in its direction's byte stream, kept per SSL* in `tls_state`: the sequence
+ * numbers of the segments user space builds. Bytes past the chunk budget are sent
+ * by length only (counted `truncated`), and bytes the ring buffer could not take
+ * (counted `lost`) become a gap of known length. The bytes read from user memory
+ * never go past the length the call returned.
  *
  * Bodies: user space, which frames each message, names the stretches of a stream it will
  * only count (`tls_skips`, the wire path's body_skip); calls inside one send their length

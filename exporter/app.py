@@ -343,6 +343,13 @@ class Exporter:
                     capture.skip_body(*ends, *stretch)
             except CaptureError:
                 pass  # an address the filter cannot key (not IP): the bytes just come up whole
+        for key, encrypted in self.pipeline.tracker.take_encrypted_hints().items():
+            client_ip, client_port, server_ip, server_port = key
+            try:
+                capture.drop_tls(client_ip, client_port, server_ip, server_port, encrypted)
+                capture.drop_tls(server_ip, server_port, client_ip, client_port, encrypted)
+            except CaptureError:
+                pass  # not IP: its ciphertext keeps coming up, and keeps being ignored
 
     def _kernel_exchanges_to_slo(self) -> None:
         """Feed the SLO windows what the kernel aggregated since the last call (fast path)."""

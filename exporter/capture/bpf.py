@@ -55,6 +55,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "dropped_no_payload",
     "dropped_malformed",
     "consumed_fast_path",
+    "dropped_tls",  # payload of a connection user space found to be TLS (the uprobes read its plaintext)
 )
 
 # Slots of the per-CPU `fast_counters` array: fast path events, not packet verdicts.
@@ -183,6 +184,7 @@ _MAP_LAYOUT: dict[str, tuple[int, int]] = {
     "flow_state": (_FLOW_KEY.size, 152),  # struct fp_state: only its capacity is read here
     "handover": (_FLOW_KEY.size, _HANDOVER.size),
     "http_agg": (_AGG_KEY.size, _AGG_VAL_SLOTS * 8),
+    "tls_flows": (_FLOW_KEY.size, 1),
 }
 
 _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
@@ -333,6 +335,7 @@ class HttpFilter:
             self._flow_states = maps["flow_state"]
             self._handovers = maps["handover"]
             self._aggregates = maps["http_agg"]
+            self._tls_flows = maps["tls_flows"]
             # Bounds before the fast path is switched on: a zeroed bounds map would put every
             # exchange in the overflow bucket.
             self.set_bounds(*histogram_bounds)
@@ -514,6 +517,14 @@ class HttpFilter:
     def forget_skip(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int) -> None:
         key = self._skip_key(src_ip, src_port, dst_ip, dst_port)
         self._skip.delete(key)  # False when already gone (LRU eviction or never set): nothing to forget
+
+    def drop_tls(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, drop: bool = True) -> None:
+        """Drop (or again pass) the payload of this direction of a connection found to carry TLS."""
+        key = self._skip_key(src_ip, src_port, dst_ip, dst_port)
+        if drop:
+            self._tls_flows.update(key, b"\x01")
+        else:
+            self._tls_flows.delete(key)  # False when already gone (LRU): nothing to forget
 
     def close(self) -> None:
         """Close our descriptors. Sockets the program is attached to keep it (and its maps) alive."""

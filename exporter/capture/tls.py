@@ -31,10 +31,12 @@ import json
 import logging
 import os
 import platform
+import shutil
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -337,8 +339,7 @@ class TlsProbes:
         return {name: table.per_cpu_u64_sum(_U32.pack(i)) for i, name in enumerate(COUNTER_NAMES)}
 
     def close(self) -> None:
-        for fd in self._attach_fds:
-            os.close(fd)
+        _detach_in_background(self._attach_fds)
         self._attach_fds = []
         if self._ring is not None:
             self._ring.close()
@@ -347,6 +348,37 @@ class TlsProbes:
         for bpf_map in self._maps.values():
             bpf_map.close()
         self._maps = {}
+
+
+def _detach_in_background(fds: list[int]) -> None:
+    """Close the attachment descriptors without waiting for the kernel to unregister the uprobes.
+
+    Each uprobe's last close waits for an RCU grace period (about 0.1 s each here, and they do
+    not overlap), which would hold up a SIGTERM for a second, and our own exit too while it
+    goes on (this process maps libssl, so unregistering visits its memory). A `sleep 1` process
+    is given copies of just these descriptors: its exit, after ours, does the waiting, while
+    ours are closed at once (no longer the last reference). The probes stay attached for that
+    second, feeding a ring nobody reads. posix_spawn, not fork: a fork copies the address
+    space, which waits while any uprobe is being unregistered on the machine. Without `sleep`,
+    they are closed here.
+    """
+    if not fds:
+        return
+    sleep = shutil.which("sleep")
+    if sleep is not None:
+        # Its stdio on /dev/null: a pipe our parent reads would otherwise stay open for that second.
+        actions: list[tuple[Any, ...]] = [(os.POSIX_SPAWN_OPEN, n, os.devnull, os.O_RDWR, 0) for n in (0, 1, 2)]
+        # Above every source, so that no copy overwrites a descriptor still to be copied.
+        actions += [(os.POSIX_SPAWN_DUP2, fd, max(fds) + 1 + i) for i, fd in enumerate(fds)]
+        try:
+            pid = os.posix_spawn(sleep, [sleep, "1"], {}, file_actions=actions)
+        except OSError:
+            pass
+        else:
+            # Reaped off the stopping path; a daemon thread, so it never delays the exit.
+            threading.Thread(target=os.waitpid, args=(pid, 0), daemon=True, name="tls-detach").start()
+    for fd in fds:
+        os.close(fd)
 
 
 def _run_helper(request: dict[str, Any], max_fds: int) -> tuple[dict[str, Any], list[int]]:

@@ -34,9 +34,8 @@ Parse error reasons are listed in `http1`; "gap" is counted here.
 
 TLS on a watched port: a connection whose first data (either way) starts with a TLS record
 header is encrypted. Its bytes are not HTTP and not a parse error: the flow is marked, its
-segments are ignored until it ends (with `hint_skips`, its byte streams are hinted away as
-bodies are, so that the capture cuts them to headers), and it is counted in
-`CoreStats.encrypted_flows`. Its
+segments are ignored until it ends (with `hint_skips`, `encrypted_hints` tells the capture,
+which then drops its payload in the kernel), and it is counted in `CoreStats.encrypted_flows`. Its
 plaintext, when the TLS library is probed, reaches a Tracker of its own (capture/tls.py),
 whose exchanges carry `scheme="https"`.
 """
@@ -294,7 +293,8 @@ class _Flow:
 class Tracker:
     """Segments in, exchanges out, for every connection to `server_ports`."""
 
-    __slots__ = ("_emitted", "_flows", "_limits", "_scheme", "_server_ports", "skip_hints", "stats")
+    __slots__ = ("_emitted", "_flows", "_limits", "_scheme", "_server_ports", "encrypted_hints", "skip_hints",
+                 "stats")
 
     def __init__(
         self, server_ports: Iterable[int], limits: Limits = Limits(), stats: CoreStats | None = None,
@@ -310,6 +310,9 @@ class Tracker:
         # stream the parser will only count, or None: forget the last one (the connection ended).
         # The capture applies and clears them (take_skip_hints); None when nobody asked.
         self.skip_hints: dict[tuple[FlowKey, bool], tuple[int, int] | None] | None = {} if hint_skips else None
+        # Connections found to carry TLS (True), and those of them that ended (False): the capture
+        # drops their payload in the kernel meanwhile. Also only when asked (hint_skips).
+        self.encrypted_hints: dict[FlowKey, bool] | None = {} if hint_skips else None
         self._limits = limits
         self.stats = stats if stats is not None else CoreStats()
         # Least recently active first, so that expire() only looks at the front.
@@ -343,15 +346,10 @@ class Tracker:
             if self._scheme == "http" and is_tls_record(seg.payload):
                 flow.encrypted = True
                 self.stats.encrypted_flows += 1
+                if self.encrypted_hints is not None:
+                    self.encrypted_hints[key] = True
         if flow.encrypted:
             flow.last_ns = seg.ts_ns
-            if plen and self.skip_hints is not None:
-                # Nothing of it is parsed: have the capture cut its segments to headers.
-                side = flow.client if to_server else flow.server
-                end = (seg.seq + plen) & _SEQ_MASK
-                if side.skip_end < 0 or _seq_delta(side.skip_end, end) < _SKIP_WINDOW // 2:
-                    side.skip_end = (end + _SKIP_WINDOW) & _SEQ_MASK
-                    self.skip_hints[(key, to_server)] = (end, side.skip_end)
             if flags & RST:
                 self._close(flow, graceful=True)
             elif flags & FIN:
@@ -434,6 +432,13 @@ class Tracker:
                     self.stats.out_of_order_segments += 1
         return self._take_emitted()
 
+    def take_encrypted_hints(self) -> dict[FlowKey, bool]:
+        hints = self.encrypted_hints
+        if not hints:
+            return {}
+        self.encrypted_hints = {}
+        return hints
+
     def take_skip_hints(self) -> dict[tuple[FlowKey, bool], tuple[int, int] | None]:
         hints = self.skip_hints
         if not hints:
@@ -493,6 +498,8 @@ class Tracker:
 
     def _close(self, flow: _Flow, graceful: bool) -> None:
         """Forget a flow. Graceful (FIN, idle, end of input) finishes close-delimited bodies."""
+        if flow.encrypted and self.encrypted_hints is not None:
+            self.encrypted_hints[flow.key] = False
         if self.skip_hints is not None:
             for side, to_server in ((flow.client, True), (flow.server, False)):
                 if side.skip_end >= 0:

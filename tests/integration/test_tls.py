@@ -281,6 +281,7 @@ def test_python_https_server_counts_match_its_log(certificate: tuple[Path, Path]
         assert self_metric(samples, "parse_errors_total", reason=reason) == 0, reason
     assert self_metric(samples, "requests_without_response_total") == 1  # the reset one
     assert self_metric(samples, "encrypted_flows_total") == 13  # every connection to the port
+    assert self_metric(samples, "filter_packets_total", verdict="dropped_tls") > 0  # their ciphertext
     # Known delays in the right buckets: 150 ms twice (0.1 < d <= 0.25), 300 ms once (0.25 < d <= 0.5).
     def bucket(le: str) -> float:
         return samples[("http_server_request_duration_seconds_bucket", tuple(sorted({
