@@ -626,16 +626,15 @@ class TlsCapture:
         yield Segment(ts, conn.client[0], conn.client[1], conn.server[0], conn.server[1],
                       max(client_next, 0) & _SEQ_MASK, ACK | FIN, b"", 0)
 
-    def reap(self, now_ns: int, alive: Callable[[int], bool] | None = None) -> list[Segment]:
-        """Connections of processes that exited (no close() seen): an RST each, so their flows end now."""
-        exists = alive or (lambda tgid: os.path.exists(f"/proc/{tgid}"))
+    def reap(self, now_ns: int, is_open: Callable[[int, int], bool] | None = None) -> list[Segment]:
+        """Watched sockets closed without a close() we saw (the process exited, or exec'd): an RST
+        each, so their flows end now rather than at the idle timeout. One lstat per watched socket."""
+        still_open = is_open or (lambda tgid, fd: os.path.lexists(f"/proc/{tgid}/fd/{fd}"))
         out: list[Segment] = []
-        dead = {tgid for tgid, _ in self._conns if not exists(tgid)}
-        for conn in [conn for key, conn in self._conns.items() if key[0] in dead]:
+        for conn in [conn for conn in self._conns.values() if conn.watched and not still_open(*conn.key)]:
             self._forget(conn)
-            if conn.watched:
-                out.append(Segment(now_ns, conn.client[0], conn.client[1], conn.server[0], conn.server[1],
-                                   max(conn.next_offset[0], 0) & _SEQ_MASK, RST, b"", 0))
+            out.append(Segment(now_ns, conn.client[0], conn.client[1], conn.server[0], conn.server[1],
+                               max(conn.next_offset[0], 0) & _SEQ_MASK, RST, b"", 0))
         return out
 
     def connections_tracked(self) -> int:

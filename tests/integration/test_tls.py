@@ -325,6 +325,29 @@ def test_nginx_https_counts_match_its_log(certificate: tuple[Path, Path]) -> Non
         assert self_metric(samples, "parse_errors_total", reason=reason) == 0, reason
 
 
+def test_a_server_that_exits_mid_exchange_ends_its_connections(certificate: tuple[Path, Path],
+                                                                tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    with python_server(certificate, log) as port:
+        with ExporterProcess("--interface", "lo", "--port", str(port)) as exporter:
+            conn = http.client.HTTPSConnection("127.0.0.1", port, context=client_context(), timeout=10)
+            conn.request("GET", "/ok")
+            conn.getresponse().read()
+            conn.request("GET", "/exit")
+            with pytest.raises((ConnectionError, http.client.RemoteDisconnected)):
+                conn.getresponse().read()
+            conn.close()
+            deadline = time.monotonic() + 10
+            samples = exporter.scrape()
+            while time.monotonic() < deadline and self_metric(samples, "requests_without_response_total") < 1:
+                time.sleep(0.2)
+                samples = exporter.scrape()
+    assert https_counts(samples, port) == read_log(log) == Counts({("GET", "200", "/ok"): 1})
+    # No close() was seen: the exporter noticed the process was gone and ended its connection.
+    assert self_metric(samples, "requests_without_response_total") == 1
+    assert self_metric(samples, "tls_connections_tracked") == 0
+
+
 def test_no_tls_counts_nothing_and_a_missing_library_is_one_line(certificate: tuple[Path, Path],
                                                                         tmp_path: Path) -> None:
     log = tmp_path / "access.log"

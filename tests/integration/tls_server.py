@@ -7,12 +7,14 @@ Each answered request is appended to the access log, the tests' oracle, as
     python3 tls_server.py PORT CERT KEY ACCESS_LOG
 
 Routes: /ok, /big?n=BYTES (Content-Length), /chunked?n=CHUNKS&size=BYTES,
-/slow?ms=MS, /nocontent (204), /notmodified (304), /missing (404), /boom (500).
+/slow?ms=MS, /nocontent (204), /notmodified (304), /missing (404), /boom (500), and /exit,
+where the whole server exits after reading the request.
 """
 
 from __future__ import annotations
 
 import http.server
+import os
 import ssl
 import sys
 import threading
@@ -50,6 +52,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         if length:
             self.rfile.read(length)
+        if url.path == "/exit":
+            os._exit(3)  # the process dies mid-exchange: no response, no log line, no close()
         if url.path == "/ok":
             self._send(200, b"ok\n")
         elif url.path == "/big":

@@ -184,10 +184,11 @@ def test_a_new_ssl_on_a_known_fd_ends_the_old_connection() -> None:
     assert [(e.status, e.response_body_bytes) for e in emitted] == [(200, 15), (200, 5)]
 
 
-def test_reap_resets_the_connections_of_exited_processes() -> None:
+def test_reap_resets_connections_closed_unseen() -> None:
     capture = TlsCapture([8443], [], resolver=FakeResolver({(500, 3): LISTENER}))
     _, tracker = run(capture, [event(KIND_READ, 0, REQUEST)])
-    for segment in capture.reap(5, alive=lambda tgid: tgid != 500):
+    assert capture.reap(5, is_open=lambda tgid, fd: True) == []
+    for segment in capture.reap(5, is_open=lambda tgid, fd: (tgid, fd) != (500, 9)):
         tracker.feed(segment)
     assert tracker.stats.requests_without_response == 1
     assert tracker.stats.flows_active == 0
