@@ -127,12 +127,14 @@ struct tls_event {
 #define TLS_EVENT_HEADER 48
 #define TLS_FLAG_AFTER_LOSS 1
 
-BPF_HASH(tls_calls, u32, struct tls_call, 16384);
+/* LRU, as tls_accepting below: a thread that dies inside a call (or exits blocked in one)
+ * never deletes its entry, and a full plain hash would stop new calls silently. */
+BPF_TABLE("lru_hash", u32, struct tls_call, tls_calls, 16384);
 /* accept()/accept4() in progress per thread: the listening fd; then what each accepted fd
  * came from. The listening socket outlives its connections, so user space can still
  * resolve its port when a short connection is already closed by the time its first
  * event is read. */
-BPF_HASH(tls_accepting, u32, s32, 16384);
+BPF_TABLE("lru_hash", u32, s32, tls_accepting, 16384);
 BPF_TABLE("lru_hash", struct tls_sock_key, s32, tls_accepted, 65536);
 /* fds an SSL call returned data on: their close() is reported, so that user space never
  * takes the next socket with the same number for the old connection. */
