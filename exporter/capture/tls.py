@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import glob
 import json
-import logging
 import os
 import platform
 import shutil
@@ -54,15 +53,15 @@ from exporter.metrics import SelfSample
 __all__ = [
     "COUNTER_NAMES",
     "SYMBOLS",
+    "Endpoints",
     "SocketResolver",
     "TlsCapture",
     "TlsEvent",
     "TlsProbes",
     "decode_event",
     "find_libraries",
+    "parse_proc_net_tcp",
 ]
-
-log = logging.getLogger("ebpf_slo_exporter")
 
 # Slots of the per-CPU `tls_counters` array, in index order (handed to the C file as -D).
 COUNTER_NAMES: tuple[str, ...] = (
