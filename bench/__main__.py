@@ -37,14 +37,21 @@ from bench.runner import CONFIGS, REPO, Load, Placement, Runner, RunResult, run_
 from bench.wrk import churn_script, paced_script
 from exporter.capture.bpfsys import enable_run_time_stats
 
-SCENARIOS = ("red", "size", "rate", "conns", "soak", "h2", "node")
-DEFAULT_DURATION = {"red": 20.0, "size": 10.0, "rate": 20.0, "conns": 20.0, "soak": 600.0, "h2": 10.0, "node": 20.0}
+SCENARIOS = ("red", "size", "rate", "conns", "soak", "h2", "node", "tls")
+DEFAULT_DURATION = {"red": 20.0, "size": 10.0, "rate": 20.0, "conns": 20.0, "soak": 600.0, "h2": 10.0, "node": 20.0,
+                    "tls": 10.0}
 DEFAULT_CONFIGS = {"red": CONFIGS, "size": ("baseline", "exporter"), "rate": ("exporter",),
                    "conns": ("baseline", "exporter"), "soak": ("exporter",), "h2": ("baseline", "exporter"),
-                   "node": ("baseline", "exporter")}
+                   "node": ("baseline", "exporter"), "tls": ("baseline", "exporter")}
 H2_STREAMS = 10  # h2load -m: concurrent streams per connection
 H2_CONNECTIONS = 4
 H2_RATES = "5000,20000"
+TLS_NOTE = """\
+nginx terminates TLS (self-signed certificate, TLS 1.3) and wrk speaks HTTPS with keep-alive; the exporter
+counts through its uprobes on libssl (url_scheme="https"). TLS events lost are events the kernel's ring
+buffer had no room for. With --filter-stats, "uprobes CPU" is the run time the kernel measured for the TLS
+programs (the SSL_read/SSL_write probes and the sys_enter/sys_exit raw tracepoints, which run on every
+syscall of the machine while attached), ÷ requests; it is charged to nginx and wrk, not to the exporter."""
 NOTE = """\
 Requests are lines in nginx's access log; completeness is requests counted by the capture ÷ those.
 "Cut at wrk's exit" are logged requests whose response nginx never finished sending (wrk resets its
@@ -61,7 +68,7 @@ SOAK_CLOSE_EVERY = 100
 CONNS = 10_000
 NUMERIC = ("rps", "ratio", "completeness", "drops", "cpu_us", "rss_mb", "rss_end_mb", "loader_mb", "filter_us",
            "nginx_cpu_us", "other_cores", "logged", "unfinished", "counted",
-           "socket_errors", "wrk_latency_s", "capture_latency_s")
+           "socket_errors", "wrk_latency_s", "capture_latency_s", "probes_us", "tls_lost")
 
 COL_CONFIG = Column("config", "config", align="left")
 COL_LABEL = Column("load", "label", align="left")
@@ -76,6 +83,8 @@ COL_RSS = Column("peak RSS MB", "rss_mb", lambda v: fmt(v))
 COL_RSS_END = Column("RSS MB at end", "rss_end_mb", lambda v: fmt(v))
 COL_LOADER = Column("loader peak MB", "loader_mb", lambda v: fmt(v))
 COL_FILTER = Column("filter CPU µs/req", "filter_us", fmt_us)
+COL_PROBES = Column("uprobes CPU µs/req", "probes_us", fmt_us)
+COL_TLS_LOST = Column("TLS events lost", "tls_lost", fmt_int)
 COL_NGINX = Column("nginx CPU µs/req", "nginx_cpu_us", fmt_us)
 COL_OTHER = Column("other load (cores)", "other_cores", lambda v: fmt_us(v) if v is None else f"{v:.2f}")
 COL_ERRORS = Column("wrk socket errors", "socket_errors", fmt_int)
@@ -258,6 +267,16 @@ def _run_scenario(bench: Bench, scenario: str, chosen: Sequence[str], duration: 
         tables = _tables(f"nginx `return 200 \"ok\"` on lo, wrk -t{threads} -c{connections} -d{duration:g}s",
                          rows, main_columns, bench.repeat)
         tables[-1].note = NOTE
+        return tables
+    if scenario == "tls":
+        bench.runner.tls = True
+        load = Load(duration, connections, threads, label="https")
+        rows = bench.interleaved([(c, load) for c in chosen])
+        columns = [COL_CONFIG, COL_RPS, COL_RATIO, COL_COMPLETE, COL_UNFINISHED, COL_TLS_LOST, COL_CPU,
+                   *([COL_FILTER, COL_PROBES] if filter_stats else []), COL_RSS, COL_NGINX, COL_OTHER]
+        tables = _tables(f"nginx over HTTPS `return 200 \"ok\"` on lo, wrk -t{threads} -c{connections} "
+                         f"-d{duration:g}s, keep-alive", rows, columns, bench.repeat)
+        tables[-1].note = TLS_NOTE + "\n" + NOTE
         return tables
     if scenario == "size":
         plan = [(c, Load(duration, connections, threads, path=path, label=size))

@@ -7,11 +7,15 @@
   It is buffered (64 KB, flushed every second) so that logging costs nginx little;
   `count_requests()` waits for the flush.
 - `/` answers `200 ok`; `/1k`, `/100k`, `/1m` serve files of 1 KB, 100 KB and 1 MB.
+- `tls=True` (the tls scenario): the same server over HTTPS, with a self-signed certificate
+  made at start with the openssl command (TLS 1.3, nginx's default ciphers).
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,7 +56,7 @@ http {{
     default_type text/plain;
 
     server {{
-        listen {host}:{port}{http2} backlog=4096;
+        listen {host}:{port}{http2} backlog=4096{ssl};{certificate}
         root {root}/www;
         location = / {{ return 200 "ok"; }}
         location = /ready {{ access_log off; return 200 "ready"; }}
@@ -69,16 +73,21 @@ def free_port() -> int:
 
 
 def render_config(root: Path, port: int, connections: int = 20000, nofile: int = 65536,
-                  host: str = "127.0.0.1", http2: bool = False) -> str:
-    """`http2`: the listener speaks HTTP/2 with prior knowledge (h2c; nginx 1.22's `listen ... http2`)."""
+                  host: str = "127.0.0.1", http2: bool = False, tls: bool = False) -> str:
+    """`http2`: the listener speaks HTTP/2 with prior knowledge (h2c; nginx 1.22's `listen ... http2`).
+    `tls`: HTTPS with the certificate Nginx.start makes."""
+    certificate = (f"\n        ssl_certificate {root}/cert.pem;\n        ssl_certificate_key {root}/key.pem;"
+                   if tls else "")
     return _CONFIG.format(root=root, port=port, connections=connections, nofile=nofile, flush=int(FLUSH_S),
-                          host=host, http2=" http2" if http2 else "")
+                          host=host, http2=" http2" if http2 else "", ssl=" ssl" if tls else "",
+                          certificate=certificate)
 
 
 class Nginx:
     def __init__(self, children: Children, binary: str, workdir: Path, host: str = "127.0.0.1",
-                 wrap: Callable[[list[str]], list[str]] = list, http2: bool = False) -> None:
+                 wrap: Callable[[list[str]], list[str]] = list, http2: bool = False, tls: bool = False) -> None:
         self.http2 = http2
+        self.tls = tls
         self.children = children
         self.binary = binary
         self.host = host  # the address it listens on (the node scenario: a pod's)
@@ -92,7 +101,7 @@ class Nginx:
         return self.root / "access.log"
 
     def url(self, path: str = "/") -> str:
-        return f"http://{self.host}:{self.port}{path}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}{path}"
 
     def start(self) -> None:
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
@@ -106,8 +115,15 @@ class Nginx:
             if directory == Path("/tmp") or directory == directory.parent:
                 break
             directory.chmod(directory.stat().st_mode | 0o055)
+        if self.tls:
+            made = subprocess.run(
+                ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                 "-keyout", str(self.root / "key.pem"), "-out", str(self.root / "cert.pem")],
+                capture_output=True, text=True, check=False)
+            if made.returncode != 0:
+                raise BenchError(f"openssl could not make a certificate: {made.stderr.strip()[-200:]}")
         conf = self.root / "nginx.conf"
-        conf.write_text(render_config(self.root, self.port, host=self.host, http2=self.http2))
+        conf.write_text(render_config(self.root, self.port, host=self.host, http2=self.http2, tls=self.tls))
         self.child = self.children.start("nginx", self.wrap([self.binary, "-p", str(self.root), "-c", str(conf)]))
         if not wait_until(self._answers, 10.0):
             tail = self.child.log_tail() or (self.root / "error.log").read_text(errors="replace")[-300:]
@@ -117,10 +133,16 @@ class Nginx:
         if self.child is not None and not self.child.alive():
             raise BenchError(f"nginx exited at start: {self.child.log_tail()}")
         try:
-            with socket.create_connection((self.host, self.port), timeout=0.5) as sock:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as raw:
+                sock = raw
                 if self.http2:  # the client preface and an empty SETTINGS; nginx answers with its SETTINGS
                     sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
                     return sock.recv(9)[3:4] == b"\x04"
+                if self.tls:
+                    context = ssl.create_default_context()
+                    context.check_hostname = False
+                    context.verify_mode = ssl.CERT_NONE
+                    sock = context.wrap_socket(raw)
                 sock.sendall(b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                 return sock.recv(16).startswith(b"HTTP/1.1 200")
         except OSError:

@@ -86,6 +86,8 @@ class RunResult:
     rss_end_mb: float | None = None
     loader_mb: float | None = None  # peak RSS of the exporter's BPF loader process, gone after start
     filter_s: float | None = None  # BPF run time of the capture's filter during the load (--filter-stats)
+    probes_s: float | None = None  # BPF run time of the TLS uprobes and tracepoints (--filter-stats)
+    tls_lost: float | None = None  # TLS events lost between kernel and exporter during the load
     nginx_cpu_s: float | None = None
     other_cores: float | None = None  # CPU used by processes outside this run, in cores, during the load
     capture_latency_mean_s: float | None = None
@@ -109,6 +111,8 @@ class RunResult:
             "rss_end_mb": self.rss_end_mb,
             "loader_mb": self.loader_mb,
             "filter_us": per_request(self.filter_s),
+            "probes_us": per_request(self.probes_s),
+            "tls_lost": self.tls_lost,
             "nginx_cpu_us": per_request(self.nginx_cpu_s),
             "other_cores": self.other_cores,
             "logged": self.logged,
@@ -153,6 +157,7 @@ class Runner:
                  filter_stats: bool = False, placement: Placement = Placement()) -> None:
         self.filter_stats = filter_stats  # the caller holds kernel BPF run time statistics on
         self.placement = placement
+        self.tls = False  # nginx over HTTPS (the tls scenario)
         self.children = children
         self.tools = tools
         self.workdir = workdir
@@ -201,7 +206,7 @@ class Runner:
         server = self.placement.server
         nginx = Nginx(self.children, self.tools["nginx"], self.workdir / f"run{self._n}",
                       *((server.address, server.wrap) if server is not None else ()),
-                      http2=bool(load.h2_streams))
+                      http2=bool(load.h2_streams), tls=self.tls)
         capture: Child | None = None
         try:
             nginx.start()
@@ -217,14 +222,17 @@ class Runner:
             nginx_cpu0 = _process_tree_cpu(nginx.child.pid)
             cpu0 = read_proc(capture.pid).cpu_s if capture else 0.0
             filter0 = _filter_run_time_s(capture.pid) if capture else 0.0
+            probes0 = _filter_run_time_s(capture.pid, _TRACING_TYPES) if capture else 0.0
             machine0, own0, t0 = _machine_busy_s(), _own_cpu_s(), time.monotonic()
             result.wrk, result.rss_samples = self._wrk(load, nginx, capture, rss_every_s)
             ours = (_process_tree_cpu(nginx.child.pid) - nginx_cpu0 + _own_cpu_s() - own0
                     + (read_proc(capture.pid).cpu_s - cpu0 if capture and capture.alive() else 0.0))
             result.other_cores = max(0.0, _machine_busy_s() - machine0 - ours) / (time.monotonic() - t0)
             filter1 = _filter_run_time_s(capture.pid) if capture and capture.alive() else 0.0
+            probes1 = _filter_run_time_s(capture.pid, _TRACING_TYPES) if capture and capture.alive() else 0.0
             if self.filter_stats and capture:
                 result.filter_s = filter1 - filter0
+                result.probes_s = probes1 - probes0
             result.logged = nginx.count_requests()  # waits for nginx's log flush
             result.unfinished = nginx.count_unfinished()
             result.nginx_cpu_s = _process_tree_cpu(nginx.child.pid) - nginx_cpu0
@@ -243,6 +251,8 @@ class Runner:
                 after = _settled_scrape(listen, nginx.port, result.logged)
                 result.counted = after.requests - before.requests
                 result.kernel_drops = (after.kernel_drops or 0) - (before.kernel_drops or 0)
+                if after.tls_lost is not None:
+                    result.tls_lost = after.tls_lost - (before.tls_lost or 0)
                 if result.counted > 0:
                     seconds = after.duration_sum_s - before.duration_sum_s
                     result.capture_latency_mean_s = seconds / result.counted
@@ -314,8 +324,13 @@ def _own_cpu_s() -> float:
     return own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
 
 
-def _filter_run_time_s(pid: int) -> float:
-    """Seconds the kernel spent running the BPF programs this process holds (0 without statistics on)."""
+_SOCKET_FILTER = frozenset({1})
+_TRACING_TYPES = frozenset({2, 17})  # BPF_PROG_TYPE_KPROBE (uprobes too), BPF_PROG_TYPE_RAW_TRACEPOINT
+
+
+def _filter_run_time_s(pid: int, prog_types: frozenset[int] = _SOCKET_FILTER) -> float:
+    """Seconds the kernel spent running the BPF programs of these types this process holds (0 without
+    statistics on): the socket filter by default, the TLS probes with _TRACING_TYPES."""
     total_ns = 0
     try:
         fds = list(Path(f"/proc/{pid}/fd").iterdir())
@@ -325,9 +340,10 @@ def _filter_run_time_s(pid: int) -> float:
         try:
             if os.readlink(fd) != "anon_inode:bpf-prog":
                 continue
-            for line in Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().splitlines():
-                if line.startswith("run_time_ns:"):
-                    total_ns += int(line.split()[1])
+            info = dict(line.split(":", 1) for line in
+                        Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().splitlines() if ":" in line)
+            if int(info.get("prog_type", "-1")) in prog_types:
+                total_ns += int(info.get("run_time_ns", "0"))
         except OSError:
             continue  # closed meanwhile
     return total_ns / 1e9

@@ -14,6 +14,7 @@ from exporter.metrics import (
     SELF_EXCHANGES_TOTAL,
     SELF_KERNEL_DROPS_TOTAL,
     SELF_PACKETS_RECEIVED_TOTAL,
+    SELF_TLS_EVENTS_LOST_TOTAL,
 )
 
 __all__ = ["CLK_TCK", "ProcSample", "Scrape", "fetch_scrape", "parse_scrape", "read_proc"]
@@ -30,6 +31,7 @@ class Scrape:
     exchanges: float | None
     kernel_drops: float | None
     packets: float | None
+    tls_lost: float | None = None  # TLS events the ring buffer had no room for
 
 
 def parse_scrape(text: str, port: int) -> Scrape:
@@ -50,6 +52,7 @@ def parse_scrape(text: str, port: int) -> Scrape:
         exchanges=self_metrics.get(SELF_EXCHANGES_TOTAL),
         kernel_drops=self_metrics.get(SELF_KERNEL_DROPS_TOTAL),
         packets=self_metrics.get(SELF_PACKETS_RECEIVED_TOTAL),
+        tls_lost=self_metrics.get(SELF_TLS_EVENTS_LOST_TOTAL),
     )
 
 

@@ -223,6 +223,12 @@ struct skip_range {
 };
 BPF_TABLE("lru_hash", struct flow_key, struct skip_range, body_skip, 16384);
 
+/* Connections user space found to carry TLS records (keyed by direction, like body_skip):
+ * their payload is ciphertext, of no use here, and dies in the kernel (verdict `tls`); the
+ * plaintext comes from the TLS uprobes. FIN and RST still go up, so that user space ends
+ * the connection and forgets the entry; LRU for the ones it never saw end. */
+BPF_TABLE("lru_hash", struct flow_key, u8, tls_flows, 16384);
+
 /* Histogram bounds, written once by bpf.py: a value's bucket is the number of
  * bounds strictly below it (Python's bisect_left, since `le` is <=). Unused
  * slots hold U64_MAX; n_dur/n_size are for readers of the map. */
@@ -1232,6 +1238,14 @@ int http_filter(struct __sk_buff *skb)
 
     if (cfg(CFG_NODE, 0) && !first_interface(skb, kp, to_server)) {
         count(CNT_DROPPED_DUPLICATE);
+        return 0;
+    }
+    if (payload_len && tls_flows.lookup(kp)) {
+        if (tcp.fin || tcp.rst) {
+            count(CNT_KEPT);  /* the end of the connection, without its ciphertext */
+            return headers_end;
+        }
+        count(CNT_DROPPED_TLS);
         return 0;
     }
 

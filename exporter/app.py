@@ -13,12 +13,18 @@ detached (503) and says that a restart is needed.
 
 `--user`: the capture is opened *before* the HTTP server thread starts, and privileges are
 dropped right after, while this is the only thread (capabilities are per thread).
+
+TLS (capture/tls.py, on unless --no-tls): uprobes on libssl feed a Tracker of their own in
+the same pipeline. They are attached right after the packet capture, before --user drops
+privileges, and read in the same loop: it waits on both descriptors. Without any libssl
+to probe the exporter warns and goes on with clear text, unless --libssl named one.
 """
 
 from __future__ import annotations
 
 import fcntl
 import logging
+import select
 import signal
 import socket
 import struct
@@ -42,7 +48,7 @@ from exporter.config import (
     ListenAddress,
     is_node_wide,
 )
-from exporter.core.flows import Limits
+from exporter.core.flows import Limits, Tracker
 from exporter.core.routes import RouteMapper
 from exporter.errors import CaptureError
 from exporter.identity.model import SERVICE_NAME_SLOT, ServiceOverride
@@ -68,6 +74,8 @@ from exporter.status_page import StatusPage
 if TYPE_CHECKING:  # imported lazily at run time: the capture modules load only when capturing
     from exporter.capture.kernel_agg import KernelFastPath
     from exporter.capture.live import LiveCapture
+    from exporter.capture.tls import TlsCapture
+    from exporter.core.model import Segment
     from exporter.slo.runtime import SloRuntime
     from exporter.webconfig import WebConfig
 
@@ -103,6 +111,8 @@ class RunSettings:
     pod_logs: str = DEFAULT_POD_LOGS
     instance_grace_s: float = DEFAULT_INSTANCE_GRACE_S
     max_servers: int = DEFAULT_MAX_SERVERS
+    tls: bool = True  # uprobes on libssl: HTTPS plaintext (capture/tls.py)
+    libssl: tuple[str, ...] = ()  # more libssl copies to probe, besides the system's
 
 
 def interface_state(interface: str) -> tuple[int, bool] | None:
@@ -144,6 +154,11 @@ class Exporter:
         self.pipeline.identify = lambda ip, port: resolver.identify(ip, port).labels()
         if self.fast is not None:
             self.fast.identify = self.pipeline.identify
+        self.tls: TlsCapture | None = None  # once attached
+        self.tls_tracker: Tracker | None = None
+        if settings.tls:
+            self.tls_tracker = self.pipeline.add_tracker(
+                Tracker(settings.ports, settings.limits, hint_skips=True, scheme="https"))
         self.capture: LiveCapture | None = None
         self._capture_lock = threading.Lock()
         self._ifindex = 0
@@ -160,6 +175,8 @@ class Exporter:
                    *settings.extra_self_sources]
         if self.fast is not None:
             sources.append(self.fast.self_samples)
+        if settings.tls:
+            sources.append(self._tls_samples)
         if slo is not None:
             sources.append(slo.self_samples)
         self.registry.register(ExporterCollector(self.http, sources, slo.collect if slo is not None else None))
@@ -178,6 +195,29 @@ class Exporter:
 
             app = protect(app, web)
         self.server = MetricsServer(settings.listen, app, web.tls if web is not None else None)
+
+    def _tls_samples(self) -> list[SelfSample]:
+        tls = self.tls
+        return list(tls.self_samples()) if tls is not None else []
+
+    def _open_tls(self) -> None:
+        from exporter.capture.tls import TlsCapture, find_libraries
+
+        settings = self.settings
+        try:
+            libraries = find_libraries(settings.libssl)
+            tls = TlsCapture(settings.ports, libraries, max_connections=settings.limits.max_flows).open()
+        except CaptureError as exc:
+            if settings.libssl:
+                raise
+            log.warning("TLS capture off: %s", exc)
+            return
+        assert tls.probes is not None
+        for library, symbol, message in tls.probes.failed:
+            log.debug("uprobe on %s %s not attached: %s", library, symbol, message)
+        log.info("TLS probes on %s (compiled in %.1f s by the helper process)",
+                 ", ".join(tls.probes.libraries), tls.probes.compile_s)
+        self.tls = tls
 
     def _capture_samples(self) -> list[SelfSample]:
         samples = [
@@ -305,6 +345,8 @@ class Exporter:
         slo = self.settings.slo_runtime
         try:
             self._open_capture()
+            if self.settings.tls:
+                self._open_tls()
             if user is not None:
                 self._drop_privileges(user)
                 self.server.start()
@@ -324,6 +366,8 @@ class Exporter:
                         self._kernel_exchanges_to_slo()
                         self.fast.detach()
                     self.capture.close()
+            if self.tls is not None:
+                self.tls.close()
             self.pipeline.flush()
             if slo is not None:
                 slo.stop(timeout_s=1.0)
@@ -332,6 +376,7 @@ class Exporter:
     def _loop(self) -> None:
         feed = self.pipeline.feed
         fast = self.fast
+        tls = self.tls
         next_expire = next_check = time.monotonic() + EXPIRE_EVERY_S
         next_reattach = 0.0
         while not self._stop.is_set():
@@ -340,11 +385,19 @@ class Exporter:
                 if time.monotonic() >= next_reattach:
                     self._reattach()
                     next_reattach = time.monotonic() + REATTACH_EVERY_S
+                elif tls is not None:
+                    self._feed_tls(tls.read(POLL_S))
                 else:
                     self._stop.wait(POLL_S)
             else:
+                wait = POLL_S
+                if tls is not None:
+                    # Wait on both; then neither read blocks (a ring capture still waits up to 1 ms).
+                    select.select([capture.fileno(), tls.fileno()], [], [], POLL_S)
+                    self._feed_tls(tls.read(0))
+                    wait = 0
                 try:
-                    segments = capture.read(POLL_S)
+                    segments = capture.read(wait)
                 except (OSError, CaptureError) as exc:
                     self._detach(f"reading the capture failed: {exc}")
                     next_reattach = time.monotonic() + REATTACH_EVERY_S
@@ -366,6 +419,8 @@ class Exporter:
                     next_reattach = now + REATTACH_EVERY_S
                 next_check = now + IFACE_CHECK_EVERY_S
             if now >= next_expire:
+                if tls is not None:
+                    self._feed_tls(tls.reap(time.time_ns()))
                 self.pipeline.expire(time.time_ns())
                 gone = self.resolver.sweep(self.settings.instance_grace_s)
                 if gone:
@@ -403,6 +458,12 @@ class Exporter:
             log.info("interface(s) %s gone; no longer captured", ", ".join(gone))
         self.health.set(True, self._attached_text())
 
+    def _feed_tls(self, segments: list[Segment]) -> None:
+        tracker = self.tls_tracker
+        if segments and tracker is not None and self.tls is not None:
+            self.pipeline.feed(segments, tracker)
+            self.tls.apply_skip_hints(tracker.take_skip_hints())
+
     def _apply_skip_hints(self, capture: LiveCapture) -> None:
         """Body bytes the parser only counts: have the filter cut them to headers from now on."""
         for (key, to_server), stretch in self.pipeline.tracker.take_skip_hints().items():
@@ -416,6 +477,13 @@ class Exporter:
                     capture.skip_body(*ends, *stretch)
             except CaptureError:
                 pass  # an address the filter cannot key (not IP): the bytes just come up whole
+        for key, encrypted in self.pipeline.tracker.take_encrypted_hints().items():
+            client_ip, client_port, server_ip, server_port = key
+            try:
+                capture.drop_tls(client_ip, client_port, server_ip, server_port, encrypted)
+                capture.drop_tls(server_ip, server_port, client_ip, client_port, encrypted)
+            except CaptureError:
+                pass  # not IP: its ciphertext keeps coming up, and keeps being ignored
 
     def _kernel_exchanges_to_slo(self) -> None:
         """Feed the SLO windows what the kernel aggregated since the last call (fast path)."""

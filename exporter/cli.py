@@ -169,6 +169,13 @@ def run_options(func: F) -> F:
         click.option("--instance-grace", type=click.FloatRange(0, 86400), default=DEFAULT_INSTANCE_GRACE_S,
                      show_default=True, envvar=env_var("instance_grace"),
                      help="Seconds a server's series stay after its process is gone."),
+        click.option("--tls/--no-tls", default=True, show_default=True, envvar=env_var("tls"),
+                     help="Also count HTTPS served through a shared OpenSSL (uprobes on libssl); "
+                          "--no-tls leaves TLS traffic uncounted."),
+        click.option("--libssl", "libssl", multiple=True, envvar=env_var("libssl"),
+                     type=click.Path(exists=True, dir_okay=False),
+                     help="Another libssl to probe, besides the system's (repeatable), e.g. "
+                          "/proc/<pid>/root/usr/lib/x86_64-linux-gnu/libssl.so.3 for a container's copy."),
         click.option("--web-config", "--web.config.file", "web_config", type=click.Path(dir_okay=False),
                      envvar=env_var("web_config"),
                      help="Prometheus exporter-toolkit web config: TLS and basic auth for the endpoints."),
@@ -256,6 +263,8 @@ def _run_settings(params: dict[str, Any]) -> RunSettings:
         slo_runtime=runtime,
         user=params.get("user") or None,
         fast_path=bool(params.get("fast_path")),
+        tls=bool(params.get("tls", True)),
+        libssl=tuple(params.get("libssl") or ()),
         web_config=_web_config(params.get("web_config"), params.get("user")),
     )
 
@@ -342,16 +351,19 @@ def replay(capture_file: str, ports: tuple[int, ...], routes: tuple[str, ...],
 
 @cli.command()
 @click.option("--interface", "-i", default="lo", show_default=True, envvar=env_var("interface"))
-def check(interface: str) -> None:
-    """Preflight: privileges, BPF, BCC, kernel headers and the interface, each with a fix."""
+@click.option("--tls/--no-tls", default=True, show_default=True, envvar=env_var("tls"),
+              help="Also check what HTTPS capture needs (libssl, uprobe privileges).")
+@click.option("--libssl", "libssl", multiple=True, envvar=env_var("libssl"), help="Another libssl `run` would probe.")
+def check(interface: str, tls: bool, libssl: tuple[str, ...]) -> None:
+    """Preflight: privileges, BPF, BCC, kernel headers, the interface and TLS, each with a fix."""
     from exporter.preflight import run_checks
 
-    results = run_checks(interface)
+    results = run_checks(interface, libssl, tls)
     width = max(len(r.name) for r in results)
     for result in results:
-        mark = "ok  " if result.ok else "FAIL"
+        mark = "FAIL" if not result.ok else "warn" if result.warning else "ok  "
         line = f"{mark} {result.name.ljust(width)}  {result.detail}"
-        if not result.ok and result.fix:
+        if (not result.ok or result.warning) and result.fix:
             line += f"  -> {result.fix}"
         click.echo(line)
     failed = [r for r in results if not r.ok]

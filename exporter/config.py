@@ -15,6 +15,8 @@ Config file keys are the long flag names with `_` or `-`:
     duration_buckets: [0.005, 0.01, 0.15, 1]
     max_routes_per_port: 200
     slo: reliably.yaml
+    tls: true
+    libssl: [/opt/app/lib/libssl.so.3]
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ FILE_KEYS = {
     "services": "services",
     "pod_logs": "pod_logs",
     "instance_grace": "instance_grace",
+    "tls": "tls",
+    "libssl": "libssl",
 }
 
 

@@ -140,6 +140,7 @@ def run_demo(port: int, listen: ListenAddress, rate: float, reliably_url: str | 
         listen=listen,
         duration_buckets=tuple(sorted(set(DEFAULT_DURATION_BUCKETS) | latency_targets(objectives))),
         slo_runtime=runtime,
+        tls=False,  # the demo service speaks clear text: no uprobes, no extra compile at start
     )
     exporter = Exporter(settings)
     exporter.install_signal_handlers()

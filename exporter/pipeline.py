@@ -2,12 +2,16 @@
 
 It owns nothing of its own beyond wiring: the core tracks flows and parses HTTP, the route
 mapper names routes, HttpMetrics aggregates, and the optional SLO runtime counts good/total.
+
+A capture source with byte streams of its own (TLS plaintext, capture/tls.py) adds a Tracker
+with `add_tracker` and feeds it with `feed(segments, tracker)`: its exchanges then go the
+same way, and its core counters are added to the same self-metrics.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from exporter.core.flows import CoreStats, FlowKey, Handover, Limits, Tracker
 from exporter.core.http2 import FRAME_TYPES, Http2Stats
@@ -15,11 +19,20 @@ from exporter.core.model import Exchange, Segment
 from exporter.core.routes import RouteMapper
 from exporter.identity.model import SERVICE_NAME_SLOT
 from exporter.metrics import (
+    SELF_ENCRYPTED_FLOWS_TOTAL,
     SELF_EXCHANGES_TOTAL,
     SELF_FLOWS_ACTIVE,
     SELF_FLOWS_CLOSED_TOTAL,
     SELF_FLOWS_EVICTED_TOTAL,
     SELF_HELD_BYTES,
+    SELF_HTTP2_CAPS_HIT_TOTAL,
+    SELF_HTTP2_CONNECTIONS_TOTAL,
+    SELF_HTTP2_FRAMES_TOTAL,
+    SELF_HTTP2_PARSE_ERRORS_TOTAL,
+    SELF_HTTP2_PUSH_PROMISES_TOTAL,
+    SELF_HTTP2_RESET_STREAMS_TOTAL,
+    SELF_HTTP2_STREAMS_DROPPED_TOTAL,
+    SELF_HTTP2_UNDECODABLE_STREAMS_TOTAL,
     SELF_HTTP_SERIES,
     SELF_OUT_OF_ORDER_SEGMENTS_TOTAL,
     SELF_PARSE_ERRORS_TOTAL,
@@ -52,13 +65,19 @@ class Pipeline:
         self.http = http
         self.sinks = list(sinks)
         self.exchanges = 0
+        self.trackers = [self.tracker]
         # Exchanges counted elsewhere (the kernel fast path), added to exchanges_total.
         self.other_exchanges: Callable[[], int] | None = None
         # (server ip, server port) -> the server's identity labels (identity.Resolver), optional.
         self.identify: Callable[[str, int], tuple[str, ...]] | None = None
 
-    def feed(self, segments: Iterable[Segment]) -> None:
-        feed = self.tracker.feed
+    def add_tracker(self, tracker: Tracker) -> Tracker:
+        """Another source's connections (see the module docstring); expired and flushed with the rest."""
+        self.trackers.append(tracker)
+        return tracker
+
+    def feed(self, segments: Iterable[Segment], tracker: Tracker | None = None) -> None:
+        feed = (tracker or self.tracker).feed
         emit = self._emit
         for segment in segments:
             exchanges = feed(segment)
@@ -72,10 +91,12 @@ class Pipeline:
             self._emit(seed(key, handover))
 
     def expire(self, now_ns: int) -> None:
-        self._emit(self.tracker.expire(now_ns))
+        for tracker in self.trackers:
+            self._emit(tracker.expire(now_ns))
 
     def flush(self) -> None:
-        self._emit(self.tracker.flush())
+        for tracker in self.trackers:
+            self._emit(tracker.flush())
 
     def _emit(self, exchanges: list[Exchange]) -> None:
         identify = self.identify
@@ -93,7 +114,8 @@ class Pipeline:
         self.exchanges += len(exchanges)
 
     def self_samples(self) -> Iterator[SelfSample]:
-        yield from core_samples(self.tracker.stats)
+        yield from core_samples(self.tracker.stats if len(self.trackers) == 1 else
+                                combined_stats(t.stats for t in self.trackers))
         other = self.other_exchanges() if self.other_exchanges is not None else 0
         yield SelfSample(SELF_EXCHANGES_TOTAL, "counter",
                          "HTTP exchanges rebuilt from the wire (in user space and, with the fast path, the kernel).",
@@ -102,6 +124,31 @@ class Pipeline:
                          "Exchanges whose route was replaced by the overflow route (route cap reached).",
                          self.routes.overflowed)
         yield SelfSample(SELF_HTTP_SERIES, "gauge", "Label sets in the HTTP histograms.", self.http.series_count())
+
+
+def combined_stats(parts: Iterable[CoreStats]) -> CoreStats:
+    """Several trackers' counters added up, for one set of self-metrics."""
+    total = CoreStats()
+    for stats in parts:
+        _add_counters(total, stats)
+    return total
+
+
+def _add_counters(total: Any, part: Any) -> None:
+    """Add every counter of `part` into `total` (same class): ints, dicts and lists of ints,
+    and nested counter objects (CoreStats.http2)."""
+    for name in type(part).__slots__:
+        value = getattr(part, name)
+        mine = getattr(total, name)
+        if isinstance(value, dict):
+            for key, count in value.items():
+                mine[key] = mine.get(key, 0) + count
+        elif isinstance(value, list):
+            setattr(total, name, [a + b for a, b in zip(mine, value, strict=True)])
+        elif isinstance(value, int | float):
+            setattr(total, name, mine + value)
+        else:
+            _add_counters(mine, value)
 
 
 def core_samples(stats: CoreStats) -> Iterator[SelfSample]:
@@ -126,6 +173,9 @@ def core_samples(stats: CoreStats) -> Iterator[SelfSample]:
     yield SelfSample(SELF_OUT_OF_ORDER_SEGMENTS_TOTAL, "counter",
                      "Segments that arrived ahead of a gap and were held until it filled.",
                      stats.out_of_order_segments)
+    yield SelfSample(SELF_ENCRYPTED_FLOWS_TOTAL, "counter",
+                     "Connections on a watched port that carried TLS records: not parsed, never a parse error "
+                     "(their plaintext comes from the TLS probes).", stats.encrypted_flows)
     yield SelfSample(SELF_HELD_BYTES, "gauge",
                      "Out-of-order data held for reordering, all connections together (bounded).",
                      stats.held_bytes)
@@ -134,28 +184,28 @@ def core_samples(stats: CoreStats) -> Iterator[SelfSample]:
 
 def http2_samples(stats: Http2Stats) -> Iterator[SelfSample]:
     for how, count in sorted(stats.connections.items()):
-        yield SelfSample("http2_connections_total", "counter",
+        yield SelfSample(SELF_HTTP2_CONNECTIONS_TOTAL, "counter",
                          "HTTP/2 connections decoded, by how they were recognised.", count, (("how", how),))
     for kind, count in zip(FRAME_TYPES, stats.frames, strict=True):
-        yield SelfSample("http2_frames_total", "counter", "HTTP/2 frames read, by type.", count, (("type", kind),))
+        yield SelfSample(SELF_HTTP2_FRAMES_TOTAL, "counter", "HTTP/2 frames read, by type.", count, (("type", kind),))
     for reason, count in sorted(stats.parse_errors.items()):
-        yield SelfSample("http2_parse_errors_total", "counter",
+        yield SelfSample(SELF_HTTP2_PARSE_ERRORS_TOTAL, "counter",
                          "HTTP/2 framing or HPACK errors, by reason; the direction resyncs after each.", count,
                          (("reason", reason),))
     for cap, count in sorted(stats.caps.items()):
-        yield SelfSample("http2_caps_hit_total", "counter",
+        yield SelfSample(SELF_HTTP2_CAPS_HIT_TOTAL, "counter",
                          "Times a per-connection HTTP/2 cap was hit (streams, header_block, header_table).",
                          count, (("cap", cap),))
-    yield SelfSample("http2_undecodable_streams_total", "counter",
+    yield SelfSample(SELF_HTTP2_UNDECODABLE_STREAMS_TOTAL, "counter",
                      "HTTP/2 streams not counted because their request or status could not be decoded exactly "
                      "(connections joined mid-stream, HPACK entries never seen).", stats.undecodable_streams)
     for reason, count in sorted(stats.streams_dropped.items()):
-        yield SelfSample("http2_streams_dropped_total", "counter",
+        yield SelfSample(SELF_HTTP2_STREAMS_DROPPED_TOTAL, "counter",
                          "Decoded HTTP/2 streams that left without an exchange, by reason.", count,
                          (("reason", reason),))
-    yield SelfSample("http2_reset_streams_total", "counter",
+    yield SelfSample(SELF_HTTP2_RESET_STREAMS_TOTAL, "counter",
                      "HTTP/2 streams reset (RST_STREAM) before their response ended; counted with status 0.",
                      stats.reset_streams)
-    yield SelfSample("http2_push_promises_total", "counter",
+    yield SelfSample(SELF_HTTP2_PUSH_PROMISES_TOTAL, "counter",
                      "HTTP/2 server pushes seen; pushed responses are not counted as exchanges.",
                      stats.push_promises)

@@ -34,6 +34,12 @@ IDENTITY_CAPABILITIES = ("CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH")
 # The set the shipped manifests (deploy/kubernetes/daemonset.yaml, docker/compose.yaml) grant:
 # tests/unit/test_docker.py holds every manifest to exactly this list.
 MANIFEST_CAPABILITIES = CAPTURE_CAPABILITIES + IDENTITY_CAPABILITIES
+# What the TLS uprobes need (measured on this Linux 6.18 with perf_event_paranoid=2, as nobody
+# with ambient capabilities; tests/integration/test_tls.py): CAP_BPF+CAP_PERFMON load the
+# programs, but opening a uprobe perf event is refused (EACCES) without CAP_SYS_ADMIN, also as
+# uid 0 with only those two, and also with a perf_event_open of our own that asks for no raw
+# samples (tried, not kept). CAP_SYS_ADMIN alone is enough; it covers CAP_BPF and CAP_PERFMON.
+TLS_CAPABILITIES = ("CAP_SYS_ADMIN",)
 # CAP_SYS_ADMIN stands in for these (kernels before 5.8 know no other way).
 SYS_ADMIN_COVERS = frozenset({"CAP_BPF", "CAP_PERFMON"})
 # What --user needs on top when the exporter does not start as root (to change uid/gid and
@@ -51,6 +57,7 @@ class CheckResult:
     ok: bool
     detail: str
     fix: str = ""
+    warning: bool = False  # ok for what is asked, but a part will not work: said, not failed
 
 
 def _capability_set(field: str, status_text: str | None) -> set[str]:
@@ -195,5 +202,37 @@ def check_interface(interface: str) -> CheckResult:
                        "pick one with --interface")
 
 
-def run_checks(interface: str) -> list[CheckResult]:
-    return [check_privileges(), check_bpf_syscall(), check_bcc(), check_headers(), check_interface(interface)]
+def check_tls(libssl: tuple[str, ...] = (), caps: set[str] | None = None) -> list[CheckResult]:
+    """Which libssl copies `run` would probe, and whether uprobes can be attached with these privileges."""
+    from exporter.capture.tls import find_libraries  # the capture edge: imported only when asked
+    from exporter.errors import CaptureError
+
+    try:
+        libraries = find_libraries(libssl)
+    except CaptureError as exc:
+        return [CheckResult("tls libraries", False, str(exc), "give an existing file to --libssl")]
+    results = [
+        CheckResult("tls libraries", True, ", ".join(libraries)) if libraries else
+        CheckResult("tls libraries", True, "no libssl.so.3 or libssl.so.1.1 found: HTTPS will not be counted",
+                    "give the server's copy with --libssl PATH, or run with --no-tls", warning=True)
+    ]
+    caps = effective_capabilities() if caps is None else caps
+    missing = [c for c in TLS_CAPABILITIES if c not in caps]
+    if os.geteuid() == 0 and not missing:
+        results.append(CheckResult("tls uprobes", True, "attachable (root); no tracefs needed (raw tracepoints)"))
+    elif not missing:
+        results.append(CheckResult("tls uprobes", True, f"attachable ({', '.join(TLS_CAPABILITIES)})"))
+    else:
+        # TLS is optional: `run` warns and counts clear text, so this is not a failure.
+        results.append(CheckResult("tls uprobes", True,
+                                   f"not attachable with these privileges (missing {', '.join(missing)}): "
+                                   "HTTPS will not be counted",
+                                   "grant CAP_SYS_ADMIN (ambient) or run as root, or pass --no-tls", warning=True))
+    return results
+
+
+def run_checks(interface: str, libssl: tuple[str, ...] = (), tls: bool = True) -> list[CheckResult]:
+    results = [check_privileges(), check_bpf_syscall(), check_bcc(), check_headers(), check_interface(interface)]
+    if tls:
+        results += check_tls(libssl)
+    return results

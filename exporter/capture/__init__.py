@@ -3,6 +3,8 @@
     live.LiveCapture   AF_PACKET socket + bpf/http_filter.c, TPACKET_V3 ring or recvmsg
     bpf.HttpFilter     the loaded filter and its maps, over bpf(2) (bpfsys)
     bpf_loader         helper process: the only importer of bcc, compiles and hands over fds
+    tls.TlsCapture     bpf/tls_probes.c: uprobes on libssl, HTTPS plaintext as Segments
+    ringbuf.RingBuffer a BPF ring buffer read by mmap (the TLS events)
     frames             pure frame -> Segment decoder, shared by live and replay
     pcap.read_capture  pcap/pcapng replay (imports pypacker, so not re-exported here)
 

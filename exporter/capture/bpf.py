@@ -66,6 +66,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "consumed_fast_path",
     "dropped_interface",  # node-wide capture: an interface no --interface pattern matches
     "dropped_duplicate",  # node-wide capture: a copy seen on a second interface (flow_iface)
+    "dropped_tls",  # payload of a connection user space found to be TLS (the uprobes read its plaintext)
 )
 
 # Slots of the per-CPU `fast_counters` array: fast path events, not packet verdicts.
@@ -196,6 +197,7 @@ _MAP_LAYOUT: dict[str, tuple[int, int]] = {
     "http_agg": (_AGG_KEY.size, _AGG_VAL_SLOTS * 8),
     "capture_ifaces": (4, 1),  # node-wide capture: ifindexes the --interface patterns match
     "flow_iface": (_FLOW_KEY.size, 4),  # node-wide capture: the interface each connection counts on
+    "tls_flows": (_FLOW_KEY.size, 1),
 }
 # Must match the C file's CAPTURE_IFACES.
 MAX_CAPTURE_INTERFACES = 4096
@@ -372,6 +374,7 @@ class HttpFilter:
             self._aggregates = maps["http_agg"]
             self._ifaces = maps["capture_ifaces"]
             self._interfaces: set[int] = set()
+            self._tls_flows = maps["tls_flows"]
             # Bounds before the fast path is switched on: a zeroed bounds map would put every
             # exchange in the overflow bucket.
             self.set_bounds(*histogram_bounds)
@@ -568,6 +571,14 @@ class HttpFilter:
     def forget_skip(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int) -> None:
         key = self._skip_key(src_ip, src_port, dst_ip, dst_port)
         self._skip.delete(key)  # False when already gone (LRU eviction or never set): nothing to forget
+
+    def drop_tls(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, drop: bool = True) -> None:
+        """Drop (or again pass) the payload of this direction of a connection found to carry TLS."""
+        key = self._skip_key(src_ip, src_port, dst_ip, dst_port)
+        if drop:
+            self._tls_flows.update(key, b"\x01")
+        else:
+            self._tls_flows.delete(key)  # False when already gone (LRU): nothing to forget
 
     def close(self) -> None:
         """Close our descriptors. Sockets the program is attached to keep it (and its maps) alive."""

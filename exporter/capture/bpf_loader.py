@@ -11,12 +11,26 @@ request  {"src": path, "cflags": [...], "function": name, "maps": [names]}
 reply    {"ok": true, "compile_s": float, "peak_rss_kb": int} with fds [program, *maps]
          {"ok": false, "kind": "import" | "compile" | "load", "message": str}
 Clang's own diagnostics go to the inherited stderr.
+
+Tracing programs (bpf/tls_probes.c) are attached here too, because attaching needs BCC's
+ELF symbol lookup. The request then has "probes" instead of "function":
+request  {"src", "cflags", "maps": [names],
+          "probes": [{"library": path, "symbol": name, "function": name, "return": bool}],
+          "raw_tracepoints": [{"tracepoint": name, "function": name}]}
+reply    {"ok": true, ..., "attached": [[library, symbol, return]], "failed": [[library, symbol, message]],
+          "programs": [names]}
+         with fds [*maps, *one attachment per "attached" entry, *one per raw tracepoint, *programs]
+An attachment lives as long as some process holds its descriptor (a perf event for a
+uprobe, a raw tracepoint link), so the exporter's copies keep them after this process
+exits. This process must then exit without BCC's atexit cleanup, which would disable the
+shared perf events (PERF_EVENT_IOC_DISABLE) before closing its own copies.
 """
 
 from __future__ import annotations
 
 import ctypes as ct
 import json
+import os
 import resource
 import signal
 import socket
@@ -49,13 +63,63 @@ def _load(request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
     return {"ok": True, "compile_s": round(time.monotonic() - started, 3), "peak_rss_kb": peak_kb}, fds
 
 
+def _attach(request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+    """Compile, load and attach tracing programs; see the module docstring."""
+    try:
+        from bcc import BPF
+    except ImportError as exc:
+        return {"ok": False, "kind": "import", "message": str(exc)}, []
+    started = time.monotonic()
+    try:
+        bpf = BPF(src_file=request["src"].encode(), cflags=request["cflags"])
+    except Exception as exc:
+        return {"ok": False, "kind": "compile", "message": str(exc)}, []
+    try:
+        fds = [int(bpf[name.encode()].map_fd) for name in request["maps"]]
+    except Exception as exc:
+        return {"ok": False, "kind": "load", "message": str(exc)}, []
+    attached: list[tuple[str, str, bool]] = []
+    failed: list[tuple[str, str, str]] = []
+    for probe in request["probes"]:
+        library, symbol, function, ret = probe["library"], probe["symbol"], probe["function"], probe["return"]
+        before = set(bpf.uprobe_fds)
+        attach = bpf.attach_uretprobe if ret else bpf.attach_uprobe
+        try:
+            attach(name=library.encode(), sym=symbol.encode(), fn_name=function.encode())
+        except Exception as exc:  # BCC: bare Exception for a missing symbol, a refused load or attach
+            failed.append((library, symbol, str(exc)))
+            continue
+        new = [bpf.uprobe_fds[name] for name in set(bpf.uprobe_fds) - before]
+        attached.append((library, symbol, ret))
+        fds.extend(int(fd) for fd in new[:1])
+    for tracepoint in request["raw_tracepoints"]:
+        try:
+            bpf.attach_raw_tracepoint(tp=tracepoint["tracepoint"].encode(), fn_name=tracepoint["function"].encode())
+        except Exception as exc:
+            return {"ok": False, "kind": "load", "message": str(exc)}, []
+        fds.append(int(bpf.raw_tracepoint_fds[tracepoint["tracepoint"].encode()]))
+    # The loaded programs too: holding them costs nothing, and /proc/<pid>/fdinfo of a program
+    # fd is where the kernel's run time statistics are read (bench --filter-stats).
+    programs = sorted(name.decode() for name in bpf.funcs)
+    fds.extend(int(bpf.funcs[name.encode()].fd) for name in programs)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reply = {"ok": True, "compile_s": round(time.monotonic() - started, 3), "peak_rss_kb": peak_kb,
+             "attached": attached, "failed": failed, "programs": programs}
+    return reply, fds
+
+
 def main() -> int:
     # Die with the exporter: a compile nobody waits for is wasted.
     ct.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     sock = socket.socket(fileno=int(sys.argv[1]))
     request = json.loads(sock.recv(MAX_MESSAGE))
-    reply, fds = _load(request)
+    tracing = "probes" in request
+    reply, fds = _attach(request) if tracing else _load(request)
     socket.send_fds(sock, [json.dumps(reply).encode()], fds)
+    if tracing:
+        # Skip BCC's atexit cleanup: it would disable the perf events the parent now shares.
+        sys.stderr.flush()
+        os._exit(0)
     # The parent holds duplicates now; exiting closes ours, and the program and maps live on.
     return 0
 

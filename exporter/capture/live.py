@@ -481,3 +481,9 @@ class LiveCapture:
         if self._filter is None:
             raise CaptureError("capture is not open: call open() first")
         self._filter.forget_skip(src_ip, src_port, dst_ip, dst_port)
+
+    def drop_tls(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, drop: bool = True) -> None:
+        """Have the kernel drop (or pass again) the payload of this direction of a TLS connection."""
+        if self._filter is None:
+            raise CaptureError("capture is not open: call open() first")
+        self._filter.drop_tls(src_ip, src_port, dst_ip, dst_port, drop)

@@ -31,6 +31,13 @@ can still be paired with a request sent after the resync. A data segment retrans
 after both sides closed opens a new flow (it usually ends up as an unmatched response).
 
 Parse error reasons are listed in `http1`; "gap" is counted here.
+
+TLS on a watched port: a connection whose first data (either way) starts with a TLS record
+header is encrypted. Its bytes are not HTTP and not a parse error: the flow is marked, its
+segments are ignored until it ends (with `hint_skips`, `encrypted_hints` tells the capture,
+which then drops its payload in the kernel), and it is counted in `CoreStats.encrypted_flows`. Its
+plaintext, when the TLS library is probed, reaches a Tracker of its own (capture/tls.py),
+whose exchanges carry `scheme="https"`.
 """
 
 from __future__ import annotations
@@ -102,6 +109,7 @@ class CoreStats:
     """Counters the metrics layer reads at scrape time. Plain ints; never reset."""
 
     __slots__ = (
+        "encrypted_flows",
         "flows_active",
         "flows_closed",
         "flows_evicted",
@@ -128,6 +136,7 @@ class CoreStats:
         self.out_of_order_segments = 0
         self.held_bytes = 0  # gauge: out-of-order data held for every flow together
         self.http2 = Http2Stats()
+        self.encrypted_flows = 0  # connections that turned out to carry TLS records: not parsed
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +162,12 @@ class Handover:
     # Response body bytes that arrived ahead of a gap and were consumed unread: (seq, length,
     # arrival time). They count, by length, once the stream reaches seq.
     held: tuple[int, int, int] | None = None
+
+
+def is_tls_record(payload: bytes) -> bool:
+    """A TLS record header: content type 20..23 (change_cipher_spec, alert, handshake,
+    application_data), then version 3.0..3.4. No HTTP/1.x message starts with these bytes."""
+    return len(payload) >= 3 and 20 <= payload[0] <= 23 and payload[1] == 3 and payload[2] <= 4
 
 
 def _seq_delta(seq: int, reference: int) -> int:
@@ -245,6 +260,7 @@ class _Flow:
         "answering",
         "client",
         "emitted",
+        "encrypted",
         "h2",
         "key",
         "last_ns",
@@ -255,6 +271,7 @@ class _Flow:
         "requests",
         "responses",
         "scheme",
+        "seen_data",
         "server",
         "server_ip",
         "server_port",
@@ -268,12 +285,14 @@ class _Flow:
     def __init__(self, key: FlowKey, stats: CoreStats, emitted: list[Exchange], limits: Limits,
                  scheme: str = "http") -> None:
         self.key = key
+        self.scheme = scheme
+        self.seen_data = False  # until the first payload byte: then TLS or not is decided
+        self.encrypted = False
         self.server_port = key[3]
         self.server_ip = key[2]
         self.stats = stats
         self.emitted = emitted
         self.limits = limits
-        self.scheme = scheme
         self.max_pending = limits.max_pending_requests
         self.last_ns = 0
         self.client = _Side()
@@ -418,7 +437,8 @@ class _Flow:
 class Tracker:
     """Segments in, exchanges out, for every connection to `server_ports`."""
 
-    __slots__ = ("_emitted", "_flows", "_limits", "_scheme", "_server_ports", "skip_hints", "stats")
+    __slots__ = ("_emitted", "_flows", "_limits", "_scheme", "_server_ports", "encrypted_hints", "skip_hints",
+                 "stats")
 
     def __init__(
         self, server_ports: Iterable[int], limits: Limits = Limits(), stats: CoreStats | None = None,
@@ -428,12 +448,15 @@ class Tracker:
 
         `scheme`: the url.scheme of every exchange: "https" for plaintext from the TLS capture.
         """
-        self._scheme = scheme
         self._server_ports = frozenset(server_ports)
+        self._scheme = scheme
         # (connection, towards the server) -> (first, end) of a stretch of that direction's byte
         # stream the parser will only count, or None: forget the last one (the connection ended).
         # The capture applies and clears them (take_skip_hints); None when nobody asked.
         self.skip_hints: dict[tuple[FlowKey, bool], tuple[int, int] | None] | None = {} if hint_skips else None
+        # Connections found to carry TLS (True), and those of them that ended (False): the capture
+        # drops their payload in the kernel meanwhile. Also only when asked (hint_skips).
+        self.encrypted_hints: dict[FlowKey, bool] | None = {} if hint_skips else None
         self._limits = limits
         self.stats = stats if stats is not None else CoreStats()
         # Least recently active first, so that expire() only looks at the front.
@@ -461,8 +484,24 @@ class Tracker:
             flow = self._open(key)
         else:
             flows.move_to_end(key)
-        side = flow.client if to_server else flow.server
         plen = seg.payload_len
+        if not flow.seen_data and plen:
+            flow.seen_data = True
+            if self._scheme == "http" and is_tls_record(seg.payload):
+                flow.encrypted = True
+                self.stats.encrypted_flows += 1
+                if self.encrypted_hints is not None:
+                    self.encrypted_hints[key] = True
+        if flow.encrypted:
+            flow.last_ns = seg.ts_ns
+            if flags & RST:
+                self._close(flow, graceful=True)
+            elif flags & FIN:
+                (flow.client if to_server else flow.server).fin = True
+                if flow.client.fin and flow.server.fin:
+                    self._close(flow, graceful=True)
+            return []
+        side = flow.client if to_server else flow.server
         if plen and (flow.client.fin or flow.server.fin) and side.next_seq >= 0:
             distance = _seq_delta(seg.seq, side.next_seq)
             if distance > _REUSE_DISTANCE or distance < -_REUSE_DISTANCE:
@@ -538,6 +577,13 @@ class Tracker:
                     self.stats.out_of_order_segments += 1
         return self._take_emitted()
 
+    def take_encrypted_hints(self) -> dict[FlowKey, bool]:
+        hints = self.encrypted_hints
+        if not hints:
+            return {}
+        self.encrypted_hints = {}
+        return hints
+
     def take_skip_hints(self) -> dict[tuple[FlowKey, bool], tuple[int, int] | None]:
         hints = self.skip_hints
         if not hints:
@@ -597,6 +643,8 @@ class Tracker:
 
     def _close(self, flow: _Flow, graceful: bool) -> None:
         """Forget a flow. Graceful (FIN, idle, end of input) finishes close-delimited bodies."""
+        if flow.encrypted and self.encrypted_hints is not None:
+            self.encrypted_hints[flow.key] = False
         if self.skip_hints is not None:
             for side, to_server in ((flow.client, True), (flow.server, False)):
                 if side.skip_end >= 0:

@@ -1,0 +1,1 @@
+../../bpf/tls_probes.c

@@ -1,0 +1,404 @@
+"""End to end for HTTPS: the real uprobes on the system libssl, real TLS servers with their own logs.
+
+Two servers terminate TLS with Debian's OpenSSL: a threaded Python server (/usr/bin/python3,
+tests/integration/tls_server.py) and nginx-light. Each writes an access log; the exporter's
+counts per (method, status, route), all labelled url_scheme="https", must equal it exactly.
+The clients (curl, Python's http.client, raw ssl sockets) use the same libssl, so every
+test also checks that their side of the connection is never counted.
+"""
+
+from __future__ import annotations
+
+import collections
+import http.client
+import os
+import shutil
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from exporter.capture.tls import find_libraries
+from tests.integration.harness import REPO, ExporterProcess, counts_by_key, free_port, self_metric
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to attach uprobes")
+
+SYSTEM_PYTHON = "/usr/bin/python3"  # its _ssl links the system libssl.so.3
+SERVER = REPO / "tests" / "integration" / "tls_server.py"
+BUCKETS = "0.01,0.1,0.25,0.5,1"
+
+Counts = collections.Counter[tuple[str, str, str]]
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1, made with the openssl command."""
+    directory = tmp_path_factory.mktemp("tls-cert")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    for path in (directory, cert, key):
+        path.chmod(0o755 if path.is_dir() else 0o644)  # nginx's master reads them as root; fine either way
+    return cert, key
+
+
+def client_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def read_log(path: Path) -> Counts:
+    """(method, status, path) per logged request; nginx's lines say "OK" when the response was
+    sent whole, and one that was not (the client reset the connection) was never answered."""
+    counts: Counts = collections.Counter()
+    if path.exists():
+        for line in path.read_text().splitlines():
+            fields = line.split()
+            if len(fields) == 3 or fields[3] == "OK":
+                counts[(fields[0], fields[2], fields[1])] += 1
+    return counts
+
+
+@contextmanager
+def python_server(certificate: tuple[Path, Path], log: Path) -> Iterator[int]:
+    port = free_port()
+    proc = subprocess.Popen([SYSTEM_PYTHON, str(SERVER), str(port), str(certificate[0]), str(certificate[1]),
+                             str(log)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline().strip() == "ready", "the TLS test server did not start"
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=5)
+        proc.stdout.close()
+
+
+NGINX_CONFIG = """\
+daemon off;
+master_process on;
+worker_processes 2;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    log_format oracle '$request_method $uri $status $request_completion';
+    access_log {root}/access.log oracle;
+    client_body_temp_path {root}/tmp;
+    proxy_temp_path {root}/tmp;
+    fastcgi_temp_path {root}/tmp;
+    uwsgi_temp_path {root}/tmp;
+    scgi_temp_path {root}/tmp;
+    default_type text/plain;
+    keepalive_requests 100000;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        root {root}/www;
+        location = /ok {{ return 200 "ok\\n"; }}
+        location = /nocontent {{ return 204; }}
+        location = /notmodified {{ return 304; }}
+        location = /boom {{ return 500 "boom\\n"; }}
+        location /files/ {{ }}
+    }}
+}}
+"""
+
+
+@contextmanager
+def nginx_server(certificate: tuple[Path, Path]) -> Iterator[tuple[int, Path]]:
+    """nginx in a directory of its own under /tmp: its worker runs as an unprivileged user and must
+    reach the files, which pytest's private (0700) tmp_path would not let it."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    port = free_port()
+    root = Path(tempfile.mkdtemp(prefix="ebpf-slo-tls-nginx-"))
+    root.chmod(0o755)
+    try:
+        with _nginx(binary, port, root, certificate) as log:
+            yield port, log
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def _nginx(binary: str, port: int, root: Path, certificate: tuple[Path, Path]) -> Iterator[Path]:
+    (root / "tmp").mkdir(parents=True)
+    files = root / "www" / "files"
+    files.mkdir(parents=True)
+    for name, size in (("small", 1024), ("medium", 100 * 1024), ("large", 1024 * 1024)):
+        (files / name).write_bytes(b"n" * size)
+    for path in (root / "www", files, *files.iterdir()):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    conf = root / "nginx.conf"
+    conf.write_text(NGINX_CONFIG.format(root=root, port=port, cert=certificate[0], key=certificate[1]))
+    proc = subprocess.Popen([binary, "-p", str(root), "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"nginx did not start: {(root / 'error.log').read_text()}") from None
+                time.sleep(0.1)
+        yield root / "access.log"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def unfinished(log: Path) -> int:
+    """nginx's lines for requests whose response it could not send whole."""
+    return sum(1 for line in log.read_text().splitlines() if line.split()[3:] != ["OK"])
+
+
+def https(port: int, requests: list[tuple[str, str]], body: bytes | None = None) -> list[int]:
+    """Requests on one keep-alive connection; returns the statuses."""
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=client_context(), timeout=10)
+    statuses = []
+    try:
+        for method, path in requests:
+            conn.request(method, path, body=body if method == "POST" else None)
+            response = conn.getresponse()
+            response.read()
+            statuses.append(response.status)
+    finally:
+        conn.close()
+    return statuses
+
+
+def small_reads(port: int, path: str) -> int:
+    """One request whose response the client reads 7 bytes at a time; returns the bytes read."""
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        with client_context().wrap_socket(raw) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            received = bytearray()
+            while chunk := sock.recv(7):
+                received += chunk
+    assert received.startswith(b"HTTP/1.1 200 "), bytes(received[:400])
+    return len(received)
+
+
+def abrupt(port: int, path: str, after_s: float = 0.2) -> None:
+    """Send a request and reset the connection `after_s` later without reading the answer."""
+    with client_context().wrap_socket(socket.create_connection(("127.0.0.1", port))) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        time.sleep(after_s)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close sends RST
+
+
+def curl(*urls: str) -> None:
+    """One curl process, one keep-alive connection for all its URLs."""
+    args = ["curl", "-sk"]
+    for url in urls:
+        args += [url, "-o", "/dev/null"]
+    subprocess.run(args, check=True, capture_output=True, timeout=30)
+
+
+def wait_for_log(path: Path, expected: int, timeout: float = 10.0) -> Counts:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        counts = read_log(path)
+        if sum(counts.values()) >= expected:
+            return counts
+        time.sleep(0.1)
+    return read_log(path)
+
+
+def https_counts(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], port: int) -> Counts:
+    for (name, labels), value in samples.items():
+        if name == "http_server_request_duration_seconds_count" and value and dict(labels)["server_port"] == str(port):
+            assert dict(labels)["url_scheme"] == "https", labels
+    return counts_by_key(samples, port)
+
+
+def test_python_https_server_counts_match_its_log(certificate: tuple[Path, Path], tmp_path: Path) -> None:
+    log, other_log = tmp_path / "access.log", tmp_path / "other.log"
+    with python_server(certificate, log) as port, python_server(certificate, other_log) as other_port:
+        # Opened before the exporter starts: its server thread is already blocked in SSL_read, so
+        # the first request after the start is missed (its response is an unmatched one); the
+        # connection is counted from the next message on.
+        early = http.client.HTTPSConnection("127.0.0.1", port, context=client_context(), timeout=10)
+        early.request("GET", "/ok")
+        early.getresponse().read()
+        before = read_log(log)
+        with ExporterProcess("--interface", "lo", "--port", str(port), "--duration-buckets", BUCKETS) as exporter:
+            early.request("GET", "/warmup")  # the missed one: /warmup is 404 and logged as such
+            early.getresponse().read()
+            for path in ("/ok", "/boom", "/nocontent"):
+                early.request("GET", path)
+                early.getresponse().read()
+            early.close()
+
+            mix = [("GET", "/ok"), ("HEAD", "/ok"), ("GET", "/nocontent"), ("GET", "/notmodified"),
+                   ("GET", "/missing"), ("GET", "/boom"), ("POST", "/ok"), ("GET", "/big?n=1000000"),
+                   ("GET", "/big?n=20000"), ("GET", "/chunked?n=40&size=3000"), ("HEAD", "/chunked")]
+            assert https(port, mix * 3, body=b"p" * 50000)[:3] == [200, 200, 204]
+            assert https(port, [("GET", "/slow?ms=150"), ("GET", "/slow?ms=150"), ("GET", "/slow?ms=300")])
+            threads = [threading.Thread(target=https, args=(port, [("GET", "/ok"), ("GET", "/big?n=70000")] * 10))
+                       for _ in range(6)]
+            for thread in threads:
+                thread.start()
+            assert small_reads(port, "/big?n=30000") > 30000
+            assert small_reads(port, "/chunked?n=5&size=100") > 500
+            abrupt(port, "/slow?ms=400")  # reset before the answer: never logged, never counted
+            curl(*[f"https://127.0.0.1:{port}/ok"] * 3, f"https://127.0.0.1:{port}/missing")
+            for thread in threads:
+                thread.join()
+            # A TLS server on a port nobody watches, from the same clients: nothing of it counts.
+            curl(*[f"https://127.0.0.1:{other_port}/ok"] * 4)
+            assert https(other_port, [("GET", "/ok")] * 3) == [200] * 3
+
+            served = read_log(log) - before
+            wanted = sum(served.values())
+            expected = served - Counts({("GET", "404", "/warmup"): 1})
+            samples = exporter.wait_for_exchanges(sum(expected.values()))
+    assert https_counts(samples, port) == expected
+    assert self_metric(samples, "exchanges_total") == sum(expected.values())
+    assert wanted == sum(expected.values()) + 1
+    assert sum(read_log(other_log).values()) == 7
+    assert self_metric(samples, "unmatched_responses_total") == 1  # the /warmup answer
+    assert self_metric(samples, "tls_events_lost_total") == 0
+    # Each 1 MB body is one SSL_write: sent by length either because the parser's skip hint
+    # was in the kernel already, or because it is longer than the 128 KiB a call may copy.
+    assert self_metric(samples, "tls_calls_truncated_total") + self_metric(samples, "tls_calls_skipped_total") >= 3
+    assert self_metric(samples, "tls_calls_ignored_total") > 0  # the clients' own SSL calls
+    # The socket filter saw the encrypted side of every connection to the port: never a parse error.
+    for reason in ("bad_request_line", "bad_status_line", "not_http", "bad_header", "gap"):
+        assert self_metric(samples, "parse_errors_total", reason=reason) == 0, reason
+    assert self_metric(samples, "requests_without_response_total") == 1  # the reset one
+    assert self_metric(samples, "encrypted_flows_total") == 13  # every connection to the port
+    assert self_metric(samples, "filter_packets_total", verdict="dropped_tls") > 0  # their ciphertext
+    # Known delays in the right buckets: 150 ms twice (0.1 < d <= 0.25), 300 ms once (0.25 < d <= 0.5).
+    def bucket(le: str) -> float:
+        return samples[("http_server_request_duration_seconds_bucket", tuple(sorted({
+            "http_request_method": "GET", "http_response_status_code": "200", "http_route": "/slow",
+            "network_protocol_version": "1.1", "server_port": str(port), "url_scheme": "https", "le": le}.items())))]
+    assert (bucket("0.1"), bucket("0.25"), bucket("0.5")) == (0, 2, 3)
+
+
+def test_nginx_https_counts_match_its_log(certificate: tuple[Path, Path]) -> None:
+    with nginx_server(certificate) as (port, log):
+        with ExporterProcess("--interface", "lo", "--port", str(port), "--route", "/files/{name}") as exporter:
+            base = f"https://127.0.0.1:{port}"
+            curl(f"{base}/ok", f"{base}/files/large", f"{base}/ok", f"{base}/missing", f"{base}/files/medium")
+            mix = [("GET", "/ok"), ("HEAD", "/ok"), ("GET", "/nocontent"), ("GET", "/notmodified"),
+                   ("GET", "/boom"), ("GET", "/files/small"), ("GET", "/files/medium"), ("GET", "/files/large"),
+                   ("HEAD", "/files/large"), ("GET", "/nothing/here")]
+            threads = [threading.Thread(target=https, args=(port, mix * 4)) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert small_reads(port, "/files/medium") > 100 * 1024
+            abrupt(port, "/files/large")  # reset while nginx writes: logged without "OK"
+            served = wait_for_log(log, 5 + 8 * 40 + 1)
+            time.sleep(0.5)  # the reset one's line
+            served = read_log(log)
+            incomplete = unfinished(log)
+            assert incomplete <= 1
+            samples = exporter.wait_for_exchanges(sum(served.values()))
+    expected: Counts = collections.Counter()
+    for (method, status, path), count in served.items():
+        expected[(method, status, "/files/{name}" if path.startswith("/files/") else path)] += count
+    assert https_counts(samples, port) == expected
+    assert self_metric(samples, "exchanges_total") == sum(expected.values())
+    assert self_metric(samples, "tls_events_lost_total") == 0
+    assert self_metric(samples, "unmatched_responses_total") == 0
+    # The reset one, unless nginx had handed the whole answer to the socket first (then it is
+    # logged "OK" and counted above).
+    assert self_metric(samples, "requests_without_response_total") == incomplete
+    for reason in ("bad_request_line", "bad_status_line", "not_http", "gap"):
+        assert self_metric(samples, "parse_errors_total", reason=reason) == 0, reason
+
+
+def test_a_server_that_exits_mid_exchange_ends_its_connections(certificate: tuple[Path, Path],
+                                                                tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    with python_server(certificate, log) as port:
+        with ExporterProcess("--interface", "lo", "--port", str(port)) as exporter:
+            conn = http.client.HTTPSConnection("127.0.0.1", port, context=client_context(), timeout=10)
+            conn.request("GET", "/ok")
+            conn.getresponse().read()
+            conn.request("GET", "/exit")
+            with pytest.raises((ConnectionError, http.client.RemoteDisconnected)):
+                conn.getresponse().read()
+            conn.close()
+            deadline = time.monotonic() + 10
+            samples = exporter.scrape()
+            while time.monotonic() < deadline and self_metric(samples, "requests_without_response_total") < 1:
+                time.sleep(0.2)
+                samples = exporter.scrape()
+    assert https_counts(samples, port) == read_log(log) == Counts({("GET", "200", "/ok"): 1})
+    # No close() was seen: the exporter noticed the process was gone and ended its connection.
+    assert self_metric(samples, "requests_without_response_total") == 1
+    assert self_metric(samples, "tls_connections_tracked") == 0
+
+
+def test_no_tls_counts_nothing_and_a_missing_library_is_one_line(certificate: tuple[Path, Path],
+                                                                        tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    with python_server(certificate, log) as port:
+        with ExporterProcess("--interface", "lo", "--port", str(port), "--no-tls") as exporter:
+            curl(*[f"https://127.0.0.1:{port}/ok"] * 3)
+            assert sum(wait_for_log(log, 3).values()) == 3
+            time.sleep(1.0)
+            samples = exporter.scrape()
+        assert https_counts(samples, port) == Counts()
+        assert self_metric(samples, "tls_libraries_probed") == 0
+        assert self_metric(samples, "encrypted_flows_total") == 1
+        assert self_metric(samples, "parse_errors_total", reason="bad_request_line") == 0
+    missing = tmp_path / "nowhere" / "libssl.so.3"
+    result = subprocess.run([sys.executable, "-m", "exporter", "run", "--port", "1", "--libssl", str(missing)],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"Invalid value for '--libssl': File '{missing}' does not exist." in result.stderr
+
+
+ATTACH_PROBE = """
+from exporter.capture.tls import TlsProbes, find_libraries
+from exporter.errors import CaptureError
+try:
+    probes = TlsProbes(find_libraries())
+except CaptureError as exc:
+    print("refused:", exc)
+else:
+    print("attached:", ",".join(probes.libraries))
+    probes.close()
+"""
+
+
+def attach_as_nobody(caps: list[str]) -> str:
+    spec = ",".join(["-all", *(f"+{c}" for c in caps)])
+    home = Path(tempfile.mkdtemp(prefix="ebpf-slo-home-"))
+    home.chmod(0o777)
+    try:
+        result = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", f"--inh-caps={spec}",
+             f"--ambient-caps={spec}", f"--bounding-set={spec}", sys.executable, "-c", ATTACH_PROBE],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+            env={**os.environ, "HOME": str(home), "PYTHONDONTWRITEBYTECODE": "1"})
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    return result.stdout.strip()
+
+
+def test_uprobes_need_cap_sys_admin_and_it_is_enough() -> None:
+    """What preflight.TLS_CAPABILITIES says, measured: the capture's set cannot attach, SYS_ADMIN can."""
+    assert attach_as_nobody(["sys_admin"]) == "attached: " + ",".join(sorted(find_libraries()))
+    refused = attach_as_nobody(["bpf", "perfmon", "net_raw"])
+    assert refused.startswith("refused: no uprobe could be attached to libssl"), refused

@@ -1,0 +1,241 @@
+"""TLS capture without a kernel: the event decoder, /proc parsing, events -> Segments -> Exchanges,
+and the clear-text Tracker's handling of encrypted connections."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from exporter.capture.tls import (
+    KIND_CLOSE,
+    KIND_READ,
+    KIND_WRITE,
+    Endpoints,
+    SocketResolver,
+    TlsCapture,
+    TlsEvent,
+    decode_event,
+    find_libraries,
+    parse_proc_net_tcp,
+)
+from exporter.core.flows import Limits, Tracker, is_tls_record
+from exporter.core.model import ACK, FIN, PSH, Exchange, Segment
+from exporter.errors import CaptureError
+from exporter.pipeline import combined_stats
+
+HEADER = struct.Struct("=QQQIiiIIBB2x")  # struct tls_event in bpf/tls_probes.c, written independently
+
+
+def test_decode_event_reads_the_c_layout() -> None:
+    raw = HEADER.pack(123, 0xABC, 4096, 77, 9, 3, 5, 0, KIND_WRITE, 1) + b"hello"
+    assert HEADER.size == 48
+    assert decode_event(raw) == TlsEvent(123, 0xABC, 4096, 77, 9, 3, KIND_WRITE, b"hello", 0, True)
+    assert decode_event(raw[:-1]) is None  # shorter than its length says
+    assert decode_event(raw[:20]) is None
+
+
+TCP4 = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1111 1 0 100 0 0 10 0
+   1: 0100007F:1F90 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 2222 1 0 20 4 30 10 -1
+"""
+_TAIL = " 01 00000000:00000000 00:00000000 00000000     0        0 {inode} 1 0 20 4 30 10 -1"
+TCP6 = "\n".join([
+    "  sl  local_address                         remote_address                        st ... inode",
+    "   0: 00000000000000000000000001000000:01BB 00000000000000000000000001000000:9C40" + _TAIL.format(inode=3333),
+    "   1: 0000000000000000FFFF00000100007F:01BB 0000000000000000FFFF00000200007F:9C41" + _TAIL.format(inode=4444),
+])
+
+
+@pytest.mark.parametrize(("text", "inode", "expected"), [
+    (TCP4, 1111, Endpoints("127.0.0.1", 8080, "0.0.0.0", 0)),
+    (TCP4, 2222, Endpoints("127.0.0.1", 8080, "127.0.0.1", 54321)),
+    (TCP6, 3333, Endpoints("::1", 443, "::1", 40000)),
+    (TCP6, 4444, Endpoints("127.0.0.1", 443, "127.0.0.2", 40001)),  # v4-mapped: shown as IPv4
+    (TCP4, 9999, None),
+])
+def test_proc_net_tcp_lines(text: str, inode: int, expected: Endpoints | None) -> None:
+    assert parse_proc_net_tcp(text, inode) == expected
+
+
+def test_resolver_follows_fd_links_into_the_process_tables(tmp_path: Path) -> None:
+    (tmp_path / "42" / "fd").mkdir(parents=True)
+    (tmp_path / "42" / "net").mkdir()
+    (tmp_path / "42" / "net" / "tcp").write_text(TCP4)
+    (tmp_path / "42" / "net" / "tcp6").write_text(TCP6)
+    os.symlink("socket:[2222]", tmp_path / "42" / "fd" / "7")
+    os.symlink("socket:[4444]", tmp_path / "42" / "fd" / "8")
+    os.symlink("/dev/null", tmp_path / "42" / "fd" / "1")
+    resolver = SocketResolver(tmp_path)
+    assert resolver.resolve(42, 7) == Endpoints("127.0.0.1", 8080, "127.0.0.1", 54321)
+    assert resolver.resolve(42, 8) == Endpoints("127.0.0.1", 443, "127.0.0.2", 40001)
+    assert resolver.resolve(42, 1) is None  # not a socket
+    assert resolver.resolve(42, 99) is None  # gone
+    assert resolver.resolve(43, 7) is None  # no such process
+
+
+def test_find_libraries_probes_each_file_once(tmp_path: Path) -> None:
+    lib = tmp_path / "usr" / "libssl.so.3"
+    lib.parent.mkdir()
+    lib.write_bytes(b"\x7fELF")
+    (tmp_path / "lib").symlink_to(tmp_path / "usr")  # merged /usr: the same inode twice
+    other = tmp_path / "opt" / "libssl.so.3"
+    other.parent.mkdir()
+    other.write_bytes(b"\x7fELF")
+    found = find_libraries([str(other), str(lib)], globs=[str(tmp_path / "*" / "libssl.so.3")])
+    assert found == [str(tmp_path / "lib" / "libssl.so.3"), str(other)]
+    with pytest.raises(CaptureError, match=r"^--libssl /nowhere/libssl.so.3: No such file or directory$"):
+        find_libraries(["/nowhere/libssl.so.3"], globs=[])
+
+
+class FakeResolver(SocketResolver):
+    """Sockets by (tgid, fd), and inodes for the listening ones."""
+
+    def __init__(self, sockets: dict[tuple[int, int], Endpoints]) -> None:
+        super().__init__(Path("/nonexistent"))
+        self.sockets = sockets
+
+    def inode(self, tgid: int, fd: int) -> int | None:
+        return 1000 + fd if (tgid, fd) in self.sockets else None
+
+    def resolve(self, tgid: int, fd: int) -> Endpoints | None:
+        return self.sockets.get((tgid, fd))
+
+
+LISTENER = Endpoints("0.0.0.0", 8443, "0.0.0.0", 0)
+REQUEST = b"GET /items/1?x=2 HTTP/1.1\r\nHost: a\r\n\r\n"
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+
+
+def event(kind: int, offset: int, data: bytes = b"", *, ts: int = 1000, fd: int = 9, ssl: int = 0x10,
+          listen_fd: int = 3, skipped: int = 0, after_loss: bool = False) -> TlsEvent:
+    return TlsEvent(ts, ssl, offset, 500, fd, listen_fd, kind, data, skipped, after_loss)
+
+
+def run(capture: TlsCapture, events: list[TlsEvent]) -> tuple[list[Segment], Tracker]:
+    tracker = Tracker([8443], Limits(), scheme="https")
+    segments = [seg for ev in events for seg in capture.segments_of(ev, 10**18)]
+    for segment in segments:
+        tracker.feed(segment)
+    return segments, tracker
+
+
+def test_events_become_https_exchanges_through_the_listening_socket() -> None:
+    capture = TlsCapture([8443], [], resolver=FakeResolver({(500, 3): LISTENER}))
+    emitted: list[Exchange] = []
+    tracker = Tracker([8443], Limits(), scheme="https")
+    events = [
+        event(KIND_READ, 0, REQUEST[:10], ts=1000),
+        event(KIND_READ, 10, REQUEST[10:], ts=1100),
+        event(KIND_WRITE, 0, RESPONSE[:20], ts=5000),
+        event(KIND_WRITE, 20, RESPONSE[20:], ts=9000),
+        event(KIND_CLOSE, 0, ts=9500),
+    ]
+    for ev in events:
+        for segment in capture.segments_of(ev, 10**18):
+            emitted.extend(tracker.feed(segment))
+    [exchange] = emitted
+    assert (exchange.method, exchange.target, exchange.status, exchange.scheme) == ("GET", "/items/1", 200, "https")
+    assert (exchange.start_ns, exchange.end_ns, exchange.server_port) == (10**18 + 1000, 10**18 + 9000, 8443)
+    assert tracker.stats.flows_active == 0  # the close ended it
+    assert capture.connections_tracked() == 0
+
+
+def test_a_socket_on_another_port_or_unresolved_counts_nothing() -> None:
+    capture = TlsCapture([8443], [], resolver=FakeResolver({
+        (500, 3): Endpoints("0.0.0.0", 9999, "0.0.0.0", 0),  # another service's listener
+        (500, 4): Endpoints("10.0.0.1", 40000, "10.0.0.2", 8443),  # a client of a watched port
+    }))
+    segments, _ = run(capture, [event(KIND_READ, 0, REQUEST), event(KIND_READ, 0, REQUEST, fd=4, listen_fd=-1),
+                                event(KIND_READ, 0, REQUEST, fd=5, listen_fd=-1)])
+    assert segments == []
+    assert capture.unresolved == 1  # fd 5: /proc knew nothing of it
+
+
+def test_lost_bytes_are_a_gap_of_known_length_and_skips_are_counted_bytes() -> None:
+    capture = TlsCapture([8443], [], resolver=FakeResolver({(500, 3): LISTENER}))
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"
+    segments, tracker = run(capture, [
+        event(KIND_READ, 0, REQUEST),
+        event(KIND_WRITE, 0, head + b"a" * 100),
+        event(KIND_WRITE, len(head) + 100, skipped=40000),  # a body stretch sent by length
+        # 30000 bytes lost in the ring, then the rest of the body
+        event(KIND_WRITE, len(head) + 70100, b"b" * 29900, after_loss=True),
+        event(KIND_READ, len(REQUEST), REQUEST),
+    ])
+    assert [(s.seq, len(s.payload), s.payload_len) for s in segments[2:4]] == [
+        (len(head) + 100, 0, 40000), (len(head) + 40100, 0, 30000)]
+    assert capture.loss_gaps == 1
+    assert tracker.stats.parse_errors["gap"] == 0
+    assert tracker.stats.flows_active == 1
+
+
+def test_a_new_ssl_on_a_known_fd_ends_the_old_connection() -> None:
+    capture = TlsCapture([8443], [], resolver=FakeResolver({(500, 3): LISTENER}))
+    emitted: list[Exchange] = []
+    tracker = Tracker([8443], Limits(), scheme="https")
+    close_delimited = b"HTTP/1.1 200 OK\r\n\r\nclose-delimited"
+    for ev in [event(KIND_READ, 0, REQUEST, ssl=1), event(KIND_WRITE, 0, close_delimited, ssl=1),
+               event(KIND_READ, 0, REQUEST, ssl=2), event(KIND_WRITE, 0, RESPONSE, ssl=2)]:
+        for segment in capture.segments_of(ev, 0):
+            emitted.extend(tracker.feed(segment))
+    assert [(e.status, e.response_body_bytes) for e in emitted] == [(200, 15), (200, 5)]
+
+
+def test_reap_resets_connections_closed_unseen() -> None:
+    capture = TlsCapture([8443], [], resolver=FakeResolver({(500, 3): LISTENER}))
+    _, tracker = run(capture, [event(KIND_READ, 0, REQUEST)])
+    assert capture.reap(5, is_open=lambda tgid, fd: True) == []
+    for segment in capture.reap(5, is_open=lambda tgid, fd: (tgid, fd) != (500, 9)):
+        tracker.feed(segment)
+    assert tracker.stats.requests_without_response == 1
+    assert tracker.stats.flows_active == 0
+
+
+@pytest.mark.parametrize(("payload", "tls"), [
+    (b"\x16\x03\x01\x02\x00", True), (b"\x17\x03\x03\x00\x20", True), (b"\x15\x03\x03", True),
+    (b"GET / HTTP/1.1\r\n", False), (b"\x16\x02\x01", False), (b"\x18\x03\x03", False), (b"\x16\x03", False),
+])
+def test_tls_record_headers(payload: bytes, tls: bool) -> None:
+    assert is_tls_record(payload) is tls
+
+
+def test_encrypted_flow_on_a_watched_port_is_neither_parsed_nor_an_error() -> None:
+    tracker = Tracker([443], Limits(), hint_skips=True)
+    hello = b"\x16\x03\x01\x00\xa0" + b"\x01" * 160
+    segments = [
+        Segment(1, "10.0.0.1", 5000, "10.0.0.2", 443, 100, ACK | PSH, hello, len(hello)),
+        Segment(2, "10.0.0.2", 443, "10.0.0.1", 5000, 900, ACK | PSH, b"\x16\x03\x03" + b"\x02" * 90, 93),
+        Segment(3, "10.0.0.1", 5000, "10.0.0.2", 443, 265, ACK | PSH, b"GARBAGE\r\n\r\n", 11),
+        Segment(4, "10.0.0.1", 5000, "10.0.0.2", 443, 276, ACK | FIN, b"", 0),
+        Segment(5, "10.0.0.2", 443, "10.0.0.1", 5000, 993, ACK | FIN, b"", 0),
+    ]
+    flow = ("10.0.0.1", 5000, "10.0.0.2", 443)
+    for segment in segments[:3]:
+        assert tracker.feed(segment) == []
+    assert tracker.take_encrypted_hints() == {flow: True}  # the capture drops its payload from now on
+    for segment in segments[3:]:
+        assert tracker.feed(segment) == []
+    assert tracker.stats.encrypted_flows == 1
+    assert sum(tracker.stats.parse_errors.values()) == 0
+    assert tracker.stats.flows_active == 0
+    assert tracker.take_encrypted_hints() == {flow: False}  # and forgets it once it ended
+    assert tracker.take_skip_hints() == {}
+
+
+def test_combined_stats_add_up_every_counter() -> None:
+    first, second = Tracker([80]), Tracker([443], scheme="https")
+    first.stats.segments, second.stats.segments = 3, 4
+    first.stats.parse_errors["gap"], second.stats.parse_errors["gap"] = 1, 2
+    second.stats.flows_evicted["idle"] = 5
+    total = combined_stats([first.stats, second.stats])
+    assert (total.segments, total.parse_errors["gap"], total.flows_evicted["idle"]) == (7, 3, 5)
+
+
+def test_close_before_data_and_unknown_close_are_quiet() -> None:
+    capture = TlsCapture([8443], [], resolver=FakeResolver({(500, 3): LISTENER}))
+    assert list(capture.segments_of(event(KIND_CLOSE, 0), 0)) == []
+    segments, _ = run(capture, [event(KIND_READ, 0, REQUEST), event(KIND_CLOSE, 0)])
+    assert [s.flags for s in segments[1:]] == [ACK | FIN, ACK | FIN]
