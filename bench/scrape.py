@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -22,16 +22,22 @@ class Scrape:
     exchanges: float | None
     kernel_drops: float | None
     packets: float | None
+    fast_path_exchanges: float | None = None
+    # request count per (http_response_status_code, http_route) for the port
+    by_status_route: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
 def parse_scrape(text: str, port: int) -> Scrape:
     count = total = 0.0
     self_metrics: dict[str, float] = {}
+    by_status_route: dict[tuple[str, str], float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name.startswith(DURATION) and sample.labels.get("server_port") == str(port):
                 if sample.name == DURATION + "_count":
                     count += sample.value
+                    key = (sample.labels.get("http_response_status_code", ""), sample.labels.get("http_route", ""))
+                    by_status_route[key] = by_status_route.get(key, 0.0) + sample.value
                 elif sample.name == DURATION + "_sum":
                     total += sample.value
             elif sample.name.startswith(PREFIX) and not sample.labels:
@@ -42,6 +48,8 @@ def parse_scrape(text: str, port: int) -> Scrape:
         exchanges=self_metrics.get("exchanges_total"),
         kernel_drops=self_metrics.get("kernel_drops_total"),
         packets=self_metrics.get("packets_received_total"),
+        fast_path_exchanges=self_metrics.get("fast_path_exchanges_total"),
+        by_status_route=by_status_route,
     )
 
 
