@@ -140,8 +140,13 @@
 
 /* Fast path sizes; bpf.py reads the same numbers from its own constants. */
 #ifndef HEAD_MAX
-#define HEAD_MAX 512        /* payload bytes scanned for a head (power of two) */
+#define HEAD_MAX 4096       /* payload bytes scanned for a head (power of two) */
 #endif
+#ifndef SCAN_CHUNK
+#define SCAN_CHUNK 512      /* scan steps per run of http_scan (336k verified insns); HEAD_MAX / SCAN_CHUNK + 1 <= 33 tail calls */
+#endif
+#define PROG_SCAN 0         /* slots of scan_progs, filled by bpf.py's loader */
+#define PROG_FINISH 1
 #define PATH_LEN 96         /* path bytes kept; a longer path makes the flow SLOW */
 #define MAX_DUR_BOUNDS 32
 #define MAX_SIZE_BOUNDS 16
@@ -155,6 +160,9 @@
 #define HANDOVER_ENTRIES 16384
 #endif
 #define CLAIM_TRIES 256  /* x 32 reads: ~10-40 us of waiting; a holder needs about 1 us */
+
+/* The programs http_filter and http_scan tail-call (PROG_SCAN, PROG_FINISH). */
+BPF_PROG_ARRAY(scan_progs, 2);
 
 /* Ports to watch: 1 at the index of each (host byte order). Filled and changed
  * from Python at run time. An array rather than a hash: its lookup is inlined
@@ -278,8 +286,20 @@ struct scratch {
     struct fp_state st;
     struct fp_handover ho;
     struct http_agg_key ak;
+    /* The packet, as http_filter parsed it, for the programs it tail-calls. */
+    u32 to_server;
+    u32 seq;
+    u32 plen;             /* TCP payload length */
+    u32 off;              /* offset of the payload in the frame */
+    u32 l3_end;           /* end of the IP packet in the frame */
+    u32 fin;
+    u32 rst;
+    u32 syn;
+    u32 scanned;          /* the payload went through http_scan: classify_end it */
+    u32 reject;           /* HO_* reason a request was not taken, or HO_COUNT: not more specific */
     u32 n;
-    u32 start;
+    u32 pos;              /* next byte of buf the scan reads */
+    u32 mlen;             /* method length + 1: where the target starts */
     u32 method;
     u32 request;
     u32 kind;
@@ -298,7 +318,6 @@ struct scratch {
     u32 status;
     u32 body;
     u32 merged;           /* held body bytes a completing segment joined up with */
-    u32 skipped;          /* bytes the scan passed over a word at a time */
 };
 BPF_PERCPU_ARRAY(scratch, struct scratch, 1);
 
@@ -340,7 +359,7 @@ static __always_inline int is_v6_ext(u8 nexthdr)
 
 enum {
     S_TARGET, S_VERSION, S_REASON0, S_REASON, S_LF, S_LSTART, S_NAME, S_VALUE,
-    S_CLV, S_END_LF, S_DONE, S_FAIL,
+    S_CLV, S_END_LF, S_DONE, S_FAIL, S_PATH_LONG,  /* S_DONE and after: the scan stops */
 };
 
 /* RFC 9110 tchar as two bitmaps (bytes 0-63, 64-127). */
@@ -374,20 +393,13 @@ static __always_inline u32 pat_byte(u64 w0, u64 w1, u64 w2, u32 k)
     return 0x100;
 }
 
-/* Scan s->buf[start .. s->n) as the rest of a head: for a request, from the
- * target on; for a response, from after "HTTP/1.d NNN". Returns the head
- * length (through CRLF CRLF) or 0 when the head is not one we take here.
- * Everything the user-space parser would reject is rejected here too, and
- * some things it accepts (bare LF, bytes >= 0x80 in the target) are left to it. */
-static __always_inline u32 scan_head(volatile struct scratch *s, u32 start)
+/* Scan state for s->buf[s->start .. s->n) as the rest of a head: for a request,
+ * from the target on; for a response, from after "HTTP/1.d NNN". Everything the
+ * user-space parser would reject is rejected here too, and some things it
+ * accepts (bare LF, bytes >= 0x80 in the target) are left to it. */
+static __always_inline void scan_init(struct scratch *s, u32 start)
 {
-    /* Through memory: the verifier then walks the loop once for every caller
-     * instead of once per distinct constant start (method length). */
-    s->start = start;
-    start = s->start;
-#ifdef NO_SCAN
-    return 0;
-#endif
+    s->pos = start;
     s->state = s->request ? S_TARGET : S_REASON0;
     s->head_len = 0;
     s->cl_seen = 0;
@@ -395,10 +407,20 @@ static __always_inline u32 scan_head(volatile struct scratch *s, u32 start)
     s->path_len = 0;
     s->in_query = 0;
     s->vpos = 0;
-    s->skipped = 0;
-    /* Every pass consumes at least one byte, so HEAD_MAX passes cover the buffer. */
-    for (u32 i = 0; i < HEAD_MAX; i++) {
-        u32 at = start + i + s->skipped;
+}
+
+/* At most SCAN_CHUNK steps of the scan, each consuming one byte, or 8 inside a
+ * header value. The position and every state live in the per-CPU scratch, so
+ * the http_scan program can tail-call itself and go on where it stopped: the
+ * verifier walks SCAN_CHUNK steps once, whatever the head's length. */
+static __always_inline void scan_chunk(volatile struct scratch *s)
+{
+#ifdef NO_SCAN
+    s->state = S_FAIL;
+    return;
+#endif
+    for (u32 i = 0; i < SCAN_CHUNK; i++) {
+        u32 at = s->pos;
         if (at >= s->n)
             break;
         u32 idx = at & (HEAD_MAX - 1);
@@ -415,7 +437,7 @@ static __always_inline u32 scan_head(volatile struct scratch *s, u32 start)
                 u64 zero = (((cr - 0x0101010101010101ULL) & ~cr) | ((lf - 0x0101010101010101ULL) & ~lf))
                            & 0x8080808080808080ULL;
                 if (!zero) {
-                    s->skipped = s->skipped + 7;
+                    s->pos = at + 8;
                     continue;
                 }
             }
@@ -429,7 +451,7 @@ static __always_inline u32 scan_head(volatile struct scratch *s, u32 start)
                 if (s->te_ok && k == 17) {
                     s->state = S_FAIL;
                 } else if (s->cl_ok && k == 14) {
-                    if (s->request || s->cl_seen) {
+                    if (s->cl_seen) {
                         s->state = S_FAIL;
                     } else {
                         s->cl_seen = 1;
@@ -442,6 +464,7 @@ static __always_inline u32 scan_head(volatile struct scratch *s, u32 start)
                     s->state = S_VALUE;
                 }
             } else if (is_tchar(c)) {
+                /* Names match in any case: c | 0x20 lowers letters and leaves '-' as it is. */
                 u32 lc = c | 0x20;
                 if (s->cl_ok && lc != pat_byte(CL_W0, CL_W1, 0, k))
                     s->cl_ok = 0;
@@ -474,7 +497,7 @@ static __always_inline u32 scan_head(volatile struct scratch *s, u32 start)
                     s->in_query = 1;
                 if (!s->in_query) {
                     if (s->path_len >= PATH_LEN)
-                        s->state = S_FAIL;
+                        s->state = S_PATH_LONG;
                     else
                         s->path_len++;
                 }
@@ -532,10 +555,10 @@ static __always_inline u32 scan_head(volatile struct scratch *s, u32 start)
                 s->state = S_FAIL;
             }
         }
+        s->pos = at + 1;
         if (s->state >= S_DONE)
             break;
     }
-    return s->state == S_DONE ? s->head_len : 0;
 }
 
 /* Load up to HEAD_MAX payload bytes into the scratch buffer; returns how many. */
@@ -575,20 +598,23 @@ static __always_inline u32 method_of(u64 w, u32 *len)
 #define KIND_REQUEST 1   /* the segment is exactly one simple request head */
 #define KIND_RESPONSE 2  /* the segment starts with a final response head we can frame */
 
-/* Classify a segment's payload by its direction, before the flow's state is
- * looked at: one call site, so the verifier walks the head scan once (each
- * extra caller context costs HEAD_MAX iterations of it). Sets s->kind; for a
- * request s->st.method/path/path_len, for a response s->status, s->head_len,
- * s->cl_seen and s->cl. Segments that cannot start a head (body bytes) leave
- * after an 8-byte comparison. */
-static __always_inline void classify(struct __sk_buff *skb, struct scratch *s, u32 off, u32 plen, int to_server)
+/* First half of classifying a segment's payload by its direction, before the
+ * flow's state is looked at (http_filter): load it, match the method or the
+ * status line, and set up the scan. Returns 1 when the scan (http_scan) must
+ * run, 0 when the segment cannot start a head we take (body bytes leave after
+ * an 8-byte comparison). s->reject says why a request was not taken when the
+ * reason is more specific than "not a simple request". */
+static __always_inline int classify_start(struct __sk_buff *skb, struct scratch *s, u32 off, u32 plen,
+                                          int to_server)
 {
     volatile struct scratch *vs = s;
     vs->kind = KIND_NONE;
-    if (to_server && plen > HEAD_MAX)
-        return;
+    if (to_server && plen > HEAD_MAX) {
+        vs->reject = HO_HEAD_TOO_LONG;
+        return 0;
+    }
     if (!load_payload(skb, s, off, plen))
-        return;
+        return 0;
     u64 w;
     __builtin_memcpy(&w, s->buf, 8);
     u32 start;
@@ -596,35 +622,58 @@ static __always_inline void classify(struct __sk_buff *skb, struct scratch *s, u
         u32 mlen = 0;
         u32 method = method_of(w, &mlen);
         if (!method || mlen > 8 || s->buf[mlen & 15] != '/')
-            return;
+            return 0;
         vs->method = method;
+        vs->mlen = mlen;
         start = mlen;
     } else {
         if ((w & 0x00ffffffffffffffULL) != VERSION_W)
-            return;
+            return 0;
         u8 d7 = s->buf[7], sp = s->buf[8], a = s->buf[9], b = s->buf[10], c = s->buf[11];
         if (d7 < '0' || d7 > '9' || sp != ' ')
-            return;
+            return 0;
         if (a < '0' || a > '9' || b < '0' || b > '9' || c < '0' || c > '9')
-            return;
+            return 0;
         u32 status = (a - '0') * 100 + (b - '0') * 10 + (c - '0');
         if (status < 200)
-            return;  /* interim and 101: user space */
+            return 0;  /* interim and 101: user space */
         vs->status = status;
         start = 12;
     }
-    /* Everything the scan's callers differ in is parked in memory (see scan_head). */
     vs->request = to_server;
-    u32 head_len = scan_head(s, start);
-    if (!head_len)
+    scan_init(s, start);
+    return 1;
+}
+
+/* Second half, once the scan has stopped (http_finish): sets s->kind; for a
+ * request s->st.method/path/path_len, for a response s->head_len, s->cl_seen
+ * and s->cl. */
+static __always_inline void classify_end(struct scratch *s)
+{
+    volatile struct scratch *vs = s;
+    vs->kind = KIND_NONE;
+    u32 state = vs->state;
+    if (state != S_DONE) {
+        if (!vs->request)
+            return;
+        if (state == S_PATH_LONG)
+            vs->reject = HO_PATH_TOO_LONG;
+        else if (state != S_FAIL && vs->pos >= vs->n)  /* the bytes ran out mid-head */
+            vs->reject = vs->n >= HEAD_MAX ? HO_HEAD_TOO_LONG : HO_HEAD_SPLIT;
         return;
+    }
     if (!vs->request) {
         vs->kind = KIND_RESPONSE;
         return;
     }
-    if (head_len != vs->n || vs->n != plen)
+    if (vs->cl_seen && vs->cl != 0) {
+        vs->reject = HO_REQUEST_BODY;  /* a body follows: user space frames it */
         return;
-    u32 mlen = vs->start;
+    }
+    u32 head_len = vs->head_len;
+    if (head_len != vs->n || vs->n != vs->plen)
+        return;  /* bytes after the head: pipelining or garbage, user space's */
+    u32 mlen = vs->mlen;
     u32 path_len = vs->path_len;
     if (path_len > PATH_LEN || mlen > 8)
         return;
@@ -755,7 +804,7 @@ static __always_inline u32 fast_step(struct __sk_buff *skb, struct scratch *s, s
             if (phase != PHASE_IDLE)
                 return V_HANDOVER + HO_PIPELINED;
             if (s->kind != KIND_REQUEST)
-                return V_HANDOVER + HO_REQUEST;
+                return V_HANDOVER + (s->reject < HO_COUNT ? s->reject : HO_REQUEST);
             st->phase = PHASE_REQUEST;
             st->start_ns = now;
             st->method = s->st.method;
@@ -901,16 +950,9 @@ static __always_inline void slow_close(struct flow_key *fk, struct fp_state *st,
 }
 
 /* Returns 1 to pass the segment up (then the usual keep/truncate rules apply), 0 when taken here. */
-static __always_inline int fast_path(struct __sk_buff *skb, struct flow_key *key, int to_server, u32 seq,
-                                     u32 plen, u32 off, u8 fin, u8 rst, u8 syn)
+static __always_inline int fast_path(struct __sk_buff *skb, struct scratch *s, struct flow_key *key,
+                                     int to_server, u32 seq, u32 plen, u32 off, u8 fin, u8 rst, u8 syn)
 {
-    u32 zero = 0;
-    struct scratch *s = scratch.lookup(&zero);
-    if (!s)
-        return 1;
-    s->kind = KIND_NONE;
-    if (plen && !fin && !rst && !syn)
-        classify(skb, s, off, plen, to_server);
     struct flow_key fk = {};
     if (to_server) {
         __builtin_memcpy(&fk, key, sizeof(fk));
@@ -987,7 +1029,7 @@ static __always_inline int fast_path(struct __sk_buff *skb, struct flow_key *key
         }
         fcount(FC_FLOWS_CREATED);
         if (!simple) {
-            hcount(HO_NEW_FLOW);
+            hcount(s->reject < HO_COUNT ? s->reject : HO_NEW_FLOW);
             return 1;
         }
         fcount(FC_REQUESTS);
@@ -1019,6 +1061,34 @@ static __always_inline int fast_path(struct __sk_buff *skb, struct flow_key *key
             fcount(FC_FLOWS_DELETED);
     }
     return v >= V_HANDOVER;
+}
+
+/* What to keep of a packet user space gets (every counted outcome but the fast path's). */
+static __always_inline int verdict(struct __sk_buff *skb, struct scratch *sc)
+{
+    volatile struct scratch *vs = sc;
+    u32 payload_len = vs->plen;
+    u32 headers_end = vs->off;
+    u32 l3_end = vs->l3_end;
+    if (payload_len == 0) {
+        count(CNT_KEPT);
+        return headers_end;
+    }
+
+    struct skip_range *skip = body_skip.lookup(&sc->key);
+    if (skip) {
+        u32 seq = vs->seq;
+        u32 last = seq + payload_len; /* exclusive end, mod 2^32 */
+        if ((s32)(seq - skip->start) >= 0 && (s32)(last - skip->end) <= 0) {
+            count(CNT_KEPT);
+            count(CNT_TRUNCATED_BODY_SKIP);
+            return headers_end;
+        }
+    }
+
+    count(CNT_KEPT);
+    u32 snaplen = cfg(CFG_SNAPLEN, 65535);
+    return l3_end < snaplen ? l3_end : snaplen;
 }
 
 /* Returns 0 to drop, else the number of bytes to keep. Every path counts once. */
@@ -1163,34 +1233,69 @@ int http_filter(struct __sk_buff *skb)
 
     kp->sport = sport;
     kp->dport = dport;
-    u32 seq = ntohl(tcp.seq);
+    volatile struct scratch *vs = sc;
+    vs->to_server = to_server;
+    vs->seq = ntohl(tcp.seq);
+    vs->plen = payload_len;
+    vs->off = headers_end;
+    vs->l3_end = l3_end;
+    vs->fin = tcp.fin;
+    vs->rst = tcp.rst;
+    vs->syn = tcp.syn;
 
-    if (cfg(CFG_FAST_PATH, 0) &&
-        !fast_path(skb, kp, to_server, seq, payload_len, headers_end, tcp.fin, tcp.rst, tcp.syn)) {
-        count(CNT_CONSUMED_FAST_PATH);
-        return 0;
+    if (cfg(CFG_FAST_PATH, 0)) {
+        /* The fast path runs in http_finish, after the head scan in http_scan when the
+         * payload may start a head: each program has the verifier's whole budget. */
+        vs->kind = KIND_NONE;
+        vs->reject = HO_COUNT;
+        int scan = payload_len && !tcp.fin && !tcp.rst && !tcp.syn &&
+                   classify_start(skb, sc, headers_end, payload_len, to_server);
+        vs->scanned = scan;
+        if (scan)
+            scan_progs.call(skb, PROG_SCAN);
+        else
+            scan_progs.call(skb, PROG_FINISH);
+        /* Only reached when the slot is empty (bpf.py fills both before turning the fast
+         * path on): the flow's state is not looked at, so say so. */
+        fcount(FC_TAIL_CALL_FAILED);
     }
-
-    if (payload_len == 0) {
-        count(CNT_KEPT);
-        return headers_end;
-    }
-
-    struct skip_range *skip = body_skip.lookup(kp);
-    if (skip) {
-        u32 last = seq + payload_len; /* exclusive end, mod 2^32 */
-        if ((s32)(seq - skip->start) >= 0 && (s32)(last - skip->end) <= 0) {
-            count(CNT_KEPT);
-            count(CNT_TRUNCATED_BODY_SKIP);
-            return headers_end;
-        }
-    }
-
-    count(CNT_KEPT);
-    u32 snaplen = cfg(CFG_SNAPLEN, 65535);
-    return l3_end < snaplen ? l3_end : snaplen;
+    return verdict(skb, sc);
 
 malformed:
     count(CNT_DROPPED_MALFORMED);
     return 0;
+}
+
+/* The head scan, SCAN_CHUNK steps a run; then itself again, or http_finish. */
+int http_scan(struct __sk_buff *skb)
+{
+    u32 zero = 0;
+    struct scratch *s = scratch.lookup(&zero);
+    if (!s)
+        return 0;
+    volatile struct scratch *vs = s;
+    scan_chunk(s);
+    if (vs->state < S_DONE && vs->pos < vs->n)
+        scan_progs.call(skb, PROG_SCAN);
+    else
+        scan_progs.call(skb, PROG_FINISH);
+    fcount(FC_TAIL_CALL_FAILED);
+    return verdict(skb, s);
+}
+
+/* The fast path for the packet http_filter parsed (and http_scan classified), then the verdict. */
+int http_finish(struct __sk_buff *skb)
+{
+    u32 zero = 0;
+    struct scratch *s = scratch.lookup(&zero);
+    if (!s)
+        return 0;
+    volatile struct scratch *vs = s;
+    if (vs->scanned)
+        classify_end(s);
+    if (!fast_path(skb, s, &s->key, vs->to_server, vs->seq, vs->plen, vs->off, vs->fin, vs->rst, vs->syn)) {
+        count(CNT_CONSUMED_FAST_PATH);
+        return 0;
+    }
+    return verdict(skb, s);
 }

@@ -67,6 +67,7 @@ FAST_COUNTER_NAMES: tuple[str, ...] = (
     "flows_deleted",  # flow_state entries deleted at FIN/RST (LRU evictions are not seen)
     "handover_map_full",  # handover records lost to a full map (inexact; expected 0)
     "overtaken",  # response body segments that overtook the one before them, held by range
+    "tail_call_failed",  # packets passed up because a scan_progs slot was empty (a loader bug; expected 0)
 )
 
 # Slots of `handover_counters`: why a flow went to user space. `new_flow` is a flow
@@ -81,6 +82,10 @@ HANDOVER_REASONS: tuple[str, ...] = (
     "unsolicited",
     "close",
     "agg_full",
+    "head_too_long",  # a request head longer than the kernel scans (HEAD_MAX bytes)
+    "head_split",  # a request head that does not end in its first segment
+    "path_too_long",  # a path (before '?') longer than the kernel keeps (PATH_LEN bytes)
+    "request_body",  # a request announcing a body (Content-Length > 0)
 )
 
 # Method ids of the fast path; index 0 is "none". CONNECT never takes it.
@@ -183,7 +188,12 @@ _MAP_LAYOUT: dict[str, tuple[int, int]] = {
     "flow_state": (_FLOW_KEY.size, 152),  # struct fp_state: only its capacity is read here
     "handover": (_FLOW_KEY.size, _HANDOVER.size),
     "http_agg": (_AGG_KEY.size, _AGG_VAL_SLOTS * 8),
+    "scan_progs": (4, 4),  # prog array: holding its fd keeps the tail-call slots filled
 }
+
+# Programs of the C file: the entry (attached to sockets) and what it tail-calls, by scan_progs slot.
+_ENTRY = "http_filter"
+_TAIL_CALLS: tuple[str, ...] = ("http_scan", "http_finish")  # PROG_SCAN, PROG_FINISH
 
 _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 
@@ -218,7 +228,8 @@ def _load_in_helper(src: Path, cflags: list[str]) -> tuple[int, dict[str, BpfMap
             raise CaptureError(f"cannot start the BPF loader process {argv[0]}: {exc.strerror}") from None
         finally:
             theirs.close()
-        request = {"src": str(src), "cflags": cflags, "function": "http_filter", "maps": list(_MAP_LAYOUT)}
+        request = {"src": str(src), "cflags": cflags, "function": _ENTRY, "maps": list(_MAP_LAYOUT),
+                   "tail_calls": {"map": "scan_progs", "functions": list(_TAIL_CALLS)}}
         message, fds = b"", list[int]()
         try:
             ours.sendall(json.dumps(request).encode())
