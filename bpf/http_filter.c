@@ -39,7 +39,7 @@
  *   without the connection's end (Content-Length, or none for HEAD/204/304).
  *   Body segments are then counted by sequence number, never read, up to the
  *   last byte, where the exchange is added to `http_agg` (per-CPU hash keyed by
- *   port, method, status and path: duration and response-size bucket counts
+ *   server address and port, method, status and path: duration and response-size bucket counts
  *   and sums; every fast request has an empty body).
  * - FIN/RST on an idle FAST flow die here with its state. Out-of-order data,
  *   pipelining, unknown framing, interim or 101 responses, bytes past the
@@ -261,6 +261,7 @@ struct fp_handover {
 BPF_HASH(handover, struct flow_key, struct fp_handover, HANDOVER_ENTRIES);
 
 struct http_agg_key {
+    u8 server_ip[16];   /* the server's address (IPv4 as ::ffff:a.b.c.d): pods sharing a port stay apart */
     u16 port;
     u16 status;
     u8 method;
@@ -296,6 +297,9 @@ struct scratch {
     u32 rst;
     u32 syn;
     u32 scanned;          /* the payload went through http_scan: classify_end it */
+    u32 out;              /* ids_path: bytes written, */
+    u32 seg_out;          /* where the current segment starts in the output, */
+    u32 seg;              /* and what it holds so far (SEG_*) */
     u32 reject;           /* HO_* reason a request was not taken, or HO_COUNT: not more specific */
     u32 n;
     u32 pos;              /* next byte of buf the scan reads */
@@ -645,6 +649,86 @@ static __always_inline int classify_start(struct __sk_buff *skb, struct scratch 
     return 1;
 }
 
+/* The path into s->st.path as sent, the bytes past path_len zeroed (the path is part
+ * of the http_agg key). A word at a time: a twelfth of a byte loop's instructions.
+ * Little-endian, as every JIT target we run on: a word's first byte is its low byte.
+ * buf's 8 spare bytes keep the last read in bounds. */
+static __always_inline void copy_path(struct scratch *s, u32 mlen, u32 path_len)
+{
+#pragma unroll
+    for (u32 w = 0; w < PATH_LEN / 8; w++) {
+        u32 lo = w * 8;
+        u64 word = *(u64 *)(s->buf + ((mlen + lo) & (HEAD_MAX - 1)));
+        u64 keep = path_len >= lo + 8 ? ~0ULL : path_len <= lo ? 0 : (1ULL << ((path_len - lo) * 8)) - 1;
+        *(u64 *)(s->st.path + lo) = word & keep;
+    }
+}
+
+#define SEG_EMPTY 0
+#define SEG_DIGITS 1
+#define SEG_OTHER 2
+
+/* The path into s->st.path with every all-digit segment written as "{id}", so that
+ * 100,000 ids make one http_agg key, not 100,000. User space turns it on (CFG_ROUTE_IDS)
+ * only when that cannot change a route: RouteMapper's heuristic makes an all-digit
+ * segment "{id}" and keeps a literal "{id}" as it is, and a `--route` placeholder
+ * matches either; a pattern with an all-digit literal segment turns it off
+ * (RouteMapper.digit_segments_are_ids). Returns 0, having written nothing that
+ * matters, when the result would pass PATH_LEN: the caller copies the path as sent. */
+static __always_inline int ids_path(struct scratch *s, u32 mlen, u32 path_len)
+{
+    volatile struct scratch *vs = s;
+    vs->out = 0;
+    vs->seg_out = 0;
+    vs->seg = SEG_EMPTY;
+    for (u32 i = 0; i <= PATH_LEN; i++) {
+        if (i > path_len)
+            break;
+        /* A '/' past the end closes the last segment. */
+        u32 c = i < path_len ? s->buf[(mlen + i) & (HEAD_MAX - 1)] : '/';
+        if (c == '/') {
+            if (vs->seg == SEG_DIGITS) {
+                u32 o = vs->seg_out;
+                if (o > PATH_LEN - 4)
+                    return 0;
+                s->st.path[o] = '{';
+                s->st.path[o + 1] = 'i';
+                s->st.path[o + 2] = 'd';
+                s->st.path[o + 3] = '}';
+                vs->out = o + 4;
+            }
+            if (i == path_len)
+                break;
+            u32 o = vs->out;
+            if (o >= PATH_LEN)
+                return 0;
+            s->st.path[o] = '/';
+            vs->out = o + 1;
+            vs->seg_out = o + 1;
+            vs->seg = SEG_EMPTY;
+        } else {
+            u32 o = vs->out;
+            if (o >= PATH_LEN)
+                return 0;
+            s->st.path[o] = c;
+            vs->out = o + 1;
+            vs->seg = c >= '0' && c <= '9' && vs->seg != SEG_OTHER ? SEG_DIGITS : SEG_OTHER;
+        }
+    }
+    /* Bytes past the result may hold digits a "{id}" replaced: zero them, a word at a time. */
+    u32 len = vs->out;
+    if (len > PATH_LEN)
+        return 0;
+#pragma unroll
+    for (u32 w = 0; w < PATH_LEN / 8; w++) {
+        u32 lo = w * 8;
+        u64 keep = len >= lo + 8 ? ~0ULL : len <= lo ? 0 : (1ULL << ((len - lo) * 8)) - 1;
+        *(u64 *)(s->st.path + lo) &= keep;
+    }
+    s->st.path_len = len;
+    return 1;
+}
+
 /* Second half, once the scan has stopped (http_finish): sets s->kind; for a
  * request s->st.method/path/path_len, for a response s->head_len, s->cl_seen
  * and s->cl. */
@@ -677,18 +761,10 @@ static __always_inline void classify_end(struct scratch *s)
     u32 path_len = vs->path_len;
     if (path_len > PATH_LEN || mlen > 8)
         return;
-    /* A word at a time, the bytes past path_len zeroed (the path is part of the
-     * http_agg key): a twelfth of the byte loop's instructions. Little-endian, as
-     * every JIT target we run on: a word's first byte is its low byte. buf's 8
-     * spare bytes keep the last read in bounds. */
-#pragma unroll
-    for (u32 w = 0; w < PATH_LEN / 8; w++) {
-        u32 lo = w * 8;
-        u64 word = *(u64 *)(s->buf + ((mlen + lo) & (HEAD_MAX - 1)));
-        u64 keep = path_len >= lo + 8 ? ~0ULL : path_len <= lo ? 0 : (1ULL << ((path_len - lo) * 8)) - 1;
-        *(u64 *)(s->st.path + lo) = word & keep;
+    if (!(cfg(CFG_ROUTE_IDS, 0) && ids_path(s, mlen, path_len))) {
+        copy_path(s, mlen, path_len);
+        s->st.path_len = path_len;
     }
-    s->st.path_len = path_len;
     s->st.method = vs->method;
     vs->kind = KIND_REQUEST;
 }
@@ -735,11 +811,13 @@ static __always_inline u32 size_bucket(struct hist_bounds *b, u64 v)
 }
 
 /* Add the exchange of `st` ending now; -1 (nothing added) when http_agg is full. */
-static __always_inline int aggregate(struct scratch *s, struct fp_state *st, u16 port, u64 now, u32 body)
+static __always_inline int aggregate(struct scratch *s, struct fp_state *st, struct flow_key *fk, u64 now,
+                                     u32 body)
 {
     u32 zero = 0;
     struct http_agg_key *ak = &s->ak;
-    ak->port = port;
+    __builtin_memcpy(ak->server_ip, fk->daddr, 16);
+    ak->port = fk->dport;
     ak->status = s->status;  /* set by fast_step for both ways an exchange completes */
     ak->method = st->method;
     ak->path_len = st->path_len;
@@ -1036,13 +1114,12 @@ static __always_inline int fast_path(struct __sk_buff *skb, struct scratch *s, s
         return 0;
     }
 
-    u16 server_port = fk.dport;
     u32 v = fast_step(skb, s, st, to_server, seq, plen, off, fin, rst, syn, now);
     if (v == V_COMPLETE) {
         /* A held range that ends the body carries the response's last byte: its time is the
          * exchange's end, as user space times a reordered response. */
         u64 end = s->merged ? st->held_ns : now;
-        if (aggregate(s, st, server_port, end, s->body) == 0) {
+        if (aggregate(s, st, &fk, end, s->body) == 0) {
             st->phase = PHASE_IDLE;
             st->sseq = seq + plen + s->merged;
             st->sseq_known = 1;

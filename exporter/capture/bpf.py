@@ -97,7 +97,7 @@ MAX_SIZE_BOUNDS = 16
 PATH_LEN = 96
 
 # Slots of the `config` array.
-_CONFIG_NAMES: tuple[str, ...] = ("loopback", "snaplen", "link_header_len", "fast_path")
+_CONFIG_NAMES: tuple[str, ...] = ("loopback", "snaplen", "link_header_len", "fast_path", "route_ids")
 
 # 256 KiB, as tcpdump: a GSO super-packet on lo is up to 14 + 65535 bytes, so
 # 65535 would clip the tail of the largest ones.
@@ -153,6 +153,7 @@ class KernelHandover:
 class KernelAggregate:
     """One `http_agg` entry summed over CPUs: every exchange of one label set taken in the kernel."""
 
+    server_ip: str  # the server's address, as in flows (IPv4 dotted, IPv6 compressed)
     port: int
     method: str
     status: int
@@ -172,7 +173,8 @@ _HIST_BOUNDS = struct.Struct(f"={MAX_DURATION_BOUNDS}Q{MAX_SIZE_BOUNDS}QII")  # 
 # struct fp_handover: start_ns, cseq, sseq, resp_len, resp_seen, status, phase, method, path_len,
 # sseq_known, reason, pad, path, held_ns, held_seq, held_len.
 _HANDOVER = struct.Struct(f"=QIIIIHBBBBBx{PATH_LEN}sQII")
-_AGG_KEY = struct.Struct(f"=HHBB2x{PATH_LEN}s")  # struct http_agg_key: port, status, method, path_len, path
+# struct http_agg_key: server_ip, port, status, method, path_len, path
+_AGG_KEY = struct.Struct(f"=16sHHBB2x{PATH_LEN}s")
 _AGG_VAL_SLOTS = 3 + MAX_DURATION_BOUNDS + 1 + MAX_SIZE_BOUNDS + 1  # struct http_agg_val, all u64
 _PER_CPU_U64 = 8
 
@@ -308,6 +310,7 @@ class HttpFilter:
     ) -> None:
         require_privileges()
         self._fast_path = fast_path
+        self._route_ids = False
         self._n_dur = self._n_size = 0
         self._watched: set[int] = set()  # what watched_ports holds: an array is not worth walking
         release = platform.release()
@@ -368,7 +371,7 @@ class HttpFilter:
         if link_header_len not in (0, 14):
             raise CaptureError(f"link header length {link_header_len} unsupported (0 or 14)")
         values = {"loopback": int(loopback), "snaplen": snaplen, "link_header_len": link_header_len,
-                  "fast_path": int(self._fast_path)}
+                  "fast_path": int(self._fast_path), "route_ids": int(self._route_ids)}
         for i, name in enumerate(_CONFIG_NAMES):
             self._config.update(_U32.pack(i), _U32.pack(values[name]))
 
@@ -388,6 +391,14 @@ class HttpFilter:
     @property
     def fast_path(self) -> bool:
         return self._fast_path
+
+    def set_route_ids(self, on: bool) -> None:
+        """Key kernel aggregates with every all-digit path segment as `{id}` (see ids_path in the
+        C file). Only when RouteMapper names such a path exactly as the path sent, which
+        `RouteMapper.digit_segments_are_ids` says."""
+        self._route_ids = on
+        index = _CONFIG_NAMES.index("route_ids")
+        self._config.update(_U32.pack(index), _U32.pack(int(on)))
 
     def set_bounds(self, duration_s: Iterable[float], sizes: Iterable[float]) -> None:
         """The histogram bounds the kernel buckets fast-path exchanges with (HttpMetrics' own).
@@ -479,8 +490,9 @@ class HttpFilter:
                 continue
             dur = totals[3:3 + n_dur]
             resp = totals[3 + MAX_DURATION_BOUNDS + 1:3 + MAX_DURATION_BOUNDS + 1 + n_size]
-            port, status, method, path_len, path = _AGG_KEY.unpack(key)
+            server_ip, port, status, method, path_len, path = _AGG_KEY.unpack(key)
             out.append(KernelAggregate(
+                server_ip=_ip_from_key(server_ip),
                 port=port,
                 method=METHODS[method] if method < len(METHODS) else "",
                 status=status,

@@ -38,7 +38,7 @@ from exporter.metrics import ExternalSeries, HttpKey, HttpMetrics, SelfSample, h
 
 __all__ = ["KernelDelta", "KernelFastPath"]
 
-_AggKey = tuple[int, str, int, str]  # port, method, status, path
+_AggKey = tuple[str, int, str, int, str]  # server ip, port, method, status, path
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +80,8 @@ class KernelFastPath:
 
     def attach(self, bpf_filter: HttpFilter) -> None:
         self._filter = bpf_filter
+        # Ids become one kernel key per route shape, when that names every route alike.
+        bpf_filter.set_route_ids(self._routes.digit_segments_are_ids())
 
     def detach(self) -> None:
         """Keep what the attached filter counted; call before the filter closes."""
@@ -175,7 +177,7 @@ class KernelFastPath:
         """Exchanges aggregated in the kernel since the previous call (see the module docstring)."""
         out: dict[tuple[str, int, str, int], KernelDelta] = {}
         for (method, status, route, port, _scheme, _version), agg in self._read(live_only=True):
-            agg_key = (agg.port, agg.method, agg.status, agg.path)
+            agg_key = (agg.server_ip, agg.port, agg.method, agg.status, agg.path)
             last = self._last_poll.get(agg_key)
             self._last_poll[agg_key] = agg
             if last is not None:

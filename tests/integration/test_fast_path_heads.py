@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from exporter.capture.bpf import HttpFilter
 from tests.integration.harness import counts_by_key, free_port, self_metric
 from tests.integration.test_exporter_lo import both_paths
 from tests.integration.test_fast_path_reorder import CLIENT, SERVER, _checksum
@@ -159,3 +160,37 @@ def test_http_1_0_and_connection_close_stay_in_the_kernel() -> None:
     assert self_metric(fast, "fast_path_exchanges_total") == 2
     assert sum(value for (name, _), value in fast.items()
                if name == "ebpf_slo_exporter_fast_path_handovers_total") == 0
+
+
+SO_ATTACH_BPF = 50
+ETH_P_ALL = 3
+
+
+def test_ids_share_one_kernel_key_and_the_key_carries_the_server_address() -> None:
+    """100,000 random ids must not fill http_agg: with route_ids on, `/items/<digits>` is one key."""
+    port = free_port()
+    bpf_filter = HttpFilter([port], loopback=True, fast_path=True, histogram_bounds=((0.1,), (10.0,)))
+    try:
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL)) as tap, \
+                socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as wire:
+            tap.setsockopt(socket.SOL_SOCKET, SO_ATTACH_BPF, bpf_filter.fd)
+            tap.bind(("lo", ETH_P_ALL))  # host order here: Python applies htons
+            wire.bind(("lo", 0))
+            client_port = 43000
+            for route_ids, paths in ((True, [b"/items/%d" % (i * 7919) for i in range(40)] + [b"/items/12/x7"]),
+                                     (False, [b"/items/%d" % i for i in range(5)])):
+                bpf_filter.set_route_ids(route_ids)
+                for path in paths:
+                    client_port += 1
+                    conn = Conn(wire, port, client_port)
+                    conn.request(head(b"GET", path))
+                    conn.response(OK)
+            aggregates = bpf_filter.read_aggregates()
+    finally:
+        bpf_filter.close()
+    counts = {(agg.server_ip, agg.port, agg.method, agg.status, agg.path): agg.count for agg in aggregates}
+    assert counts == {
+        (SERVER, port, "GET", 200, "/items/{id}"): 40,
+        (SERVER, port, "GET", 200, "/items/{id}/x7"): 1,
+        **{(SERVER, port, "GET", 200, f"/items/{i}"): 1 for i in range(5)},
+    }

@@ -162,9 +162,12 @@ class FakeFilter:
     def flow_state_capacity(self) -> int:
         return 65536
 
+    def set_route_ids(self, on: bool) -> None:
+        self.route_ids = on
+
 
 def agg(path: str, count: int, buckets: tuple[int, ...]) -> KernelAggregate:
-    return KernelAggregate(PORT, "GET", 200, path, count, count * 1_000_000, 0, buckets, (count, 0, 0))
+    return KernelAggregate("10.0.0.1", PORT, "GET", 200, path, count, count * 1_000_000, 0, buckets, (count, 0, 0))
 
 
 def test_kernel_series_and_poll_deltas_name_routes_like_the_user_space_path() -> None:
@@ -172,6 +175,7 @@ def test_kernel_series_and_poll_deltas_name_routes_like_the_user_space_path() ->
     fake = FakeFilter()
     fast = KernelFastPath(RouteMapper(["/items/{id}"]), http, realtime_offset_ns=lambda: 0)
     fast.attach(fake)  # type: ignore[arg-type]
+    assert fake.route_ids  # no pattern has an all-digit literal segment
     http.add_source(fast.series)
     fake.aggregates = [agg("/items/1", 2, (2, 0, 0)), agg("/items/2", 1, (0, 1, 0))]
     assert fast.poll_deltas() == {("/items/{id}", PORT, "GET", 200): KernelDelta(3, 0.003, (2, 1, 0))}
