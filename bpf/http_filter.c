@@ -236,6 +236,8 @@ struct fp_state {
     u64 held_ns;        /* when the held body range arrived */
     u32 held_seq;       /* a body segment that overtook the one before it: its range, */
     u32 held_len;       /* counted once the gap before it fills; 0 when none */
+    u32 req_len;        /* Content-Length of the open request's body */
+    u32 req_left;       /* its bytes still to come (counted by sequence number, never read) */
 };
 BPF_TABLE("lru_hash", struct flow_key, struct fp_state, flow_state, FLOW_STATES);
 
@@ -257,6 +259,8 @@ struct fp_handover {
     u64 held_ns;        /* the flow's held body range, if held_len: user space counts it */
     u32 held_seq;       /* by length when the gap before it fills */
     u32 held_len;
+    u32 req_len;        /* the open request's body length, and how much of it is still to come */
+    u32 req_left;
 };
 BPF_HASH(handover, struct flow_key, struct fp_handover, HANDOVER_ENTRIES);
 
@@ -275,6 +279,8 @@ struct http_agg_val {
     u64 resp_sum;
     u64 dur[MAX_DUR_BOUNDS + 1];
     u64 resp[MAX_SIZE_BOUNDS + 1];
+    u64 req_sum;
+    u64 req[MAX_SIZE_BOUNDS + 1];
 };
 BPF_TABLE("percpu_hash", struct http_agg_key, struct http_agg_val, http_agg, AGG_ENTRIES);
 BPF_ARRAY(agg_zero, struct http_agg_val, 1);  /* never written: the initial value */
@@ -750,13 +756,15 @@ static __always_inline void classify_end(struct scratch *s)
         vs->kind = KIND_RESPONSE;
         return;
     }
-    if (vs->cl_seen && vs->cl != 0) {
-        vs->reject = HO_REQUEST_BODY;  /* a body follows: user space frames it */
-        return;
-    }
+    /* A body announced by Content-Length is counted by sequence number, never read: the
+     * segment may carry all of it, part of it, or none; anything past it is pipelining. */
     u32 head_len = vs->head_len;
-    if (head_len != vs->n || vs->n != vs->plen)
-        return;  /* bytes after the head: pipelining or garbage, user space's */
+    u32 plen = vs->plen;
+    u32 cl = vs->cl_seen ? vs->cl : 0;
+    if (head_len > plen || plen - head_len > cl)
+        return;  /* bytes after the head (and body): pipelining or garbage, user space's */
+    s->st.req_len = cl;
+    s->st.req_left = cl - (plen - head_len);
     u32 mlen = vs->mlen;
     u32 path_len = vs->path_len;
     if (path_len > PATH_LEN || mlen > 8)
@@ -839,6 +847,7 @@ static __always_inline int aggregate(struct scratch *s, struct fp_state *st, str
     u64 d = now > st->start_ns ? now - st->start_ns : 0;
     u32 di = duration_bucket(b, d);
     u32 si = size_bucket(b, body);
+    u32 ri = size_bucket(b, st->req_len);
     v->count++;
     v->dur_sum_ns += d;
     v->resp_sum += body;
@@ -846,6 +855,9 @@ static __always_inline int aggregate(struct scratch *s, struct fp_state *st, str
         v->dur[di]++;
     if (si <= MAX_SIZE_BOUNDS)
         v->resp[si]++;
+    v->req_sum += st->req_len;
+    if (ri <= MAX_SIZE_BOUNDS)
+        v->req[ri]++;
     return 0;
 }
 
@@ -879,12 +891,21 @@ static __always_inline u32 fast_step(struct __sk_buff *skb, struct scratch *s, s
             }
             if (d != 0)
                 return V_HANDOVER + HO_SEQ;
+            if (st->req_left) {  /* request body bytes: counted, never read */
+                if (plen > st->req_left)
+                    return V_HANDOVER + HO_PIPELINED;
+                st->req_left -= plen;
+                st->cseq = seq + plen;
+                return V_CONSUMED;
+            }
             if (phase != PHASE_IDLE)
                 return V_HANDOVER + HO_PIPELINED;
             if (s->kind != KIND_REQUEST)
                 return V_HANDOVER + (s->reject < HO_COUNT ? s->reject : HO_REQUEST);
             st->phase = PHASE_REQUEST;
             st->start_ns = now;
+            st->req_len = s->st.req_len;
+            st->req_left = s->st.req_left;
             st->method = s->st.method;
             st->path_len = s->st.path_len;
             __builtin_memcpy(st->path, s->st.path, PATH_LEN);
@@ -941,6 +962,8 @@ static __always_inline u32 fast_step(struct __sk_buff *skb, struct scratch *s, s
     }
     if (phase == PHASE_IDLE)
         return V_HANDOVER + HO_UNSOLICITED;
+    if (st->req_left)
+        return V_HANDOVER + HO_REQUEST_BODY;  /* an early answer (100 Continue, 413): user space */
     if (phase == PHASE_REQUEST) {
         u32 body;
         if (s->kind != KIND_RESPONSE || !response_body(s, st->method, &body))
@@ -1009,6 +1032,8 @@ static __always_inline void hand_over(struct scratch *s, struct flow_key *fk, st
     ho->held_ns = st->held_ns;
     ho->held_seq = st->held_seq;
     ho->held_len = st->held_len;
+    ho->req_len = st->req_len;
+    ho->req_left = st->req_left;
     if (handover.update(fk, ho) != 0)
         fcount(FC_HANDOVER_MAP_FULL);
     hcount(reason);
@@ -1092,6 +1117,10 @@ static __always_inline int fast_path(struct __sk_buff *skb, struct scratch *s, s
         ns->held_seq = 0;
         ns->held_len = 0;
         int simple = s->kind == KIND_REQUEST;
+        if (!simple) {
+            ns->req_len = 0;
+            ns->req_left = 0;
+        }
         if (simple) {
             ns->mode = MODE_FAST;
             ns->phase = PHASE_REQUEST;

@@ -147,6 +147,9 @@ class KernelHandover:
     held_ns: int = 0
     held_seq: int = 0
     held_length: int = 0
+    # The open request's body (Content-Length) and how many of its bytes are still to come.
+    request_length: int = 0
+    request_left: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +166,8 @@ class KernelAggregate:
     response_sum: int
     duration_counts: tuple[int, ...]  # one per duration bound, then the overflow slot
     response_counts: tuple[int, ...]  # one per size bound, then the overflow slot
+    request_sum: int = 0  # request body bytes (Content-Length, counted by sequence number)
+    request_counts: tuple[int, ...] = ()  # one per size bound, then the overflow slot; () as all empty
 
 
 # Byte layouts of the C structs (native order, the C file's field order and padding).
@@ -171,11 +176,13 @@ _FLOW_KEY = struct.Struct("=16s16sHH")  # struct flow_key
 _SKIP_RANGE = struct.Struct("=II")  # struct skip_range: start, end (exclusive)
 _HIST_BOUNDS = struct.Struct(f"={MAX_DURATION_BOUNDS}Q{MAX_SIZE_BOUNDS}QII")  # struct hist_bounds
 # struct fp_handover: start_ns, cseq, sseq, resp_len, resp_seen, status, phase, method, path_len,
-# sseq_known, reason, pad, path, held_ns, held_seq, held_len.
-_HANDOVER = struct.Struct(f"=QIIIIHBBBBBx{PATH_LEN}sQII")
+# sseq_known, reason, pad, path, held_ns, held_seq, held_len, req_len, req_left.
+_HANDOVER = struct.Struct(f"=QIIIIHBBBBBx{PATH_LEN}sQIIII")
 # struct http_agg_key: server_ip, port, status, method, path_len, path
 _AGG_KEY = struct.Struct(f"=16sHHBB2x{PATH_LEN}s")
-_AGG_VAL_SLOTS = 3 + MAX_DURATION_BOUNDS + 1 + MAX_SIZE_BOUNDS + 1  # struct http_agg_val, all u64
+# struct http_agg_val, all u64: count, dur_sum, resp_sum, dur[], resp[], req_sum, req[]
+_AGG_VAL_SLOTS = 3 + MAX_DURATION_BOUNDS + 1 + MAX_SIZE_BOUNDS + 1 + 1 + MAX_SIZE_BOUNDS + 1
+_AGG_REQ_SUM = 3 + MAX_DURATION_BOUNDS + 1 + MAX_SIZE_BOUNDS + 1
 _PER_CPU_U64 = 8
 
 # Every map this module touches: name -> (key size, value size) as the kernel reports them.
@@ -187,7 +194,7 @@ _MAP_LAYOUT: dict[str, tuple[int, int]] = {
     "handover_counters": (4, _PER_CPU_U64),
     "body_skip": (_FLOW_KEY.size, 8),  # struct skip_range
     "agg_bounds": (4, _HIST_BOUNDS.size),
-    "flow_state": (_FLOW_KEY.size, 152),  # struct fp_state: only its capacity is read here
+    "flow_state": (_FLOW_KEY.size, 160),  # struct fp_state: only its capacity is read here
     "handover": (_FLOW_KEY.size, _HANDOVER.size),
     "http_agg": (_AGG_KEY.size, _AGG_VAL_SLOTS * 8),
     "scan_progs": (4, 4),  # prog array: holding its fd keeps the tail-call slots filled
@@ -451,7 +458,7 @@ class HttpFilter:
             if raw is None or not table.delete(key):
                 continue  # gone already (a second reader); nothing to seed
             (start_ns, cseq, sseq, resp_len, resp_seen, status, phase, method, path_len, sseq_known, reason,
-             path, held_ns, held_seq, held_len) = _HANDOVER.unpack(raw)
+             path, held_ns, held_seq, held_len, req_len, req_left) = _HANDOVER.unpack(raw)
             out.append(KernelHandover(
                 flow=_flow_from_key(key),
                 reason=HANDOVER_REASONS[reason] if reason < len(HANDOVER_REASONS) else "?",
@@ -467,6 +474,8 @@ class HttpFilter:
                 held_ns=held_ns,
                 held_seq=held_seq,
                 held_length=held_len,
+                request_length=req_len,
+                request_left=req_left,
             ))
         return out
 
@@ -490,6 +499,7 @@ class HttpFilter:
                 continue
             dur = totals[3:3 + n_dur]
             resp = totals[3 + MAX_DURATION_BOUNDS + 1:3 + MAX_DURATION_BOUNDS + 1 + n_size]
+            req = totals[_AGG_REQ_SUM + 1:_AGG_REQ_SUM + 1 + n_size]
             server_ip, port, status, method, path_len, path = _AGG_KEY.unpack(key)
             out.append(KernelAggregate(
                 server_ip=_ip_from_key(server_ip),
@@ -502,6 +512,8 @@ class HttpFilter:
                 response_sum=resp_sum,
                 duration_counts=tuple(dur),
                 response_counts=tuple(resp),
+                request_sum=totals[_AGG_REQ_SUM],
+                request_counts=tuple(req),
             ))
         return out
 

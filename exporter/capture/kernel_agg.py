@@ -150,25 +150,27 @@ class KernelFastPath:
 
     def series(self) -> list[ExternalSeries]:
         """Histograms per HttpMetrics label set, for `HttpMetrics.add_source` (read at scrape time)."""
-        merged: dict[HttpKey, tuple[list[int], int, list[int], int]] = {}
+        merged: dict[HttpKey, tuple[list[int], int, list[int], int, list[int], int]] = {}
+        zero_slot = self._size_zero_slot
         for key, agg in self._read():
             entry = merged.get(key)
             if entry is None:
-                entry = merged[key] = ([0] * len(agg.duration_counts), 0, [0] * len(agg.response_counts), 0)
-            dur, _, resp, _ = entry
+                size_slots = len(agg.response_counts)
+                entry = merged[key] = ([0] * len(agg.duration_counts), 0, [0] * size_slots, 0, [0] * size_slots, 0)
+            dur, _, resp, _, req, _ = entry
             for i, n in enumerate(agg.duration_counts):
                 dur[i] += n
             for i, n in enumerate(agg.response_counts):
                 resp[i] += n
-            merged[key] = (dur, entry[1] + agg.duration_sum_ns, resp, entry[3] + agg.response_sum)
-        out: list[ExternalSeries] = []
-        zero_slot = self._size_zero_slot
-        for key, (dur, dur_ns, resp, resp_sum) in merged.items():
-            count = sum(dur)
-            request = [0] * len(resp)
-            request[zero_slot] = count  # the fast path only takes requests without a body
-            out.append((key, (dur, dur_ns / 1e9), (request, 0.0), (resp, float(resp_sum))))
-        return out
+            if agg.request_counts:
+                for i, n in enumerate(agg.request_counts):
+                    req[i] += n
+            else:  # a reader without request buckets: every request had an empty body
+                req[zero_slot] += agg.count
+            merged[key] = (dur, entry[1] + agg.duration_sum_ns, resp, entry[3] + agg.response_sum,
+                           req, entry[5] + agg.request_sum)
+        return [(key, (dur, dur_ns / 1e9), (req, float(req_sum)), (resp, float(resp_sum)))
+                for key, (dur, dur_ns, resp, resp_sum, req, req_sum) in merged.items()]
 
     def exchanges(self) -> int:
         return self._counters().get("exchanges", 0)
@@ -258,6 +260,8 @@ def to_handover(record: KernelHandover, realtime_offset_ns: int, seen_ns: int = 
         seen_ns=seen_ns,
         held=(record.held_seq, record.held_length, record.held_ns + realtime_offset_ns)
         if response and record.held_length else None,
+        request_length=record.request_length,
+        request_seen=record.request_length - record.request_left,
     )
 
 

@@ -92,12 +92,15 @@ def test_browser_heads_up_to_4_kb_stay_in_the_kernel_and_the_rest_is_handed_over
         ([head(b"POST", b"/items/4", b"content-LENGTH: 0\r\n")], OK),  # any case, no body
         ([head(b"DELETE", b"/items/5", b"Content-Length:0\r\n")], b"HTTP/1.1 204 No Content\r\n\r\n"),
         ([head(b"GET", b"/items/6")], b"HTTP/1.1 500 Oops\r\nCONTENT-LENGTH: 3\r\nx-Odd-Case: 1\r\n\r\nbad"),
+        ([head(b"PUT", b"/items/10", b"Content-Length: 5\r\n") + b"hello"], OK),  # a body in the head's segment
+        ([head(b"PATCH", b"/items/12", b"content-length: 11\r\n"), b"hello", b" body!"], OK),  # and after it
     ]
     handed = [  # (request segments, response, reason)
         ([pad_to(4097, b"GET", b"/items/7")], OK, "head_too_long"),
         ([pad_to(9000, b"GET", b"/items/8")], OK, "head_too_long"),
         ([head(b"GET", b"/items/9")[:700], head(b"GET", b"/items/9")[700:]], OK, "head_split"),
-        ([head(b"PUT", b"/items/10", b"Content-Length: 5\r\n") + b"hello"], OK, "request_body"),
+        ([head(b"PUT", b"/items/13", b"Expect: 100-continue\r\nContent-Length: 5\r\n")],
+         b"HTTP/1.1 100 Continue\r\n\r\n", "request_body"),  # answered before its body: see below
         ([head(b"GET", b"/items/" + b"1" * 120)], OK, "path_too_long"),
         ([head(b"GET", b"/items/11", b"Transfer-Encoding: chunked\r\n") + b"0\r\n\r\n"], OK, "new_flow"),
     ]
@@ -115,18 +118,25 @@ def test_browser_heads_up_to_4_kb_stay_in_the_kernel_and_the_rest_is_handed_over
                         conn.response(OK)
                     conn.request(*pieces)
                     conn.response(response)
+                    if response.startswith(b"HTTP/1.1 100"):
+                        conn.request(b"hello")
+                        conn.response(OK)
                     conn.request(b"", flags=ACK_FIN)
                     conn.response(b"", flags=ACK_FIN)
             cases = len(taken) + len(handed)
             scraped = {mode: proc.wait_for_exchanges(2 * cases + cases) for mode, proc in exporters.items()}
     # Every case twice (on a new connection, then after a warm-up GET): the GET 200s are every case
-    # but the POST, DELETE, PUT and 500 ones, plus the warm-ups.
-    expected = {("GET", "200", "/items/{id}"): 2 * (cases - 4) + cases, ("GET", "500", "/items/{id}"): 2,
+    # but the POST, DELETE, PUT, PATCH and 500 ones, plus the warm-ups.
+    expected = {("GET", "200", "/items/{id}"): 2 * (cases - 6) + cases, ("GET", "500", "/items/{id}"): 2,
                 ("POST", "200", "/items/{id}"): 2, ("DELETE", "204", "/items/{id}"): 2,
-                ("PUT", "200", "/items/{id}"): 2}
+                ("PUT", "200", "/items/{id}"): 4, ("PATCH", "200", "/items/{id}"): 2}
     for mode, samples in scraped.items():
         assert counts_by_key(samples, port) == expected, mode
         assert self_metric(samples, "parse_errors_total", reason="gap") == 0, mode
+        request_bytes = sum(value for (name, labels), value in samples.items()
+                            if name == "http_server_request_body_size_bytes_sum"
+                            and ("server_port", str(port)) in labels)
+        assert request_bytes == 2 * (5 + 11 + 5), mode
     fast = scraped["fast"]
     assert self_metric(fast, "fast_path_exchanges_total") == 2 * len(taken) + cases
     for reason in ("head_too_long", "head_split", "request_body", "path_too_long"):
