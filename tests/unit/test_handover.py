@@ -24,6 +24,8 @@ REQ1 = b"GET /a?secret=1 HTTP/1.1\r\nHost: x\r\n\r\n"
 REQ2 = b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"
 HEAD1 = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
 HEAD2 = b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\n"
+POST = b"POST /up HTTP/1.1\r\nContent-Length: 10\r\n\r\n"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
 
 
@@ -76,6 +78,19 @@ C0, S0 = 1000, 900_000  # Conn's initial sequence numbers
             2,
             Handover(C0 + len(REQ1), S0 + len(HEAD1) + 10),
         ),
+        (
+            "an answer before the request body ends (the kernel counted 4 of its 10 bytes)",
+            [("c", POST + b"0123", 10), ("s", CONTINUE, 20), ("c", b"456789", 30), ("s", HEAD2 + b"abc", 40)],
+            1,
+            Handover(C0 + len(POST) + 4, None, "POST", "/up", 10, request_length=10, request_seen=4),
+        ),
+        (
+            "pipelined after a request body the kernel counted whole",
+            [("c", POST + b"0123456789", 10), ("c", REQ2, 20), ("s", HEAD1 + b"0123456789", 30),
+             ("s", HEAD2 + b"abc", 40)],
+            1,
+            Handover(C0 + len(POST) + 10, None, "POST", "/up", 10, request_length=10, request_seen=10),
+        ),
     ],
 )
 def test_seeded_flow_continues_like_the_reference(
@@ -119,6 +134,8 @@ def test_seed_replaces_an_older_connection_on_the_same_tuple() -> None:
 def test_kernel_record_becomes_a_seed_with_realtime_start() -> None:
     record = KernelHandover(KEY, "pipelined", 2, "GET", "/a", 1_000, 5, 7, 200, 10, 4)
     assert to_handover(record, 10**18) == Handover(5, 7, "GET", "/a", 10**18 + 1_000, 200, 10, 4)
+    bodied = dataclasses.replace(record, phase=1, request_length=10, request_left=6)
+    assert to_handover(bodied, 0) == Handover(5, 7, "GET", "/a", 1_000, request_length=10, request_seen=4)
     idle = KernelHandover(KEY, "request", 0, "", "", 0, 5, None, 0, 0, 0)
     assert to_handover(idle, 1) == Handover(5, None, start_ns=1)
 
