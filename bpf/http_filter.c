@@ -7,7 +7,18 @@
  *
  *     BPF(src_file="bpf/http_filter.c", cflags=["-DCNT_SEEN=0", ...])
  *     fn = b.load_func("http_filter", BPF.SOCKET_FILTER)
+ *     scan_progs[0], scan_progs[1] = load_func("http_scan"), load_func("http_finish")
  *     setsockopt(SOL_SOCKET, SO_ATTACH_BPF, fn.fd)
+ *
+ * Three programs, one packet: http_filter (attached) parses the link, IP and
+ * TCP headers into the per-CPU scratch; with the fast path on, it tail-calls
+ * http_scan when the payload may start a head, which scans SCAN_CHUNK bytes a
+ * run and tail-calls itself until the head ends (at most HEAD_MAX / SCAN_CHUNK
+ * runs), then http_finish, which runs the per-flow state machine and returns
+ * the verdict. Each program has the verifier's whole budget (verified_insns on
+ * 6.18: http_filter 1.6k, http_scan 336k, http_finish 641k of 1M), which is
+ * what lets a head be 4 KB. bpf_loop would do it in one program, but BCC 0.26
+ * cannot load its callback (no BPF_PSEUDO_FUNC relocation), hence tail calls.
  *
  * The counter and config indices come in as -D defines from bpf.py, which is
  * the one place their names live; this file does not build on its own.
@@ -26,25 +37,38 @@
  * keyed client -> server) a flow is FAST or SLOW:
  *
  * - A client segment on a flow with no state, or on an idle FAST flow at the
- *   expected seq, is taken when it is one whole request head and nothing else:
- *   GET/HEAD/POST/PUT/DELETE/OPTIONS/TRACE/PATCH, SP, origin-form target of
- *   printable ASCII, " HTTP/1.d" CRLF, header lines `token ":" value CRLF`,
- *   no Content-Length or Transfer-Encoding, CRLF CRLF ending exactly at the end
- *   of the segment, head <= HEAD_MAX bytes, path (cut at '?' or '#': the query
- *   is scanned, never stored) <= PATH_LEN bytes. Anything else makes the flow
- *   SLOW and the segment goes up.
+ *   expected seq, is taken when it is one whole request head, with any number
+ *   of header lines, and at most its body: GET/HEAD/POST/PUT/DELETE/OPTIONS/
+ *   TRACE/PATCH, SP, origin-form target of printable ASCII, " HTTP/1.d" CRLF
+ *   (1.0 and 1.1), header lines `token ":" value CRLF` (names matched in any
+ *   case), no Transfer-Encoding, at most one Content-Length, head <= HEAD_MAX
+ *   bytes, path (cut at '?' or '#': the query is scanned, never stored) <=
+ *   PATH_LEN bytes. The body Content-Length announces may be in the segment,
+ *   after it, or both; its bytes are counted by sequence number, never read.
+ *   Anything else makes the flow SLOW and the segment goes up.
  * - A server segment answering it is taken when its head lies in the segment:
  *   "HTTP/1.d NNN" with NNN >= 200 and not 101, strict header lines, at most one
  *   Content-Length of <= 9 digits, no Transfer-Encoding, and framing known
  *   without the connection's end (Content-Length, or none for HEAD/204/304).
  *   Body segments are then counted by sequence number, never read, up to the
  *   last byte, where the exchange is added to `http_agg` (per-CPU hash keyed by
- *   server address and port, method, status and path: duration and response-size bucket counts
- *   and sums; every fast request has an empty body).
- * - FIN/RST on an idle FAST flow die here with its state. Out-of-order data,
- *   pipelining, unknown framing, interim or 101 responses, bytes past the
- *   expected end, FIN/RST while an exchange is open, and a full `http_agg`
- *   all hand the flow over to user space.
+ *   server address and port, method, status and path: duration, response-size
+ *   and request-size bucket counts and sums).
+ * - With CFG_ROUTE_IDS (set by user space when RouteMapper allows it), each
+ *   all-digit path segment is keyed as "{id}": random ids do not fill http_agg.
+ * - FIN/RST on an idle FAST flow die here with its state. Everything else hands
+ *   the flow over to user space, counted by reason (HO_*, bpf.py's
+ *   HANDOVER_REASONS): new_flow (its first request is not one we take, for no
+ *   more specific reason below), request (likewise, later on the connection:
+ *   unknown method, absolute form, Transfer-Encoding, a syntax error, bytes
+ *   after the head and body), head_too_long (over HEAD_MAX bytes), head_split
+ *   (the head does not end in its first segment), path_too_long (over
+ *   PATH_LEN), request_body (the server answered before the request body ended:
+ *   100 Continue, 413), pipelined (a request while one is open), response
+ *   (interim, 101, or unframed: chunked, close-delimited), extra (bytes past
+ *   the response's end), seq (out-of-order data), unsolicited (server data
+ *   with no request), close (FIN/RST or FIN with data while an exchange is
+ *   open), agg_full (http_agg full).
  *
  * HANDOVER, and why counts stay exact: the switch to SLOW happens before any
  * state change for the segment that causes it, and the kernel writes, keyed
@@ -78,25 +102,27 @@
  *   simple request taken here while user space holds the stream's earlier
  *   part; that is the one inexact case, and it needs > FLOW_STATES live flows.
  * - `http_agg` is never cleared (reading and deleting races the increments),
- *   so distinct (port, method, status, path) keys are bounded by AGG_ENTRIES;
- *   past it, exchanges go to user space (handover reason agg_full), exactly.
+ *   so distinct (server, port, method, status, path) keys are bounded by
+ *   AGG_ENTRIES; past it, exchanges go to user space (handover reason
+ *   agg_full), exactly. Ids in paths: with route_ids on, all-digit segments
+ *   share a key ("{id}"), which is exact because RouteMapper names such a path
+ *   as it names the path sent (routes.py); other id shapes (UUIDs, hashes,
+ *   tokens) still take a key each, so a scan of random UUIDs reaches agg_full
+ *   and goes to user space. A double-buffered map drained by user space would
+ *   lift that too; it is not done.
  * - The head scan is a state machine over at most HEAD_MAX bytes, a byte at a
- *   time except inside header values (below), with its state in the per-CPU
- *   scratch map value, which keeps the
- *   verifier's work linear in HEAD_MAX; it is called from one site only, and
- *   the values that would split the verifier's states (method, flow key) are
- *   parked in memory too. Even so the verifier walks every state of every
- *   byte: 835k of its 1M-instruction budget on 6.18 with HEAD_MAX 512 (the
- *   verified_insns line of the program's fdinfo). A
- *   larger HEAD_MAX, or more states in the scan, needs tail calls to split it.
+ *   time except inside header values (below), with its state (position
+ *   included) in the per-CPU scratch map value, so that http_scan can stop
+ *   after SCAN_CHUNK steps and go on in its next run; the verifier walks the
+ *   SCAN_CHUNK steps once (336k instructions), whatever HEAD_MAX is.
  * - Header values, most of a head's bytes, are passed 8 at a time when a word
  *   holds neither CR nor LF (an exact zero-byte test on word ^ 0x0d.., 0x0a..):
  *   ~7% less filter CPU per request in `make bench --filter-stats`.
  * - The scan costs the sender's softirq about a byte-time per head byte; with
  *   the packet-tap cost every frame pays anyway, that is what separates the
  *   fast path's throughput from the no-capture run in `make bench`.
- * - Kernel memory (not RSS): flow_state ~15 MB, http_agg ~7 MB on 2 CPUs,
- *   handover ~3.5 MB, all preallocated.
+ * - Kernel memory (not RSS): flow_state ~15 MB, http_agg ~9 MB on 2 CPUs,
+ *   handover ~3.5 MB, scratch 2 x 5 KB, all preallocated.
  *
  * Requirements: Linux >= 4.4 (SO_ATTACH_BPF, bpf_skb_load_bytes for socket
  * filters), BCC with kernel headers. No kprobes, no BTF, no tc.

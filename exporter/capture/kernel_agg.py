@@ -220,6 +220,10 @@ class KernelFastPath:
         yield SelfSample("fast_path_busy_total", "counter",
                          "Segments passed up because another CPU held their connection (expected 0).",
                          fast["busy"])
+        yield SelfSample("fast_path_tail_call_failed_total", "counter",
+                         "Packets passed up because a tail-call slot of the filter was empty; the "
+                         "connection's kernel state was not looked at (a loader bug; expected 0).",
+                         fast.get("tail_call_failed", 0))
         yield SelfSample("fast_path_flow_states_created_total", "counter",
                          "Connection states the kernel created.", fast["flows_created"])
         yield SelfSample("fast_path_flow_states_deleted_total", "counter",

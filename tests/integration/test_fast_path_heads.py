@@ -146,6 +146,7 @@ def test_browser_heads_up_to_4_kb_stay_in_the_kernel_and_the_rest_is_handed_over
     assert self_metric(fast, "fast_path_handovers_total", reason="new_flow") == 1
     assert self_metric(fast, "fast_path_handovers_total", reason="request") == 1
     assert self_metric(fast, "fast_path_busy_total") == 0
+    assert ("ebpf_slo_exporter_fast_path_tail_call_failed_total", ()) in fast
     assert self_metric(fast, "fast_path_tail_call_failed_total") == 0
 
 
