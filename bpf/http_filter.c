@@ -227,6 +227,13 @@ struct skip_range {
 };
 BPF_TABLE("lru_hash", struct flow_key, struct skip_range, body_skip, 16384);
 
+/* The server's first data sequence number (its SYN-ACK's seq + 1) per connection, keyed
+ * client -> server, until the connection's first request: the fast path's anchor for the
+ * first response byte, so that a first response segment overtaken by the next one is
+ * told apart (handover seq, with the anchor) instead of being taken for the start. LRU:
+ * connections that never send a request age out. */
+BPF_TABLE("lru_hash", struct flow_key, u32, syn_seq, 16384);
+
 /* Histogram bounds, written once by bpf.py: a value's bucket is the number of
  * bounds strictly below it (Python's bisect_left, since `le` is <=). Unused
  * slots hold U64_MAX; n_dur/n_size are for readers of the map. */
@@ -906,8 +913,10 @@ static __always_inline u32 fast_step(struct __sk_buff *skb, struct scratch *s, s
         return phase == PHASE_IDLE ? V_DELETE : V_HANDOVER + HO_CLOSE;
     if (syn)
         return V_HANDOVER + HO_SEQ;
-    if (plen && fin)
-        return V_HANDOVER + HO_CLOSE;  /* data and close at once: rare, user space */
+    if (plen && fin && to_server)
+        return V_HANDOVER + HO_CLOSE;  /* a request and close at once: rare, user space */
+    /* A server's data with FIN (a Connection: close response often ends so) is taken only
+     * when it completes the exchange; fast_path then records the FIN. */
     if (to_server) {
         if (plen) {
             s32 d = (s32)(seq - st->cseq);
@@ -953,6 +962,8 @@ static __always_inline u32 fast_step(struct __sk_buff *skb, struct scratch *s, s
     if (st->sseq_known) {
         s32 d = (s32)(seq - st->sseq);
         if (d + (s32)plen <= 0) {
+            if (fin)
+                return V_HANDOVER + HO_CLOSE;
             fcount(FC_RETRANSMITS);
             return V_CONSUMED;
         }
@@ -960,7 +971,7 @@ static __always_inline u32 fast_step(struct __sk_buff *skb, struct scratch *s, s
             /* On lo a response's segments leave from two CPUs, and one sometimes reaches
              * the tap before the one ahead of it. Hold one such range that lies wholly
              * inside the body (its bytes are only counted) rather than hand over. */
-            if (d > 0 && phase == PHASE_RESPONSE) {
+            if (d > 0 && phase == PHASE_RESPONSE && !fin) {
                 if (st->held_len) {
                     if (seq == st->held_seq && plen <= st->held_len) {
                         fcount(FC_RETRANSMITS);
@@ -1001,6 +1012,8 @@ static __always_inline u32 fast_step(struct __sk_buff *skb, struct scratch *s, s
             return V_HANDOVER + HO_EXTRA;
         if (plen == total)
             return V_COMPLETE;
+        if (fin)
+            return V_HANDOVER + HO_CLOSE;  /* the response ends before its length */
         st->status = s->status;
         st->resp_len = body;
         st->resp_seen = plen - head_len;
@@ -1026,6 +1039,8 @@ static __always_inline u32 fast_step(struct __sk_buff *skb, struct scratch *s, s
         s->merged = got - plen;
         return V_COMPLETE;
     }
+    if (fin)
+        return V_HANDOVER + HO_CLOSE;
     st->resp_seen += got;
     st->sseq = seq + got;
     if (got != plen)
@@ -1064,6 +1079,22 @@ static __always_inline void hand_over(struct scratch *s, struct flow_key *fk, st
         fcount(FC_HANDOVER_MAP_FULL);
     hcount(reason);
     st->mode = MODE_SLOW;
+}
+
+/* A record for a connection that is SLOW from its first segment, when the SYN-ACK gave the
+ * server's first sequence number: user space then anchors the server side there, not at
+ * whichever response segment it sees first. Nothing is open: phase 0. */
+static __always_inline void anchor_record(struct scratch *s, struct flow_key *fk, u32 cseq, u32 sseq,
+                                          u32 reason)
+{
+    struct fp_handover *ho = &s->ho;
+    __builtin_memset(ho, 0, sizeof(*ho));
+    ho->cseq = cseq;  /* this segment, which user space parses */
+    ho->sseq = sseq;
+    ho->sseq_known = 1;
+    ho->reason = reason;
+    if (handover.update(fk, ho) != 0)
+        fcount(FC_HANDOVER_MAP_FULL);
 }
 
 static __always_inline void slow_close(struct flow_key *fk, struct fp_state *st, int to_server, u8 fin, u8 rst)
@@ -1133,11 +1164,16 @@ static __always_inline int fast_path(struct __sk_buff *skb, struct scratch *s, s
         struct fp_state *ns = &s->st;
         ns->lock = 0;
         ns->cseq = seq + plen;
-        ns->sseq = 0;
+        u32 *first = syn_seq.lookup(&fk);
+        u32 anchor = first ? *first : 0;
+        u8 anchored = first != 0;
+        if (anchored)
+            syn_seq.delete(&fk);
+        ns->sseq = anchor;
         ns->resp_len = 0;
         ns->resp_seen = 0;
         ns->status = 0;
-        ns->sseq_known = 0;
+        ns->sseq_known = anchored;
         ns->fins = 0;
         ns->held_ns = 0;
         ns->held_seq = 0;
@@ -1162,7 +1198,10 @@ static __always_inline int fast_path(struct __sk_buff *skb, struct scratch *s, s
         }
         fcount(FC_FLOWS_CREATED);
         if (!simple) {
-            hcount(s->reject < HO_COUNT ? s->reject : HO_NEW_FLOW);
+            u32 reason = s->reject < HO_COUNT ? s->reject : HO_NEW_FLOW;
+            if (ns->sseq_known)
+                anchor_record(s, &fk, seq, ns->sseq, reason);
+            hcount(reason);
             return 1;
         }
         fcount(FC_REQUESTS);
@@ -1181,6 +1220,11 @@ static __always_inline int fast_path(struct __sk_buff *skb, struct scratch *s, s
             st->held_len = 0;
             fcount(FC_EXCHANGES);
             v = V_CONSUMED;
+            if (fin) {  /* the response's last segment closed the connection's server side */
+                st->fins |= 2;
+                if (st->fins == 3)
+                    v = V_DELETE;
+            }
         } else {
             v = V_HANDOVER + HO_AGG_FULL;
         }
@@ -1191,6 +1235,10 @@ static __always_inline int fast_path(struct __sk_buff *skb, struct scratch *s, s
     if (v == V_DELETE || (v >= V_HANDOVER && rst)) {
         if (flow_state.delete(&fk) == 0)
             fcount(FC_FLOWS_DELETED);
+    } else if (v >= V_HANDOVER && fin) {
+        /* Handed over by a FIN: note it, as for any SLOW flow, or the state outlives the
+         * connection (the other side's FIN would find only one of the two bits). */
+        slow_close(&fk, st, to_server, fin, 0);
     }
     return v >= V_HANDOVER;
 }
@@ -1359,6 +1407,15 @@ int http_filter(struct __sk_buff *skb)
     u32 payload_len = l3_end - headers_end;
 
     if (payload_len == 0 && !tcp.fin && !tcp.rst) {
+        if (tcp.syn && tcp.ack && !to_server && cfg(CFG_FAST_PATH, 0)) {
+            struct flow_key ck = {};
+            __builtin_memcpy(ck.saddr, kp->daddr, 16);
+            __builtin_memcpy(ck.daddr, kp->saddr, 16);
+            ck.sport = dport;
+            ck.dport = sport;
+            u32 first = ntohl(tcp.seq) + 1;  /* the SYN takes one sequence number */
+            syn_seq.update(&ck, &first);
+        }
         count(CNT_DROPPED_NO_PAYLOAD);
         return 0;
     }
@@ -1380,7 +1437,7 @@ int http_filter(struct __sk_buff *skb)
          * payload may start a head: each program has the verifier's whole budget. */
         vs->kind = KIND_NONE;
         vs->reject = HO_COUNT;
-        int scan = payload_len && !tcp.fin && !tcp.rst && !tcp.syn &&
+        int scan = payload_len && !tcp.rst && !tcp.syn &&  /* data with FIN too: a last response */
                    classify_start(skb, sc, headers_end, payload_len, to_server);
         vs->scanned = scan;
         if (scan)

@@ -197,6 +197,7 @@ _MAP_LAYOUT: dict[str, tuple[int, int]] = {
     "flow_state": (_FLOW_KEY.size, 160),  # struct fp_state: only its capacity is read here
     "handover": (_FLOW_KEY.size, _HANDOVER.size),
     "http_agg": (_AGG_KEY.size, _AGG_VAL_SLOTS * 8),
+    "syn_seq": (_FLOW_KEY.size, 4),  # server's first data seq per connection, from its SYN-ACK
     "scan_progs": (4, 4),  # prog array: holding its fd keeps the tail-call slots filled
 }
 

@@ -205,3 +205,79 @@ def test_ids_share_one_kernel_key_and_the_key_carries_the_server_address() -> No
         (SERVER, port, "GET", 200, "/items/{id}/x7"): 1,
         **{(SERVER, port, "GET", 200, f"/items/{i}"): 1 for i in range(5)},
     }
+
+
+ACK_PSH_FIN = 0x19
+
+
+def test_a_fin_carrying_data_is_counted_and_leaves_no_kernel_state() -> None:
+    """Connection: close responses often end with data and FIN in one segment."""
+    port = free_port()
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
+        sock.bind(("lo", 0))
+        with both_paths(port, "--route", "/items/{id}") as exporters:
+            # The response's last segment carries the FIN: taken in the kernel.
+            whole = Conn(sock, port, 44001)
+            whole.request(head(b"GET", b"/items/1", b"Connection: close\r\n"))
+            whole.response(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nok")
+            whole.response(b"ok", flags=ACK_PSH_FIN)
+            whole.request(b"", flags=ACK_FIN)
+            # A whole response and FIN in one segment (HTTP/1.0 servers): taken in the kernel too.
+            one = Conn(sock, port, 44004)
+            one.request(head(b"GET", b"/items/4", version=b"1.0"))
+            one.response(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", flags=ACK_PSH_FIN)
+            one.request(b"", flags=ACK_FIN)
+            # Data and FIN in one segment that does not end the response: handed over (close).
+            cut = Conn(sock, port, 44002)
+            cut.request(head(b"GET", b"/items/2"))
+            cut.response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nok", flags=ACK_PSH_FIN)
+            cut.request(b"", flags=ACK_FIN)
+            # A request with FIN (a client that half-closes at once): handed over (close).
+            half = Conn(sock, port, 44003)
+            half.request(b"GET /items/0 HTTP/1.1\r\nHost: x\r\n\r\n")
+            half.response(OK)
+            half.request(head(b"GET", b"/items/3"), flags=ACK_PSH_FIN)
+            half.response(OK, flags=ACK_PSH_FIN)
+            scraped = {mode: proc.wait_for_exchanges(4) for mode, proc in exporters.items()}
+    for mode, samples in scraped.items():
+        assert counts_by_key(samples, port) == {("GET", "200", "/items/{id}"): 4}, mode
+        assert self_metric(samples, "requests_without_response_total") == 1, mode  # the cut response
+    fast = scraped["fast"]
+    assert self_metric(fast, "fast_path_exchanges_total") == 3  # /items/1, /items/4 and the warm-up
+    assert self_metric(fast, "fast_path_handovers_total", reason="close") == 2
+    created = self_metric(fast, "fast_path_flow_states_created_total")
+    assert created == 4
+    assert self_metric(fast, "fast_path_flow_states_deleted_total") == created  # nothing leaks
+
+
+SYN_ACK = 0x12
+
+
+def test_a_first_response_segment_overtaken_by_the_next_keeps_its_anchor_from_the_syn_ack() -> None:
+    """The kernel learns the server's first sequence number from its SYN-ACK: when the second
+    response segment reaches the tap first, the flow is handed over with the right anchor
+    (reason seq) rather than parsed from the wrong byte. The same anchor reaches user space for
+    a connection that is user space's from its first request."""
+    port = free_port()
+    response = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789"
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
+        sock.bind(("lo", 0))
+        with both_paths(port, "--route", "/items/{id}") as exporters:
+            for client_port, request in ((45001, [head(b"GET", b"/items/1")]),
+                                         (45002, [head(b"GET", b"/items/2")[:300], head(b"GET", b"/items/2")[300:]])):
+                conn = Conn(sock, port, client_port)
+                sock.send(frame(SERVER, port, CLIENT, client_port, conn.server_seq - 1, b"", SYN_ACK))
+                conn.request(*request)
+                conn.server_seq += 20
+                conn.response(response[20:])  # the second segment first
+                conn.server_seq -= len(response)
+                conn.response(response[:20])
+                conn.server_seq += len(response) - 20
+                conn.request(b"", flags=ACK_FIN)
+                conn.response(b"", flags=ACK_FIN)
+            fast = exporters["fast"].wait_for_exchanges(2)
+    assert counts_by_key(fast, port) == {("GET", "200", "/items/{id}"): 2}
+    assert self_metric(fast, "fast_path_handovers_total", reason="seq") == 1
+    assert self_metric(fast, "fast_path_handovers_total", reason="head_split") == 1
+    assert self_metric(fast, "fast_path_handovers_seeded_total") == 2  # both anchored
+    assert self_metric(fast, "parse_errors_total", reason="gap") == 0
