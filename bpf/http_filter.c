@@ -247,6 +247,7 @@ BPF_ARRAY(agg_bounds, struct hist_bounds, 1);
 
 #define MODE_FAST 1
 #define MODE_SLOW 2
+#define MODE_LOST 3         /* its handover record did not fit: the rest of it dies here, counted */
 #define PHASE_IDLE 0
 #define PHASE_REQUEST 1   /* request taken, no response byte yet */
 #define PHASE_RESPONSE 2  /* response head taken, body still arriving */
@@ -1075,8 +1076,15 @@ static __always_inline void hand_over(struct scratch *s, struct flow_key *fk, st
     ho->held_len = st->held_len;
     ho->req_len = st->req_len;
     ho->req_left = st->req_left;
-    if (handover.update(fk, ho) != 0)
+    if (handover.update(fk, ho) != 0) {
+        /* User space would get the connection's next segments without knowing what the kernel
+         * had open, and could pair a response with the wrong request. Rather, the connection
+         * stays here and its segments are dropped until it closes: its exchanges are lost,
+         * counted on handover_map_full (per connection), never mis-counted. */
         fcount(FC_HANDOVER_MAP_FULL);
+        st->mode = MODE_LOST;
+        return;
+    }
     hcount(reason);
     st->mode = MODE_SLOW;
 }
@@ -1126,7 +1134,7 @@ static __always_inline int fast_path(struct __sk_buff *skb, struct scratch *s, s
     if (st) {
         if (st->mode != MODE_FAST) {
             slow_close(&fk, st, to_server, fin, rst);
-            return 1;
+            return st->mode != MODE_LOST;
         }
         int claimed = 0;
         /* Test and test-and-set: wait on plain reads, so the line is not bounced.
@@ -1151,7 +1159,7 @@ static __always_inline int fast_path(struct __sk_buff *skb, struct scratch *s, s
         if (st->mode != MODE_FAST) {  /* turned SLOW while we waited */
             __sync_fetch_and_add(&st->lock, -1);
             slow_close(&fk, st, to_server, fin, rst);
-            return 1;
+            return st->mode != MODE_LOST;
         }
     }
 
@@ -1231,6 +1239,7 @@ static __always_inline int fast_path(struct __sk_buff *skb, struct scratch *s, s
     }
     if (v >= V_HANDOVER)
         hand_over(s, &fk, st, v - V_HANDOVER, to_server, seq);
+    int up = v >= V_HANDOVER && st->mode != MODE_LOST;
     __sync_fetch_and_add(&st->lock, -1);
     if (v == V_DELETE || (v >= V_HANDOVER && rst)) {
         if (flow_state.delete(&fk) == 0)
@@ -1240,7 +1249,7 @@ static __always_inline int fast_path(struct __sk_buff *skb, struct scratch *s, s
          * connection (the other side's FIN would find only one of the two bits). */
         slow_close(&fk, st, to_server, fin, 0);
     }
-    return v >= V_HANDOVER;
+    return up;
 }
 
 /* What to keep of a packet user space gets (every counted outcome but the fast path's). */

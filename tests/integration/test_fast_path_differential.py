@@ -223,3 +223,33 @@ def test_the_generator_reaches_the_kernel_path(bpf_filter: HttpFilter) -> None:
     assert fast == reference == {("GET", 200, "/items/1", "count"): 1, ("GET", 200, "/items/1", "bytes"): 2,
                                  ("PUT", 201, "/items/1", "count"): 1, ("PUT", 201, "/items/1", "request bytes"): 3}
     assert bpf_filter.fast_counters()["exchanges"] == before + 2
+
+
+HANDOVER_ENTRIES = 16384  # the C file's default
+
+
+def test_a_full_handover_map_loses_the_connection_counted_never_mis_paired(bpf_filter: HttpFilter) -> None:
+    """When no record fits, user space must not get the connection's segments without one
+    (it would pair the kernel's open request's response with the next request)."""
+    def open_then_pipeline(client_port: int) -> int:
+        """A request the kernel takes, then a second one while it is open: a handover."""
+        first = frame(CLIENT, client_port, SERVER, PORT, 100, b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n", ACK_PSH)
+        assert bpf_test_run(bpf_filter.fd, first) == 0
+        return bpf_test_run(bpf_filter.fd, frame(CLIENT, client_port, SERVER, PORT, 100 + 29,
+                                                 b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n", ACK_PSH))
+
+    bpf_filter.drain_handovers()
+    before = bpf_filter.fast_counters()
+    for i in range(HANDOVER_ENTRIES):  # nobody drains: the map fills
+        assert open_then_pipeline(1000 + i) > 0
+    assert open_then_pipeline(1000 + HANDOVER_ENTRIES) == 0  # no record: the segment dies here
+    response = frame(SERVER, PORT, CLIENT, 1000 + HANDOVER_ENTRIES, 5000,
+                     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", ACK_PSH)
+    assert bpf_test_run(bpf_filter.fd, response) == 0  # and so does the rest of the connection
+    for src, sport, dst, dport, seq in ((SERVER, PORT, CLIENT, 1000 + HANDOVER_ENTRIES, 5040),
+                                        (CLIENT, 1000 + HANDOVER_ENTRIES, SERVER, PORT, 158)):
+        assert bpf_test_run(bpf_filter.fd, frame(src, sport, dst, dport, seq, b"", ACK_FIN)) == 0
+    after = bpf_filter.fast_counters()
+    assert after["handover_map_full"] - before["handover_map_full"] == 1
+    assert after["flows_deleted"] - before["flows_deleted"] == 1  # the lost connection's state is gone
+    assert len(bpf_filter.drain_handovers()) == HANDOVER_ENTRIES
