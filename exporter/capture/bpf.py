@@ -65,7 +65,7 @@ FAST_COUNTER_NAMES: tuple[str, ...] = (
     "busy",  # segments passed up because another CPU held the flow (inexact; expected 0)
     "flows_created",  # flow_state entries created
     "flows_deleted",  # flow_state entries deleted at FIN/RST (LRU evictions are not seen)
-    "handover_map_full",  # handover records lost to a full map (inexact; expected 0)
+    "handover_map_full",  # connections whose record did not fit: dropped in the kernel from then on (expected 0)
     "overtaken",  # response body segments that overtook the one before them, held by range
     "tail_call_failed",  # packets passed up because a scan_progs slot was empty (a loader bug; expected 0)
 )

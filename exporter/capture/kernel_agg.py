@@ -234,7 +234,8 @@ class KernelFastPath:
             yield SelfSample("fast_path_flow_states_capacity", "gauge",
                              "Size of the kernel's connection state map.", self._filter.flow_state_capacity())
         yield SelfSample("fast_path_handover_map_full_total", "counter",
-                         "Handover records lost to a full map (expected 0).", fast["handover_map_full"])
+                         "Connections whose handover record did not fit the map: the rest of each died in the "
+                         "kernel, its exchanges uncounted (expected 0).", fast["handover_map_full"])
         yield SelfSample("fast_path_handovers_seeded_total", "counter",
                          "Handover records user space took up.", self.handovers_seeded)
         for name, value in fast.items():
