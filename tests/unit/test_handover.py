@@ -268,3 +268,21 @@ def test_a_held_range_in_the_kernel_record_reaches_the_seed() -> None:
                             held_ns=2_000, held_seq=9, held_length=4)
     assert to_handover(record, 10**18).held == (9, 4, 10**18 + 2_000)
     assert to_handover(dataclasses.replace(record, held_length=0), 10**18).held is None
+
+
+def test_kernel_request_bodies_reach_the_request_size_histogram() -> None:
+    http = HttpMetrics(duration_buckets=(0.1, 1.0), size_buckets=(0, 100))
+    fake = FakeFilter()
+    fast = KernelFastPath(RouteMapper(), http, realtime_offset_ns=lambda: 0)
+    fast.attach(fake)  # type: ignore[arg-type]
+    http.add_source(fast.series)
+    bodied = dataclasses.replace(agg("/up", 3, (3, 0, 0)), request_sum=150, request_counts=(1, 1, 1))
+    fake.aggregates = [bodied, agg("/plain", 2, (2, 0, 0))]  # a reader without request buckets
+    families = {f.name: f for f in http.collect()}
+    buckets = {(s.labels["http_route"], s.labels["le"]): s.value
+               for s in families["http_server_request_body_size_bytes"].samples if s.name.endswith("_bucket")}
+    sums = {s.labels["http_route"]: s.value
+            for s in families["http_server_request_body_size_bytes"].samples if s.name.endswith("_sum")}
+    assert [buckets[("/up", le)] for le in ("0.0", "100.0", "+Inf")] == [1, 2, 3]
+    assert [buckets[("/plain", le)] for le in ("0.0", "100.0", "+Inf")] == [2, 2, 2]
+    assert sums == {"/up": 150, "/plain": 0}
