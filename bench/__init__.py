@@ -4,7 +4,9 @@ One run puts the same wrk load on a private nginx on `lo` three ways, side by si
 no capture (the baseline), the 2021 demo's design rebuilt in `bench/seed.py`, and the
 exporter with its defaults. It reports server throughput and its ratio to the baseline,
 completeness against nginx's access log, kernel drops, capture CPU per request and peak
-RSS, as markdown tables with the date, machine and command.
+RSS, as markdown tables with the date, machine and command. `--scenario realistic` sends
+browser-sized heads (~1.3 KB) to 100,000 random ids and compares counts per (status, route)
+with nginx's log, with the kernel path's share and machine-wide CPU per request.
 
 The `node` scenario moves nginx and wrk into two network namespaces joined by veths and a
 bridge (`netns`), and captures both veths and the bridge with a glob, so every segment is

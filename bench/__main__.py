@@ -6,6 +6,7 @@ import datetime
 import math
 import os
 import platform
+import random
 import shlex
 import signal
 import subprocess
@@ -34,18 +35,20 @@ from bench.report import (
     render_rich,
 )
 from bench.runner import CONFIGS, REPO, Load, Placement, Runner, RunResult, run_quiet
-from bench.wrk import churn_script, paced_script
+from bench.wrk import churn_script, paced_script, realistic_script
 from exporter.capture.bpfsys import enable_run_time_stats
 
-SCENARIOS = ("red", "size", "rate", "conns", "soak", "h2", "node", "tls")
-DEFAULT_DURATION = {"red": 20.0, "size": 10.0, "rate": 20.0, "conns": 20.0, "soak": 600.0, "h2": 10.0, "node": 20.0,
-                    "tls": 10.0}
-DEFAULT_CONFIGS = {"red": CONFIGS, "size": ("baseline", "exporter"), "rate": ("exporter",),
-                   "conns": ("baseline", "exporter"), "soak": ("exporter",), "h2": ("baseline", "exporter"),
-                   "node": ("baseline", "exporter"), "tls": ("baseline", "exporter")}
+SCENARIOS = ("red", "realistic", "size", "rate", "conns", "soak", "h2", "node", "tls")
+DEFAULT_DURATION = {"red": 20.0, "realistic": 20.0, "size": 10.0, "rate": 20.0, "conns": 20.0, "soak": 600.0,
+                    "h2": 10.0, "node": 20.0, "tls": 10.0}
+SIDE_BY_SIDE = ("baseline", "exporter")
+DEFAULT_CONFIGS = {"red": CONFIGS, "realistic": SIDE_BY_SIDE, "size": SIDE_BY_SIDE, "rate": ("exporter",),
+                   "conns": SIDE_BY_SIDE, "soak": ("exporter",), "h2": SIDE_BY_SIDE, "node": SIDE_BY_SIDE,
+                   "tls": SIDE_BY_SIDE}
 H2_STREAMS = 10  # h2load -m: concurrent streams per connection
 H2_CONNECTIONS = 4
 H2_RATES = "5000,20000"
+REALISTIC_IDS = 100_000
 TLS_NOTE = """\
 nginx terminates TLS (self-signed certificate, TLS 1.3) and wrk speaks HTTPS with keep-alive; the exporter
 counts through its uprobes on libssl (url_scheme="https"). TLS events lost are events the kernel's ring
@@ -63,10 +66,12 @@ Peak RSS is the exporter's VmHWM; RSS at end is VmRSS after the load. BCC compil
 clang in a helper process that exits once the filter is loaded: its peak is the loader column, for
 the first seconds only. Other load is CPU used during the load by processes outside the run, in cores: above
 ~0.1, something else shared the 2 cores and the run is noisy. Medians are column-wise."""
+SHUFFLE_SEED = 20261130  # the shuffled order is the same from one invocation to the next
 SOAK_SAMPLE_S = 10.0
 SOAK_CLOSE_EVERY = 100
 CONNS = 10_000
-NUMERIC = ("rps", "ratio", "completeness", "drops", "cpu_us", "rss_mb", "rss_end_mb", "loader_mb", "filter_us",
+NUMERIC = ("machine_us", "kernel_share", "route_mismatch",
+           "rps", "ratio", "completeness", "drops", "cpu_us", "rss_mb", "rss_end_mb", "loader_mb", "filter_us",
            "nginx_cpu_us", "other_cores", "logged", "unfinished", "counted",
            "socket_errors", "wrk_latency_s", "capture_latency_s", "probes_us", "tls_lost")
 
@@ -92,7 +97,20 @@ COL_WRK_LAT = Column("wrk mean latency", "wrk_latency_s", fmt_ms)
 COL_CAP_LAT = Column("exporter mean duration", "capture_latency_s", fmt_ms)
 COL_REQUESTS = Column("requests (nginx log)", "logged", fmt_int)
 COL_UNFINISHED = Column("cut at wrk's exit", "unfinished", fmt_int)
-
+COL_COUNTED = Column("requests counted", "counted", fmt_int)
+COL_MISMATCH = Column("off per (status, route)", "route_mismatch", fmt_int)
+COL_SHARE = Column("kernel path share", "kernel_share", fmt_completeness)
+COL_MACHINE = Column("machine CPU µs/req", "machine_us", fmt_us)
+REALISTIC_NOTE = """\
+Each request is a ~1.3 KB browser-like head (a 700-byte cookie, user agent, accept lists, client
+hints, traceparent) for /api/items/<id>, the id uniformly random in [0, 100000); nginx answers 500 to
+ids ending in 00 or 50 (2 %). Requests (nginx log) counts every logged line; off per (status, route)
+sums |logged - counted| over the series, where nginx's side counts finished responses only and derives
+the route itself (digits -> {id}): 0 means every series is exact. Kernel path share is
+fast_path_exchanges_total ÷ requests counted. Machine CPU is the busy time of all CPUs in /proc/stat
+(softirq included) during the load plus the exporter's backlog after it, ÷ requests: the filter's
+softirq cost is in it, and so is anything else running on the machine (see other load). The order
+of the configurations is shuffled in each round."""
 
 def _machine() -> list[str]:
     cpu = "?"
@@ -126,13 +144,19 @@ class Bench:
         self.echo = echo
         self.errors: list[str] = []
 
-    def interleaved(self, plan: Sequence[tuple[str, Load]], rss_every_s: float | None = None
-                    ) -> list[dict[str, Any]]:
-        """Run the plan `repeat` times, in plan order each time; ratios against the same round's baseline."""
-        rows = []
+    def interleaved(self, plan: Sequence[tuple[str, Load]], rss_every_s: float | None = None,
+                    shuffle: bool = False) -> list[dict[str, Any]]:
+        """Run the plan `repeat` times, in plan order each time or shuffled; ratios against the same
+        round's baseline."""
+        rows: list[dict[str, Any]] = []
+        order = random.Random(SHUFFLE_SEED)
         for round_no in range(1, self.repeat + 1):
             baseline: dict[str, float] = {}
-            for config, load in plan:
+            round_results: list[tuple[str, Load, RunResult]] = []
+            steps = list(plan)
+            if shuffle:
+                order.shuffle(steps)
+            for config, load in steps:
                 what = f"{config} {load.label}".strip()
                 streams = f" -m{load.h2_streams}" if load.h2_streams else ""
                 self.echo(f"  run {round_no}/{self.repeat}: {what} "
@@ -143,9 +167,11 @@ class Bench:
                     result = RunResult(config, load.label, error=str(exc))
                     self.errors.append(f"{config} {load.label} run {round_no}: {exc}")
                     self.echo(f"    failed: {exc}")
-                row = result.row(baseline.get(load.label))
                 if config == "baseline" and result.wrk is not None:
                     baseline[load.label] = result.wrk.requests_per_s
+                round_results.append((config, load, result))
+            for _config, load, result in round_results:
+                row = result.row(baseline.get(load.label))
                 row["run"] = round_no
                 row["rss_samples"] = result.rss_samples  # type: ignore[assignment]
                 rows.append(row)
@@ -171,10 +197,12 @@ def _group_key(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--scenario", type=click.Choice(SCENARIOS), default="red", show_default=True,
-              help="red: the three configurations side by side; size: response bodies 1 KB-1 MB; rate: low "
-                   "paced rates vs full load, with latency spot checks; conns: 10k open connections; "
-                   "soak: RSS "
-                   "over a long run; h2: h2load against nginx h2c (HTTP/2 streams), paced and unpaced.")
+              help="red: the three configurations side by side; realistic: browser-sized heads to 100k "
+                   "random ids, counts per (status, route) against nginx's log; size: response bodies "
+                   "1 KB-1 MB; rate: low paced rates vs full load, with latency spot checks; conns: 10k "
+                   "open connections; soak: RSS over a long run; h2: h2load against nginx h2c (HTTP/2 "
+                   "streams), paced and unpaced; node: wrk through a veth and a bridge; tls: nginx over "
+                   "HTTPS.")
 @click.option("--duration", type=click.FloatRange(1, 86400),
               help="Seconds of load per run [default: 20; size 10; soak 600].")
 @click.option("--connections", type=click.IntRange(1, 60000), default=32, show_default=True,
@@ -277,6 +305,16 @@ def _run_scenario(bench: Bench, scenario: str, chosen: Sequence[str], duration: 
         tables = _tables(f"nginx over HTTPS `return 200 \"ok\"` on lo, wrk -t{threads} -c{connections} "
                          f"-d{duration:g}s, keep-alive", rows, columns, bench.repeat)
         tables[-1].note = TLS_NOTE + "\n" + NOTE
+    if scenario == "realistic":
+        load = Load(duration, connections, threads, script=realistic_script(REALISTIC_IDS),
+                    label="realistic", error_responses=True)
+        rows = bench.interleaved([(c, load) for c in chosen], shuffle=True)
+        columns = [COL_CONFIG, COL_RPS, COL_RATIO, COL_REQUESTS, COL_UNFINISHED, COL_COUNTED, COL_MISMATCH,
+                   COL_SHARE, COL_DROPS, COL_MACHINE, COL_CPU, *([COL_FILTER] if filter_stats else []),
+                   COL_RSS, COL_OTHER]
+        tables = _tables(f"browser-sized heads to {REALISTIC_IDS} ids on lo, wrk -t{threads} -c{connections} "
+                         f"-d{duration:g}s", rows, columns, bench.repeat)
+        tables[-1].note = REALISTIC_NOTE
         return tables
     if scenario == "size":
         plan = [(c, Load(duration, connections, threads, path=path, label=size))

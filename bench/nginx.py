@@ -9,6 +9,10 @@
 - `/` answers `200 ok`; `/1k`, `/100k`, `/1m` serve files of 1 KB, 100 KB and 1 MB.
 - `tls=True` (the tls scenario): the same server over HTTPS, with a self-signed certificate
   made at start with the openssl command (TLS 1.3, nginx's default ciphers).
+- `/api/items/<id>` (the realistic scenario) answers `200 ok`, and `500 error` when the id
+  ends in 00 or 50: 2 % of uniformly random ids.
+- Each log line is `$status $uri $body_bytes_sent $request_completion`, so counts can be
+  compared per (status, route), not only in total.
 """
 
 from __future__ import annotations
@@ -17,16 +21,18 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from bench.procs import BenchError, Child, Children, wait_until
 
-__all__ = ["BODY_PATHS", "Nginx", "free_port"]
+__all__ = ["BODY_PATHS", "ITEM_ROUTE", "Nginx", "free_port", "logged_by_status_route"]
 
 BODY_PATHS = {"2B": "/", "1KB": "/1k", "100KB": "/100k", "1MB": "/1m"}
 _BODY_FILES = {"1k": 1024, "100k": 100 * 1024, "1m": 1024 * 1024}
 FLUSH_S = 1.0
+ITEM_PREFIX = "/api/items/"
+ITEM_ROUTE = "/api/items/{id}"  # what the route heuristic makes of ITEM_PREFIX + digits
 
 _CONFIG = """\
 daemon off;
@@ -42,7 +48,7 @@ events {{
 }}
 
 http {{
-    log_format bench '$status $body_bytes_sent $request_completion';
+    log_format bench '$status $uri $body_bytes_sent $request_completion';
     access_log {root}/access.log bench buffer=64k flush={flush}s;
     client_body_temp_path {root}/tmp;
     proxy_temp_path {root}/tmp;
@@ -60,6 +66,8 @@ http {{
         root {root}/www;
         location = / {{ return 200 "ok"; }}
         location = /ready {{ access_log off; return 200 "ready"; }}
+        location /api/items/ {{ return 200 "ok"; }}
+        location ~ "^/api/items/[0-9]*[05]0$" {{ return 500 "error"; }}
         location / {{ }}
     }}
 }}
@@ -169,6 +177,14 @@ class Nginx:
         except FileNotFoundError:
             return 0
 
+    def by_status_route(self) -> dict[tuple[str, str], int]:
+        """Finished requests of the log per (status, route): the oracle for per-series counts."""
+        try:
+            with open(self.access_log, "rb") as log:
+                return logged_by_status_route(log)
+        except FileNotFoundError:
+            return {}
+
     def _lines(self) -> int:
         try:
             with open(self.access_log, "rb") as log:
@@ -180,3 +196,19 @@ class Nginx:
         if self.child is not None:
             self.children.stop(self.child)  # SIGTERM: nginx's fast shutdown, workers included
             self.child = None
+
+
+def logged_by_status_route(lines: Iterable[bytes]) -> dict[tuple[str, str], int]:
+    """Count `$status $uri $body_bytes_sent $request_completion` lines whose response was sent whole,
+    per (status, route). The route is derived here, independently of the exporter: an item id
+    (all digits after ITEM_PREFIX) is `{id}`, any other path is kept as it is."""
+    counts: dict[tuple[str, str], int] = {}
+    for line in lines:
+        fields = line.split()
+        if len(fields) != 4 or fields[3] != b"OK":
+            continue  # cut at wrk's exit: never a whole exchange on the wire
+        status, uri = fields[0].decode(), fields[1].decode("latin-1")
+        rest = uri[len(ITEM_PREFIX):] if uri.startswith(ITEM_PREFIX) else ""
+        route = ITEM_ROUTE if rest.isdigit() and rest.isascii() else uri
+        counts[(status, route)] = counts.get((status, route), 0) + 1
+    return counts

@@ -58,6 +58,7 @@ class Load:
     @property
     def tool(self) -> str:
         return "h2load" if self.h2_streams else "wrk"
+    error_responses: bool = False  # the load asks for some 5xx on purpose (realistic scenario)
 
     def argv(self, wrk: str, url: str, script_path: Path | None) -> list[str]:
         if self.h2_streams:
@@ -91,6 +92,12 @@ class RunResult:
     nginx_cpu_s: float | None = None
     other_cores: float | None = None  # CPU used by processes outside this run, in cores, during the load
     capture_latency_mean_s: float | None = None
+    # Busy CPU of the whole machine (/proc/stat, softirq included) during the load, plus what the
+    # capture process spent working off its backlog after it: the filter's softirq cost shows here.
+    machine_cpu_s: float | None = None
+    fast_exchanges: float | None = None  # exchanges aggregated by the kernel fast path
+    logged_by_route: dict[tuple[str, str], int] = field(default_factory=dict)  # nginx, finished only
+    counted_by_route: dict[tuple[str, str], float] = field(default_factory=dict)  # exporter
     rss_samples: list[tuple[float, float]] = field(default_factory=list)  # (seconds into load, MB)
     error: str = ""
 
@@ -121,8 +128,20 @@ class RunResult:
             "socket_errors": self.wrk.socket_errors if self.wrk else None,
             "wrk_latency_s": self.wrk.latency_mean_s if self.wrk else None,
             "capture_latency_s": self.capture_latency_mean_s,
+            "machine_us": per_request(self.machine_cpu_s),
+            "kernel_share": (self.fast_exchanges / self.counted
+                             if self.fast_exchanges is not None and self.counted else None),
+            "route_mismatch": route_mismatch(self.logged_by_route, self.counted_by_route)
+            if self.counted is not None and self.logged_by_route else None,
             "error": self.error,
         }
+
+
+def route_mismatch(logged: dict[tuple[str, str], int], counted: dict[tuple[str, str], float]) -> int:
+    """Requests on which nginx's log and the exporter disagree, summed over (status, route) series:
+    0 only when every series has exactly the logged count."""
+    keys = set(logged) | set(counted)
+    return int(sum(abs(logged.get(k, 0) - counted.get(k, 0.0)) for k in keys))
 
 
 def _process_tree_cpu(pid: int) -> float:
@@ -227,7 +246,10 @@ class Runner:
             result.wrk, result.rss_samples = self._wrk(load, nginx, capture, rss_every_s)
             ours = (_process_tree_cpu(nginx.child.pid) - nginx_cpu0 + _own_cpu_s() - own0
                     + (read_proc(capture.pid).cpu_s - cpu0 if capture and capture.alive() else 0.0))
-            result.other_cores = max(0.0, _machine_busy_s() - machine0 - ours) / (time.monotonic() - t0)
+            machine_load_s = _machine_busy_s() - machine0
+            result.other_cores = max(0.0, machine_load_s - ours) / (time.monotonic() - t0)
+            result.machine_cpu_s = machine_load_s
+            capture_cpu_at_end = read_proc(capture.pid).cpu_s if capture and capture.alive() else 0.0
             filter1 = _filter_run_time_s(capture.pid) if capture and capture.alive() else 0.0
             probes1 = _filter_run_time_s(capture.pid, _TRACING_TYPES) if capture and capture.alive() else 0.0
             if self.filter_stats and capture:
@@ -236,6 +258,8 @@ class Runner:
             result.logged = nginx.count_requests()  # waits for nginx's log flush
             result.unfinished = nginx.count_unfinished()
             result.nginx_cpu_s = _process_tree_cpu(nginx.child.pid) - nginx_cpu0
+            if load.error_responses:
+                result.logged_by_route = nginx.by_status_route()
             if capture is None:
                 return result
             if not capture.alive():
@@ -243,6 +267,7 @@ class Runner:
             _wait_idle(capture.pid)
             proc = read_proc(capture.pid)
             result.cpu_s = proc.cpu_s - cpu0
+            result.machine_cpu_s = (result.machine_cpu_s or 0.0) + proc.cpu_s - capture_cpu_at_end  # backlog
             result.hwm_mb = proc.hwm_mb
             result.rss_end_mb = proc.rss_mb
             if config == "exporter":
@@ -253,6 +278,13 @@ class Runner:
                 result.kernel_drops = (after.kernel_drops or 0) - (before.kernel_drops or 0)
                 if after.tls_lost is not None:
                     result.tls_lost = after.tls_lost - (before.tls_lost or 0)
+                if after.fast_path_exchanges is not None:
+                    result.fast_exchanges = after.fast_path_exchanges - (before.fast_path_exchanges or 0)
+                if load.error_responses:
+                    result.counted_by_route = {
+                        key: value - before.by_status_route.get(key, 0.0)
+                        for key, value in after.by_status_route.items()
+                        if value - before.by_status_route.get(key, 0.0)}
                 if result.counted > 0:
                     seconds = after.duration_sum_s - before.duration_sum_s
                     result.capture_latency_mean_s = seconds / result.counted
@@ -303,7 +335,7 @@ class Runner:
             wrk = parse_h2load(text) if load.h2_streams else parse_wrk(text)
         except ValueError as exc:
             raise BenchError(f"{exc}: {text[-200:]!r}") from None
-        if wrk.non_2xx:
+        if wrk.non_2xx and not load.error_responses:
             raise BenchError(f"nginx answered {wrk.non_2xx} non-2xx/3xx responses to {nginx.url(load.path)}")
         if rss_every_s and capture is not None:
             samples.append((time.monotonic() - start, read_proc(capture.pid).rss_mb))

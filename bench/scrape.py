@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -12,6 +12,7 @@ from exporter.metrics import (
     HTTP_DURATION,
     SELF,
     SELF_EXCHANGES_TOTAL,
+    SELF_FAST_PATH_EXCHANGES_TOTAL,
     SELF_KERNEL_DROPS_TOTAL,
     SELF_PACKETS_RECEIVED_TOTAL,
     SELF_TLS_EVENTS_LOST_TOTAL,
@@ -32,16 +33,22 @@ class Scrape:
     kernel_drops: float | None
     packets: float | None
     tls_lost: float | None = None  # TLS events the ring buffer had no room for
+    fast_path_exchanges: float | None = None
+    # request count per (http_response_status_code, http_route) for the port
+    by_status_route: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
 def parse_scrape(text: str, port: int) -> Scrape:
     count = total = 0.0
     self_metrics: dict[str, float] = {}
+    by_status_route: dict[tuple[str, str], float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name.startswith(DURATION) and sample.labels.get("server_port") == str(port):
                 if sample.name == DURATION + "_count":
                     count += sample.value
+                    key = (sample.labels.get("http_response_status_code", ""), sample.labels.get("http_route", ""))
+                    by_status_route[key] = by_status_route.get(key, 0.0) + sample.value
                 elif sample.name == DURATION + "_sum":
                     total += sample.value
             elif sample.name.startswith(PREFIX) and not sample.labels:
@@ -53,6 +60,8 @@ def parse_scrape(text: str, port: int) -> Scrape:
         kernel_drops=self_metrics.get(SELF_KERNEL_DROPS_TOTAL),
         packets=self_metrics.get(SELF_PACKETS_RECEIVED_TOTAL),
         tls_lost=self_metrics.get(SELF_TLS_EVENTS_LOST_TOTAL),
+        fast_path_exchanges=self_metrics.get(SELF_FAST_PATH_EXCHANGES_TOTAL),
+        by_status_route=by_status_route,
     )
 
 

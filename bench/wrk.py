@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["WrkResult", "churn_script", "paced_script", "parse_duration_s", "parse_wrk"]
+__all__ = ["WrkResult", "churn_script", "paced_script", "parse_duration_s", "parse_wrk", "realistic_script"]
 
 _TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _COUNT_UNITS = {"": 1.0, "k": 1e3, "M": 1e6, "G": 1e9}
@@ -108,5 +108,54 @@ def churn_script(close_every: int) -> str:
         "  n = n + 1\n"
         f"  if n % {close_every} == 0 then return close end\n"
         "  return keep\n"
+        "end\n"
+    )
+
+
+# What a browser's request to an API carries (Chromium 124 on Linux), with a 700-byte cookie.
+# Header names in the case browsers send them: HTTP/1.1 title case and the lower-case
+# client hints, so a case-sensitive match would be caught out.
+_BROWSER_HEADERS: tuple[tuple[str, str], ...] = (
+    ("User-Agent", "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+                   "Chrome/124.0.0.0 Safari/537.36"),
+    ("Accept", "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,"
+               "image/apng,*/*;q=0.8,application/signed-exchange;v=b3;q=0.7"),
+    ("Accept-Language", "en-GB,en-US;q=0.9,en;q=0.8,fr;q=0.7"),
+    ("Accept-Encoding", "gzip, deflate, br, zstd"),
+    ("Referer", "http://127.0.0.1/app/dashboard?tab=items"),
+    ("sec-ch-ua", '"Chromium";v="124", "Google Chrome";v="124", "Not-A.Brand";v="99"'),
+    ("sec-ch-ua-mobile", "?0"),
+    ("sec-ch-ua-platform", '"Linux"'),
+    ("Sec-Fetch-Site", "same-origin"),
+    ("Sec-Fetch-Mode", "cors"),
+    ("Sec-Fetch-Dest", "empty"),
+    ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+)
+COOKIE_BYTES = 700
+
+
+def _lua_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def realistic_script(ids: int = 100_000, seed: int = 1) -> str:
+    """A wrk Lua script sending browser-sized heads (~1.3 KB: the headers above and a
+    COOKIE_BYTES cookie) to `/api/items/<id>`, the id uniformly random in [0, ids)."""
+    if ids < 1:
+        raise ValueError("ids must be at least 1")
+    # A cookie that looks like one (name=value pairs of hex), deterministic for the same run.
+    pairs: list[str] = []
+    n = 0
+    while len("; ".join(pairs)) < COOKIE_BYTES:
+        pairs.append(f"c{n}={(n * 2654435761) & 0xFFFFFFFF:08x}{(n * 40503) & 0xFFFF:04x}")
+        n += 1
+    cookie = "; ".join(pairs)[:COOKIE_BYTES]
+    headers = [*_BROWSER_HEADERS, ("Cookie", cookie)]
+    table = ", ".join(f"[{_lua_string(name)}] = {_lua_string(value)}" for name, value in headers)
+    return (
+        f"math.randomseed({seed})\n"
+        f"local headers = {{{table}}}\n"
+        "function request()\n"
+        f"  return wrk.format(\"GET\", \"/api/items/\" .. math.random(0, {ids - 1}), headers)\n"
         "end\n"
     )

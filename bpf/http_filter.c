@@ -7,7 +7,18 @@
  *
  *     BPF(src_file="bpf/http_filter.c", cflags=["-DCNT_SEEN=0", ...])
  *     fn = b.load_func("http_filter", BPF.SOCKET_FILTER)
+ *     scan_progs[0], scan_progs[1] = load_func("http_scan"), load_func("http_finish")
  *     setsockopt(SOL_SOCKET, SO_ATTACH_BPF, fn.fd)
+ *
+ * Three programs, one packet: http_filter (attached) parses the link, IP and
+ * TCP headers into the per-CPU scratch; with the fast path on, it tail-calls
+ * http_scan when the payload may start a head, which scans SCAN_CHUNK bytes a
+ * run and tail-calls itself until the head ends (at most HEAD_MAX / SCAN_CHUNK
+ * runs), then http_finish, which runs the per-flow state machine and returns
+ * the verdict. Each program has the verifier's whole budget (verified_insns on
+ * 6.18: http_filter 1.8k, http_scan 438k, http_finish 627k of 1M), which is
+ * what lets a head be 4 KB. bpf_loop would do it in one program, but BCC 0.26
+ * cannot load its callback (no BPF_PSEUDO_FUNC relocation), hence tail calls.
  *
  * The counter and config indices come in as -D defines from bpf.py, which is
  * the one place their names live; this file does not build on its own.
@@ -26,25 +37,38 @@
  * keyed client -> server) a flow is FAST or SLOW:
  *
  * - A client segment on a flow with no state, or on an idle FAST flow at the
- *   expected seq, is taken when it is one whole request head and nothing else:
- *   GET/HEAD/POST/PUT/DELETE/OPTIONS/TRACE/PATCH, SP, origin-form target of
- *   printable ASCII, " HTTP/1.d" CRLF, header lines `token ":" value CRLF`,
- *   no Content-Length or Transfer-Encoding, CRLF CRLF ending exactly at the end
- *   of the segment, head <= HEAD_MAX bytes, path (cut at '?' or '#': the query
- *   is scanned, never stored) <= PATH_LEN bytes. Anything else makes the flow
- *   SLOW and the segment goes up.
+ *   expected seq, is taken when it is one whole request head, with any number
+ *   of header lines, and at most its body: GET/HEAD/POST/PUT/DELETE/OPTIONS/
+ *   TRACE/PATCH, SP, origin-form target of printable ASCII, " HTTP/1.d" CRLF
+ *   (1.0 and 1.1), header lines `token ":" value CRLF` (names matched in any
+ *   case), no Transfer-Encoding, at most one Content-Length, head <= HEAD_MAX
+ *   bytes, path (cut at '?' or '#': the query is scanned, never stored) <=
+ *   PATH_LEN bytes. The body Content-Length announces may be in the segment,
+ *   after it, or both; its bytes are counted by sequence number, never read.
+ *   Anything else makes the flow SLOW and the segment goes up.
  * - A server segment answering it is taken when its head lies in the segment:
  *   "HTTP/1.d NNN" with NNN >= 200 and not 101, strict header lines, at most one
  *   Content-Length of <= 9 digits, no Transfer-Encoding, and framing known
  *   without the connection's end (Content-Length, or none for HEAD/204/304).
  *   Body segments are then counted by sequence number, never read, up to the
  *   last byte, where the exchange is added to `http_agg` (per-CPU hash keyed by
- *   port, method, status and path: duration and response-size bucket counts
- *   and sums; every fast request has an empty body).
- * - FIN/RST on an idle FAST flow die here with its state. Out-of-order data,
- *   pipelining, unknown framing, interim or 101 responses, bytes past the
- *   expected end, FIN/RST while an exchange is open, and a full `http_agg`
- *   all hand the flow over to user space.
+ *   server address and port, method, status and path: duration, response-size
+ *   and request-size bucket counts and sums).
+ * - With CFG_ROUTE_IDS (set by user space when RouteMapper allows it), each
+ *   all-digit path segment is keyed as "{id}": random ids do not fill http_agg.
+ * - FIN/RST on an idle FAST flow die here with its state. Everything else hands
+ *   the flow over to user space, counted by reason (HO_*, bpf.py's
+ *   HANDOVER_REASONS): new_flow (its first request is not one we take, for no
+ *   more specific reason below), request (likewise, later on the connection:
+ *   unknown method, absolute form, Transfer-Encoding, a syntax error, bytes
+ *   after the head and body), head_too_long (over HEAD_MAX bytes), head_split
+ *   (the head does not end in its first segment), path_too_long (over
+ *   PATH_LEN), request_body (the server answered before the request body ended:
+ *   100 Continue, 413), pipelined (a request while one is open), response
+ *   (interim, 101, or unframed: chunked, close-delimited), extra (bytes past
+ *   the response's end), seq (out-of-order data), unsolicited (server data
+ *   with no request), close (FIN/RST or FIN with data while an exchange is
+ *   open), agg_full (http_agg full).
  *
  * HANDOVER, and why counts stay exact: the switch to SLOW happens before any
  * state change for the segment that causes it, and the kernel writes, keyed
@@ -78,25 +102,32 @@
  *   simple request taken here while user space holds the stream's earlier
  *   part; that is the one inexact case, and it needs > FLOW_STATES live flows.
  * - `http_agg` is never cleared (reading and deleting races the increments),
- *   so distinct (port, method, status, path) keys are bounded by AGG_ENTRIES;
- *   past it, exchanges go to user space (handover reason agg_full), exactly.
+ *   so distinct (server, port, method, status, path) keys are bounded by
+ *   AGG_ENTRIES; past it, exchanges go to user space (handover reason
+ *   agg_full), exactly. Ids in paths: with route_ids on, all-digit segments
+ *   share a key ("{id}"), which is exact because RouteMapper names such a path
+ *   as it names the path sent (routes.py); other id shapes (UUIDs, hashes,
+ *   tokens) still take a key each, so a scan of random UUIDs reaches agg_full
+ *   and goes to user space. A double-buffered map drained by user space would
+ *   lift that too; it is not done.
  * - The head scan is a state machine over at most HEAD_MAX bytes, a byte at a
- *   time except inside header values (below), with its state in the per-CPU
- *   scratch map value, which keeps the
- *   verifier's work linear in HEAD_MAX; it is called from one site only, and
- *   the values that would split the verifier's states (method, flow key) are
- *   parked in memory too. Even so the verifier walks every state of every
- *   byte: 835k of its 1M-instruction budget on 6.18 with HEAD_MAX 512 (the
- *   verified_insns line of the program's fdinfo). A
- *   larger HEAD_MAX, or more states in the scan, needs tail calls to split it.
+ *   time except inside header values (below), with its state (position
+ *   included) in the per-CPU scratch map value, so that http_scan can stop
+ *   after SCAN_CHUNK steps and go on in its next run; the verifier walks the
+ *   SCAN_CHUNK steps once (438k instructions), whatever HEAD_MAX is.
  * - Header values, most of a head's bytes, are passed 8 at a time when a word
- *   holds neither CR nor LF (an exact zero-byte test on word ^ 0x0d.., 0x0a..):
- *   ~7% less filter CPU per request in `make bench --filter-stats`.
+ *   holds neither CR nor LF (an exact zero-byte test on word ^ 0x0d.., 0x0a..),
+ *   and a word holding the value's CR jumps straight past it; header names that
+ *   can no longer be Content-Length or Transfer-Encoding are passed a word at a
+ *   time, through their ':', while their bytes are letters, digits or '-'. A
+ *   1.4 KB browser head scans in ~1.3 us instead of ~1.9 us byte by byte in
+ *   names (BPF_PROG_TEST_RUN, best of 8 x 50,000 runs, shared machine); each
+ *   step costs ~4-5 ns, so the scan's cost is its number of steps.
  * - The scan costs the sender's softirq about a byte-time per head byte; with
  *   the packet-tap cost every frame pays anyway, that is what separates the
  *   fast path's throughput from the no-capture run in `make bench`.
- * - Kernel memory (not RSS): flow_state ~15 MB, http_agg ~7 MB on 2 CPUs,
- *   handover ~3.5 MB, all preallocated.
+ * - Kernel memory (not RSS): flow_state ~15 MB, http_agg ~9 MB on 2 CPUs,
+ *   handover ~3.5 MB, scratch 2 x 5 KB, all preallocated.
  *
  * Requirements: Linux >= 4.4 (SO_ATTACH_BPF, bpf_skb_load_bytes for socket
  * filters), BCC with kernel headers. No kprobes, no BTF, no tc.
@@ -140,8 +171,13 @@
 
 /* Fast path sizes; bpf.py reads the same numbers from its own constants. */
 #ifndef HEAD_MAX
-#define HEAD_MAX 512        /* payload bytes scanned for a head (power of two) */
+#define HEAD_MAX 4096       /* payload bytes scanned for a head (power of two) */
 #endif
+#ifndef SCAN_CHUNK
+#define SCAN_CHUNK 512      /* scan steps per run of http_scan (438k verified insns); HEAD_MAX / SCAN_CHUNK + 1 <= 33 tail calls */
+#endif
+#define PROG_SCAN 0         /* slots of scan_progs, filled by bpf.py's loader */
+#define PROG_FINISH 1
 #define PATH_LEN 96         /* path bytes kept; a longer path makes the flow SLOW */
 #define MAX_DUR_BOUNDS 32
 #define MAX_SIZE_BOUNDS 16
@@ -155,6 +191,9 @@
 #define HANDOVER_ENTRIES 16384
 #endif
 #define CLAIM_TRIES 256  /* x 32 reads: ~10-40 us of waiting; a holder needs about 1 us */
+
+/* The programs http_filter and http_scan tail-call (PROG_SCAN, PROG_FINISH). */
+BPF_PROG_ARRAY(scan_progs, 2);
 
 /* Ports to watch: 1 at the index of each (host byte order). Filled and changed
  * from Python at run time. An array rather than a hash: its lookup is inlined
@@ -229,6 +268,13 @@ BPF_TABLE("lru_hash", struct flow_key, struct skip_range, body_skip, 16384);
  * the connection and forgets the entry; LRU for the ones it never saw end. */
 BPF_TABLE("lru_hash", struct flow_key, u8, tls_flows, 16384);
 
+/* The server's first data sequence number (its SYN-ACK's seq + 1) per connection, keyed
+ * client -> server, until the connection's first request: the fast path's anchor for the
+ * first response byte, so that a first response segment overtaken by the next one is
+ * told apart (handover seq, with the anchor) instead of being taken for the start. LRU:
+ * connections that never send a request age out. */
+BPF_TABLE("lru_hash", struct flow_key, u32, syn_seq, 16384);
+
 /* Histogram bounds, written once by bpf.py: a value's bucket is the number of
  * bounds strictly below it (Python's bisect_left, since `le` is <=). Unused
  * slots hold U64_MAX; n_dur/n_size are for readers of the map. */
@@ -242,6 +288,7 @@ BPF_ARRAY(agg_bounds, struct hist_bounds, 1);
 
 #define MODE_FAST 1
 #define MODE_SLOW 2
+#define MODE_LOST 3         /* its handover record did not fit: the rest of it dies here, counted */
 #define PHASE_IDLE 0
 #define PHASE_REQUEST 1   /* request taken, no response byte yet */
 #define PHASE_RESPONSE 2  /* response head taken, body still arriving */
@@ -264,6 +311,8 @@ struct fp_state {
     u64 held_ns;        /* when the held body range arrived */
     u32 held_seq;       /* a body segment that overtook the one before it: its range, */
     u32 held_len;       /* counted once the gap before it fills; 0 when none */
+    u32 req_len;        /* Content-Length of the open request's body */
+    u32 req_left;       /* its bytes still to come (counted by sequence number, never read) */
 };
 BPF_TABLE("lru_hash", struct flow_key, struct fp_state, flow_state, FLOW_STATES);
 
@@ -285,10 +334,13 @@ struct fp_handover {
     u64 held_ns;        /* the flow's held body range, if held_len: user space counts it */
     u32 held_seq;       /* by length when the gap before it fills */
     u32 held_len;
+    u32 req_len;        /* the open request's body length, and how much of it is still to come */
+    u32 req_left;
 };
 BPF_HASH(handover, struct flow_key, struct fp_handover, HANDOVER_ENTRIES);
 
 struct http_agg_key {
+    u8 server_ip[16];   /* the server's address (IPv4 as ::ffff:a.b.c.d): pods sharing a port stay apart */
     u16 port;
     u16 status;
     u8 method;
@@ -302,6 +354,8 @@ struct http_agg_val {
     u64 resp_sum;
     u64 dur[MAX_DUR_BOUNDS + 1];
     u64 resp[MAX_SIZE_BOUNDS + 1];
+    u64 req_sum;
+    u64 req[MAX_SIZE_BOUNDS + 1];
 };
 BPF_TABLE("percpu_hash", struct http_agg_key, struct http_agg_val, http_agg, AGG_ENTRIES);
 BPF_ARRAY(agg_zero, struct http_agg_val, 1);  /* never written: the initial value */
@@ -314,8 +368,23 @@ struct scratch {
     struct fp_state st;
     struct fp_handover ho;
     struct http_agg_key ak;
+    /* The packet, as http_filter parsed it, for the programs it tail-calls. */
+    u32 to_server;
+    u32 seq;
+    u32 plen;             /* TCP payload length */
+    u32 off;              /* offset of the payload in the frame */
+    u32 l3_end;           /* end of the IP packet in the frame */
+    u32 fin;
+    u32 rst;
+    u32 syn;
+    u32 scanned;          /* the payload went through http_scan: classify_end it */
+    u32 out;              /* ids_path: bytes written, */
+    u32 seg_out;          /* where the current segment starts in the output, */
+    u32 seg;              /* and what it holds so far (SEG_*) */
+    u32 reject;           /* HO_* reason a request was not taken, or HO_COUNT: not more specific */
     u32 n;
-    u32 start;
+    u32 pos;              /* next byte of buf the scan reads */
+    u32 mlen;             /* method length + 1: where the target starts */
     u32 method;
     u32 request;
     u32 kind;
@@ -334,7 +403,6 @@ struct scratch {
     u32 status;
     u32 body;
     u32 merged;           /* held body bytes a completing segment joined up with */
-    u32 skipped;          /* bytes the scan passed over a word at a time */
 };
 BPF_PERCPU_ARRAY(scratch, struct scratch, 1);
 
@@ -376,7 +444,7 @@ static __always_inline int is_v6_ext(u8 nexthdr)
 
 enum {
     S_TARGET, S_VERSION, S_REASON0, S_REASON, S_LF, S_LSTART, S_NAME, S_VALUE,
-    S_CLV, S_END_LF, S_DONE, S_FAIL,
+    S_CLV, S_END_LF, S_DONE, S_FAIL, S_PATH_LONG,  /* S_DONE and after: the scan stops */
 };
 
 /* RFC 9110 tchar as two bitmaps (bytes 0-63, 64-127). */
@@ -410,20 +478,47 @@ static __always_inline u32 pat_byte(u64 w0, u64 w1, u64 w2, u32 k)
     return 0x100;
 }
 
-/* Scan s->buf[start .. s->n) as the rest of a head: for a request, from the
- * target on; for a response, from after "HTTP/1.d NNN". Returns the head
- * length (through CRLF CRLF) or 0 when the head is not one we take here.
- * Everything the user-space parser would reject is rejected here too, and
- * some things it accepts (bare LF, bytes >= 0x80 in the target) are left to it. */
-static __always_inline u32 scan_head(volatile struct scratch *s, u32 start)
+#define ONES 0x0101010101010101ULL
+#define HIGHS 0x8080808080808080ULL
+
+/* Word-at-a-time tests on 8 payload bytes (little-endian: byte i is bits 8i..8i+7). Each
+ * returns the high bit of every byte that passes, exactly (no carry crosses a byte). */
+
+/* Bytes equal to zero. */
+static __always_inline u64 zero_bytes(u64 x)
 {
-    /* Through memory: the verifier then walks the loop once for every caller
-     * instead of once per distinct constant start (method length). */
-    s->start = start;
-    start = s->start;
-#ifdef NO_SCAN
-    return 0;
-#endif
+    return ~(((x & ~HIGHS) + ~HIGHS) | x) & HIGHS;
+}
+
+/* Bytes that are letters, digits or '-' (tchar, and most header names are nothing else);
+ * w must hold no byte >= 0x80. x + (0x80 - lo) has its high bit set iff x >= lo, and
+ * x + (0x7f - hi) iff x > hi. */
+static __always_inline u64 name_bytes(u64 w)
+{
+    u64 lower = w | (0x20 * ONES);
+    u64 letter = (lower + (0x80 - 'a') * ONES) & ~(lower + (0x7f - 'z') * ONES);
+    u64 digit = (w + (0x80 - '0') * ONES) & ~(w + (0x7f - '9') * ONES);
+    return (letter | digit | zero_bytes(w ^ ('-' * ONES))) & HIGHS;
+}
+
+/* Index of the byte whose high bit is the lowest set bit of m (m != 0). */
+static __always_inline u32 first_byte(u64 m)
+{
+    u64 b = m & (~m + 1);
+    u32 k = 0;
+    if (b >> 32) { k += 4; b >>= 32; }
+    if (b >> 16) { k += 2; b >>= 16; }
+    if (b >> 8) k += 1;
+    return k;
+}
+
+/* Scan state for s->buf[s->start .. s->n) as the rest of a head: for a request,
+ * from the target on; for a response, from after "HTTP/1.d NNN". Everything the
+ * user-space parser would reject is rejected here too, and some things it
+ * accepts (bare LF, bytes >= 0x80 in the target) are left to it. */
+static __always_inline void scan_init(struct scratch *s, u32 start)
+{
+    s->pos = start;
     s->state = s->request ? S_TARGET : S_REASON0;
     s->head_len = 0;
     s->cl_seen = 0;
@@ -431,10 +526,20 @@ static __always_inline u32 scan_head(volatile struct scratch *s, u32 start)
     s->path_len = 0;
     s->in_query = 0;
     s->vpos = 0;
-    s->skipped = 0;
-    /* Every pass consumes at least one byte, so HEAD_MAX passes cover the buffer. */
-    for (u32 i = 0; i < HEAD_MAX; i++) {
-        u32 at = start + i + s->skipped;
+}
+
+/* At most SCAN_CHUNK steps of the scan, each consuming one byte, or 8 inside a
+ * header value. The position and every state live in the per-CPU scratch, so
+ * the http_scan program can tail-call itself and go on where it stopped: the
+ * verifier walks SCAN_CHUNK steps once, whatever the head's length. */
+static __always_inline void scan_chunk(volatile struct scratch *s)
+{
+#ifdef NO_SCAN
+    s->state = S_FAIL;
+    return;
+#endif
+    for (u32 i = 0; i < SCAN_CHUNK; i++) {
+        u32 at = s->pos;
         if (at >= s->n)
             break;
         u32 idx = at & (HEAD_MAX - 1);
@@ -446,12 +551,18 @@ static __always_inline u32 scan_head(volatile struct scratch *s, u32 start)
              * neither, they change nothing, so pass them in one step (exact zero-byte test). */
             if (at + 8 <= s->n) {
                 u64 w = *(volatile u64 *)((volatile u8 *)s->buf + idx);
-                u64 cr = w ^ 0x0d0d0d0d0d0d0d0dULL;
-                u64 lf = w ^ 0x0a0a0a0a0a0a0a0aULL;
-                u64 zero = (((cr - 0x0101010101010101ULL) & ~cr) | ((lf - 0x0101010101010101ULL) & ~lf))
-                           & 0x8080808080808080ULL;
-                if (!zero) {
-                    s->skipped = s->skipped + 7;
+                u64 cr = zero_bytes(w ^ ('\r' * ONES));
+                u64 ends = cr | zero_bytes(w ^ ('\n' * ONES));
+                if (!ends) {
+                    s->pos = at + 8;
+                    continue;
+                }
+                /* The value ends in this word at a CR: go straight past it. (An LF first
+                 * fails, byte by byte below.) */
+                u64 first = ends & (~ends + 1);
+                if (first & cr) {
+                    s->pos = at + first_byte(first) + 1;
+                    s->state = S_LF;
                     continue;
                 }
             }
@@ -460,12 +571,33 @@ static __always_inline u32 scan_head(volatile struct scratch *s, u32 start)
             else if (c == '\n')
                 s->state = S_FAIL;
         } else if (state == S_NAME) {
+            /* A name that can no longer be Content-Length or Transfer-Encoding only has to
+             * be valid: a word at a time, through its ':' when the word holds it, while the
+             * bytes before are letters, digits or '-' (anything else: byte by byte below). */
+            if (!s->cl_ok && !s->te_ok && at + 8 <= s->n) {
+                u64 w = *(volatile u64 *)((volatile u8 *)s->buf + idx);
+                if (!(w & HIGHS)) {
+                    u64 ok = name_bytes(w);
+                    u64 colon = zero_bytes(w ^ (':' * ONES));
+                    if (!colon && ok == HIGHS) {
+                        s->pos = at + 8;
+                        continue;
+                    }
+                    u64 first = colon & (~colon + 1);
+                    u64 before = (first - 1) & HIGHS;
+                    if (colon && (ok & before) == before) {
+                        s->pos = at + first_byte(first) + 1;
+                        s->state = S_VALUE;
+                        continue;
+                    }
+                }
+            }
             u32 k = s->nlen;
             if (c == ':') {
                 if (s->te_ok && k == 17) {
                     s->state = S_FAIL;
                 } else if (s->cl_ok && k == 14) {
-                    if (s->request || s->cl_seen) {
+                    if (s->cl_seen) {
                         s->state = S_FAIL;
                     } else {
                         s->cl_seen = 1;
@@ -478,6 +610,7 @@ static __always_inline u32 scan_head(volatile struct scratch *s, u32 start)
                     s->state = S_VALUE;
                 }
             } else if (is_tchar(c)) {
+                /* Names match in any case: c | 0x20 lowers letters and leaves '-' as it is. */
                 u32 lc = c | 0x20;
                 if (s->cl_ok && lc != pat_byte(CL_W0, CL_W1, 0, k))
                     s->cl_ok = 0;
@@ -510,7 +643,7 @@ static __always_inline u32 scan_head(volatile struct scratch *s, u32 start)
                     s->in_query = 1;
                 if (!s->in_query) {
                     if (s->path_len >= PATH_LEN)
-                        s->state = S_FAIL;
+                        s->state = S_PATH_LONG;
                     else
                         s->path_len++;
                 }
@@ -568,10 +701,10 @@ static __always_inline u32 scan_head(volatile struct scratch *s, u32 start)
                 s->state = S_FAIL;
             }
         }
+        s->pos = at + 1;
         if (s->state >= S_DONE)
             break;
     }
-    return s->state == S_DONE ? s->head_len : 0;
 }
 
 /* Load up to HEAD_MAX payload bytes into the scratch buffer; returns how many. */
@@ -611,20 +744,23 @@ static __always_inline u32 method_of(u64 w, u32 *len)
 #define KIND_REQUEST 1   /* the segment is exactly one simple request head */
 #define KIND_RESPONSE 2  /* the segment starts with a final response head we can frame */
 
-/* Classify a segment's payload by its direction, before the flow's state is
- * looked at: one call site, so the verifier walks the head scan once (each
- * extra caller context costs HEAD_MAX iterations of it). Sets s->kind; for a
- * request s->st.method/path/path_len, for a response s->status, s->head_len,
- * s->cl_seen and s->cl. Segments that cannot start a head (body bytes) leave
- * after an 8-byte comparison. */
-static __always_inline void classify(struct __sk_buff *skb, struct scratch *s, u32 off, u32 plen, int to_server)
+/* First half of classifying a segment's payload by its direction, before the
+ * flow's state is looked at (http_filter): load it, match the method or the
+ * status line, and set up the scan. Returns 1 when the scan (http_scan) must
+ * run, 0 when the segment cannot start a head we take (body bytes leave after
+ * an 8-byte comparison). s->reject says why a request was not taken when the
+ * reason is more specific than "not a simple request". */
+static __always_inline int classify_start(struct __sk_buff *skb, struct scratch *s, u32 off, u32 plen,
+                                          int to_server)
 {
     volatile struct scratch *vs = s;
     vs->kind = KIND_NONE;
-    if (to_server && plen > HEAD_MAX)
-        return;
+    if (to_server && plen > HEAD_MAX) {
+        vs->reject = HO_HEAD_TOO_LONG;
+        return 0;
+    }
     if (!load_payload(skb, s, off, plen))
-        return;
+        return 0;
     u64 w;
     __builtin_memcpy(&w, s->buf, 8);
     u32 start;
@@ -632,42 +768,35 @@ static __always_inline void classify(struct __sk_buff *skb, struct scratch *s, u
         u32 mlen = 0;
         u32 method = method_of(w, &mlen);
         if (!method || mlen > 8 || s->buf[mlen & 15] != '/')
-            return;
+            return 0;
         vs->method = method;
+        vs->mlen = mlen;
         start = mlen;
     } else {
         if ((w & 0x00ffffffffffffffULL) != VERSION_W)
-            return;
+            return 0;
         u8 d7 = s->buf[7], sp = s->buf[8], a = s->buf[9], b = s->buf[10], c = s->buf[11];
         if (d7 < '0' || d7 > '9' || sp != ' ')
-            return;
+            return 0;
         if (a < '0' || a > '9' || b < '0' || b > '9' || c < '0' || c > '9')
-            return;
+            return 0;
         u32 status = (a - '0') * 100 + (b - '0') * 10 + (c - '0');
         if (status < 200)
-            return;  /* interim and 101: user space */
+            return 0;  /* interim and 101: user space */
         vs->status = status;
         start = 12;
     }
-    /* Everything the scan's callers differ in is parked in memory (see scan_head). */
     vs->request = to_server;
-    u32 head_len = scan_head(s, start);
-    if (!head_len)
-        return;
-    if (!vs->request) {
-        vs->kind = KIND_RESPONSE;
-        return;
-    }
-    if (head_len != vs->n || vs->n != plen)
-        return;
-    u32 mlen = vs->start;
-    u32 path_len = vs->path_len;
-    if (path_len > PATH_LEN || mlen > 8)
-        return;
-    /* A word at a time, the bytes past path_len zeroed (the path is part of the
-     * http_agg key): a twelfth of the byte loop's instructions. Little-endian, as
-     * every JIT target we run on: a word's first byte is its low byte. buf's 8
-     * spare bytes keep the last read in bounds. */
+    scan_init(s, start);
+    return 1;
+}
+
+/* The path into s->st.path as sent, the bytes past path_len zeroed (the path is part
+ * of the http_agg key). A word at a time: a twelfth of a byte loop's instructions.
+ * Little-endian, as every JIT target we run on: a word's first byte is its low byte.
+ * buf's 8 spare bytes keep the last read in bounds. */
+static __always_inline void copy_path(struct scratch *s, u32 mlen, u32 path_len)
+{
 #pragma unroll
     for (u32 w = 0; w < PATH_LEN / 8; w++) {
         u32 lo = w * 8;
@@ -675,7 +804,111 @@ static __always_inline void classify(struct __sk_buff *skb, struct scratch *s, u
         u64 keep = path_len >= lo + 8 ? ~0ULL : path_len <= lo ? 0 : (1ULL << ((path_len - lo) * 8)) - 1;
         *(u64 *)(s->st.path + lo) = word & keep;
     }
-    s->st.path_len = path_len;
+}
+
+#define SEG_EMPTY 0
+#define SEG_DIGITS 1
+#define SEG_OTHER 2
+
+/* The path into s->st.path with every all-digit segment written as "{id}", so that
+ * 100,000 ids make one http_agg key, not 100,000. User space turns it on (CFG_ROUTE_IDS)
+ * only when that cannot change a route: RouteMapper's heuristic makes an all-digit
+ * segment "{id}" and keeps a literal "{id}" as it is, and a `--route` placeholder
+ * matches either; a pattern with an all-digit literal segment turns it off
+ * (RouteMapper.digit_segments_are_ids). Returns 0, having written nothing that
+ * matters, when the result would pass PATH_LEN: the caller copies the path as sent. */
+static __always_inline int ids_path(struct scratch *s, u32 mlen, u32 path_len)
+{
+    volatile struct scratch *vs = s;
+    vs->out = 0;
+    vs->seg_out = 0;
+    vs->seg = SEG_EMPTY;
+    for (u32 i = 0; i <= PATH_LEN; i++) {
+        if (i > path_len)
+            break;
+        /* A '/' past the end closes the last segment. */
+        u32 c = i < path_len ? s->buf[(mlen + i) & (HEAD_MAX - 1)] : '/';
+        if (c == '/') {
+            if (vs->seg == SEG_DIGITS) {
+                u32 o = vs->seg_out;
+                if (o > PATH_LEN - 4)
+                    return 0;
+                s->st.path[o] = '{';
+                s->st.path[o + 1] = 'i';
+                s->st.path[o + 2] = 'd';
+                s->st.path[o + 3] = '}';
+                vs->out = o + 4;
+            }
+            if (i == path_len)
+                break;
+            u32 o = vs->out;
+            if (o >= PATH_LEN)
+                return 0;
+            s->st.path[o] = '/';
+            vs->out = o + 1;
+            vs->seg_out = o + 1;
+            vs->seg = SEG_EMPTY;
+        } else {
+            u32 o = vs->out;
+            if (o >= PATH_LEN)
+                return 0;
+            s->st.path[o] = c;
+            vs->out = o + 1;
+            vs->seg = c >= '0' && c <= '9' && vs->seg != SEG_OTHER ? SEG_DIGITS : SEG_OTHER;
+        }
+    }
+    /* Bytes past the result may hold digits a "{id}" replaced: zero them, a word at a time. */
+    u32 len = vs->out;
+    if (len > PATH_LEN)
+        return 0;
+#pragma unroll
+    for (u32 w = 0; w < PATH_LEN / 8; w++) {
+        u32 lo = w * 8;
+        u64 keep = len >= lo + 8 ? ~0ULL : len <= lo ? 0 : (1ULL << ((len - lo) * 8)) - 1;
+        *(u64 *)(s->st.path + lo) &= keep;
+    }
+    s->st.path_len = len;
+    return 1;
+}
+
+/* Second half, once the scan has stopped (http_finish): sets s->kind; for a
+ * request s->st.method/path/path_len, for a response s->head_len, s->cl_seen
+ * and s->cl. */
+static __always_inline void classify_end(struct scratch *s)
+{
+    volatile struct scratch *vs = s;
+    vs->kind = KIND_NONE;
+    u32 state = vs->state;
+    if (state != S_DONE) {
+        if (!vs->request)
+            return;
+        if (state == S_PATH_LONG)
+            vs->reject = HO_PATH_TOO_LONG;
+        else if (state != S_FAIL && vs->pos >= vs->n)  /* the bytes ran out mid-head */
+            vs->reject = vs->n >= HEAD_MAX ? HO_HEAD_TOO_LONG : HO_HEAD_SPLIT;
+        return;
+    }
+    if (!vs->request) {
+        vs->kind = KIND_RESPONSE;
+        return;
+    }
+    /* A body announced by Content-Length is counted by sequence number, never read: the
+     * segment may carry all of it, part of it, or none; anything past it is pipelining. */
+    u32 head_len = vs->head_len;
+    u32 plen = vs->plen;
+    u32 cl = vs->cl_seen ? vs->cl : 0;
+    if (head_len > plen || plen - head_len > cl)
+        return;  /* bytes after the head (and body): pipelining or garbage, user space's */
+    s->st.req_len = cl;
+    s->st.req_left = cl - (plen - head_len);
+    u32 mlen = vs->mlen;
+    u32 path_len = vs->path_len;
+    if (path_len > PATH_LEN || mlen > 8)
+        return;
+    if (!(cfg(CFG_ROUTE_IDS, 0) && ids_path(s, mlen, path_len))) {
+        copy_path(s, mlen, path_len);
+        s->st.path_len = path_len;
+    }
     s->st.method = vs->method;
     vs->kind = KIND_REQUEST;
 }
@@ -722,11 +955,13 @@ static __always_inline u32 size_bucket(struct hist_bounds *b, u64 v)
 }
 
 /* Add the exchange of `st` ending now; -1 (nothing added) when http_agg is full. */
-static __always_inline int aggregate(struct scratch *s, struct fp_state *st, u16 port, u64 now, u32 body)
+static __always_inline int aggregate(struct scratch *s, struct fp_state *st, struct flow_key *fk, u64 now,
+                                     u32 body)
 {
     u32 zero = 0;
     struct http_agg_key *ak = &s->ak;
-    ak->port = port;
+    __builtin_memcpy(ak->server_ip, fk->daddr, 16);
+    ak->port = fk->dport;
     ak->status = s->status;  /* set by fast_step for both ways an exchange completes */
     ak->method = st->method;
     ak->path_len = st->path_len;
@@ -748,6 +983,7 @@ static __always_inline int aggregate(struct scratch *s, struct fp_state *st, u16
     u64 d = now > st->start_ns ? now - st->start_ns : 0;
     u32 di = duration_bucket(b, d);
     u32 si = size_bucket(b, body);
+    u32 ri = size_bucket(b, st->req_len);
     v->count++;
     v->dur_sum_ns += d;
     v->resp_sum += body;
@@ -755,6 +991,9 @@ static __always_inline int aggregate(struct scratch *s, struct fp_state *st, u16
         v->dur[di]++;
     if (si <= MAX_SIZE_BOUNDS)
         v->resp[si]++;
+    v->req_sum += st->req_len;
+    if (ri <= MAX_SIZE_BOUNDS)
+        v->req[ri]++;
     return 0;
 }
 
@@ -777,8 +1016,10 @@ static __always_inline u32 fast_step(struct __sk_buff *skb, struct scratch *s, s
         return phase == PHASE_IDLE ? V_DELETE : V_HANDOVER + HO_CLOSE;
     if (syn)
         return V_HANDOVER + HO_SEQ;
-    if (plen && fin)
-        return V_HANDOVER + HO_CLOSE;  /* data and close at once: rare, user space */
+    if (plen && fin && to_server)
+        return V_HANDOVER + HO_CLOSE;  /* a request and close at once: rare, user space */
+    /* A server's data with FIN (a Connection: close response often ends so) is taken only
+     * when it completes the exchange; fast_path then records the FIN. */
     if (to_server) {
         if (plen) {
             s32 d = (s32)(seq - st->cseq);
@@ -788,12 +1029,21 @@ static __always_inline u32 fast_step(struct __sk_buff *skb, struct scratch *s, s
             }
             if (d != 0)
                 return V_HANDOVER + HO_SEQ;
+            if (st->req_left) {  /* request body bytes: counted, never read */
+                if (plen > st->req_left)
+                    return V_HANDOVER + HO_PIPELINED;
+                st->req_left -= plen;
+                st->cseq = seq + plen;
+                return V_CONSUMED;
+            }
             if (phase != PHASE_IDLE)
                 return V_HANDOVER + HO_PIPELINED;
             if (s->kind != KIND_REQUEST)
-                return V_HANDOVER + HO_REQUEST;
+                return V_HANDOVER + (s->reject < HO_COUNT ? s->reject : HO_REQUEST);
             st->phase = PHASE_REQUEST;
             st->start_ns = now;
+            st->req_len = s->st.req_len;
+            st->req_left = s->st.req_left;
             st->method = s->st.method;
             st->path_len = s->st.path_len;
             __builtin_memcpy(st->path, s->st.path, PATH_LEN);
@@ -815,6 +1065,8 @@ static __always_inline u32 fast_step(struct __sk_buff *skb, struct scratch *s, s
     if (st->sseq_known) {
         s32 d = (s32)(seq - st->sseq);
         if (d + (s32)plen <= 0) {
+            if (fin)
+                return V_HANDOVER + HO_CLOSE;
             fcount(FC_RETRANSMITS);
             return V_CONSUMED;
         }
@@ -822,7 +1074,7 @@ static __always_inline u32 fast_step(struct __sk_buff *skb, struct scratch *s, s
             /* On lo a response's segments leave from two CPUs, and one sometimes reaches
              * the tap before the one ahead of it. Hold one such range that lies wholly
              * inside the body (its bytes are only counted) rather than hand over. */
-            if (d > 0 && phase == PHASE_RESPONSE) {
+            if (d > 0 && phase == PHASE_RESPONSE && !fin) {
                 if (st->held_len) {
                     if (seq == st->held_seq && plen <= st->held_len) {
                         fcount(FC_RETRANSMITS);
@@ -850,6 +1102,8 @@ static __always_inline u32 fast_step(struct __sk_buff *skb, struct scratch *s, s
     }
     if (phase == PHASE_IDLE)
         return V_HANDOVER + HO_UNSOLICITED;
+    if (st->req_left)
+        return V_HANDOVER + HO_REQUEST_BODY;  /* an early answer (100 Continue, 413): user space */
     if (phase == PHASE_REQUEST) {
         u32 body;
         if (s->kind != KIND_RESPONSE || !response_body(s, st->method, &body))
@@ -861,6 +1115,8 @@ static __always_inline u32 fast_step(struct __sk_buff *skb, struct scratch *s, s
             return V_HANDOVER + HO_EXTRA;
         if (plen == total)
             return V_COMPLETE;
+        if (fin)
+            return V_HANDOVER + HO_CLOSE;  /* the response ends before its length */
         st->status = s->status;
         st->resp_len = body;
         st->resp_seen = plen - head_len;
@@ -886,6 +1142,8 @@ static __always_inline u32 fast_step(struct __sk_buff *skb, struct scratch *s, s
         s->merged = got - plen;
         return V_COMPLETE;
     }
+    if (fin)
+        return V_HANDOVER + HO_CLOSE;
     st->resp_seen += got;
     st->sseq = seq + got;
     if (got != plen)
@@ -918,10 +1176,35 @@ static __always_inline void hand_over(struct scratch *s, struct flow_key *fk, st
     ho->held_ns = st->held_ns;
     ho->held_seq = st->held_seq;
     ho->held_len = st->held_len;
-    if (handover.update(fk, ho) != 0)
+    ho->req_len = st->req_len;
+    ho->req_left = st->req_left;
+    if (handover.update(fk, ho) != 0) {
+        /* User space would get the connection's next segments without knowing what the kernel
+         * had open, and could pair a response with the wrong request. Rather, the connection
+         * stays here and its segments are dropped until it closes: its exchanges are lost,
+         * counted on handover_map_full (per connection), never mis-counted. */
         fcount(FC_HANDOVER_MAP_FULL);
+        st->mode = MODE_LOST;
+        return;
+    }
     hcount(reason);
     st->mode = MODE_SLOW;
+}
+
+/* A record for a connection that is SLOW from its first segment, when the SYN-ACK gave the
+ * server's first sequence number: user space then anchors the server side there, not at
+ * whichever response segment it sees first. Nothing is open: phase 0. */
+static __always_inline void anchor_record(struct scratch *s, struct flow_key *fk, u32 cseq, u32 sseq,
+                                          u32 reason)
+{
+    struct fp_handover *ho = &s->ho;
+    __builtin_memset(ho, 0, sizeof(*ho));
+    ho->cseq = cseq;  /* this segment, which user space parses */
+    ho->sseq = sseq;
+    ho->sseq_known = 1;
+    ho->reason = reason;
+    if (handover.update(fk, ho) != 0)
+        fcount(FC_HANDOVER_MAP_FULL);
 }
 
 static __always_inline void slow_close(struct flow_key *fk, struct fp_state *st, int to_server, u8 fin, u8 rst)
@@ -937,16 +1220,9 @@ static __always_inline void slow_close(struct flow_key *fk, struct fp_state *st,
 }
 
 /* Returns 1 to pass the segment up (then the usual keep/truncate rules apply), 0 when taken here. */
-static __always_inline int fast_path(struct __sk_buff *skb, struct flow_key *key, int to_server, u32 seq,
-                                     u32 plen, u32 off, u8 fin, u8 rst, u8 syn)
+static __always_inline int fast_path(struct __sk_buff *skb, struct scratch *s, struct flow_key *key,
+                                     int to_server, u32 seq, u32 plen, u32 off, u8 fin, u8 rst, u8 syn)
 {
-    u32 zero = 0;
-    struct scratch *s = scratch.lookup(&zero);
-    if (!s)
-        return 1;
-    s->kind = KIND_NONE;
-    if (plen && !fin && !rst && !syn)
-        classify(skb, s, off, plen, to_server);
     struct flow_key fk = {};
     if (to_server) {
         __builtin_memcpy(&fk, key, sizeof(fk));
@@ -960,7 +1236,7 @@ static __always_inline int fast_path(struct __sk_buff *skb, struct flow_key *key
     if (st) {
         if (st->mode != MODE_FAST) {
             slow_close(&fk, st, to_server, fin, rst);
-            return 1;
+            return st->mode != MODE_LOST;
         }
         int claimed = 0;
         /* Test and test-and-set: wait on plain reads, so the line is not bounced.
@@ -985,7 +1261,7 @@ static __always_inline int fast_path(struct __sk_buff *skb, struct flow_key *key
         if (st->mode != MODE_FAST) {  /* turned SLOW while we waited */
             __sync_fetch_and_add(&st->lock, -1);
             slow_close(&fk, st, to_server, fin, rst);
-            return 1;
+            return st->mode != MODE_LOST;
         }
     }
 
@@ -998,16 +1274,25 @@ static __always_inline int fast_path(struct __sk_buff *skb, struct flow_key *key
         struct fp_state *ns = &s->st;
         ns->lock = 0;
         ns->cseq = seq + plen;
-        ns->sseq = 0;
+        u32 *first = syn_seq.lookup(&fk);
+        u32 anchor = first ? *first : 0;
+        u8 anchored = first != 0;
+        if (anchored)
+            syn_seq.delete(&fk);
+        ns->sseq = anchor;
         ns->resp_len = 0;
         ns->resp_seen = 0;
         ns->status = 0;
-        ns->sseq_known = 0;
+        ns->sseq_known = anchored;
         ns->fins = 0;
         ns->held_ns = 0;
         ns->held_seq = 0;
         ns->held_len = 0;
         int simple = s->kind == KIND_REQUEST;
+        if (!simple) {
+            ns->req_len = 0;
+            ns->req_left = 0;
+        }
         if (simple) {
             ns->mode = MODE_FAST;
             ns->phase = PHASE_REQUEST;
@@ -1023,38 +1308,78 @@ static __always_inline int fast_path(struct __sk_buff *skb, struct flow_key *key
         }
         fcount(FC_FLOWS_CREATED);
         if (!simple) {
-            hcount(HO_NEW_FLOW);
+            u32 reason = s->reject < HO_COUNT ? s->reject : HO_NEW_FLOW;
+            if (ns->sseq_known)
+                anchor_record(s, &fk, seq, ns->sseq, reason);
+            hcount(reason);
             return 1;
         }
         fcount(FC_REQUESTS);
         return 0;
     }
 
-    u16 server_port = fk.dport;
     u32 v = fast_step(skb, s, st, to_server, seq, plen, off, fin, rst, syn, now);
     if (v == V_COMPLETE) {
         /* A held range that ends the body carries the response's last byte: its time is the
          * exchange's end, as user space times a reordered response. */
         u64 end = s->merged ? st->held_ns : now;
-        if (aggregate(s, st, server_port, end, s->body) == 0) {
+        if (aggregate(s, st, &fk, end, s->body) == 0) {
             st->phase = PHASE_IDLE;
             st->sseq = seq + plen + s->merged;
             st->sseq_known = 1;
             st->held_len = 0;
             fcount(FC_EXCHANGES);
             v = V_CONSUMED;
+            if (fin) {  /* the response's last segment closed the connection's server side */
+                st->fins |= 2;
+                if (st->fins == 3)
+                    v = V_DELETE;
+            }
         } else {
             v = V_HANDOVER + HO_AGG_FULL;
         }
     }
     if (v >= V_HANDOVER)
         hand_over(s, &fk, st, v - V_HANDOVER, to_server, seq);
+    int up = v >= V_HANDOVER && st->mode != MODE_LOST;
     __sync_fetch_and_add(&st->lock, -1);
     if (v == V_DELETE || (v >= V_HANDOVER && rst)) {
         if (flow_state.delete(&fk) == 0)
             fcount(FC_FLOWS_DELETED);
+    } else if (v >= V_HANDOVER && fin) {
+        /* Handed over by a FIN: note it, as for any SLOW flow, or the state outlives the
+         * connection (the other side's FIN would find only one of the two bits). */
+        slow_close(&fk, st, to_server, fin, 0);
     }
-    return v >= V_HANDOVER;
+    return up;
+}
+
+/* What to keep of a packet user space gets (every counted outcome but the fast path's). */
+static __always_inline int verdict(struct __sk_buff *skb, struct scratch *sc)
+{
+    volatile struct scratch *vs = sc;
+    u32 payload_len = vs->plen;
+    u32 headers_end = vs->off;
+    u32 l3_end = vs->l3_end;
+    if (payload_len == 0) {
+        count(CNT_KEPT);
+        return headers_end;
+    }
+
+    struct skip_range *skip = body_skip.lookup(&sc->key);
+    if (skip) {
+        u32 seq = vs->seq;
+        u32 last = seq + payload_len; /* exclusive end, mod 2^32 */
+        if ((s32)(seq - skip->start) >= 0 && (s32)(last - skip->end) <= 0) {
+            count(CNT_KEPT);
+            count(CNT_TRUNCATED_BODY_SKIP);
+            return headers_end;
+        }
+    }
+
+    count(CNT_KEPT);
+    u32 snaplen = cfg(CFG_SNAPLEN, 65535);
+    return l3_end < snaplen ? l3_end : snaplen;
 }
 
 /* Node-wide capture: 1 when this copy is on the interface the connection is locked to.
@@ -1228,13 +1553,30 @@ int http_filter(struct __sk_buff *skb)
     u32 payload_len = l3_end - headers_end;
 
     if (payload_len == 0 && !tcp.fin && !tcp.rst) {
+        if (tcp.syn && tcp.ack && !to_server && cfg(CFG_FAST_PATH, 0)) {
+            struct flow_key ck = {};
+            __builtin_memcpy(ck.saddr, kp->daddr, 16);
+            __builtin_memcpy(ck.daddr, kp->saddr, 16);
+            ck.sport = dport;
+            ck.dport = sport;
+            u32 first = ntohl(tcp.seq) + 1;  /* the SYN takes one sequence number */
+            syn_seq.update(&ck, &first);
+        }
         count(CNT_DROPPED_NO_PAYLOAD);
         return 0;
     }
 
     kp->sport = sport;
     kp->dport = dport;
-    u32 seq = ntohl(tcp.seq);
+    volatile struct scratch *vs = sc;
+    vs->to_server = to_server;
+    vs->seq = ntohl(tcp.seq);
+    vs->plen = payload_len;
+    vs->off = headers_end;
+    vs->l3_end = l3_end;
+    vs->fin = tcp.fin;
+    vs->rst = tcp.rst;
+    vs->syn = tcp.syn;
 
     if (cfg(CFG_NODE, 0) && !first_interface(skb, kp, to_server)) {
         count(CNT_DROPPED_DUPLICATE);
@@ -1249,32 +1591,59 @@ int http_filter(struct __sk_buff *skb)
         return 0;
     }
 
-    if (cfg(CFG_FAST_PATH, 0) &&
-        !fast_path(skb, kp, to_server, seq, payload_len, headers_end, tcp.fin, tcp.rst, tcp.syn)) {
-        count(CNT_CONSUMED_FAST_PATH);
-        return 0;
+    if (cfg(CFG_FAST_PATH, 0)) {
+        /* The fast path runs in http_finish, after the head scan in http_scan when the
+         * payload may start a head: each program has the verifier's whole budget. */
+        vs->kind = KIND_NONE;
+        vs->reject = HO_COUNT;
+        int scan = payload_len && !tcp.rst && !tcp.syn &&  /* data with FIN too: a last response */
+                   classify_start(skb, sc, headers_end, payload_len, to_server);
+        vs->scanned = scan;
+        if (scan)
+            scan_progs.call(skb, PROG_SCAN);
+        else
+            scan_progs.call(skb, PROG_FINISH);
+        /* Only reached when the slot is empty (bpf.py fills both before turning the fast
+         * path on): the flow's state is not looked at, so say so. */
+        fcount(FC_TAIL_CALL_FAILED);
     }
-
-    if (payload_len == 0) {
-        count(CNT_KEPT);
-        return headers_end;
-    }
-
-    struct skip_range *skip = body_skip.lookup(kp);
-    if (skip) {
-        u32 last = seq + payload_len; /* exclusive end, mod 2^32 */
-        if ((s32)(seq - skip->start) >= 0 && (s32)(last - skip->end) <= 0) {
-            count(CNT_KEPT);
-            count(CNT_TRUNCATED_BODY_SKIP);
-            return headers_end;
-        }
-    }
-
-    count(CNT_KEPT);
-    u32 snaplen = cfg(CFG_SNAPLEN, 65535);
-    return l3_end < snaplen ? l3_end : snaplen;
+    return verdict(skb, sc);
 
 malformed:
     count(CNT_DROPPED_MALFORMED);
     return 0;
+}
+
+/* The head scan, SCAN_CHUNK steps a run; then itself again, or http_finish. */
+int http_scan(struct __sk_buff *skb)
+{
+    u32 zero = 0;
+    struct scratch *s = scratch.lookup(&zero);
+    if (!s)
+        return 0;
+    volatile struct scratch *vs = s;
+    scan_chunk(s);
+    if (vs->state < S_DONE && vs->pos < vs->n)
+        scan_progs.call(skb, PROG_SCAN);
+    else
+        scan_progs.call(skb, PROG_FINISH);
+    fcount(FC_TAIL_CALL_FAILED);
+    return verdict(skb, s);
+}
+
+/* The fast path for the packet http_filter parsed (and http_scan classified), then the verdict. */
+int http_finish(struct __sk_buff *skb)
+{
+    u32 zero = 0;
+    struct scratch *s = scratch.lookup(&zero);
+    if (!s)
+        return 0;
+    volatile struct scratch *vs = s;
+    if (vs->scanned)
+        classify_end(s);
+    if (!fast_path(skb, s, &s->key, vs->to_server, vs->seq, vs->plen, vs->off, vs->fin, vs->rst, vs->syn)) {
+        count(CNT_CONSUMED_FAST_PATH);
+        return 0;
+    }
+    return verdict(skb, s);
 }

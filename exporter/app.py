@@ -492,10 +492,9 @@ class Exporter:
             return
         bounds = self.http.duration_buckets
         identify = self.pipeline.identify
-        for (route, port, _method, status), delta in self.fast.poll_deltas().items():
-            # SEAM (identity): with KernelAggregate.server_ip (branch `heads`), name the server by
-            # its address as kernel_agg.py does; until then by its port when one listener owns it.
-            service_name = identify("", port)[SERVICE_NAME_SLOT] if identify is not None else ""
+        for (route, port, _method, status, server_ip), delta in self.fast.poll_deltas().items():
+            # The server named by its address, as kernel_agg.py names the kernel's series.
+            service_name = identify(server_ip, port)[SERVICE_NAME_SLOT] if identify is not None else ""
             slo.observe_counts(route, port, status, delta.duration_counts, bounds, service_name)
 
     def _interface_lost(self) -> str:

@@ -77,8 +77,9 @@ FAST_COUNTER_NAMES: tuple[str, ...] = (
     "busy",  # segments passed up because another CPU held the flow (inexact; expected 0)
     "flows_created",  # flow_state entries created
     "flows_deleted",  # flow_state entries deleted at FIN/RST (LRU evictions are not seen)
-    "handover_map_full",  # handover records lost to a full map (inexact; expected 0)
+    "handover_map_full",  # connections whose record did not fit: dropped in the kernel from then on (expected 0)
     "overtaken",  # response body segments that overtook the one before them, held by range
+    "tail_call_failed",  # packets passed up because a scan_progs slot was empty (a loader bug; expected 0)
 )
 
 # Slots of `handover_counters`: why a flow went to user space. `new_flow` is a flow
@@ -93,6 +94,10 @@ HANDOVER_REASONS: tuple[str, ...] = (
     "unsolicited",
     "close",
     "agg_full",
+    "head_too_long",  # a request head longer than the kernel scans (HEAD_MAX bytes)
+    "head_split",  # a request head that does not end in its first segment
+    "path_too_long",  # a path (before '?') longer than the kernel keeps (PATH_LEN bytes)
+    "request_body",  # a request announcing a body (Content-Length > 0)
 )
 
 # Method ids of the fast path; index 0 is "none". CONNECT never takes it.
@@ -104,7 +109,8 @@ MAX_SIZE_BOUNDS = 16
 PATH_LEN = 96
 
 # Slots of the `config` array.
-_CONFIG_NAMES: tuple[str, ...] = ("loopback", "snaplen", "link_header_len", "fast_path", "node", "iface_set")
+_CONFIG_NAMES: tuple[str, ...] = ("loopback", "snaplen", "link_header_len", "fast_path", "node", "iface_set",
+                                  "route_ids")
 
 # 256 KiB, as tcpdump: a GSO super-packet on lo is up to 14 + 65535 bytes, so
 # 65535 would clip the tail of the largest ones.
@@ -154,12 +160,16 @@ class KernelHandover:
     held_ns: int = 0
     held_seq: int = 0
     held_length: int = 0
+    # The open request's body (Content-Length) and how many of its bytes are still to come.
+    request_length: int = 0
+    request_left: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class KernelAggregate:
     """One `http_agg` entry summed over CPUs: every exchange of one label set taken in the kernel."""
 
+    server_ip: str  # the server's address, as in flows (IPv4 dotted, IPv6 compressed)
     port: int
     method: str
     status: int
@@ -169,6 +179,8 @@ class KernelAggregate:
     response_sum: int
     duration_counts: tuple[int, ...]  # one per duration bound, then the overflow slot
     response_counts: tuple[int, ...]  # one per size bound, then the overflow slot
+    request_sum: int = 0  # request body bytes (Content-Length, counted by sequence number)
+    request_counts: tuple[int, ...] = ()  # one per size bound, then the overflow slot; () as all empty
 
 
 # Byte layouts of the C structs (native order, the C file's field order and padding).
@@ -177,10 +189,13 @@ _FLOW_KEY = struct.Struct("=16s16sHH")  # struct flow_key
 _SKIP_RANGE = struct.Struct("=II")  # struct skip_range: start, end (exclusive)
 _HIST_BOUNDS = struct.Struct(f"={MAX_DURATION_BOUNDS}Q{MAX_SIZE_BOUNDS}QII")  # struct hist_bounds
 # struct fp_handover: start_ns, cseq, sseq, resp_len, resp_seen, status, phase, method, path_len,
-# sseq_known, reason, pad, path, held_ns, held_seq, held_len.
-_HANDOVER = struct.Struct(f"=QIIIIHBBBBBx{PATH_LEN}sQII")
-_AGG_KEY = struct.Struct(f"=HHBB2x{PATH_LEN}s")  # struct http_agg_key: port, status, method, path_len, path
-_AGG_VAL_SLOTS = 3 + MAX_DURATION_BOUNDS + 1 + MAX_SIZE_BOUNDS + 1  # struct http_agg_val, all u64
+# sseq_known, reason, pad, path, held_ns, held_seq, held_len, req_len, req_left.
+_HANDOVER = struct.Struct(f"=QIIIIHBBBBBx{PATH_LEN}sQIIII")
+# struct http_agg_key: server_ip, port, status, method, path_len, path
+_AGG_KEY = struct.Struct(f"=16sHHBB2x{PATH_LEN}s")
+# struct http_agg_val, all u64: count, dur_sum, resp_sum, dur[], resp[], req_sum, req[]
+_AGG_VAL_SLOTS = 3 + MAX_DURATION_BOUNDS + 1 + MAX_SIZE_BOUNDS + 1 + 1 + MAX_SIZE_BOUNDS + 1
+_AGG_REQ_SUM = 3 + MAX_DURATION_BOUNDS + 1 + MAX_SIZE_BOUNDS + 1
 _PER_CPU_U64 = 8
 
 # Every map this module touches: name -> (key size, value size) as the kernel reports them.
@@ -192,15 +207,21 @@ _MAP_LAYOUT: dict[str, tuple[int, int]] = {
     "handover_counters": (4, _PER_CPU_U64),
     "body_skip": (_FLOW_KEY.size, 8),  # struct skip_range
     "agg_bounds": (4, _HIST_BOUNDS.size),
-    "flow_state": (_FLOW_KEY.size, 152),  # struct fp_state: only its capacity is read here
+    "flow_state": (_FLOW_KEY.size, 160),  # struct fp_state: only its capacity is read here
     "handover": (_FLOW_KEY.size, _HANDOVER.size),
     "http_agg": (_AGG_KEY.size, _AGG_VAL_SLOTS * 8),
     "capture_ifaces": (4, 1),  # node-wide capture: ifindexes the --interface patterns match
     "flow_iface": (_FLOW_KEY.size, 4),  # node-wide capture: the interface each connection counts on
     "tls_flows": (_FLOW_KEY.size, 1),
+    "syn_seq": (_FLOW_KEY.size, 4),  # server's first data seq per connection, from its SYN-ACK
+    "scan_progs": (4, 4),  # prog array: holding its fd keeps the tail-call slots filled
 }
 # Must match the C file's CAPTURE_IFACES.
 MAX_CAPTURE_INTERFACES = 4096
+
+# Programs of the C file: the entry (attached to sockets) and what it tail-calls, by scan_progs slot.
+_ENTRY = "http_filter"
+_TAIL_CALLS: tuple[str, ...] = ("http_scan", "http_finish")  # PROG_SCAN, PROG_FINISH
 
 _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 
@@ -251,7 +272,8 @@ def _load_in_helper(src: Path, cflags: list[str]) -> tuple[int, dict[str, BpfMap
             raise CaptureError(f"cannot start the BPF loader process {argv[0]}: {exc.strerror}") from None
         finally:
             theirs.close()
-        request = {"src": str(src), "cflags": cflags, "function": "http_filter", "maps": list(_MAP_LAYOUT)}
+        request = {"src": str(src), "cflags": cflags, "function": _ENTRY, "maps": list(_MAP_LAYOUT),
+                   "tail_calls": {"map": "scan_progs", "functions": list(_TAIL_CALLS)}}
         message, fds = b"", list[int]()
         try:
             ours.sendall(json.dumps(request).encode())
@@ -336,6 +358,7 @@ class HttpFilter:
     ) -> None:
         require_privileges()
         self._fast_path = fast_path
+        self._route_ids = False
         self._n_dur = self._n_size = 0
         self._watched: set[int] = set()  # what watched_ports holds: an array is not worth walking
         release = platform.release()
@@ -402,7 +425,8 @@ class HttpFilter:
         if link_header_len not in (0, 14):
             raise CaptureError(f"link header length {link_header_len} unsupported (0 or 14)")
         values = {"loopback": int(loopback), "snaplen": snaplen, "link_header_len": link_header_len,
-                  "fast_path": int(self._fast_path), "node": int(node), "iface_set": int(interface_set)}
+                  "fast_path": int(self._fast_path), "node": int(node), "iface_set": int(interface_set),
+                  "route_ids": int(self._route_ids)}
         for i, name in enumerate(_CONFIG_NAMES):
             self._config.update(_U32.pack(i), _U32.pack(values[name]))
 
@@ -434,6 +458,14 @@ class HttpFilter:
     @property
     def fast_path(self) -> bool:
         return self._fast_path
+
+    def set_route_ids(self, on: bool) -> None:
+        """Key kernel aggregates with every all-digit path segment as `{id}` (see ids_path in the
+        C file). Only when RouteMapper names such a path exactly as the path sent, which
+        `RouteMapper.digit_segments_are_ids` says."""
+        self._route_ids = on
+        index = _CONFIG_NAMES.index("route_ids")
+        self._config.update(_U32.pack(index), _U32.pack(int(on)))
 
     def set_bounds(self, duration_s: Iterable[float], sizes: Iterable[float]) -> None:
         """The histogram bounds the kernel buckets fast-path exchanges with (HttpMetrics' own).
@@ -486,7 +518,7 @@ class HttpFilter:
             if raw is None or not table.delete(key):
                 continue  # gone already (a second reader); nothing to seed
             (start_ns, cseq, sseq, resp_len, resp_seen, status, phase, method, path_len, sseq_known, reason,
-             path, held_ns, held_seq, held_len) = _HANDOVER.unpack(raw)
+             path, held_ns, held_seq, held_len, req_len, req_left) = _HANDOVER.unpack(raw)
             out.append(KernelHandover(
                 flow=_flow_from_key(key),
                 reason=HANDOVER_REASONS[reason] if reason < len(HANDOVER_REASONS) else "?",
@@ -502,6 +534,8 @@ class HttpFilter:
                 held_ns=held_ns,
                 held_seq=held_seq,
                 held_length=held_len,
+                request_length=req_len,
+                request_left=req_left,
             ))
         return out
 
@@ -525,8 +559,10 @@ class HttpFilter:
                 continue
             dur = totals[3:3 + n_dur]
             resp = totals[3 + MAX_DURATION_BOUNDS + 1:3 + MAX_DURATION_BOUNDS + 1 + n_size]
-            port, status, method, path_len, path = _AGG_KEY.unpack(key)
+            req = totals[_AGG_REQ_SUM + 1:_AGG_REQ_SUM + 1 + n_size]
+            server_ip, port, status, method, path_len, path = _AGG_KEY.unpack(key)
             out.append(KernelAggregate(
+                server_ip=_ip_from_key(server_ip),
                 port=port,
                 method=METHODS[method] if method < len(METHODS) else "",
                 status=status,
@@ -536,6 +572,8 @@ class HttpFilter:
                 response_sum=resp_sum,
                 duration_counts=tuple(dur),
                 response_counts=tuple(resp),
+                request_sum=totals[_AGG_REQ_SUM],
+                request_counts=tuple(req),
             ))
         return out
 

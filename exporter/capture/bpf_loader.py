@@ -7,7 +7,9 @@ compile; the exporter receives the loaded program's and maps' file descriptors
 (SCM_RIGHTS over a socketpair) and talks to them with bpf(2) (bpfsys.py).
 
 Protocol, one message each way on a SOCK_SEQPACKET socket passed as argv[1]:
-request  {"src": path, "cflags": [...], "function": name, "maps": [names]}
+request  {"src": path, "cflags": [...], "function": name, "maps": [names],
+          "tail_calls": {"map": name, "functions": [names]}}  (optional: a prog array's slots, filled
+          in order with those functions, loaded as socket filters too)
 reply    {"ok": true, "compile_s": float, "peak_rss_kb": int} with fds [program, *maps]
          {"ok": false, "kind": "import" | "compile" | "load", "message": str}
 Clang's own diagnostics go to the inherited stderr.
@@ -56,6 +58,11 @@ def _load(request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         return {"ok": False, "kind": "compile", "message": str(exc)}, []
     try:
         fn = bpf.load_func(request["function"].encode(), BPF.SOCKET_FILTER)
+        tail_calls = request.get("tail_calls")
+        if tail_calls:
+            slots = bpf[tail_calls["map"].encode()]
+            for slot, name in enumerate(tail_calls["functions"]):
+                slots[ct.c_int(slot)] = ct.c_int(bpf.load_func(name.encode(), BPF.SOCKET_FILTER).fd)
         fds = [int(fn.fd)] + [int(bpf[name.encode()].map_fd) for name in request["maps"]]
     except Exception as exc:
         return {"ok": False, "kind": "load", "message": str(exc)}, []

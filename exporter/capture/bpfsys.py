@@ -20,7 +20,7 @@ from pathlib import Path
 from exporter.errors import CaptureError
 from exporter.preflight import SYS_BPF
 
-__all__ = ["BpfMap", "MapInfo", "enable_run_time_stats", "map_info", "possible_cpus"]
+__all__ = ["BpfMap", "MapInfo", "enable_run_time_stats", "map_info", "possible_cpus", "test_run"]
 
 
 _MAP_LOOKUP_ELEM = 1
@@ -28,6 +28,7 @@ _MAP_UPDATE_ELEM = 2
 _MAP_DELETE_ELEM = 3
 _MAP_GET_NEXT_KEY = 4
 _OBJ_GET_INFO_BY_FD = 15
+_PROG_TEST_RUN = 10
 _ENABLE_STATS = 32
 _STATS_RUN_TIME = 0
 
@@ -38,6 +39,9 @@ _PERCPU_TYPES = frozenset({5, 6, 10})  # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_H
 _ELEM_ATTR = struct.Struct("=I4xQQQ")
 # OBJ_GET_INFO_BY_FD: u32 bpf_fd, u32 info_len, u64 info.
 _INFO_ATTR = struct.Struct("=IIQ")
+# bpf_attr.test: prog_fd, retval, data_size_in, data_size_out, data_in, data_out, repeat, duration,
+# ctx_size_in, ctx_size_out, ctx_in, ctx_out, flags, cpu, batch_size.
+_TEST_ATTR = struct.Struct("=IIIIQQIIIIQQIII4x")
 # The head of struct bpf_map_info: type, id, key_size, value_size, max_entries, map_flags, name[16].
 _MAP_INFO = struct.Struct("=IIIIII16s")
 
@@ -69,6 +73,23 @@ def possible_cpus() -> int:
     for part in text.split(","):
         highest = max(highest, int(part.rsplit("-", 1)[-1]))
     return highest + 1
+
+
+def test_run(prog_fd: int, data: bytes) -> int:
+    """Run a loaded program once on `data` (BPF_PROG_TEST_RUN) and return its return value.
+
+    For a socket filter the kernel builds an skb from `data` as an Ethernet frame and
+    pulls the link header: the program sees the frame from its IP header on. Tests use
+    it to drive the real filter with packets no interface carries.
+    """
+    buf = ct.create_string_buffer(data, len(data))
+    attr = ct.create_string_buffer(
+        _TEST_ATTR.pack(prog_fd, 0, len(data), 0, ct.addressof(buf), 0, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+        _TEST_ATTR.size)
+    err = _bpf(_PROG_TEST_RUN, attr)
+    if err < 0:
+        raise OSError(-err, f"BPF_PROG_TEST_RUN: {os.strerror(-err)}")
+    return int(_TEST_ATTR.unpack(attr.raw)[1])
 
 
 def enable_run_time_stats() -> int:

@@ -15,7 +15,7 @@ file's header has the scheme). This module:
 
 API for the SLO runtime (`poll_deltas`), meant to be called about once a second from one
 thread: it returns what the kernel aggregated since the previous call, as
-``{(route, server_port, method_label, status): KernelDelta}``, where
+``{(route, server_port, method_label, status, server_ip): KernelDelta}``, where
 ``KernelDelta.duration_counts[i]`` is the number of new exchanges in duration bucket ``i``
 (bounds: `HttpMetrics.duration_buckets`, the last slot is above the highest bound),
 ``count`` their total and ``duration_sum_s`` their summed duration. The first call returns
@@ -47,6 +47,7 @@ from exporter.metrics import (
     SELF_FAST_PATH_OVERTAKEN_SEGMENTS_TOTAL,
     SELF_FAST_PATH_REQUESTS_TOTAL,
     SELF_FAST_PATH_RETRANSMITS_TOTAL,
+    SELF_FAST_PATH_TAIL_CALL_FAILED_TOTAL,
     ExternalSeries,
     HttpKey,
     HttpMetrics,
@@ -56,7 +57,7 @@ from exporter.metrics import (
 
 __all__ = ["KernelDelta", "KernelFastPath"]
 
-_AggKey = tuple[int, str, int, str]  # port, method, status, path
+_AggKey = tuple[str, int, str, int, str]  # server ip, port, method, status, path
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +101,8 @@ class KernelFastPath:
 
     def attach(self, bpf_filter: HttpFilter) -> None:
         self._filter = bpf_filter
+        # Ids become one kernel key per route shape, when that names every route alike.
+        bpf_filter.set_route_ids(self._routes.digit_segments_are_ids())
 
     def detach(self) -> None:
         """Keep what the attached filter counted; call before the filter closes."""
@@ -163,45 +166,44 @@ class KernelFastPath:
             identify = self.identify
             return [
                 # The kernel path only takes clear-text HTTP/1.x: the scheme and version defaults.
+                # Named by the server's address, as the user-space path names its exchanges.
                 (http_key(agg.method, agg.status, self._route(agg.port, agg.path), agg.port,
-                          identity=identify("", agg.port) if identify is not None else NO_IDENTITY), agg)
-                # SEAM (identity): once KernelAggregate carries server_ip (branch `heads`), pass
-                # agg.server_ip instead of "" above. Until then the kernel's aggregates name their
-                # server only when one listener on the node owns the port (else empty labels,
-                # counted as identity_failures_total{reason="ambiguous_port"}).
+                          identity=identify(agg.server_ip, agg.port) if identify is not None else NO_IDENTITY), agg)
                 for agg in aggregates
             ]
 
     def series(self) -> list[ExternalSeries]:
         """Histograms per HttpMetrics label set, for `HttpMetrics.add_source` (read at scrape time)."""
-        merged: dict[HttpKey, tuple[list[int], int, list[int], int]] = {}
+        merged: dict[HttpKey, tuple[list[int], int, list[int], int, list[int], int]] = {}
+        zero_slot = self._size_zero_slot
         for key, agg in self._read():
             entry = merged.get(key)
             if entry is None:
-                entry = merged[key] = ([0] * len(agg.duration_counts), 0, [0] * len(agg.response_counts), 0)
-            dur, _, resp, _ = entry
+                size_slots = len(agg.response_counts)
+                entry = merged[key] = ([0] * len(agg.duration_counts), 0, [0] * size_slots, 0, [0] * size_slots, 0)
+            dur, _, resp, _, req, _ = entry
             for i, n in enumerate(agg.duration_counts):
                 dur[i] += n
             for i, n in enumerate(agg.response_counts):
                 resp[i] += n
-            merged[key] = (dur, entry[1] + agg.duration_sum_ns, resp, entry[3] + agg.response_sum)
-        out: list[ExternalSeries] = []
-        zero_slot = self._size_zero_slot
-        for key, (dur, dur_ns, resp, resp_sum) in merged.items():
-            count = sum(dur)
-            request = [0] * len(resp)
-            request[zero_slot] = count  # the fast path only takes requests without a body
-            out.append((key, (dur, dur_ns / 1e9), (request, 0.0), (resp, float(resp_sum))))
-        return out
+            if agg.request_counts:
+                for i, n in enumerate(agg.request_counts):
+                    req[i] += n
+            else:  # a reader without request buckets: every request had an empty body
+                req[zero_slot] += agg.count
+            merged[key] = (dur, entry[1] + agg.duration_sum_ns, resp, entry[3] + agg.response_sum,
+                           req, entry[5] + agg.request_sum)
+        return [(key, (dur, dur_ns / 1e9), (req, float(req_sum)), (resp, float(resp_sum)))
+                for key, (dur, dur_ns, resp, resp_sum, req, req_sum) in merged.items()]
 
     def exchanges(self) -> int:
         return self._counters().get("exchanges", 0)
 
-    def poll_deltas(self) -> dict[tuple[str, int, str, int], KernelDelta]:
+    def poll_deltas(self) -> dict[tuple[str, int, str, int, str], KernelDelta]:
         """Exchanges aggregated in the kernel since the previous call (see the module docstring)."""
-        out: dict[tuple[str, int, str, int], KernelDelta] = {}
+        out: dict[tuple[str, int, str, int, str], KernelDelta] = {}
         for (method, status, route, port, *_scheme_version_identity), agg in self._read(live_only=True):
-            agg_key = (agg.port, agg.method, agg.status, agg.path)
+            agg_key = (agg.server_ip, agg.port, agg.method, agg.status, agg.path)
             last = self._last_poll.get(agg_key)
             self._last_poll[agg_key] = agg
             if last is not None:
@@ -212,7 +214,7 @@ class KernelFastPath:
                                     counts)
             else:
                 delta = KernelDelta(agg.count, agg.duration_sum_ns / 1e9, agg.duration_counts)
-            key = (route, int(port), method, int(status))
+            key = (route, int(port), method, int(status), agg.server_ip)
             prior = out.get(key)
             if prior is not None:  # two paths, one route
                 delta = KernelDelta(
@@ -242,6 +244,10 @@ class KernelFastPath:
         yield SelfSample(SELF_FAST_PATH_BUSY_TOTAL, "counter",
                          "Segments passed up because another CPU held their connection (expected 0).",
                          fast["busy"])
+        yield SelfSample(SELF_FAST_PATH_TAIL_CALL_FAILED_TOTAL, "counter",
+                         "Packets passed up because a tail-call slot of the filter was empty; the "
+                         "connection's kernel state was not looked at (a loader bug; expected 0).",
+                         fast.get("tail_call_failed", 0))
         yield SelfSample(SELF_FAST_PATH_FLOW_STATES_CREATED_TOTAL, "counter",
                          "Connection states the kernel created.", fast["flows_created"])
         yield SelfSample(SELF_FAST_PATH_FLOW_STATES_DELETED_TOTAL, "counter",
@@ -252,7 +258,8 @@ class KernelFastPath:
             yield SelfSample(SELF_FAST_PATH_FLOW_STATES_CAPACITY, "gauge",
                              "Size of the kernel's connection state map.", self._filter.flow_state_capacity())
         yield SelfSample(SELF_FAST_PATH_HANDOVER_MAP_FULL_TOTAL, "counter",
-                         "Handover records lost to a full map (expected 0).", fast["handover_map_full"])
+                         "Connections whose handover record did not fit the map: the rest of each died in the "
+                         "kernel, its exchanges uncounted (expected 0).", fast["handover_map_full"])
         yield SelfSample(SELF_FAST_PATH_HANDOVERS_SEEDED_TOTAL, "counter",
                          "Handover records user space took up.", self.handovers_seeded)
         for name, value in fast.items():
@@ -282,6 +289,8 @@ def to_handover(record: KernelHandover, realtime_offset_ns: int, seen_ns: int = 
         seen_ns=seen_ns,
         held=(record.held_seq, record.held_length, record.held_ns + realtime_offset_ns)
         if response and record.held_length else None,
+        request_length=record.request_length,
+        request_seen=record.request_length - record.request_left,
     )
 
 

@@ -162,6 +162,10 @@ class Handover:
     # Response body bytes that arrived ahead of a gap and were consumed unread: (seq, length,
     # arrival time). They count, by length, once the stream reaches seq.
     held: tuple[int, int, int] | None = None
+    # The waiting request's body, announced by Content-Length: its length and the bytes already
+    # seen (by length only); the rest arrives as ordinary segments. 0: no body.
+    request_length: int = 0
+    request_seen: int = 0
 
 
 def is_tls_record(payload: bytes) -> bool:
@@ -562,7 +566,14 @@ class Tracker:
             flow.server.next_seq = handover.server_next_seq & _SEQ_MASK
         if handover.method is not None:
             flow.use_http1()  # the kernel parsed an HTTP/1 request on it
-            flow.on_request(PendingRequest(handover.method, handover.target, handover.start_ns))
+            if handover.request_length:
+                # As for the response below: a minimal head with the same framing, then the body
+                # bytes already seen as bytes of known length but unknown content.
+                head = b"%s %s HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (
+                    handover.method.encode("latin-1"), handover.target.encode("latin-1"), handover.request_length)
+                flow.requests.feed(head, handover.start_ns, handover.request_seen)
+            else:
+                flow.on_request(PendingRequest(handover.method, handover.target, handover.start_ns))
             if handover.response_status:
                 # The parser takes the consumed head as a minimal one with the same framing, and
                 # the body bytes already seen as bytes of known length but unknown content.

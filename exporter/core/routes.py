@@ -99,6 +99,19 @@ class RouteMapper:
         self._cache: dict[str, str] = {}
         self.overflowed = 0
 
+    def digit_segments_are_ids(self) -> bool:
+        """Whether writing every all-digit path segment as `{id}` leaves every route as it is.
+
+        The heuristic makes such a segment `{id}` and keeps a literal `{id}`; a pattern's
+        placeholder matches both. Only a pattern with an all-digit literal segment
+        (`/v/2024/report`) tells the two apart. The kernel fast path keys its aggregates
+        this way when this holds, so random ids do not fill its map.
+        """
+        return not any(
+            part is not None and part.isdigit() and part.isascii()
+            for patterns in self._patterns.values() for _, parts in patterns for part in parts
+        )
+
     def route(self, server_port: int, target: str) -> str:
         route = self._cache.get(target)
         if route is None:

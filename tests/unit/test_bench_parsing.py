@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
 from bench.h2load import parse_h2load
+from bench.nginx import logged_by_status_route
 from bench.report import (
     Column,
     Table,
@@ -17,8 +19,9 @@ from bench.report import (
     median_rows,
     render_markdown,
 )
+from bench.runner import route_mismatch
 from bench.scrape import CLK_TCK, parse_proc, parse_scrape
-from bench.wrk import churn_script, paced_script, parse_duration_s, parse_wrk
+from bench.wrk import COOKIE_BYTES, churn_script, paced_script, parse_duration_s, parse_wrk, realistic_script
 
 WRK_PLAIN = """\
 Running 5s test @ http://127.0.0.1:8080/
@@ -148,6 +151,7 @@ SCRAPE = "\n".join([
 
 def test_scrape_counts_one_port() -> None:
     scrape = parse_scrape(SCRAPE, 8080)
+    assert scrape.by_status_route == {("200", "/"): 10.0, ("404", "/x"): 2.0}
     assert scrape.requests == 12
     assert scrape.duration_sum_s == pytest.approx(0.6)
     assert scrape.exchanges == 111
@@ -236,3 +240,25 @@ def test_h2load_report() -> None:
     assert parse_h2load(failing).non_2xx == 10 and parse_h2load(failing).socket_errors == 3
     with pytest.raises(ValueError, match="h2load output"):
         parse_h2load("nothing")
+def test_realistic_script_sends_browser_sized_heads() -> None:
+    script = realistic_script(ids=100_000)
+    assert "math.random(0, 99999)" in script
+    cookie = re.search(r'\["Cookie"\] = "([^"]*)"', script)
+    assert cookie is not None and len(cookie.group(1)) == COOKIE_BYTES
+    assert '["sec-ch-ua"]' in script and '["User-Agent"]' in script  # both name cases
+    with pytest.raises(ValueError):
+        realistic_script(ids=0)
+
+
+def test_nginx_log_per_status_and_route() -> None:
+    lines = [b"200 /api/items/17 2 OK\n", b"500 /api/items/1700 5 OK\n", b"200 /api/items/18 2 OK\n",
+             b"200 /api/items/19 0 \n",  # cut at wrk's exit: no whole exchange
+             b"404 /api/items/x1 0 OK\n", b"200 / 2 OK\n"]
+    assert logged_by_status_route(lines) == {
+        ("200", "/api/items/{id}"): 2, ("500", "/api/items/{id}"): 1, ("404", "/api/items/x1"): 1, ("200", "/"): 1}
+
+
+def test_route_mismatch_sums_every_series() -> None:
+    logged = {("200", "/a"): 10, ("500", "/a"): 2}
+    assert route_mismatch(logged, {("200", "/a"): 10.0, ("500", "/a"): 2.0}) == 0
+    assert route_mismatch(logged, {("200", "/a"): 11.0, ("500", "/b"): 2.0}) == 1 + 2 + 2

@@ -24,6 +24,8 @@ REQ1 = b"GET /a?secret=1 HTTP/1.1\r\nHost: x\r\n\r\n"
 REQ2 = b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"
 HEAD1 = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
 HEAD2 = b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\n"
+POST = b"POST /up HTTP/1.1\r\nContent-Length: 10\r\n\r\n"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
 
 
@@ -76,6 +78,19 @@ C0, S0 = 1000, 900_000  # Conn's initial sequence numbers
             2,
             Handover(C0 + len(REQ1), S0 + len(HEAD1) + 10),
         ),
+        (
+            "an answer before the request body ends (the kernel counted 4 of its 10 bytes)",
+            [("c", POST + b"0123", 10), ("s", CONTINUE, 20), ("c", b"456789", 30), ("s", HEAD2 + b"abc", 40)],
+            1,
+            Handover(C0 + len(POST) + 4, None, "POST", "/up", 10, request_length=10, request_seen=4),
+        ),
+        (
+            "pipelined after a request body the kernel counted whole",
+            [("c", POST + b"0123456789", 10), ("c", REQ2, 20), ("s", HEAD1 + b"0123456789", 30),
+             ("s", HEAD2 + b"abc", 40)],
+            1,
+            Handover(C0 + len(POST) + 10, None, "POST", "/up", 10, request_length=10, request_seen=10),
+        ),
     ],
 )
 def test_seeded_flow_continues_like_the_reference(
@@ -119,6 +134,8 @@ def test_seed_replaces_an_older_connection_on_the_same_tuple() -> None:
 def test_kernel_record_becomes_a_seed_with_realtime_start() -> None:
     record = KernelHandover(KEY, "pipelined", 2, "GET", "/a", 1_000, 5, 7, 200, 10, 4)
     assert to_handover(record, 10**18) == Handover(5, 7, "GET", "/a", 10**18 + 1_000, 200, 10, 4)
+    bodied = dataclasses.replace(record, phase=1, request_length=10, request_left=6)
+    assert to_handover(bodied, 0) == Handover(5, 7, "GET", "/a", 1_000, request_length=10, request_seen=4)
     idle = KernelHandover(KEY, "request", 0, "", "", 0, 5, None, 0, 0, 0)
     assert to_handover(idle, 1) == Handover(5, None, start_ns=1)
 
@@ -162,9 +179,12 @@ class FakeFilter:
     def flow_state_capacity(self) -> int:
         return 65536
 
+    def set_route_ids(self, on: bool) -> None:
+        self.route_ids = on
+
 
 def agg(path: str, count: int, buckets: tuple[int, ...]) -> KernelAggregate:
-    return KernelAggregate(PORT, "GET", 200, path, count, count * 1_000_000, 0, buckets, (count, 0, 0))
+    return KernelAggregate("10.0.0.1", PORT, "GET", 200, path, count, count * 1_000_000, 0, buckets, (count, 0, 0))
 
 
 def test_kernel_series_and_poll_deltas_name_routes_like_the_user_space_path() -> None:
@@ -172,11 +192,12 @@ def test_kernel_series_and_poll_deltas_name_routes_like_the_user_space_path() ->
     fake = FakeFilter()
     fast = KernelFastPath(RouteMapper(["/items/{id}"]), http, realtime_offset_ns=lambda: 0)
     fast.attach(fake)  # type: ignore[arg-type]
+    assert fake.route_ids  # no pattern has an all-digit literal segment
     http.add_source(fast.series)
     fake.aggregates = [agg("/items/1", 2, (2, 0, 0)), agg("/items/2", 1, (0, 1, 0))]
-    assert fast.poll_deltas() == {("/items/{id}", PORT, "GET", 200): KernelDelta(3, 0.003, (2, 1, 0))}
+    assert fast.poll_deltas() == {("/items/{id}", PORT, "GET", 200, "10.0.0.1"): KernelDelta(3, 0.003, (2, 1, 0))}
     fake.aggregates = [agg("/items/1", 3, (3, 0, 0)), agg("/items/2", 1, (0, 1, 0))]
-    assert fast.poll_deltas() == {("/items/{id}", PORT, "GET", 200): KernelDelta(1, 0.001, (1, 0, 0))}
+    assert fast.poll_deltas() == {("/items/{id}", PORT, "GET", 200, "10.0.0.1"): KernelDelta(1, 0.001, (1, 0, 0))}
     assert fast.poll_deltas() == {}
     families = {f.name: f for f in http.collect()}
     counts = {s.labels["http_route"]: s.value for s in families["http_server_request_duration_seconds"].samples
@@ -247,3 +268,21 @@ def test_a_held_range_in_the_kernel_record_reaches_the_seed() -> None:
                             held_ns=2_000, held_seq=9, held_length=4)
     assert to_handover(record, 10**18).held == (9, 4, 10**18 + 2_000)
     assert to_handover(dataclasses.replace(record, held_length=0), 10**18).held is None
+
+
+def test_kernel_request_bodies_reach_the_request_size_histogram() -> None:
+    http = HttpMetrics(duration_buckets=(0.1, 1.0), size_buckets=(0, 100))
+    fake = FakeFilter()
+    fast = KernelFastPath(RouteMapper(), http, realtime_offset_ns=lambda: 0)
+    fast.attach(fake)  # type: ignore[arg-type]
+    http.add_source(fast.series)
+    bodied = dataclasses.replace(agg("/up", 3, (3, 0, 0)), request_sum=150, request_counts=(1, 1, 1))
+    fake.aggregates = [bodied, agg("/plain", 2, (2, 0, 0))]  # a reader without request buckets
+    families = {f.name: f for f in http.collect()}
+    buckets = {(s.labels["http_route"], s.labels["le"]): s.value
+               for s in families["http_server_request_body_size_bytes"].samples if s.name.endswith("_bucket")}
+    sums = {s.labels["http_route"]: s.value
+            for s in families["http_server_request_body_size_bytes"].samples if s.name.endswith("_sum")}
+    assert [buckets[("/up", le)] for le in ("0.0", "100.0", "+Inf")] == [1, 2, 3]
+    assert [buckets[("/plain", le)] for le in ("0.0", "100.0", "+Inf")] == [2, 2, 2]
+    assert sums == {"/up": 150, "/plain": 0}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from exporter.core.routes import MAX_ROUTE_CHARS, RouteMapper
 
@@ -68,3 +70,31 @@ def test_ids_do_not_use_up_the_cap() -> None:
 def test_bad_configuration_fails_at_once(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         RouteMapper(**bad)  # type: ignore[arg-type]
+
+
+def kernel_ids(path: str) -> str:
+    """What ids_path in bpf/http_filter.c keys a path as: every all-digit segment is `{id}`."""
+    return "/".join("{id}" if seg.isdigit() and seg.isascii() else seg for seg in path.split("/"))
+
+
+def test_digit_segments_are_ids_unless_a_pattern_names_digits() -> None:
+    assert RouteMapper(PATTERNS).digit_segments_are_ids()
+    assert RouteMapper().digit_segments_are_ids()
+    assert not RouteMapper(["/v/2024/report", "/a/{b}"]).digit_segments_are_ids()
+    assert RouteMapper(["/v/v2024/{x}"]).digit_segments_are_ids()
+
+
+_SEGMENTS = st.sampled_from(["", "1", "42", "007", "123456789", "{id}", "items", "v2", "a1b2", "x" * 70,
+                             "0123456789abcdef0123", "550e8400-e29b-41d4-a716-446655440000", "me", "%31"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(segments=st.lists(_SEGMENTS, min_size=1, max_size=11),
+       patterns=st.lists(st.lists(st.sampled_from(["{id}", "{x}", "items", "v2", "me", "x" * 70]),
+                                  min_size=1, max_size=4).map(lambda parts: "/" + "/".join(parts)), max_size=3))
+def test_kernel_id_keys_name_every_route_as_the_path_sent(segments: list[str], patterns: list[str]) -> None:
+    """The kernel may key `/items/42` as `/items/{id}` only because the route is the same."""
+    path = "/" + "/".join(segments)
+    mapper = RouteMapper(patterns, max_routes_per_port=10_000)
+    assert mapper.digit_segments_are_ids()
+    assert mapper.route(80, kernel_ids(path)) == mapper.route(80, path)

@@ -1,0 +1,259 @@
+"""Differential test of the kernel fast path: the real loaded filter against the user-space parser.
+
+Generated connections (heads of many shapes and sizes, header names in any case, bodies
+announced by Content-Length, chunked and close-delimited responses, split heads, pipelining,
+garbage, sequence numbers near the wrap) are fed two ways:
+
+- reference: every segment to a user-space Tracker, as `--no-fast-path` does;
+- fast: every segment through the loaded http_filter with BPF_PROG_TEST_RUN; handover records
+  it writes seed a second Tracker, which gets only the segments the filter passes up, cut
+  to the length the filter keeps; exchanges the kernel completed are read from http_agg.
+
+Both must agree on every (method, status, path): count and response body bytes.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from exporter.capture.bpf import HttpFilter
+from exporter.capture.bpfsys import test_run as bpf_test_run
+from exporter.capture.frames import LINKTYPE_RAW, decode_frame
+from exporter.capture.kernel_agg import to_handover
+from exporter.core.flows import Tracker
+from exporter.core.http1 import normalise_target
+from exporter.core.model import Exchange
+from tests.integration.test_fast_path_heads import ACK_FIN, ACK_PSH, frame
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="loads BPF: needs root")
+
+PORT = 8080  # never opened: BPF_PROG_TEST_RUN needs no interface
+CLIENT, SERVER = "10.251.0.1", "10.251.0.2"
+ETH = 14
+MAX_SEGMENT = 3000
+
+Totals = collections.Counter[tuple[str, int, str, str]]  # (method, status, path, "count"|"bytes")
+
+
+@pytest.fixture(scope="module")
+def bpf_filter() -> Iterator[HttpFilter]:
+    # link_header_len 0: BPF_PROG_TEST_RUN pulls the Ethernet header before a socket filter runs.
+    f = HttpFilter([PORT], loopback=False, link_header_len=0, fast_path=True,
+                   histogram_bounds=((0.001, 0.1), (100.0, 10000.0)))
+    yield f
+    f.close()
+
+
+@dataclass
+class Step:
+    to_server: bool
+    data: bytes
+    fin: bool = False
+
+
+def _case(name: str, style: int) -> str:
+    return (name, name.lower(), name.upper(), name.swapcase())[style % 4]
+
+
+@st.composite
+def exchanges(draw: st.DrawFn, last: bool) -> tuple[list[bytes], list[bytes], bool]:
+    """One request (as client segments) and its response (as server segments); whether the
+    response is delimited by the server closing."""
+    method = draw(st.sampled_from(["GET", "GET", "POST", "HEAD", "DELETE", "PURGE"]))
+    path = "/" + draw(st.text("abc019/-_.%", max_size=draw(st.sampled_from([8, 40, 120]))))
+    if draw(st.booleans()):
+        path += "?q=" + draw(st.text("xyz0&=", max_size=20))
+    headers = [("Host", "example.test")]
+    for _ in range(draw(st.integers(0, 4))):
+        # Names the word-at-a-time scan passes whole, names it must take byte by byte (other
+        # tchar), and names and values user space treats otherwise (a space, a bare LF).
+        name = draw(st.sampled_from(["Accept", "Cookie", "X-Pad", "User-Agent", "traceparent",
+                                     "Accept-Language-And-More-Words", "X_Odd.Name!~", "Bad Name", "X-é"]))
+        value = draw(st.sampled_from(["v" * 7, "", "v" * 300, "v" * 1500, "a\nb", "tab\there", "v" * 9]))
+        headers.append((_case(name, draw(st.integers(0, 3))), value))
+    body = b""
+    framing = draw(st.sampled_from(["none", "none", "zero", "body", "chunked"]))
+    cl_name = _case("Content-Length", draw(st.integers(0, 3)))
+    if framing == "zero":
+        headers.append((cl_name, "0"))
+    elif framing == "body":
+        body = b"b" * draw(st.integers(1, 60))
+        headers.append((cl_name, str(len(body))))
+    elif framing == "chunked":
+        headers.append((_case("Transfer-Encoding", draw(st.integers(0, 3))), "chunked"))
+        body = b"5\r\nhello\r\n0\r\n\r\n"
+    request = f"{method} {path} HTTP/1.{draw(st.sampled_from([0, 1, 1]))}\r\n".encode()
+    request += b"".join(f"{n}: {v}\r\n".encode() for n, v in headers) + b"\r\n" + body
+    if draw(st.integers(0, 19)) == 19:  # not 0: hypothesis favours small integers
+        request = b"\x16\x03\x01garbage " + request  # not HTTP: both sides give up alike
+    status = draw(st.sampled_from([200, 200, 201, 204, 304, 404, 500]))
+    length = draw(st.sampled_from([0, 2, 100, 1400, 5000]))
+    no_body = method == "HEAD" or status in (204, 304)
+    resp_framing = "length" if no_body else draw(
+        st.sampled_from(["length", "length", "chunked"] + (["close"] if last else [])))
+    head = f"HTTP/1.1 {status} X\r\n".encode()
+    if resp_framing == "length":
+        if status not in (204, 304):
+            head += _case("Content-Length", draw(st.integers(0, 3))).encode() + b": %d\r\n" % length
+        payload = b"" if no_body else b"r" * length
+    elif resp_framing == "chunked":
+        head += b"Transfer-Encoding: chunked\r\n"
+        payload = b"%x\r\n%s\r\n0\r\n\r\n" % (length, b"r" * length) if length else b"0\r\n\r\n"
+    else:
+        payload = b"r" * length
+    response = head + b"\r\n" + payload
+    return _split(draw, request), _split(draw, response), resp_framing == "close"
+
+
+def _split(draw: st.DrawFn, data: bytes) -> list[bytes]:
+    if draw(st.integers(0, 3)) != 3:
+        return [data]  # most messages in one segment, as on a LAN
+    cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(data) - 1)), max_size=2))))
+    cuts = [c for c in cuts if 0 < c < len(data)]
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+
+
+def _capped(pieces: list[bytes]) -> list[bytes]:
+    """BPF_PROG_TEST_RUN takes a packet of at most a page, headroom included."""
+    return [piece[i:i + MAX_SEGMENT] for piece in pieces for i in range(0, len(piece), MAX_SEGMENT)]
+
+
+@st.composite
+def connections(draw: st.DrawFn) -> list[Step]:
+    n = draw(st.integers(1, 4))
+    exs = [draw(exchanges(last=i == n - 1)) for i in range(n)]
+    steps: list[Step] = []
+    sent: set[int] = set()
+    closed = False
+    for i, (request, response, closes) in enumerate(exs):
+        if i not in sent:
+            pieces = list(request)
+            if i + 1 < n and draw(st.integers(0, 5)) == 5:
+                # Pipelined: the next request rides on this one's last segment, before any response.
+                pieces[-1] += b"".join(exs[i + 1][0])
+                sent.add(i + 1)
+            steps += [Step(True, piece) for piece in _capped(pieces)]
+        steps += [Step(False, piece) for piece in _capped(response)]
+        if closes:
+            steps.append(Step(False, b"", fin=True))
+            closed = True
+    if not closed:
+        steps.append(Step(False, b"", fin=True))
+    steps.append(Step(True, b"", fin=True))
+    return steps
+
+
+_client_ports = iter(range(20000, 65000))
+
+
+def _totals(exchanges: list[Exchange]) -> Totals:
+    out: Totals = collections.Counter()
+    for ex in exchanges:
+        key = (ex.method, ex.status, normalise_target(ex.target))
+        out[(*key, "count")] += 1
+        out[(*key, "bytes")] += ex.response_body_bytes
+        out[(*key, "request bytes")] += ex.request_body_bytes
+    return out
+
+
+def _kernel(bpf_filter: HttpFilter) -> Totals:
+    out: Totals = collections.Counter()
+    for agg in bpf_filter.read_aggregates():
+        if agg.server_ip == SERVER:
+            out[(agg.method, agg.status, agg.path, "count")] += agg.count
+            out[(agg.method, agg.status, agg.path, "bytes")] += agg.response_sum
+            out[(agg.method, agg.status, agg.path, "request bytes")] += agg.request_sum
+    return out
+
+
+def run_both(bpf_filter: HttpFilter, steps: list[Step], client_seq: int, server_seq: int) -> tuple[Totals, Totals]:
+    client_port = next(_client_ports)
+    reference, fast = Tracker([PORT]), Tracker([PORT])
+    ref_out: list[Exchange] = []
+    fast_out: list[Exchange] = []
+    kernel_before = _kernel(bpf_filter)
+    for step in steps:
+        if step.to_server:
+            data = frame(CLIENT, client_port, SERVER, PORT, client_seq, step.data, ACK_FIN if step.fin else ACK_PSH)
+            client_seq += len(step.data) + step.fin
+        else:
+            data = frame(SERVER, PORT, CLIENT, client_port, server_seq, step.data, ACK_FIN if step.fin else ACK_PSH)
+            server_seq += len(step.data) + step.fin
+        ts = time.time_ns()
+        kept = bpf_test_run(bpf_filter.fd, data)
+        for record in bpf_filter.drain_handovers():  # before the segment, as the capture does
+            fast_out += fast.seed(record.flow, to_handover(record, 0, ts))
+        if kept:
+            segment = decode_frame(data[ETH:ETH + kept], ts, len(data) - ETH, LINKTYPE_RAW)
+            assert segment is not None
+            fast_out += fast.feed(segment)
+        whole = decode_frame(data[ETH:], ts, len(data) - ETH, LINKTYPE_RAW)
+        assert whole is not None
+        ref_out += reference.feed(whole)
+    ref_out += reference.flush()
+    fast_out += fast.flush()
+    kernel = _kernel(bpf_filter)
+    kernel.subtract(kernel_before)
+    fast_totals = _totals(fast_out)
+    fast_totals.update(kernel)
+    return +_totals(ref_out), +fast_totals
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(steps=connections(), client_seq=st.integers(0, 2**32 - 1), server_seq=st.integers(0, 2**32 - 1))
+def test_kernel_and_user_space_count_every_exchange_alike(bpf_filter: HttpFilter, steps: list[Step],
+                                                          client_seq: int, server_seq: int) -> None:
+    reference, fast = run_both(bpf_filter, steps, client_seq, server_seq)
+    assert fast == reference
+
+
+def test_the_generator_reaches_the_kernel_path(bpf_filter: HttpFilter) -> None:
+    """Not vacuous: a browser-sized head and a request with a body are both taken in the kernel."""
+    before = bpf_filter.fast_counters()["exchanges"]
+    head = b"GET /items/1 HTTP/1.1\r\nHost: x\r\nCookie: " + b"c" * 1200 + b"\r\n\r\n"
+    steps = [Step(True, head), Step(False, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),
+             Step(True, b"PUT /items/1 HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"),
+             Step(False, b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"),
+             Step(False, b"", fin=True), Step(True, b"", fin=True)]
+    reference, fast = run_both(bpf_filter, steps, 2**32 - 100, 5)
+    assert fast == reference == {("GET", 200, "/items/1", "count"): 1, ("GET", 200, "/items/1", "bytes"): 2,
+                                 ("PUT", 201, "/items/1", "count"): 1, ("PUT", 201, "/items/1", "request bytes"): 3}
+    assert bpf_filter.fast_counters()["exchanges"] == before + 2
+
+
+HANDOVER_ENTRIES = 16384  # the C file's default
+
+
+def test_a_full_handover_map_loses_the_connection_counted_never_mis_paired(bpf_filter: HttpFilter) -> None:
+    """When no record fits, user space must not get the connection's segments without one
+    (it would pair the kernel's open request's response with the next request)."""
+    def open_then_pipeline(client_port: int) -> int:
+        """A request the kernel takes, then a second one while it is open: a handover."""
+        first = frame(CLIENT, client_port, SERVER, PORT, 100, b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n", ACK_PSH)
+        assert bpf_test_run(bpf_filter.fd, first) == 0
+        return bpf_test_run(bpf_filter.fd, frame(CLIENT, client_port, SERVER, PORT, 100 + 29,
+                                                 b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n", ACK_PSH))
+
+    bpf_filter.drain_handovers()
+    before = bpf_filter.fast_counters()
+    for i in range(HANDOVER_ENTRIES):  # nobody drains: the map fills
+        assert open_then_pipeline(1000 + i) > 0
+    assert open_then_pipeline(1000 + HANDOVER_ENTRIES) == 0  # no record: the segment dies here
+    response = frame(SERVER, PORT, CLIENT, 1000 + HANDOVER_ENTRIES, 5000,
+                     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", ACK_PSH)
+    assert bpf_test_run(bpf_filter.fd, response) == 0  # and so does the rest of the connection
+    for src, sport, dst, dport, seq in ((SERVER, PORT, CLIENT, 1000 + HANDOVER_ENTRIES, 5040),
+                                        (CLIENT, 1000 + HANDOVER_ENTRIES, SERVER, PORT, 158)):
+        assert bpf_test_run(bpf_filter.fd, frame(src, sport, dst, dport, seq, b"", ACK_FIN)) == 0
+    after = bpf_filter.fast_counters()
+    assert after["handover_map_full"] - before["handover_map_full"] == 1
+    assert after["flows_deleted"] - before["flows_deleted"] == 1  # the lost connection's state is gone
+    assert len(bpf_filter.drain_handovers()) == HANDOVER_ENTRIES
