@@ -560,6 +560,8 @@ class Tracker:
             self._close(old, graceful=True)
         flow = self._open(key)
         flow.last_ns = max(handover.start_ns, handover.seen_ns)
+        # The kernel read this connection's first bytes as HTTP: it is not TLS, whatever follows.
+        flow.seen_data = True
         if handover.client_next_seq is not None:
             flow.client.next_seq = handover.client_next_seq & _SEQ_MASK
         if handover.server_next_seq is not None:

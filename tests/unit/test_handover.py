@@ -85,6 +85,15 @@ C0, S0 = 1000, 900_000  # Conn's initial sequence numbers
             Handover(C0 + len(POST) + 4, None, "POST", "/up", 10, request_length=10, request_seen=4),
         ),
         (
+            # A TLS record header is only a TLS connection when it opens the connection: here
+            # the kernel read HTTP first, so the record-like bytes are HTTP garbage to resync past.
+            "garbage that looks like a TLS record after a kernel exchange",
+            [("c", REQ1, 10), ("s", HEAD1 + b"0123456789", 30), ("c", b"\x16\x03\x01junk\r\n", 50),
+             ("c", REQ2, 55), ("s", HEAD2 + b"abc", 60)],
+            2,
+            Handover(C0 + len(REQ1), S0 + len(HEAD1) + 10),
+        ),
+        (
             "pipelined after a request body the kernel counted whole",
             [("c", POST + b"0123456789", 10), ("c", REQ2, 20), ("s", HEAD1 + b"0123456789", 30),
              ("s", HEAD2 + b"abc", 40)],
