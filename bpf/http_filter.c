@@ -329,7 +329,8 @@ struct fp_handover {
     u8 path_len;
     u8 sseq_known;
     u8 reason;
-    u8 pad;
+    u8 http_seen;       /* 1: the kernel read HTTP on this connection, so later bytes that look
+                         * like a TLS record are garbage, not a TLS connection; 0: anchor only */
     char path[PATH_LEN];
     u64 held_ns;        /* the flow's held body range, if held_len: user space counts it */
     u32 held_seq;       /* by length when the gap before it fills */
@@ -1171,7 +1172,7 @@ static __always_inline void hand_over(struct scratch *s, struct flow_key *fk, st
     ho->method = st->method;
     ho->path_len = st->path_len;
     ho->reason = reason;
-    ho->pad = 0;
+    ho->http_seen = 1;  /* a FAST flow: the kernel took a request head on it */
     __builtin_memcpy(ho->path, st->path, PATH_LEN);
     ho->held_ns = st->held_ns;
     ho->held_seq = st->held_seq;

@@ -163,6 +163,8 @@ class KernelHandover:
     # The open request's body (Content-Length) and how many of its bytes are still to come.
     request_length: int = 0
     request_left: int = 0
+    # The kernel read HTTP on this connection (a FAST flow), not only its first sequence numbers.
+    http_seen: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +192,7 @@ _SKIP_RANGE = struct.Struct("=II")  # struct skip_range: start, end (exclusive)
 _HIST_BOUNDS = struct.Struct(f"={MAX_DURATION_BOUNDS}Q{MAX_SIZE_BOUNDS}QII")  # struct hist_bounds
 # struct fp_handover: start_ns, cseq, sseq, resp_len, resp_seen, status, phase, method, path_len,
 # sseq_known, reason, pad, path, held_ns, held_seq, held_len, req_len, req_left.
-_HANDOVER = struct.Struct(f"=QIIIIHBBBBBx{PATH_LEN}sQIIII")
+_HANDOVER = struct.Struct(f"=QIIIIHBBBBBB{PATH_LEN}sQIIII")
 # struct http_agg_key: server_ip, port, status, method, path_len, path
 _AGG_KEY = struct.Struct(f"=16sHHBB2x{PATH_LEN}s")
 # struct http_agg_val, all u64: count, dur_sum, resp_sum, dur[], resp[], req_sum, req[]
@@ -518,7 +520,7 @@ class HttpFilter:
             if raw is None or not table.delete(key):
                 continue  # gone already (a second reader); nothing to seed
             (start_ns, cseq, sseq, resp_len, resp_seen, status, phase, method, path_len, sseq_known, reason,
-             path, held_ns, held_seq, held_len, req_len, req_left) = _HANDOVER.unpack(raw)
+             http_seen, path, held_ns, held_seq, held_len, req_len, req_left) = _HANDOVER.unpack(raw)
             out.append(KernelHandover(
                 flow=_flow_from_key(key),
                 reason=HANDOVER_REASONS[reason] if reason < len(HANDOVER_REASONS) else "?",
@@ -536,6 +538,7 @@ class HttpFilter:
                 held_length=held_len,
                 request_length=req_len,
                 request_left=req_left,
+                http_seen=bool(http_seen),
             ))
         return out
 

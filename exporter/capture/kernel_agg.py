@@ -275,7 +275,8 @@ def to_handover(record: KernelHandover, realtime_offset_ns: int, seen_ns: int = 
     """A kernel record as the Tracker's seed. Pure: table-tested without a kernel."""
     start_ns = record.start_ns + realtime_offset_ns
     if record.phase == 0:
-        return Handover(record.client_next_seq, record.server_next_seq, start_ns=start_ns, seen_ns=seen_ns)
+        return Handover(record.client_next_seq, record.server_next_seq, start_ns=start_ns, seen_ns=seen_ns,
+                        http_seen=record.http_seen)
     response = record.phase == 2
     return Handover(
         record.client_next_seq,

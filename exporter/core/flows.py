@@ -166,6 +166,9 @@ class Handover:
     # seen (by length only); the rest arrives as ordinary segments. 0: no body.
     request_length: int = 0
     request_seen: int = 0
+    # The other parser read HTTP on this connection already: bytes that look like a TLS record
+    # later are not a TLS connection (only a connection's first bytes decide that).
+    http_seen: bool = False
 
 
 def is_tls_record(payload: bytes) -> bool:
@@ -560,8 +563,7 @@ class Tracker:
             self._close(old, graceful=True)
         flow = self._open(key)
         flow.last_ns = max(handover.start_ns, handover.seen_ns)
-        # The kernel read this connection's first bytes as HTTP: it is not TLS, whatever follows.
-        flow.seen_data = True
+        flow.seen_data = handover.http_seen or handover.method is not None
         if handover.client_next_seq is not None:
             flow.client.next_seq = handover.client_next_seq & _SEQ_MASK
         if handover.server_next_seq is not None:

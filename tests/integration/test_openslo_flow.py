@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from exporter.bridge.backoff import Backoff
 from exporter.bridge.settings import PushSettings
 from exporter.core.model import Exchange
 from exporter.slo.manifest import load_manifest
@@ -47,7 +48,7 @@ def pushed(manifest: Path, receiver: Receiver, spool: Path) -> tuple[list[dict[s
     """200 exchanges in [T0, T0+9): 3 slow (300 ms), 2 failing; one interval closed and pushed."""
     clock = Clock(T0 + 0.5)
     runtime = SloRuntime(load_manifest(manifest), push=PushSettings(receiver.url, "org", "token", timeout_s=2.0),
-                         spool_dir=spool, wall_clock=clock, base_backoff_s=0.02, max_backoff_s=0.1)
+                         spool_dir=spool, wall_clock=clock, backoff=Backoff(base_s=0.02, max_s=0.1))
     for i in range(200):
         clock.now = T0 + 0.5 + i * 9 / 200
         end = round(clock.now * 1e9)

@@ -91,7 +91,7 @@ C0, S0 = 1000, 900_000  # Conn's initial sequence numbers
             [("c", REQ1, 10), ("s", HEAD1 + b"0123456789", 30), ("c", b"\x16\x03\x01junk\r\n", 50),
              ("c", REQ2, 55), ("s", HEAD2 + b"abc", 60)],
             2,
-            Handover(C0 + len(REQ1), S0 + len(HEAD1) + 10),
+            Handover(C0 + len(REQ1), S0 + len(HEAD1) + 10, http_seen=True),
         ),
         (
             "pipelined after a request body the kernel counted whole",
@@ -147,6 +147,8 @@ def test_kernel_record_becomes_a_seed_with_realtime_start() -> None:
     assert to_handover(bodied, 0) == Handover(5, 7, "GET", "/a", 1_000, request_length=10, request_seen=4)
     idle = KernelHandover(KEY, "request", 0, "", "", 0, 5, None, 0, 0, 0)
     assert to_handover(idle, 1) == Handover(5, None, start_ns=1)
+    after_exchanges = dataclasses.replace(idle, http_seen=True)  # a FAST flow: the kernel read HTTP on it
+    assert to_handover(after_exchanges, 1) == Handover(5, None, start_ns=1, http_seen=True)
 
 
 def test_http_metrics_merges_an_external_source_by_label_set() -> None:
