@@ -23,6 +23,7 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from exporter.capture.bpfsys import BpfMap, possible_cpus
 from exporter.errors import CaptureError
@@ -263,8 +264,10 @@ def _refusal_hint(message: str, status_text: str | None = None) -> str:
     return ""
 
 
-def _load_in_helper(src: Path, cflags: list[str]) -> tuple[int, dict[str, BpfMap], LoadReport]:
-    """Compile and load in bpf_loader.py; return our copies of the program and map descriptors."""
+def ask_loader(request: dict[str, Any], max_fds: int, fix: str) -> tuple[dict[str, Any], list[int]]:
+    """Run exporter.capture.bpf_loader as a helper process with `request` (its docstring has the
+    protocol); return its reply and the descriptors it sent, which the caller then owns, also
+    when the reply is not ok. CaptureError when it cannot start or dies first (`fix`: what to do)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     argv = [sys.executable, "-m", "exporter.capture.bpf_loader", str(theirs.fileno())]
     with ours:
@@ -274,12 +277,10 @@ def _load_in_helper(src: Path, cflags: list[str]) -> tuple[int, dict[str, BpfMap
             raise CaptureError(f"cannot start the BPF loader process {argv[0]}: {exc.strerror}") from None
         finally:
             theirs.close()
-        request = {"src": str(src), "cflags": cflags, "function": _ENTRY, "maps": list(_MAP_LAYOUT),
-                   "tail_calls": {"map": "scan_progs", "functions": list(_TAIL_CALLS)}}
         message, fds = b"", list[int]()
         try:
             ours.sendall(json.dumps(request).encode())
-            message, fds, _flags, _addr = socket.recv_fds(ours, 1 << 16, 1 + len(_MAP_LAYOUT))
+            message, fds, _flags, _addr = socket.recv_fds(ours, 1 << 20, max_fds)
         except OSError:
             pass  # the helper died first: reported below with its exit status
         except BaseException:
@@ -290,9 +291,17 @@ def _load_in_helper(src: Path, cflags: list[str]) -> tuple[int, dict[str, BpfMap
     if not message:
         raise CaptureError(
             f"the BPF loader process ({sys.executable} -m exporter.capture.bpf_loader) exited with "
-            f"status {code} before answering: see its output above, or reinstall the package"
+            f"status {code} before answering: see its output above, or {fix}"
         )
-    reply = json.loads(message)
+    reply: dict[str, Any] = json.loads(message)
+    return reply, fds
+
+
+def _load_in_helper(src: Path, cflags: list[str]) -> tuple[int, dict[str, BpfMap], LoadReport]:
+    """Compile and load in bpf_loader.py; return our copies of the program and map descriptors."""
+    request = {"src": str(src), "cflags": cflags, "function": _ENTRY, "maps": list(_MAP_LAYOUT),
+               "tail_calls": {"map": "scan_progs", "functions": list(_TAIL_CALLS)}}
+    reply, fds = ask_loader(request, 1 + len(_MAP_LAYOUT), "reinstall the package")
     if not reply["ok"]:
         for fd in fds:
             os.close(fd)

@@ -27,14 +27,11 @@ Failures leave as CaptureError; a socket that cannot be resolved is counted
 from __future__ import annotations
 
 import glob
-import json
 import os
 import platform
 import shutil
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -43,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exporter.capture.bpf import find_source
+from exporter.capture.bpf import ask_loader, find_source
 from exporter.capture.bpfsys import BpfMap, map_info, possible_cpus
 from exporter.capture.ringbuf import RingBuffer
 from exporter.core.model import ACK, FIN, PSH, RST, Segment
@@ -398,30 +395,7 @@ def _detach_in_background(fds: list[int]) -> None:
 
 def _run_helper(request: dict[str, Any], max_fds: int) -> tuple[dict[str, Any], list[int]]:
     """Ask exporter.capture.bpf_loader to compile, load and attach; see its docstring."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    argv = [sys.executable, "-m", "exporter.capture.bpf_loader", str(theirs.fileno())]
-    with ours:
-        try:
-            helper = subprocess.Popen(argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
-        except OSError as exc:
-            raise CaptureError(f"cannot start the BPF loader process {argv[0]}: {exc.strerror}") from None
-        finally:
-            theirs.close()
-        message, fds = b"", list[int]()
-        try:
-            ours.sendall(json.dumps(request).encode())
-            message, fds, _flags, _addr = socket.recv_fds(ours, 1 << 20, max_fds)
-        except OSError:
-            pass  # the helper died first: reported below with its exit status
-        except BaseException:
-            helper.kill()
-            helper.wait()
-            raise
-        code = helper.wait()
-    if not message:
-        raise CaptureError(f"the BPF loader process exited with status {code} before answering (TLS probes): "
-                           "see its output above, or run with --no-tls")
-    reply = json.loads(message)
+    reply, fds = ask_loader(request, max_fds, "run with --no-tls")
     if not reply["ok"]:
         for fd in fds:
             os.close(fd)
@@ -431,8 +405,9 @@ def _run_helper(request: dict[str, Any], max_fds: int) -> tuple[dict[str, Any], 
         if kind == "compile":
             raise CaptureError(f"BPF program tls_probes.c failed to compile: {msg} (see clang output above)")
         if os.geteuid() != 0 and ("Operation not permitted" in msg or "Permission denied" in msg):
-            raise CaptureError("TLS probes need root or CAP_BPF+CAP_PERFMON kept across exec: run with sudo, "
-                               "grant them as ambient capabilities, or run with --no-tls")
+            raise CaptureError("TLS probes need root or CAP_SYS_ADMIN kept across exec (the kernel refuses "
+                               "uprobe events without it): run with sudo, grant it as an ambient capability, "
+                               "or run with --no-tls")
         raise CaptureError(f"kernel refused the TLS probes: {msg} (run with --no-tls to go without)")
     return reply, fds
 
