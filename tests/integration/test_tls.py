@@ -103,7 +103,7 @@ http {{
     default_type text/plain;
     keepalive_requests 100000;
     server {{
-        listen 127.0.0.1:{port} ssl;
+        listen 127.0.0.1:{port} ssl{http2};
         ssl_certificate {cert};
         ssl_certificate_key {key};
         root {root}/www;
@@ -118,22 +118,23 @@ http {{
 
 
 @contextmanager
-def nginx_server(certificate: tuple[Path, Path]) -> Iterator[tuple[int, Path]]:
+def nginx_server(certificate: tuple[Path, Path], http2: bool = False) -> Iterator[tuple[int, Path]]:
     """nginx in a directory of its own under /tmp: its worker runs as an unprivileged user and must
-    reach the files, which pytest's private (0700) tmp_path would not let it."""
+    reach the files, which pytest's private (0700) tmp_path would not let it. `http2`: the
+    listener offers h2 by ALPN (nginx 1.22's `listen ... ssl http2`)."""
     binary = shutil.which("nginx") or "/usr/sbin/nginx"
     port = free_port()
     root = Path(tempfile.mkdtemp(prefix="ebpf-slo-tls-nginx-"))
     root.chmod(0o755)
     try:
-        with _nginx(binary, port, root, certificate) as log:
+        with _nginx(binary, port, root, certificate, http2) as log:
             yield port, log
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
 @contextmanager
-def _nginx(binary: str, port: int, root: Path, certificate: tuple[Path, Path]) -> Iterator[Path]:
+def _nginx(binary: str, port: int, root: Path, certificate: tuple[Path, Path], http2: bool) -> Iterator[Path]:
     (root / "tmp").mkdir(parents=True)
     files = root / "www" / "files"
     files.mkdir(parents=True)
@@ -142,7 +143,8 @@ def _nginx(binary: str, port: int, root: Path, certificate: tuple[Path, Path]) -
     for path in (root / "www", files, *files.iterdir()):
         path.chmod(0o755 if path.is_dir() else 0o644)
     conf = root / "nginx.conf"
-    conf.write_text(NGINX_CONFIG.format(root=root, port=port, cert=certificate[0], key=certificate[1]))
+    conf.write_text(NGINX_CONFIG.format(root=root, port=port, cert=certificate[0], key=certificate[1],
+                                        http2=" http2" if http2 else ""))
     proc = subprocess.Popen([binary, "-p", str(root), "-c", str(conf)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
@@ -326,6 +328,39 @@ def test_nginx_https_counts_match_its_log(certificate: tuple[Path, Path]) -> Non
     # The reset one, unless nginx had handed the whole answer to the socket first (then it is
     # logged "OK" and counted above).
     assert self_metric(samples, "requests_without_response_total") == incomplete
+    for reason in ("bad_request_line", "bad_status_line", "not_http", "gap"):
+        assert self_metric(samples, "parse_errors_total", reason=reason) == 0, reason
+
+
+def test_nginx_h2_over_tls_counts_every_stream_as_https_http2(certificate: tuple[Path, Path]) -> None:
+    """HTTP/2 negotiated by ALPN: the plaintext from the probes goes through the same HTTP/2
+    decoder as h2c, so every stream is counted once, labelled https and version 2."""
+    with nginx_server(certificate, http2=True) as (port, log):
+        with ExporterProcess("--interface", "lo", "--port", str(port), "--route", "/files/{name}") as exporter:
+            base = f"https://127.0.0.1:{port}"
+            # curl: several requests on one h2 connection (ALPN h2), a large body among them.
+            args = ["curl", "-sk", "--http2"]
+            for path in ("/ok", "/files/large", "/boom", "/missing", "/nocontent", "/ok"):
+                args += [f"{base}{path}", "-o", "/dev/null"]
+            subprocess.run(args, check=True, capture_output=True, timeout=30)
+            # h2load: 400 streams, 20 at a time on each of 2 connections.
+            load = subprocess.run(["h2load", "-n", "400", "-c", "2", "-m", "20", f"{base}/ok"],
+                                  capture_output=True, text=True, timeout=60, check=False)
+            assert "400 done" in load.stdout and " 0 errored" in load.stdout, load.stdout
+            served = wait_for_log(log, 406)
+            samples = exporter.wait_for_exchanges(sum(served.values()))
+    assert sum(served.values()) == 406
+    expected: Counts = collections.Counter()
+    for (method, status, path), count in served.items():
+        expected[(method, status, "/files/{name}" if path.startswith("/files/") else path)] += count
+    assert https_counts(samples, port) == expected
+    versions = {dict(labels)["network_protocol_version"] for (name, labels), value in samples.items()
+                if name == "http_server_request_duration_seconds_count" and value
+                and dict(labels)["server_port"] == str(port)}
+    assert versions == {"2"}
+    assert self_metric(samples, "http2_connections_total", how="prior_knowledge") == 3
+    assert self_metric(samples, "http2_undecodable_streams_total") == 0
+    assert self_metric(samples, "tls_events_lost_total") == 0
     for reason in ("bad_request_line", "bad_status_line", "not_http", "gap"):
         assert self_metric(samples, "parse_errors_total", reason=reason) == 0, reason
 
