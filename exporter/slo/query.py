@@ -37,6 +37,7 @@ from exporter.slo.manifest import STATUS_CLASSES, Objective, format_duration
 __all__ = [
     "PORT_LABEL",
     "ROUTE_LABEL",
+    "SERVICE_NAME_LABEL",
     "STATUS_LABEL",
     "Sli",
     "error_ratio",
@@ -177,9 +178,13 @@ class Sli:
         return text
 
 
-def sli(objective: Objective, window: str | float | None = None, extra: Sequence[str] = ()) -> Sli:
+def sli(objective: Objective, window: str | float | None = None, extra: Sequence[str] = (),
+        by: Sequence[str] = ()) -> Sli:
     """The SLI of `objective` over `window` (a duration like `5m`, seconds, or the objective's
-    own window), on series narrowed by the objective and the `extra` matchers (a job selector)."""
+    own window), on series narrowed by the objective and the `extra` matchers (a job selector).
+
+    `by`: labels to keep apart (`service_name` in the generated rules), one SLI per value; a
+    missing error series then reads as 0 per total's label set, not as one unlabelled 0."""
     if window is None:
         window = objective.window_seconds
     if not isinstance(window, str):
@@ -189,16 +194,22 @@ def sli(objective: Objective, window: str | float | None = None, extra: Sequence
         return Sli(total=f"sum({total})", good=f"sum({good}) or vector(0)")
     metric, status_label = histogram(objective)
     base = [*extra, *narrowing(objective)]
-    total = f"sum(rate({metric}_count{selector(base)}[{window}]))"
+    total_sum = _sum(by)
+    total = f"{total_sum}(rate({metric}_count{selector(base)}[{window}]))"
     if objective.category == "latency":
         assert objective.latency_target_seconds is not None
         le = f"le=~{quote(le_regex(objective.latency_target_seconds))}"
-        return Sli(total=total, good=f"sum(rate({metric}_bucket{selector([*base, le])}[{window}]))")
+        return Sli(total=total, good=f"{total_sum}(rate({metric}_bucket{selector([*base, le])}[{window}]))")
+    zero = f"0 * {total}" if by else "vector(0)"
     bad_regex = _bad_regex(objective)
     if bad_regex is None:
-        return Sli(total=total, bad="vector(0)")
+        return Sli(total=total, bad=zero)
     status = f"{status_label}=~{quote(bad_regex)}"
-    return Sli(total=total, bad=f"sum(rate({metric}_count{selector([*base, status])}[{window}])) or vector(0)")
+    return Sli(total=total, bad=f"{total_sum}(rate({metric}_count{selector([*base, status])}[{window}])) or {zero}")
+
+
+def _sum(by: Sequence[str]) -> str:
+    return f"sum by ({', '.join(by)}) " if by else "sum"
 
 
 def error_ratio(query: Sli) -> str:

@@ -64,7 +64,7 @@ import yaml
 
 from exporter.errors import ConfigError
 from exporter.slo.manifest import Objective, format_duration, load_manifest
-from exporter.slo.query import error_ratio, job_matchers, le_regex, quote, selector, sli
+from exporter.slo.query import SERVICE_NAME_LABEL, error_ratio, job_matchers, le_regex, quote, selector, sli
 from exporter.slo.query import number as _number
 
 __all__ = [
@@ -109,9 +109,19 @@ def burn_rate_factor(alert: BurnRateAlert, period_seconds: float) -> float:
     return max(round(factor, 6), 1.0)
 
 
+def per_service(objective: Objective) -> tuple[str, ...]:
+    """What the rules keep apart: each server's `service_name`, so two services behind one port
+    or route get their own SLI, burn rate and alert, unless the objective already names one.
+    PromQL objectives (`spec.promql`, OpenSLO queries) are the user's own queries, left as written."""
+    if objective.service_name is not None or objective.promql is not None:
+        return ()
+    return (SERVICE_NAME_LABEL,)
+
+
 def sli_error_expr(objective: Objective, window: str, job_selector: str = "") -> str:
-    """The PromQL of the objective's error ratio over `window` (empty, never NaN, with no traffic)."""
-    return error_ratio(sli(objective, window, job_matchers(job_selector)))
+    """The PromQL of the objective's error ratio over `window`, one series per service (empty,
+    never NaN, with no traffic)."""
+    return error_ratio(sli(objective, window, job_matchers(job_selector), by=per_service(objective)))
 
 
 def _windows(objective: Objective) -> list[str]:

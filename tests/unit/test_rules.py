@@ -97,21 +97,23 @@ def test_labels_follow_level_metric_operation_and_carry_slo_and_service():
 def test_latency_sli_is_a_ratio_of_sums_with_the_le_regex_and_a_zero_traffic_guard():
     objective = load_manifest(EXAMPLE)[0]
     expr = sli_error_expr(objective, "5m")
+    # One SLI per service by default: two services behind one route never share a ratio.
     assert expr == (
-        "1 - (sum(rate(http_server_request_duration_seconds_bucket"
+        "1 - (sum by (service_name) (rate(http_server_request_duration_seconds_bucket"
         '{http_route="/", le=~"0\\\\.15|0\\\\.150"}[5m]))'
-        ' / (sum(rate(http_server_request_duration_seconds_count{http_route="/"}[5m])) > 0))'
+        ' / (sum by (service_name) (rate(http_server_request_duration_seconds_count{http_route="/"}[5m])) > 0))'
     )
 
 
 def test_availability_counts_the_classes_that_are_not_good_and_guards_a_missing_error_series():
     objective = load_manifest(EXAMPLE)[1]
     expr = sli_error_expr(objective, "1h", job_selector='job="ebpf"')
-    assert expr.startswith(
-        '(sum(rate(http_server_request_duration_seconds_count{job="ebpf", http_route="/", '
-        'http_response_status_code=~"5.."}[1h])) or vector(0)) / '
+    total = 'sum by (service_name) (rate(http_server_request_duration_seconds_count{job="ebpf", http_route="/"}[1h]))'
+    # A service without errors reads 0, per service: `0 * total`, not an unlabelled vector(0).
+    assert expr == (
+        '(sum by (service_name) (rate(http_server_request_duration_seconds_count{job="ebpf", http_route="/", '
+        f'http_response_status_code=~"5.."}}[1h])) or 0 * {total}) / ({total} > 0)'
     )
-    assert expr.endswith("[1h])) > 0)")
     strict = parse_manifest(
         EXAMPLE.read_text().replace(
             "path: /\n  objectivePercent: 99", "path: /\n  goodStatusClasses: [2xx]\n  objectivePercent: 99"
@@ -234,10 +236,11 @@ spec:
 def test_grpc_objectives_read_the_rpc_histogram_and_its_bad_codes():
     availability, latency = parse_manifest(GRPC_OBJECTIVES)
     narrowed = 'rpc_system="grpc", rpc_service="helloworld.Greeter", rpc_method="SayHello"'
+    total = f"sum by (service_name) (rate(rpc_server_duration_seconds_count{{{narrowed}}}[5m]))"
     assert sli_error_expr(availability, "5m") == (
-        f'(sum(rate(rpc_server_duration_seconds_count{{{narrowed}, '
-        f'rpc_grpc_status_code=~"2|4|12|13|14|15|reset|missing"}}[5m])) or vector(0))'
-        f" / (sum(rate(rpc_server_duration_seconds_count{{{narrowed}}}[5m])) > 0)"
+        f'(sum by (service_name) (rate(rpc_server_duration_seconds_count{{{narrowed}, '
+        f'rpc_grpc_status_code=~"2|4|12|13|14|15|reset|missing"}}[5m])) or 0 * {total})'
+        f" / ({total} > 0)"
     )
     scoped = 'rpc_system="grpc", rpc_service="helloworld.Greeter", service_name="greeter"'
     assert sli_error_expr(latency, "1h") == (

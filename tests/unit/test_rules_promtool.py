@@ -331,3 +331,30 @@ def test_latency_counts_both_le_spellings_and_promql_objective_records_its_ratio
         ],
     }
     _promtool_test(promtool, _write_test(tmp_path, [test]))
+
+
+def test_two_services_on_one_route_get_their_own_sli_and_page(promtool, tmp_path):
+    """Two pods of different services answer on the same port and route (node-wide capture):
+    the rules keep them apart by service_name, so the failing one pages and the healthy one
+    reads 0, instead of one blended ratio that hides the outage."""
+    def service(name: str, ok: float, errors: float) -> list[dict[str, str]]:
+        series = AVAILABILITY + f', service_name="{name}"'
+        return [{"series": series + ', http_response_status_code="200"}', "values": f"0+{ok}x360"},
+                {"series": series + ', http_response_status_code="503"}', "values": f"0+{errors}x360"}]
+
+    labels = 'slo="shop_api_availability", service="shop", category="availability"'
+    test = {
+        "interval": "1m",
+        "input_series": service("cart", 980, 20) + service("search", 1000, 0),
+        "promql_expr_test": [
+            _approx(f'slo:burn_rate:ratio_rate1h{{{labels}, service_name="cart"}}',
+                    f'{{{labels}, service_name="cart"}}', 20.0, "6h"),
+            _approx(f'slo:burn_rate:ratio_rate1h{{{labels}, service_name="search"}}',
+                    f'{{{labels}, service_name="search"}}', 0.0, "6h"),
+            {"expr": f'count(ALERTS{{alertname="{ALERT_NAME}", alertstate="firing", service_name="cart"}})',
+             "eval_time": "6h", "exp_samples": [{"labels": "{}", "value": 4}]},
+            {"expr": f'ALERTS{{alertname="{ALERT_NAME}", service_name="search"}}', "eval_time": "6h",
+             "exp_samples": []},
+        ],
+    }
+    _promtool_test(promtool, _write_test(tmp_path, [test]))
