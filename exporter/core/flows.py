@@ -55,7 +55,15 @@ from exporter.core.http1 import (
     ResponseParser,
     normalise_target,
 )
-from exporter.core.http2 import PREFACE, Http2Connection, Http2Limits, Http2Stats, looks_like_frames
+from exporter.core.http2 import (
+    DEFAULT_MAX_HEADER_TABLE,
+    DEFAULT_MAX_STREAMS,
+    PREFACE,
+    Http2Connection,
+    Http2Limits,
+    Http2Stats,
+    looks_like_frames,
+)
 from exporter.core.model import FIN, RST, SYN, Exchange, Segment
 
 __all__ = ["CoreStats", "Handover", "Limits", "Tracker"]
@@ -87,8 +95,8 @@ class Limits:
     # HTTP/2, per connection: open streams (beyond → the oldest is dropped, counted), and the
     # HPACK table a peer may ask for (SETTINGS_HEADER_TABLE_SIZE; beyond → capped, counted).
     # A header block is bounded by max_header_bytes, like an HTTP/1 head.
-    max_h2_streams: int = 256
-    max_h2_header_table: int = 65536
+    max_h2_streams: int = DEFAULT_MAX_STREAMS
+    max_h2_header_table: int = DEFAULT_MAX_HEADER_TABLE
 
     def __post_init__(self) -> None:
         for name in (

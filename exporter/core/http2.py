@@ -128,12 +128,20 @@ _GRPC_CONTENT = b"application/grpc"
 _DECODED_CACHE = 64  # header blocks remembered per direction (see _Reader._decode)
 
 
+# Open streams per connection before the oldest is dropped (counted). Servers allow this many
+# at once and more: nginx 128, Go's net/http 250, gRPC C-core no limit at all (grpcio clients
+# then open hundreds), so the cap sits well above them; a stream's state is ~150 bytes.
+DEFAULT_MAX_STREAMS = 1024
+DEFAULT_MAX_HEADER_TABLE = 65536
+
+
 class Http2Limits:
-    """Per-connection caps (defaults come from `flows.Limits`)."""
+    """Per-connection caps (`flows.Limits` carries them from the configuration)."""
 
     __slots__ = ("max_header_block", "max_header_table", "max_streams")
 
-    def __init__(self, max_streams: int = 256, max_header_block: int = 32768, max_header_table: int = 65536) -> None:
+    def __init__(self, max_streams: int = DEFAULT_MAX_STREAMS, max_header_block: int = 32768,
+                 max_header_table: int = DEFAULT_MAX_HEADER_TABLE) -> None:
         self.max_streams = max_streams
         self.max_header_block = max_header_block
         self.max_header_table = max_header_table
