@@ -252,12 +252,14 @@ def _refusal_hint(message: str, status_text: str | None = None) -> str:
     """What most likely stands behind the kernel's refusal, and the fix, as a sentence to append.
 
     As root in a container without CAP_PERFMON the verifier does not answer EPERM: the load
-    fails with EFAULT ("Bad address"), which names nothing. Under a seccomp filter that denies
-    bpf(2), even creating a map fails with EPERM, whatever the capabilities.
+    fails with EFAULT ("Bad address") or EACCES ("Permission denied": its log says "pointer
+    arithmetic ... prohibited for !root"), which name nothing. Under a seccomp filter that
+    denies bpf(2), even creating a map fails with EPERM, whatever the capabilities.
     """
     if "Operation not permitted" in message and seccomp_mode(status_text) == 2:
         return f"; {SECCOMP_FIX}"
-    if "Bad address" in message and "CAP_PERFMON" in missing_capture_capabilities(effective_capabilities(status_text)):
+    refused = "Bad address" in message or "Permission denied" in message
+    if refused and "CAP_PERFMON" in missing_capture_capabilities(effective_capabilities(status_text)):
         return ("; CAP_PERFMON is missing (the fast path's in-kernel aggregation needs it): grant "
                 f"{'+'.join(CAPTURE_CAPABILITIES)} (Kubernetes: capabilities.add [BPF, NET_RAW, PERFMON]; "
                 "podman/docker: --cap-add BPF,NET_RAW,PERFMON)")
