@@ -305,6 +305,7 @@ def _run_scenario(bench: Bench, scenario: str, chosen: Sequence[str], duration: 
         tables = _tables(f"nginx over HTTPS `return 200 \"ok\"` on lo, wrk -t{threads} -c{connections} "
                          f"-d{duration:g}s, keep-alive", rows, columns, bench.repeat)
         tables[-1].note = TLS_NOTE + "\n" + NOTE
+        return tables
     if scenario == "realistic":
         load = Load(duration, connections, threads, script=realistic_script(REALISTIC_IDS),
                     label="realistic", error_responses=True)
