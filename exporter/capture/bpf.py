@@ -268,8 +268,9 @@ def _refusal_hint(message: str, status_text: str | None = None) -> str:
 
 def ask_loader(request: dict[str, Any], max_fds: int, fix: str) -> tuple[dict[str, Any], list[int]]:
     """Run exporter.capture.bpf_loader as a helper process with `request` (its docstring has the
-    protocol); return its reply and the descriptors it sent, which the caller then owns, also
-    when the reply is not ok. CaptureError when it cannot start or dies first (`fix`: what to do)."""
+    protocol); return its reply and the descriptors it sent, which the caller then owns (none
+    when the reply is not ok). CaptureError when it cannot start, dies first (`fix`: what to
+    do), or finds no BCC; the other refusals (compile, load) are the caller's to word."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     argv = [sys.executable, "-m", "exporter.capture.bpf_loader", str(theirs.fileno())]
     with ours:
@@ -296,6 +297,12 @@ def ask_loader(request: dict[str, Any], max_fds: int, fix: str) -> tuple[dict[st
             f"status {code} before answering: see its output above, or {fix}"
         )
     reply: dict[str, Any] = json.loads(message)
+    if not reply["ok"]:
+        for fd in fds:
+            os.close(fd)
+        if reply["kind"] == "import":
+            raise CaptureError("BCC Python bindings not importable: install python3-bpfcc (`make setup`)")
+        return reply, []
     return reply, fds
 
 
@@ -305,11 +312,7 @@ def _load_in_helper(src: Path, cflags: list[str]) -> tuple[int, dict[str, BpfMap
                "tail_calls": {"map": "scan_progs", "functions": list(_TAIL_CALLS)}}
     reply, fds = ask_loader(request, 1 + len(_MAP_LAYOUT), "reinstall the package")
     if not reply["ok"]:
-        for fd in fds:
-            os.close(fd)
         kind, msg = reply["kind"], reply["message"]
-        if kind == "import":
-            raise CaptureError("BCC Python bindings not importable: install python3-bpfcc (`make setup`)")
         if kind == "compile":
             # BCC creates the maps while compiling: a bpf() that seccomp or a missing capability
             # refuses shows up here, as "could not open bpf map ... Operation not permitted" above.

@@ -397,11 +397,7 @@ def _run_helper(request: dict[str, Any], max_fds: int) -> tuple[dict[str, Any], 
     """Ask exporter.capture.bpf_loader to compile, load and attach; see its docstring."""
     reply, fds = ask_loader(request, max_fds, "run with --no-tls")
     if not reply["ok"]:
-        for fd in fds:
-            os.close(fd)
         kind, msg = reply["kind"], reply["message"]
-        if kind == "import":
-            raise CaptureError("BCC Python bindings not importable: install python3-bpfcc (`make setup`)")
         if kind == "compile":
             raise CaptureError(f"BPF program tls_probes.c failed to compile: {msg} (see clang output above)")
         if os.geteuid() != 0 and ("Operation not permitted" in msg or "Permission denied" in msg):
