@@ -149,7 +149,13 @@ class ByteSink(Protocol):
 _TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
 _REQUEST_LINE = re.compile(rb"([" + _TCHAR + rb"]+) ([^\x00-\x20\x7f]+) HTTP/1\.[0-9]\r?")
 _STATUS_LINE = re.compile(rb"HTTP/1\.[0-9] ([0-9]{3})(?:[ \t][^\r\n]*)?\r?")
-_HEADER_FIELDS = re.compile(rb"(?:[" + _TCHAR + rb"]+:[^\r\n]*\r?\n)*")
+# Header lines: `token ":" value` ended by LF, the value free of CR and LF but for one CR before the
+# LF. Checked as two cheap scans rather than one `[^\r\n]*\r?\n` pattern: sre runs a negated
+# single byte (`[^\n]`) in a tight loop but a two-byte class byte by byte, ~5x slower on a 1.4 KB
+# browser head. (`_HEADER_LINES` with no bare CR after `start` is exactly that pattern; the outer
+# repeat stays greedy, not possessive: CPython 3.11's `(...)*+` lets fullmatch accept a cut line.)
+_HEADER_LINES = re.compile(rb"(?:[" + _TCHAR + rb"]++:[^\n]*+\n)*")
+_BARE_CR = re.compile(rb"\r(?!\n)")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 
 # While lost: where a message may start (`^` is a segment or line start), and what a line
@@ -185,6 +191,11 @@ _PARSED = -1
 _SKIP_HEAD = -2
 
 _BLANK = b"\r\n"
+
+
+def _header_fields_ok(head: bytes, start: int) -> bool:
+    """Whether `head[start:]` is header lines only (see `_HEADER_LINES`), obs-fold refused."""
+    return _HEADER_LINES.fullmatch(head, start) is not None and _BARE_CR.search(head, start) is None
 
 
 class _Parser:
@@ -665,7 +676,7 @@ class RequestParser(_Parser):
         if first is None:
             self._fail(self._first_line_error(head[:newline]) or "bad_request_line")
             return newline + 1
-        if _HEADER_FIELDS.fullmatch(head, newline + 1) is None:
+        if not _header_fields_ok(head, newline + 1):
             self._fail("bad_header")
             return _SKIP_HEAD
         framing, length = _framing(head)
@@ -743,7 +754,7 @@ class ResponseParser(_Parser):
         if first is None:
             self._fail(self._first_line_error(head[:newline]) or "bad_status_line")
             return newline + 1
-        if _HEADER_FIELDS.fullmatch(head, newline + 1) is None:
+        if not _header_fields_ok(head, newline + 1):
             self._fail("bad_header")
             return _SKIP_HEAD
         status = int(first.group(1))
