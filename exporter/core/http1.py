@@ -193,9 +193,13 @@ _SKIP_HEAD = -2
 _BLANK = b"\r\n"
 
 
-def _header_fields_ok(head: bytes, start: int) -> bool:
-    """Whether `head[start:]` is header lines only (see `_HEADER_LINES`), obs-fold refused."""
-    return _HEADER_LINES.fullmatch(head, start) is not None and _BARE_CR.search(head, start) is None
+def _header_fields_ok(head: bytes, start: int, lines_checked: bool = False) -> bool:
+    """Whether `head[start:]` is header lines only (see `_HEADER_LINES`), obs-fold refused.
+
+    `lines_checked`: `_HEADER_LINES` already matched all of it; only bare CRs are left to find.
+    """
+    return ((lines_checked or _HEADER_LINES.fullmatch(head, start) is not None)
+            and _BARE_CR.search(head, start) is None)
 
 
 class _Parser:
@@ -357,6 +361,17 @@ class _Parser:
                 pos += 1
                 if pos == end:
                     return end
+            self._head_ns = ts_ns
+            newline = data.find(b"\n", pos)
+            if newline >= 0:
+                # The usual head, whole in this segment: `name:value` lines up to a CRLF blank line.
+                # One scan checks the lines and finds the blank line; anything else (a bare-LF end,
+                # a bad line, a cut head) takes the general search below.
+                lines = _HEADER_LINES.match(data, newline + 1)
+                lines_end = lines.end() if lines is not None else newline + 1
+                if data[lines_end : lines_end + 2] == b"\r\n" and lines_end - 1 - pos < self._max_head:
+                    outcome = self._parse_head(data[pos:lines_end], ts_ns, lines_checked=True)
+                    return lines_end + 2 if outcome < 0 else pos + outcome
             term = data.find(b"\n\r\n", pos)
             if term >= 0:
                 bare = data.find(b"\n\n", pos, term)
@@ -367,7 +382,6 @@ class _Parser:
             else:
                 term = data.find(b"\n\n", pos)
                 skip = 2
-            self._head_ns = ts_ns
             if term >= 0:
                 if term - pos >= self._max_head:
                     self._fail(self._overflow_reason)
@@ -567,7 +581,7 @@ class _Parser:
 
     # -- hooks ---------------------------------------------------------------------------
 
-    def _parse_head(self, head: bytes, ts_ns: int) -> int:
+    def _parse_head(self, head: bytes, ts_ns: int, lines_checked: bool = False) -> int:
         raise NotImplementedError
 
     def _first_line_error(self, line: bytes) -> str | None:
@@ -670,13 +684,13 @@ class RequestParser(_Parser):
             return "bad_request_line"
         return "not_http"
 
-    def _parse_head(self, head: bytes, ts_ns: int) -> int:
+    def _parse_head(self, head: bytes, ts_ns: int, lines_checked: bool = False) -> int:
         newline = head.find(b"\n")
         first = _REQUEST_LINE.fullmatch(head, 0, newline)
         if first is None:
             self._fail(self._first_line_error(head[:newline]) or "bad_request_line")
             return newline + 1
-        if not _header_fields_ok(head, newline + 1):
+        if not _header_fields_ok(head, newline + 1, lines_checked):
             self._fail("bad_header")
             return _SKIP_HEAD
         framing, length = _framing(head)
@@ -748,13 +762,13 @@ class ResponseParser(_Parser):
             return None
         return "bad_status_line" if line.startswith(b"HTTP/") else "not_http"
 
-    def _parse_head(self, head: bytes, ts_ns: int) -> int:
+    def _parse_head(self, head: bytes, ts_ns: int, lines_checked: bool = False) -> int:
         newline = head.find(b"\n")
         first = _STATUS_LINE.fullmatch(head, 0, newline)
         if first is None:
             self._fail(self._first_line_error(head[:newline]) or "bad_status_line")
             return newline + 1
-        if not _header_fields_ok(head, newline + 1):
+        if not _header_fields_ok(head, newline + 1, lines_checked):
             self._fail("bad_header")
             return _SKIP_HEAD
         status = int(first.group(1))
