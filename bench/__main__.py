@@ -115,7 +115,8 @@ fast_path_exchanges_total ÷ requests counted. Machine CPU is the busy time of a
 softirq cost is in it, and so is anything else running on the machine (see other load). The order
 of the configurations is shuffled in each round."""
 USERSPACE_NOTE = """\
-The user-space path alone: the exporter runs with --no-fast-path, so every exchange is rebuilt in
+The user-space path alone: the exporter runs with --no-fast-path (and --no-tls, so that other TLS
+traffic on the machine is not charged to it), so every exchange is rebuilt in
 Python from the segments the filter passes (what pipelining, chunked bodies and the heads the kernel
 hands over cost with the fast path on). Paced rows hold wrk to about the asked rate with ~1.3 KB browser
 heads to 100,000 random ids (as the realistic scenario); wrk's rate comes out below the asked one. The

@@ -39,7 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ("baseline", "seed", "exporter", "userspace")
 # The exporter with --no-fast-path: every exchange rebuilt in user space from the segments the
 # filter passes, the path that pipelining, chunked bodies and the heads the kernel hands over take.
-USERSPACE_ARGS = ("--no-fast-path",)
+# Without the TLS probes: their syscall tracepoints run for every process on the machine, and
+# whatever else speaks TLS there would be charged to the path measured here.
+USERSPACE_ARGS = ("--no-fast-path", "--no-tls")
 READY_TIMEOUT_S = 90.0  # BCC compiles C at start: seconds, not minutes
 SETTLE_TIMEOUT_S = 20.0
 IDLE_CPU_S = 0.02  # under this much CPU in IDLE_WINDOW_S the capture process counts as idle
