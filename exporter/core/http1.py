@@ -79,6 +79,8 @@ def normalise_target(raw_target: str) -> str:
     """
     if not raw_target:
         return "/"
+    if raw_target[0] == "/" and "?" not in raw_target and "#" not in raw_target:
+        return raw_target  # the usual origin-form path: nothing to cut
     if raw_target[0] != "/":
         scheme_end = raw_target.find("://")
         if scheme_end > 0 and _SCHEME.fullmatch(raw_target, 0, scheme_end):
@@ -606,11 +608,17 @@ def _upgrade_protocol(head: bytes) -> str:
     return found.group(1).decode("latin-1").lower() if found is not None else ""
 
 
+# Either framing header, in any case (ASCII folding, as bytes.lower).
+_FRAMING_NAME = re.compile(rb"\n(?:content-length|transfer-encoding):", re.I)
+
+
 def _framing(head: bytes) -> tuple[int, int]:
     """Body framing from the headers: (state, content length); length -1 is invalid.
 
     `_HEAD` means neither Content-Length nor Transfer-Encoding is present.
     """
+    if _FRAMING_NAME.search(head) is None:
+        return _HEAD, 0  # most request heads: one scan instead of a lowered copy and two
     lower = head.lower()
     at = lower.rfind(b"\ntransfer-encoding:")
     if at < 0 and b"\ncontent-length:" not in lower:
@@ -700,8 +708,9 @@ class RequestParser(_Parser):
         if length < 0:
             self._fail("bad_content_length")
             return _SKIP_HEAD
-        method = first.group(1).decode("ascii")
-        request = PendingRequest(method, first.group(2).decode("latin-1"), self._head_ns)
+        method_bytes, target = first.group(1, 2)
+        method = method_bytes.decode("ascii")
+        request = PendingRequest(method, target.decode("latin-1"), self._head_ns)
         self._current = request
         self._sink.on_request(request)
         if method == "CONNECT":
