@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -189,6 +189,30 @@ def _seq_delta(seq: int, reference: int) -> int:
     """`seq - reference` in 32-bit sequence space, as a signed distance."""
     delta = (seq - reference) & _SEQ_MASK
     return delta - _SEQ_SPACE if delta >= _SEQ_HALF else delta
+
+
+# Held segments this close to a side's position keep their order of distance from it while the
+# position moves forward through them (it moves less than this plus one segment, so no distance
+# changes sign): one sort gives the order of taking the nearest again after each.
+_STABLE_SPAN = 1 << 29
+
+
+def _nearest_first(side: _Side) -> Iterator[tuple[int, int, bytes, int]]:
+    """Take every held segment of `side`, each time the nearest to where its stream stands.
+
+    Sorted once when they all lie within _STABLE_SPAN (a stable sort, so equals come in list
+    order, as min() takes them); otherwise the nearest is looked for again after each step.
+    """
+    held = side.held
+    distances = [_seq_delta(item[0], side.next_seq) for item in held]
+    if distances and max(distances) < _STABLE_SPAN and min(distances) > -_STABLE_SPAN:
+        ordered = [held[i] for i in sorted(range(len(held)), key=distances.__getitem__)]
+        held.clear()
+        yield from ordered
+        return
+    while held:
+        expected = side.next_seq
+        yield held.pop(min(range(len(held)), key=lambda i: _seq_delta(held[i][0], expected)))
 
 
 class _Side:
@@ -759,13 +783,9 @@ class Tracker:
         self.stats.parse_errors["gap"] += 1
         parser = flow.requests if to_server else flow.responses
         parser.lose()
-        held = side.held
         resumed = False
-        while held:
-            expected = side.next_seq
-            index = min(range(len(held)), key=lambda i: _seq_delta(held[i][0], expected))
-            seq, ts_ns, payload, plen = held.pop(index)
-            delta = _seq_delta(seq, expected)
+        for seq, ts_ns, payload, plen in _nearest_first(side):
+            delta = _seq_delta(seq, side.next_seq)
             if delta > 0:
                 if resumed:
                     parser.lose()  # a further hole: same resync, no second count
