@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from exporter.core import http1
 from exporter.core.flows import Limits, Tracker
 from exporter.core.http1 import _TCHAR, PendingRequest, RequestParser, ResponseParser, _header_fields_ok
 from exporter.core.model import ACK, FIN, PSH, RST, SYN, Exchange, Segment
@@ -389,3 +390,48 @@ def test_header_lines_check_accepts_exactly_the_one_pattern_it_replaces(parts: l
     one_pattern = re.compile(rb"(?:[" + _TCHAR + rb"]+:[^\r\n]*\r?\n)*")  # the grammar, slow in sre
     block = b"".join(parts)
     assert _header_fields_ok(block, 0) == (one_pattern.fullmatch(block) is not None)
+
+
+def _framing_by_lowering(head: bytes) -> tuple[int, int]:
+    """The framing rules as first written (a lowered copy searched per name): the oracle."""
+    lower = head.lower()
+    at = lower.rfind(b"\ntransfer-encoding:")
+    if at < 0 and b"\ncontent-length:" not in lower:
+        return http1._HEAD, 0
+    if at >= 0:
+        value = lower[at + 19 : lower.find(b"\n", at + 1)]
+        return (http1._CHUNK_SIZE, 0) if value.rsplit(b",", 1)[-1].strip() == b"chunked" else (http1._CLOSE_BODY, 0)
+    at = lower.find(b"\ncontent-length:")
+    length = -1
+    while at >= 0:
+        value_end = lower.find(b"\n", at + 1)
+        value = lower[at + 16 : value_end].strip()
+        if not value.isdigit():
+            values = {item.strip() for item in value.split(b",")}
+            if len(values) != 1:
+                return http1._BODY, -1
+            value = values.pop()
+            if not value.isdigit():
+                return http1._BODY, -1
+        if len(value) > 18:
+            return http1._BODY, -1
+        if length >= 0 and int(value) != length:
+            return http1._BODY, -1
+        length = int(value)
+        at = lower.find(b"\ncontent-length:", value_end)
+    return http1._BODY, length
+
+
+FRAMING_LINES = st.sampled_from([
+    b"Host: a", b"Content-Length: 12", b"content-length:12", b"CONTENT-LENGTH: 7", b"Content-Length: 12, 12",
+    b"Content-Length: 1,2", b"Content-Length: x", b"Content-Length: 0012", b"Content-Length: 1234567890123456789",
+    b"Content-Length:", b"Transfer-Encoding: chunked", b"transfer-encoding: gzip, CHUNKED", b"TRANSFER-ENCODING: gzip",
+    b"X-Content-Length: 3", b"Content-Lengths: 4",
+])
+
+
+@fuzz(300)
+@given(st.lists(FRAMING_LINES, max_size=6))
+def test_framing_in_one_scan_equals_the_lowered_copy_searched_per_name(lines: list[bytes]) -> None:
+    head = b"HTTP/1.1 200 OK\r\n" + b"".join(line + b"\r\n" for line in lines)
+    assert http1._framing(head) == _framing_by_lowering(head)
