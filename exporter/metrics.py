@@ -83,6 +83,7 @@ SELF = "ebpf_slo_exporter"
 # Self-metric names, without the SELF prefix the collector adds (SelfSample.name). The
 # collectors, the dashboards and the benchmarks all take them from here.
 SELF_FILTER_ATTACHED = "filter_attached"
+SELF_DEGRADED = "degraded"  # gauge by reason: exporter.health
 SELF_CAPTURE_DETACHED_TOTAL = "capture_detached_total"
 SELF_CAPTURE_REATTACHED_TOTAL = "capture_reattached_total"
 SELF_PACKETS_RECEIVED_TOTAL = "packets_received_total"
