@@ -184,7 +184,11 @@ class Exporter:
             sources.append(self._tls_samples)
         if slo is not None:
             sources.append(slo.self_samples)
-        self._loss_sources = list(sources)  # what the degraded state is computed from
+        # The sources holding health.LOSS_SIGNALS' counters, read once a second: not the identity
+        # or SLO ones, which may be long and hold none.
+        self._loss_sources = [self.pipeline.self_samples, self._capture_samples,
+                              *([self.fast.self_samples] if self.fast is not None else []),
+                              *([self._tls_samples] if settings.tls else [])]
         sources.append(self._health_samples)
         self.registry.register(ExporterCollector(self.http, sources, slo.collect if slo is not None else None))
         description = f"interface {', '.join(self.patterns)}, ports {', '.join(map(str, settings.ports))}"

@@ -114,6 +114,8 @@ SELF_FAST_PATH_FLOW_STATES_CREATED_TOTAL = "fast_path_flow_states_created_total"
 SELF_FAST_PATH_FLOW_STATES_DELETED_TOTAL = "fast_path_flow_states_deleted_total"
 SELF_FAST_PATH_FLOW_STATES_CAPACITY = "fast_path_flow_states_capacity"
 SELF_FAST_PATH_HANDOVER_MAP_FULL_TOTAL = "fast_path_handover_map_full_total"
+SELF_FAST_PATH_AGGREGATES = "fast_path_aggregates"
+SELF_FAST_PATH_AGGREGATES_CAPACITY = "fast_path_aggregates_capacity"
 SELF_FAST_PATH_HANDOVERS_SEEDED_TOTAL = "fast_path_handovers_seeded_total"
 SELF_FAST_PATH_HANDOVERS_TOTAL = "fast_path_handovers_total"
 # HTTP/2 decoding (core/http2) and TLS capture (capture/tls).

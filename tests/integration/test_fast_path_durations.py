@@ -210,6 +210,9 @@ def test_kernel_path_durations_match_a_packet_capture_per_bucket() -> None:
         listener.close()
     assert self_metric(samples, "fast_path_exchanges_total") - before == len(plan)
     assert self_metric(samples, "exchanges_total") == len(plan)
+    # One kernel aggregate: GET, 200, /hold/{id} (all-digit segments share a key) on this server.
+    assert (self_metric(samples, "fast_path_aggregates"), self_metric(samples, "fast_path_aggregates_capacity")) \
+        == (1, 8192)
     durations = pcap_durations(pcap, port)
     shutil.rmtree(pcap.parent)
     assert len(durations) == len(plan)
