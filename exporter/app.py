@@ -11,6 +11,10 @@ the loop tries to open the capture again every `REATTACH_EVERY_S` until the inte
 back. After `--user` dropped the privileges there is nothing to reattach with: it stays
 detached (503) and says that a restart is needed.
 
+Falling behind: about once a second the loop reads the self-metric counters that mean lost
+data (exporter/health.py) into a LossWatch; while one rose within --degraded-window, /healthz
+answers 200 "degraded: ..." with the reasons and the `degraded{reason}` gauge is 1.
+
 `--user`: the capture is opened *before* the HTTP server thread starts, and privileges are
 dropped right after, while this is the only thread (capabilities are per thread).
 
