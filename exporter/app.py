@@ -143,7 +143,7 @@ class Exporter:
         self.patterns = settings.interfaces or (settings.interface,)
         self.node_wide = is_node_wide(self.patterns)
         self.health = Health(settings.degraded_window_s)
-        self.losses = LossWatch(settings.degraded_window_s, time.monotonic())
+        self.loss_watch = LossWatch(settings.degraded_window_s, time.monotonic())
         self.http = HttpMetrics(settings.duration_buckets) if settings.duration_buckets else HttpMetrics()
         self.routes = RouteMapper(settings.routes, max_routes_per_port=settings.max_routes_per_port)
         sinks = [settings.slo_runtime] if settings.slo_runtime is not None else []
@@ -241,7 +241,7 @@ class Exporter:
         except (OSError, CaptureError) as exc:  # a capture breaking now is the interface check's to report
             log.debug("reading the loss counters failed: %s", exc)
             return
-        self.health.losses = self.losses.observe(now_s, totals)
+        self.health.losses = self.loss_watch.observe(now_s, totals)
 
     def _health_samples(self) -> list[SelfSample]:
         degraded = {loss.reason for loss in self.health.losses}

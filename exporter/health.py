@@ -100,7 +100,6 @@ class LossWatch:
         self.window_s = window_s
         self.signals = tuple(signals)
         self._history: deque[tuple[float, Mapping[str, int]]] = deque([(now_s, {})])
-        self.losses: tuple[Loss, ...] = ()  # as of the last observe(); read from other threads
 
     def observe(self, now_s: float, totals: Mapping[str, int]) -> tuple[Loss, ...]:
         history = self._history
@@ -116,5 +115,4 @@ class LossWatch:
             lost = now - before if now >= before else now
             if lost > 0:
                 losses.append(Loss(signal.reason, lost, signal.what))
-        self.losses = tuple(losses)
-        return self.losses
+        return tuple(losses)
