@@ -83,6 +83,7 @@ SELF = "ebpf_slo_exporter"
 # Self-metric names, without the SELF prefix the collector adds (SelfSample.name). The
 # collectors, the dashboards and the benchmarks all take them from here.
 SELF_FILTER_ATTACHED = "filter_attached"
+SELF_DEGRADED = "degraded"  # gauge by reason: exporter.health
 SELF_CAPTURE_DETACHED_TOTAL = "capture_detached_total"
 SELF_CAPTURE_REATTACHED_TOTAL = "capture_reattached_total"
 SELF_PACKETS_RECEIVED_TOTAL = "packets_received_total"
@@ -113,6 +114,8 @@ SELF_FAST_PATH_FLOW_STATES_CREATED_TOTAL = "fast_path_flow_states_created_total"
 SELF_FAST_PATH_FLOW_STATES_DELETED_TOTAL = "fast_path_flow_states_deleted_total"
 SELF_FAST_PATH_FLOW_STATES_CAPACITY = "fast_path_flow_states_capacity"
 SELF_FAST_PATH_HANDOVER_MAP_FULL_TOTAL = "fast_path_handover_map_full_total"
+SELF_FAST_PATH_AGGREGATES = "fast_path_aggregates"
+SELF_FAST_PATH_AGGREGATES_CAPACITY = "fast_path_aggregates_capacity"
 SELF_FAST_PATH_HANDOVERS_SEEDED_TOTAL = "fast_path_handovers_seeded_total"
 SELF_FAST_PATH_HANDOVERS_TOTAL = "fast_path_handovers_total"
 # HTTP/2 decoding (core/http2) and TLS capture (capture/tls).
