@@ -49,6 +49,7 @@ from exporter.metrics import (
     SELF_TLS_CALLS_IGNORED_TOTAL,
     SELF_TLS_CALLS_SKIPPED_TOTAL,
     SELF_TLS_CALLS_TOTAL,
+    SELF_TLS_CALLS_TRIMMED_TOTAL,
     SELF_TLS_CALLS_TRUNCATED_TOTAL,
     SELF_TLS_CALLS_WITHOUT_SOCKET_TOTAL,
     SELF_TLS_CONNECTIONS_EVICTED_TOTAL,
@@ -86,6 +87,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "ignored_calls",  # calls on connections with an IGNORE verdict, dropped in the kernel
     "read_errors",  # bpf_probe_read_user failures (the buffer was not readable)
     "skipped",  # calls (or their head) inside a body stretch user space only counts: length only
+    "trimmed",  # calls cut to their first TLS_PREFIX bytes because the ring was filling: the rest is a gap
 )
 
 # (symbol, entry program) probed in each library; every symbol's return goes to tls_return.
@@ -101,11 +103,18 @@ SYMBOLS: tuple[tuple[str, str], ...] = (
 # lengths by a mask) and per-CPU values are limited to 32 KiB.
 TLS_CHUNK = 8192
 TLS_MAX_CHUNKS = 16
-# 64 MiB with 4 KiB pages. Body bytes cross to user space until the parser has framed the body
-# and its skip hint reached the kernel; a fast server writes a large body in a burst before that,
-# so the ring must hold bursts while the exporter waits for a CPU. Overflow is counted, and
-# becomes a gap of known length (exact when it falls in a body).
-RING_PAGES = 16384
+# 4 MiB with 4 KiB pages: what the ring adds to the exporter's RSS (the kernel maps all of it at
+# mmap time; ringbuf.py maps it once). Body bytes cross to user space until the parser has framed
+# the body and its skip hint reached the kernel, and a fast server writes a large body in a burst
+# before that. So once TLS_TRIM_BYTES are unread, each call copies its first TLS_PREFIX bytes only
+# (a message's head, when one starts there) and sends the rest by length: large bodies cannot fill
+# the ring, and the heads still fit. Overflow is still counted, and becomes a gap of known length.
+RING_PAGES = 1024
+TLS_TRIM_BYTES = 2 * 1024 * 1024
+TLS_PREFIX = 2048
+# The kernel wakes the reader once this much is unread; below it the exporter's loop reads the ring
+# every POLL_S (app.py) anyway. A wakeup per event cost more than the probe itself (see tls_probes.c).
+TLS_WAKE_BYTES = 256 * 1024
 
 # The syscalls an OpenSSL socket BIO may do its I/O with, and close, by machine.
 SYSCALLS: dict[str, dict[str, int]] = {
@@ -140,6 +149,7 @@ _SOCK_KEY = struct.Struct("=Ii")  # struct tls_sock_key
 _SKIP_KEY = struct.Struct("=IiI")  # struct tls_skip_key: tgid, fd, dir
 _SKIP = struct.Struct("=II")  # struct tls_skip: start, end (exclusive)
 _U32 = struct.Struct("=I")
+_U64 = struct.Struct("=Q")
 _SEQ_MASK = 0xFFFFFFFF
 _MAX_LISTENERS = 4096
 
@@ -148,7 +158,9 @@ _MAPS: dict[str, tuple[int, int]] = {  # name -> (key size, value size), checked
     "tls_counters": (4, 8),
     "tls_events": (0, 0),
     "tls_skips": (_SKIP_KEY.size, _SKIP.size),
+    "tls_ring_pos": (4, 8),
 }
+_RING_CONSUMED = _U32.pack(1)  # tls_ring_pos's slot for our consumer position
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +296,8 @@ class TlsProbes:
         cflags.append(f"-DTC_COUNT={len(COUNTER_NAMES)}")
         cflags += [f"-DSYSNR_{name.upper()}={nr}" for name, nr in numbers.items()]
         cflags += [f"-DTLS_CHUNK={TLS_CHUNK}", f"-DTLS_MAX_CHUNKS={TLS_MAX_CHUNKS}",
-                   f"-DTLS_RING_PAGES={RING_PAGES}", "-w"]
+                   f"-DTLS_RING_PAGES={RING_PAGES}", f"-DTLS_TRIM_BYTES={TLS_TRIM_BYTES}",
+                   f"-DTLS_PREFIX={TLS_PREFIX}", f"-DTLS_WAKE_BYTES={TLS_WAKE_BYTES}", "-w"]
         probes = []
         for library in libraries:
             for symbol, entry in SYMBOLS:
@@ -309,8 +322,8 @@ class TlsProbes:
             ncpus = possible_cpus()
             events_fd = map_fds[2]
             self._maps = {"tls_verdicts": BpfMap(map_fds[0], ncpus), "tls_counters": BpfMap(map_fds[1], ncpus),
-                          "tls_skips": BpfMap(map_fds[3], ncpus)}
-            for name in ("tls_verdicts", "tls_counters", "tls_skips"):
+                          "tls_skips": BpfMap(map_fds[3], ncpus), "tls_ring_pos": BpfMap(map_fds[4], ncpus)}
+            for name in ("tls_verdicts", "tls_counters", "tls_skips", "tls_ring_pos"):
                 info = self._maps[name].info
                 if (info.key_size, info.value_size) != _MAPS[name]:
                     raise CaptureError(f"BPF map {name} has {info.key_size}-byte keys and {info.value_size}-byte "
@@ -328,7 +341,11 @@ class TlsProbes:
 
     def read(self, timeout_s: float) -> list[bytes]:
         assert self._ring is not None
-        return self._ring.read(timeout_s)
+        records = self._ring.read(timeout_s)
+        if records:
+            # The probes trim calls while the backlog is large: tell them how far we are.
+            self._maps["tls_ring_pos"].update(_RING_CONSUMED, _U64.pack(self._ring.consumer_position()))
+        return records
 
     def set_verdict(self, tgid: int, fd: int, watch: bool) -> None:
         self._maps["tls_verdicts"].update(_SOCK_KEY.pack(tgid, fd), VERDICT_WATCH if watch else VERDICT_IGNORE)
@@ -656,6 +673,9 @@ class TlsCapture:
         yield SelfSample(SELF_TLS_CALLS_TRUNCATED_TOTAL, "counter",
                          f"SSL calls longer than {TLS_CHUNK * TLS_MAX_CHUNKS} bytes; the rest became a gap.",
                          kernel["truncated"])
+        yield SelfSample(SELF_TLS_CALLS_TRIMMED_TOTAL, "counter",
+                         f"SSL calls cut to their first {TLS_PREFIX} bytes while the ring buffer was over "
+                         f"{TLS_TRIM_BYTES // (1 << 20)} MiB unread; the rest became a gap.", kernel["trimmed"])
         yield SelfSample(SELF_TLS_CALLS_WITHOUT_SOCKET_TOTAL, "counter",
                          "SSL calls with data before any syscall showed their socket (not counted).",
                          kernel["no_fd"])
