@@ -145,6 +145,7 @@ VERDICT_IGNORE = b"\x02"
 # struct tls_event's header: ts_ns, ssl, stream_off, tgid, fd, listen_fd, len, skipped, kind, flags, pad[2].
 _EVENT = struct.Struct("=QQQIiiIIBB2x")
 _FLAG_AFTER_LOSS = 1
+_KIND_AT = 44  # struct tls_event's kind: after ts_ns, ssl, stream_off (8 each), tgid, fd, listen_fd, len, skipped
 _SOCK_KEY = struct.Struct("=Ii")  # struct tls_sock_key
 _SKIP_KEY = struct.Struct("=IiI")  # struct tls_skip_key: tgid, fd, dir
 _SKIP = struct.Struct("=II")  # struct tls_skip: start, end (exclusive)
@@ -489,20 +490,40 @@ class TlsCapture:
         records = self.probes.read(timeout_s)
         if not records:
             return []
-        offset = self._offset()
+        realtime = self._offset()
         out: list[Segment] = []
-        events = []
+        append = out.append
+        unpack, header = _EVENT.unpack_from, _EVENT.size
+        conns = self._conns
+        # A socket closed further on in this batch gets no verdict: the kernel has already
+        # forgotten it, and a verdict now would apply to the next socket with its number.
+        self._closing = {_SOCK_KEY.unpack_from(raw, 24) for raw in records
+                         if len(raw) >= header and raw[_KIND_AT] == KIND_CLOSE}
         for raw in records:
+            if len(raw) < header:
+                self.decode_errors += 1
+                continue
+            ts_ns, ssl, offset, tgid, fd, listen_fd, length, skipped, kind, flags = unpack(raw)
+            conn = conns.get((tgid, fd))
+            # The common case, inline: data of a known connection, in order (what segments_of does).
+            if (conn is not None and conn.watched and conn.ssl == ssl and kind != KIND_CLOSE
+                    and not flags & _FLAG_AFTER_LOSS and len(raw) == header + length):
+                conns.move_to_end(conn.key)
+                ts = ts_ns + realtime
+                if kind == KIND_WRITE:
+                    (src_ip, src_port), (dst_ip, dst_port) = conn.server, conn.client
+                    conn.next_offset[1] = offset + length + skipped
+                else:
+                    (src_ip, src_port), (dst_ip, dst_port) = conn.client, conn.server
+                    conn.next_offset[0] = offset + length + skipped
+                append(Segment(ts, src_ip, src_port, dst_ip, dst_port, offset & _SEQ_MASK, ACK | PSH,
+                               raw[header:], length + skipped))
+                continue
             event = decode_event(raw)
             if event is None:
                 self.decode_errors += 1
             else:
-                events.append(event)
-        # A socket closed further on in this batch gets no verdict: the kernel has already
-        # forgotten it, and a verdict now would apply to the next socket with its number.
-        self._closing = {(e.tgid, e.fd) for e in events if e.kind == KIND_CLOSE}
-        for event in events:
-            out.extend(self.segments_of(event, offset))
+                out.extend(self.segments_of(event, realtime))
         self._closing = set()
         self.segments += len(out)
         return out
