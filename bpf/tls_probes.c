@@ -135,6 +135,10 @@ BPF_TABLE("lru_hash", u32, struct tls_call, tls_calls, 16384);
  * resolve its port when a short connection is already closed by the time its first
  * event is read. */
 BPF_TABLE("lru_hash", u32, s32, tls_accepting, 16384);
+/* How many threads are inside accept() now: sys_exit runs for every syscall on the host, and
+ * while this is 0 (an nginx worker's accepts are short) one array read is all it costs. A thread
+ * that never leaves its accept (killed before the exit tracepoint) only makes sys_exit look up. */
+BPF_ARRAY(tls_accepts_open, s64, 1);
 BPF_TABLE("lru_hash", struct tls_sock_key, s32, tls_accepted, 65536);
 /* fds an SSL call returned data on: their close() is reported, so that user space never
  * takes the next socket with the same number for the old connection. */
@@ -426,7 +430,12 @@ int tls_sys_enter(struct bpf_raw_tracepoint_args *ctx)
         bpf_probe_read_kernel(&listen_fd, sizeof(listen_fd), &PT_REGS_PARM1(regs));
         u32 tid = bpf_get_current_pid_tgid();
         s32 value = listen_fd;
+        s32 *before = tls_accepting.lookup(&tid);
         tls_accepting.update(&tid, &value);
+        u32 zero = 0;
+        s64 *open = tls_accepts_open.lookup(&zero);
+        if (open && !before)
+            __sync_fetch_and_add(open, 1);
         return 0;
     }
     if (nr != SYSNR_READ && nr != SYSNR_WRITE && nr != SYSNR_READV && nr != SYSNR_WRITEV &&
@@ -446,6 +455,10 @@ int tls_sys_enter(struct bpf_raw_tracepoint_args *ctx)
 /* The other half of accept tracking: the fd accept returned, tied to its listening fd. */
 int tls_sys_exit(struct bpf_raw_tracepoint_args *ctx)
 {
+    u32 zero = 0;
+    s64 *open = tls_accepts_open.lookup(&zero);
+    if (!open || *open <= 0)
+        return 0;
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = id;
     s32 *listen_fd = tls_accepting.lookup(&tid);
@@ -453,6 +466,7 @@ int tls_sys_exit(struct bpf_raw_tracepoint_args *ctx)
         return 0;
     s32 listener = *listen_fd;
     tls_accepting.delete(&tid);
+    __sync_fetch_and_add(open, -1);
     long ret = ctx->args[1];
     if (ret < 0)
         return 0;
