@@ -111,7 +111,7 @@ TLS_MAX_CHUNKS = 16
 # the ring, and the heads still fit. Overflow is still counted, and becomes a gap of known length.
 RING_PAGES = 1024
 TLS_TRIM_BYTES = 2 * 1024 * 1024
-TLS_PREFIX = 2048
+TLS_PREFIX = 4096
 # The kernel wakes the reader once this much is unread; below it the exporter's loop reads the ring
 # every POLL_S (app.py) anyway. A wakeup per event cost more than the probe itself (see tls_probes.c).
 TLS_WAKE_BYTES = 256 * 1024
@@ -503,7 +503,7 @@ class TlsCapture:
             if len(raw) < header:
                 self.decode_errors += 1
                 continue
-            ts_ns, ssl, offset, tgid, fd, listen_fd, length, skipped, kind, flags = unpack(raw)
+            ts_ns, ssl, offset, tgid, fd, _listen_fd, length, skipped, kind, flags = unpack(raw)
             conn = conns.get((tgid, fd))
             # The common case, inline: data of a known connection, in order (what segments_of does).
             if (conn is not None and conn.watched and conn.ssl == ssl and kind != KIND_CLOSE
