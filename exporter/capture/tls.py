@@ -654,11 +654,18 @@ class TlsCapture:
         """Watched sockets closed without a close() we saw (the process exited, or exec'd): an RST
         each, so their flows end now rather than at the idle timeout. One lstat per watched socket."""
         still_open = is_open or (lambda tgid, fd: os.path.lexists(f"/proc/{tgid}/fd/{fd}"))
-        out: list[Segment] = []
-        for conn in [conn for conn in self._conns.values() if conn.watched and not still_open(*conn.key)]:
-            self._forget(conn)
-            out.append(Segment(now_ns, conn.client[0], conn.client[1], conn.server[0], conn.server[1],
-                               max(conn.next_offset[0], 0) & _SEQ_MASK, RST, b"", 0))
+        gone = [conn for conn in self._conns.values() if conn.watched and not still_open(*conn.key)]
+        if not gone:
+            return []
+        # A gone fd's last events (its last response, its close) were written before we looked, but
+        # may still wait in the ring (it is read in batches): take them first, or the RST would end
+        # the flow before its last exchange.
+        out = self.read(0)
+        for conn in gone:
+            if self._conns.get(conn.key) is conn:  # no close (or new SSL*) in what was just read
+                self._forget(conn)
+                out.append(Segment(now_ns, conn.client[0], conn.client[1], conn.server[0], conn.server[1],
+                                   max(conn.next_offset[0], 0) & _SEQ_MASK, RST, b"", 0))
         return out
 
     def connections_tracked(self) -> int:

@@ -24,7 +24,7 @@ from exporter.capture.tls import (
     parse_proc_net_tcp,
 )
 from exporter.core.flows import Limits, Tracker, is_tls_record
-from exporter.core.model import ACK, FIN, PSH, Exchange, Segment
+from exporter.core.model import ACK, FIN, PSH, RST, Exchange, Segment
 from exporter.errors import CaptureError
 from exporter.pipeline import combined_stats
 
@@ -324,3 +324,19 @@ def test_ring_buffer_joins_a_record_that_wraps_around() -> None:
         ring.close()
     finally:
         os.close(fd)
+
+
+def test_reap_reads_the_ring_before_it_resets_a_gone_socket() -> None:
+    """The process wrote its last response and exited; the response still waits in the ring when
+    reap finds the fd gone. It is read first, so the exchange is counted before the RST."""
+    probes = FakeProbes([[raw(event(KIND_READ, 0, REQUEST))], [raw(event(KIND_WRITE, 0, RESPONSE, ts=5000))]])
+    capture = TlsCapture([8443], [], resolver=FakeResolver({(500, 3): LISTENER}), realtime_offset_ns=lambda: 0,
+                         probes_factory=lambda libraries: probes)  # type: ignore[arg-type,return-value]
+    capture.open()
+    tracker = Tracker([8443], Limits(), scheme="https")
+    segments = capture.read(0) + capture.reap(9000, is_open=lambda tgid, fd: False)
+    emitted = [exchange for segment in segments for exchange in tracker.feed(segment)]
+    assert [(e.status, e.end_ns) for e in emitted] == [(200, 5000)]
+    assert segments[-1].flags == RST
+    assert tracker.stats.requests_without_response == 0
+    assert capture.connections_tracked() == 0
