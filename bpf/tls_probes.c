@@ -27,12 +27,19 @@
  * that each event names the listening fd its connection was accepted from: user space
  * resolves that one when a short connection is gone before its first event is read.
  *
- * User space resolves (tgid, fd) to the socket's addresses from /proc and
- * writes a verdict into `tls_verdicts`: WATCH when the local port is a watched
- * port (the server's accepted socket), IGNORE otherwise (clients on this host,
- * other services). An IGNORE connection costs one hash lookup per SSL call from
- * then on: no thread marking, no copy, no event. close(fd) drops the verdict
- * (the fd number will be reused) and tells user space.
+ * connect() marks its fd a client socket (`tls_clients`): the process is the
+ * client side, never counted, and its SSL calls are dropped here from the first.
+ * For the others, user space resolves (tgid, fd) to the socket's addresses from
+ * /proc and writes a verdict into `tls_verdicts`: WATCH when the local port is a
+ * watched port (the server's accepted socket), IGNORE otherwise (other services,
+ * clients that connected before we looked). An ignored connection costs one or
+ * two hash lookups per SSL call from then on: no thread marking, no copy, no
+ * event. close(fd) drops both (the fd number will be reused) and tells user
+ * space when it had heard of the fd.
+ *
+ * The ring: the reader is woken once TLS_WAKE_BYTES are unread, not per event
+ * (it also reads every POLL_S), and past TLS_TRIM_BYTES unread a call copies
+ * its first TLS_PREFIX bytes only; see tls.py for the sizes and why.
  *
  * Events (`struct tls_event`, 48-byte header then data) go through the
  * `tls_events` ring buffer. One SSL call's bytes are sent in chunks of at most
@@ -145,6 +152,11 @@ BPF_TABLE("lru_hash", struct tls_sock_key, s32, tls_accepted, 65536);
 BPF_TABLE("lru_hash", struct tls_sock_key, u8, tls_used, 65536);
 BPF_TABLE("lru_hash", struct tls_state_key, struct tls_state, tls_state, 65536);
 BPF_TABLE("lru_hash", struct tls_sock_key, u8, tls_verdicts, 65536);
+/* Sockets their process connect()ed: it is the client side, never counted, so their SSL calls are
+ * dropped here from the first one, with no event and no /proc lookup in user space (wrk's, curl's,
+ * a proxy's upstream connections). A map of their own: connect() churn on the host (unix sockets
+ * too) must not evict the verdicts user space set. */
+BPF_TABLE("lru_hash", struct tls_sock_key, u8, tls_clients, 65536);
 BPF_TABLE("lru_hash", struct tls_skip_key, struct tls_skip, tls_skips, 65536);
 BPF_RINGBUF_OUTPUT(tls_events, TLS_RING_PAGES);
 BPF_PERCPU_ARRAY(tls_counters, u64, TC_COUNT);
@@ -209,6 +221,15 @@ static __always_inline int send(struct tls_event *ev, struct tls_state *state, u
     return 0;
 }
 
+/* A socket user space said to ignore, or one its process connected from. */
+static __always_inline int ignored(struct tls_sock_key *key)
+{
+    u8 *verdict = tls_verdicts.lookup(key);
+    if (verdict)
+        return *verdict == VERDICT_IGNORE;
+    return tls_clients.lookup(key) != 0;
+}
+
 static __always_inline int enter(struct pt_regs *ctx, u8 kind, u64 out_len)
 {
     u64 id = bpf_get_current_pid_tgid();
@@ -216,8 +237,7 @@ static __always_inline int enter(struct pt_regs *ctx, u8 kind, u64 out_len)
     struct tls_state *state = tls_state.lookup(&skey);
     if (state && state->fd >= 0) {
         struct tls_sock_key vkey = {.tgid = id >> 32, .fd = state->fd};
-        u8 *verdict = tls_verdicts.lookup(&vkey);
-        if (verdict && *verdict == VERDICT_IGNORE) {
+        if (ignored(&vkey)) {
             count(TC_IGNORED_CALLS);
             return 0;
         }
@@ -284,8 +304,7 @@ int tls_return(struct pt_regs *ctx)
         return 0;
     }
     struct tls_sock_key vkey = {.tgid = id >> 32, .fd = fd};
-    u8 *verdict = tls_verdicts.lookup(&vkey);
-    if (verdict && *verdict == VERDICT_IGNORE) {
+    if (ignored(&vkey)) {
         count(TC_IGNORED_CALLS);
         return 0;
     }
@@ -395,6 +414,7 @@ int tls_sys_enter(struct bpf_raw_tracepoint_args *ctx)
             tls_used.delete(&vkey);
             known = 1;
         }
+        tls_clients.delete(&vkey);
         if (!known)
             return 0;
         struct tls_skip_key kkey = {.tgid = id >> 32, .fd = fd, .dir = KIND_READ};
@@ -422,6 +442,16 @@ int tls_sys_enter(struct bpf_raw_tracepoint_args *ctx)
             ring_produced(TLS_EVENT_HEADER);
             count(TC_EVENTS);
         }
+        return 0;
+    }
+    if (nr == SYSNR_CONNECT) {
+        u64 id = bpf_get_current_pid_tgid();
+        struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+        long fd = -1;
+        bpf_probe_read_kernel(&fd, sizeof(fd), &PT_REGS_PARM1(regs));
+        struct tls_sock_key vkey = {.tgid = id >> 32, .fd = fd};
+        u8 one = 1;
+        tls_clients.update(&vkey, &one);
         return 0;
     }
     if (nr == SYSNR_ACCEPT || nr == SYSNR_ACCEPT4) {

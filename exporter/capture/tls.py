@@ -84,7 +84,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "lost",  # events the ring buffer had no room for: their bytes are a gap in user space
     "truncated",  # calls longer than TLS_CHUNK * TLS_MAX_CHUNKS: the rest is a gap
     "no_fd",  # calls with data before any syscall showed the SSL*'s socket
-    "ignored_calls",  # calls on connections with an IGNORE verdict, dropped in the kernel
+    "ignored_calls",  # calls on connections with an IGNORE verdict or connect()ed here, dropped in the kernel
     "read_errors",  # bpf_probe_read_user failures (the buffer was not readable)
     "skipped",  # calls (or their head) inside a body stretch user space only counts: length only
     "trimmed",  # calls cut to their first TLS_PREFIX bytes because the ring was filling: the rest is a gap
@@ -119,9 +119,9 @@ TLS_WAKE_BYTES = 256 * 1024
 # The syscalls an OpenSSL socket BIO may do its I/O with, and close, by machine.
 SYSCALLS: dict[str, dict[str, int]] = {
     "x86_64": {"read": 0, "write": 1, "close": 3, "readv": 19, "writev": 20, "sendto": 44, "recvfrom": 45,
-               "sendmsg": 46, "recvmsg": 47, "accept": 43, "accept4": 288},
+               "sendmsg": 46, "recvmsg": 47, "accept": 43, "accept4": 288, "connect": 42},
     "aarch64": {"read": 63, "write": 64, "close": 57, "readv": 65, "writev": 66, "sendto": 206, "recvfrom": 207,
-                "sendmsg": 211, "recvmsg": 212, "accept": 202, "accept4": 242},
+                "sendmsg": 211, "recvmsg": 212, "accept": 202, "accept4": 242, "connect": 203},
 }
 
 # Where distributions keep the shared libssl; --libssl adds more.
