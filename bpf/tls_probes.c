@@ -69,6 +69,7 @@
 
 #define VERDICT_WATCH 1
 #define VERDICT_IGNORE 2
+#define VERDICT_QUIET 3  /* ignored by the kernel itself (see tls_listeners): user space never heard of it */
 
 #define KIND_READ 0
 #define KIND_WRITE 1
@@ -157,6 +158,10 @@ BPF_TABLE("lru_hash", struct tls_sock_key, u8, tls_verdicts, 65536);
  * a proxy's upstream connections). A map of their own: connect() churn on the host (unix sockets
  * too) must not evict the verdicts user space set. */
 BPF_TABLE("lru_hash", struct tls_sock_key, u8, tls_clients, 65536);
+/* Listening sockets user space found on a port it does not watch (another TLS service on the host):
+ * what they accept is dropped here from its first call, before any event. close() drops the entry,
+ * so a reused fd number is asked about again. */
+BPF_TABLE("lru_hash", struct tls_sock_key, u8, tls_listeners, 4096);
 BPF_TABLE("lru_hash", struct tls_skip_key, struct tls_skip, tls_skips, 65536);
 BPF_RINGBUF_OUTPUT(tls_events, TLS_RING_PAGES);
 BPF_PERCPU_ARRAY(tls_counters, u64, TC_COUNT);
@@ -226,7 +231,7 @@ static __always_inline int ignored(struct tls_sock_key *key)
 {
     u8 *verdict = tls_verdicts.lookup(key);
     if (verdict)
-        return *verdict == VERDICT_IGNORE;
+        return *verdict != VERDICT_WATCH;
     return tls_clients.lookup(key) != 0;
 }
 
@@ -309,11 +314,21 @@ int tls_return(struct pt_regs *ctx)
         return 0;
     }
 
+    s32 *listener = tls_accepted.lookup(&vkey);
+    if (listener && !tls_used.lookup(&vkey)) {
+        /* Not heard of yet by user space: accepted from another service's listener? */
+        struct tls_sock_key lkey = {.tgid = id >> 32, .fd = *listener};
+        if (tls_listeners.lookup(&lkey)) {
+            u8 quiet = VERDICT_QUIET;
+            tls_verdicts.update(&vkey, &quiet);
+            count(TC_IGNORED_CALLS);
+            return 0;
+        }
+    }
     u32 zero = 0;
     struct tls_event *ev = tls_scratch.lookup(&zero);
     if (!ev)
         return 0;
-    s32 *listener = tls_accepted.lookup(&vkey);
     if (!tls_used.lookup(&vkey)) {
         u8 one = 1;
         tls_used.update(&vkey, &one);
@@ -406,10 +421,12 @@ int tls_sys_enter(struct bpf_raw_tracepoint_args *ctx)
         /* Reported when user space knows the fd (a verdict) or may still learn of it (its
          * events in the ring): either way the next socket with this number is another one. */
         int known = 0;
-        if (tls_verdicts.lookup(&vkey)) {
+        u8 *verdict = tls_verdicts.lookup(&vkey);
+        if (verdict) {
+            known = *verdict != VERDICT_QUIET;
             tls_verdicts.delete(&vkey);
-            known = 1;
         }
+        tls_listeners.delete(&vkey);
         if (tls_used.lookup(&vkey)) {
             tls_used.delete(&vkey);
             known = 1;

@@ -160,6 +160,7 @@ _MAPS: dict[str, tuple[int, int]] = {  # name -> (key size, value size), checked
     "tls_events": (0, 0),
     "tls_skips": (_SKIP_KEY.size, _SKIP.size),
     "tls_ring_pos": (4, 8),
+    "tls_listeners": (_SOCK_KEY.size, 1),
 }
 _RING_CONSUMED = _U32.pack(1)  # tls_ring_pos's slot for our consumer position
 
@@ -323,8 +324,9 @@ class TlsProbes:
             ncpus = possible_cpus()
             events_fd = map_fds[2]
             self._maps = {"tls_verdicts": BpfMap(map_fds[0], ncpus), "tls_counters": BpfMap(map_fds[1], ncpus),
-                          "tls_skips": BpfMap(map_fds[3], ncpus), "tls_ring_pos": BpfMap(map_fds[4], ncpus)}
-            for name in ("tls_verdicts", "tls_counters", "tls_skips", "tls_ring_pos"):
+                          "tls_skips": BpfMap(map_fds[3], ncpus), "tls_ring_pos": BpfMap(map_fds[4], ncpus),
+                          "tls_listeners": BpfMap(map_fds[5], ncpus)}
+            for name in ("tls_verdicts", "tls_counters", "tls_skips", "tls_ring_pos", "tls_listeners"):
                 info = self._maps[name].info
                 if (info.key_size, info.value_size) != _MAPS[name]:
                     raise CaptureError(f"BPF map {name} has {info.key_size}-byte keys and {info.value_size}-byte "
@@ -350,6 +352,10 @@ class TlsProbes:
 
     def set_verdict(self, tgid: int, fd: int, watch: bool) -> None:
         self._maps["tls_verdicts"].update(_SOCK_KEY.pack(tgid, fd), VERDICT_WATCH if watch else VERDICT_IGNORE)
+
+    def ignore_listener(self, tgid: int, listen_fd: int) -> None:
+        """A listening socket on a port we do not watch: the kernel drops what it accepts from now on."""
+        self._maps["tls_listeners"].update(_SOCK_KEY.pack(tgid, listen_fd), VERDICT_IGNORE)
 
     def forget_verdict(self, tgid: int, fd: int) -> None:
         self._maps["tls_verdicts"].delete(_SOCK_KEY.pack(tgid, fd))
@@ -599,6 +605,11 @@ class TlsCapture:
         if cached is not None and cached[0] == inode:
             return cached[1]
         found = self._resolver.resolve(tgid, listen_fd)
+        if found is not None and found.local_port not in self._ports and self.probes is not None:
+            try:
+                self.probes.ignore_listener(tgid, listen_fd)
+            except CaptureError:
+                pass  # LRU map: never full; a closed map means we are stopping
         if len(self._listeners) >= _MAX_LISTENERS:
             self._listeners.clear()  # listeners are few; a full table means churn, start over
         self._listeners[(tgid, listen_fd)] = (inode, found)

@@ -249,6 +249,7 @@ class FakeProbes:
     def __init__(self, batches: list[list[bytes]]) -> None:
         self.batches = batches
         self.verdicts: list[tuple[int, int, bool]] = []
+        self.ignored_listeners: list[tuple[int, int]] = []
 
     def read(self, timeout_s: float) -> list[bytes]:
         return self.batches.pop(0) if self.batches else []
@@ -258,6 +259,9 @@ class FakeProbes:
 
     def forget_verdict(self, tgid: int, fd: int) -> None:
         pass
+
+    def ignore_listener(self, tgid: int, listen_fd: int) -> None:
+        self.ignored_listeners.append((tgid, listen_fd))
 
 
 def raw(ev: TlsEvent) -> bytes:
@@ -294,6 +298,8 @@ def test_read_gives_the_segments_that_segments_of_gives() -> None:
     assert capture.loss_gaps == reference.loss_gaps == 1
     # fd 11 closed later in its batch: no verdict for it (the kernel already dropped its entry).
     assert probes.verdicts == [(500, 9, True), (500, 9, True), (500, 12, False)]
+    # fd 12's listener is another service's: the kernel drops what it accepts from now on.
+    assert probes.ignored_listeners == [(500, 4)]
     assert capture.connections_tracked() == reference.connections_tracked() == 1
 
 
