@@ -329,7 +329,8 @@ int tls_return(struct pt_regs *ctx)
     struct tls_event *ev = tls_scratch.lookup(&zero);
     if (!ev)
         return 0;
-    if (!tls_used.lookup(&vkey)) {
+    int fresh = !tls_used.lookup(&vkey);
+    if (fresh) {
         u8 one = 1;
         tls_used.update(&vkey, &one);
     }
@@ -347,6 +348,10 @@ int tls_return(struct pt_regs *ctx)
      * space can frame them (and hint their skip) would fill the ring and lose heads too. */
     u64 pending = ring_pending();
     u64 wake = wakeup_flag(pending);
+    /* The first event of a socket user space has not heard of wakes it at once: it resolves the
+     * socket through /proc, which needs the process alive (a batch read later may be too late). */
+    if (fresh)
+        wake = BPF_RB_FORCE_WAKEUP;
     u64 chunk = TLS_CHUNK;
     int trim = pending >= TLS_TRIM_BYTES;
     if (trim)
