@@ -16,9 +16,13 @@ Segment's sequence number, so bytes the kernel could not hand over are a gap of 
 length, as on the wire. A close(fd) of a watched socket becomes a FIN each way.
 
 Which connections count: those whose socket's local port is a watched port, i.e. the
-server's accepted sockets. Everything else (curl on this host, other TLS services, the
-exporter's own clients) gets an IGNORE verdict in the kernel's `tls_verdicts` map after
-its first event, and costs one hash lookup per SSL call from then on.
+server's accepted sockets. The kernel drops client sockets (connect()ed) by itself, and
+sockets accepted from a listener this module found on an unwatched port (`tls_listeners`);
+everything else that is not counted gets an IGNORE verdict in `tls_verdicts` after its
+first event. Either way it costs a hash lookup or two per SSL call from then on.
+
+The ring is read in batches (see TLS_WAKE_BYTES): at least every POLL_S, at once for a
+socket's first event (resolving it needs its process alive), and when 256 KiB wait.
 
 Failures leave as CaptureError; a socket that cannot be resolved is counted
 (`tls_unresolved_sockets_total`) and ignored, never raised.
@@ -112,8 +116,9 @@ TLS_MAX_CHUNKS = 16
 RING_PAGES = 1024
 TLS_TRIM_BYTES = 2 * 1024 * 1024
 TLS_PREFIX = 4096
-# The kernel wakes the reader once this much is unread; below it the exporter's loop reads the ring
-# every POLL_S (app.py) anyway. A wakeup per event cost more than the probe itself (see tls_probes.c).
+# The kernel wakes the reader once this much is unread, or for a socket's first event; otherwise the
+# exporter's loop reads the ring every POLL_S (app.py). A wakeup per event cost more than the probe
+# itself (see tls_probes.c) and made the exporter handle one or two events per read.
 TLS_WAKE_BYTES = 256 * 1024
 
 # The syscalls an OpenSSL socket BIO may do its I/O with, and close, by machine.
