@@ -166,10 +166,11 @@ BPF_TABLE("lru_hash", struct tls_skip_key, struct tls_skip, tls_skips, 65536);
 BPF_RINGBUF_OUTPUT(tls_events, TLS_RING_PAGES);
 BPF_PERCPU_ARRAY(tls_counters, u64, TC_COUNT);
 /* [RING_PRODUCED] bytes the probes put in tls_events, [RING_CONSUMED] user space's consumer
- * position, written after each read: the difference is the unread backlog. */
+ * position, written after each read: the difference is the unread backlog. Mmapable: user space
+ * writes its position with a store, no bpf(2) call (which --user, dropping CAP_BPF, would lose). */
 #define RING_PRODUCED 0
 #define RING_CONSUMED 1
-BPF_ARRAY(tls_ring_pos, u64, 2);
+BPF_F_TABLE("array", u32, u64, tls_ring_pos, 2, BPF_F_MMAPABLE);
 BPF_PERCPU_ARRAY(tls_scratch, struct tls_event, 1);
 
 static __always_inline void count(u32 slot)

@@ -31,6 +31,7 @@ Failures leave as CaptureError; a socket that cannot be resolved is counted
 from __future__ import annotations
 
 import glob
+import mmap
 import os
 import platform
 import shutil
@@ -167,7 +168,7 @@ _MAPS: dict[str, tuple[int, int]] = {  # name -> (key size, value size), checked
     "tls_ring_pos": (4, 8),
     "tls_listeners": (_SOCK_KEY.size, 1),
 }
-_RING_CONSUMED = _U32.pack(1)  # tls_ring_pos's slot for our consumer position
+_RING_CONSUMED_AT = 8  # tls_ring_pos[1], our consumer position, in the map's mmap (8-byte values from 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +339,11 @@ class TlsProbes:
                                        f"values, tls.py expects {_MAPS[name]}: tls_probes.c and tls.py disagree")
             self._ring = RingBuffer(events_fd, map_info(events_fd).max_entries)
             self._events_fd = events_fd
+            try:
+                self._ring_pos = mmap.mmap(map_fds[4], mmap.PAGESIZE, mmap.MAP_SHARED,
+                                           mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError as exc:
+                raise CaptureError(f"cannot map the BPF array tls_ring_pos: {exc.strerror}") from exc
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -352,7 +358,7 @@ class TlsProbes:
         records = self._ring.read(timeout_s)
         if records:
             # The probes trim calls while the backlog is large: tell them how far we are.
-            self._maps["tls_ring_pos"].update(_RING_CONSUMED, _U64.pack(self._ring.consumer_position()))
+            _U64.pack_into(self._ring_pos, _RING_CONSUMED_AT, self._ring.consumer_position())
         return records
 
     def set_verdict(self, tgid: int, fd: int, watch: bool) -> None:
@@ -385,6 +391,7 @@ class TlsProbes:
         if self._ring is not None:
             self._ring.close()
             self._ring = None
+            self._ring_pos.close()
             os.close(self._events_fd)
         for bpf_map in self._maps.values():
             bpf_map.close()
