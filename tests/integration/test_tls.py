@@ -28,7 +28,15 @@ from pathlib import Path
 
 import pytest
 
-from exporter.capture.tls import find_libraries
+from exporter.capture.tls import (
+    KIND_CLOSE,
+    KIND_READ,
+    KIND_WRITE,
+    TlsCapture,
+    TlsEvent,
+    decode_event,
+    find_libraries,
+)
 from tests.integration.harness import REPO, ExporterProcess, counts_by_key, free_port, self_metric
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to attach uprobes")
@@ -511,3 +519,54 @@ def test_a_stalled_exporter_trims_bodies_exactly_then_counts_what_the_full_ring_
     counted = https_counts(samples, port)
     assert counted[("POST", "200", "/ok")] <= uploads
     assert counted - before == Counts({("GET", "200", "/ok"): 5})  # a new connection: exact again
+
+
+def test_the_kernel_drops_clients_and_other_services_before_any_event(
+        certificate: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real probes and TlsCapture, with the raw events recorded: a socket its process connect()ed
+    (curl) never produces one; another TLS service's connections stop producing any once user space
+    has resolved that service's listening socket from its first connection."""
+    seen: list[TlsEvent] = []
+    clients: list[int] = []
+
+    def curl(url: str) -> None:
+        proc = subprocess.Popen(["curl", "-sk", url, "-o", "/dev/null"])
+        clients.append(proc.pid)
+        assert proc.wait(30) == 0
+
+    with python_server(certificate, tmp_path / "watched.log") as port, \
+            python_server(certificate, tmp_path / "other.log") as other_port:
+        capture = TlsCapture([port], find_libraries()).open()
+        assert capture.probes is not None
+        read = capture.probes.read
+
+        def recording(timeout_s: float) -> list[bytes]:
+            records = read(timeout_s)
+            seen.extend(event for event in map(decode_event, records) if event is not None)
+            return records
+
+        def drain() -> None:
+            for _ in range(10):
+                capture.read(0.05)
+
+        monkeypatch.setattr(capture.probes, "read", recording)
+        try:
+            curl(f"https://127.0.0.1:{other_port}/ok")
+            drain()
+            first = [event for event in seen if event.kind != KIND_CLOSE]
+            seen.clear()
+            for url in (f"https://127.0.0.1:{other_port}/ok", f"https://127.0.0.1:{other_port}/missing",
+                        f"https://127.0.0.1:{port}/ok"):
+                curl(url)
+            drain()
+        finally:
+            capture.close()
+    other = {event.tgid for event in first}
+    assert len(other) == 1  # the other service's first connection: one event or more, one server
+    data = [event for event in seen if event.kind != KIND_CLOSE]
+    assert data and not {event.tgid for event in data} & other  # its next connections: nothing
+    assert not {event.tgid for event in seen} & set(clients)  # curl's side: never an event
+    # What is left is the watched server's side of its one connection: the request and the response.
+    assert b"".join(event.data for event in data if event.kind == KIND_READ).startswith(b"GET /ok HTTP/1.1")
+    response = b"".join(event.data for event in data if event.kind == KIND_WRITE)
+    assert response.startswith(b"HTTP/1.1 200 OK\r\n") and response.endswith(b"\r\n\r\nok\n"), response
