@@ -377,6 +377,9 @@ class HttpFilter:
         self._route_ids = False
         self._n_dur = self._n_size = 0
         self._watched: set[int] = set()  # what watched_ports holds: an array is not worth walking
+        # Keys in http_agg at the last read_aggregates (each scrape reads it); counting them
+        # apart would walk the map a second time.
+        self.aggregate_entries = 0
         release = platform.release()
         build = Path("/lib/modules") / release / "build"
         if not build.is_dir():
@@ -564,7 +567,9 @@ class HttpFilter:
         table = self._aggregates
         stride = table.value_stride // 8
         slots = _AGG_VAL_SLOTS
-        for key in list(table.keys()):
+        keys = list(table.keys())
+        self.aggregate_entries = len(keys)
+        for key in keys:
             raw = table.lookup(key)
             if raw is None:
                 continue  # never deleted by the kernel; only a concurrent reader could
@@ -596,6 +601,9 @@ class HttpFilter:
 
     def flow_state_capacity(self) -> int:
         return self._flow_states.info.max_entries
+
+    def aggregate_capacity(self) -> int:
+        return self._aggregates.info.max_entries
 
     def ports(self) -> set[int]:
         return set(self._watched)
