@@ -58,13 +58,17 @@ from __future__ import annotations
 import struct
 from typing import Final
 
+from itertools import islice
+
 from hpack import Decoder
 from hpack.exceptions import HPACKError
+from hpack.hpack import decode_integer
 
 from exporter.core.http1 import PendingRequest, normalise_target
 from exporter.core.model import Exchange, RpcCall
 
 __all__ = [
+    "BLOCKS",
     "CAPS",
     "FRAME_TYPES",
     "GRPC_STATUS_MISSING",
@@ -76,6 +80,8 @@ __all__ = [
     "Http2Connection",
     "Http2Limits",
     "Http2Stats",
+    "BlockCache",
+    "CachedDecoder",
     "looks_like_frames",
 ]
 
@@ -125,7 +131,12 @@ _U_SKIP = 2  # passing over payload bytes (DATA content, padding, frames we igno
 _U_PAD_LENGTH = 3  # the pad-length byte of a padded DATA frame
 
 _GRPC_CONTENT = b"application/grpc"
-_DECODED_CACHE = 64  # header blocks remembered per direction (see _Reader._decode)
+# Decoded header blocks remembered (BlockCache), for all connections together: ~0.5 KB each.
+_BLOCK_CACHE = 4096
+# A block that reads more dynamic entries than this is decoded each time: comparing them would
+# cost about as much as decoding.
+_BLOCK_DEPTH = 16
+_STATIC_ENTRIES = 61  # RFC 7541 Appendix A; dynamic indices start after them
 
 
 # Open streams per connection before the oldest is dropped (counted). Servers allow this many
@@ -196,6 +207,154 @@ def looks_like_frames(data: bytes | bytearray, start: int = 0) -> bool:
             return False
         pos += _FRAME_HEADER + length
     return pos >= end or end - pos < _FRAME_HEADER
+
+
+class _Decoded:
+    """What decoding one header block gave, and what that depended on (see CachedDecoder)."""
+
+    __slots__ = ("fields", "inserted", "inserted_size", "largest", "maxsize", "reads_table", "size", "snapshot")
+
+    def __init__(self, fields: list[tuple[bytes, bytes]], inserted: tuple[tuple[bytes, bytes], ...],
+                 reads_table: bool, snapshot: tuple[tuple[bytes, bytes], ...], maxsize: int) -> None:
+        self.fields = fields
+        self.inserted = inserted  # the entries the block adds to the table, oldest first
+        self.reads_table = reads_table  # any dynamic index: the result depends on the table
+        self.snapshot = snapshot  # the dynamic entries the block read, newest first, as they were
+        self.maxsize = maxsize  # the table size then (it decides which entries survive insertions)
+        self.size = sum(len(name) + len(value) + 32 for name, value in fields)  # as hpack counts it
+        sizes = [len(name) + len(value) + 32 for name, value in inserted]
+        self.inserted_size = sum(sizes)
+        self.largest = max(sizes, default=0)  # an entry larger than the table empties it instead
+
+
+def _block_shape(block: bytes) -> tuple[int, list[int]] | None:
+    """(dynamic entries read, counted from the newest before the block; which fields insert).
+
+    -1 entries read: the block reads no dynamic index at all. None: not worth remembering (a
+    table size update, or more entries read than `_BLOCK_DEPTH`). Only the representations'
+    prefixes and string lengths are read (RFC 7541 section 6), with hpack's own integer
+    decoder; strings are skipped, never decoded. Called on a block `hpack` has just decoded
+    without error, so it is well formed.
+    """
+    view = memoryview(block)
+    end = len(block)
+    pos = 0
+    field = 0
+    depth = -1
+    inserts: list[int] = []
+    while pos < end:
+        byte = block[pos]
+        if byte & 0x80:  # indexed field
+            index, used = decode_integer(view[pos:], 7)
+            literal = False
+        elif byte & 0x40:  # literal with incremental indexing
+            index, used = decode_integer(view[pos:], 6)
+            literal = True
+        elif byte & 0x20:  # dynamic table size update
+            return None
+        else:  # literal without indexing, or never indexed
+            index, used = decode_integer(view[pos:], 4)
+            literal = True
+        pos += used
+        if index > _STATIC_ENTRIES:
+            # The entries this block added so far sit in front of the older ones.
+            depth = max(depth, index - _STATIC_ENTRIES - len(inserts))
+            if depth > _BLOCK_DEPTH:
+                return None
+        if literal:
+            for _ in range(1 if index else 2):  # the name, when not indexed, then the value
+                length, used = decode_integer(view[pos:], 7)
+                pos += used + length
+            if byte & 0x40:
+                inserts.append(field)
+        field += 1
+    return depth, inserts
+
+
+class BlockCache:
+    """Decoded header blocks by their bytes, for every connection's `CachedDecoder` together.
+
+    What is kept depends on a block's bytes and on the dynamic entries it read, never on the
+    connection, so one cache serves them all (`BLOCKS`). Full, it starts again empty.
+    """
+
+    __slots__ = ("blocks", "capacity")
+
+    def __init__(self, capacity: int = _BLOCK_CACHE) -> None:
+        self.capacity = capacity
+        self.blocks: dict[bytes, _Decoded] = {}
+
+    def remember(self, block: bytes, decoded: _Decoded) -> None:
+        if len(self.blocks) >= self.capacity:
+            self.blocks.clear()
+        self.blocks[block] = decoded
+
+
+BLOCKS: Final = BlockCache()
+
+
+class CachedDecoder:
+    """One direction's `hpack.Decoder`, reusing the result of a block's bytes where that is exact.
+
+    `hpack` costs ~10-40 µs a block (Huffman in Python), and blocks repeat: a client's requests,
+    once its encoder has indexed them, are a few indices; nginx sends every connection the same
+    response block, four literals with incremental indexing, until its `date` changes. A block's
+    fields are a function of its bytes, of the dynamic entries it reads (as they were before it)
+    and of the table size, which decides whether an entry survives the block's own insertions.
+    So a block that reads no dynamic index is reused on its bytes alone, and one that does only
+    while the entries it reads and the table size are those it was decoded with. On reuse its
+    insertions are replayed into the table (`HeaderTable.add`, which also evicts), so that the
+    table stays exactly the one `hpack` would have built, and what `hpack` checks at the end
+    of a block is checked again (header list size, table size allowed). Anything else, and any
+    block that fails a check, goes through `hpack.Decoder.decode`, which then raises as usual.
+
+    The replay itself (~1.2 µs an entry) is skipped when it cannot change the table: the table
+    holds the newest entries that fit in its size, so once one block's insertions, repeated
+    back to back, have added more bytes than the table holds, the table is that block's entries
+    repeated and one more repetition leaves it as it is. Any other change to the table (another
+    block that inserts, or a block decoded by `hpack`) starts the count again.
+
+    The lists returned may be shared with other connections: read them, never change them.
+    """
+
+    __slots__ = ("_last", "_repeated", "blocks", "decoder")
+
+    def __init__(self, max_header_list_size: int, max_allowed_table_size: int,
+                 blocks: BlockCache = BLOCKS) -> None:
+        self.decoder = Decoder(max_header_list_size=max_header_list_size)
+        self.decoder.max_allowed_table_size = max_allowed_table_size
+        self.blocks = blocks
+        self._last: _Decoded | None = None  # the last block that inserted, when reused ...
+        self._repeated = 0  # ... and the bytes it inserted, back to back, since the count started
+
+    def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        """`hpack.Decoder.decode(block, raw=True)`: the same fields, the same table after it."""
+        decoder = self.decoder
+        table = decoder.header_table
+        maxsize = table.maxsize
+        known = self.blocks.blocks.get(block)
+        if known is not None and maxsize <= decoder.max_allowed_table_size and (
+                known.size <= decoder.max_header_list_size) and (not known.reads_table or (
+                maxsize == known.maxsize
+                and tuple(islice(table.dynamic_entries, len(known.snapshot))) == known.snapshot)):
+            if known.inserted:
+                if known is not self._last or known.largest > maxsize:
+                    self._last = known
+                    self._repeated = 0
+                if self._repeated <= maxsize:
+                    for name, value in known.inserted:
+                        table.add(name, value)
+                    self._repeated += known.inserted_size
+            return known.fields
+        self._last = None
+        before = tuple(islice(table.dynamic_entries, _BLOCK_DEPTH))
+        fields: list[tuple[bytes, bytes]] = decoder.decode(block, raw=True)  # type: ignore[assignment]
+        shape = _block_shape(block)
+        if shape is not None:
+            depth, inserts = shape
+            self.blocks.remember(block, _Decoded(
+                fields, tuple((fields[i][0], fields[i][1]) for i in inserts), depth >= 0, before[:max(depth, 0)], maxsize))
+        return fields
 
 
 def _read_request(fields: list[tuple[bytes, bytes]]) -> tuple[str, str, str, str] | None:
@@ -456,7 +615,6 @@ class _Reader:
         "_block_stream",
         "_buf",
         "_conn",
-        "_decoded",
         "_decoder",
         "_flags",
         "_frame_ns",
@@ -464,7 +622,6 @@ class _Reader:
         "_left",
         "_pad",
         "_stream",
-        "_table_version",
         "_to_server",
         "_unit",
         "_want",
@@ -477,8 +634,6 @@ class _Reader:
     def __init__(self, conn: Http2Connection, to_server: bool) -> None:
         self._conn = conn
         self._to_server = to_server
-        self._decoded: dict[bytes, tuple[int, list[tuple[bytes, bytes]]]] = {}
-        self._table_version = 0
         self.alive = True
         self.synced = False  # at a frame boundary we trust
         self.seen_start = False  # HPACK state known: this direction was read from its first frame
@@ -500,39 +655,9 @@ class _Reader:
         self._block_push = False
         self._block_over = False  # the block outgrew max_header_block: it will not be decoded
 
-    def _new_decoder(self) -> Decoder:
-        decoder = Decoder(max_header_list_size=self._conn.limits.max_header_block)
-        decoder.max_allowed_table_size = self._conn.limits.max_header_table
-        self._decoded = {}
-        self._table_version = 0
-        return decoder
-
-    def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
-        """HPACK-decode a block, reusing the result of the same bytes under the same table.
-
-        hpack costs ~10-30 us a block here, and most blocks repeat: a client's requests, once
-        its encoder has indexed them, are a handful of indexed fields that leave the table as
-        it was. A block that changed nothing decodes the same way for as long as the table
-        stays as it is, so it is cached under the table's version; any block that changes the
-        table bumps the version, which retires every cached result at once.
-        """
-        hit = self._decoded.get(block)
-        if hit is not None and hit[0] == self._table_version:
-            return hit[1]
-        table = self._decoder.header_table
-        entries = table.dynamic_entries
-        # The newest entry is held (not only its id) so that a new entry cannot reuse its address.
-        newest = entries[0] if entries else None
-        size = len(entries)
-        maxsize = table.maxsize
-        fields: list[tuple[bytes, bytes]] = self._decoder.decode(block, raw=True)  # type: ignore[assignment]
-        if (entries[0] if entries else None) is newest and len(entries) == size and table.maxsize == maxsize:
-            if len(self._decoded) >= _DECODED_CACHE:
-                self._decoded.clear()
-            self._decoded[block] = (self._table_version, fields)
-        else:
-            self._table_version += 1
-        return fields
+    def _new_decoder(self) -> CachedDecoder:
+        limits = self._conn.limits
+        return CachedDecoder(limits.max_header_block, limits.max_header_table)
 
     # -- the parser interface flows uses -------------------------------------------------
 
@@ -826,7 +951,7 @@ class _Reader:
         if value > cap:
             conn.stats.caps["header_table"] += 1
             value = cap
-        other._decoder.max_allowed_table_size = value
+        other._decoder.decoder.max_allowed_table_size = value
 
     def _start_block(self, stream: int, flags: int, kind: int) -> None:
         self._block = bytearray()
@@ -841,7 +966,7 @@ class _Reader:
         fields: list[tuple[bytes, bytes]] | None = None
         if block is not None and not self._block_over:
             try:
-                fields = self._decode(block)
+                fields = self._decoder.decode(block)
             except (HPACKError, IndexError, ValueError, TypeError):
                 if self.seen_start:
                     self._conn.stats.parse_errors["bad_header_block"] += 1

@@ -21,6 +21,8 @@ from hyperframe.frame import (
 
 from exporter.core.flows import Limits, Tracker
 from exporter.core.http2 import (
+    BlockCache,
+    CachedDecoder,
     GRPC_STATUS_MISSING,
     GRPC_STATUS_RESET,
     PREFACE,
@@ -455,15 +457,15 @@ def test_looks_like_frames(payload: bytes, expected: bool) -> None:
 
 
 def test_decoded_block_cache_follows_the_dynamic_table() -> None:
-    reader = Http2Connection(PORT, [], Http2Stats(), Http2Limits()).client
+    decoder = CachedDecoder(65536, 4096, BlockCache())
     encoder = Encoder()
     first = encoder.encode([(":path", "/a")])  # a literal that inserts (:path, /a) at index 62
     again = encoder.encode([(":path", "/a")])  # index 62
-    assert reader._decode(first) == [(b":path", b"/a")]
-    assert reader._decode(again) == [(b":path", b"/a")]
-    assert reader._decode(again) == [(b":path", b"/a")]  # from the cache
-    assert reader._decode(encoder.encode([(":path", "/b")])) == [(b":path", b"/b")]  # now index 62
-    assert reader._decode(again) == [(b":path", b"/b")]
+    assert decoder.decode(first) == [(b":path", b"/a")]
+    assert decoder.decode(again) == [(b":path", b"/a")]
+    assert decoder.decode(again) == [(b":path", b"/a")]  # from the cache
+    assert decoder.decode(encoder.encode([(":path", "/b")])) == [(b":path", b"/b")]  # now index 62
+    assert decoder.decode(again) == [(b":path", b"/b")]
 
 
 def test_http1_joined_mid_body_is_still_picked_up_at_the_next_head() -> None:
