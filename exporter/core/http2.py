@@ -56,9 +56,8 @@ plausible frames, and the streams then open are dropped (reason "lost"):
 from __future__ import annotations
 
 import struct
-from typing import Final
-
 from itertools import islice
+from typing import Final
 
 from hpack import Decoder
 from hpack.exceptions import HPACKError
@@ -77,11 +76,11 @@ __all__ = [
     "PREFACE",
     "RESET_STATUS",
     "STREAM_DROP_REASONS",
+    "BlockCache",
+    "CachedDecoder",
     "Http2Connection",
     "Http2Limits",
     "Http2Stats",
-    "BlockCache",
-    "CachedDecoder",
     "looks_like_frames",
 ]
 
@@ -212,7 +211,7 @@ def looks_like_frames(data: bytes | bytearray, start: int = 0) -> bool:
 class _Decoded:
     """What decoding one header block gave, and what that depended on (see CachedDecoder)."""
 
-    __slots__ = ("fields", "inserted", "inserted_size", "largest", "maxsize", "reads_table", "size", "snapshot")
+    __slots__ = ("fields", "inserted", "inserted_size", "maxsize", "reads_table", "size", "snapshot")
 
     def __init__(self, fields: list[tuple[bytes, bytes]], inserted: tuple[tuple[bytes, bytes], ...],
                  reads_table: bool, snapshot: tuple[tuple[bytes, bytes], ...], maxsize: int) -> None:
@@ -222,9 +221,7 @@ class _Decoded:
         self.snapshot = snapshot  # the dynamic entries the block read, newest first, as they were
         self.maxsize = maxsize  # the table size then (it decides which entries survive insertions)
         self.size = sum(len(name) + len(value) + 32 for name, value in fields)  # as hpack counts it
-        sizes = [len(name) + len(value) + 32 for name, value in inserted]
-        self.inserted_size = sum(sizes)
-        self.largest = max(sizes, default=0)  # an entry larger than the table empties it instead
+        self.inserted_size = sum(len(name) + len(value) + 32 for name, value in inserted)
 
 
 def _block_shape(block: bytes) -> tuple[int, list[int]] | None:
@@ -308,11 +305,12 @@ class CachedDecoder:
     of a block is checked again (header list size, table size allowed). Anything else, and any
     block that fails a check, goes through `hpack.Decoder.decode`, which then raises as usual.
 
-    The replay itself (~1.2 µs an entry) is skipped when it cannot change the table: the table
-    holds the newest entries that fit in its size, so once one block's insertions, repeated
-    back to back, have added more bytes than the table holds, the table is that block's entries
-    repeated and one more repetition leaves it as it is. Any other change to the table (another
-    block that inserts, or a block decoded by `hpack`) starts the count again.
+    The replay itself (~1.2 µs an entry) is skipped when it cannot change the table. The table
+    holds the newest entries added since it was last emptied that fit in its size (an entry
+    larger than the table empties it). So once one block's insertions, repeated back to back,
+    have added more bytes than the table holds, the table is made of that block's entries alone,
+    the same after each repetition, and one more leaves it as it is. Any other change to the
+    table (another block that inserts, or any block decoded by `hpack`) starts the count again.
 
     The lists returned may be shared with other connections: read them, never change them.
     """
@@ -338,7 +336,7 @@ class CachedDecoder:
                 maxsize == known.maxsize
                 and tuple(islice(table.dynamic_entries, len(known.snapshot))) == known.snapshot)):
             if known.inserted:
-                if known is not self._last or known.largest > maxsize:
+                if known is not self._last:
                     self._last = known
                     self._repeated = 0
                 if self._repeated <= maxsize:
@@ -352,8 +350,8 @@ class CachedDecoder:
         shape = _block_shape(block)
         if shape is not None:
             depth, inserts = shape
-            self.blocks.remember(block, _Decoded(
-                fields, tuple((fields[i][0], fields[i][1]) for i in inserts), depth >= 0, before[:max(depth, 0)], maxsize))
+            inserted = tuple((fields[i][0], fields[i][1]) for i in inserts)
+            self.blocks.remember(block, _Decoded(fields, inserted, depth >= 0, before[:max(depth, 0)], maxsize))
         return fields
 
 

@@ -21,15 +21,12 @@ from hyperframe.frame import (
 
 from exporter.core.flows import Limits, Tracker
 from exporter.core.http2 import (
-    BlockCache,
-    CachedDecoder,
     GRPC_STATUS_MISSING,
     GRPC_STATUS_RESET,
     PREFACE,
     RESET_STATUS,
-    Http2Connection,
-    Http2Limits,
-    Http2Stats,
+    BlockCache,
+    CachedDecoder,
     looks_like_frames,
 )
 from exporter.core.model import SYN, Exchange, RpcCall
