@@ -380,6 +380,21 @@ def _read_request(fields: list[tuple[bytes, bytes]]) -> tuple[str, str, str, str
     return method.decode("latin-1"), normalise_target(target), service, rpc_method
 
 
+def _read_response(fields: list[tuple[bytes, bytes]]) -> tuple[int, str | None]:
+    """(the block's first final :status, 0 if none; its last grpc-status, None if none)."""
+    status = 0
+    grpc_status = None
+    for name, value in fields:
+        if name == b":status":
+            if not status and len(value) == 3 and value.isdigit():
+                code = int(value)
+                if code >= 200:
+                    status = code
+        elif name == b"grpc-status":
+            grpc_status = value.decode("latin-1")
+    return status, grpc_status
+
+
 class _Stream:
     """One stream: its request, and what the response has shown so far."""
 
@@ -413,6 +428,7 @@ class Http2Connection:
     """Both directions of one HTTP/2 connection, and its streams."""
 
     __slots__ = (
+        "answered",
         "client",
         "counted",
         "emitted",
@@ -448,8 +464,10 @@ class Http2Connection:
         self.streams: dict[int, _Stream] = {}
         self.last_client_stream = 0
         self.counted = False  # counted in stats.connections
-        # The last request block read, and what it said: a cached decode returns the same list.
+        # The last request and response blocks read, and what they said: a block decoded from the
+        # cache is the same list as the last time (CachedDecoder), and is read once.
         self.parsed: tuple[list[tuple[bytes, bytes]], tuple[str, str, str, str] | None] | None = None
+        self.answered: tuple[list[tuple[bytes, bytes]], tuple[int, str | None]] | None = None
         self.client = _Reader(self, True)
         self.server = _Reader(self, False)
         if upgraded is not None:
@@ -533,14 +551,16 @@ class Http2Connection:
             if end_stream:
                 del self.streams[stream_id]
             return
-        for name, value in fields:
-            if name == b":status":
-                if stream.status == 0 and len(value) == 3 and value.isdigit():
-                    code = int(value)
-                    if code >= 200:
-                        stream.status = code
-            elif name == b"grpc-status":
-                stream.grpc_status = value.decode("latin-1")
+        answered = self.answered
+        if answered is not None and answered[0] is fields:
+            status, grpc_status = answered[1]  # the same block as the last response: read once
+        else:
+            status, grpc_status = _read_response(fields)
+            self.answered = (fields, (status, grpc_status))
+        if status and not stream.status:
+            stream.status = status
+        if grpc_status is not None:
+            stream.grpc_status = grpc_status
         if end_stream:
             self.complete(stream_id, stream, end_ns)
 
@@ -578,6 +598,17 @@ class Http2Connection:
         for stream_id in [s for s in streams if s > last_stream_id and s & 1]:
             if streams.pop(stream_id).known:
                 self.stats.streams_dropped["goaway"] += 1
+
+    def data_frame(self, to_server: bool, stream_id: int, size: int, end_stream: int, end_ns: int) -> None:
+        """A whole DATA frame without padding: `size` body bytes, the last of it at `end_ns`."""
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            if to_server:
+                stream.request_body += size  # the request ended; the exchange ends with the response
+            else:
+                stream.response_body += size
+                if end_stream:
+                    self.complete(stream_id, stream, end_ns)
 
     def data(self, to_server: bool, stream_id: int, size: int) -> None:
         stream = self.streams.get(stream_id)
@@ -728,8 +759,32 @@ class _Reader:
                 # see, its HPACK state starts here too (a failed block is then an error).
                 self.seen_start = data[3] == _SETTINGS and not data[4] & _ACK
             self.synced = True
+        frames = self._conn.stats.frames
+        max_block = self._conn.limits.max_header_block
         while pos < end:
             unit = self._unit
+            if unit == _U_HEADER and not self._buf and end - pos >= _FRAME_HEADER and self._block is None:
+                # The common case: a whole frame in this segment, outside a header block. DATA and
+                # single-frame HEADERS are read here without the reader's units; anything else, and
+                # every check that fails, goes the general way below.
+                word, flags, stream = _HEADER.unpack_from(data, pos)
+                after = pos + _FRAME_HEADER + (word >> 8)
+                kind = word & 0xFF
+                stream &= 0x7FFFFFFF
+                if after <= end and stream:
+                    if kind == _DATA and not flags & _PADDED:
+                        frames[_DATA] += 1
+                        self._conn.data_frame(self._to_server, stream, after - pos - _FRAME_HEADER,
+                                              flags & _END_STREAM, ts_ns)
+                        pos = after
+                        continue
+                    if kind == _HEADERS and flags & _END_HEADERS and after - pos - _FRAME_HEADER <= max_block:
+                        frames[_HEADERS] += 1
+                        self._headers(_HEADERS, flags, stream, data[pos + _FRAME_HEADER:after], ts_ns, ts_ns)
+                        pos = after
+                        if not self.synced:
+                            return  # an error: resync on a later segment
+                        continue
             if unit == _U_SKIP:
                 left = self._left
                 take = end - pos
@@ -824,7 +879,7 @@ class _Reader:
                     stats.caps["header_block"] += 1
                 self._block_over = True
                 if kind != _CONTINUATION:
-                    self._start_block(stream, flags, kind)
+                    self._start_block(stream, flags, kind, self._frame_ns)
                 self._left = length
                 self._unit = _U_SKIP
                 if length == 0:
@@ -899,27 +954,7 @@ class _Reader:
         self._unit = _U_HEADER
         self._want = _FRAME_HEADER
         if kind == _HEADERS or kind == _PUSH_PROMISE:
-            flags = self._flags
-            start = 0
-            end = len(payload)
-            if flags & _PADDED:
-                if not payload or payload[0] >= end:
-                    return self._error("bad_frame")
-                end -= payload[0]
-                start = 1
-            if kind == _HEADERS and flags & _PRIORITY_FLAG:
-                start += 5
-            elif kind == _PUSH_PROMISE:
-                start += 4  # the promised stream id
-                self._conn.stats.push_promises += 1
-            if start > end:
-                return self._error("bad_frame")
-            self._start_block(self._stream, flags, kind)
-            if flags & _END_HEADERS:  # the usual case: the whole block in this one frame
-                self._end_block(payload[start:end] if start or end < len(payload) else payload, ts_ns)
-            else:
-                assert self._block is not None
-                self._block += payload[start:end]
+            self._headers(kind, self._flags, self._stream, payload, self._frame_ns, ts_ns)
         elif kind == _CONTINUATION:
             assert self._block is not None
             self._block += payload
@@ -951,18 +986,53 @@ class _Reader:
             value = cap
         other._decoder.decoder.max_allowed_table_size = value
 
-    def _start_block(self, stream: int, flags: int, kind: int) -> None:
+    def _headers(self, kind: int, flags: int, stream: int, payload: bytes, frame_ns: int, ts_ns: int) -> None:
+        """The payload of a HEADERS or PUSH_PROMISE frame that began at `frame_ns` and ended at `ts_ns`."""
+        start = 0
+        end = len(payload)
+        if flags & _PADDED:
+            if not payload or payload[0] >= end:
+                return self._error("bad_frame")
+            end -= payload[0]
+            start = 1
+        if kind == _HEADERS and flags & _PRIORITY_FLAG:
+            start += 5
+        elif kind == _PUSH_PROMISE:
+            start += 4  # the promised stream id
+            self._conn.stats.push_promises += 1
+        if start > end:
+            return self._error("bad_frame")
+        block = payload[start:end] if start or end < len(payload) else payload
+        if flags & _END_HEADERS:  # the usual case: the whole block in this one frame
+            self._apply_block(block, stream, bool(flags & _END_STREAM) and kind == _HEADERS, kind == _PUSH_PROMISE,
+                              frame_ns, ts_ns)
+            return None
+        self._start_block(stream, flags, kind, frame_ns)
+        assert self._block is not None
+        self._block += block
+        return None
+
+    def _start_block(self, stream: int, flags: int, kind: int, frame_ns: int) -> None:
+        """A header block that goes on in CONTINUATION frames (or that is too large to hold)."""
         self._block = bytearray()
         self._block_stream = stream
         self._block_end_stream = bool(flags & _END_STREAM) and kind == _HEADERS
-        self._block_ns = self._frame_ns
+        self._block_ns = frame_ns
         self._block_push = kind == _PUSH_PROMISE
 
     def _end_block(self, block: bytes | None, ts_ns: int) -> None:
-        """A whole header block: decode it (always, to keep HPACK in step) and apply it."""
+        """The last frame of a block started by `_start_block`; None: it was too large to hold."""
         self._block = None
+        over = self._block_over
+        self._block_over = False
+        self._apply_block(None if over else block, self._block_stream, self._block_end_stream, self._block_push,
+                          self._block_ns, ts_ns)
+
+    def _apply_block(self, block: bytes | None, stream: int, end_stream: bool, push: bool, start_ns: int,
+                     ts_ns: int) -> None:
+        """A whole header block: decode it (always, to keep HPACK in step) and apply it."""
         fields: list[tuple[bytes, bytes]] | None = None
-        if block is not None and not self._block_over:
+        if block is not None:
             try:
                 fields = self._decoder.decode(block)
             except (HPACKError, IndexError, ValueError, TypeError):
@@ -972,13 +1042,12 @@ class _Reader:
                 # resolve only what can be resolved exactly from here on.
                 self._decoder = self._new_decoder()
                 self.seen_start = False
-        elif self._block_over:
+        else:
             self._decoder = self._new_decoder()  # the block skipped may have changed the table
             self.seen_start = False
-        self._block_over = False
-        if self._block_push:
+        if push:
             return
         if self._to_server:
-            self._conn.request_headers(self._block_stream, fields, self._block_end_stream, self._block_ns)
+            self._conn.request_headers(stream, fields, end_stream, start_ns)
         else:
-            self._conn.response_headers(self._block_stream, fields, self._block_end_stream, ts_ns)
+            self._conn.response_headers(stream, fields, end_stream, ts_ns)
