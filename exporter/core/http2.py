@@ -311,11 +311,13 @@ class CachedDecoder:
     have added more bytes than the table holds, the table is made of that block's entries alone,
     the same after each repetition, and one more leaves it as it is. Any other change to the
     table (another block that inserts, or any block decoded by `hpack`) starts the count again.
+    And a block that passed its checks and left the table as it was passes them again until
+    the table or the allowed size changes: it is then returned at once.
 
     The lists returned may be shared with other connections: read them, never change them.
     """
 
-    __slots__ = ("_last", "_repeated", "blocks", "decoder")
+    __slots__ = ("_checked", "_last", "_repeated", "blocks", "decoder")
 
     def __init__(self, max_header_list_size: int, max_allowed_table_size: int,
                  blocks: BlockCache = BLOCKS) -> None:
@@ -324,29 +326,42 @@ class CachedDecoder:
         self.blocks = blocks
         self._last: _Decoded | None = None  # the last block that inserted, when reused ...
         self._repeated = 0  # ... and the bytes it inserted, back to back, since the count started
+        self._checked: _Decoded | None = None  # a block that passed its checks, and the table unchanged since
+
+    def allow_table_size(self, value: int) -> None:
+        """The SETTINGS_HEADER_TABLE_SIZE the decoding side sent: the encoder's table may not outgrow it."""
+        self.decoder.max_allowed_table_size = value
+        self._checked = None
 
     def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
         """`hpack.Decoder.decode(block, raw=True)`: the same fields, the same table after it."""
-        decoder = self.decoder
-        table = decoder.header_table
-        maxsize = table.maxsize
         known = self.blocks.blocks.get(block)
-        if known is not None and maxsize <= decoder.max_allowed_table_size and (
-                known.size <= decoder.max_header_list_size) and (not known.reads_table or (
-                maxsize == known.maxsize
-                and tuple(islice(table.dynamic_entries, len(known.snapshot))) == known.snapshot)):
-            if known.inserted:
-                if known is not self._last:
-                    self._last = known
-                    self._repeated = 0
-                if self._repeated <= maxsize:
+        if known is not None:
+            if known is self._checked:
+                return known.fields  # checked against this very table, which has not changed since
+            decoder = self.decoder
+            table = decoder.header_table
+            maxsize = table.maxsize
+            if maxsize <= decoder.max_allowed_table_size and known.size <= decoder.max_header_list_size and (
+                    not known.reads_table or (
+                    maxsize == known.maxsize
+                    and tuple(islice(table.dynamic_entries, len(known.snapshot))) == known.snapshot)):
+                if known.inserted and (known is not self._last or self._repeated <= maxsize):
+                    if known is not self._last:
+                        self._last = known
+                        self._repeated = 0
                     for name, value in known.inserted:
                         table.add(name, value)
                     self._repeated += known.inserted_size
-            return known.fields
-        self._last = None
+                    self._checked = None
+                else:
+                    self._checked = known  # it leaves the table as it is: it will pass again
+                return known.fields
+        self._last = self._checked = None
+        table = self.decoder.header_table
+        maxsize = table.maxsize
         before = tuple(islice(table.dynamic_entries, _BLOCK_DEPTH))
-        fields: list[tuple[bytes, bytes]] = decoder.decode(block, raw=True)  # type: ignore[assignment]
+        fields: list[tuple[bytes, bytes]] = self.decoder.decode(block, raw=True)  # type: ignore[assignment]
         shape = _block_shape(block)
         if shape is not None:
             depth, inserts = shape
@@ -780,7 +795,11 @@ class _Reader:
                         continue
                     if kind == _HEADERS and flags & _END_HEADERS and after - pos - _FRAME_HEADER <= max_block:
                         frames[_HEADERS] += 1
-                        self._headers(_HEADERS, flags, stream, data[pos + _FRAME_HEADER:after], ts_ns, ts_ns)
+                        if flags & (_PADDED | _PRIORITY_FLAG):
+                            self._headers(_HEADERS, flags, stream, data[pos + _FRAME_HEADER:after], ts_ns, ts_ns)
+                        else:
+                            self._apply_block(data[pos + _FRAME_HEADER:after], stream, bool(flags & _END_STREAM),
+                                              False, ts_ns, ts_ns)
                         pos = after
                         if not self.synced:
                             return  # an error: resync on a later segment
@@ -984,7 +1003,7 @@ class _Reader:
         if value > cap:
             conn.stats.caps["header_table"] += 1
             value = cap
-        other._decoder.decoder.max_allowed_table_size = value
+        other._decoder.allow_table_size(value)
 
     def _headers(self, kind: int, flags: int, stream: int, payload: bytes, frame_ns: int, ts_ns: int) -> None:
         """The payload of a HEADERS or PUSH_PROMISE frame that began at `frame_ns` and ended at `ts_ns`."""

@@ -4,9 +4,10 @@ Two connections share one BlockCache, as every connection does in the exporter, 
 checked against a plain decoder fed the same blocks. The blocks come from `hpack.Encoder`
 (incremental indexing, references to dynamic entries, never-indexed fields, table size updates,
 evictions in small tables, entries larger than the table), and from steps that break the
-encoder's assumptions: a block sent again (its insertions land twice), another connection's
-block (its dynamic indices mean other entries here), a smaller allowed table size, a smaller
-header list limit on one connection than on the other.
+encoder's assumptions: a block sent again, the last or an earlier one (its insertions land
+twice, its indices may now name other entries), another connection's block (its dynamic
+indices mean other entries here), a smaller allowed table size, a smaller header list limit
+on one connection than on the other.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ steps = st.lists(st.one_of(
     st.tuples(st.just("block"), st.integers(0, 1), st.lists(
         st.builds(Field, st.sampled_from(NAMES), st.sampled_from(VALUES), st.integers(0, 9).map(lambda n: n == 0)),
         min_size=1, max_size=5)),
-    st.tuples(st.just("again"), st.integers(0, 1), st.integers(1, 30)),
+    st.tuples(st.just("again"), st.integers(0, 1), st.tuples(st.integers(0, 3), st.integers(1, 30))),
     st.tuples(st.just("other"), st.integers(0, 1), st.just(0)),
     st.tuples(st.just("resize"), st.integers(0, 1), st.sampled_from(TABLE_SIZES)),
     st.tuples(st.just("allow"), st.integers(0, 1), st.sampled_from(TABLE_SIZES)),
@@ -51,7 +52,7 @@ class Side:
         self.limit = limit
         self.cache = cache
         self.encoder = Encoder()
-        self.last = b""
+        self.sent: list[bytes] = []
         self.allowed = 4096
         self.plain, self.cached = self.decoders()
 
@@ -92,14 +93,16 @@ def test_cached_decoder_agrees_with_hpack(script: list[tuple[str, int, object]])
         if kind == "block":
             assert isinstance(arg, list)
             headers = [NeverIndexedHeaderTuple(f.name, f.value) if f.sensitive else (f.name, f.value) for f in arg]
-            side.last = side.encoder.encode(headers)
-            side.feed(side.last)
-        elif kind == "again" and side.last:
-            assert isinstance(arg, int)
-            for _ in range(arg):  # back to back: also reaches the point where replays stop
-                side.feed(side.last)
-        elif kind == "other" and sides[1 - which].last:
-            side.feed(sides[1 - which].last)
+            side.sent.append(side.encoder.encode(headers))
+            side.feed(side.sent[-1])
+        elif kind == "again" and side.sent:
+            assert isinstance(arg, tuple)
+            back, times = arg
+            block = side.sent[-1 - back % len(side.sent)]  # the last block, or one before it
+            for _ in range(times):  # back to back: also reaches the point where replays stop
+                side.feed(block)
+        elif kind == "other" and sides[1 - which].sent:
+            side.feed(sides[1 - which].sent[-1])
         elif kind == "resize":
             assert isinstance(arg, int)
             side.encoder.header_table_size = arg  # a size update at the start of its next block
@@ -107,7 +110,7 @@ def test_cached_decoder_agrees_with_hpack(script: list[tuple[str, int, object]])
             assert isinstance(arg, int)
             side.allowed = arg
             side.plain.max_allowed_table_size = arg
-            side.cached.decoder.max_allowed_table_size = arg
+            side.cached.allow_table_size(arg)
 
 
 def test_a_block_reading_its_own_insertion_depends_on_the_table_size() -> None:
