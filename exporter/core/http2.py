@@ -774,36 +774,37 @@ class _Reader:
                 # see, its HPACK state starts here too (a failed block is then an error).
                 self.seen_start = data[3] == _SETTINGS and not data[4] & _ACK
             self.synced = True
-        frames = self._conn.stats.frames
-        max_block = self._conn.limits.max_header_block
-        while pos < end:
-            unit = self._unit
-            if unit == _U_HEADER and not self._buf and end - pos >= _FRAME_HEADER and self._block is None:
-                # The common case: a whole frame in this segment, outside a header block. DATA and
-                # single-frame HEADERS are read here without the reader's units; anything else, and
-                # every check that fails, goes the general way below.
+        if self._unit == _U_HEADER and not self._buf and self._block is None:
+            # The common case: whole frames in this segment, outside a header block. DATA and
+            # single-frame HEADERS are read here without the reader's units; at anything else, and
+            # at any check that fails, the general loop below takes over.
+            conn = self._conn
+            frames = conn.stats.frames
+            max_block = conn.limits.max_header_block
+            while end - pos >= _FRAME_HEADER:
                 word, flags, stream = _HEADER.unpack_from(data, pos)
                 after = pos + _FRAME_HEADER + (word >> 8)
                 kind = word & 0xFF
                 stream &= 0x7FFFFFFF
-                if after <= end and stream:
-                    if kind == _DATA and not flags & _PADDED:
-                        frames[_DATA] += 1
-                        self._conn.data_frame(self._to_server, stream, after - pos - _FRAME_HEADER,
-                                              flags & _END_STREAM, ts_ns)
-                        pos = after
-                        continue
-                    if kind == _HEADERS and flags & _END_HEADERS and after - pos - _FRAME_HEADER <= max_block:
-                        frames[_HEADERS] += 1
-                        if flags & (_PADDED | _PRIORITY_FLAG):
-                            self._headers(_HEADERS, flags, stream, data[pos + _FRAME_HEADER:after], ts_ns, ts_ns)
-                        else:
-                            self._apply_block(data[pos + _FRAME_HEADER:after], stream, bool(flags & _END_STREAM),
-                                              False, ts_ns, ts_ns)
-                        pos = after
+                if after > end or not stream:
+                    break
+                if kind == _DATA and not flags & _PADDED:
+                    frames[_DATA] += 1
+                    conn.data_frame(self._to_server, stream, after - pos - _FRAME_HEADER, flags & _END_STREAM, ts_ns)
+                elif kind == _HEADERS and flags & _END_HEADERS and after - pos - _FRAME_HEADER <= max_block:
+                    frames[_HEADERS] += 1
+                    if flags & (_PADDED | _PRIORITY_FLAG):
+                        self._headers(_HEADERS, flags, stream, data[pos + _FRAME_HEADER:after], ts_ns, ts_ns)
                         if not self.synced:
                             return  # an error: resync on a later segment
-                        continue
+                    else:
+                        self._apply_block(data[pos + _FRAME_HEADER:after], stream, bool(flags & _END_STREAM),
+                                          False, ts_ns, ts_ns)
+                else:
+                    break
+                pos = after
+        while pos < end:
+            unit = self._unit
             if unit == _U_SKIP:
                 left = self._left
                 take = end - pos
