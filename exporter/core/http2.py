@@ -426,7 +426,8 @@ class _Stream:
         "target",
     )
 
-    def __init__(self, method: str, target: str, start_ns: int, known: bool = True) -> None:
+    def __init__(self, method: str, target: str, start_ns: int, known: bool = True, service: str = "",
+                 rpc_method: str = "") -> None:
         self.known = known  # False: a tombstone; frames are consumed, nothing is emitted
         self.method = method
         self.target = target
@@ -434,8 +435,8 @@ class _Stream:
         self.status = 0  # the final :status once seen
         self.request_body = 0
         self.response_body = 0
-        self.service = ""  # set for gRPC
-        self.rpc_method = ""
+        self.service = service  # set for gRPC
+        self.rpc_method = rpc_method
         self.grpc_status = ""
 
 
@@ -522,8 +523,8 @@ class Http2Connection:
 
     def request_headers(self, stream_id: int, fields: list[tuple[bytes, bytes]] | None, end_stream: bool,
                         start_ns: int) -> None:
-        if stream_id in self.streams or stream_id <= self.last_client_stream:
-            return  # request trailers, or a stream already done: nothing to learn
+        if stream_id <= self.last_client_stream:
+            return  # request trailers (open streams are never above it), or a stream already done
         if fields is None:
             self.stats.undecodable_streams += 1
             self.open_stream(stream_id, _Stream("", "", start_ns, known=False))
@@ -539,10 +540,7 @@ class Http2Connection:
             self.open_stream(stream_id, _Stream("", "", start_ns, known=False))
             return
         method, target, service, rpc_method = request
-        stream = _Stream(method, target, start_ns)
-        stream.service = service
-        stream.rpc_method = rpc_method
-        self.open_stream(stream_id, stream)
+        self.open_stream(stream_id, _Stream(method, target, start_ns, True, service, rpc_method))
 
     def response_headers(self, stream_id: int, fields: list[tuple[bytes, bytes]] | None, end_stream: bool,
                          end_ns: int) -> None:
