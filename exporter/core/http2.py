@@ -12,7 +12,8 @@ by length and never copied, and only HEADERS, CONTINUATION, PUSH_PROMISE, SETTIN
 RST_STREAM and the first 8 bytes of GOAWAY are buffered. PADDED and the PRIORITY flag of
 HEADERS are stripped; PRIORITY, PING, WINDOW_UPDATE and unknown frame types are skipped.
 
-Header blocks go through the `hpack` package, one decoder per direction.
+Header blocks go through the `hpack` package, one decoder per direction, with their decoded
+fields reused across connections wherever that is exact (`CachedDecoder`).
 
 Exchanges: each client-initiated stream is one exchange: `:method`, `:path` (query cut as
 `http1.normalise_target` does), the final `:status`, timed from the first byte of the
@@ -629,7 +630,7 @@ class Http2Connection:
         stream = self.streams.get(stream_id)
         if stream is not None:
             if to_server:
-                stream.request_body += size  # the request ended; the exchange ends with the response
+                stream.request_body += size  # the end of the request: the exchange ends with the response
             else:
                 stream.response_body += size
                 if end_stream:
