@@ -227,20 +227,20 @@ class _Decoded:
         self.inserted_size = sum(len(name) + len(value) + 32 for name, value in inserted)
 
 
-def _block_shape(block: bytes) -> tuple[int, list[int]] | None:
-    """(dynamic entries read, counted from the newest before the block; which fields insert).
+def _block_shape(block: bytes) -> tuple[bool, int, list[int]] | None:
+    """(whether it reads any dynamic index; how many entries from before it, newest first; which fields insert).
 
-    -1 entries read: the block reads no dynamic index at all. None: not worth remembering (a
-    table size update, or more entries read than `_BLOCK_DEPTH`). Only the representations'
-    prefixes and string lengths are read (RFC 7541 section 6), with hpack's own integer
-    decoder; strings are skipped, never decoded. Called on a block `hpack` has just decoded
-    without error, so it is well formed.
+    None: not worth remembering (a table size update, or more entries read than
+    `_BLOCK_DEPTH`). Only the representations' prefixes and string lengths are read (RFC 7541
+    section 6), with hpack's own integer decoder; strings are skipped, never decoded. Called
+    on a block `hpack` has just decoded without error, so it is well formed.
     """
     view = memoryview(block)
     end = len(block)
     pos = 0
     field = 0
-    depth = -1
+    reads_table = False
+    depth = 0
     inserts: list[int] = []
     while pos < end:
         byte = block[pos]
@@ -257,6 +257,8 @@ def _block_shape(block: bytes) -> tuple[int, list[int]] | None:
             literal = True
         pos += used
         if index > _STATIC_ENTRIES:
+            # Even an entry this block added depends on the table size (it may not have stayed).
+            reads_table = True
             # The entries this block added so far sit in front of the older ones.
             depth = max(depth, index - _STATIC_ENTRIES - len(inserts))
             if depth > _BLOCK_DEPTH:
@@ -268,7 +270,7 @@ def _block_shape(block: bytes) -> tuple[int, list[int]] | None:
             if byte & 0x40:
                 inserts.append(field)
         field += 1
-    return depth, inserts
+    return reads_table, depth, inserts
 
 
 class BlockCache:
@@ -377,9 +379,9 @@ class CachedDecoder:
         fields: list[tuple[bytes, bytes]] = self.decoder.decode(block, raw=True)  # type: ignore[assignment]
         shape = _block_shape(block)
         if shape is not None:
-            depth, inserts = shape
+            reads_table, depth, inserts = shape
             inserted = tuple((fields[i][0], fields[i][1]) for i in inserts)
-            self.blocks.remember(block, _Decoded(fields, inserted, depth >= 0, before[:max(depth, 0)], maxsize))
+            self.blocks.remember(block, _Decoded(fields, inserted, reads_table, before[:depth], maxsize))
         return fields
 
 
