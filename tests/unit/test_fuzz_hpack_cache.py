@@ -7,7 +7,8 @@ evictions in small tables, entries larger than the table), and from steps that b
 encoder's assumptions: a block sent again, the last or an earlier one (its insertions land
 twice, its indices may now name other entries), another connection's block (its dynamic
 indices mean other entries here), a smaller allowed table size, a smaller header list limit
-on one connection than on the other.
+on one connection than on the other, and decoders that start again empty while the encoder
+goes on (a connection joined mid-stream).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ steps = st.lists(st.one_of(
     st.tuples(st.just("other"), st.integers(0, 1), st.just(0)),
     st.tuples(st.just("resize"), st.integers(0, 1), st.sampled_from(TABLE_SIZES)),
     st.tuples(st.just("allow"), st.integers(0, 1), st.sampled_from(TABLE_SIZES)),
+    st.tuples(st.just("rejoin"), st.integers(0, 1), st.just(0)),
 ), min_size=1, max_size=40)
 
 
@@ -109,6 +111,9 @@ def test_cached_decoder_agrees_with_hpack(script: list[tuple[str, int, object]])
         elif kind == "resize":
             assert isinstance(arg, int)
             side.encoder.header_table_size = arg  # a size update at the start of its next block
+        elif kind == "rejoin":
+            # Empty decoders while the encoder keeps its table: a connection joined mid-stream.
+            side.plain, side.cached = side.decoders()
         elif kind == "allow":
             assert isinstance(arg, int)
             side.allowed = arg
