@@ -179,6 +179,25 @@ def test_continuation_padding_and_priority() -> None:
     assert sum(tracker.stats.http2.parse_errors.values()) == 0
 
 
+def test_one_frame_headers_with_priority_and_padding_among_whole_frames() -> None:
+    # Whole frames back to back in one segment, each flag combination of a one-frame HEADERS.
+    client, server = Peer(), Peer()
+    plain = client.headers(1, get("/plain"), end_stream=True)
+    prioritised = client.headers(3, get("/priority"), end_stream=True, flags=["PRIORITY"],
+                                 depends_on=1, stream_weight=200)
+    both = client.headers(5, get("/both"), end_stream=True, flags=["PRIORITY", "PADDED"], depends_on=0,
+                          stream_weight=1, pad_length=7)
+    out, tracker = run([
+        ("c", PREFACE + wire(settings(), plain, prioritised, both), 1),
+        ("s", wire(settings(), server.headers(5, [(":status", "201")], flags=["PADDED"], pad_length=2),
+                   data(5, b"abc", end_stream=True), server.headers(1, [(":status", "200")], end_stream=True),
+                   server.headers(3, [(":status", "404")]), data(3, b"", end_stream=True)), 2),
+    ])
+    assert sorted(out, key=lambda e: e.target) == [
+        h2("GET", "/both", 201, 1, 2, 0, 3), h2("GET", "/plain", 200, 1, 2), h2("GET", "/priority", 404, 1, 2)]
+    assert sum(tracker.stats.http2.parse_errors.values()) == 0
+
+
 def test_reset_stream_is_its_own_status_never_a_success() -> None:
     client, server = Peer(), Peer()
     out, tracker = run([
@@ -382,6 +401,8 @@ def test_header_block_cap() -> None:
     b"\x00\x00\x05\x04\x00\x00\x00\x00\x00" + b"\x00" * 5,  # SETTINGS of a length not a multiple of 6
     b"\x00\x00\x04\x03\x00\x00\x00\x00\x00" + b"\x00" * 4,  # RST_STREAM on stream 0
     b"\x00\x00\x03\x00\x08\x00\x00\x00\x01\x05ab",  # DATA whose padding is longer than the frame
+    b"\x00\x00\x02\x01\x0c\x00\x00\x00\x05\x05\x82",  # one-frame HEADERS, padding longer than the frame
+    b"\x00\x00\x01\x01\x25\x00\x00\x00\x05\x82",  # one-frame HEADERS too short for its PRIORITY fields
 ])
 def test_malformed_frames_are_counted_then_resync(bad: bytes) -> None:
     client, server = Peer(), Peer()
