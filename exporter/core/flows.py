@@ -548,7 +548,7 @@ class Tracker:
                     parser.feed(payload, seg.ts_ns, plen - len(payload))
                 else:
                     self._reorder(flow, side, seq, seg, to_server)
-                if self.skip_hints is not None and not side.held and flow.h2 is None:  # HTTP/2: no body to skip
+                if self.skip_hints is not None and not side.held:
                     self._hint_skip(flow, side, to_server)
             if flags & FIN:
                 self._fin(flow, side, (seq + plen) & _SEQ_MASK, to_server)

@@ -1,4 +1,4 @@
-"""`python -m bench.replay_cost FILE --port PORT`: user-space CPU per exchange, from a capture file.
+"""`python -m bench.profile_replay FILE --port PORT`: user-space CPU per exchange, from a capture file.
 
 Live figures (`python -m bench --scenario h2`) mix the exporter's Python with the kernel, the
 ring and whatever else shares the cores. This replays a pcap or pcapng through the same
@@ -11,8 +11,8 @@ Pipeline and for the flow Tracker alone. Two trees compare side by side on the s
 the h2 scenario does (4 connections, 10 streams each, paced at `--rate` streams/s).
 Needs root, nginx, h2load and dumpcap for that; replaying needs none of them.
 
-    python -m bench.replay_cost /tmp/h2.pcapng --record h2 --rate 20000 --duration 3
-    python -m bench.replay_cost /tmp/h2.pcapng --port 40123 --profile 25
+    python -m bench.profile_replay /tmp/h2.pcapng --record h2 --rate 20000 --duration 3
+    python -m bench.profile_replay /tmp/h2.pcapng --port 40123 --profile 25
 """
 
 from __future__ import annotations
