@@ -135,9 +135,10 @@ _GRPC_CONTENT = b"application/grpc"
 # 3x (its bytes + hpack's size of its fields, 32 bytes a field and the strings), about what
 # Python holds for it (measured ~1.2 KB for a 92-byte browser-like request).
 _BLOCK_CACHE_BYTES = 4 << 20
-# A block that reads more dynamic entries than this is decoded each time: comparing them would
-# cost about as much as decoding.
-_BLOCK_DEPTH = 16
+# A block that reads deeper into the dynamic table than this many entries (from before it) is
+# decoded each time. Reuse compares every entry down to the deepest read: 64 cost ~1.2 µs,
+# against 10-40 µs for hpack; a 4 KiB table (the default) rarely holds more than 64.
+_BLOCK_DEPTH = 64
 _STATIC_ENTRIES = 61  # RFC 7541 Appendix A; dynamic indices start after them
 
 
