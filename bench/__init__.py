@@ -15,11 +15,13 @@ seen twice and one copy must be dropped in the kernel.
 `--scenario userspace` prices the user-space path alone (the `userspace` configuration: the
 exporter with --no-fast-path --no-tls) at paced rates of browser-sized heads and under
 pipelining, with user-space exchanges/s and kernel drops. `python -m bench.replay_cost FILE
---port N` gives the same path's CPU per exchange from a capture file, without kernel or load,
-a figure that the noise of a shared machine moves far less than a rate.
+--port N` gives the same path's CPU per exchange from a capture file (pcap or pcapng), without
+kernel or load, a figure that the noise of a shared machine moves far less than a rate: the
+whole Pipeline with frame decoding and identity as live, and the flow Tracker alone, with an
+optional cProfile top N (`--profile N`); `--record h2` first records h2load -> nginx h2c.
 
 Modules: `wrk` (load and its report), `nginx` (the server), `procs` (children that are
 always stopped), `scrape` (/metrics and /proc), `runner` (one measured run), `report`
 (medians and tables), `seed` (the reference design, run as a script), `netns` (the node),
-`replay_cost` (CPU per exchange from a capture file).
+`replay_cost` (CPU per exchange from a capture file, optionally recorded first).
 """

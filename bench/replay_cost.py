@@ -1,88 +1,185 @@
-"""CPU per exchange of the user-space path, without a kernel or a load: `python -m bench.replay_cost FILE --port N`.
+"""User-space CPU per exchange from a capture file, without kernel or load: `python -m bench.replay_cost FILE --port N`.
 
-The frames of a capture file are held in memory, then decoded (capture/frames.py, as the live
-ring reader does) and fed to a Pipeline in blocks of 256, with the servers named through
-identity's Resolver as the exporter does. What is timed is this process's CPU (utime+stime),
-so other load on the machine inflates it far less than it inflates a rate; the best of
-`--repeat` passes is printed. Record a capture of the traffic to price with, e.g.:
+Live figures mix the exporter's Python with the kernel, the ring and whatever else shares the
+cores. This holds the frames of a pcap or pcapng file in memory (only those the kernel filter
+would pass: the watched port, payload or FIN/RST) and times this process's CPU (utime+stime),
+which other load on the machine inflates far less than it inflates a rate. Two lines, each the
+least of `--passes` passes:
 
-    dumpcap -i lo -f 'tcp port 8080' -P -w /tmp/load.pcap    (while wrk runs)
+- `pipeline`: the live path. The frames are decoded by capture/frames.py as the ring reader does
+  and fed to a Pipeline in blocks of 256, servers named through identity's Resolver (one for
+  all passes, so its cache is warm after the first, as in a running exporter), skip hints
+  collected and taken.
+- `tracker`: the flow Tracker alone, on segments decoded once beforehand.
 
-Frames the kernel filter would not pass (bare ACKs, other ports) are left out first.
+`--profile N` adds cProfile's top N functions of one more pipeline pass. Two trees compare
+side by side on the same file when run from each worktree.
+
+`--record h2` first writes FILE: dumpcap on lo while h2load drives nginx's h2c listener as the
+h2 scenario does (4 connections, 10 streams each, paced at `--rate` streams/s); it needs root,
+nginx, h2load and dumpcap, replaying needs none of them. For other traffic, record with e.g.
+`dumpcap -i lo -f 'tcp port 8080' -w /tmp/load.pcapng` while wrk runs.
+
+    python -m bench.replay_cost /tmp/h2.pcapng --record h2 --rate 20000 --duration 3
+    python -m bench.replay_cost /tmp/h2.pcapng --port 40123 --profile 25
 """
 
 from __future__ import annotations
 
-import sys
+import cProfile
+import pstats
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
-from exporter.capture.frames import LINKTYPE_ETHERNET, decode_frame_reason, wanted
+from bench.nginx import Nginx
+from bench.procs import BenchError, Children, require_tools, wait_until
+from exporter.capture.frames import decode_frame_reason, wanted
+from exporter.capture.pcap import Frame, read_frames
 from exporter.config import DEFAULT_MAX_SERVERS, DEFAULT_POD_LOGS
-from exporter.core.flows import Limits
+from exporter.core.flows import Tracker
 from exporter.core.model import Segment
 from exporter.core.routes import RouteMapper
+from exporter.errors import CaptureError
 from exporter.identity.resolver import Resolver
 from exporter.metrics import HttpMetrics
 from exporter.pipeline import Pipeline
 
 BLOCK = 256  # frames per read, about what one ring block holds at full load
+H2_CONNECTIONS = 4
+H2_STREAMS = 10
 
 
-def _frames(path: Path, port: int) -> list[tuple[int, bytes]]:
-    # First: exporter.capture.pcap quiets the warning pypacker logs when ppcap loads.
-    import exporter.capture.pcap  # noqa: F401, I001
-    from pypacker import ppcap
+def record_h2(path: Path, rate: float, duration: float) -> int:
+    """Capture h2load -> nginx h2c on lo into `path`; the server's port."""
+    tools = require_tools(["nginx", "h2load", "dumpcap"])
+    with tempfile.TemporaryDirectory(prefix="replay-cost-") as tmp, Children(Path(tmp)) as children:
+        nginx = Nginx(children, tools["nginx"], Path(tmp), http2=True)
+        nginx.start()
+        dumpcap = children.start("dumpcap", [tools["dumpcap"], "-q", "-i", "lo", "-f", f"tcp port {nginx.port}",
+                                             "-s", "0", "-B", "128", "-w", str(path)])
+        if not wait_until(lambda: path.exists() and path.stat().st_size > 0, 10.0):
+            raise BenchError(f"dumpcap did not start: {dumpcap.log_tail()}")
+        time.sleep(0.5)
+        h2load = children.start("h2load", [tools["h2load"], "-t1", f"-c{H2_CONNECTIONS}", f"-m{H2_STREAMS}",
+                                           f"-D{duration:g}", f"--rps={rate / H2_CONNECTIONS:g}", nginx.url("/")])
+        if not wait_until(lambda: not h2load.alive(), duration + 30.0, 0.2):
+            raise BenchError("h2load did not finish")
+        time.sleep(0.5)  # the last ACKs and FINs
+        children.stop(dumpcap)
+        return nginx.port
 
-    kept = []
-    reader = ppcap.Reader(filename=str(path))
-    try:
-        for ts_ns, frame in reader:
-            frame = bytes(frame)
-            got = decode_frame_reason(frame, int(ts_ns), len(frame), LINKTYPE_ETHERNET)
-            if type(got) is Segment and wanted(got, (port,)):
-                kept.append((int(ts_ns), frame))
-    finally:
-        reader.close()
-    return kept
+
+def load(path: Path, port: int) -> tuple[list[Frame], list[Segment]]:
+    """The frames the kernel filter would pass, and their segments."""
+    frames: list[Frame] = []
+    segments: list[Segment] = []
+    for frame in read_frames(path):
+        got = decode_frame_reason(frame[1], frame[0], frame[2], frame[3])
+        if type(got) is Segment and wanted(got, (port,)):
+            frames.append(frame)
+            segments.append(got)
+    return frames, segments
 
 
-def _one_pass(blocks: list[list[tuple[int, bytes]]], port: int) -> tuple[float, int]:
-    pipeline = Pipeline([port], RouteMapper(), HttpMetrics(), Limits(), hint_skips=True)
-    pod_logs = Path(DEFAULT_POD_LOGS)
-    resolver = Resolver(pod_logs=pod_logs, container_logs=pod_logs.parent / "containers",
-                        max_entries=DEFAULT_MAX_SERVERS)
+def pipeline_pass(blocks: list[list[Frame]], port: int, resolver: Resolver) -> Callable[[], int]:
+    """A pass that decodes and feeds the frames as the live path does; it returns the exchanges."""
+    pipeline = Pipeline([port], RouteMapper(), HttpMetrics(), hint_skips=True)
     pipeline.identify = lambda ip, server_port: resolver.identify(ip, server_port).labels()
-    decode = decode_frame_reason
-    started = time.process_time()
-    for block in blocks:
-        segments = []
-        for ts_ns, frame in block:
-            got = decode(frame, ts_ns, len(frame), LINKTYPE_ETHERNET)
-            if type(got) is Segment:
-                segments.append(got)
-        pipeline.feed(segments)
-        pipeline.tracker.take_skip_hints()
-        pipeline.tracker.take_encrypted_hints()
-    return time.process_time() - started, pipeline.exchanges
+    tracker = pipeline.tracker
+
+    def run() -> int:
+        decode = decode_frame_reason
+        for block in blocks:
+            segments = []
+            for ts_ns, frame, wire_len, linktype in block:
+                got = decode(frame, ts_ns, wire_len, linktype)
+                if type(got) is Segment:
+                    segments.append(got)
+            pipeline.feed(segments)
+            tracker.take_skip_hints()
+            tracker.take_encrypted_hints()
+        pipeline.flush()
+        return pipeline.exchanges
+
+    return run
+
+
+def tracker_pass(segments: list[Segment], port: int) -> Callable[[], int]:
+    """A pass that feeds the segments to a Tracker alone; it returns the exchanges."""
+    flows = Tracker((port,))
+
+    def run() -> int:
+        feed = flows.feed
+        done = 0
+        for segment in segments:
+            done += len(feed(segment))
+        return done + len(flows.flush())
+
+    return run
+
+
+def least_cpu(prepare: Callable[[], Callable[[], int]], passes: int) -> tuple[float, int]:
+    """(least CPU seconds of a pass, exchanges of a pass); `prepare` builds a pass, untimed."""
+    best = float("inf")
+    exchanges = 0
+    for _ in range(passes):
+        run = prepare()
+        start = time.process_time()
+        exchanges = run()
+        best = min(best, time.process_time() - start)
+    return best, exchanges
 
 
 @click.command()
-@click.argument("capture", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--port", type=click.IntRange(1, 65535), required=True, help="The server port in the capture.")
-@click.option("--repeat", type=click.IntRange(1, 100), default=5, show_default=True, help="Passes; the best is kept.")
-def main(capture: Path, port: int, repeat: int) -> None:
-    """Print the user-space path's CPU per exchange on CAPTURE (a classic pcap of Ethernet or lo frames)."""
-    frames = _frames(capture, port)
+@click.argument("capture", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--port", type=click.IntRange(1, 65535), help="The server's port (with --record: printed).")
+@click.option("--record", type=click.Choice(["h2"]), help="Write CAPTURE first (h2load -> nginx h2c, see above).")
+@click.option("--rate", default=20000.0, show_default=True, type=click.FloatRange(1), help="--record: streams/s.")
+@click.option("--duration", default=3.0, show_default=True, type=click.FloatRange(1, 60),
+              help="--record: seconds of load.")
+@click.option("--passes", default=5, show_default=True, type=click.IntRange(1, 100), help="The least is kept.")
+@click.option("--profile", "top", default=0, type=click.IntRange(0, 200),
+              help="Also print cProfile's top N functions of a pipeline pass.")
+def main(capture: Path, port: int | None, record: str | None, rate: float, duration: float, passes: int,
+         top: int) -> None:
+    """Replay CAPTURE (pcap or pcapng) through the exporter's user-space path; print CPU µs per exchange."""
+    try:
+        if record:
+            port = record_h2(capture, rate, duration)
+            click.echo(f"recorded {capture} (server port {port})")
+        if port is None:
+            raise click.UsageError("--port is required to replay")
+        frames, segments = load(capture, port)
+    except (BenchError, CaptureError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not frames:
+        raise click.ClickException(f"no frames on port {port} in {capture}")
     blocks = [frames[i:i + BLOCK] for i in range(0, len(frames), BLOCK)]
-    best, exchanges = min(_one_pass(blocks, port) for _ in range(repeat))
-    if not exchanges:
-        raise click.ClickException(f"no exchange on port {port} in {capture}")
-    click.echo(f"{capture.name}: {len(frames)} frames, {exchanges} exchanges, "
-               f"{1e6 * best / exchanges:.2f} µs CPU per exchange (best of {repeat})")
-
+    pod_logs = Path(DEFAULT_POD_LOGS)
+    # One resolver for every pass, as the exporter keeps one: the server is looked up once,
+    # then answered from its cache.
+    resolver = Resolver(pod_logs=pod_logs, container_logs=pod_logs.parent / "containers",
+                        max_entries=DEFAULT_MAX_SERVERS)
+    server_port = port
+    passes_of: dict[str, Callable[[], Callable[[], int]]] = {
+        "pipeline": lambda: pipeline_pass(blocks, server_port, resolver),
+        "tracker": lambda: tracker_pass(segments, server_port),
+    }
+    click.echo(f"{capture.name}: {len(frames):,} frames kept on port {port}")
+    for name, prepare in passes_of.items():
+        seconds, exchanges = least_cpu(prepare, passes)
+        if not exchanges:
+            raise click.ClickException(f"no exchanges on port {port} in {capture}")
+        click.echo(f"{name:8}  {seconds / exchanges * 1e6:7.2f} µs/exchange  ({exchanges:,} exchanges, "
+                   f"{len(frames) / exchanges:.2f} frames each, least of {passes} passes)")
+    if top:
+        profile = cProfile.Profile()
+        profile.runcall(passes_of["pipeline"]())
+        pstats.Stats(profile).sort_stats("tottime").print_stats(top)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -13,7 +13,8 @@ silently). The block framing is small, and getting timestamps exact matters
 more here than reuse.
 
 With `ports`, only what the kernel filter would keep is yielded (watched port,
-payload or FIN/RST), so replay and live feed the core the same stream.
+payload or FIN/RST), so replay and live feed the core the same stream. `read_frames`
+yields the undecoded frames, for a bench that prices decoding as the live reader does it.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from exporter.errors import CaptureError
 logging.getLogger("pypacker").setLevel(logging.ERROR)
 from pypacker import ppcap  # noqa: E402
 
-__all__ = ["read_capture"]
+__all__ = ["read_capture", "read_frames"]
 
 _PCAP_MAGICS = {
     b"\xd4\xc3\xb2\xa1": "<",  # µs, little endian
@@ -53,12 +54,25 @@ _BYTE_ORDER_MAGIC = 0x1A2B3C4D
 _OPT_IF_TSRESOL = 9
 _OPT_IF_TSOFFSET = 14
 
+Frame = tuple[int, bytes, int, int]  # ts_ns, frame, wire length, link type
+
 
 def read_capture(path: str | Path, ports: Collection[int] | None = None) -> Iterator[Segment]:
     """Yield the TCP Segments of a pcap or pcapng file, in file order.
 
     Raises CaptureError for a file that cannot be opened, is not a capture file,
     uses a link type frames.py does not decode, or ends in the middle of a record.
+    """
+    for ts_ns, frame, wire_len, linktype in read_frames(path):
+        seg = decode_frame(frame, ts_ns, wire_len, linktype)
+        if seg is not None and (ports is None or wanted(seg, ports)):
+            yield seg
+
+
+def read_frames(path: str | Path) -> Iterator[Frame]:
+    """Yield (ts_ns, frame bytes, wire length, link type) of each packet, in file order.
+
+    Raises CaptureError as read_capture does.
     """
     path = Path(path)
     try:
@@ -67,17 +81,11 @@ def read_capture(path: str | Path, ports: Collection[int] | None = None) -> Iter
     except OSError as exc:
         raise CaptureError(f"cannot read capture file {path}: {exc.strerror}") from exc
     if head[:4] in _PCAP_MAGICS and len(head) == 24:
-        segments = _read_pcap(path, head)
+        yield from _read_pcap(path, head)
     elif len(head) >= 12 and struct.unpack_from("<I", head)[0] == _PCAPNG_SHB:
-        segments = _read_pcapng(path)
+        yield from _read_pcapng(path)
     else:
         raise CaptureError(f"not a pcap or pcapng file: {path}")
-    if ports is None:
-        yield from segments
-    else:
-        for seg in segments:
-            if wanted(seg, ports):
-                yield seg
 
 
 def _check_linktype(path: Path, linktype: int) -> None:
@@ -87,7 +95,7 @@ def _check_linktype(path: Path, linktype: int) -> None:
         )
 
 
-def _read_pcap(path: Path, head: bytes) -> Iterator[Segment]:
+def _read_pcap(path: Path, head: bytes) -> Iterator[Frame]:
     order = _PCAP_MAGICS[head[:4]]
     linktype = struct.unpack_from(order + "I", head, 20)[0] & 0x0FFFFFFF  # high bits: FCS info
     _check_linktype(path, linktype)
@@ -96,9 +104,7 @@ def _read_pcap(path: Path, head: bytes) -> Iterator[Segment]:
         # ppcap yields (ts_ns, frame bytes); it does not expose the original length,
         # so the captured length stands in (it only matters when IP length is 0).
         for ts_ns, frame in reader:
-            seg = decode_frame(frame, int(ts_ns), len(frame), linktype)
-            if seg is not None:
-                yield seg
+            yield int(ts_ns), bytes(frame), len(frame), linktype
     except struct.error as exc:  # a record header cut short at the end of the file
         raise CaptureError(f"{path}: pcap file ends in the middle of a record") from exc
     finally:
@@ -142,7 +148,7 @@ def _read_exact(fh: BinaryIO, n: int, path: Path, offset: int) -> bytes:
     return data
 
 
-def _read_pcapng(path: Path) -> Iterator[Segment]:
+def _read_pcapng(path: Path) -> Iterator[Frame]:
     order = "<"
     ifaces: list[_Iface] = []
     with path.open("rb") as fh:
@@ -186,23 +192,19 @@ def _read_pcapng(path: Path) -> Iterator[Segment]:
                         iface.offset_ns = struct.unpack_from(order + "q", value)[0] * 1_000_000_000
                 ifaces.append(iface)
             elif btype in (_PCAPNG_EPB, _PCAPNG_PB, _PCAPNG_SPB):
-                seg = _packet_block(btype, body, order, ifaces, path, offset)
-                if seg is not None:
-                    yield seg
+                yield _packet_block(btype, body, order, ifaces, path, offset)
             # Other blocks (name resolution, statistics, secrets, custom) carry no packets.
             offset += blen
 
 
-def _packet_block(
-    btype: int, body: bytes, order: str, ifaces: list[_Iface], path: Path, offset: int
-) -> Segment | None:
+def _packet_block(btype: int, body: bytes, order: str, ifaces: list[_Iface], path: Path, offset: int) -> Frame:
     if btype == _PCAPNG_SPB:
         if len(body) < 4 or not ifaces:
             raise CaptureError(f"{path}: corrupt simple packet block at byte {offset}")
         wire = struct.unpack_from(order + "I", body)[0]
         iface = ifaces[0]
         frame = body[4 : 4 + wire]
-        return decode_frame(frame, 0, wire, iface.linktype)  # SPB has no timestamp
+        return 0, frame, wire, iface.linktype  # SPB has no timestamp
     if len(body) < 20:
         raise CaptureError(f"{path}: corrupt packet block at byte {offset}")
     if btype == _PCAPNG_EPB:
@@ -213,4 +215,4 @@ def _packet_block(
         raise CaptureError(f"{path}: packet block at byte {offset} names unknown interface {if_id}")
     iface = ifaces[if_id]
     frame = body[20 : 20 + caplen]
-    return decode_frame(frame, iface.ts_ns((ts_hi << 32) | ts_lo), wire, iface.linktype)
+    return iface.ts_ns((ts_hi << 32) | ts_lo), frame, wire, iface.linktype
