@@ -115,6 +115,8 @@ SELF_FAST_PATH_FLOW_STATES_CAPACITY = "fast_path_flow_states_capacity"
 SELF_FAST_PATH_HANDOVER_MAP_FULL_TOTAL = "fast_path_handover_map_full_total"
 SELF_FAST_PATH_HANDOVERS_SEEDED_TOTAL = "fast_path_handovers_seeded_total"
 SELF_FAST_PATH_HANDOVERS_TOTAL = "fast_path_handovers_total"
+SELF_FAST_PATH_SPLIT_HEADS_TOTAL = "fast_path_split_heads_total"
+SELF_FAST_PATH_HEAD_LOST_TOTAL = "fast_path_head_lost_total"
 # HTTP/2 decoding (core/http2) and TLS capture (capture/tls).
 SELF_HTTP2_CAPS_HIT_TOTAL = "http2_caps_hit_total"
 SELF_HTTP2_CONNECTIONS_TOTAL = "http2_connections_total"

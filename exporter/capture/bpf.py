@@ -81,6 +81,8 @@ FAST_COUNTER_NAMES: tuple[str, ...] = (
     "handover_map_full",  # connections whose record did not fit: dropped in the kernel from then on (expected 0)
     "overtaken",  # response body segments that overtook the one before them, held by range
     "tail_call_failed",  # packets passed up because a scan_progs slot was empty (a loader bug; expected 0)
+    "split_heads",  # requests taken whose head came in more than one segment
+    "head_lost",  # connections given up mid-head whose kept head part was evicted: lost (expected 0)
 )
 
 # Slots of `handover_counters`: why a flow went to user space. `new_flow` is a flow
@@ -96,7 +98,7 @@ HANDOVER_REASONS: tuple[str, ...] = (
     "close",
     "agg_full",
     "head_too_long",  # a request head longer than the kernel scans (HEAD_MAX bytes)
-    "head_split",  # a request head that does not end in its first segment
+    "head_split",  # a head over segments the kernel could not follow to its end (order, a part not kept)
     "path_too_long",  # a path (before '?') longer than the kernel keeps (PATH_LEN bytes)
     "request_body",  # a request announcing a body (Content-Length > 0)
 )
@@ -104,10 +106,11 @@ HANDOVER_REASONS: tuple[str, ...] = (
 # Method ids of the fast path; index 0 is "none". CONNECT never takes it.
 METHODS: tuple[str, ...] = ("", "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "TRACE", "PATCH")
 
-# Must match the C file's MAX_DUR_BOUNDS / MAX_SIZE_BOUNDS / PATH_LEN.
+# Must match the C file's MAX_DUR_BOUNDS / MAX_SIZE_BOUNDS / PATH_LEN / HEAD_MAX.
 MAX_DURATION_BOUNDS = 32
 MAX_SIZE_BOUNDS = 16
 PATH_LEN = 96
+HEAD_MAX = 4096
 
 # Slots of the `config` array.
 _CONFIG_NAMES: tuple[str, ...] = ("loopback", "snaplen", "link_header_len", "fast_path", "node", "iface_set",
@@ -166,6 +169,10 @@ class KernelHandover:
     request_left: int = 0
     # The kernel read HTTP on this connection (a FAST flow), not only its first sequence numbers.
     http_seen: bool = False
+    # A request head the kernel had begun (its earlier segments) when it gave up: head_length bytes
+    # from client_next_seq on, which user space parses first. `head` is None if they were gone.
+    head_length: int = 0
+    head: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,8 +199,10 @@ _FLOW_KEY = struct.Struct("=16s16sHH")  # struct flow_key
 _SKIP_RANGE = struct.Struct("=II")  # struct skip_range: start, end (exclusive)
 _HIST_BOUNDS = struct.Struct(f"={MAX_DURATION_BOUNDS}Q{MAX_SIZE_BOUNDS}QII")  # struct hist_bounds
 # struct fp_handover: start_ns, cseq, sseq, resp_len, resp_seen, status, phase, method, path_len,
-# sseq_known, reason, pad, path, held_ns, held_seq, held_len, req_len, req_left.
-_HANDOVER = struct.Struct(f"=QIIIIHBBBBBB{PATH_LEN}sQIIII")
+# sseq_known, reason, http_seen, path, held_ns, held_seq, held_len, req_len, req_left, head_len, pad.
+_HANDOVER = struct.Struct(f"=QIIIIHBBBBBB{PATH_LEN}sQIIIII4x")
+# struct head_part: seq, len, bytes (twice HEAD_MAX, see the C file; the first len count).
+_HEAD_PART = struct.Struct(f"=II{2 * HEAD_MAX}s")
 # struct http_agg_key: server_ip, port, status, method, path_len, path
 _AGG_KEY = struct.Struct(f"=16sHHBB2x{PATH_LEN}s")
 # struct http_agg_val, all u64: count, dur_sum, resp_sum, dur[], resp[], req_sum, req[]
@@ -210,8 +219,9 @@ _MAP_LAYOUT: dict[str, tuple[int, int]] = {
     "handover_counters": (4, _PER_CPU_U64),
     "body_skip": (_FLOW_KEY.size, 8),  # struct skip_range
     "agg_bounds": (4, _HIST_BOUNDS.size),
-    "flow_state": (_FLOW_KEY.size, 160),  # struct fp_state: only its capacity is read here
+    "flow_state": (_FLOW_KEY.size, 176),  # struct fp_state: only its capacity is read here
     "handover": (_FLOW_KEY.size, _HANDOVER.size),
+    "head_parts": (_FLOW_KEY.size, _HEAD_PART.size),  # a head's earlier segments, for a handover mid-head
     "http_agg": (_AGG_KEY.size, _AGG_VAL_SLOTS * 8),
     "capture_ifaces": (4, 1),  # node-wide capture: ifindexes the --interface patterns match
     "flow_iface": (_FLOW_KEY.size, 4),  # node-wide capture: the interface each connection counts on
@@ -410,6 +420,7 @@ class HttpFilter:
             self._bounds = maps["agg_bounds"]
             self._flow_states = maps["flow_state"]
             self._handovers = maps["handover"]
+            self._head_parts = maps["head_parts"]
             self._aggregates = maps["http_agg"]
             self._ifaces = maps["capture_ifaces"]
             self._interfaces: set[int] = set()
@@ -534,7 +545,7 @@ class HttpFilter:
             if raw is None or not table.delete(key):
                 continue  # gone already (a second reader); nothing to seed
             (start_ns, cseq, sseq, resp_len, resp_seen, status, phase, method, path_len, sseq_known, reason,
-             http_seen, path, held_ns, held_seq, held_len, req_len, req_left) = _HANDOVER.unpack(raw)
+             http_seen, path, held_ns, held_seq, held_len, req_len, req_left, head_len) = _HANDOVER.unpack(raw)
             out.append(KernelHandover(
                 flow=_flow_from_key(key),
                 reason=HANDOVER_REASONS[reason] if reason < len(HANDOVER_REASONS) else "?",
@@ -553,8 +564,23 @@ class HttpFilter:
                 request_length=req_len,
                 request_left=req_left,
                 http_seen=bool(http_seen),
+                head_length=head_len,
+                head=self._take_head_part(key, cseq, head_len) if head_len else None,
             ))
         return out
+
+    def _take_head_part(self, key: bytes, seq: int, length: int) -> bytes | None:
+        """The first `length` bytes of the head starting at `seq` that the kernel kept for this
+        connection (read and deleted), or None when the entry is gone or holds another head."""
+        table = self._head_parts
+        raw = table.lookup(key)
+        if raw is None:
+            return None
+        table.delete(key)
+        part_seq, part_len, data = _HEAD_PART.unpack(raw)
+        if part_seq != seq or part_len < length:
+            return None
+        return bytes(data[:length])
 
     def read_aggregates(self) -> list[KernelAggregate]:
         """Every `http_agg` entry, summed over CPUs (one lookup per entry)."""

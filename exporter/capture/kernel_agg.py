@@ -44,9 +44,11 @@ from exporter.metrics import (
     SELF_FAST_PATH_HANDOVER_MAP_FULL_TOTAL,
     SELF_FAST_PATH_HANDOVERS_SEEDED_TOTAL,
     SELF_FAST_PATH_HANDOVERS_TOTAL,
+    SELF_FAST_PATH_HEAD_LOST_TOTAL,
     SELF_FAST_PATH_OVERTAKEN_SEGMENTS_TOTAL,
     SELF_FAST_PATH_REQUESTS_TOTAL,
     SELF_FAST_PATH_RETRANSMITS_TOTAL,
+    SELF_FAST_PATH_SPLIT_HEADS_TOTAL,
     SELF_FAST_PATH_TAIL_CALL_FAILED_TOTAL,
     ExternalSeries,
     HttpKey,
@@ -260,6 +262,12 @@ class KernelFastPath:
         yield SelfSample(SELF_FAST_PATH_HANDOVER_MAP_FULL_TOTAL, "counter",
                          "Connections whose handover record did not fit the map: the rest of each died in the "
                          "kernel, its exchanges uncounted (expected 0).", fast["handover_map_full"])
+        yield SelfSample(SELF_FAST_PATH_SPLIT_HEADS_TOTAL, "counter",
+                         "Requests taken by the kernel fast path whose head came in more than one segment.",
+                         fast.get("split_heads", 0))
+        yield SelfSample(SELF_FAST_PATH_HEAD_LOST_TOTAL, "counter",
+                         "Connections given up mid-head whose kept head bytes had been evicted: the rest of "
+                         "each died in the kernel, its exchanges uncounted (expected 0).", fast.get("head_lost", 0))
         yield SelfSample(SELF_FAST_PATH_HANDOVERS_SEEDED_TOTAL, "counter",
                          "Handover records user space took up.", self.handovers_seeded)
         for name, value in fast.items():
@@ -275,8 +283,13 @@ def to_handover(record: KernelHandover, realtime_offset_ns: int, seen_ns: int = 
     """A kernel record as the Tracker's seed. Pure: table-tested without a kernel."""
     start_ns = record.start_ns + realtime_offset_ns
     if record.phase == 0:
-        return Handover(record.client_next_seq, record.server_next_seq, start_ns=start_ns, seen_ns=seen_ns,
-                        http_seen=record.http_seen)
+        # A head the kernel had begun: parsed from its first byte, or, were its bytes gone, from
+        # where the kernel stopped (the parser then counts the rest as an error, never as a request).
+        client_next_seq = record.client_next_seq
+        if record.head_length and record.head is None:
+            client_next_seq = (client_next_seq + record.head_length) & 0xFFFFFFFF
+        return Handover(client_next_seq, record.server_next_seq, start_ns=start_ns, seen_ns=seen_ns,
+                        http_seen=record.http_seen, client_prefix=record.head or b"")
     response = record.phase == 2
     return Handover(
         record.client_next_seq,
