@@ -487,9 +487,9 @@ class HttpFilter:
         return self._fast_path
 
     def set_route_ids(self, on: bool) -> None:
-        """Key kernel aggregates with every all-digit path segment as `{id}` (see ids_path in the
-        C file). Only when RouteMapper names such a path exactly as the path sent, which
-        `RouteMapper.digit_segments_are_ids` says."""
+        """Key kernel aggregates with every path segment the route heuristic takes for an id as
+        `{id}` (see ids_path in the C file). Only when RouteMapper names such a path exactly as
+        the path sent, which `RouteMapper.identifiers_are_ids` says."""
         self._route_ids = on
         index = _CONFIG_NAMES.index("route_ids")
         self._config.update(_U32.pack(index), _U32.pack(int(on)))

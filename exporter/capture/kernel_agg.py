@@ -104,7 +104,7 @@ class KernelFastPath:
     def attach(self, bpf_filter: HttpFilter) -> None:
         self._filter = bpf_filter
         # Ids become one kernel key per route shape, when that names every route alike.
-        bpf_filter.set_route_ids(self._routes.digit_segments_are_ids())
+        bpf_filter.set_route_ids(self._routes.identifiers_are_ids())
 
     def detach(self) -> None:
         """Keep what the attached filter counted; call before the filter closes."""
