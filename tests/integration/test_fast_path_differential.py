@@ -27,14 +27,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.capture.bpf import HttpFilter
+from exporter.capture.bpf import PATH_LEN, HttpFilter
 from exporter.capture.bpfsys import test_run as bpf_test_run
 from exporter.capture.frames import LINKTYPE_RAW, decode_frame
 from exporter.capture.kernel_agg import to_handover
 from exporter.core.flows import Tracker
 from exporter.core.http1 import normalise_target
 from exporter.core.model import Exchange
-from exporter.core.routes import heuristic_route
+from exporter.core.routes import _is_identifier, heuristic_route
 from tests.integration.test_fast_path_heads import ACK_FIN, ACK_PSH, frame
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="loads BPF: needs root")
@@ -344,3 +344,66 @@ def test_a_full_handover_map_loses_the_connection_counted_never_mis_paired(bpf_f
     assert after["handover_map_full"] - before["handover_map_full"] == 1
     assert after["flows_deleted"] - before["flows_deleted"] == 1  # the lost connection's state is gone
     assert len(bpf_filter.drain_handovers()) == HANDOVER_ENTRIES
+
+
+def _kernel_key(path: str) -> str:
+    """What the filter keys a path as with route_ids on: every segment of an identifier's shape,
+    at any depth, written `{id}` (routes.py's rule), unless that passes 96 bytes."""
+    shaped = "/".join("{id}" if _is_identifier(segment) else segment for segment in path.split("/"))
+    return shaped if len(shaped) <= PATH_LEN else path
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(paths=st.lists(_paths().filter(lambda p: len(p) <= PATH_LEN),
+                      min_size=1, max_size=12))
+def test_the_kernel_keys_ids_exactly_as_the_route_heuristic_names_them(bpf_filter: HttpFilter,
+                                                                        paths: list[str]) -> None:
+    """The key itself, byte for byte: a UUID, a hash or a token more or less would be a key per id."""
+    before = collections.Counter({agg.path: agg.count for agg in bpf_filter.read_aggregates()
+                                  if agg.server_ip == SERVER})
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    for path in paths:
+        client_port = next(_client_ports)
+        request = frame(CLIENT, client_port, SERVER, PORT, 1, b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode(),
+                        ACK_PSH)
+        assert bpf_test_run(bpf_filter.fd, request) == 0
+        assert bpf_test_run(bpf_filter.fd, frame(SERVER, PORT, CLIENT, client_port, 1, ok, ACK_PSH)) == 0
+        for src, sport, dst, dport, seq in ((SERVER, PORT, CLIENT, client_port, 1 + len(ok)),
+                                            (CLIENT, client_port, SERVER, PORT, 1 + len(request) - ETH - 40)):
+            assert bpf_test_run(bpf_filter.fd, frame(src, sport, dst, dport, seq, b"", ACK_FIN)) == 0
+    after = collections.Counter({agg.path: agg.count for agg in bpf_filter.read_aggregates()
+                                 if agg.server_ip == SERVER})
+    after.subtract(before)
+    assert +after == collections.Counter(_kernel_key(path) for path in paths)
+
+
+AGG_ENTRIES = 8192  # the C file's default
+
+
+def test_past_the_aggregate_map_s_capacity_exchanges_go_to_user_space_counted_never_lost() -> None:
+    """http_agg is bounded and never cleared: a key it has no room for hands its connection over
+    (agg_full) with the exchange open, and user space counts it; keys it holds go on in the kernel."""
+    full = HttpFilter([PORT], loopback=False, link_header_len=0, fast_path=True,
+                      histogram_bounds=((0.001, 0.1), (100.0, 10000.0)))
+    full.set_route_ids(True)
+    ok = [Step(False, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"), Step(False, b"", fin=True),
+          Step(True, b"", fin=True)]
+    try:
+        for i in range(AGG_ENTRIES):  # words, not ids: a key each
+            client_port = 10000 + i
+            request = b"GET /w/k%dx HTTP/1.1\r\nHost: x\r\n\r\n" % i
+            assert bpf_test_run(full.fd, frame(CLIENT, client_port, SERVER, PORT, 1, request, ACK_PSH)) == 0
+            assert bpf_test_run(full.fd, frame(SERVER, PORT, CLIENT, client_port, 1, ok[0].data, ACK_PSH)) == 0
+        assert len(full.read_aggregates()) == AGG_ENTRIES and full.handover_counters()["agg_full"] == 0
+        new_key = [Step(True, b"GET /w/one-too-many HTTP/1.1\r\nHost: x\r\n\r\n"), *ok]
+        reference, fast = run_both(full, new_key, 10, 20)
+        assert fast == reference == {("GET", 200, "/w/one-too-many", "count"): 1,
+                                     ("GET", 200, "/w/one-too-many", "bytes"): 2}
+        assert full.handover_counters()["agg_full"] == 1
+        known_key = [Step(True, b"GET /w/k7x HTTP/1.1\r\nHost: x\r\n\r\n"), *ok]
+        before = full.fast_counters()["exchanges"]
+        reference, fast = run_both(full, known_key, 10, 20)
+        assert fast == reference == {("GET", 200, "/w/k7x", "count"): 1, ("GET", 200, "/w/k7x", "bytes"): 2}
+        assert full.fast_counters()["exchanges"] == before + 1 and full.handover_counters()["agg_full"] == 1
+    finally:
+        full.close()
