@@ -16,7 +16,7 @@
  * run and tail-calls itself until the head ends (at most HEAD_MAX / SCAN_CHUNK
  * runs), then http_finish, which runs the per-flow state machine and returns
  * the verdict. Each program has the verifier's whole budget (verified_insns on
- * 6.18: http_filter 1.8k, http_scan 438k, http_finish 627k of 1M), which is
+ * 6.18: http_filter 2.1k, http_scan 439k, http_finish 661k of 1M), which is
  * what lets a head be 4 KB. bpf_loop would do it in one program, but BCC 0.26
  * cannot load its callback (no BPF_PSEUDO_FUNC relocation), hence tail calls.
  *
@@ -37,8 +37,9 @@
  * keyed client -> server) a flow is FAST or SLOW:
  *
  * - A client segment on a flow with no state, or on an idle FAST flow at the
- *   expected seq, is taken when it is one whole request head, with any number
- *   of header lines, and at most its body: GET/HEAD/POST/PUT/DELETE/OPTIONS/
+ *   expected seq, is taken when it is one whole request head (or the start of
+ *   one: SPLIT HEADS below), with any number of header lines, and at most its
+ *   body: GET/HEAD/POST/PUT/DELETE/OPTIONS/
  *   TRACE/PATCH, SP, origin-form target of printable ASCII, " HTTP/1.d" CRLF
  *   (1.0 and 1.1), header lines `token ":" value CRLF` (names matched in any
  *   case), no Transfer-Encoding, at most one Content-Length, head <= HEAD_MAX
@@ -46,6 +47,18 @@
  *   PATH_LEN bytes. The body Content-Length announces may be in the segment,
  *   after it, or both; its bytes are counted by sequence number, never read.
  *   Anything else makes the flow SLOW and the segment goes up.
+ * - SPLIT HEADS. A head that goes on past its segment (a 2 KB head behind a
+ *   1500-byte MTU) is followed over in-order segments, the head as a whole
+ *   still <= HEAD_MAX: the scan's state where it stopped (parser state,
+ *   Content-Length so far, method, path bytes so far) goes into the flow's
+ *   state (PHASE_HEAD, struct head_scan), the segment's bytes into head_parts,
+ *   and the next client segment at cseq resumes the scan from its first byte
+ *   (resume_head, in http_filter, reading the state unclaimed; fast_step,
+ *   claimed, takes the result only at that seq). The request is timed from
+ *   the head's first segment. Out of order, partly retransmitted, answered or
+ *   closed mid-head: handed over like any other segment, and the record says
+ *   how many head bytes the kernel consumed (head_len), which user space reads
+ *   from head_parts and parses first. The bytes are kept only for that case.
  * - A server segment answering it is taken when its head lies in the segment:
  *   "HTTP/1.d NNN" with NNN >= 200 and not 101, strict header lines, at most one
  *   Content-Length of <= 9 digits, no Transfer-Encoding, and framing known
@@ -55,14 +68,17 @@
  *   server address and port, method, status and path: duration, response-size
  *   and request-size bucket counts and sums).
  * - With CFG_ROUTE_IDS (set by user space when RouteMapper allows it), each
- *   all-digit path segment is keyed as "{id}": random ids do not fill http_agg.
+ *   path segment routes.py's heuristic takes for an id (digits; 16+ bytes of
+ *   hex, a UUID, or letters and digits; over 64 bytes) is keyed as "{id}":
+ *   random ids, UUIDs and hashes do not fill http_agg.
  * - FIN/RST on an idle FAST flow die here with its state. Everything else hands
  *   the flow over to user space, counted by reason (HO_*, bpf.py's
  *   HANDOVER_REASONS): new_flow (its first request is not one we take, for no
  *   more specific reason below), request (likewise, later on the connection:
  *   unknown method, absolute form, Transfer-Encoding, a syntax error, bytes
  *   after the head and body), head_too_long (over HEAD_MAX bytes), head_split
- *   (the head does not end in its first segment), path_too_long (over
+ *   (a head over segments not followed to its end: its part not kept, a next
+ *   segment scanned as a head of its own, an answer mid-head), path_too_long (over
  *   PATH_LEN), request_body (the server answered before the request body ended:
  *   100 Continue, 413), pipelined (a request while one is open), response
  *   (interim, 101, or unframed: chunked, close-delimited), extra (bytes past
@@ -104,12 +120,11 @@
  * - `http_agg` is never cleared (reading and deleting races the increments),
  *   so distinct (server, port, method, status, path) keys are bounded by
  *   AGG_ENTRIES; past it, exchanges go to user space (handover reason
- *   agg_full), exactly. Ids in paths: with route_ids on, all-digit segments
+ *   agg_full), exactly. Ids in paths: with route_ids on, id-shaped segments
  *   share a key ("{id}"), which is exact because RouteMapper names such a path
- *   as it names the path sent (routes.py); other id shapes (UUIDs, hashes,
- *   tokens) still take a key each, so a scan of random UUIDs reaches agg_full
- *   and goes to user space. A double-buffered map drained by user space would
- *   lift that too; it is not done.
+ *   as it names the path sent (routes.py), so only distinct route shapes take
+ *   keys. A double-buffered map drained by user space would recycle keys; it
+ *   is not done.
  * - The head scan is a state machine over at most HEAD_MAX bytes, a byte at a
  *   time except inside header values (below), with its state (position
  *   included) in the per-CPU scratch map value, so that http_scan can stop
@@ -126,8 +141,12 @@
  * - The scan costs the sender's softirq about a byte-time per head byte; with
  *   the packet-tap cost every frame pays anyway, that is what separates the
  *   fast path's throughput from the no-capture run in `make bench`.
- * - Kernel memory (not RSS): flow_state ~15 MB, http_agg ~9 MB on 2 CPUs,
- *   handover ~3.5 MB, scratch 2 x 5 KB, all preallocated.
+ * - A split head's bytes are kept in head_parts (LRU, HEAD_PARTS = 1,024, 8 KB
+ *   each) until the head ends: a connection given up mid-head after its entry
+ *   was evicted (more than 1,024 heads in flight at once) is lost, counted
+ *   (head_lost), rather than handed over without the head's start.
+ * - Kernel memory (not RSS): flow_state ~16 MB, http_agg ~9 MB on 2 CPUs,
+ *   head_parts ~8.5 MB, handover ~3.5 MB, scratch 2 x 5 KB, all preallocated.
  *
  * Requirements: Linux >= 4.4 (SO_ATTACH_BPF, bpf_skb_load_bytes for socket
  * filters), BCC with kernel headers. No kprobes, no BTF, no tc.
