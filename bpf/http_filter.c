@@ -117,14 +117,15 @@
  *   exporter tracks. A SLOW flow whose state is evicted would have its next
  *   simple request taken here while user space holds the stream's earlier
  *   part; that is the one inexact case, and it needs > FLOW_STATES live flows.
- * - `http_agg` is never cleared (reading and deleting races the increments),
- *   so distinct (server, port, method, status, path) keys are bounded by
- *   AGG_ENTRIES; past it, exchanges go to user space (handover reason
- *   agg_full), exactly. Ids in paths: with route_ids on, id-shaped segments
- *   share a key ("{id}"), which is exact because RouteMapper names such a path
- *   as it names the path sent (routes.py), so only distinct route shapes take
- *   keys. A double-buffered map drained by user space would recycle keys; it
- *   is not done.
+ * - `http_agg` is cleared only a generation at a time (reading and deleting
+ *   live keys would race the increments; see agg_fence): distinct (server,
+ *   port, method, status, path) keys are bounded by AGG_ENTRIES; past it,
+ *   exchanges go to user space (handover reason agg_full), exactly, until
+ *   user space drains the map, which KernelFastPath does at a read that finds
+ *   it half full. Ids in paths: with route_ids on, id-shaped
+ *   segments share a key ("{id}"), which is exact because RouteMapper names
+ *   such a path as it names the path sent (routes.py), so only distinct route
+ *   shapes take keys.
  * - The head scan is a state machine over at most HEAD_MAX bytes, a byte at a
  *   time except inside header values (below), with its state (position
  *   included) in the per-CPU scratch map value, so that http_scan can stop
@@ -403,7 +404,8 @@ struct http_agg_key {
     u16 status;
     u8 method;
     u8 path_len;
-    u16 pad;
+    u8 gen;             /* CFG_AGG_GEN when added: user space drains the other generation */
+    u8 pad;
     char path[PATH_LEN];
 };
 struct http_agg_val {
@@ -417,6 +419,14 @@ struct http_agg_val {
 };
 BPF_TABLE("percpu_hash", struct http_agg_key, struct http_agg_val, http_agg, AGG_ENTRIES);
 BPF_ARRAY(agg_zero, struct http_agg_val, 1);  /* never written: the initial value */
+
+/* Recycling http_agg (HttpFilter.drain_aggregates): user space flips CFG_AGG_GEN, then
+ * updates agg_fence, which returns only once every BPF program running at that moment has
+ * finished (a map-in-map update waits for an RCU grace period). From then on nothing adds to
+ * the old generation's keys: user space reads them whole and deletes them, and no
+ * increment is lost. Neither map is used by the programs. */
+BPF_ARRAY(agg_fence_inner, u32, 1);
+BPF_ARRAY_OF_MAPS(agg_fence, "agg_fence_inner", 1);
 
 /* Per-CPU work area: payload bytes, the scanner's state (kept in memory on
  * purpose, see the header) and keys/records too big for the 512-byte stack. */
@@ -1141,6 +1151,7 @@ static __always_inline int aggregate(struct scratch *s, struct fp_state *st, str
     ak->status = s->status;  /* set by fast_step for both ways an exchange completes */
     ak->method = st->method;
     ak->path_len = st->path_len;
+    ak->gen = cfg(CFG_AGG_GEN, 0) & 1;
     ak->pad = 0;
     __builtin_memcpy(ak->path, st->path, PATH_LEN);
     struct http_agg_val *v = http_agg.lookup(ak);

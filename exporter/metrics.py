@@ -117,6 +117,7 @@ SELF_FAST_PATH_HANDOVERS_SEEDED_TOTAL = "fast_path_handovers_seeded_total"
 SELF_FAST_PATH_HANDOVERS_TOTAL = "fast_path_handovers_total"
 SELF_FAST_PATH_SPLIT_HEADS_TOTAL = "fast_path_split_heads_total"
 SELF_FAST_PATH_HEAD_LOST_TOTAL = "fast_path_head_lost_total"
+SELF_FAST_PATH_AGGREGATE_DRAINS_TOTAL = "fast_path_aggregate_drains_total"
 # HTTP/2 decoding (core/http2) and TLS capture (capture/tls).
 SELF_HTTP2_CAPS_HIT_TOTAL = "http2_caps_hit_total"
 SELF_HTTP2_CONNECTIONS_TOTAL = "http2_connections_total"

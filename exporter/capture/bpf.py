@@ -114,7 +114,7 @@ HEAD_MAX = 4096
 
 # Slots of the `config` array.
 _CONFIG_NAMES: tuple[str, ...] = ("loopback", "snaplen", "link_header_len", "fast_path", "node", "iface_set",
-                                  "route_ids")
+                                  "route_ids", "agg_gen")
 
 # 256 KiB, as tcpdump: a GSO super-packet on lo is up to 14 + 65535 bytes, so
 # 65535 would clip the tail of the largest ones.
@@ -203,8 +203,8 @@ _HIST_BOUNDS = struct.Struct(f"={MAX_DURATION_BOUNDS}Q{MAX_SIZE_BOUNDS}QII")  # 
 _HANDOVER = struct.Struct(f"=QIIIIHBBBBBB{PATH_LEN}sQIIIII4x")
 # struct head_part: seq, len, bytes (twice HEAD_MAX, see the C file; the first len count).
 _HEAD_PART = struct.Struct(f"=II{2 * HEAD_MAX}s")
-# struct http_agg_key: server_ip, port, status, method, path_len, path
-_AGG_KEY = struct.Struct(f"=16sHHBB2x{PATH_LEN}s")
+# struct http_agg_key: server_ip, port, status, method, path_len, gen, pad, path
+_AGG_KEY = struct.Struct(f"=16sHHBBBx{PATH_LEN}s")
 # struct http_agg_val, all u64: count, dur_sum, resp_sum, dur[], resp[], req_sum, req[]
 _AGG_VAL_SLOTS = 3 + MAX_DURATION_BOUNDS + 1 + MAX_SIZE_BOUNDS + 1 + 1 + MAX_SIZE_BOUNDS + 1
 _AGG_REQ_SUM = 3 + MAX_DURATION_BOUNDS + 1 + MAX_SIZE_BOUNDS + 1
@@ -228,7 +228,11 @@ _MAP_LAYOUT: dict[str, tuple[int, int]] = {
     "tls_flows": (_FLOW_KEY.size, 1),
     "syn_seq": (_FLOW_KEY.size, 4),  # server's first data seq per connection, from its SYN-ACK
     "scan_progs": (4, 4),  # prog array: holding its fd keeps the tail-call slots filled
+    "agg_fence": (4, 4),  # array of maps: updating it waits until no BPF program runs (drain_aggregates)
+    "agg_fence_inner": (4, 4),
 }
+# Must match the C file's AGG_ENTRIES.
+AGG_ENTRIES = 8192
 # Must match the C file's CAPTURE_IFACES.
 MAX_CAPTURE_INTERFACES = 4096
 
@@ -385,6 +389,7 @@ class HttpFilter:
         require_privileges()
         self._fast_path = fast_path
         self._route_ids = False
+        self._agg_gen = 0  # the generation http_agg keys are added in (drain_aggregates)
         self._n_dur = self._n_size = 0
         self._watched: set[int] = set()  # what watched_ports holds: an array is not worth walking
         release = platform.release()
@@ -422,6 +427,8 @@ class HttpFilter:
             self._handovers = maps["handover"]
             self._head_parts = maps["head_parts"]
             self._aggregates = maps["http_agg"]
+            self._fence = maps["agg_fence"]
+            self._fence_inner = maps["agg_fence_inner"]
             self._ifaces = maps["capture_ifaces"]
             self._interfaces: set[int] = set()
             self._tls_flows = maps["tls_flows"]
@@ -453,7 +460,7 @@ class HttpFilter:
             raise CaptureError(f"link header length {link_header_len} unsupported (0 or 14)")
         values = {"loopback": int(loopback), "snaplen": snaplen, "link_header_len": link_header_len,
                   "fast_path": int(self._fast_path), "node": int(node), "iface_set": int(interface_set),
-                  "route_ids": int(self._route_ids)}
+                  "route_ids": int(self._route_ids), "agg_gen": self._agg_gen}
         for i, name in enumerate(_CONFIG_NAMES):
             self._config.update(_U32.pack(i), _U32.pack(values[name]))
 
@@ -584,6 +591,24 @@ class HttpFilter:
 
     def read_aggregates(self) -> list[KernelAggregate]:
         """Every `http_agg` entry, summed over CPUs (one lookup per entry)."""
+        return self._aggregates_of(None)
+
+    def drain_aggregates(self) -> list[KernelAggregate]:
+        """Take every `http_agg` entry out of the map, whole, making room for new keys.
+
+        Keys carry the generation they were added in. The kernel is switched to the other one,
+        then an update of `agg_fence` (a map-in-map update returns after an RCU grace period)
+        waits until no program that may have read the old generation is still running; the
+        old generation's entries are then final, and are read and deleted. Not for concurrent
+        use with `read_aggregates` (KernelFastPath holds a lock around both).
+        """
+        old = self._agg_gen
+        self._agg_gen = old ^ 1
+        self._config.update(_U32.pack(_CONFIG_NAMES.index("agg_gen")), _U32.pack(self._agg_gen))
+        self._fence.update(_U32.pack(0), _U32.pack(self._fence_inner.fd))
+        return self._aggregates_of(old, delete=True)
+
+    def _aggregates_of(self, gen: int | None, delete: bool = False) -> list[KernelAggregate]:
         n_dur = self._n_dur + 1
         n_size = self._n_size + 1
         out: list[KernelAggregate] = []
@@ -591,9 +616,14 @@ class HttpFilter:
         stride = table.value_stride // 8
         slots = _AGG_VAL_SLOTS
         for key in list(table.keys()):
+            server_ip, port, status, method, path_len, key_gen, path = _AGG_KEY.unpack(key)
+            if gen is not None and key_gen != gen:
+                continue
             raw = table.lookup(key)
             if raw is None:
                 continue  # never deleted by the kernel; only a concurrent reader could
+            if delete:
+                table.delete(key)
             words = memoryview(raw).cast("Q")
             # Column sums over CPUs: slot j of CPU c is words[c * stride + j].
             totals = [sum(words[j::stride]) for j in range(slots)]
@@ -603,7 +633,6 @@ class HttpFilter:
             dur = totals[3:3 + n_dur]
             resp = totals[3 + MAX_DURATION_BOUNDS + 1:3 + MAX_DURATION_BOUNDS + 1 + n_size]
             req = totals[_AGG_REQ_SUM + 1:_AGG_REQ_SUM + 1 + n_size]
-            server_ip, port, status, method, path_len, path = _AGG_KEY.unpack(key)
             out.append(KernelAggregate(
                 server_ip=_ip_from_key(server_ip),
                 port=port,

@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.capture.bpf import PATH_LEN, HttpFilter
+from exporter.capture.bpf import AGG_ENTRIES, PATH_LEN, HttpFilter
 from exporter.capture.bpfsys import test_run as bpf_test_run
 from exporter.capture.frames import LINKTYPE_RAW, decode_frame
 from exporter.capture.kernel_agg import to_handover
@@ -377,12 +377,10 @@ def test_the_kernel_keys_ids_exactly_as_the_route_heuristic_names_them(bpf_filte
     assert +after == collections.Counter(_kernel_key(path) for path in paths)
 
 
-AGG_ENTRIES = 8192  # the C file's default
-
-
-def test_past_the_aggregate_map_s_capacity_exchanges_go_to_user_space_counted_never_lost() -> None:
-    """http_agg is bounded and never cleared: a key it has no room for hands its connection over
-    (agg_full) with the exchange open, and user space counts it; keys it holds go on in the kernel."""
+def test_past_the_aggregate_map_s_capacity_exchanges_go_to_user_space_then_a_drain_makes_room() -> None:
+    """http_agg is bounded: a key it has no room for hands its connection over (agg_full) with the
+    exchange open, and user space counts it; keys it holds go on in the kernel. A drain takes
+    every entry out whole, and new keys are taken in the kernel again."""
     full = HttpFilter([PORT], loopback=False, link_header_len=0, fast_path=True,
                       histogram_bounds=((0.001, 0.1), (100.0, 10000.0)))
     full.set_route_ids(True)
@@ -405,5 +403,11 @@ def test_past_the_aggregate_map_s_capacity_exchanges_go_to_user_space_counted_ne
         reference, fast = run_both(full, known_key, 10, 20)
         assert fast == reference == {("GET", 200, "/w/k7x", "count"): 1, ("GET", 200, "/w/k7x", "bytes"): 2}
         assert full.fast_counters()["exchanges"] == before + 1 and full.handover_counters()["agg_full"] == 1
+        drained = full.drain_aggregates()
+        assert len(drained) == AGG_ENTRIES and full.read_aggregates() == []
+        assert {agg.path: agg.count for agg in drained} == {f"/w/k{i}x": 1 + (i == 7) for i in range(AGG_ENTRIES)}
+        reference, fast = run_both(full, new_key, 10, 20)
+        assert fast == reference and full.handover_counters()["agg_full"] == 1
+        assert [(agg.path, agg.count) for agg in full.read_aggregates()] == [("/w/one-too-many", 1)]
     finally:
         full.close()
