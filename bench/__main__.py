@@ -35,14 +35,16 @@ from bench.report import (
     render_rich,
 )
 from bench.runner import CONFIGS, REPO, Load, Placement, Runner, RunResult, run_quiet
+from bench.soak import soak_table
 from bench.wrk import churn_script, paced_script, realistic_script
 from exporter.capture.bpfsys import enable_run_time_stats
 
-SCENARIOS = ("red", "realistic", "size", "rate", "conns", "soak", "h2", "node", "tls")
-DEFAULT_DURATION = {"red": 20.0, "realistic": 20.0, "size": 10.0, "rate": 20.0, "conns": 20.0, "soak": 600.0,
-                    "h2": 10.0, "node": 20.0, "tls": 10.0}
+SCENARIOS = ("red", "realistic", "realistic-soak", "size", "rate", "conns", "soak", "h2", "node", "tls")
+DEFAULT_DURATION = {"red": 20.0, "realistic": 20.0, "realistic-soak": 600.0, "size": 10.0, "rate": 20.0,
+                    "conns": 20.0, "soak": 600.0, "h2": 10.0, "node": 20.0, "tls": 10.0}
 SIDE_BY_SIDE = ("baseline", "exporter")
-DEFAULT_CONFIGS = {"red": CONFIGS, "realistic": SIDE_BY_SIDE, "size": SIDE_BY_SIDE, "rate": ("exporter",),
+DEFAULT_CONFIGS = {"red": CONFIGS, "realistic": SIDE_BY_SIDE, "realistic-soak": ("exporter",),
+                   "size": SIDE_BY_SIDE, "rate": ("exporter",),
                    "conns": SIDE_BY_SIDE, "soak": ("exporter",), "h2": SIDE_BY_SIDE, "node": SIDE_BY_SIDE,
                    "tls": SIDE_BY_SIDE}
 H2_STREAMS = 10  # h2load -m: concurrent streams per connection
@@ -68,6 +70,7 @@ the first seconds only. Other load is CPU used during the load by processes outs
 ~0.1, something else shared the 2 cores and the run is noisy. Medians are column-wise."""
 SHUFFLE_SEED = 20261130  # the shuffled order is the same from one invocation to the next
 SOAK_SAMPLE_S = 10.0
+REALISTIC_SOAK_SAMPLE_S = 30.0
 SOAK_CLOSE_EVERY = 100
 CONNS = 10_000
 NUMERIC = ("machine_us", "kernel_share", "route_mismatch",
@@ -145,7 +148,7 @@ class Bench:
         self.errors: list[str] = []
 
     def interleaved(self, plan: Sequence[tuple[str, Load]], rss_every_s: float | None = None,
-                    shuffle: bool = False) -> list[dict[str, Any]]:
+                    shuffle: bool = False, soak_every_s: float | None = None) -> list[dict[str, Any]]:
         """Run the plan `repeat` times, in plan order each time or shuffled; ratios against the same
         round's baseline."""
         rows: list[dict[str, Any]] = []
@@ -162,7 +165,7 @@ class Bench:
                 self.echo(f"  run {round_no}/{self.repeat}: {what} "
                           f"({load.tool} -t{load.threads} -c{load.connections}{streams} -d{load.duration_s:g}s)")
                 try:
-                    result = self.runner.run(config, load, rss_every_s)
+                    result = self.runner.run(config, load, rss_every_s, soak_every_s)
                 except BenchError as exc:
                     result = RunResult(config, load.label, error=str(exc))
                     self.errors.append(f"{config} {load.label} run {round_no}: {exc}")
@@ -174,6 +177,8 @@ class Bench:
                 row = result.row(baseline.get(load.label))
                 row["run"] = round_no
                 row["rss_samples"] = result.rss_samples  # type: ignore[assignment]
+                row["soak_samples"] = result.soak_samples  # type: ignore[assignment]
+                row["soak_before"] = result.soak_before  # type: ignore[assignment]
                 rows.append(row)
         return rows
 
@@ -198,18 +203,21 @@ def _group_key(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--scenario", type=click.Choice(SCENARIOS), default="red", show_default=True,
               help="red: the three configurations side by side; realistic: browser-sized heads to 100k "
-                   "random ids, counts per (status, route) against nginx's log; size: response bodies "
+                   "random ids, counts per (status, route) against nginx's log; realistic-soak: the same "
+                   f"for 10 minutes, sampled every {REALISTIC_SOAK_SAMPLE_S:g} s (kernel path share, RSS, "
+                   "aggregate map keys, counts against the log); size: response bodies "
                    "1 KB-1 MB; rate: low paced rates vs full load, with latency spot checks; conns: 10k "
                    "open connections; soak: RSS over a long run; h2: h2load against nginx h2c (HTTP/2 "
                    "streams), paced and unpaced; node: wrk through a veth and a bridge; tls: nginx over "
                    "HTTPS.")
 @click.option("--duration", type=click.FloatRange(1, 86400),
-              help="Seconds of load per run [default: 20; size 10; soak 600].")
+              help="Seconds of load per run [default: 20; size 10; soak and realistic-soak 600].")
 @click.option("--connections", type=click.IntRange(1, 60000), default=32, show_default=True,
               help="wrk -c (the conns scenario uses 10000).")
 @click.option("--threads", type=click.IntRange(1, 64), default=1, show_default=True, help="wrk -t.")
-@click.option("--repeat", type=click.IntRange(1, 100), default=3, show_default=True,
-              help="Rounds of the configurations, interleaved; medians are reported.")
+@click.option("--repeat", type=click.IntRange(1, 100),
+              help="Rounds of the configurations, interleaved; medians are reported [default: 3; "
+                   "realistic-soak 1].")
 @click.option("--configs", help="Comma-separated subset of baseline,seed,exporter [default: per scenario].")
 @click.option("--rates", help="rate and h2 scenarios: paced request rates per second, compared with unpaced "
                               f"full load [default: rate 100,1000; h2 {H2_RATES}].")
@@ -219,7 +227,7 @@ def _group_key(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @click.option("--filter-stats", is_flag=True,
               help="Also measure the BPF filter's own CPU per request (kernel run time statistics; they add "
                    "two clock reads per filter run, so throughput is quoted without them).")
-def main(scenario: str, duration: float | None, connections: int, threads: int, repeat: int,
+def main(scenario: str, duration: float | None, connections: int, threads: int, repeat: int | None,
          configs: str | None, rates: str | None, markdown: bool, keep_workdir: bool, filter_stats: bool) -> None:
     """Load benchmark: nginx on lo under wrk, with no capture, the 2021 seed design, and the exporter.
 
@@ -228,6 +236,7 @@ def main(scenario: str, duration: float | None, connections: int, threads: int, 
     """
     markdown = markdown or not sys.stdout.isatty()
     duration = duration or DEFAULT_DURATION[scenario]
+    repeat = repeat or (1 if scenario == "realistic-soak" else 3)
     chosen = tuple(c.strip() for c in configs.split(",")) if configs else DEFAULT_CONFIGS[scenario]
     unknown = set(chosen) - set(CONFIGS)
     if unknown:
@@ -306,17 +315,22 @@ def _run_scenario(bench: Bench, scenario: str, chosen: Sequence[str], duration: 
                          f"-d{duration:g}s, keep-alive", rows, columns, bench.repeat)
         tables[-1].note = TLS_NOTE + "\n" + NOTE
         return tables
-    if scenario == "realistic":
+    if scenario in ("realistic", "realistic-soak"):
         load = Load(duration, connections, threads, script=realistic_script(REALISTIC_IDS),
                     label="realistic", error_responses=True)
-        rows = bench.interleaved([(c, load) for c in chosen], shuffle=True)
+        soak_every_s = REALISTIC_SOAK_SAMPLE_S if scenario == "realistic-soak" else None
+        rows = bench.interleaved([(c, load) for c in chosen], shuffle=True, soak_every_s=soak_every_s)
+        soak_tables = [
+            soak_table(f"realistic soak, run {row['run']} ({row['config']}): sampled every {soak_every_s:g} s",
+                       row["soak_samples"], row["soak_before"], soak_every_s)
+            for row in rows if soak_every_s and row.get("soak_samples") and row.get("soak_before") is not None]
         columns = [COL_CONFIG, COL_RPS, COL_RATIO, COL_REQUESTS, COL_UNFINISHED, COL_COUNTED, COL_MISMATCH,
                    COL_SHARE, COL_DROPS, COL_MACHINE, COL_CPU, *([COL_FILTER] if filter_stats else []),
                    COL_RSS, COL_OTHER]
         tables = _tables(f"browser-sized heads to {REALISTIC_IDS} ids on lo, wrk -t{threads} -c{connections} "
                          f"-d{duration:g}s", rows, columns, bench.repeat)
         tables[-1].note = REALISTIC_NOTE
-        return tables
+        return [*soak_tables, *tables]
     if scenario == "size":
         plan = [(c, Load(duration, connections, threads, path=path, label=size))
                 for size, path in BODY_PATHS.items() for c in chosen]

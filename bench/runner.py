@@ -23,6 +23,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from bench.netns import Pod
 from bench.nginx import Nginx
 from bench.procs import BenchError, Child, Children, wait_until
 from bench.scrape import CLK_TCK, Scrape, fetch_scrape, read_proc
+from bench.soak import LogCounter, SoakSample
 from bench.wrk import WrkResult, parse_wrk
 
 __all__ = ["CONFIGS", "REPO", "Load", "Placement", "RunResult", "Runner"]
@@ -99,6 +101,8 @@ class RunResult:
     logged_by_route: dict[tuple[str, str], int] = field(default_factory=dict)  # nginx, finished only
     counted_by_route: dict[tuple[str, str], float] = field(default_factory=dict)  # exporter
     rss_samples: list[tuple[float, float]] = field(default_factory=list)  # (seconds into load, MB)
+    soak_samples: list[SoakSample] = field(default_factory=list)  # the realistic-soak scenario
+    soak_before: Scrape | None = None  # the exporter's /metrics before the load
     error: str = ""
 
     def row(self, baseline_rps: float | None = None) -> dict[str, float | int | str | None]:
@@ -219,7 +223,8 @@ class Runner:
 
     # -- one run --------------------------------------------------------------
 
-    def run(self, config: str, load: Load, rss_every_s: float | None = None) -> RunResult:
+    def run(self, config: str, load: Load, rss_every_s: float | None = None,
+            soak_every_s: float | None = None) -> RunResult:
         self._n += 1
         result = RunResult(config, load.label)
         server = self.placement.server
@@ -243,7 +248,11 @@ class Runner:
             filter0 = _filter_run_time_s(capture.pid) if capture else 0.0
             probes0 = _filter_run_time_s(capture.pid, _TRACING_TYPES) if capture else 0.0
             machine0, own0, t0 = _machine_busy_s(), _own_cpu_s(), time.monotonic()
-            result.wrk, result.rss_samples = self._wrk(load, nginx, capture, rss_every_s)
+            soak = None
+            if soak_every_s and capture is not None and listen:
+                soak = self._soak_sampler(result, nginx, capture, listen, soak_every_s)
+                result.soak_before = before
+            result.wrk, result.rss_samples = self._wrk(load, nginx, capture, rss_every_s, soak)
             ours = (_process_tree_cpu(nginx.child.pid) - nginx_cpu0 + _own_cpu_s() - own0
                     + (read_proc(capture.pid).cpu_s - cpu0 if capture and capture.alive() else 0.0))
             machine_load_s = _machine_busy_s() - machine0
@@ -300,8 +309,25 @@ class Runner:
                 self.children.stop(capture)
             nginx.stop()
 
-    def _wrk(self, load: Load, nginx: Nginx, capture: Child | None,
-             rss_every_s: float | None) -> tuple[WrkResult, list[tuple[float, float]]]:
+    def _soak_sampler(self, result: RunResult, nginx: Nginx, capture: Child, listen: str,
+                      every_s: float) -> Callable[[float], None]:
+        """A callback for _wrk: every `every_s`, one SoakSample into `result` (bench/soak.py)."""
+        log = LogCounter(nginx.access_log)
+        due = [0.0]
+
+        def sample(seconds: float) -> None:
+            if seconds < due[0]:
+                return
+            due[0] += every_s
+            try:
+                scrape = fetch_scrape(listen, nginx.port)
+            except OSError:
+                return  # a scrape that timed out under load: the table shows the missing row
+            result.soak_samples.append(SoakSample(seconds, log.count(), scrape, read_proc(capture.pid).rss_mb))
+        return sample
+
+    def _wrk(self, load: Load, nginx: Nginx, capture: Child | None, rss_every_s: float | None,
+             progress: Callable[[float], None] | None = None) -> tuple[WrkResult, list[tuple[float, float]]]:
         script = None
         if load.script:
             script = self.workdir / f"load{self._n}.lua"
@@ -324,6 +350,8 @@ class Runner:
                 if rss_every_s and capture is not None and now >= next_sample:
                     samples.append((now - start, read_proc(capture.pid).rss_mb))
                     next_sample += rss_every_s
+                if progress is not None:
+                    progress(now - start)
                 time.sleep(0.05)
         finally:
             self.children.stop(child)

@@ -12,6 +12,7 @@ from exporter.metrics import (
     HTTP_DURATION,
     SELF,
     SELF_EXCHANGES_TOTAL,
+    SELF_FAST_PATH_AGGREGATES,
     SELF_FAST_PATH_EXCHANGES_TOTAL,
     SELF_KERNEL_DROPS_TOTAL,
     SELF_PACKETS_RECEIVED_TOTAL,
@@ -34,6 +35,7 @@ class Scrape:
     packets: float | None
     tls_lost: float | None = None  # TLS events the ring buffer had no room for
     fast_path_exchanges: float | None = None
+    fast_path_aggregates: float | None = None  # keys in the kernel's aggregate map
     # request count per (http_response_status_code, http_route) for the port
     by_status_route: dict[tuple[str, str], float] = field(default_factory=dict)
 
@@ -61,6 +63,7 @@ def parse_scrape(text: str, port: int) -> Scrape:
         packets=self_metrics.get(SELF_PACKETS_RECEIVED_TOTAL),
         tls_lost=self_metrics.get(SELF_TLS_EVENTS_LOST_TOTAL),
         fast_path_exchanges=self_metrics.get(SELF_FAST_PATH_EXCHANGES_TOTAL),
+        fast_path_aggregates=self_metrics.get(SELF_FAST_PATH_AGGREGATES),
         by_status_route=by_status_route,
     )
 

@@ -27,12 +27,19 @@
  * that each event names the listening fd its connection was accepted from: user space
  * resolves that one when a short connection is gone before its first event is read.
  *
- * User space resolves (tgid, fd) to the socket's addresses from /proc and
- * writes a verdict into `tls_verdicts`: WATCH when the local port is a watched
- * port (the server's accepted socket), IGNORE otherwise (clients on this host,
- * other services). An IGNORE connection costs one hash lookup per SSL call from
- * then on: no thread marking, no copy, no event. close(fd) drops the verdict
- * (the fd number will be reused) and tells user space.
+ * connect() marks its fd a client socket (`tls_clients`): the process is the
+ * client side, never counted, and its SSL calls are dropped here from the first.
+ * For the others, user space resolves (tgid, fd) to the socket's addresses from
+ * /proc and writes a verdict into `tls_verdicts`: WATCH when the local port is a
+ * watched port (the server's accepted socket), IGNORE otherwise (other services,
+ * clients that connected before we looked). An ignored connection costs one or
+ * two hash lookups per SSL call from then on: no thread marking, no copy, no
+ * event. close(fd) drops both (the fd number will be reused) and tells user
+ * space when it had heard of the fd.
+ *
+ * The ring: the reader is woken once TLS_WAKE_BYTES are unread, not per event
+ * (it also reads every POLL_S), and past TLS_TRIM_BYTES unread a call copies
+ * its first TLS_PREFIX bytes only; see tls.py for the sizes and why.
  *
  * Events (`struct tls_event`, 48-byte header then data) go through the
  * `tls_events` ring buffer. One SSL call's bytes are sent in chunks of at most
@@ -62,6 +69,7 @@
 
 #define VERDICT_WATCH 1
 #define VERDICT_IGNORE 2
+#define VERDICT_QUIET 3  /* ignored by the kernel itself (see tls_listeners): user space never heard of it */
 
 #define KIND_READ 0
 #define KIND_WRITE 1
@@ -135,15 +143,34 @@ BPF_TABLE("lru_hash", u32, struct tls_call, tls_calls, 16384);
  * resolve its port when a short connection is already closed by the time its first
  * event is read. */
 BPF_TABLE("lru_hash", u32, s32, tls_accepting, 16384);
+/* How many threads are inside accept() now: sys_exit runs for every syscall on the host, and
+ * while this is 0 (an nginx worker's accepts are short) one array read is all it costs. A thread
+ * that never leaves its accept (killed before the exit tracepoint) only makes sys_exit look up. */
+BPF_ARRAY(tls_accepts_open, s64, 1);
 BPF_TABLE("lru_hash", struct tls_sock_key, s32, tls_accepted, 65536);
 /* fds an SSL call returned data on: their close() is reported, so that user space never
  * takes the next socket with the same number for the old connection. */
 BPF_TABLE("lru_hash", struct tls_sock_key, u8, tls_used, 65536);
 BPF_TABLE("lru_hash", struct tls_state_key, struct tls_state, tls_state, 65536);
 BPF_TABLE("lru_hash", struct tls_sock_key, u8, tls_verdicts, 65536);
+/* Sockets their process connect()ed: it is the client side, never counted, so their SSL calls are
+ * dropped here from the first one, with no event and no /proc lookup in user space (wrk's, curl's,
+ * a proxy's upstream connections). A map of their own: connect() churn on the host (unix sockets
+ * too) must not evict the verdicts user space set. */
+BPF_TABLE("lru_hash", struct tls_sock_key, u8, tls_clients, 65536);
+/* Listening sockets user space found on a port it does not watch (another TLS service on the host):
+ * what they accept is dropped here from its first call, before any event. close() drops the entry,
+ * so a reused fd number is asked about again. */
+BPF_TABLE("lru_hash", struct tls_sock_key, u8, tls_listeners, 4096);
 BPF_TABLE("lru_hash", struct tls_skip_key, struct tls_skip, tls_skips, 65536);
 BPF_RINGBUF_OUTPUT(tls_events, TLS_RING_PAGES);
 BPF_PERCPU_ARRAY(tls_counters, u64, TC_COUNT);
+/* [RING_PRODUCED] bytes the probes put in tls_events, [RING_CONSUMED] user space's consumer
+ * position, written after each read: the difference is the unread backlog. Mmapable: user space
+ * writes its position with a store, no bpf(2) call (which --user, dropping CAP_BPF, would lose). */
+#define RING_PRODUCED 0
+#define RING_CONSUMED 1
+BPF_F_TABLE("array", u32, u64, tls_ring_pos, 2, BPF_F_MMAPABLE);
 BPF_PERCPU_ARRAY(tls_scratch, struct tls_event, 1);
 
 static __always_inline void count(u32 slot)
@@ -153,18 +180,60 @@ static __always_inline void count(u32 slot)
         (*value)++;
 }
 
+/* Bytes written to the ring and not yet read by user space: what bpf_ringbuf_query(AVAIL_DATA)
+ * says, which this BCC cannot call (it has no ringbuf_query method before 0.28). */
+static __always_inline u64 ring_pending(void)
+{
+    u32 slot = RING_PRODUCED;
+    u64 *produced = tls_ring_pos.lookup(&slot);
+    slot = RING_CONSUMED;
+    u64 *consumed = tls_ring_pos.lookup(&slot);
+    if (!produced || !consumed)
+        return 0;
+    s64 pending = *produced - *consumed;  /* < 0 while a record is reserved and not yet added */
+    return pending > 0 ? pending : 0;
+}
+
+/* The ring's producer position moves by the record, its 8-byte header, and padding to 8. */
+static __always_inline void ring_produced(u64 size)
+{
+    u32 slot = RING_PRODUCED;
+    u64 *produced = tls_ring_pos.lookup(&slot);
+    if (produced)
+        __sync_fetch_and_add(produced, (size + 8 + 7) & ~7ULL);
+}
+
+/* Wake the reader only once a batch is worth it. Each wakeup is an irq_work, a self-IPI, which
+ * on a virtual machine costs an exit (measured: ~5 us of run time per event with the default
+ * adaptive wakeup); user space also reads the ring at least every POLL_S without being woken. */
+static __always_inline u64 wakeup_flag(u64 pending)
+{
+    return pending >= TLS_WAKE_BYTES ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+}
+
 /* Hand one event to user space; a failure marks the direction so the next event says so. */
-static __always_inline int send(struct tls_event *ev, struct tls_state *state, u32 dir, u64 size)
+static __always_inline int send(struct tls_event *ev, struct tls_state *state, u32 dir, u64 size, u64 wake)
 {
     ev->flags = state->lost[dir & 1] ? TLS_FLAG_AFTER_LOSS : 0;
-    if (tls_events.ringbuf_output(ev, size & (TLS_CHUNK * 2 - 1), 0)) {
+    size &= TLS_CHUNK * 2 - 1;
+    if (tls_events.ringbuf_output(ev, size, wake)) {
         state->lost[dir & 1] = 1;
         count(TC_LOST);
         return -1;
     }
+    ring_produced(size);
     state->lost[dir & 1] = 0;
     count(TC_EVENTS);
     return 0;
+}
+
+/* A socket user space said to ignore, or one its process connected from. */
+static __always_inline int ignored(struct tls_sock_key *key)
+{
+    u8 *verdict = tls_verdicts.lookup(key);
+    if (verdict)
+        return *verdict != VERDICT_WATCH;
+    return tls_clients.lookup(key) != 0;
 }
 
 static __always_inline int enter(struct pt_regs *ctx, u8 kind, u64 out_len)
@@ -174,8 +243,7 @@ static __always_inline int enter(struct pt_regs *ctx, u8 kind, u64 out_len)
     struct tls_state *state = tls_state.lookup(&skey);
     if (state && state->fd >= 0) {
         struct tls_sock_key vkey = {.tgid = id >> 32, .fd = state->fd};
-        u8 *verdict = tls_verdicts.lookup(&vkey);
-        if (verdict && *verdict == VERDICT_IGNORE) {
+        if (ignored(&vkey)) {
             count(TC_IGNORED_CALLS);
             return 0;
         }
@@ -242,18 +310,28 @@ int tls_return(struct pt_regs *ctx)
         return 0;
     }
     struct tls_sock_key vkey = {.tgid = id >> 32, .fd = fd};
-    u8 *verdict = tls_verdicts.lookup(&vkey);
-    if (verdict && *verdict == VERDICT_IGNORE) {
+    if (ignored(&vkey)) {
         count(TC_IGNORED_CALLS);
         return 0;
     }
 
+    s32 *listener = tls_accepted.lookup(&vkey);
+    if (listener && !tls_used.lookup(&vkey)) {
+        /* Not heard of yet by user space: accepted from another service's listener? */
+        struct tls_sock_key lkey = {.tgid = id >> 32, .fd = *listener};
+        if (tls_listeners.lookup(&lkey)) {
+            u8 quiet = VERDICT_QUIET;
+            tls_verdicts.update(&vkey, &quiet);
+            count(TC_IGNORED_CALLS);
+            return 0;
+        }
+    }
     u32 zero = 0;
     struct tls_event *ev = tls_scratch.lookup(&zero);
     if (!ev)
         return 0;
-    s32 *listener = tls_accepted.lookup(&vkey);
-    if (!tls_used.lookup(&vkey)) {
+    int fresh = !tls_used.lookup(&vkey);
+    if (fresh) {
         u8 one = 1;
         tls_used.update(&vkey, &one);
     }
@@ -265,6 +343,20 @@ int tls_return(struct pt_regs *ctx)
     ev->skipped = 0;
     ev->kind = call.kind;
     u64 offset = 0;
+    /* Under pressure (the ring over TLS_TRIM_BYTES unread) a call copies its first TLS_PREFIX
+     * bytes only: where a message starts its head is there, and the rest goes by length (a
+     * body's bytes are only counted). Without it, a few large bodies written faster than user
+     * space can frame them (and hint their skip) would fill the ring and lose heads too. */
+    u64 pending = ring_pending();
+    u64 wake = wakeup_flag(pending);
+    /* The first event of a socket user space has not heard of wakes it at once: it resolves the
+     * socket through /proc, which needs the process alive (a batch read later may be too late). */
+    if (fresh)
+        wake = BPF_RB_FORCE_WAKEUP;
+    u64 chunk = TLS_CHUNK;
+    int trim = pending >= TLS_TRIM_BYTES;
+    if (trim)
+        chunk = TLS_PREFIX;
     struct tls_skip_key kkey = {.tgid = id >> 32, .fd = fd, .dir = dir};
     for (int i = 0; i < TLS_MAX_CHUNKS; i++) {
         if (offset >= total)
@@ -281,15 +373,15 @@ int tls_return(struct pt_regs *ctx)
                 ev->stream_off = base + offset;
                 ev->len = 0;
                 ev->skipped = inside;
-                if (send(ev, state, dir, TLS_EVENT_HEADER))
+                if (send(ev, state, dir, TLS_EVENT_HEADER, wake))
                     return 0;
                 offset += inside;
                 continue;
             }
         }
         u64 n = total - offset;
-        if (n > TLS_CHUNK)
-            n = TLS_CHUNK;
+        if (n > chunk)
+            n = chunk;
         ev->stream_off = base + offset;
         ev->len = n;
         ev->skipped = 0;
@@ -298,18 +390,20 @@ int tls_return(struct pt_regs *ctx)
             state->lost[dir & 1] = 1;
             return 0;
         }
-        if (send(ev, state, dir, TLS_EVENT_HEADER + n))
+        if (send(ev, state, dir, TLS_EVENT_HEADER + n, wake))
             return 0;
         offset += n;
+        if (trim)
+            break;
     }
     if (offset < total) {
         /* The rest by length only: user space counts it as body bytes it cannot read. */
-        count(TC_TRUNCATED);
+        count(trim ? TC_TRIMMED : TC_TRUNCATED);
         u64 rest = total - offset;
         ev->stream_off = base + offset;
         ev->len = 0;
         ev->skipped = rest > 0xffffffff ? 0xffffffff : rest;
-        send(ev, state, dir, TLS_EVENT_HEADER);
+        send(ev, state, dir, TLS_EVENT_HEADER, wake);
     }
     return 0;
 }
@@ -333,14 +427,17 @@ int tls_sys_enter(struct bpf_raw_tracepoint_args *ctx)
         /* Reported when user space knows the fd (a verdict) or may still learn of it (its
          * events in the ring): either way the next socket with this number is another one. */
         int known = 0;
-        if (tls_verdicts.lookup(&vkey)) {
+        u8 *verdict = tls_verdicts.lookup(&vkey);
+        if (verdict) {
+            known = *verdict != VERDICT_QUIET;
             tls_verdicts.delete(&vkey);
-            known = 1;
         }
+        tls_listeners.delete(&vkey);
         if (tls_used.lookup(&vkey)) {
             tls_used.delete(&vkey);
             known = 1;
         }
+        tls_clients.delete(&vkey);
         if (!known)
             return 0;
         struct tls_skip_key kkey = {.tgid = id >> 32, .fd = fd, .dir = KIND_READ};
@@ -362,10 +459,22 @@ int tls_sys_enter(struct bpf_raw_tracepoint_args *ctx)
         ev->skipped = 0;
         ev->kind = KIND_CLOSE;
         ev->flags = 0;
-        if (tls_events.ringbuf_output(ev, TLS_EVENT_HEADER, 0))
+        if (tls_events.ringbuf_output(ev, TLS_EVENT_HEADER, wakeup_flag(ring_pending()))) {
             count(TC_LOST);
-        else
+        } else {
+            ring_produced(TLS_EVENT_HEADER);
             count(TC_EVENTS);
+        }
+        return 0;
+    }
+    if (nr == SYSNR_CONNECT) {
+        u64 id = bpf_get_current_pid_tgid();
+        struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+        long fd = -1;
+        bpf_probe_read_kernel(&fd, sizeof(fd), &PT_REGS_PARM1(regs));
+        struct tls_sock_key vkey = {.tgid = id >> 32, .fd = fd};
+        u8 one = 1;
+        tls_clients.update(&vkey, &one);
         return 0;
     }
     if (nr == SYSNR_ACCEPT || nr == SYSNR_ACCEPT4) {
@@ -374,7 +483,12 @@ int tls_sys_enter(struct bpf_raw_tracepoint_args *ctx)
         bpf_probe_read_kernel(&listen_fd, sizeof(listen_fd), &PT_REGS_PARM1(regs));
         u32 tid = bpf_get_current_pid_tgid();
         s32 value = listen_fd;
+        s32 *before = tls_accepting.lookup(&tid);
         tls_accepting.update(&tid, &value);
+        u32 zero = 0;
+        s64 *open = tls_accepts_open.lookup(&zero);
+        if (open && !before)
+            __sync_fetch_and_add(open, 1);
         return 0;
     }
     if (nr != SYSNR_READ && nr != SYSNR_WRITE && nr != SYSNR_READV && nr != SYSNR_WRITEV &&
@@ -394,6 +508,10 @@ int tls_sys_enter(struct bpf_raw_tracepoint_args *ctx)
 /* The other half of accept tracking: the fd accept returned, tied to its listening fd. */
 int tls_sys_exit(struct bpf_raw_tracepoint_args *ctx)
 {
+    u32 zero = 0;
+    s64 *open = tls_accepts_open.lookup(&zero);
+    if (!open || *open <= 0)
+        return 0;
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = id;
     s32 *listen_fd = tls_accepting.lookup(&tid);
@@ -401,6 +519,7 @@ int tls_sys_exit(struct bpf_raw_tracepoint_args *ctx)
         return 0;
     s32 listener = *listen_fd;
     tls_accepting.delete(&tid);
+    __sync_fetch_and_add(open, -1);
     long ret = ctx->args[1];
     if (ret < 0)
         return 0;

@@ -49,6 +49,7 @@ from exporter.metrics import (  # noqa: E402
     HTTP_RESPONSE_BODY,
     RPC_DURATION,
     SELF,
+    SELF_DEGRADED,
     SELF_EXCHANGES_TOTAL,
     SELF_FILTER_ATTACHED,
     SELF_FILTER_PACKETS_TOTAL,
@@ -744,6 +745,18 @@ def exporter_health() -> dashboard_models.Dashboard:
             4,
         ),
         (stat("Active flows", [target(f"sum({_self(SELF_FLOWS_ACTIVE)})", "flows")], "none"), 6, 4),
+        (
+            timeseries(
+                "Losing data (degraded), by reason",
+                [target(f"max by (reason) ({_self(SELF_DEGRADED)})", "{{reason}}")],
+                "short",
+                description="1 while a loss counter of that reason rose within the exporter's "
+                "--degraded-window (kernel drops, TLS events lost, a full table...): /healthz then says "
+                "degraded with the same reasons. Counts are still true; what was lost is on its counter.",
+            ),
+            24,
+            6,
+        ),
         (
             timeseries(
                 "Packets received and dropped in the kernel",

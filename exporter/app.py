@@ -11,6 +11,10 @@ the loop tries to open the capture again every `REATTACH_EVERY_S` until the inte
 back. After `--user` dropped the privileges there is nothing to reattach with: it stays
 detached (503) and says that a restart is needed.
 
+Falling behind: about once a second the loop reads the self-metric counters that mean lost
+data (exporter/health.py) into a LossWatch; while one rose within --degraded-window, /healthz
+answers 200 "degraded: ..." with the reasons and the `degraded{reason}` gauge is 1.
+
 `--user`: the capture is opened *before* the HTTP server thread starts, and privileges are
 dropped right after, while this is the only thread (capabilities are per thread).
 
@@ -40,6 +44,7 @@ from prometheus_client import CollectorRegistry
 
 from exporter import __version__
 from exporter.config import (
+    DEFAULT_DEGRADED_WINDOW_S,
     DEFAULT_FAST_PATH,
     DEFAULT_INSTANCE_GRACE_S,
     DEFAULT_MAX_ROUTES_PER_PORT,
@@ -51,12 +56,14 @@ from exporter.config import (
 from exporter.core.flows import Limits, Tracker
 from exporter.core.routes import RouteMapper
 from exporter.errors import CaptureError
+from exporter.health import LOSS_SIGNALS, LossWatch, loss_totals
 from exporter.identity.model import SERVICE_NAME_SLOT, ServiceOverride
 from exporter.identity.resolver import REASONS, Resolver
 from exporter.metrics import (
     SELF_CAPTURE_DETACHED_TOTAL,
     SELF_CAPTURE_REATTACHED_TOTAL,
     SELF_DECODE_ERRORS_TOTAL,
+    SELF_DEGRADED,
     SELF_FILTER_ATTACHED,
     SELF_FILTER_PACKETS_TOTAL,
     SELF_KERNEL_DROPS_TOTAL,
@@ -113,6 +120,7 @@ class RunSettings:
     max_servers: int = DEFAULT_MAX_SERVERS
     tls: bool = True  # uprobes on libssl: HTTPS plaintext (capture/tls.py)
     libssl: tuple[str, ...] = ()  # more libssl copies to probe, besides the system's
+    degraded_window_s: float = DEFAULT_DEGRADED_WINDOW_S  # /healthz: how long a loss keeps it degraded
 
 
 def interface_state(interface: str) -> tuple[int, bool] | None:
@@ -134,7 +142,8 @@ class Exporter:
         self.settings = settings
         self.patterns = settings.interfaces or (settings.interface,)
         self.node_wide = is_node_wide(self.patterns)
-        self.health = Health()
+        self.health = Health(settings.degraded_window_s)
+        self.loss_watch = LossWatch(settings.degraded_window_s, time.monotonic())
         self.http = HttpMetrics(settings.duration_buckets) if settings.duration_buckets else HttpMetrics()
         self.routes = RouteMapper(settings.routes, max_routes_per_port=settings.max_routes_per_port)
         sinks = [settings.slo_runtime] if settings.slo_runtime is not None else []
@@ -179,6 +188,12 @@ class Exporter:
             sources.append(self._tls_samples)
         if slo is not None:
             sources.append(slo.self_samples)
+        # The sources holding health.LOSS_SIGNALS' counters, read once a second: not the identity
+        # or SLO ones, which may be long and hold none.
+        self._loss_sources = [self.pipeline.self_samples, self._capture_samples,
+                              *([self.fast.self_samples] if self.fast is not None else []),
+                              *([self._tls_samples] if settings.tls else [])]
+        sources.append(self._health_samples)
         self.registry.register(ExporterCollector(self.http, sources, slo.collect if slo is not None else None))
         description = f"interface {', '.join(self.patterns)}, ports {', '.join(map(str, settings.ports))}"
         self.status_page = StatusPage(self.registry, self.health, description, __version__, slo)
@@ -218,6 +233,23 @@ class Exporter:
         log.info("TLS probes on %s (compiled in %.1f s by the helper process)",
                  ", ".join(tls.probes.libraries), tls.probes.compile_s)
         self.tls = tls
+
+    def _watch_losses(self, now_s: float) -> None:
+        """About once a second: the loss counters into the window; /healthz reads the result."""
+        try:
+            totals = loss_totals(sample for source in self._loss_sources for sample in source())
+        except (OSError, CaptureError) as exc:  # a capture breaking now is the interface check's to report
+            log.debug("reading the loss counters failed: %s", exc)
+            return
+        self.health.losses = self.loss_watch.observe(now_s, totals)
+
+    def _health_samples(self) -> list[SelfSample]:
+        degraded = {loss.reason for loss in self.health.losses}
+        help_text = (f"1 while this reason lost data within the last {self.health.window_s:g}s "
+                     "(--degraded-window); /healthz then says degraded with the same reasons.")
+        return [SelfSample(SELF_DEGRADED, "gauge", help_text, 1.0 if signal.reason in degraded else 0.0,
+                           (("reason", signal.reason),))
+                for signal in LOSS_SIGNALS]
 
     def _capture_samples(self) -> list[SelfSample]:
         samples = [
@@ -419,6 +451,7 @@ class Exporter:
                     next_reattach = now + REATTACH_EVERY_S
                 next_check = now + IFACE_CHECK_EVERY_S
             if now >= next_expire:
+                self._watch_losses(now)
                 if tls is not None:
                     self._feed_tls(tls.reap(time.time_ns()))
                 self.pipeline.expire(time.time_ns())

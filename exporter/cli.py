@@ -17,6 +17,7 @@ import click
 
 from exporter import __version__
 from exporter.config import (
+    DEFAULT_DEGRADED_WINDOW_S,
     DEFAULT_FAST_PATH,
     DEFAULT_INSTANCE_GRACE_S,
     DEFAULT_LISTEN,
@@ -179,6 +180,10 @@ def run_options(func: F) -> F:
         click.option("--web-config", "--web.config.file", "web_config", type=click.Path(dir_okay=False),
                      envvar=env_var("web_config"),
                      help="Prometheus exporter-toolkit web config: TLS and basic auth for the endpoints."),
+        click.option("--degraded-window", type=click.FloatRange(1, 3600), default=DEFAULT_DEGRADED_WINDOW_S,
+                     show_default=True, envvar=env_var("degraded_window"),
+                     help="Seconds a loss (kernel drops, TLS events lost, a full table...) keeps /healthz "
+                          "and the degraded gauge saying degraded after it stops."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -266,6 +271,7 @@ def _run_settings(params: dict[str, Any]) -> RunSettings:
         tls=bool(params.get("tls", True)),
         libssl=tuple(params.get("libssl") or ()),
         web_config=_web_config(params.get("web_config"), params.get("user")),
+        degraded_window_s=float(params.get("degraded_window", DEFAULT_DEGRADED_WINDOW_S)),
     )
 
 

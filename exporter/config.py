@@ -33,6 +33,9 @@ DEFAULT_LISTEN = "0.0.0.0:9640"
 DEFAULT_PUSH_INTERVAL_S = 10  # Reliably indicators: one per objective per interval
 DEFAULT_MAX_ROUTES_PER_PORT = 100
 DEFAULT_FAST_PATH = True  # the kernel aggregates the common exchange; --no-fast-path is the reference
+# /healthz says degraded while a loss counter rose within this many seconds: long enough that a
+# scrape every 15 to 60 s sees the degraded gauge, short enough to clear soon after the loss stops.
+DEFAULT_DEGRADED_WINDOW_S = 60.0
 DEFAULT_BACKOFF_BASE_S = 1.0  # first retry after ~1 s, doubling...
 DEFAULT_BACKOFF_MAX_S = 60.0  # ...up to a minute
 # Where the kubelet writes /var/log/pods/<namespace>_<pod>_<uid>/<container>/ (its sibling
@@ -77,6 +80,7 @@ FILE_KEYS = {
     "instance_grace": "instance_grace",
     "tls": "tls",
     "libssl": "libssl",
+    "degraded_window": "degraded_window",
 }
 
 

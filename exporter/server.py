@@ -20,8 +20,9 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from exporter import __version__
-from exporter.config import ListenAddress
+from exporter.config import DEFAULT_DEGRADED_WINDOW_S, ListenAddress
 from exporter.errors import ConfigError
+from exporter.health import Loss
 
 StartResponse = Callable[..., Any]
 WSGIEnviron = dict[str, Any]
@@ -64,11 +65,22 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 class Health:
-    """What /healthz reports: 503 until the filter is attached, 200 after."""
+    """What /healthz reports.
 
-    def __init__(self) -> None:
+    - 503 "not ready: ..." until the filter is attached, while the capture is detached from
+      its interface, and while stopping: nothing is being captured.
+    - 200 "degraded: ..." while capturing but losing data (exporter.health: a loss counter rose
+      within the window). Still 200: a restart would not help an exporter that is behind, and
+      a liveness probe must not restart it, nor a readiness probe stall a DaemonSet rollout under
+      load. Alert on the ebpf_slo_exporter_degraded gauge instead.
+    - 200 "ok: ..." otherwise.
+    """
+
+    def __init__(self, window_s: float = DEFAULT_DEGRADED_WINDOW_S) -> None:
         self._ready = False
         self._reason = "starting: the BPF filter is not attached yet"
+        self.window_s = window_s
+        self.losses: tuple[Loss, ...] = ()  # replaced whole by the capture thread; read here
 
     def set(self, ready: bool, reason: str) -> None:
         self._ready, self._reason = ready, reason
@@ -81,6 +93,17 @@ class Health:
     def reason(self) -> str:
         return self._reason
 
+    def text(self) -> str:
+        """The /healthz body: its first word is the state (ok, degraded, not ready)."""
+        if not self._ready:
+            return f"not ready: {self._reason}\n"
+        losses = self.losses
+        if not losses:
+            return f"ok: {self._reason}\n"
+        lines = [f"degraded: {', '.join(loss.reason for loss in losses)}; {self._reason}"]
+        lines += [f"{loss.reason}: {loss.count} in the last {self.window_s:g}s: {loss.what}" for loss in losses]
+        return "\n".join(lines) + "\n"
+
 
 LANDING = """<!doctype html>
 <html><head><title>ebpf-slo-exporter</title></head>
@@ -89,7 +112,7 @@ LANDING = """<!doctype html>
 <p>HTTP RED metrics and SLOs from the wire: {what}.</p>
 <ul>
 <li><a href="/metrics">/metrics</a>: Prometheus exposition (OpenMetrics on request)</li>
-<li><a href="/healthz">/healthz</a>: 200 once the filter is attached</li>
+<li><a href="/healthz">/healthz</a>: 200 once the filter is attached (ok, or degraded while losing data)</li>
 <li><a href="/api/v1/slo">/api/v1/slo</a>: SLO results as JSON</li>
 </ul>
 </body></html>
@@ -113,9 +136,8 @@ def build_app(
             return metrics_app(environ, start_response)  # type: ignore[no-any-return]
         if path == "/healthz":
             status = "200 OK" if health.ready else "503 Service Unavailable"
-            body = (("ok: " if health.ready else "not ready: ") + health.reason + "\n").encode()
-            start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
-            return [body]
+            start_response(status, [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")])
+            return [health.text().encode()]
         if path == "/api/v1/slo":
             if slo_snapshot is None:
                 payload: dict[str, Any] = {"status": "disabled", "objectives": [],

@@ -63,6 +63,7 @@ class HealthView:
     kernel_drops: float | None
     parse_errors: float | None
     slo_dropped: float | None
+    losing: str = ""  # the degraded reasons, as /healthz gives them; empty while nothing is lost
 
 
 def _fmt_percent(value: float | None, digits: int = 3) -> str:
@@ -178,9 +179,10 @@ def _route_rows(routes: Sequence[RouteView], uptime_s: float) -> str:
 
 def _health(health: HealthView) -> str:
     attached = "attached" if health.ready else "not attached"
+    losing = f'<li class="bad">Losing data: {html.escape(health.losing)}</li>' if health.losing else ""
     return (
         f'<ul class="health"><li class="{"ok" if health.ready else "bad"}">Filter: {attached} '
-        f"({html.escape(health.reason)})</li>"
+        f"({html.escape(health.reason)})</li>{losing}"
         f"<li>Kernel drops: {_fmt_count(health.kernel_drops)}</li>"
         f"<li>Parse errors: {_fmt_count(health.parse_errors)}</li>"
         f"<li>SLO events dropped: {_fmt_count(health.slo_dropped)}</li></ul>"
@@ -317,6 +319,8 @@ class StatusPage:
             kernel_drops=_self_value(families, "kernel_drops"),
             parse_errors=_self_value(families, "parse_errors"),
             slo_dropped=_self_value(families, "slo_events_dropped"),
+            losing="; ".join(f"{loss.reason}: {loss.count} in the last {self._health.window_s:g}s"
+                             for loss in self._health.losses),
         )
         now = self._clock()
         return render_page(version=self._version, description=self._description, generated_at_s=now,

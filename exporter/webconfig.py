@@ -55,7 +55,7 @@ __all__ = ["AUTH_CACHE_ENTRIES", "BasicAuth", "WebConfig", "load_web_config", "p
 AUTH_CACHE_ENTRIES = 256
 REALM = "ebpf-slo-exporter"
 # Paths served without credentials: liveness/readiness probes carry none. /healthz says
-# only "ok"/"not ready" and why (the interface name, or the capture error).
+# only ok, degraded or not ready and why (the interface name, the capture error, counts lost).
 OPEN_PATHS = frozenset({"/healthz"})
 
 _BCRYPT = re.compile(r"\$2[abxy]?\$\d\d\$[./A-Za-z0-9]{53}")

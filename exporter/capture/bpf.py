@@ -392,6 +392,9 @@ class HttpFilter:
         self._agg_gen = 0  # the generation http_agg keys are added in (drain_aggregates)
         self._n_dur = self._n_size = 0
         self._watched: set[int] = set()  # what watched_ports holds: an array is not worth walking
+        # Keys in http_agg at the last read_aggregates (each scrape reads it); counting them
+        # apart would walk the map a second time.
+        self.aggregate_entries = 0
         release = platform.release()
         build = Path("/lib/modules") / release / "build"
         if not build.is_dir():
@@ -615,7 +618,10 @@ class HttpFilter:
         table = self._aggregates
         stride = table.value_stride // 8
         slots = _AGG_VAL_SLOTS
-        for key in list(table.keys()):
+        keys = list(table.keys())
+        if gen is None:
+            self.aggregate_entries = len(keys)
+        for key in keys:
             server_ip, port, status, method, path_len, key_gen, path = _AGG_KEY.unpack(key)
             if gen is not None and key_gen != gen:
                 continue
@@ -651,6 +657,9 @@ class HttpFilter:
 
     def flow_state_capacity(self) -> int:
         return self._flow_states.info.max_entries
+
+    def aggregate_capacity(self) -> int:
+        return self._aggregates.info.max_entries
 
     def ports(self) -> set[int]:
         return set(self._watched)

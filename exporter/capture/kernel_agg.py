@@ -39,6 +39,8 @@ from exporter.core.routes import RouteMapper
 from exporter.metrics import (
     NO_IDENTITY,
     SELF_FAST_PATH_AGGREGATE_DRAINS_TOTAL,
+    SELF_FAST_PATH_AGGREGATES,
+    SELF_FAST_PATH_AGGREGATES_CAPACITY,
     SELF_FAST_PATH_BUSY_TOTAL,
     SELF_FAST_PATH_EXCHANGES_TOTAL,
     SELF_FAST_PATH_FLOW_STATES_CAPACITY,
@@ -288,6 +290,13 @@ class KernelFastPath:
         if self._filter is not None:
             yield SelfSample(SELF_FAST_PATH_FLOW_STATES_CAPACITY, "gauge",
                              "Size of the kernel's connection state map.", self._filter.flow_state_capacity())
+            yield SelfSample(SELF_FAST_PATH_AGGREGATES, "gauge",
+                             "Keys in the kernel's aggregate map (server, port, method, status, path) at the "
+                             "last read; at capacity, new keys go to user space (handover reason agg_full) until a "
+                             "read drains it (half full is enough).",
+                             self._filter.aggregate_entries)
+            yield SelfSample(SELF_FAST_PATH_AGGREGATES_CAPACITY, "gauge",
+                             "Size of the kernel's aggregate map.", self._filter.aggregate_capacity())
         yield SelfSample(SELF_FAST_PATH_HANDOVER_MAP_FULL_TOTAL, "counter",
                          "Connections whose handover record did not fit the map: the rest of each died in the "
                          "kernel, its exchanges uncounted (expected 0).", fast["handover_map_full"])

@@ -5,8 +5,11 @@ libbpf's ring_buffer__poll, written against the kernel's layout (kernel/bpf/ring
 
     offset 0          one page, read-write: the consumer position (u64)
     offset PAGE       one page, read-only: the producer position (u64)
-    offset 2 * PAGE   the data area, max_entries bytes, mapped twice in a row so that a
-                      record that wraps around is contiguous
+    offset 2 * PAGE   the data area, max_entries bytes
+
+The kernel offers the data area twice in a row (a record that wraps around is then
+contiguous), and maps every page of it at mmap time: each copy counts in full in our RSS.
+We map it once and join a wrapped record's two pieces, which halves what the ring adds.
 
 Each record starts with an 8-byte header: u32 length (bit 31: still being written,
 bit 30: discarded) and u32 page offset; records are padded to 8 bytes. x86-64 and arm64
@@ -40,11 +43,12 @@ class RingBuffer:
         page = mmap.PAGESIZE
         try:
             self._consumer = mmap.mmap(fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
-            self._producer = mmap.mmap(fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+            self._producer = mmap.mmap(fd, page + size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
         except OSError as exc:
             raise CaptureError(f"cannot map the BPF ring buffer: {exc.strerror}") from exc
         self._data = memoryview(self._producer)[page:]
         self._mask = size - 1
+        self._size = size
         self._fd = fd
         self._poller = select.poll()
         self._poller.register(fd, select.POLLIN)
@@ -60,6 +64,11 @@ class RingBuffer:
         self._poller.poll(max(1, int(timeout_s * 1000)))
         return self._drain(limit)
 
+    def consumer_position(self) -> int:
+        """Bytes consumed since the ring was made (the kernel's consumer position)."""
+        position: int = _U64.unpack_from(self._consumer, 0)[0]
+        return position
+
     def pending_bytes(self) -> int:
         producer: int = _U64.unpack_from(self._producer, 0)[0]
         consumer: int = _U64.unpack_from(self._consumer, 0)[0]
@@ -68,16 +77,21 @@ class RingBuffer:
     def _drain(self, limit: int) -> list[bytes]:
         consumer = _U64.unpack_from(self._consumer, 0)[0]
         producer = _U64.unpack_from(self._producer, 0)[0]
-        data, mask = self._data, self._mask
+        data, mask, size = self._data, self._mask, self._size
+        unpack_header = _U32.unpack_from
         out: list[bytes] = []
+        append = out.append
         while consumer < producer and len(out) < limit:
-            offset = consumer & mask
-            header = _U32.unpack_from(data, offset)[0]
+            offset = consumer & mask  # 8-aligned, and the size is a power of two: a header never wraps
+            header = unpack_header(data, offset)[0]
             if header & _BUSY:
                 break  # the producer has not committed it yet; the next read takes it
             length = header & ~(_BUSY | _DISCARD)
             if not header & _DISCARD:
-                out.append(bytes(data[offset + _HEADER:offset + _HEADER + length]))
+                start = (offset + _HEADER) & mask
+                end = start + length
+                append(data[start:end].tobytes() if end <= size else
+                       data[start:].tobytes() + data[:end - size].tobytes())
             consumer += (length + _HEADER + 7) & ~7
         # Release the space: the kernel reuses everything before this position.
         _U64.pack_into(self._consumer, 0, consumer)

@@ -16,9 +16,13 @@ Segment's sequence number, so bytes the kernel could not hand over are a gap of 
 length, as on the wire. A close(fd) of a watched socket becomes a FIN each way.
 
 Which connections count: those whose socket's local port is a watched port, i.e. the
-server's accepted sockets. Everything else (curl on this host, other TLS services, the
-exporter's own clients) gets an IGNORE verdict in the kernel's `tls_verdicts` map after
-its first event, and costs one hash lookup per SSL call from then on.
+server's accepted sockets. The kernel drops client sockets (connect()ed) by itself, and
+sockets accepted from a listener this module found on an unwatched port (`tls_listeners`);
+everything else that is not counted gets an IGNORE verdict in `tls_verdicts` after its
+first event. Either way it costs a hash lookup or two per SSL call from then on.
+
+The ring is read in batches (see TLS_WAKE_BYTES): at least every POLL_S, at once for a
+socket's first event (resolving it needs its process alive), and when 256 KiB wait.
 
 Failures leave as CaptureError; a socket that cannot be resolved is counted
 (`tls_unresolved_sockets_total`) and ignored, never raised.
@@ -27,6 +31,7 @@ Failures leave as CaptureError; a socket that cannot be resolved is counted
 from __future__ import annotations
 
 import glob
+import mmap
 import os
 import platform
 import shutil
@@ -49,6 +54,7 @@ from exporter.metrics import (
     SELF_TLS_CALLS_IGNORED_TOTAL,
     SELF_TLS_CALLS_SKIPPED_TOTAL,
     SELF_TLS_CALLS_TOTAL,
+    SELF_TLS_CALLS_TRIMMED_TOTAL,
     SELF_TLS_CALLS_TRUNCATED_TOTAL,
     SELF_TLS_CALLS_WITHOUT_SOCKET_TOTAL,
     SELF_TLS_CONNECTIONS_EVICTED_TOTAL,
@@ -83,9 +89,10 @@ COUNTER_NAMES: tuple[str, ...] = (
     "lost",  # events the ring buffer had no room for: their bytes are a gap in user space
     "truncated",  # calls longer than TLS_CHUNK * TLS_MAX_CHUNKS: the rest is a gap
     "no_fd",  # calls with data before any syscall showed the SSL*'s socket
-    "ignored_calls",  # calls on connections with an IGNORE verdict, dropped in the kernel
+    "ignored_calls",  # calls on connections with an IGNORE verdict or connect()ed here, dropped in the kernel
     "read_errors",  # bpf_probe_read_user failures (the buffer was not readable)
     "skipped",  # calls (or their head) inside a body stretch user space only counts: length only
+    "trimmed",  # calls cut to their first TLS_PREFIX bytes because the ring was filling: the rest is a gap
 )
 
 # (symbol, entry program) probed in each library; every symbol's return goes to tls_return.
@@ -101,18 +108,26 @@ SYMBOLS: tuple[tuple[str, str], ...] = (
 # lengths by a mask) and per-CPU values are limited to 32 KiB.
 TLS_CHUNK = 8192
 TLS_MAX_CHUNKS = 16
-# 64 MiB with 4 KiB pages. Body bytes cross to user space until the parser has framed the body
-# and its skip hint reached the kernel; a fast server writes a large body in a burst before that,
-# so the ring must hold bursts while the exporter waits for a CPU. Overflow is counted, and
-# becomes a gap of known length (exact when it falls in a body).
-RING_PAGES = 16384
+# 4 MiB with 4 KiB pages: what the ring adds to the exporter's RSS (the kernel maps all of it at
+# mmap time; ringbuf.py maps it once). Body bytes cross to user space until the parser has framed
+# the body and its skip hint reached the kernel, and a fast server writes a large body in a burst
+# before that. So once TLS_TRIM_BYTES are unread, each call copies its first TLS_PREFIX bytes only
+# (a message's head, when one starts there) and sends the rest by length: large bodies cannot fill
+# the ring, and the heads still fit. Overflow is still counted, and becomes a gap of known length.
+RING_PAGES = 1024
+TLS_TRIM_BYTES = 2 * 1024 * 1024
+TLS_PREFIX = 4096
+# The kernel wakes the reader once this much is unread, or for a socket's first event; otherwise the
+# exporter's loop reads the ring every POLL_S (app.py). A wakeup per event cost more than the probe
+# itself (see tls_probes.c) and made the exporter handle one or two events per read.
+TLS_WAKE_BYTES = 256 * 1024
 
 # The syscalls an OpenSSL socket BIO may do its I/O with, and close, by machine.
 SYSCALLS: dict[str, dict[str, int]] = {
     "x86_64": {"read": 0, "write": 1, "close": 3, "readv": 19, "writev": 20, "sendto": 44, "recvfrom": 45,
-               "sendmsg": 46, "recvmsg": 47, "accept": 43, "accept4": 288},
+               "sendmsg": 46, "recvmsg": 47, "accept": 43, "accept4": 288, "connect": 42},
     "aarch64": {"read": 63, "write": 64, "close": 57, "readv": 65, "writev": 66, "sendto": 206, "recvfrom": 207,
-                "sendmsg": 211, "recvmsg": 212, "accept": 202, "accept4": 242},
+                "sendmsg": 211, "recvmsg": 212, "accept": 202, "accept4": 242, "connect": 203},
 }
 
 # Where distributions keep the shared libssl; --libssl adds more.
@@ -136,10 +151,12 @@ VERDICT_IGNORE = b"\x02"
 # struct tls_event's header: ts_ns, ssl, stream_off, tgid, fd, listen_fd, len, skipped, kind, flags, pad[2].
 _EVENT = struct.Struct("=QQQIiiIIBB2x")
 _FLAG_AFTER_LOSS = 1
+_KIND_AT = 44  # struct tls_event's kind: after ts_ns, ssl, stream_off (8 each), tgid, fd, listen_fd, len, skipped
 _SOCK_KEY = struct.Struct("=Ii")  # struct tls_sock_key
 _SKIP_KEY = struct.Struct("=IiI")  # struct tls_skip_key: tgid, fd, dir
 _SKIP = struct.Struct("=II")  # struct tls_skip: start, end (exclusive)
 _U32 = struct.Struct("=I")
+_U64 = struct.Struct("=Q")
 _SEQ_MASK = 0xFFFFFFFF
 _MAX_LISTENERS = 4096
 
@@ -148,7 +165,10 @@ _MAPS: dict[str, tuple[int, int]] = {  # name -> (key size, value size), checked
     "tls_counters": (4, 8),
     "tls_events": (0, 0),
     "tls_skips": (_SKIP_KEY.size, _SKIP.size),
+    "tls_ring_pos": (4, 8),
+    "tls_listeners": (_SOCK_KEY.size, 1),
 }
+_RING_CONSUMED_AT = 8  # tls_ring_pos[1], our consumer position, in the map's mmap (8-byte values from 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +304,8 @@ class TlsProbes:
         cflags.append(f"-DTC_COUNT={len(COUNTER_NAMES)}")
         cflags += [f"-DSYSNR_{name.upper()}={nr}" for name, nr in numbers.items()]
         cflags += [f"-DTLS_CHUNK={TLS_CHUNK}", f"-DTLS_MAX_CHUNKS={TLS_MAX_CHUNKS}",
-                   f"-DTLS_RING_PAGES={RING_PAGES}", "-w"]
+                   f"-DTLS_RING_PAGES={RING_PAGES}", f"-DTLS_TRIM_BYTES={TLS_TRIM_BYTES}",
+                   f"-DTLS_PREFIX={TLS_PREFIX}", f"-DTLS_WAKE_BYTES={TLS_WAKE_BYTES}", "-w"]
         probes = []
         for library in libraries:
             for symbol, entry in SYMBOLS:
@@ -309,14 +330,20 @@ class TlsProbes:
             ncpus = possible_cpus()
             events_fd = map_fds[2]
             self._maps = {"tls_verdicts": BpfMap(map_fds[0], ncpus), "tls_counters": BpfMap(map_fds[1], ncpus),
-                          "tls_skips": BpfMap(map_fds[3], ncpus)}
-            for name in ("tls_verdicts", "tls_counters", "tls_skips"):
+                          "tls_skips": BpfMap(map_fds[3], ncpus), "tls_ring_pos": BpfMap(map_fds[4], ncpus),
+                          "tls_listeners": BpfMap(map_fds[5], ncpus)}
+            for name in ("tls_verdicts", "tls_counters", "tls_skips", "tls_ring_pos", "tls_listeners"):
                 info = self._maps[name].info
                 if (info.key_size, info.value_size) != _MAPS[name]:
                     raise CaptureError(f"BPF map {name} has {info.key_size}-byte keys and {info.value_size}-byte "
                                        f"values, tls.py expects {_MAPS[name]}: tls_probes.c and tls.py disagree")
             self._ring = RingBuffer(events_fd, map_info(events_fd).max_entries)
             self._events_fd = events_fd
+            try:
+                self._ring_pos = mmap.mmap(map_fds[4], mmap.PAGESIZE, mmap.MAP_SHARED,
+                                           mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError as exc:
+                raise CaptureError(f"cannot map the BPF array tls_ring_pos: {exc.strerror}") from exc
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -328,10 +355,18 @@ class TlsProbes:
 
     def read(self, timeout_s: float) -> list[bytes]:
         assert self._ring is not None
-        return self._ring.read(timeout_s)
+        records = self._ring.read(timeout_s)
+        if records:
+            # The probes trim calls while the backlog is large: tell them how far we are.
+            _U64.pack_into(self._ring_pos, _RING_CONSUMED_AT, self._ring.consumer_position())
+        return records
 
     def set_verdict(self, tgid: int, fd: int, watch: bool) -> None:
         self._maps["tls_verdicts"].update(_SOCK_KEY.pack(tgid, fd), VERDICT_WATCH if watch else VERDICT_IGNORE)
+
+    def ignore_listener(self, tgid: int, listen_fd: int) -> None:
+        """A listening socket on a port we do not watch: the kernel drops what it accepts from now on."""
+        self._maps["tls_listeners"].update(_SOCK_KEY.pack(tgid, listen_fd), VERDICT_IGNORE)
 
     def forget_verdict(self, tgid: int, fd: int) -> None:
         self._maps["tls_verdicts"].delete(_SOCK_KEY.pack(tgid, fd))
@@ -356,6 +391,7 @@ class TlsProbes:
         if self._ring is not None:
             self._ring.close()
             self._ring = None
+            self._ring_pos.close()
             os.close(self._events_fd)
         for bpf_map in self._maps.values():
             bpf_map.close()
@@ -472,20 +508,40 @@ class TlsCapture:
         records = self.probes.read(timeout_s)
         if not records:
             return []
-        offset = self._offset()
+        realtime = self._offset()
         out: list[Segment] = []
-        events = []
+        append = out.append
+        unpack, header = _EVENT.unpack_from, _EVENT.size
+        conns = self._conns
+        # A socket closed further on in this batch gets no verdict: the kernel has already
+        # forgotten it, and a verdict now would apply to the next socket with its number.
+        self._closing = {_SOCK_KEY.unpack_from(raw, 24) for raw in records
+                         if len(raw) >= header and raw[_KIND_AT] == KIND_CLOSE}
         for raw in records:
+            if len(raw) < header:
+                self.decode_errors += 1
+                continue
+            ts_ns, ssl, offset, tgid, fd, _listen_fd, length, skipped, kind, flags = unpack(raw)
+            conn = conns.get((tgid, fd))
+            # The common case, inline: data of a known connection, in order (what segments_of does).
+            if (conn is not None and conn.watched and conn.ssl == ssl and kind != KIND_CLOSE
+                    and not flags & _FLAG_AFTER_LOSS and len(raw) == header + length):
+                conns.move_to_end(conn.key)
+                ts = ts_ns + realtime
+                if kind == KIND_WRITE:
+                    (src_ip, src_port), (dst_ip, dst_port) = conn.server, conn.client
+                    conn.next_offset[1] = offset + length + skipped
+                else:
+                    (src_ip, src_port), (dst_ip, dst_port) = conn.client, conn.server
+                    conn.next_offset[0] = offset + length + skipped
+                append(Segment(ts, src_ip, src_port, dst_ip, dst_port, offset & _SEQ_MASK, ACK | PSH,
+                               raw[header:], length + skipped))
+                continue
             event = decode_event(raw)
             if event is None:
                 self.decode_errors += 1
             else:
-                events.append(event)
-        # A socket closed further on in this batch gets no verdict: the kernel has already
-        # forgotten it, and a verdict now would apply to the next socket with its number.
-        self._closing = {(e.tgid, e.fd) for e in events if e.kind == KIND_CLOSE}
-        for event in events:
-            out.extend(self.segments_of(event, offset))
+                out.extend(self.segments_of(event, realtime))
         self._closing = set()
         self.segments += len(out)
         return out
@@ -561,6 +617,11 @@ class TlsCapture:
         if cached is not None and cached[0] == inode:
             return cached[1]
         found = self._resolver.resolve(tgid, listen_fd)
+        if found is not None and found.local_port not in self._ports and self.probes is not None:
+            try:
+                self.probes.ignore_listener(tgid, listen_fd)
+            except CaptureError:
+                pass  # LRU map: never full; a closed map means we are stopping
         if len(self._listeners) >= _MAX_LISTENERS:
             self._listeners.clear()  # listeners are few; a full table means churn, start over
         self._listeners[(tgid, listen_fd)] = (inode, found)
@@ -616,11 +677,18 @@ class TlsCapture:
         """Watched sockets closed without a close() we saw (the process exited, or exec'd): an RST
         each, so their flows end now rather than at the idle timeout. One lstat per watched socket."""
         still_open = is_open or (lambda tgid, fd: os.path.lexists(f"/proc/{tgid}/fd/{fd}"))
-        out: list[Segment] = []
-        for conn in [conn for conn in self._conns.values() if conn.watched and not still_open(*conn.key)]:
-            self._forget(conn)
-            out.append(Segment(now_ns, conn.client[0], conn.client[1], conn.server[0], conn.server[1],
-                               max(conn.next_offset[0], 0) & _SEQ_MASK, RST, b"", 0))
+        gone = [conn for conn in self._conns.values() if conn.watched and not still_open(*conn.key)]
+        if not gone:
+            return []
+        # A gone fd's last events (its last response, its close) were written before we looked, but
+        # may still wait in the ring (it is read in batches): take them first, or the RST would end
+        # the flow before its last exchange.
+        out = self.read(0)
+        for conn in gone:
+            if self._conns.get(conn.key) is conn:  # no close (or new SSL*) in what was just read
+                self._forget(conn)
+                out.append(Segment(now_ns, conn.client[0], conn.client[1], conn.server[0], conn.server[1],
+                                   max(conn.next_offset[0], 0) & _SEQ_MASK, RST, b"", 0))
         return out
 
     def connections_tracked(self) -> int:
@@ -656,6 +724,9 @@ class TlsCapture:
         yield SelfSample(SELF_TLS_CALLS_TRUNCATED_TOTAL, "counter",
                          f"SSL calls longer than {TLS_CHUNK * TLS_MAX_CHUNKS} bytes; the rest became a gap.",
                          kernel["truncated"])
+        yield SelfSample(SELF_TLS_CALLS_TRIMMED_TOTAL, "counter",
+                         f"SSL calls cut to their first {TLS_PREFIX} bytes while the ring buffer was over "
+                         f"{TLS_TRIM_BYTES // (1 << 20)} MiB unread; the rest became a gap.", kernel["trimmed"])
         yield SelfSample(SELF_TLS_CALLS_WITHOUT_SOCKET_TOTAL, "counter",
                          "SSL calls with data before any syscall showed their socket (not counted).",
                          kernel["no_fd"])

@@ -13,6 +13,7 @@ import collections
 import http.client
 import os
 import shutil
+import signal
 import socket
 import ssl
 import struct
@@ -27,7 +28,15 @@ from pathlib import Path
 
 import pytest
 
-from exporter.capture.tls import find_libraries
+from exporter.capture.tls import (
+    KIND_CLOSE,
+    KIND_READ,
+    KIND_WRITE,
+    TlsCapture,
+    TlsEvent,
+    decode_event,
+    find_libraries,
+)
 from tests.integration.harness import REPO, ExporterProcess, counts_by_key, free_port, self_metric
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to attach uprobes")
@@ -441,3 +450,123 @@ def test_uprobes_need_cap_sys_admin_and_it_is_enough() -> None:
     assert attach_as_nobody(["sys_admin"]) == "attached: " + ",".join(sorted(find_libraries()))
     refused = attach_as_nobody(["bpf", "perfmon", "net_raw"])
     assert refused.startswith("refused: no uprobe could be attached to libssl"), refused
+
+
+def body_sum(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], port: int, name: str,
+             route: str) -> float:
+    """The sum of one body size histogram over the route's series."""
+    return sum(value for (metric, labels), value in samples.items()
+               if metric == f"{name}_sum" and dict(labels)["server_port"] == str(port)
+               and dict(labels)["http_route"] == route)
+
+
+def test_a_stalled_exporter_trims_bodies_exactly_then_counts_what_the_full_ring_lost(
+        certificate: tuple[Path, Path], tmp_path: Path) -> None:
+    """The exporter stopped (SIGSTOP) while the server writes 1 MB bodies: no skip hint reaches the
+    kernel, the backlog passes TLS_TRIM_BYTES and calls are cut to their first TLS_PREFIX bytes.
+    Counts and body sizes stay exact (Content-Length bodies are only counted) and nothing is lost.
+    Stalled again under 1 MB uploads until even trimmed calls overflow the ring: the loss is counted,
+    never silent, and a connection opened afterwards is counted exactly again. The connection is
+    known before each stall, so the client's own SSL calls already cost nothing in the kernel."""
+    from exporter.capture.tls import RING_PAGES, TLS_PREFIX, TLS_TRIM_BYTES
+
+    log = tmp_path / "access.log"
+    conn = http.client.HTTPSConnection("127.0.0.1", 0, context=client_context(), timeout=10)
+
+    def request(method: str, path: str, body: bytes | None = None) -> int:
+        conn.request(method, path, body=body)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+
+    with python_server(certificate, log) as port, ExporterProcess("--interface", "lo", "--port", str(port)) as exporter:
+        assert exporter.proc is not None
+        conn.port = port
+        assert request("GET", "/ok") == 200
+        exporter.wait_for_exchanges(1)
+        exporter.proc.send_signal(signal.SIGSTOP)
+        try:
+            # 24 x 1 MB, one SSL_write each: untrimmed each copies 128 KiB; past 2 MiB unread, 4 KiB.
+            assert [request("GET", path) for path in ("/big?n=1000000", "/ok") * 24] == [200] * 48
+        finally:
+            exporter.proc.send_signal(signal.SIGCONT)
+        served = wait_for_log(log, 49)
+        samples = exporter.wait_for_exchanges(49)
+        assert served == Counts({("GET", "200", "/big"): 24, ("GET", "200", "/ok"): 25})
+        assert https_counts(samples, port) == served
+        assert body_sum(samples, port, "http_server_response_body_size_bytes", "/big") == 24 * 1_000_000
+        assert 24 * 128 * 1024 > TLS_TRIM_BYTES
+        assert self_metric(samples, "tls_calls_trimmed_total") >= 24 - TLS_TRIM_BYTES // (128 * 1024)
+        assert self_metric(samples, "tls_events_lost_total") == 0
+        assert self_metric(samples, "parse_errors_total", reason="truncated") == 0
+
+        exporter.proc.send_signal(signal.SIGSTOP)
+        uploads = 40
+        try:
+            # 40 MB read by the server in 16 KiB records: even at TLS_PREFIX each, more than the ring holds.
+            assert uploads * (1_000_000 // 16384) * TLS_PREFIX > RING_PAGES * 4096
+            assert [request("POST", "/ok", b"u" * 1_000_000) for _ in range(uploads)] == [200] * uploads
+        finally:
+            exporter.proc.send_signal(signal.SIGCONT)
+        conn.close()
+        wait_for_log(log, 49 + uploads)
+        time.sleep(1.0)  # the backlog read
+        before = https_counts(exporter.scrape(), port)
+        assert https(port, [("GET", "/ok")] * 5) == [200] * 5
+        samples = exporter.wait_for_exchanges(sum(before.values()) + 5)
+    assert self_metric(samples, "tls_events_lost_total") > 0
+    assert self_metric(samples, "tls_loss_gaps_total") > 0  # the lost bytes, counted as a gap of known length
+    counted = https_counts(samples, port)
+    assert counted[("POST", "200", "/ok")] <= uploads
+    assert counted - before == Counts({("GET", "200", "/ok"): 5})  # a new connection: exact again
+
+
+def test_the_kernel_drops_clients_and_other_services_before_any_event(
+        certificate: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real probes and TlsCapture, with the raw events recorded: a socket its process connect()ed
+    (curl) never produces one; another TLS service's connections stop producing any once user space
+    has resolved that service's listening socket from its first connection."""
+    seen: list[TlsEvent] = []
+    clients: list[int] = []
+
+    def curl(url: str) -> None:
+        proc = subprocess.Popen(["curl", "-sk", url, "-o", "/dev/null"])
+        clients.append(proc.pid)
+        assert proc.wait(30) == 0
+
+    with python_server(certificate, tmp_path / "watched.log") as port, \
+            python_server(certificate, tmp_path / "other.log") as other_port:
+        capture = TlsCapture([port], find_libraries()).open()
+        assert capture.probes is not None
+        read = capture.probes.read
+
+        def recording(timeout_s: float) -> list[bytes]:
+            records = read(timeout_s)
+            seen.extend(event for event in map(decode_event, records) if event is not None)
+            return records
+
+        def drain() -> None:
+            for _ in range(10):
+                capture.read(0.05)
+
+        monkeypatch.setattr(capture.probes, "read", recording)
+        try:
+            curl(f"https://127.0.0.1:{other_port}/ok")
+            drain()
+            first = [event for event in seen if event.kind != KIND_CLOSE]
+            seen.clear()
+            for url in (f"https://127.0.0.1:{other_port}/ok", f"https://127.0.0.1:{other_port}/missing",
+                        f"https://127.0.0.1:{port}/ok"):
+                curl(url)
+            drain()
+        finally:
+            capture.close()
+    other = {event.tgid for event in first}
+    assert len(other) == 1  # the other service's first connection: one event or more, one server
+    data = [event for event in seen if event.kind != KIND_CLOSE]
+    assert data and not {event.tgid for event in data} & other  # its next connections: nothing
+    assert not {event.tgid for event in seen} & set(clients)  # curl's side: never an event
+    # What is left is the watched server's side of its one connection: the request and the response.
+    assert b"".join(event.data for event in data if event.kind == KIND_READ).startswith(b"GET /ok HTTP/1.1")
+    response = b"".join(event.data for event in data if event.kind == KIND_WRITE)
+    assert response.startswith(b"HTTP/1.1 200 OK\r\n") and response.endswith(b"\r\n\r\nok\n"), response

@@ -38,6 +38,7 @@ SELF_METRICS = {
     "filter_attached",
     "filter_packets_total",
     "exchanges_total",
+    "degraded",
 }
 
 

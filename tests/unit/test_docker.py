@@ -166,7 +166,8 @@ def test_promtool_check_config_resolves_the_rule_files():
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 rule files found" in result.stdout and "slo.rules.yml" in result.stdout
+    assert "2 rule files found" in result.stdout
+    assert "slo.rules.yml" in result.stdout and "exporter.rules.yml" in result.stdout
 
 
 def test_alertmanager_config_is_accepted_by_amtool():

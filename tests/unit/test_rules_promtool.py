@@ -358,3 +358,39 @@ def test_two_services_on_one_route_get_their_own_sli_and_page(promtool, tmp_path
         ],
     }
     _promtool_test(promtool, _write_test(tmp_path, [test]))
+
+
+EXPORTER_RULES = ROOT / "docker" / "prometheus" / "rules" / "exporter.rules.yml"
+
+
+def test_exporter_losing_data_alert_fires_after_five_minutes_of_degraded(promtool, tmp_path):
+    assert _run([promtool, "check", "rules", str(EXPORTER_RULES)]).returncode == 0
+    shutil.copy(EXPORTER_RULES, tmp_path / "exporter.rules.yml")
+    degraded = 'ebpf_slo_exporter_degraded{instance="node-a:9640", reason="%s"}'
+    expected = {
+        "exp_labels": {"instance": "node-a:9640", "reason": "kernel_drops", "severity": "warning"},
+        "exp_annotations": {
+            "summary": "ebpf-slo-exporter on node-a:9640 is losing data: kernel_drops",
+            "description": "For 5 minutes the exporter has kept losing data (kernel_drops): its HTTP metrics "
+            "and SLIs undercount by what that loss counter shows. /healthz on the exporter says how much was "
+            "lost in its window; the README's /healthz section names each reason's counter.",
+        },
+    }
+    tests = {
+        "rule_files": ["exporter.rules.yml"],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [
+                {"series": degraded % "kernel_drops", "values": "0x5 1x10"},  # degraded from minute 6
+                {"series": degraded % "tls_events_lost", "values": "0x15"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "9m", "alertname": "EbpfSloExporterLosingData", "exp_alerts": []},  # pending
+                {"eval_time": "12m", "alertname": "EbpfSloExporterLosingData", "exp_alerts": [expected]},
+            ],
+        }],
+    }
+    (tmp_path / "tests.yml").write_text(yaml.safe_dump(tests))
+    result = _run([promtool, "test", "rules", "tests.yml"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr

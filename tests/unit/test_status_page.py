@@ -11,6 +11,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from exporter.core.model import Exchange
+from exporter.health import Loss
 from exporter.metrics import ExporterCollector, HttpMetrics, SelfSample
 from exporter.server import Health, build_app
 from exporter.slo.manifest import load_manifest
@@ -117,3 +118,11 @@ def test_routes_beyond_the_cap_are_summed() -> None:
     assert len(views) == 50
     assert views[0].route == "/r0" and views[0].requests == 60
     assert views[-1].route == "(11 more routes)" and views[-1].requests == sum(range(1, 12))
+
+
+def test_page_says_when_data_is_being_lost() -> None:
+    page, _, health, _ = setup()
+    health.losses = (Loss("kernel_drops", 3, "frames the kernel dropped"),)
+    text = text_of(page.render())
+    assert ("Filter: attached (filter attached to lo) Losing data: kernel_drops: 3 in the last 60s "
+            "Kernel drops: 3") in text

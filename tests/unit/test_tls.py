@@ -3,12 +3,14 @@ and the clear-text Tracker's handling of encrypted connections."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from pathlib import Path
 
 import pytest
 
+from exporter.capture.ringbuf import RingBuffer
 from exporter.capture.tls import (
     KIND_CLOSE,
     KIND_READ,
@@ -22,7 +24,7 @@ from exporter.capture.tls import (
     parse_proc_net_tcp,
 )
 from exporter.core.flows import Limits, Tracker, is_tls_record
-from exporter.core.model import ACK, FIN, PSH, Exchange, Segment
+from exporter.core.model import ACK, FIN, PSH, RST, Exchange, Segment
 from exporter.errors import CaptureError
 from exporter.pipeline import combined_stats
 
@@ -239,3 +241,108 @@ def test_close_before_data_and_unknown_close_are_quiet() -> None:
     assert list(capture.segments_of(event(KIND_CLOSE, 0), 0)) == []
     segments, _ = run(capture, [event(KIND_READ, 0, REQUEST), event(KIND_CLOSE, 0)])
     assert [s.flags for s in segments[1:]] == [ACK | FIN, ACK | FIN]
+
+
+class FakeProbes:
+    """TlsProbes' read side: raw ring records, as the kernel writes them."""
+
+    def __init__(self, batches: list[list[bytes]]) -> None:
+        self.batches = batches
+        self.verdicts: list[tuple[int, int, bool]] = []
+        self.ignored_listeners: list[tuple[int, int]] = []
+
+    def read(self, timeout_s: float) -> list[bytes]:
+        return self.batches.pop(0) if self.batches else []
+
+    def set_verdict(self, tgid: int, fd: int, watch: bool) -> None:
+        self.verdicts.append((tgid, fd, watch))
+
+    def forget_verdict(self, tgid: int, fd: int) -> None:
+        pass
+
+    def ignore_listener(self, tgid: int, listen_fd: int) -> None:
+        self.ignored_listeners.append((tgid, listen_fd))
+
+
+def raw(ev: TlsEvent) -> bytes:
+    return HEADER.pack(ev.ts_ns, ev.ssl, ev.stream_offset, ev.tgid, ev.fd, ev.listen_fd, len(ev.data),
+                       ev.skipped, ev.kind, int(ev.after_loss)) + ev.data
+
+
+def test_read_gives_the_segments_that_segments_of_gives() -> None:
+    """read() handles in-order data of known connections inline; every other event goes through
+    segments_of. Both must agree, event for event, including closes later in the same batch."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 50000\r\n\r\n"
+    events = [
+        event(KIND_READ, 0, REQUEST),
+        event(KIND_WRITE, 0, head + b"a" * 100),
+        event(KIND_WRITE, len(head) + 100, skipped=40000),
+        event(KIND_WRITE, len(head) + 70100, b"b" * 10, after_loss=True),
+        event(KIND_READ, len(REQUEST), REQUEST, ts=2000),
+        event(KIND_READ, 0, REQUEST, fd=11, ssl=0x20),
+        event(KIND_READ, 0, REQUEST, ssl=0x30),  # another SSL* on fd 9: the old connection ended
+        event(KIND_CLOSE, 0, fd=11),
+        event(KIND_READ, 0, REQUEST, fd=12, listen_fd=4),  # a listener on another port: ignored
+    ]
+    sockets = {(500, 3): LISTENER, (500, 4): Endpoints("0.0.0.0", 9999, "0.0.0.0", 0)}
+    reference = TlsCapture([8443], [], resolver=FakeResolver(sockets))
+    expected = [seg for ev in events for seg in reference.segments_of(ev, 7)]
+    probes = FakeProbes([[raw(ev) for ev in events[:3]], [raw(ev) for ev in events[3:]] + [b"short"]])
+    capture = TlsCapture([8443], [], resolver=FakeResolver(sockets), realtime_offset_ns=lambda: 7,
+                         probes_factory=lambda libraries: probes)  # type: ignore[arg-type,return-value]
+    capture.open()
+    got = capture.read(0) + capture.read(0)
+    assert got == expected
+    assert len(got) == 12  # 7 data events, a loss gap, two FINs when the SSL* changed, two at the close
+    assert capture.decode_errors == 1
+    assert capture.loss_gaps == reference.loss_gaps == 1
+    # fd 11 closed later in its batch: no verdict for it (the kernel already dropped its entry).
+    assert probes.verdicts == [(500, 9, True), (500, 9, True), (500, 12, False)]
+    # fd 12's listener is another service's: the kernel drops what it accepts from now on.
+    assert probes.ignored_listeners == [(500, 4)]
+    assert capture.connections_tracked() == reference.connections_tracked() == 1
+
+
+def test_ring_buffer_joins_a_record_that_wraps_around() -> None:
+    """The kernel's ring layout in a memfd: consumer page, producer page, data area (mapped once)."""
+    page, size = mmap.PAGESIZE, 4096
+    fd = os.memfd_create("ring")
+    try:
+        os.ftruncate(fd, 2 * page + size)
+        ring = RingBuffer(fd, size)
+        records = [b"x" * 4000, b"first-" + bytes(range(200)), b"discarded", b"last"]
+        position = 0
+        with mmap.mmap(fd, 2 * page + size) as memory:
+            for number, record in enumerate(records):
+                header = len(record) | (1 << 30 if record == b"discarded" else 0)
+                struct.pack_into("=II", memory, 2 * page + (position & (size - 1)), header, 0)
+                for i, byte in enumerate(record):  # byte by byte, wrapping as the kernel's double map does
+                    memory[2 * page + ((position + 8 + i) & (size - 1))] = byte
+                position += (len(record) + 8 + 7) & ~7
+                if number == 0:
+                    struct.pack_into("=Q", memory, page, position)
+                    assert ring.read(0) == [records[0]]
+            struct.pack_into("=Q", memory, page, position)
+            assert 4008 + 8 + len(records[1]) > size  # the second record starts near the end and wraps
+            assert ring.read(0) == [records[1], records[3]]
+            assert ring.consumer_position() == position
+            assert struct.unpack_from("=Q", memory, 0)[0] == position
+        ring.close()
+    finally:
+        os.close(fd)
+
+
+def test_reap_reads_the_ring_before_it_resets_a_gone_socket() -> None:
+    """The process wrote its last response and exited; the response still waits in the ring when
+    reap finds the fd gone. It is read first, so the exchange is counted before the RST."""
+    probes = FakeProbes([[raw(event(KIND_READ, 0, REQUEST))], [raw(event(KIND_WRITE, 0, RESPONSE, ts=5000))]])
+    capture = TlsCapture([8443], [], resolver=FakeResolver({(500, 3): LISTENER}), realtime_offset_ns=lambda: 0,
+                         probes_factory=lambda libraries: probes)  # type: ignore[arg-type,return-value]
+    capture.open()
+    tracker = Tracker([8443], Limits(), scheme="https")
+    segments = capture.read(0) + capture.reap(9000, is_open=lambda tgid, fd: False)
+    emitted = [exchange for segment in segments for exchange in tracker.feed(segment)]
+    assert [(e.status, e.end_ns) for e in emitted] == [(200, 5000)]
+    assert segments[-1].flags == RST
+    assert tracker.stats.requests_without_response == 0
+    assert capture.connections_tracked() == 0
