@@ -16,7 +16,7 @@
  * run and tail-calls itself until the head ends (at most HEAD_MAX / SCAN_CHUNK
  * runs), then http_finish, which runs the per-flow state machine and returns
  * the verdict. Each program has the verifier's whole budget (verified_insns on
- * 6.18: http_filter 2.1k, http_scan 439k, http_finish 661k of 1M), which is
+ * 6.18: http_filter 2.1k, http_scan 439k, http_finish 680k of 1M), which is
  * what lets a head be 4 KB. bpf_loop would do it in one program, but BCC 0.26
  * cannot load its callback (no BPF_PSEUDO_FUNC relocation), hence tail calls.
  *
@@ -44,7 +44,9 @@
  *   (1.0 and 1.1), header lines `token ":" value CRLF` (names matched in any
  *   case), no Transfer-Encoding, at most one Content-Length, head <= HEAD_MAX
  *   bytes, path (cut at '?' or '#': the query is scanned, never stored) <=
- *   PATH_LEN bytes. The body Content-Length announces may be in the segment,
+ *   RAW_PATH_LEN bytes as sent and <= PATH_LEN as keyed (ids as "{id}", below;
+ *   a head split before its path ends keeps PATH_LEN bytes of it). The body
+ *   Content-Length announces may be in the segment,
  *   after it, or both; its bytes are counted by sequence number, never read.
  *   Anything else makes the flow SLOW and the segment goes up.
  * - SPLIT HEADS. A head that goes on past its segment (a 2 KB head behind a
@@ -79,7 +81,7 @@
  *   after the head and body), head_too_long (over HEAD_MAX bytes), head_split
  *   (a head over segments not followed to its end: its part not kept, a next
  *   segment scanned as a head of its own, an answer mid-head), path_too_long (over
- *   PATH_LEN), request_body (the server answered before the request body ended:
+ *   RAW_PATH_LEN, or over PATH_LEN as keyed), request_body (the server answered before the request body ended:
  *   100 Continue, 413), pipelined (a request while one is open), response
  *   (interim, 101, or unframed: chunked, close-delimited), extra (bytes past
  *   the response's end), seq (out-of-order data), unsolicited (server data
@@ -198,7 +200,8 @@
 #endif
 #define PROG_SCAN 0         /* slots of scan_progs, filled by bpf.py's loader */
 #define PROG_FINISH 1
-#define PATH_LEN 96         /* path bytes kept; a longer path makes the flow SLOW */
+#define PATH_LEN 96         /* path bytes kept (the http_agg key); a longer key makes the flow SLOW */
+#define RAW_PATH_LEN 128    /* path bytes read as sent: ids written "{id}" may bring it to PATH_LEN */
 #define MAX_DUR_BOUNDS 32
 #define MAX_SIZE_BOUNDS 16
 #ifndef FLOW_STATES
@@ -432,7 +435,7 @@ BPF_ARRAY_OF_MAPS(agg_fence, "agg_fence_inner", 1);
  * purpose, see the header) and keys/records too big for the 512-byte stack. */
 struct scratch {
     u8 buf[HEAD_MAX + 8];  /* + 8: the scan reads a word at any index below HEAD_MAX */
-    u8 raw[PATH_LEN + 8];  /* the path as sent, written by the scan (+ 8: copy_path reads words) */
+    u8 raw[RAW_PATH_LEN + 8];  /* the path as sent, written by the scan (+ 8: copy_path reads words) */
     struct flow_key key;  /* the packet's own direction; in memory, see http_filter */
     struct fp_state st;
     struct fp_handover ho;
@@ -717,7 +720,7 @@ static __always_inline void scan_chunk(volatile struct scratch *s)
                     s->in_query = 1;
                 if (!s->in_query) {
                     u32 pl = s->path_len;
-                    if (pl >= PATH_LEN) {
+                    if (pl >= RAW_PATH_LEN) {
                         s->state = S_PATH_LONG;
                     } else {
                         s->raw[pl] = c;  /* kept apart from buf: a head's next segment reuses it */
@@ -934,8 +937,9 @@ static __always_inline void copy_path(struct scratch *s, u32 path_len)
  * The heuristic keeps a literal "{id}" as it is, so the route of the key is the route of the
  * path sent. User space turns this on (CFG_ROUTE_IDS) only when no `--route` pattern has a
  * literal segment of that shape (RouteMapper.identifiers_are_ids), since a pattern's
- * placeholder matches either. Returns 0, having written nothing that matters, when the result
- * would pass PATH_LEN: the caller copies the path as sent. */
+ * placeholder matches either. The path as sent may be up to RAW_PATH_LEN bytes; the result
+ * must fit PATH_LEN. Returns 0, having written nothing that matters, when it does not: the
+ * caller copies the path as sent if that fits. */
 static __always_inline int ids_path(struct scratch *s, u32 path_len)
 {
     volatile struct scratch *vs = s;
@@ -945,7 +949,7 @@ static __always_inline int ids_path(struct scratch *s, u32 path_len)
     vs->seg_len = 0;
     vs->uuid_hex = 0;
     vs->uuid_dash = 0;
-    for (u32 i = 0; i <= PATH_LEN; i++) {
+    for (u32 i = 0; i <= RAW_PATH_LEN; i++) {
         if (i > path_len)
             break;
         /* A '/' past the end closes the last segment. */
@@ -965,6 +969,8 @@ static __always_inline int ids_path(struct scratch *s, u32 path_len)
                 s->st.path[o + 2] = 'd';
                 s->st.path[o + 3] = '}';
                 vs->out = o + 4;
+            } else if (vs->out > PATH_LEN) {
+                return 0;  /* a segment kept as sent ends past the key */
             }
             if (i == path_len)
                 break;
@@ -979,10 +985,10 @@ static __always_inline int ids_path(struct scratch *s, u32 path_len)
             vs->uuid_hex = 0;
             vs->uuid_dash = 0;
         } else {
+            /* Bytes past the key are dropped: they count only if the segment is an id. */
             u32 o = vs->out;
-            if (o >= PATH_LEN)
-                return 0;
-            s->st.path[o] = c;
+            if (o < PATH_LEN)
+                s->st.path[o] = c;
             vs->out = o + 1;
             vs->seg_len = vs->seg_len + 1;
             u32 lower = c | 0x20;  /* letters to lower case; no other path byte lands in a..z */
@@ -1062,8 +1068,10 @@ static __always_inline void classify_end(struct scratch *s)
             h->in_query = vs->in_query;
             h->pad = 0;
             u32 path_len = vs->path_len;
-            if (path_len > PATH_LEN)
+            if (path_len > PATH_LEN) {  /* fp_state keeps PATH_LEN bytes of it */
+                vs->reject = HO_PATH_TOO_LONG;
                 return;
+            }
             copy_path(s, path_len);
             s->st.path_len = path_len;
             s->st.method = vs->method;
@@ -1089,9 +1097,13 @@ static __always_inline void classify_end(struct scratch *s)
     s->st.req_len = cl;
     s->st.req_left = cl - (plen - head_len);
     u32 path_len = vs->path_len;
-    if (path_len > PATH_LEN)
+    if (path_len > RAW_PATH_LEN)
         return;
     if (!(cfg(CFG_ROUTE_IDS, 0) && ids_path(s, path_len))) {
+        if (path_len > PATH_LEN) {
+            vs->reject = HO_PATH_TOO_LONG;
+            return;
+        }
         copy_path(s, path_len);
         s->st.path_len = path_len;
     }

@@ -106,10 +106,11 @@ HANDOVER_REASONS: tuple[str, ...] = (
 # Method ids of the fast path; index 0 is "none". CONNECT never takes it.
 METHODS: tuple[str, ...] = ("", "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "TRACE", "PATCH")
 
-# Must match the C file's MAX_DUR_BOUNDS / MAX_SIZE_BOUNDS / PATH_LEN / HEAD_MAX.
+# Must match the C file's MAX_DUR_BOUNDS / MAX_SIZE_BOUNDS / PATH_LEN / RAW_PATH_LEN / HEAD_MAX.
 MAX_DURATION_BOUNDS = 32
 MAX_SIZE_BOUNDS = 16
-PATH_LEN = 96
+PATH_LEN = 96  # the kernel's key
+RAW_PATH_LEN = 128  # a path as sent that the kernel takes, if its key fits PATH_LEN
 HEAD_MAX = 4096
 
 # Slots of the `config` array.
