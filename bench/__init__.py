@@ -12,7 +12,14 @@ The `node` scenario moves nginx and wrk into two network namespaces joined by ve
 bridge (`netns`), and captures both veths and the bridge with a glob, so every segment is
 seen twice and one copy must be dropped in the kernel.
 
+`--scenario userspace` prices the user-space path alone (the `userspace` configuration: the
+exporter with --no-fast-path --no-tls) at paced rates of browser-sized heads and under
+pipelining, with user-space exchanges/s and kernel drops. `python -m bench.replay_cost FILE
+--port N` gives the same path's CPU per exchange from a capture file, without kernel or load,
+a figure that the noise of a shared machine moves far less than a rate.
+
 Modules: `wrk` (load and its report), `nginx` (the server), `procs` (children that are
 always stopped), `scrape` (/metrics and /proc), `runner` (one measured run), `report`
-(medians and tables), `seed` (the reference design, run as a script), `netns` (the node).
+(medians and tables), `seed` (the reference design, run as a script), `netns` (the node),
+`replay_cost` (CPU per exchange from a capture file).
 """

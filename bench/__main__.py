@@ -36,20 +36,22 @@ from bench.report import (
 )
 from bench.runner import CONFIGS, REPO, Load, Placement, Runner, RunResult, run_quiet
 from bench.soak import soak_table
-from bench.wrk import churn_script, paced_script, realistic_script
+from bench.wrk import churn_script, paced_script, pipelined_script, realistic_script
 from exporter.capture.bpfsys import enable_run_time_stats
 
-SCENARIOS = ("red", "realistic", "realistic-soak", "size", "rate", "conns", "soak", "h2", "node", "tls")
+SCENARIOS = ("red", "realistic", "realistic-soak", "size", "rate", "conns", "soak", "h2", "node", "tls", "userspace")
 DEFAULT_DURATION = {"red": 20.0, "realistic": 20.0, "realistic-soak": 600.0, "size": 10.0, "rate": 20.0,
-                    "conns": 20.0, "soak": 600.0, "h2": 10.0, "node": 20.0, "tls": 10.0}
+                    "conns": 20.0, "soak": 600.0, "h2": 10.0, "node": 20.0, "tls": 10.0, "userspace": 10.0}
 SIDE_BY_SIDE = ("baseline", "exporter")
-DEFAULT_CONFIGS = {"red": CONFIGS, "realistic": SIDE_BY_SIDE, "realistic-soak": ("exporter",),
-                   "size": SIDE_BY_SIDE, "rate": ("exporter",),
+DEFAULT_CONFIGS = {"red": ("baseline", "seed", "exporter"), "realistic": SIDE_BY_SIDE,
+                   "realistic-soak": ("exporter",), "size": SIDE_BY_SIDE, "rate": ("exporter",),
                    "conns": SIDE_BY_SIDE, "soak": ("exporter",), "h2": SIDE_BY_SIDE, "node": SIDE_BY_SIDE,
-                   "tls": SIDE_BY_SIDE}
+                   "tls": SIDE_BY_SIDE, "userspace": ("userspace",)}
 H2_STREAMS = 10  # h2load -m: concurrent streams per connection
 H2_CONNECTIONS = 4
 H2_RATES = "5000,20000"
+USERSPACE_RATES = "20000,35000,50000"
+PIPELINE_DEPTH = 8
 REALISTIC_IDS = 100_000
 TLS_NOTE = """\
 nginx terminates TLS (self-signed certificate, TLS 1.3) and wrk speaks HTTPS with keep-alive; the exporter
@@ -73,7 +75,7 @@ SOAK_SAMPLE_S = 10.0
 REALISTIC_SOAK_SAMPLE_S = 30.0
 SOAK_CLOSE_EVERY = 100
 CONNS = 10_000
-NUMERIC = ("machine_us", "kernel_share", "route_mismatch",
+NUMERIC = ("machine_us", "user_rate", "kernel_share", "route_mismatch",
            "rps", "ratio", "completeness", "drops", "cpu_us", "rss_mb", "rss_end_mb", "loader_mb", "filter_us",
            "nginx_cpu_us", "other_cores", "logged", "unfinished", "counted",
            "socket_errors", "wrk_latency_s", "capture_latency_s", "probes_us", "tls_lost")
@@ -104,6 +106,7 @@ COL_COUNTED = Column("requests counted", "counted", fmt_int)
 COL_MISMATCH = Column("off per (status, route)", "route_mismatch", fmt_int)
 COL_SHARE = Column("kernel path share", "kernel_share", fmt_completeness)
 COL_MACHINE = Column("machine CPU µs/req", "machine_us", fmt_us)
+COL_USER_RATE = Column("user-space exchanges/s", "user_rate", fmt_int)
 REALISTIC_NOTE = """\
 Each request is a ~1.3 KB browser-like head (a 700-byte cookie, user agent, accept lists, client
 hints, traceparent) for /api/items/<id>, the id uniformly random in [0, 100000); nginx answers 500 to
@@ -114,6 +117,15 @@ fast_path_exchanges_total ÷ requests counted. Machine CPU is the busy time of a
 (softirq included) during the load plus the exporter's backlog after it, ÷ requests: the filter's
 softirq cost is in it, and so is anything else running on the machine (see other load). The order
 of the configurations is shuffled in each round."""
+USERSPACE_NOTE = """\
+The user-space path alone: the exporter runs with --no-fast-path (and --no-tls, so that other TLS
+traffic on the machine is not charged to it), so every exchange is rebuilt in
+Python from the segments the filter passes (what pipelining, chunked bodies and the heads the kernel
+hands over cost with the fast path on). Paced rows hold wrk to about the asked rate with ~1.3 KB browser
+heads to 100,000 random ids (as the realistic scenario); wrk's rate comes out below the asked one. The
+pipelined row sends {depth} requests per write at full load. User-space exchanges/s is requests counted
+÷ wrk's duration. Kernel drops are frames the filter passed that found the packet ring full: the
+highest paced rate with 0 drops and 100 % completeness is what this machine's user space sustains."""
 
 def _machine() -> list[str]:
     cpu = "?"
@@ -209,7 +221,8 @@ def _group_key(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                    "1 KB-1 MB; rate: low paced rates vs full load, with latency spot checks; conns: 10k "
                    "open connections; soak: RSS over a long run; h2: h2load against nginx h2c (HTTP/2 "
                    "streams), paced and unpaced; node: wrk through a veth and a bridge; tls: nginx over "
-                   "HTTPS.")
+                   "HTTPS; userspace: the exporter with --no-fast-path at paced rates and pipelined, for "
+                   "the user-space path's rate without drops and its CPU per exchange.")
 @click.option("--duration", type=click.FloatRange(1, 86400),
               help="Seconds of load per run [default: 20; size 10; soak and realistic-soak 600].")
 @click.option("--connections", type=click.IntRange(1, 60000), default=32, show_default=True,
@@ -218,9 +231,11 @@ def _group_key(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @click.option("--repeat", type=click.IntRange(1, 100),
               help="Rounds of the configurations, interleaved; medians are reported [default: 3; "
                    "realistic-soak 1].")
-@click.option("--configs", help="Comma-separated subset of baseline,seed,exporter [default: per scenario].")
-@click.option("--rates", help="rate and h2 scenarios: paced request rates per second, compared with unpaced "
-                              f"full load [default: rate 100,1000; h2 {H2_RATES}].")
+@click.option("--configs", help="Comma-separated subset of baseline,seed,exporter,userspace (the exporter with "
+                                "--no-fast-path) [default: per scenario].")
+@click.option("--rates", help="rate, h2 and userspace scenarios: paced request rates per second, compared with "
+                              f"unpaced full load [default: rate 100,1000; h2 {H2_RATES}; userspace "
+                              f"{USERSPACE_RATES}].")
 @click.option("--markdown", is_flag=True,
               help="Print markdown tables (the default when stdout is not a terminal).")
 @click.option("--keep-workdir", is_flag=True, help="Keep the temp dir with nginx, wrk and exporter logs.")
@@ -245,7 +260,7 @@ def main(scenario: str, duration: float | None, connections: int, threads: int, 
     if os.geteuid() != 0 and set(chosen) - {"baseline"}:
         raise BenchError("the seed and the exporter attach BPF filters: run as root (sudo make bench)")
     tools = require_tools(["nginx", "h2load"] if scenario == "h2" else ["nginx", "wrk"])
-    rates = rates or (H2_RATES if scenario == "h2" else "100,1000")
+    rates = rates or {"h2": H2_RATES, "userspace": USERSPACE_RATES}.get(scenario, "100,1000")
     if set(chosen) - {"baseline"}:
         _require_python_modules(["bcc", "pypacker"])
 
@@ -331,6 +346,23 @@ def _run_scenario(bench: Bench, scenario: str, chosen: Sequence[str], duration: 
                          f"-d{duration:g}s", rows, columns, bench.repeat)
         tables[-1].note = REALISTIC_NOTE
         return [*soak_tables, *tables]
+    if scenario == "userspace":
+        plan = []
+        for text in rates.split(","):
+            rate = float(text)
+            conns = max(connections, math.ceil(rate / 100))
+            paced = Load(duration, conns, threads, label=f"paced {rate:g}/s",
+                         script=realistic_script(REALISTIC_IDS) + paced_script(rate, conns), error_responses=True)
+            plan += [(c, paced) for c in chosen]
+        plan += [(c, Load(duration, connections, threads, script=pipelined_script(PIPELINE_DEPTH),
+                          label=f"pipelined x{PIPELINE_DEPTH}")) for c in chosen]
+        rows = _group_key(bench.interleaved(plan))
+        columns = [Column("load", "label", align="left"), COL_CONFIG, COL_RPS, COL_USER_RATE, COL_COMPLETE,
+                   COL_UNFINISHED, COL_DROPS, COL_CPU, COL_RSS, COL_OTHER]
+        tables = _tables(f"the user-space path (--no-fast-path) against its rate, wrk -t{threads} "
+                         f"-d{duration:g}s", rows, columns, bench.repeat, group="group")
+        tables[-1].note = USERSPACE_NOTE.format(depth=PIPELINE_DEPTH) + "\n" + NOTE
+        return tables
     if scenario == "size":
         plan = [(c, Load(duration, connections, threads, path=path, label=size))
                 for size, path in BODY_PATHS.items() for c in chosen]

@@ -38,7 +38,12 @@ from bench.wrk import WrkResult, parse_wrk
 __all__ = ["CONFIGS", "REPO", "Load", "Placement", "RunResult", "Runner"]
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = ("baseline", "seed", "exporter")
+CONFIGS = ("baseline", "seed", "exporter", "userspace")
+# The exporter with --no-fast-path: every exchange rebuilt in user space from the segments the
+# filter passes, the path that pipelining, chunked bodies and the heads the kernel hands over take.
+# Without the TLS probes: their syscall tracepoints run for every process on the machine, and
+# whatever else speaks TLS there would be charged to the path measured here.
+USERSPACE_ARGS = ("--no-fast-path", "--no-tls")
 READY_TIMEOUT_S = 90.0  # BCC compiles C at start: seconds, not minutes
 SETTLE_TIMEOUT_S = 20.0
 IDLE_CPU_S = 0.02  # under this much CPU in IDLE_WINDOW_S the capture process counts as idle
@@ -107,6 +112,9 @@ class RunResult:
 
     def row(self, baseline_rps: float | None = None) -> dict[str, float | int | str | None]:
         rps = self.wrk.requests_per_s if self.wrk else None
+        # Exchanges rebuilt in user space per second of load: counted, less what the kernel aggregated.
+        user_rate = ((self.counted - (self.fast_exchanges or 0.0)) / self.wrk.duration_s
+                     if self.wrk and self.wrk.duration_s and self.counted is not None else None)
         def per_request(seconds: float | None) -> float | None:
             return None if seconds is None or not self.logged else 1e6 * seconds / self.logged
 
@@ -133,6 +141,7 @@ class RunResult:
             "wrk_latency_s": self.wrk.latency_mean_s if self.wrk else None,
             "capture_latency_s": self.capture_latency_mean_s,
             "machine_us": per_request(self.machine_cpu_s),
+            "user_rate": user_rate,
             "kernel_share": (self.fast_exchanges / self.counted
                              if self.fast_exchanges is not None and self.counted else None),
             "route_mismatch": route_mismatch(self.logged_by_route, self.counted_by_route)
@@ -197,9 +206,9 @@ class Runner:
             raise BenchError(f"seed did not start: {child.log_tail() or 'no output'}")
         return child
 
-    def _start_exporter(self, port: int, listen: str) -> Child:
+    def _start_exporter(self, port: int, listen: str, extra: tuple[str, ...] = ()) -> Child:
         argv = [sys.executable, "-m", "exporter", "run", "--interface", self.placement.interface,
-                "--port", str(port), "--listen", listen]
+                "--port", str(port), "--listen", listen, *extra]
         child = self.children.start("exporter", argv, cwd=REPO)
 
         def ready() -> bool:
@@ -237,9 +246,10 @@ class Runner:
             listen = ""
             if config == "seed":
                 capture = self._start_seed(nginx.port)
-            elif config == "exporter":
+            elif config in ("exporter", "userspace"):
                 listen = f"127.0.0.1:{_free_port()}"
-                capture = self._start_exporter(nginx.port, listen)
+                capture = self._start_exporter(nginx.port, listen,
+                                               USERSPACE_ARGS if config == "userspace" else ())
             before: Scrape | None = fetch_scrape(listen, nginx.port) if listen else None
 
             assert nginx.child is not None
@@ -279,7 +289,7 @@ class Runner:
             result.machine_cpu_s = (result.machine_cpu_s or 0.0) + proc.cpu_s - capture_cpu_at_end  # backlog
             result.hwm_mb = proc.hwm_mb
             result.rss_end_mb = proc.rss_mb
-            if config == "exporter":
+            if config in ("exporter", "userspace"):
                 assert before is not None
                 result.loader_mb = _loader_peak_mb(capture.log_path)
                 after = _settled_scrape(listen, nginx.port, result.logged)

@@ -78,11 +78,13 @@ class Pipeline:
 
     def feed(self, segments: Iterable[Segment], tracker: Tracker | None = None) -> None:
         feed = (tracker or self.tracker).feed
-        emit = self._emit
+        done: list[Exchange] = []
         for segment in segments:
             exchanges = feed(segment)
             if exchanges:
-                emit(exchanges)
+                done += exchanges
+        if done:
+            self._emit(done)  # once per batch: the servers are named once per batch too
 
     def seed(self, handovers: Iterable[tuple[FlowKey, Handover]]) -> None:
         """Connections another parser (the kernel) hands over mid-stream; see Tracker.seed."""
@@ -100,16 +102,25 @@ class Pipeline:
 
     def _emit(self, exchanges: list[Exchange]) -> None:
         identify = self.identify
+        # A batch's exchanges mostly share a server or two: ask the resolver (a lock, a clock read
+        # and an LRU touch) once per server and batch, not once per exchange.
+        identities: dict[tuple[str, int], tuple[str, ...]] = {}
+        route_of = self.routes.route
+        observe = self.http.observe
+        sinks = self.sinks
         for exchange in exchanges:
-            route = self.routes.route(exchange.server_port, exchange.target)
+            route = route_of(exchange.server_port, exchange.target)
             if identify is not None:
-                identity = identify(exchange.server_ip, exchange.server_port)
-                self.http.observe(exchange, route, identity)
+                server = (exchange.server_ip, exchange.server_port)
+                identity = identities.get(server)
+                if identity is None:
+                    identity = identities[server] = identify(*server)
+                observe(exchange, route, identity)
                 service_name = identity[SERVICE_NAME_SLOT]
             else:
-                self.http.observe(exchange, route)
+                observe(exchange, route)
                 service_name = ""
-            for sink in self.sinks:
+            for sink in sinks:
                 sink.observe(exchange, route, service_name)
         self.exchanges += len(exchanges)
 

@@ -83,12 +83,25 @@ SUPPORTED_LINKTYPES = frozenset(
 )
 
 _u16 = struct.Struct("!H").unpack_from
-_ipv4 = struct.Struct("!BxHxxHxB").unpack_from  # ver_ihl, tot_len, frag_off, proto
+_ipv4 = struct.Struct("!BxHxxHxBxxII").unpack_from  # ver_ihl, tot_len, frag_off, proto, src, dst
 _ipv6_plen_nh = struct.Struct("!HB").unpack_from  # payload_len, next header (at +4)
 _tcp = struct.Struct("!HHI4xBB").unpack_from  # sport, dport, seq, (ack), data offset byte, flags
 _inet_ntop = socket.inet_ntop
 _AF_INET = socket.AF_INET
 _AF_INET6 = socket.AF_INET6
+# IPv4 addresses as text, by their 32-bit value: a capture sees the same few addresses over and
+# over, and a dict hit costs a fifth of inet_ntop plus the slice it needs. Bounded: cleared when full.
+_V4_TEXT: dict[int, str] = {}
+_V4_TEXT_MAX = 65536
+
+
+def _v4_text(address: int) -> str:
+    text = _V4_TEXT.get(address)
+    if text is None:
+        if len(_V4_TEXT) >= _V4_TEXT_MAX:
+            _V4_TEXT.clear()
+        text = _V4_TEXT[address] = _inet_ntop(_AF_INET, address.to_bytes(4, "big"))
+    return text
 
 
 def _l3_offset(buf: bytes | memoryview, linktype: int) -> tuple[int, int] | str:
@@ -135,10 +148,14 @@ def decode_frame_reason(
 ) -> Segment | str:
     """Decode a frame; on failure return why (one of the REASON_* strings) instead of raising."""
     n = len(frame)
-    where = _l3_offset(frame, linktype)
-    if isinstance(where, str):
-        return where
-    off, etype = where
+    # Untagged Ethernet (and lo) carrying IPv4, the live capture's usual frame: no call needed.
+    if linktype == LINKTYPE_ETHERNET and n >= 14 and frame[12] == 8 and frame[13] == 0:
+        off, etype = 14, _ETH_P_IP
+    else:
+        where = _l3_offset(frame, linktype)
+        if isinstance(where, str):
+            return where
+        off, etype = where
     if etype == 0:  # raw IP: the version nibble decides
         if n <= off:
             return REASON_TRUNCATED
@@ -149,7 +166,7 @@ def decode_frame_reason(
     if etype == _ETH_P_IP:
         if n < off + 20:
             return REASON_TRUNCATED
-        ver_ihl, tot_len, frag, proto = _ipv4(frame, off)
+        ver_ihl, tot_len, frag, proto, src_v4, dst_v4 = _ipv4(frame, off)
         if ver_ihl >> 4 != 4:
             return REASON_MALFORMED
         if proto != _IPPROTO_TCP:
@@ -161,9 +178,8 @@ def decode_frame_reason(
             return REASON_MALFORMED
         l3_end = off + tot_len if tot_len else wire_len
         l4 = off + ihl
-        family = _AF_INET
-        src = frame[off + 12 : off + 16]
-        dst = frame[off + 16 : off + 20]
+        src_text = _V4_TEXT.get(src_v4) or _v4_text(src_v4)
+        dst_text = _V4_TEXT.get(dst_v4) or _v4_text(dst_v4)
     elif etype == _ETH_P_IPV6:
         if n < off + 40:
             return REASON_TRUNCATED
@@ -192,9 +208,8 @@ def decode_frame_reason(
                 return REASON_MALFORMED
         if nh != _IPPROTO_TCP:
             return REASON_NOT_TCP
-        family = _AF_INET6
-        src = frame[off + 8 : off + 24]
-        dst = frame[off + 24 : off + 40]
+        src_text = _inet_ntop(_AF_INET6, frame[off + 8 : off + 24])
+        dst_text = _inet_ntop(_AF_INET6, frame[off + 24 : off + 40])
     else:
         return REASON_NOT_IP
     if n < l4 + 20:
@@ -206,17 +221,7 @@ def decode_frame_reason(
     payload_len = l3_end - payload_start
     captured_end = l3_end if l3_end < n else n
     payload = bytes(frame[payload_start:captured_end]) if captured_end > payload_start else b""
-    return Segment(
-        ts_ns,
-        _inet_ntop(family, src),
-        sport,
-        _inet_ntop(family, dst),
-        dport,
-        seq,
-        flags,
-        payload,
-        payload_len,
-    )
+    return Segment(ts_ns, src_text, sport, dst_text, dport, seq, flags, payload, payload_len)
 
 
 def decode_frame(

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -192,6 +192,30 @@ def _seq_delta(seq: int, reference: int) -> int:
     """`seq - reference` in 32-bit sequence space, as a signed distance."""
     delta = (seq - reference) & _SEQ_MASK
     return delta - _SEQ_SPACE if delta >= _SEQ_HALF else delta
+
+
+# Held segments this close to a side's position keep their order of distance from it while the
+# position moves forward through them (it moves less than this plus one segment, so no distance
+# changes sign): one sort gives the order of taking the nearest again after each.
+_STABLE_SPAN = 1 << 29
+
+
+def _nearest_first(side: _Side) -> Iterator[tuple[int, int, bytes, int]]:
+    """Take every held segment of `side`, each time the nearest to where its stream stands.
+
+    Sorted once when they all lie within _STABLE_SPAN (a stable sort, so equals come in list
+    order, as min() takes them); otherwise the nearest is looked for again after each step.
+    """
+    held = side.held
+    distances = [_seq_delta(item[0], side.next_seq) for item in held]
+    if distances and max(distances) < _STABLE_SPAN and min(distances) > -_STABLE_SPAN:
+        ordered = [held[i] for i in sorted(range(len(held)), key=distances.__getitem__)]
+        held.clear()
+        yield from ordered
+        return
+    while held:
+        expected = side.next_seq
+        yield held.pop(min(range(len(held)), key=lambda i: _seq_delta(held[i][0], expected)))
 
 
 class _Side:
@@ -484,34 +508,34 @@ class Tracker:
     def feed(self, seg: Segment) -> list[Exchange]:
         """Take one captured segment; return the exchanges it completed (usually 0 or 1)."""
         self.stats.segments += 1
+        # One unpack instead of a field lookup per use: this runs for every segment.
+        ts_ns, src_ip, src_port, dst_ip, dst_port, seq, flags, payload, plen = seg
         ports = self._server_ports
-        if seg.dst_port in ports:
-            key = (seg.src_ip, seg.src_port, seg.dst_ip, seg.dst_port)
+        if dst_port in ports:
+            key = (src_ip, src_port, dst_ip, dst_port)
             to_server = True
-        elif seg.src_port in ports:
-            key = (seg.dst_ip, seg.dst_port, seg.src_ip, seg.src_port)
+        elif src_port in ports:
+            key = (dst_ip, dst_port, src_ip, src_port)
             to_server = False
         else:
             return []
-        flags = seg.flags
         flows = self._flows
         flow = flows.get(key)
         if flow is None:
-            if flags & RST or not (seg.payload_len or flags & SYN):
+            if flags & RST or not (plen or flags & SYN):
                 return []  # an end, or a bare ACK, of something we never saw
             flow = self._open(key)
         else:
             flows.move_to_end(key)
-        plen = seg.payload_len
         if not flow.seen_data and plen:
             flow.seen_data = True
-            if self._scheme == "http" and is_tls_record(seg.payload):
+            if self._scheme == "http" and is_tls_record(payload):
                 flow.encrypted = True
                 self.stats.encrypted_flows += 1
                 if self.encrypted_hints is not None:
                     self.encrypted_hints[key] = True
         if flow.encrypted:
-            flow.last_ns = seg.ts_ns
+            flow.last_ns = ts_ns
             if flags & RST:
                 self._close(flow, graceful=True)
             elif flags & FIN:
@@ -521,37 +545,37 @@ class Tracker:
             return []
         side = flow.client if to_server else flow.server
         if plen and (flow.client.fin or flow.server.fin) and side.next_seq >= 0:
-            distance = _seq_delta(seg.seq, side.next_seq)
+            distance = _seq_delta(seq, side.next_seq)
             if distance > _REUSE_DISTANCE or distance < -_REUSE_DISTANCE:
                 # Data far from a closing connection's numbers: a new connection reusing the 4-tuple.
                 self._close(flow, graceful=True)
                 flow = self._open(key)
                 side = flow.client if to_server else flow.server
-        flow.last_ns = seg.ts_ns
+        flow.last_ns = ts_ns
 
         if flags & RST:
             self.stats.flows_closed += 1
             self._close(flow, graceful=False)
         else:
-            seq = seg.seq
             if flags & SYN:
                 seq = (seq + 1) & _SEQ_MASK  # SYN takes one sequence number
                 if side.next_seq >= 0 and seq != side.next_seq:
                     self._close(flow, graceful=True)
                     flow = self._open(key)
-                    flow.last_ns = seg.ts_ns
+                    flow.last_ns = ts_ns
                     side = flow.client if to_server else flow.server
             if side.next_seq < 0:
                 side.next_seq = seq
             if plen:
                 if seq == side.next_seq and not side.held:
                     side.next_seq = (seq + plen) & _SEQ_MASK
-                    payload = seg.payload
                     parser = flow.requests if to_server else flow.responses
-                    parser.feed(payload, seg.ts_ns, plen - len(payload))
+                    parser.feed(payload, ts_ns, plen - len(payload))
                 else:
                     self._reorder(flow, side, seq, seg, to_server)
-                if self.skip_hints is not None and not side.held:
+                # Most segments leave no long body ahead: the hint is not worth a call then.
+                if (self.skip_hints is not None and not side.held
+                        and (flow.requests if to_server else flow.responses).opaque_bytes >= _SKIP_MIN):
                     self._hint_skip(flow, side, to_server)
             if flags & FIN:
                 self._fin(flow, side, (seq + plen) & _SEQ_MASK, to_server)
@@ -768,13 +792,9 @@ class Tracker:
         self.stats.parse_errors["gap"] += 1
         parser = flow.requests if to_server else flow.responses
         parser.lose()
-        held = side.held
         resumed = False
-        while held:
-            expected = side.next_seq
-            index = min(range(len(held)), key=lambda i: _seq_delta(held[i][0], expected))
-            seq, ts_ns, payload, plen = held.pop(index)
-            delta = _seq_delta(seq, expected)
+        for seq, ts_ns, payload, plen in _nearest_first(side):
+            delta = _seq_delta(seq, side.next_seq)
             if delta > 0:
                 if resumed:
                     parser.lose()  # a further hole: same resync, no second count

@@ -12,7 +12,8 @@ by length and never copied, and only HEADERS, CONTINUATION, PUSH_PROMISE, SETTIN
 RST_STREAM and the first 8 bytes of GOAWAY are buffered. PADDED and the PRIORITY flag of
 HEADERS are stripped; PRIORITY, PING, WINDOW_UPDATE and unknown frame types are skipped.
 
-Header blocks go through the `hpack` package, one decoder per direction.
+Header blocks go through the `hpack` package, one decoder per direction, with their decoded
+fields reused across connections wherever that is exact (`CachedDecoder`).
 
 Exchanges: each client-initiated stream is one exchange: `:method`, `:path` (query cut as
 `http1.normalise_target` does), the final `:status`, timed from the first byte of the
@@ -56,15 +57,18 @@ plausible frames, and the streams then open are dropped (reason "lost"):
 from __future__ import annotations
 
 import struct
+from itertools import islice
 from typing import Final
 
 from hpack import Decoder
 from hpack.exceptions import HPACKError
+from hpack.hpack import decode_integer
 
 from exporter.core.http1 import PendingRequest, normalise_target
 from exporter.core.model import Exchange, RpcCall
 
 __all__ = [
+    "BLOCKS",
     "CAPS",
     "FRAME_TYPES",
     "GRPC_STATUS_MISSING",
@@ -73,6 +77,8 @@ __all__ = [
     "PREFACE",
     "RESET_STATUS",
     "STREAM_DROP_REASONS",
+    "BlockCache",
+    "CachedDecoder",
     "Http2Connection",
     "Http2Limits",
     "Http2Stats",
@@ -125,7 +131,15 @@ _U_SKIP = 2  # passing over payload bytes (DATA content, padding, frames we igno
 _U_PAD_LENGTH = 3  # the pad-length byte of a padded DATA frame
 
 _GRPC_CONTENT = b"application/grpc"
-_DECODED_CACHE = 64  # header blocks remembered per direction (see _Reader._decode)
+# Decoded header blocks remembered (BlockCache), for all connections together. A block counts
+# 3x (its bytes + hpack's size of its fields, 32 bytes a field and the strings), about what
+# Python holds for it (measured ~1.2 KB for a 92-byte browser-like request).
+_BLOCK_CACHE_BYTES = 4 << 20
+# A block that reads deeper into the dynamic table than this many entries (from before it) is
+# decoded each time. Reuse compares every entry down to the deepest read: 64 cost ~1.2 µs,
+# against 10-40 µs for hpack; a 4 KiB table (the default) rarely holds more than 64.
+_BLOCK_DEPTH = 64
+_STATIC_ENTRIES = 61  # RFC 7541 Appendix A; dynamic indices start after them
 
 
 # Open streams per connection before the oldest is dropped (counted). Servers allow this many
@@ -198,6 +212,180 @@ def looks_like_frames(data: bytes | bytearray, start: int = 0) -> bool:
     return pos >= end or end - pos < _FRAME_HEADER
 
 
+class _Decoded:
+    """What decoding one header block gave, and what that depended on (see CachedDecoder)."""
+
+    __slots__ = ("fields", "inserted", "inserted_size", "maxsize", "reads_table", "size", "snapshot")
+
+    def __init__(self, fields: list[tuple[bytes, bytes]], inserted: tuple[tuple[bytes, bytes], ...],
+                 reads_table: bool, snapshot: tuple[tuple[bytes, bytes], ...], maxsize: int) -> None:
+        self.fields = fields
+        self.inserted = inserted  # the entries the block adds to the table, oldest first
+        self.reads_table = reads_table  # any dynamic index: the result depends on the table
+        self.snapshot = snapshot  # the dynamic entries the block read, newest first, as they were
+        self.maxsize = maxsize  # the table size then (it decides which entries survive insertions)
+        self.size = sum(len(name) + len(value) + 32 for name, value in fields)  # as hpack counts it
+        self.inserted_size = sum(len(name) + len(value) + 32 for name, value in inserted)
+
+
+def _block_shape(block: bytes) -> tuple[bool, int, list[int]] | None:
+    """(whether it reads any dynamic index; how many entries from before it, newest first; which fields insert).
+
+    None: not worth remembering (a table size update, or more entries read than
+    `_BLOCK_DEPTH`). Only the representations' prefixes and string lengths are read (RFC 7541
+    section 6), with hpack's own integer decoder; strings are skipped, never decoded. Called
+    on a block `hpack` has just decoded without error, so it is well formed.
+    """
+    view = memoryview(block)
+    end = len(block)
+    pos = 0
+    field = 0
+    reads_table = False
+    depth = 0
+    inserts: list[int] = []
+    while pos < end:
+        byte = block[pos]
+        if byte & 0x80:  # indexed field
+            index, used = decode_integer(view[pos:], 7)
+            literal = False
+        elif byte & 0x40:  # literal with incremental indexing
+            index, used = decode_integer(view[pos:], 6)
+            literal = True
+        elif byte & 0x20:  # dynamic table size update
+            return None
+        else:  # literal without indexing, or never indexed
+            index, used = decode_integer(view[pos:], 4)
+            literal = True
+        pos += used
+        if index > _STATIC_ENTRIES:
+            # Even an entry this block added depends on the table size (it may not have stayed).
+            reads_table = True
+            # The entries this block added so far sit in front of the older ones.
+            depth = max(depth, index - _STATIC_ENTRIES - len(inserts))
+            if depth > _BLOCK_DEPTH:
+                return None
+        if literal:
+            for _ in range(1 if index else 2):  # the name, when not indexed, then the value
+                length, used = decode_integer(view[pos:], 7)
+                pos += used + length
+            if byte & 0x40:
+                inserts.append(field)
+        field += 1
+    return reads_table, depth, inserts
+
+
+class BlockCache:
+    """Decoded header blocks by their bytes, for every connection's `CachedDecoder` together.
+
+    What is kept depends on a block's bytes and on the dynamic entries it read, never on the
+    connection, so one cache serves them all (`BLOCKS`). Bounded by `capacity` bytes (counted
+    as `_BLOCK_CACHE_BYTES` says); full, it starts again empty.
+    """
+
+    __slots__ = ("blocks", "capacity", "held")
+
+    def __init__(self, capacity: int = _BLOCK_CACHE_BYTES) -> None:
+        self.capacity = capacity
+        self.held = 0
+        self.blocks: dict[bytes, _Decoded] = {}
+
+    def remember(self, block: bytes, decoded: _Decoded) -> None:
+        old = self.blocks.pop(block, None)  # one that no longer matched the table it met
+        if old is not None:
+            self.held -= 3 * (len(block) + old.size)
+        cost = 3 * (len(block) + decoded.size)
+        if cost > self.capacity:
+            return
+        if self.held + cost > self.capacity:
+            self.blocks.clear()
+            self.held = 0
+        self.blocks[block] = decoded
+        self.held += cost
+
+
+BLOCKS: Final = BlockCache()
+
+
+class CachedDecoder:
+    """One direction's `hpack.Decoder`, reusing the result of a block's bytes where that is exact.
+
+    `hpack` costs ~10-40 µs a block (Huffman in Python), and blocks repeat: a client's requests,
+    once its encoder has indexed them, are a few indices; nginx sends every connection the same
+    response block, four literals with incremental indexing, until its `date` changes. A block's
+    fields are a function of its bytes, of the dynamic entries it reads (as they were before it)
+    and of the table size, which decides whether an entry survives the block's own insertions.
+    So a block that reads no dynamic index is reused on its bytes alone, and one that does only
+    while the entries it reads and the table size are those it was decoded with. On reuse its
+    insertions are replayed into the table (`HeaderTable.add`, which also evicts), so that the
+    table stays exactly the one `hpack` would have built, and what `hpack` checks at the end
+    of a block is checked again (header list size, table size allowed). Anything else, and any
+    block that fails a check, goes through `hpack.Decoder.decode`, which then raises as usual.
+
+    The replay itself (~1.2 µs an entry) is skipped when it cannot change the table. The table
+    holds the newest entries added since it was last emptied that fit in its size (an entry
+    larger than the table empties it). So once one block's insertions, repeated back to back,
+    have added more bytes than the table holds, the table is made of that block's entries alone,
+    the same after each repetition, and one more leaves it as it is. Any other change to the
+    table (another block that inserts, or any block decoded by `hpack`) starts the count again.
+    And a block that passed its checks and left the table as it was passes them again until
+    the table or the allowed size changes: it is then returned at once.
+
+    The lists returned may be shared with other connections: read them, never change them.
+    """
+
+    __slots__ = ("_checked", "_last", "_repeated", "blocks", "decoder")
+
+    def __init__(self, max_header_list_size: int, max_allowed_table_size: int,
+                 blocks: BlockCache = BLOCKS) -> None:
+        self.decoder = Decoder(max_header_list_size=max_header_list_size)
+        self.decoder.max_allowed_table_size = max_allowed_table_size
+        self.blocks = blocks
+        self._last: _Decoded | None = None  # the last block that inserted, when reused ...
+        self._repeated = 0  # ... and the bytes it inserted, back to back, since the count started
+        self._checked: _Decoded | None = None  # a block that passed its checks, and the table unchanged since
+
+    def allow_table_size(self, value: int) -> None:
+        """The SETTINGS_HEADER_TABLE_SIZE the decoding side sent: the encoder's table may not outgrow it."""
+        self.decoder.max_allowed_table_size = value
+        self._checked = None
+
+    def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        """`hpack.Decoder.decode(block, raw=True)`: the same fields, the same table after it."""
+        known = self.blocks.blocks.get(block)
+        if known is not None:
+            if known is self._checked:
+                return known.fields  # checked against this very table, which has not changed since
+            decoder = self.decoder
+            table = decoder.header_table
+            maxsize = table.maxsize
+            if maxsize <= decoder.max_allowed_table_size and known.size <= decoder.max_header_list_size and (
+                    not known.reads_table or (
+                    maxsize == known.maxsize
+                    and tuple(islice(table.dynamic_entries, len(known.snapshot))) == known.snapshot)):
+                if known.inserted and (known is not self._last or self._repeated <= maxsize):
+                    if known is not self._last:
+                        self._last = known
+                        self._repeated = 0
+                    for name, value in known.inserted:
+                        table.add(name, value)
+                    self._repeated += known.inserted_size
+                    self._checked = None
+                else:
+                    self._checked = known  # it leaves the table as it is: it will pass again
+                return known.fields
+        self._last = self._checked = None
+        table = self.decoder.header_table
+        maxsize = table.maxsize
+        before = tuple(islice(table.dynamic_entries, _BLOCK_DEPTH))
+        fields: list[tuple[bytes, bytes]] = self.decoder.decode(block, raw=True)  # type: ignore[assignment]
+        shape = _block_shape(block)
+        if shape is not None:
+            reads_table, depth, inserts = shape
+            inserted = tuple((fields[i][0], fields[i][1]) for i in inserts)
+            self.blocks.remember(block, _Decoded(fields, inserted, reads_table, before[:depth], maxsize))
+        return fields
+
+
 def _read_request(fields: list[tuple[bytes, bytes]]) -> tuple[str, str, str, str] | None:
     """(method, target, gRPC service, gRPC method) of a request's fields; None when malformed."""
     method = path = authority = content_type = b""
@@ -223,6 +411,21 @@ def _read_request(fields: list[tuple[bytes, bytes]]) -> tuple[str, str, str, str
     return method.decode("latin-1"), normalise_target(target), service, rpc_method
 
 
+def _read_response(fields: list[tuple[bytes, bytes]]) -> tuple[int, str | None]:
+    """(the block's first final :status, 0 if none; its last grpc-status, None if none)."""
+    status = 0
+    grpc_status = None
+    for name, value in fields:
+        if name == b":status":
+            if not status and len(value) == 3 and value.isdigit():
+                code = int(value)
+                if code >= 200:
+                    status = code
+        elif name == b"grpc-status":
+            grpc_status = value.decode("latin-1")
+    return status, grpc_status
+
+
 class _Stream:
     """One stream: its request, and what the response has shown so far."""
 
@@ -239,7 +442,8 @@ class _Stream:
         "target",
     )
 
-    def __init__(self, method: str, target: str, start_ns: int, known: bool = True) -> None:
+    def __init__(self, method: str, target: str, start_ns: int, known: bool = True, service: str = "",
+                 rpc_method: str = "") -> None:
         self.known = known  # False: a tombstone; frames are consumed, nothing is emitted
         self.method = method
         self.target = target
@@ -247,8 +451,8 @@ class _Stream:
         self.status = 0  # the final :status once seen
         self.request_body = 0
         self.response_body = 0
-        self.service = ""  # set for gRPC
-        self.rpc_method = ""
+        self.service = service  # set for gRPC
+        self.rpc_method = rpc_method
         self.grpc_status = ""
 
 
@@ -256,6 +460,7 @@ class Http2Connection:
     """Both directions of one HTTP/2 connection, and its streams."""
 
     __slots__ = (
+        "answered",
         "client",
         "counted",
         "emitted",
@@ -291,8 +496,10 @@ class Http2Connection:
         self.streams: dict[int, _Stream] = {}
         self.last_client_stream = 0
         self.counted = False  # counted in stats.connections
-        # The last request block read, and what it said: a cached decode returns the same list.
+        # The last request and response blocks read, and what they said: a block decoded from the
+        # cache is the same list as the last time (CachedDecoder), and is read once.
         self.parsed: tuple[list[tuple[bytes, bytes]], tuple[str, str, str, str] | None] | None = None
+        self.answered: tuple[list[tuple[bytes, bytes]], tuple[int, str | None]] | None = None
         self.client = _Reader(self, True)
         self.server = _Reader(self, False)
         if upgraded is not None:
@@ -332,8 +539,8 @@ class Http2Connection:
 
     def request_headers(self, stream_id: int, fields: list[tuple[bytes, bytes]] | None, end_stream: bool,
                         start_ns: int) -> None:
-        if stream_id in self.streams or stream_id <= self.last_client_stream:
-            return  # request trailers, or a stream already done: nothing to learn
+        if stream_id <= self.last_client_stream:
+            return  # request trailers (open streams are never above it), or a stream already done
         if fields is None:
             self.stats.undecodable_streams += 1
             self.open_stream(stream_id, _Stream("", "", start_ns, known=False))
@@ -349,10 +556,7 @@ class Http2Connection:
             self.open_stream(stream_id, _Stream("", "", start_ns, known=False))
             return
         method, target, service, rpc_method = request
-        stream = _Stream(method, target, start_ns)
-        stream.service = service
-        stream.rpc_method = rpc_method
-        self.open_stream(stream_id, stream)
+        self.open_stream(stream_id, _Stream(method, target, start_ns, True, service, rpc_method))
 
     def response_headers(self, stream_id: int, fields: list[tuple[bytes, bytes]] | None, end_stream: bool,
                          end_ns: int) -> None:
@@ -376,14 +580,16 @@ class Http2Connection:
             if end_stream:
                 del self.streams[stream_id]
             return
-        for name, value in fields:
-            if name == b":status":
-                if stream.status == 0 and len(value) == 3 and value.isdigit():
-                    code = int(value)
-                    if code >= 200:
-                        stream.status = code
-            elif name == b"grpc-status":
-                stream.grpc_status = value.decode("latin-1")
+        answered = self.answered
+        if answered is not None and answered[0] is fields:
+            status, grpc_status = answered[1]  # the same block as the last response: read once
+        else:
+            status, grpc_status = _read_response(fields)
+            self.answered = (fields, (status, grpc_status))
+        if status and not stream.status:
+            stream.status = status
+        if grpc_status is not None:
+            stream.grpc_status = grpc_status
         if end_stream:
             self.complete(stream_id, stream, end_ns)
 
@@ -422,6 +628,17 @@ class Http2Connection:
             if streams.pop(stream_id).known:
                 self.stats.streams_dropped["goaway"] += 1
 
+    def data_frame(self, to_server: bool, stream_id: int, size: int, end_stream: int, end_ns: int) -> None:
+        """A whole DATA frame without padding: `size` body bytes, the last of it at `end_ns`."""
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            if to_server:
+                stream.request_body += size  # the end of the request: the exchange ends with the response
+            else:
+                stream.response_body += size
+                if end_stream:
+                    self.complete(stream_id, stream, end_ns)
+
     def data(self, to_server: bool, stream_id: int, size: int) -> None:
         stream = self.streams.get(stream_id)
         if stream is not None:
@@ -456,7 +673,6 @@ class _Reader:
         "_block_stream",
         "_buf",
         "_conn",
-        "_decoded",
         "_decoder",
         "_flags",
         "_frame_ns",
@@ -464,7 +680,6 @@ class _Reader:
         "_left",
         "_pad",
         "_stream",
-        "_table_version",
         "_to_server",
         "_unit",
         "_want",
@@ -477,8 +692,6 @@ class _Reader:
     def __init__(self, conn: Http2Connection, to_server: bool) -> None:
         self._conn = conn
         self._to_server = to_server
-        self._decoded: dict[bytes, tuple[int, list[tuple[bytes, bytes]]]] = {}
-        self._table_version = 0
         self.alive = True
         self.synced = False  # at a frame boundary we trust
         self.seen_start = False  # HPACK state known: this direction was read from its first frame
@@ -500,39 +713,9 @@ class _Reader:
         self._block_push = False
         self._block_over = False  # the block outgrew max_header_block: it will not be decoded
 
-    def _new_decoder(self) -> Decoder:
-        decoder = Decoder(max_header_list_size=self._conn.limits.max_header_block)
-        decoder.max_allowed_table_size = self._conn.limits.max_header_table
-        self._decoded = {}
-        self._table_version = 0
-        return decoder
-
-    def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
-        """HPACK-decode a block, reusing the result of the same bytes under the same table.
-
-        hpack costs ~10-30 us a block here, and most blocks repeat: a client's requests, once
-        its encoder has indexed them, are a handful of indexed fields that leave the table as
-        it was. A block that changed nothing decodes the same way for as long as the table
-        stays as it is, so it is cached under the table's version; any block that changes the
-        table bumps the version, which retires every cached result at once.
-        """
-        hit = self._decoded.get(block)
-        if hit is not None and hit[0] == self._table_version:
-            return hit[1]
-        table = self._decoder.header_table
-        entries = table.dynamic_entries
-        # The newest entry is held (not only its id) so that a new entry cannot reuse its address.
-        newest = entries[0] if entries else None
-        size = len(entries)
-        maxsize = table.maxsize
-        fields: list[tuple[bytes, bytes]] = self._decoder.decode(block, raw=True)  # type: ignore[assignment]
-        if (entries[0] if entries else None) is newest and len(entries) == size and table.maxsize == maxsize:
-            if len(self._decoded) >= _DECODED_CACHE:
-                self._decoded.clear()
-            self._decoded[block] = (self._table_version, fields)
-        else:
-            self._table_version += 1
-        return fields
+    def _new_decoder(self) -> CachedDecoder:
+        limits = self._conn.limits
+        return CachedDecoder(limits.max_header_block, limits.max_header_table)
 
     # -- the parser interface flows uses -------------------------------------------------
 
@@ -605,6 +788,35 @@ class _Reader:
                 # see, its HPACK state starts here too (a failed block is then an error).
                 self.seen_start = data[3] == _SETTINGS and not data[4] & _ACK
             self.synced = True
+        if self._unit == _U_HEADER and not self._buf and self._block is None:
+            # The common case: whole frames in this segment, outside a header block. DATA and
+            # single-frame HEADERS are read here without the reader's units; at anything else, and
+            # at any check that fails, the general loop below takes over.
+            conn = self._conn
+            frames = conn.stats.frames
+            max_block = conn.limits.max_header_block
+            while end - pos >= _FRAME_HEADER:
+                word, flags, stream = _HEADER.unpack_from(data, pos)
+                after = pos + _FRAME_HEADER + (word >> 8)
+                kind = word & 0xFF
+                stream &= 0x7FFFFFFF
+                if after > end or not stream:
+                    break
+                if kind == _DATA and not flags & _PADDED:
+                    frames[_DATA] += 1
+                    conn.data_frame(self._to_server, stream, after - pos - _FRAME_HEADER, flags & _END_STREAM, ts_ns)
+                elif kind == _HEADERS and flags & _END_HEADERS and after - pos - _FRAME_HEADER <= max_block:
+                    frames[_HEADERS] += 1
+                    if flags & (_PADDED | _PRIORITY_FLAG):
+                        self._headers(_HEADERS, flags, stream, data[pos + _FRAME_HEADER:after], ts_ns, ts_ns)
+                        if not self.synced:
+                            return  # an error: resync on a later segment
+                    else:
+                        self._apply_block(data[pos + _FRAME_HEADER:after], stream, bool(flags & _END_STREAM),
+                                          False, ts_ns, ts_ns)
+                else:
+                    break
+                pos = after
         while pos < end:
             unit = self._unit
             if unit == _U_SKIP:
@@ -701,7 +913,7 @@ class _Reader:
                     stats.caps["header_block"] += 1
                 self._block_over = True
                 if kind != _CONTINUATION:
-                    self._start_block(stream, flags, kind)
+                    self._start_block(stream, flags, kind, self._frame_ns)
                 self._left = length
                 self._unit = _U_SKIP
                 if length == 0:
@@ -776,27 +988,7 @@ class _Reader:
         self._unit = _U_HEADER
         self._want = _FRAME_HEADER
         if kind == _HEADERS or kind == _PUSH_PROMISE:
-            flags = self._flags
-            start = 0
-            end = len(payload)
-            if flags & _PADDED:
-                if not payload or payload[0] >= end:
-                    return self._error("bad_frame")
-                end -= payload[0]
-                start = 1
-            if kind == _HEADERS and flags & _PRIORITY_FLAG:
-                start += 5
-            elif kind == _PUSH_PROMISE:
-                start += 4  # the promised stream id
-                self._conn.stats.push_promises += 1
-            if start > end:
-                return self._error("bad_frame")
-            self._start_block(self._stream, flags, kind)
-            if flags & _END_HEADERS:  # the usual case: the whole block in this one frame
-                self._end_block(payload[start:end] if start or end < len(payload) else payload, ts_ns)
-            else:
-                assert self._block is not None
-                self._block += payload[start:end]
+            self._headers(kind, self._flags, self._stream, payload, self._frame_ns, ts_ns)
         elif kind == _CONTINUATION:
             assert self._block is not None
             self._block += payload
@@ -826,22 +1018,57 @@ class _Reader:
         if value > cap:
             conn.stats.caps["header_table"] += 1
             value = cap
-        other._decoder.max_allowed_table_size = value
+        other._decoder.allow_table_size(value)
 
-    def _start_block(self, stream: int, flags: int, kind: int) -> None:
+    def _headers(self, kind: int, flags: int, stream: int, payload: bytes, frame_ns: int, ts_ns: int) -> None:
+        """The payload of a HEADERS or PUSH_PROMISE frame that began at `frame_ns` and ended at `ts_ns`."""
+        start = 0
+        end = len(payload)
+        if flags & _PADDED:
+            if not payload or payload[0] >= end:
+                return self._error("bad_frame")
+            end -= payload[0]
+            start = 1
+        if kind == _HEADERS and flags & _PRIORITY_FLAG:
+            start += 5
+        elif kind == _PUSH_PROMISE:
+            start += 4  # the promised stream id
+            self._conn.stats.push_promises += 1
+        if start > end:
+            return self._error("bad_frame")
+        block = payload[start:end] if start or end < len(payload) else payload
+        if flags & _END_HEADERS:  # the usual case: the whole block in this one frame
+            self._apply_block(block, stream, bool(flags & _END_STREAM) and kind == _HEADERS, kind == _PUSH_PROMISE,
+                              frame_ns, ts_ns)
+            return None
+        self._start_block(stream, flags, kind, frame_ns)
+        assert self._block is not None
+        self._block += block
+        return None
+
+    def _start_block(self, stream: int, flags: int, kind: int, frame_ns: int) -> None:
+        """A header block that goes on in CONTINUATION frames (or that is too large to hold)."""
         self._block = bytearray()
         self._block_stream = stream
         self._block_end_stream = bool(flags & _END_STREAM) and kind == _HEADERS
-        self._block_ns = self._frame_ns
+        self._block_ns = frame_ns
         self._block_push = kind == _PUSH_PROMISE
 
     def _end_block(self, block: bytes | None, ts_ns: int) -> None:
-        """A whole header block: decode it (always, to keep HPACK in step) and apply it."""
+        """The last frame of a block started by `_start_block`; None: it was too large to hold."""
         self._block = None
+        over = self._block_over
+        self._block_over = False
+        self._apply_block(None if over else block, self._block_stream, self._block_end_stream, self._block_push,
+                          self._block_ns, ts_ns)
+
+    def _apply_block(self, block: bytes | None, stream: int, end_stream: bool, push: bool, start_ns: int,
+                     ts_ns: int) -> None:
+        """A whole header block: decode it (always, to keep HPACK in step) and apply it."""
         fields: list[tuple[bytes, bytes]] | None = None
-        if block is not None and not self._block_over:
+        if block is not None:
             try:
-                fields = self._decode(block)
+                fields = self._decoder.decode(block)
             except (HPACKError, IndexError, ValueError, TypeError):
                 if self.seen_start:
                     self._conn.stats.parse_errors["bad_header_block"] += 1
@@ -849,13 +1076,12 @@ class _Reader:
                 # resolve only what can be resolved exactly from here on.
                 self._decoder = self._new_decoder()
                 self.seen_start = False
-        elif self._block_over:
+        else:
             self._decoder = self._new_decoder()  # the block skipped may have changed the table
             self.seen_start = False
-        self._block_over = False
-        if self._block_push:
+        if push:
             return
         if self._to_server:
-            self._conn.request_headers(self._block_stream, fields, self._block_end_stream, self._block_ns)
+            self._conn.request_headers(stream, fields, end_stream, start_ns)
         else:
-            self._conn.response_headers(self._block_stream, fields, self._block_end_stream, ts_ns)
+            self._conn.response_headers(stream, fields, end_stream, ts_ns)

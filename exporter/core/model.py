@@ -2,11 +2,16 @@
 
 Everything here is plain data. Capture builds `Segment`s from frames (live or pcap);
 the core turns them into `Exchange`s. Neither side knows how the other gets its bytes.
+
+`Segment` and `Exchange` are NamedTuples: as immutable as a frozen dataclass, but built
+about four times faster (a frozen dataclass sets each field through object.__setattr__),
+and one of each is built per segment and per exchange on the user-space path.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 # TCP flag bits, as on the wire.
 FIN = 0x01
@@ -16,8 +21,7 @@ PSH = 0x08
 ACK = 0x10
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
+class Segment(NamedTuple):
     """One TCP segment of a watched port, as seen by the capture edge.
 
     `payload` may be shorter than `payload_len` when the kernel truncated the frame
@@ -46,8 +50,7 @@ class RpcCall:
     status_code: str  # rpc.grpc.status_code as text: "0".."16", or a documented non-numeric value
 
 
-@dataclass(frozen=True, slots=True)
-class Exchange:
+class Exchange(NamedTuple):
     """One HTTP request with its final response.
 
     Latency is `end_ns - start_ns`: from the first byte of the request to the last

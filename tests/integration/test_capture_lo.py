@@ -8,7 +8,6 @@ captured payload must reproduce byte for byte, each byte exactly once.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 import socket
@@ -114,7 +113,7 @@ def same_segments(ring: list[Segment], recv: list[Segment]) -> None:
     """
     key = lambda s: (s.src_ip, s.src_port, s.dst_ip, s.dst_port, s.seq, s.flags, s.payload_len)  # noqa: E731
     a, b = sorted(ring, key=key), sorted(recv, key=key)
-    assert [dataclasses.replace(s, ts_ns=0) for s in a] == [dataclasses.replace(s, ts_ns=0) for s in b], (
+    assert [s._replace(ts_ns=0) for s in a] == [s._replace(ts_ns=0) for s in b], (
         "ring and recvmsg paths disagree"
     )
     skew = [abs(x.ts_ns - y.ts_ns) for x, y in zip(a, b, strict=True)]

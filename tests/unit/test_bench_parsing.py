@@ -21,7 +21,15 @@ from bench.report import (
 )
 from bench.runner import route_mismatch
 from bench.scrape import CLK_TCK, parse_proc, parse_scrape
-from bench.wrk import COOKIE_BYTES, churn_script, paced_script, parse_duration_s, parse_wrk, realistic_script
+from bench.wrk import (
+    COOKIE_BYTES,
+    churn_script,
+    paced_script,
+    parse_duration_s,
+    parse_wrk,
+    pipelined_script,
+    realistic_script,
+)
 
 WRK_PLAIN = """\
 Running 5s test @ http://127.0.0.1:8080/
@@ -248,6 +256,25 @@ def test_realistic_script_sends_browser_sized_heads() -> None:
     assert '["sec-ch-ua"]' in script and '["User-Agent"]' in script  # both name cases
     with pytest.raises(ValueError):
         realistic_script(ids=0)
+
+
+def test_pipelined_script_writes_depth_requests_at_once() -> None:
+    script = pipelined_script(8, "/a")
+    assert 'for i = 1, 8 do r[i] = wrk.format("GET", "/a") end' in script
+    assert "return pipelined" in script
+    with pytest.raises(ValueError):
+        pipelined_script(0)
+
+
+def test_user_space_rate_is_counted_less_kernel_exchanges_per_second_of_load() -> None:
+    from bench.runner import RunResult
+    from bench.wrk import WrkResult
+
+    wrk = WrkResult(requests=1000, duration_s=4.0, requests_per_s=250.0, latency_mean_s=0.001,
+                    latency_stdev_s=0.0, latency_max_s=0.002)
+    assert RunResult("userspace", "x", wrk=wrk, logged=1000, counted=1000.0).row()["user_rate"] == 250.0
+    assert RunResult("exporter", "x", wrk=wrk, logged=1000, counted=1000.0,
+                     fast_exchanges=600.0).row()["user_rate"] == 100.0
 
 
 def test_nginx_log_per_status_and_route() -> None:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.core.flows import CoreStats, Limits, Tracker
+from exporter.core.flows import CoreStats, Limits, Tracker, _nearest_first, _seq_delta, _Side
 from exporter.core.model import ACK, FIN, PSH, RST, SYN, Exchange, Segment
 
 PORT = 8080
@@ -648,3 +648,39 @@ def test_skip_hints_renew_a_close_delimited_body_window_by_window() -> None:
     tracker.feed(conn.seg("s", b"", 4, payload_len=2))  # past half the window: renewed from here
     (renewed,) = tracker.take_skip_hints().values()
     assert renewed == (conn.next["s"], (conn.next["s"] + (1 << 30)) & 0xFFFFFFFF)
+
+
+def _after_gap(held: list[tuple[int, int, bytes, int]], start: int,
+               take: Callable[[_Side], Iterator[tuple[int, int, bytes, int]]]) -> list[tuple[int, int]]:
+    """The (seq, length) order in which a gap's held segments are fed, and where the stream then stands,
+    moving the position as _skip_gap does."""
+    side = _Side()
+    side.next_seq = start
+    side.held = list(held)
+    fed = []
+    for seq, _, _, plen in take(side):
+        delta = _seq_delta(seq, side.next_seq)
+        if delta > 0:
+            side.next_seq, delta = seq, 0
+        elif delta + plen <= 0:
+            continue
+        side.next_seq = (side.next_seq + plen + delta) & 0xFFFFFFFF
+        fed.append((seq, plen))
+    return [*fed, (side.next_seq, -1)]
+
+
+def _nearest_each_time(side: _Side) -> Iterator[tuple[int, int, bytes, int]]:
+    held = side.held
+    while held:
+        expected = side.next_seq
+        yield held.pop(min(range(len(held)), key=lambda i: _seq_delta(held[i][0], expected)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 0xFFFFFFFF),
+       st.lists(st.tuples(st.sampled_from([-3000, -1, 0, 1, 500, 1448, 2896, 65536, 1 << 28, 1 << 30, 1 << 31]),
+                          st.integers(1, 70000)), min_size=1, max_size=12))
+def test_held_segments_after_a_gap_come_nearest_first_as_if_looked_for_after_each(
+        start: int, offsets: list[tuple[int, int]]) -> None:
+    held = [((start + offset) & 0xFFFFFFFF, i, b"", length) for i, (offset, length) in enumerate(offsets)]
+    assert _after_gap(held, start, _nearest_first) == _after_gap(held, start, _nearest_each_time)

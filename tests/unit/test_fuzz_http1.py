@@ -12,13 +12,15 @@ Example counts: tests/unit/fuzz_settings.py (EBPF_SLO_FUZZ=long for `make fuzz`)
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from exporter.core import http1
 from exporter.core.flows import Limits, Tracker
-from exporter.core.http1 import PendingRequest, RequestParser, ResponseParser
+from exporter.core.http1 import _TCHAR, PendingRequest, RequestParser, ResponseParser, _header_fields_ok
 from exporter.core.model import ACK, FIN, PSH, RST, SYN, Exchange, Segment
 from tests.unit.fuzz_settings import fuzz
 
@@ -329,3 +331,107 @@ def test_tracker_never_raises_and_respects_every_cap(segments: list[Segment], ex
     tracker.flush()
     assert len(tracker._flows) == 0 and tracker.stats.flows_active == 0
     assert tracker.stats.held_bytes == 0
+
+
+# -- the one-segment head scan against the general search ----------------------------------
+
+# Header lines, well formed and not: a whole head in one segment is checked by one scan
+# (`_HEADER_LINES`) that also finds its blank line; a head fed byte by byte goes through the
+# general search. Lines end in CRLF here, where the two must agree exactly.
+HEAD_LINES = st.sampled_from([
+    b"Host: a", b"X-Id:1", b"cookie: c=1; d=2", b"Content-Length: 3", b"content-length: x",
+    b"Transfer-Encoding: chunked", b"Transfer-Encoding: gzip", b"Upgrade: h2c", b"No colon here",
+    b" folded: line", b"Bad Name: v", b"A: bare\rcr", b"B:\r", b":empty-name", b"C: \x00\x7f\xff", b"D:",
+])
+
+
+class EventSink(Sink):
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[object, ...]] = []
+
+    def on_request(self, request: PendingRequest) -> None:
+        self.events.append(("request", request.method, request.target, request.start_ns))
+
+    def on_response_head(self, status: int, ts_ns: int) -> str | None:
+        self.events.append(("head", status, ts_ns))
+        return "GET"
+
+    def on_response_complete(self, status: int, end_ns: int, body_bytes: int) -> None:
+        self.events.append(("complete", status, end_ns, body_bytes))
+
+    def on_upgrade(self, protocol: str) -> None:
+        self.events.append(("upgrade", protocol))
+
+
+@fuzz(300)
+@given(st.lists(st.lists(HEAD_LINES, max_size=6), min_size=1, max_size=4),
+       st.sampled_from(["request", "response"]))
+def test_a_head_whole_in_one_segment_parses_as_one_fed_byte_by_byte(messages: list[list[bytes]],
+                                                                    direction: str) -> None:
+    first = b"GET /a?b HTTP/1.1" if direction == "request" else b"HTTP/1.1 200 OK"
+    stream = b"".join(first + b"\r\n" + b"".join(line + b"\r\n" for line in lines) + b"\r\n"
+                      for lines in messages)
+    outcomes = []
+    for sizes in (len(stream), 1):
+        errors: dict[str, int] = {}
+        sink = EventSink()
+        parser = (RequestParser(sink, errors) if direction == "request" else ResponseParser(sink, errors))
+        for at in range(0, len(stream), sizes):
+            parser.feed(stream[at:at + sizes], 7)
+        outcomes.append((sink.events, {reason: n for reason, n in errors.items() if n}))
+    assert outcomes[0] == outcomes[1]
+
+
+@fuzz(300)
+@given(st.lists(st.sampled_from([b"a", b"B", b":", b" ", b"\r", b"\n", b"\t", b"-", b"\x00", b"\x7f", b"\xff",
+                                 b"\r\n", b"x:y\r\n", b"(", b"/"]), max_size=16))
+def test_header_lines_check_accepts_exactly_the_one_pattern_it_replaces(parts: list[bytes]) -> None:
+    one_pattern = re.compile(rb"(?:[" + _TCHAR + rb"]+:[^\r\n]*\r?\n)*")  # the grammar, slow in sre
+    block = b"".join(parts)
+    assert _header_fields_ok(block, 0) == (one_pattern.fullmatch(block) is not None)
+
+
+def _framing_by_lowering(head: bytes) -> tuple[int, int]:
+    """The framing rules as first written (a lowered copy searched per name): the oracle."""
+    lower = head.lower()
+    at = lower.rfind(b"\ntransfer-encoding:")
+    if at < 0 and b"\ncontent-length:" not in lower:
+        return http1._HEAD, 0
+    if at >= 0:
+        value = lower[at + 19 : lower.find(b"\n", at + 1)]
+        return (http1._CHUNK_SIZE, 0) if value.rsplit(b",", 1)[-1].strip() == b"chunked" else (http1._CLOSE_BODY, 0)
+    at = lower.find(b"\ncontent-length:")
+    length = -1
+    while at >= 0:
+        value_end = lower.find(b"\n", at + 1)
+        value = lower[at + 16 : value_end].strip()
+        if not value.isdigit():
+            values = {item.strip() for item in value.split(b",")}
+            if len(values) != 1:
+                return http1._BODY, -1
+            value = values.pop()
+            if not value.isdigit():
+                return http1._BODY, -1
+        if len(value) > 18:
+            return http1._BODY, -1
+        if length >= 0 and int(value) != length:
+            return http1._BODY, -1
+        length = int(value)
+        at = lower.find(b"\ncontent-length:", value_end)
+    return http1._BODY, length
+
+
+FRAMING_LINES = st.sampled_from([
+    b"Host: a", b"Content-Length: 12", b"content-length:12", b"CONTENT-LENGTH: 7", b"Content-Length: 12, 12",
+    b"Content-Length: 1,2", b"Content-Length: x", b"Content-Length: 0012", b"Content-Length: 1234567890123456789",
+    b"Content-Length:", b"Transfer-Encoding: chunked", b"transfer-encoding: gzip, CHUNKED", b"TRANSFER-ENCODING: gzip",
+    b"X-Content-Length: 3", b"Content-Lengths: 4",
+])
+
+
+@fuzz(300)
+@given(st.lists(FRAMING_LINES, max_size=6))
+def test_framing_in_one_scan_equals_the_lowered_copy_searched_per_name(lines: list[bytes]) -> None:
+    head = b"HTTP/1.1 200 OK\r\n" + b"".join(line + b"\r\n" for line in lines)
+    assert http1._framing(head) == _framing_by_lowering(head)

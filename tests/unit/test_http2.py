@@ -25,9 +25,8 @@ from exporter.core.http2 import (
     GRPC_STATUS_RESET,
     PREFACE,
     RESET_STATUS,
-    Http2Connection,
-    Http2Limits,
-    Http2Stats,
+    BlockCache,
+    CachedDecoder,
     looks_like_frames,
 )
 from exporter.core.model import SYN, Exchange, RpcCall
@@ -177,6 +176,25 @@ def test_continuation_padding_and_priority() -> None:
                    WindowUpdateFrame(1, 10), data(1, b"9", end_stream=True)), 9),
     ])
     assert out == [h2("GET", "/cont", 200, 5, 9, 4, 9)]
+    assert sum(tracker.stats.http2.parse_errors.values()) == 0
+
+
+def test_one_frame_headers_with_priority_and_padding_among_whole_frames() -> None:
+    # Whole frames back to back in one segment, each flag combination of a one-frame HEADERS.
+    client, server = Peer(), Peer()
+    plain = client.headers(1, get("/plain"), end_stream=True)
+    prioritised = client.headers(3, get("/priority"), end_stream=True, flags=["PRIORITY"],
+                                 depends_on=1, stream_weight=200)
+    both = client.headers(5, get("/both"), end_stream=True, flags=["PRIORITY", "PADDED"], depends_on=0,
+                          stream_weight=1, pad_length=7)
+    out, tracker = run([
+        ("c", PREFACE + wire(settings(), plain, prioritised, both), 1),
+        ("s", wire(settings(), server.headers(5, [(":status", "201")], flags=["PADDED"], pad_length=2),
+                   data(5, b"abc", end_stream=True), server.headers(1, [(":status", "200")], end_stream=True),
+                   server.headers(3, [(":status", "404")]), data(3, b"", end_stream=True)), 2),
+    ])
+    assert sorted(out, key=lambda e: e.target) == [
+        h2("GET", "/both", 201, 1, 2, 0, 3), h2("GET", "/plain", 200, 1, 2), h2("GET", "/priority", 404, 1, 2)]
     assert sum(tracker.stats.http2.parse_errors.values()) == 0
 
 
@@ -383,6 +401,8 @@ def test_header_block_cap() -> None:
     b"\x00\x00\x05\x04\x00\x00\x00\x00\x00" + b"\x00" * 5,  # SETTINGS of a length not a multiple of 6
     b"\x00\x00\x04\x03\x00\x00\x00\x00\x00" + b"\x00" * 4,  # RST_STREAM on stream 0
     b"\x00\x00\x03\x00\x08\x00\x00\x00\x01\x05ab",  # DATA whose padding is longer than the frame
+    b"\x00\x00\x02\x01\x0c\x00\x00\x00\x05\x05\x82",  # one-frame HEADERS, padding longer than the frame
+    b"\x00\x00\x01\x01\x25\x00\x00\x00\x05\x82",  # one-frame HEADERS too short for its PRIORITY fields
 ])
 def test_malformed_frames_are_counted_then_resync(bad: bytes) -> None:
     client, server = Peer(), Peer()
@@ -455,15 +475,15 @@ def test_looks_like_frames(payload: bytes, expected: bool) -> None:
 
 
 def test_decoded_block_cache_follows_the_dynamic_table() -> None:
-    reader = Http2Connection(PORT, [], Http2Stats(), Http2Limits()).client
+    decoder = CachedDecoder(65536, 4096, BlockCache())
     encoder = Encoder()
     first = encoder.encode([(":path", "/a")])  # a literal that inserts (:path, /a) at index 62
     again = encoder.encode([(":path", "/a")])  # index 62
-    assert reader._decode(first) == [(b":path", b"/a")]
-    assert reader._decode(again) == [(b":path", b"/a")]
-    assert reader._decode(again) == [(b":path", b"/a")]  # from the cache
-    assert reader._decode(encoder.encode([(":path", "/b")])) == [(b":path", b"/b")]  # now index 62
-    assert reader._decode(again) == [(b":path", b"/b")]
+    assert decoder.decode(first) == [(b":path", b"/a")]
+    assert decoder.decode(again) == [(b":path", b"/a")]
+    assert decoder.decode(again) == [(b":path", b"/a")]  # from the cache
+    assert decoder.decode(encoder.encode([(":path", "/b")])) == [(b":path", b"/b")]  # now index 62
+    assert decoder.decode(again) == [(b":path", b"/b")]
 
 
 def test_http1_joined_mid_body_is_still_picked_up_at_the_next_head() -> None:
