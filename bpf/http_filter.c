@@ -16,7 +16,7 @@
  * run and tail-calls itself until the head ends (at most HEAD_MAX / SCAN_CHUNK
  * runs), then http_finish, which runs the per-flow state machine and returns
  * the verdict. Each program has the verifier's whole budget (verified_insns on
- * 6.18: http_filter 1.8k, http_scan 438k, http_finish 627k of 1M), which is
+ * 6.18: http_filter 2.1k, http_scan 439k, http_finish 680k of 1M), which is
  * what lets a head be 4 KB. bpf_loop would do it in one program, but BCC 0.26
  * cannot load its callback (no BPF_PSEUDO_FUNC relocation), hence tail calls.
  *
@@ -37,15 +37,30 @@
  * keyed client -> server) a flow is FAST or SLOW:
  *
  * - A client segment on a flow with no state, or on an idle FAST flow at the
- *   expected seq, is taken when it is one whole request head, with any number
- *   of header lines, and at most its body: GET/HEAD/POST/PUT/DELETE/OPTIONS/
+ *   expected seq, is taken when it is one whole request head (or the start of
+ *   one: SPLIT HEADS below), with any number of header lines, and at most its
+ *   body: GET/HEAD/POST/PUT/DELETE/OPTIONS/
  *   TRACE/PATCH, SP, origin-form target of printable ASCII, " HTTP/1.d" CRLF
  *   (1.0 and 1.1), header lines `token ":" value CRLF` (names matched in any
  *   case), no Transfer-Encoding, at most one Content-Length, head <= HEAD_MAX
  *   bytes, path (cut at '?' or '#': the query is scanned, never stored) <=
- *   PATH_LEN bytes. The body Content-Length announces may be in the segment,
+ *   RAW_PATH_LEN bytes as sent and <= PATH_LEN as keyed (ids as "{id}", below;
+ *   a head split before its path ends keeps PATH_LEN bytes of it). The body
+ *   Content-Length announces may be in the segment,
  *   after it, or both; its bytes are counted by sequence number, never read.
  *   Anything else makes the flow SLOW and the segment goes up.
+ * - SPLIT HEADS. A head that goes on past its segment (a 2 KB head behind a
+ *   1500-byte MTU) is followed over in-order segments, the head as a whole
+ *   still <= HEAD_MAX: the scan's state where it stopped (parser state,
+ *   Content-Length so far, method, path bytes so far) goes into the flow's
+ *   state (PHASE_HEAD, struct head_scan), the segment's bytes into head_parts,
+ *   and the next client segment at cseq resumes the scan from its first byte
+ *   (resume_head, in http_filter, reading the state unclaimed; fast_step,
+ *   claimed, takes the result only at that seq). The request is timed from
+ *   the head's first segment. Out of order, partly retransmitted, answered or
+ *   closed mid-head: handed over like any other segment, and the record says
+ *   how many head bytes the kernel consumed (head_len), which user space reads
+ *   from head_parts and parses first. The bytes are kept only for that case.
  * - A server segment answering it is taken when its head lies in the segment:
  *   "HTTP/1.d NNN" with NNN >= 200 and not 101, strict header lines, at most one
  *   Content-Length of <= 9 digits, no Transfer-Encoding, and framing known
@@ -55,15 +70,18 @@
  *   server address and port, method, status and path: duration, response-size
  *   and request-size bucket counts and sums).
  * - With CFG_ROUTE_IDS (set by user space when RouteMapper allows it), each
- *   all-digit path segment is keyed as "{id}": random ids do not fill http_agg.
+ *   path segment routes.py's heuristic takes for an id (digits; 16+ bytes of
+ *   hex, a UUID, or letters and digits; over 64 bytes) is keyed as "{id}":
+ *   random ids, UUIDs and hashes do not fill http_agg.
  * - FIN/RST on an idle FAST flow die here with its state. Everything else hands
  *   the flow over to user space, counted by reason (HO_*, bpf.py's
  *   HANDOVER_REASONS): new_flow (its first request is not one we take, for no
  *   more specific reason below), request (likewise, later on the connection:
  *   unknown method, absolute form, Transfer-Encoding, a syntax error, bytes
  *   after the head and body), head_too_long (over HEAD_MAX bytes), head_split
- *   (the head does not end in its first segment), path_too_long (over
- *   PATH_LEN), request_body (the server answered before the request body ended:
+ *   (a head over segments not followed to its end: its part not kept, a next
+ *   segment scanned as a head of its own, an answer mid-head), path_too_long (over
+ *   RAW_PATH_LEN, or over PATH_LEN as keyed), request_body (the server answered before the request body ended:
  *   100 Continue, 413), pipelined (a request while one is open), response
  *   (interim, 101, or unframed: chunked, close-delimited), extra (bytes past
  *   the response's end), seq (out-of-order data), unsolicited (server data
@@ -101,15 +119,15 @@
  *   exporter tracks. A SLOW flow whose state is evicted would have its next
  *   simple request taken here while user space holds the stream's earlier
  *   part; that is the one inexact case, and it needs > FLOW_STATES live flows.
- * - `http_agg` is never cleared (reading and deleting races the increments),
- *   so distinct (server, port, method, status, path) keys are bounded by
- *   AGG_ENTRIES; past it, exchanges go to user space (handover reason
- *   agg_full), exactly. Ids in paths: with route_ids on, all-digit segments
- *   share a key ("{id}"), which is exact because RouteMapper names such a path
- *   as it names the path sent (routes.py); other id shapes (UUIDs, hashes,
- *   tokens) still take a key each, so a scan of random UUIDs reaches agg_full
- *   and goes to user space. A double-buffered map drained by user space would
- *   lift that too; it is not done.
+ * - `http_agg` is cleared only a generation at a time (reading and deleting
+ *   live keys would race the increments; see agg_fence): distinct (server,
+ *   port, method, status, path) keys are bounded by AGG_ENTRIES; past it,
+ *   exchanges go to user space (handover reason agg_full), exactly, until
+ *   user space drains the map, which KernelFastPath does at a read that finds
+ *   it half full. Ids in paths: with route_ids on, id-shaped
+ *   segments share a key ("{id}"), which is exact because RouteMapper names
+ *   such a path as it names the path sent (routes.py), so only distinct route
+ *   shapes take keys.
  * - The head scan is a state machine over at most HEAD_MAX bytes, a byte at a
  *   time except inside header values (below), with its state (position
  *   included) in the per-CPU scratch map value, so that http_scan can stop
@@ -126,8 +144,12 @@
  * - The scan costs the sender's softirq about a byte-time per head byte; with
  *   the packet-tap cost every frame pays anyway, that is what separates the
  *   fast path's throughput from the no-capture run in `make bench`.
- * - Kernel memory (not RSS): flow_state ~15 MB, http_agg ~9 MB on 2 CPUs,
- *   handover ~3.5 MB, scratch 2 x 5 KB, all preallocated.
+ * - A split head's bytes are kept in head_parts (LRU, HEAD_PARTS = 1,024, 8 KB
+ *   each) until the head ends: a connection given up mid-head after its entry
+ *   was evicted (more than 1,024 heads in flight at once) is lost, counted
+ *   (head_lost), rather than handed over without the head's start.
+ * - Kernel memory (not RSS): flow_state ~16 MB, http_agg ~9 MB on 2 CPUs,
+ *   head_parts ~8.5 MB, handover ~3.5 MB, scratch 2 x 5 KB, all preallocated.
  *
  * Requirements: Linux >= 4.4 (SO_ATTACH_BPF, bpf_skb_load_bytes for socket
  * filters), BCC with kernel headers. No kprobes, no BTF, no tc.
@@ -178,7 +200,8 @@
 #endif
 #define PROG_SCAN 0         /* slots of scan_progs, filled by bpf.py's loader */
 #define PROG_FINISH 1
-#define PATH_LEN 96         /* path bytes kept; a longer path makes the flow SLOW */
+#define PATH_LEN 96         /* path bytes kept (the http_agg key); a longer key makes the flow SLOW */
+#define RAW_PATH_LEN 128    /* path bytes read as sent: ids written "{id}" may bring it to PATH_LEN */
 #define MAX_DUR_BOUNDS 32
 #define MAX_SIZE_BOUNDS 16
 #ifndef FLOW_STATES
@@ -189,6 +212,9 @@
 #endif
 #ifndef HANDOVER_ENTRIES
 #define HANDOVER_ENTRIES 16384
+#endif
+#ifndef HEAD_PARTS
+#define HEAD_PARTS 1024     /* request heads begun in one segment and not ended yet (LRU) */
 #endif
 #define CLAIM_TRIES 256  /* x 32 reads: ~10-40 us of waiting; a holder needs about 1 us */
 
@@ -292,6 +318,24 @@ BPF_ARRAY(agg_bounds, struct hist_bounds, 1);
 #define PHASE_IDLE 0
 #define PHASE_REQUEST 1   /* request taken, no response byte yet */
 #define PHASE_RESPONSE 2  /* response head taken, body still arriving */
+#define PHASE_HEAD 3      /* a request head begun in earlier segments: its scan resumes at cseq */
+
+/* Where the scan of a request head stopped at the end of a segment (PHASE_HEAD); the method,
+ * and the path bytes read so far (as sent), are kept in fp_state's method/path/path_len. */
+struct head_scan {
+    u32 cl;
+    u16 seen;           /* the head's bytes in earlier segments, kept in head_parts */
+    u8 state;
+    u8 nlen;            /* saturated at 255: only names up to 17 bytes are matched */
+    u8 cl_ok;
+    u8 te_ok;
+    u8 cl_phase;
+    u8 cl_seen;
+    u8 ndig;
+    u8 vpos;
+    u8 in_query;
+    u8 pad;
+};
 
 struct fp_state {
     u64 lock;           /* 0 free, 1 claimed (cmpxchg; 64-bit for BPF atomics) */
@@ -313,8 +357,23 @@ struct fp_state {
     u32 held_len;       /* counted once the gap before it fills; 0 when none */
     u32 req_len;        /* Content-Length of the open request's body */
     u32 req_left;       /* its bytes still to come (counted by sequence number, never read) */
+    struct head_scan head;  /* PHASE_HEAD only */
 };
 BPF_TABLE("lru_hash", struct flow_key, struct fp_state, flow_state, FLOW_STATES);
+
+/* The bytes of a request head's earlier segments (PHASE_HEAD), for user space should the kernel
+ * give the connection up before the head ends: it then parses them first, from `seq` on. Not
+ * needed when the head ends here (the usual case), so LRU: entries of connections that died
+ * mid-head age out. One per connection, reused for its next split head. `bytes` is twice what
+ * a head may hold so that the verifier can prove a write of up to HEAD_MAX bytes at any offset
+ * below HEAD_MAX in bounds (the head itself stays <= HEAD_MAX). */
+struct head_part {
+    u32 seq;            /* the head's first byte */
+    u32 len;            /* bytes kept */
+    u8 bytes[2 * HEAD_MAX];
+};
+BPF_TABLE("lru_hash", struct flow_key, struct head_part, head_parts, HEAD_PARTS);
+BPF_ARRAY(head_part_zero, struct head_part, 1);  /* never written: the initial value */
 
 /* Written when a FAST flow turns SLOW; user space reads and deletes it. */
 struct fp_handover {
@@ -337,6 +396,8 @@ struct fp_handover {
     u32 held_len;
     u32 req_len;        /* the open request's body length, and how much of it is still to come */
     u32 req_left;
+    u32 head_len;       /* a request head begun before the handover: its first head_len bytes
+                         * (from cseq on) are in head_parts, for user space to parse first */
 };
 BPF_HASH(handover, struct flow_key, struct fp_handover, HANDOVER_ENTRIES);
 
@@ -346,7 +407,8 @@ struct http_agg_key {
     u16 status;
     u8 method;
     u8 path_len;
-    u16 pad;
+    u8 gen;             /* CFG_AGG_GEN when added: user space drains the other generation */
+    u8 pad;
     char path[PATH_LEN];
 };
 struct http_agg_val {
@@ -361,10 +423,19 @@ struct http_agg_val {
 BPF_TABLE("percpu_hash", struct http_agg_key, struct http_agg_val, http_agg, AGG_ENTRIES);
 BPF_ARRAY(agg_zero, struct http_agg_val, 1);  /* never written: the initial value */
 
+/* Recycling http_agg (HttpFilter.drain_aggregates): user space flips CFG_AGG_GEN, then
+ * updates agg_fence, which returns only once every BPF program running at that moment has
+ * finished (a map-in-map update waits for an RCU grace period). From then on nothing adds to
+ * the old generation's keys: user space reads them whole and deletes them, and no
+ * increment is lost. Neither map is used by the programs. */
+BPF_ARRAY(agg_fence_inner, u32, 1);
+BPF_ARRAY_OF_MAPS(agg_fence, "agg_fence_inner", 1);
+
 /* Per-CPU work area: payload bytes, the scanner's state (kept in memory on
  * purpose, see the header) and keys/records too big for the 512-byte stack. */
 struct scratch {
     u8 buf[HEAD_MAX + 8];  /* + 8: the scan reads a word at any index below HEAD_MAX */
+    u8 raw[RAW_PATH_LEN + 8];  /* the path as sent, written by the scan (+ 8: copy_path reads words) */
     struct flow_key key;  /* the packet's own direction; in memory, see http_filter */
     struct fp_state st;
     struct fp_handover ho;
@@ -381,7 +452,10 @@ struct scratch {
     u32 scanned;          /* the payload went through http_scan: classify_end it */
     u32 out;              /* ids_path: bytes written, */
     u32 seg_out;          /* where the current segment starts in the output, */
-    u32 seg;              /* and what it holds so far (SEG_*) */
+    u32 seg;              /* and what it can still be (SH_*): */
+    u32 seg_len;          /* its length, */
+    u32 uuid_hex;         /* its hex digits, */
+    u32 uuid_dash;        /* and 1 + uuid_hex at its last dash (0: none) */
     u32 reject;           /* HO_* reason a request was not taken, or HO_COUNT: not more specific */
     u32 n;
     u32 pos;              /* next byte of buf the scan reads */
@@ -404,6 +478,8 @@ struct scratch {
     u32 status;
     u32 body;
     u32 merged;           /* held body bytes a completing segment joined up with */
+    u32 resumed;          /* the scan continues the head of the flow's state (PHASE_HEAD) */
+    u32 prefix;           /* that head's bytes in earlier segments */
 };
 BPF_PERCPU_ARRAY(scratch, struct scratch, 1);
 
@@ -643,10 +719,13 @@ static __always_inline void scan_chunk(volatile struct scratch *s)
                 if (c == '?' || c == '#')
                     s->in_query = 1;
                 if (!s->in_query) {
-                    if (s->path_len >= PATH_LEN)
+                    u32 pl = s->path_len;
+                    if (pl >= RAW_PATH_LEN) {
                         s->state = S_PATH_LONG;
-                    else
-                        s->path_len++;
+                    } else {
+                        s->raw[pl] = c;  /* kept apart from buf: a head's next segment reuses it */
+                        s->path_len = pl + 1;
+                    }
                 }
             }
         } else if (state == S_REASON) {
@@ -708,11 +787,11 @@ static __always_inline void scan_chunk(volatile struct scratch *s)
     }
 }
 
-/* Load up to HEAD_MAX payload bytes into the scratch buffer; returns how many. */
-static __always_inline u32 load_payload(struct __sk_buff *skb, struct scratch *s, u32 off, u32 plen)
+/* Load up to HEAD_MAX payload bytes into the scratch buffer; returns how many (0: under `least`). */
+static __always_inline u32 load_payload(struct __sk_buff *skb, struct scratch *s, u32 off, u32 plen, u32 least)
 {
     u32 n = plen < HEAD_MAX ? plen : HEAD_MAX;
-    if (n < 16)
+    if (n < least || n == 0)
         return 0;
     /* Through memory, then clamped so that the verifier sees 1..HEAD_MAX: a size
      * argument is tracked precisely back to its source, and were that source
@@ -744,6 +823,41 @@ static __always_inline u32 method_of(u64 w, u32 *len)
 #define KIND_NONE 0
 #define KIND_REQUEST 1   /* the segment is exactly one simple request head */
 #define KIND_RESPONSE 2  /* the segment starts with a final response head we can frame */
+#define KIND_PARTIAL 3   /* the segment starts or continues a request head that goes on in the next */
+
+/* A client segment that does not start a head may continue the one its flow began earlier
+ * (PHASE_HEAD): load the scan state saved at the end of the previous segment, to go on from
+ * this segment's first byte. Read without the flow's claim; fast_step, claimed, takes the
+ * result only if the flow is still in PHASE_HEAD at this seq, and every change to the saved
+ * state moves cseq on. */
+static __always_inline int resume_head(struct scratch *s)
+{
+    volatile struct scratch *vs = s;
+    struct fp_state *st = flow_state.lookup(&s->key);
+    if (!st || st->mode != MODE_FAST || st->phase != PHASE_HEAD || st->cseq != vs->seq)
+        return 0;
+    struct head_scan h;
+    __builtin_memcpy(&h, &st->head, sizeof(h));
+    __builtin_memcpy(s->raw, st->path, PATH_LEN);
+    vs->path_len = st->path_len;
+    vs->method = st->method;
+    vs->state = h.state;
+    vs->cl = h.cl;
+    vs->nlen = h.nlen;
+    vs->cl_ok = h.cl_ok;
+    vs->te_ok = h.te_ok;
+    vs->cl_phase = h.cl_phase;
+    vs->cl_seen = h.cl_seen;
+    vs->ndig = h.ndig;
+    vs->vpos = h.vpos;
+    vs->in_query = h.in_query;
+    vs->prefix = h.seen;
+    vs->resumed = 1;
+    vs->request = 1;
+    vs->pos = 0;
+    vs->head_len = 0;
+    return 1;
+}
 
 /* First half of classifying a segment's payload by its direction, before the
  * flow's state is looked at (http_filter): load it, match the method or the
@@ -760,16 +874,17 @@ static __always_inline int classify_start(struct __sk_buff *skb, struct scratch 
         vs->reject = HO_HEAD_TOO_LONG;
         return 0;
     }
-    if (!load_payload(skb, s, off, plen))
+    u32 n = load_payload(skb, s, off, plen, to_server ? 1 : 16);
+    if (!n)
         return 0;
     u64 w;
     __builtin_memcpy(&w, s->buf, 8);
     u32 start;
     if (to_server) {
         u32 mlen = 0;
-        u32 method = method_of(w, &mlen);
+        u32 method = n >= 16 ? method_of(w, &mlen) : 0;
         if (!method || mlen > 8 || s->buf[mlen & 15] != '/')
-            return 0;
+            return resume_head(s);
         vs->method = method;
         vs->mlen = mlen;
         start = mlen;
@@ -795,42 +910,57 @@ static __always_inline int classify_start(struct __sk_buff *skb, struct scratch 
 /* The path into s->st.path as sent, the bytes past path_len zeroed (the path is part
  * of the http_agg key). A word at a time: a twelfth of a byte loop's instructions.
  * Little-endian, as every JIT target we run on: a word's first byte is its low byte.
- * buf's 8 spare bytes keep the last read in bounds. */
-static __always_inline void copy_path(struct scratch *s, u32 mlen, u32 path_len)
+ * raw's 8 spare bytes keep the last read in bounds. */
+static __always_inline void copy_path(struct scratch *s, u32 path_len)
 {
 #pragma unroll
     for (u32 w = 0; w < PATH_LEN / 8; w++) {
         u32 lo = w * 8;
-        u64 word = *(u64 *)(s->buf + ((mlen + lo) & (HEAD_MAX - 1)));
+        u64 word = *(u64 *)(s->raw + lo);
         u64 keep = path_len >= lo + 8 ? ~0ULL : path_len <= lo ? 0 : (1ULL << ((path_len - lo) * 8)) - 1;
         *(u64 *)(s->st.path + lo) = word & keep;
     }
 }
 
-#define SEG_EMPTY 0
-#define SEG_DIGITS 1
-#define SEG_OTHER 2
+/* What a path segment read so far can still be, for ids_path (bits of s->seg). */
+#define SH_DIGITS 1       /* digits only */
+#define SH_HEX 2          /* hex digits only */
+#define SH_HAS_DIGIT 4
+#define SH_HAS_LETTER 8
+#define SH_UUID 16        /* 8-4-4-4-12 hex digits, each dash between groups optional */
+#define SH_FRESH (SH_DIGITS | SH_HEX | SH_UUID)
 
-/* The path into s->st.path with every all-digit segment written as "{id}", so that
- * 100,000 ids make one http_agg key, not 100,000. User space turns it on (CFG_ROUTE_IDS)
- * only when that cannot change a route: RouteMapper's heuristic makes an all-digit
- * segment "{id}" and keeps a literal "{id}" as it is, and a `--route` placeholder
- * matches either; a pattern with an all-digit literal segment turns it off
- * (RouteMapper.digit_segments_are_ids). Returns 0, having written nothing that
- * matters, when the result would pass PATH_LEN: the caller copies the path as sent. */
-static __always_inline int ids_path(struct scratch *s, u32 mlen, u32 path_len)
+/* The path into s->st.path with every segment RouteMapper's heuristic takes for an
+ * identifier written as "{id}", so that 100,000 ids make one http_agg key, not 100,000.
+ * The rule is routes.py's `_is_identifier`, byte for byte: digits only; or 16 bytes or more
+ * and hex only, or a UUID (dashes optional), or mixing letters and digits, or over 64 bytes.
+ * The heuristic keeps a literal "{id}" as it is, so the route of the key is the route of the
+ * path sent. User space turns this on (CFG_ROUTE_IDS) only when no `--route` pattern has a
+ * literal segment of that shape (RouteMapper.identifiers_are_ids), since a pattern's
+ * placeholder matches either. The path as sent may be up to RAW_PATH_LEN bytes; the result
+ * must fit PATH_LEN. Returns 0, having written nothing that matters, when it does not: the
+ * caller copies the path as sent if that fits. */
+static __always_inline int ids_path(struct scratch *s, u32 path_len)
 {
     volatile struct scratch *vs = s;
     vs->out = 0;
     vs->seg_out = 0;
-    vs->seg = SEG_EMPTY;
-    for (u32 i = 0; i <= PATH_LEN; i++) {
+    vs->seg = SH_FRESH;
+    vs->seg_len = 0;
+    vs->uuid_hex = 0;
+    vs->uuid_dash = 0;
+    for (u32 i = 0; i <= RAW_PATH_LEN; i++) {
         if (i > path_len)
             break;
         /* A '/' past the end closes the last segment. */
-        u32 c = i < path_len ? s->buf[(mlen + i) & (HEAD_MAX - 1)] : '/';
+        u32 c = i < path_len ? s->raw[i] : '/';
         if (c == '/') {
-            if (vs->seg == SEG_DIGITS) {
+            u32 len = vs->seg_len, f = vs->seg;
+            int id = len && ((f & SH_DIGITS) ||
+                             (len >= 16 && (len > 64 || (f & SH_HEX) ||
+                                            ((f & SH_HAS_DIGIT) && (f & SH_HAS_LETTER)) ||
+                                            ((f & SH_UUID) && vs->uuid_hex == 32))));
+            if (id) {
                 u32 o = vs->seg_out;
                 if (o > PATH_LEN - 4)
                     return 0;
@@ -839,6 +969,8 @@ static __always_inline int ids_path(struct scratch *s, u32 mlen, u32 path_len)
                 s->st.path[o + 2] = 'd';
                 s->st.path[o + 3] = '}';
                 vs->out = o + 4;
+            } else if (vs->out > PATH_LEN) {
+                return 0;  /* a segment kept as sent ends past the key */
             }
             if (i == path_len)
                 break;
@@ -848,17 +980,44 @@ static __always_inline int ids_path(struct scratch *s, u32 mlen, u32 path_len)
             s->st.path[o] = '/';
             vs->out = o + 1;
             vs->seg_out = o + 1;
-            vs->seg = SEG_EMPTY;
+            vs->seg = SH_FRESH;
+            vs->seg_len = 0;
+            vs->uuid_hex = 0;
+            vs->uuid_dash = 0;
         } else {
+            /* Bytes past the key are dropped: they count only if the segment is an id. */
             u32 o = vs->out;
-            if (o >= PATH_LEN)
-                return 0;
-            s->st.path[o] = c;
+            if (o < PATH_LEN)
+                s->st.path[o] = c;
             vs->out = o + 1;
-            vs->seg = c >= '0' && c <= '9' && vs->seg != SEG_OTHER ? SEG_DIGITS : SEG_OTHER;
+            vs->seg_len = vs->seg_len + 1;
+            u32 lower = c | 0x20;  /* letters to lower case; no other path byte lands in a..z */
+            int digit = c >= '0' && c <= '9';
+            int letter = lower >= 'a' && lower <= 'z';
+            int hex = digit || (lower >= 'a' && lower <= 'f');
+            u32 f = vs->seg;
+            if (!digit)
+                f &= ~SH_DIGITS;
+            if (!hex)
+                f &= ~SH_HEX;
+            if (digit)
+                f |= SH_HAS_DIGIT;
+            if (letter)
+                f |= SH_HAS_LETTER;
+            u32 h = vs->uuid_hex;
+            if (hex) {
+                if (h >= 32)
+                    f &= ~SH_UUID;
+                vs->uuid_hex = h + 1;
+            } else if (c == '-' && (h == 8 || h == 12 || h == 16 || h == 20) && vs->uuid_dash != h + 1) {
+                vs->uuid_dash = h + 1;  /* one dash at most between two groups */
+            } else {
+                f &= ~SH_UUID;
+            }
+            vs->seg = f;
         }
     }
-    /* Bytes past the result may hold digits a "{id}" replaced: zero them, a word at a time. */
+    /* Bytes past the result may hold what a "{id}" replaced: zero them, a word at a time. */
     u32 len = vs->out;
     if (len > PATH_LEN)
         return 0;
@@ -874,19 +1033,50 @@ static __always_inline int ids_path(struct scratch *s, u32 mlen, u32 path_len)
 
 /* Second half, once the scan has stopped (http_finish): sets s->kind; for a
  * request s->st.method/path/path_len, for a response s->head_len, s->cl_seen
- * and s->cl. */
+ * and s->cl. A request head that goes on past the segment (KIND_PARTIAL) leaves in
+ * s->st what fast_path keeps of it: the scan state, the method and the path so far. */
 static __always_inline void classify_end(struct scratch *s)
 {
     volatile struct scratch *vs = s;
     vs->kind = KIND_NONE;
     u32 state = vs->state;
+    u32 prefix = vs->prefix;
     if (state != S_DONE) {
         if (!vs->request)
             return;
-        if (state == S_PATH_LONG)
+        if (state == S_PATH_LONG) {
             vs->reject = HO_PATH_TOO_LONG;
-        else if (state != S_FAIL && vs->pos >= vs->n)  /* the bytes ran out mid-head */
-            vs->reject = vs->n >= HEAD_MAX ? HO_HEAD_TOO_LONG : HO_HEAD_SPLIT;
+        } else if (state != S_FAIL && vs->pos >= vs->n) {  /* the bytes ran out mid-head */
+            u32 seen = prefix + vs->n;  /* n is the whole segment: longer ones are not scanned */
+            if (seen >= HEAD_MAX) {
+                vs->reject = HO_HEAD_TOO_LONG;
+                return;
+            }
+            vs->reject = HO_HEAD_SPLIT;  /* should the kernel be unable to keep it */
+            struct head_scan *h = &s->st.head;
+            h->seen = seen;
+            h->state = state;
+            h->cl = vs->cl;
+            u32 nlen = vs->nlen;
+            h->nlen = nlen < 255 ? nlen : 255;
+            h->cl_ok = vs->cl_ok;
+            h->te_ok = vs->te_ok;
+            h->cl_phase = vs->cl_phase;
+            h->cl_seen = vs->cl_seen;
+            h->ndig = vs->ndig;
+            h->vpos = vs->vpos;
+            h->in_query = vs->in_query;
+            h->pad = 0;
+            u32 path_len = vs->path_len;
+            if (path_len > PATH_LEN) {  /* fp_state keeps PATH_LEN bytes of it */
+                vs->reject = HO_PATH_TOO_LONG;
+                return;
+            }
+            copy_path(s, path_len);
+            s->st.path_len = path_len;
+            s->st.method = vs->method;
+            vs->kind = KIND_PARTIAL;
+        }
         return;
     }
     if (!vs->request) {
@@ -897,17 +1087,24 @@ static __always_inline void classify_end(struct scratch *s)
      * segment may carry all of it, part of it, or none; anything past it is pipelining. */
     u32 head_len = vs->head_len;
     u32 plen = vs->plen;
+    if (prefix + head_len > HEAD_MAX) {
+        vs->reject = HO_HEAD_TOO_LONG;
+        return;
+    }
     u32 cl = vs->cl_seen ? vs->cl : 0;
     if (head_len > plen || plen - head_len > cl)
         return;  /* bytes after the head (and body): pipelining or garbage, user space's */
     s->st.req_len = cl;
     s->st.req_left = cl - (plen - head_len);
-    u32 mlen = vs->mlen;
     u32 path_len = vs->path_len;
-    if (path_len > PATH_LEN || mlen > 8)
+    if (path_len > RAW_PATH_LEN)
         return;
-    if (!(cfg(CFG_ROUTE_IDS, 0) && ids_path(s, mlen, path_len))) {
-        copy_path(s, mlen, path_len);
+    if (!(cfg(CFG_ROUTE_IDS, 0) && ids_path(s, path_len))) {
+        if (path_len > PATH_LEN) {
+            vs->reject = HO_PATH_TOO_LONG;
+            return;
+        }
+        copy_path(s, path_len);
         s->st.path_len = path_len;
     }
     s->st.method = vs->method;
@@ -966,6 +1163,7 @@ static __always_inline int aggregate(struct scratch *s, struct fp_state *st, str
     ak->status = s->status;  /* set by fast_step for both ways an exchange completes */
     ak->method = st->method;
     ak->path_len = st->path_len;
+    ak->gen = cfg(CFG_AGG_GEN, 0) & 1;
     ak->pad = 0;
     __builtin_memcpy(ak->path, st->path, PATH_LEN);
     struct http_agg_val *v = http_agg.lookup(ak);
@@ -1005,6 +1203,34 @@ static __always_inline int aggregate(struct scratch *s, struct fp_state *st, str
 #define V_COMPLETE 2      /* the open exchange ends with this segment: aggregate */
 #define V_HANDOVER 16     /* + HO_* reason: turn SLOW, pass the segment up */
 
+/* Keep a client segment that starts or continues a request head without ending it in head_parts,
+ * after the `used` bytes of the head kept before (its first byte: head_seq); 0 when kept. The
+ * segment is whole in the scratch (plen <= HEAD_MAX), and used + plen < HEAD_MAX. */
+static __always_inline int keep_head_part(struct __sk_buff *skb, struct scratch *s, u32 head_seq, u32 used)
+{
+    volatile struct scratch *vs = s;
+    struct head_part *p = head_parts.lookup(&s->key);
+    if (!p) {
+        if (used)
+            return -1;  /* evicted: the head's first bytes are gone */
+        u32 zero = 0;
+        struct head_part *init = head_part_zero.lookup(&zero);
+        if (!init || head_parts.update(&s->key, init) != 0)
+            return -1;
+        p = head_parts.lookup(&s->key);
+        if (!p)
+            return -1;
+    } else if (used && (p->seq != head_seq || p->len != used)) {
+        return -1;  /* evicted, and the entry taken by another connection */
+    }
+    u32 n = ((vs->plen - 1) & (HEAD_MAX - 1)) + 1;  /* as load_payload: 1..HEAD_MAX to the verifier */
+    if (bpf_skb_load_bytes(skb, vs->off, p->bytes + (used & (HEAD_MAX - 1)), n) < 0)
+        return -1;
+    p->seq = head_seq;
+    p->len = used + n;
+    return 0;
+}
+
 /* Decide what a segment does to a claimed FAST flow. Changes `st` only when it
  * returns V_CONSUMED or V_DELETE; V_COMPLETE and handovers leave it untouched. */
 static __always_inline u32 fast_step(struct __sk_buff *skb, struct scratch *s, struct fp_state *st,
@@ -1037,12 +1263,40 @@ static __always_inline u32 fast_step(struct __sk_buff *skb, struct scratch *s, s
                 st->cseq = seq + plen;
                 return V_CONSUMED;
             }
-            if (phase != PHASE_IDLE)
+            if (s->resumed != (phase == PHASE_HEAD))
+                return V_HANDOVER + HO_HEAD_SPLIT;  /* a head's next part scanned as a head of its own */
+            if (phase == PHASE_HEAD) {
+                if (s->kind == KIND_PARTIAL) {
+                    u32 used = st->head.seen;  /* before this segment (s->st.head counts it in) */
+                    if (keep_head_part(skb, s, seq - used, used) != 0)
+                        return V_HANDOVER + HO_HEAD_SPLIT;
+                    __builtin_memcpy(&st->head, &s->st.head, sizeof(st->head));
+                    st->path_len = s->st.path_len;
+                    __builtin_memcpy(st->path, s->st.path, PATH_LEN);
+                    st->cseq = seq + plen;
+                    return V_CONSUMED;
+                }
+            } else if (phase != PHASE_IDLE) {
                 return V_HANDOVER + HO_PIPELINED;
+            } else if (s->kind == KIND_PARTIAL) {
+                if (keep_head_part(skb, s, seq, 0) != 0)
+                    return V_HANDOVER + HO_HEAD_SPLIT;
+                __builtin_memcpy(&st->head, &s->st.head, sizeof(st->head));
+                st->method = s->st.method;
+                st->path_len = s->st.path_len;
+                __builtin_memcpy(st->path, s->st.path, PATH_LEN);
+                st->phase = PHASE_HEAD;
+                st->start_ns = now;  /* the request starts with its head's first byte */
+                st->cseq = seq + plen;
+                return V_CONSUMED;
+            }
             if (s->kind != KIND_REQUEST)
                 return V_HANDOVER + (s->reject < HO_COUNT ? s->reject : HO_REQUEST);
+            if (phase == PHASE_HEAD)
+                fcount(FC_SPLIT_HEADS);
+            else
+                st->start_ns = now;
             st->phase = PHASE_REQUEST;
-            st->start_ns = now;
             st->req_len = s->st.req_len;
             st->req_left = s->st.req_left;
             st->method = s->st.method;
@@ -1103,6 +1357,8 @@ static __always_inline u32 fast_step(struct __sk_buff *skb, struct scratch *s, s
     }
     if (phase == PHASE_IDLE)
         return V_HANDOVER + HO_UNSOLICITED;
+    if (phase == PHASE_HEAD)
+        return V_HANDOVER + HO_HEAD_SPLIT;  /* answered before the head ended (400, 408) */
     if (st->req_left)
         return V_HANDOVER + HO_REQUEST_BODY;  /* an early answer (100 Continue, 413): user space */
     if (phase == PHASE_REQUEST) {
@@ -1157,8 +1413,21 @@ static __always_inline void hand_over(struct scratch *s, struct flow_key *fk, st
                                       u32 reason, int to_server, u32 seq)
 {
     struct fp_handover *ho = &s->ho;
+    /* A head begun in earlier segments: user space parses it from its first byte, which
+     * head_parts still holds unless evicted (then the connection is lost here, counted). */
+    u32 head_len = 0;
+    if (st->phase == PHASE_HEAD) {
+        head_len = st->head.seen;
+        struct head_part *p = head_parts.lookup(fk);
+        if (!p || p->len != head_len || p->seq != st->cseq - head_len) {
+            fcount(FC_HEAD_LOST);
+            st->mode = MODE_LOST;
+            return;
+        }
+    }
+    ho->head_len = head_len;
     ho->start_ns = st->start_ns;
-    ho->cseq = st->cseq;
+    ho->cseq = st->cseq - head_len;
     ho->sseq = st->sseq;
     ho->sseq_known = st->sseq_known;
     if (!to_server && !st->sseq_known) {
@@ -1168,7 +1437,7 @@ static __always_inline void hand_over(struct scratch *s, struct flow_key *fk, st
     ho->resp_len = st->resp_len;
     ho->resp_seen = st->resp_seen;
     ho->status = st->status;
-    ho->phase = st->phase;
+    ho->phase = st->phase == PHASE_HEAD ? PHASE_IDLE : st->phase;  /* nothing open yet */
     ho->method = st->method;
     ho->path_len = st->path_len;
     ho->reason = reason;
@@ -1290,13 +1559,16 @@ static __always_inline int fast_path(struct __sk_buff *skb, struct scratch *s, s
         ns->held_seq = 0;
         ns->held_len = 0;
         int simple = s->kind == KIND_REQUEST;
+        /* A head going on in the next segment: its part kept, the scan state (in ns, from
+         * classify_end) waits for that segment. */
+        int partial = s->kind == KIND_PARTIAL && keep_head_part(skb, s, seq, 0) == 0;
         if (!simple) {
             ns->req_len = 0;
             ns->req_left = 0;
         }
-        if (simple) {
+        if (simple || partial) {
             ns->mode = MODE_FAST;
-            ns->phase = PHASE_REQUEST;
+            ns->phase = simple ? PHASE_REQUEST : PHASE_HEAD;
             ns->start_ns = now;
         } else {
             ns->mode = MODE_SLOW;
@@ -1308,6 +1580,8 @@ static __always_inline int fast_path(struct __sk_buff *skb, struct scratch *s, s
             return 1;
         }
         fcount(FC_FLOWS_CREATED);
+        if (partial)
+            return 0;
         if (!simple) {
             u32 reason = s->reject < HO_COUNT ? s->reject : HO_NEW_FLOW;
             if (ns->sseq_known)
@@ -1597,6 +1871,8 @@ int http_filter(struct __sk_buff *skb)
          * payload may start a head: each program has the verifier's whole budget. */
         vs->kind = KIND_NONE;
         vs->reject = HO_COUNT;
+        vs->resumed = 0;
+        vs->prefix = 0;
         int scan = payload_len && !tcp.rst && !tcp.syn &&  /* data with FIN too: a last response */
                    classify_start(skb, sc, headers_end, payload_len, to_server);
         vs->scanned = scan;

@@ -81,6 +81,8 @@ FAST_COUNTER_NAMES: tuple[str, ...] = (
     "handover_map_full",  # connections whose record did not fit: dropped in the kernel from then on (expected 0)
     "overtaken",  # response body segments that overtook the one before them, held by range
     "tail_call_failed",  # packets passed up because a scan_progs slot was empty (a loader bug; expected 0)
+    "split_heads",  # requests taken whose head came in more than one segment
+    "head_lost",  # connections given up mid-head whose kept head part was evicted: lost (expected 0)
 )
 
 # Slots of `handover_counters`: why a flow went to user space. `new_flow` is a flow
@@ -96,7 +98,7 @@ HANDOVER_REASONS: tuple[str, ...] = (
     "close",
     "agg_full",
     "head_too_long",  # a request head longer than the kernel scans (HEAD_MAX bytes)
-    "head_split",  # a request head that does not end in its first segment
+    "head_split",  # a head over segments the kernel could not follow to its end (order, a part not kept)
     "path_too_long",  # a path (before '?') longer than the kernel keeps (PATH_LEN bytes)
     "request_body",  # a request announcing a body (Content-Length > 0)
 )
@@ -104,14 +106,16 @@ HANDOVER_REASONS: tuple[str, ...] = (
 # Method ids of the fast path; index 0 is "none". CONNECT never takes it.
 METHODS: tuple[str, ...] = ("", "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "TRACE", "PATCH")
 
-# Must match the C file's MAX_DUR_BOUNDS / MAX_SIZE_BOUNDS / PATH_LEN.
+# Must match the C file's MAX_DUR_BOUNDS / MAX_SIZE_BOUNDS / PATH_LEN / RAW_PATH_LEN / HEAD_MAX.
 MAX_DURATION_BOUNDS = 32
 MAX_SIZE_BOUNDS = 16
-PATH_LEN = 96
+PATH_LEN = 96  # the kernel's key
+RAW_PATH_LEN = 128  # a path as sent that the kernel takes, if its key fits PATH_LEN
+HEAD_MAX = 4096
 
 # Slots of the `config` array.
 _CONFIG_NAMES: tuple[str, ...] = ("loopback", "snaplen", "link_header_len", "fast_path", "node", "iface_set",
-                                  "route_ids")
+                                  "route_ids", "agg_gen")
 
 # 256 KiB, as tcpdump: a GSO super-packet on lo is up to 14 + 65535 bytes, so
 # 65535 would clip the tail of the largest ones.
@@ -166,6 +170,10 @@ class KernelHandover:
     request_left: int = 0
     # The kernel read HTTP on this connection (a FAST flow), not only its first sequence numbers.
     http_seen: bool = False
+    # A request head the kernel had begun (its earlier segments) when it gave up: head_length bytes
+    # from client_next_seq on, which user space parses first. `head` is None if they were gone.
+    head_length: int = 0
+    head: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,10 +200,12 @@ _FLOW_KEY = struct.Struct("=16s16sHH")  # struct flow_key
 _SKIP_RANGE = struct.Struct("=II")  # struct skip_range: start, end (exclusive)
 _HIST_BOUNDS = struct.Struct(f"={MAX_DURATION_BOUNDS}Q{MAX_SIZE_BOUNDS}QII")  # struct hist_bounds
 # struct fp_handover: start_ns, cseq, sseq, resp_len, resp_seen, status, phase, method, path_len,
-# sseq_known, reason, pad, path, held_ns, held_seq, held_len, req_len, req_left.
-_HANDOVER = struct.Struct(f"=QIIIIHBBBBBB{PATH_LEN}sQIIII")
-# struct http_agg_key: server_ip, port, status, method, path_len, path
-_AGG_KEY = struct.Struct(f"=16sHHBB2x{PATH_LEN}s")
+# sseq_known, reason, http_seen, path, held_ns, held_seq, held_len, req_len, req_left, head_len, pad.
+_HANDOVER = struct.Struct(f"=QIIIIHBBBBBB{PATH_LEN}sQIIIII4x")
+# struct head_part: seq, len, bytes (twice HEAD_MAX, see the C file; the first len count).
+_HEAD_PART = struct.Struct(f"=II{2 * HEAD_MAX}s")
+# struct http_agg_key: server_ip, port, status, method, path_len, gen, pad, path
+_AGG_KEY = struct.Struct(f"=16sHHBBBx{PATH_LEN}s")
 # struct http_agg_val, all u64: count, dur_sum, resp_sum, dur[], resp[], req_sum, req[]
 _AGG_VAL_SLOTS = 3 + MAX_DURATION_BOUNDS + 1 + MAX_SIZE_BOUNDS + 1 + 1 + MAX_SIZE_BOUNDS + 1
 _AGG_REQ_SUM = 3 + MAX_DURATION_BOUNDS + 1 + MAX_SIZE_BOUNDS + 1
@@ -210,15 +220,20 @@ _MAP_LAYOUT: dict[str, tuple[int, int]] = {
     "handover_counters": (4, _PER_CPU_U64),
     "body_skip": (_FLOW_KEY.size, 8),  # struct skip_range
     "agg_bounds": (4, _HIST_BOUNDS.size),
-    "flow_state": (_FLOW_KEY.size, 160),  # struct fp_state: only its capacity is read here
+    "flow_state": (_FLOW_KEY.size, 176),  # struct fp_state: only its capacity is read here
     "handover": (_FLOW_KEY.size, _HANDOVER.size),
+    "head_parts": (_FLOW_KEY.size, _HEAD_PART.size),  # a head's earlier segments, for a handover mid-head
     "http_agg": (_AGG_KEY.size, _AGG_VAL_SLOTS * 8),
     "capture_ifaces": (4, 1),  # node-wide capture: ifindexes the --interface patterns match
     "flow_iface": (_FLOW_KEY.size, 4),  # node-wide capture: the interface each connection counts on
     "tls_flows": (_FLOW_KEY.size, 1),
     "syn_seq": (_FLOW_KEY.size, 4),  # server's first data seq per connection, from its SYN-ACK
     "scan_progs": (4, 4),  # prog array: holding its fd keeps the tail-call slots filled
+    "agg_fence": (4, 4),  # array of maps: updating it waits until no BPF program runs (drain_aggregates)
+    "agg_fence_inner": (4, 4),
 }
+# Must match the C file's AGG_ENTRIES.
+AGG_ENTRIES = 8192
 # Must match the C file's CAPTURE_IFACES.
 MAX_CAPTURE_INTERFACES = 4096
 
@@ -375,6 +390,7 @@ class HttpFilter:
         require_privileges()
         self._fast_path = fast_path
         self._route_ids = False
+        self._agg_gen = 0  # the generation http_agg keys are added in (drain_aggregates)
         self._n_dur = self._n_size = 0
         self._watched: set[int] = set()  # what watched_ports holds: an array is not worth walking
         # Keys in http_agg at the last read_aggregates (each scrape reads it); counting them
@@ -413,7 +429,10 @@ class HttpFilter:
             self._bounds = maps["agg_bounds"]
             self._flow_states = maps["flow_state"]
             self._handovers = maps["handover"]
+            self._head_parts = maps["head_parts"]
             self._aggregates = maps["http_agg"]
+            self._fence = maps["agg_fence"]
+            self._fence_inner = maps["agg_fence_inner"]
             self._ifaces = maps["capture_ifaces"]
             self._interfaces: set[int] = set()
             self._tls_flows = maps["tls_flows"]
@@ -445,7 +464,7 @@ class HttpFilter:
             raise CaptureError(f"link header length {link_header_len} unsupported (0 or 14)")
         values = {"loopback": int(loopback), "snaplen": snaplen, "link_header_len": link_header_len,
                   "fast_path": int(self._fast_path), "node": int(node), "iface_set": int(interface_set),
-                  "route_ids": int(self._route_ids)}
+                  "route_ids": int(self._route_ids), "agg_gen": self._agg_gen}
         for i, name in enumerate(_CONFIG_NAMES):
             self._config.update(_U32.pack(i), _U32.pack(values[name]))
 
@@ -479,9 +498,9 @@ class HttpFilter:
         return self._fast_path
 
     def set_route_ids(self, on: bool) -> None:
-        """Key kernel aggregates with every all-digit path segment as `{id}` (see ids_path in the
-        C file). Only when RouteMapper names such a path exactly as the path sent, which
-        `RouteMapper.digit_segments_are_ids` says."""
+        """Key kernel aggregates with every path segment the route heuristic takes for an id as
+        `{id}` (see ids_path in the C file). Only when RouteMapper names such a path exactly as
+        the path sent, which `RouteMapper.identifiers_are_ids` says."""
         self._route_ids = on
         index = _CONFIG_NAMES.index("route_ids")
         self._config.update(_U32.pack(index), _U32.pack(int(on)))
@@ -537,7 +556,7 @@ class HttpFilter:
             if raw is None or not table.delete(key):
                 continue  # gone already (a second reader); nothing to seed
             (start_ns, cseq, sseq, resp_len, resp_seen, status, phase, method, path_len, sseq_known, reason,
-             http_seen, path, held_ns, held_seq, held_len, req_len, req_left) = _HANDOVER.unpack(raw)
+             http_seen, path, held_ns, held_seq, held_len, req_len, req_left, head_len) = _HANDOVER.unpack(raw)
             out.append(KernelHandover(
                 flow=_flow_from_key(key),
                 reason=HANDOVER_REASONS[reason] if reason < len(HANDOVER_REASONS) else "?",
@@ -556,11 +575,44 @@ class HttpFilter:
                 request_length=req_len,
                 request_left=req_left,
                 http_seen=bool(http_seen),
+                head_length=head_len,
+                head=self._take_head_part(key, cseq, head_len) if head_len else None,
             ))
         return out
 
+    def _take_head_part(self, key: bytes, seq: int, length: int) -> bytes | None:
+        """The first `length` bytes of the head starting at `seq` that the kernel kept for this
+        connection (read and deleted), or None when the entry is gone or holds another head."""
+        table = self._head_parts
+        raw = table.lookup(key)
+        if raw is None:
+            return None
+        table.delete(key)
+        part_seq, part_len, data = _HEAD_PART.unpack(raw)
+        if part_seq != seq or part_len < length:
+            return None
+        return bytes(data[:length])
+
     def read_aggregates(self) -> list[KernelAggregate]:
         """Every `http_agg` entry, summed over CPUs (one lookup per entry)."""
+        return self._aggregates_of(None)
+
+    def drain_aggregates(self) -> list[KernelAggregate]:
+        """Take every `http_agg` entry out of the map, whole, making room for new keys.
+
+        Keys carry the generation they were added in. The kernel is switched to the other one,
+        then an update of `agg_fence` (a map-in-map update returns after an RCU grace period)
+        waits until no program that may have read the old generation is still running; the
+        old generation's entries are then final, and are read and deleted. Not for concurrent
+        use with `read_aggregates` (KernelFastPath holds a lock around both).
+        """
+        old = self._agg_gen
+        self._agg_gen = old ^ 1
+        self._config.update(_U32.pack(_CONFIG_NAMES.index("agg_gen")), _U32.pack(self._agg_gen))
+        self._fence.update(_U32.pack(0), _U32.pack(self._fence_inner.fd))
+        return self._aggregates_of(old, delete=True)
+
+    def _aggregates_of(self, gen: int | None, delete: bool = False) -> list[KernelAggregate]:
         n_dur = self._n_dur + 1
         n_size = self._n_size + 1
         out: list[KernelAggregate] = []
@@ -568,11 +620,17 @@ class HttpFilter:
         stride = table.value_stride // 8
         slots = _AGG_VAL_SLOTS
         keys = list(table.keys())
-        self.aggregate_entries = len(keys)
+        if gen is None:
+            self.aggregate_entries = len(keys)
         for key in keys:
+            server_ip, port, status, method, path_len, key_gen, path = _AGG_KEY.unpack(key)
+            if gen is not None and key_gen != gen:
+                continue
             raw = table.lookup(key)
             if raw is None:
                 continue  # never deleted by the kernel; only a concurrent reader could
+            if delete:
+                table.delete(key)
             words = memoryview(raw).cast("Q")
             # Column sums over CPUs: slot j of CPU c is words[c * stride + j].
             totals = [sum(words[j::stride]) for j in range(slots)]
@@ -582,7 +640,6 @@ class HttpFilter:
             dur = totals[3:3 + n_dur]
             resp = totals[3 + MAX_DURATION_BOUNDS + 1:3 + MAX_DURATION_BOUNDS + 1 + n_size]
             req = totals[_AGG_REQ_SUM + 1:_AGG_REQ_SUM + 1 + n_size]
-            server_ip, port, status, method, path_len, path = _AGG_KEY.unpack(key)
             out.append(KernelAggregate(
                 server_ip=_ip_from_key(server_ip),
                 port=port,

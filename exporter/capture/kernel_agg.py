@@ -9,7 +9,9 @@ file's header has the scheme). This module:
   (`KernelFastPath.take_handovers`, called after every ring read, before parsing);
 - reads `http_agg` when Prometheus scrapes and hands HttpMetrics the histograms per label
   set (`KernelFastPath.series`, registered with `HttpMetrics.add_source`), with paths
-  named by the same `normalise_target` + RouteMapper as the user-space path;
+  named by the same `normalise_target` + RouteMapper as the user-space path; a read that
+  finds the map half full drains it (`HttpFilter.drain_aggregates`) into per-route totals
+  kept here, so that new keys find room and no count is lost;
 - offers `poll_deltas()` for the SLO runtime (below);
 - reports the fast path's own counters (`self_samples`).
 
@@ -30,12 +32,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from exporter.capture.bpf import HttpFilter, KernelAggregate, KernelHandover
+from exporter.capture.bpf import AGG_ENTRIES, HttpFilter, KernelAggregate, KernelHandover
 from exporter.core.flows import FlowKey, Handover
 from exporter.core.http1 import normalise_target
 from exporter.core.routes import RouteMapper
 from exporter.metrics import (
     NO_IDENTITY,
+    SELF_FAST_PATH_AGGREGATE_DRAINS_TOTAL,
     SELF_FAST_PATH_AGGREGATES,
     SELF_FAST_PATH_AGGREGATES_CAPACITY,
     SELF_FAST_PATH_BUSY_TOTAL,
@@ -46,9 +49,11 @@ from exporter.metrics import (
     SELF_FAST_PATH_HANDOVER_MAP_FULL_TOTAL,
     SELF_FAST_PATH_HANDOVERS_SEEDED_TOTAL,
     SELF_FAST_PATH_HANDOVERS_TOTAL,
+    SELF_FAST_PATH_HEAD_LOST_TOTAL,
     SELF_FAST_PATH_OVERTAKEN_SEGMENTS_TOTAL,
     SELF_FAST_PATH_REQUESTS_TOTAL,
     SELF_FAST_PATH_RETRANSMITS_TOTAL,
+    SELF_FAST_PATH_SPLIT_HEADS_TOTAL,
     SELF_FAST_PATH_TAIL_CALL_FAILED_TOTAL,
     ExternalSeries,
     HttpKey,
@@ -59,7 +64,10 @@ from exporter.metrics import (
 
 __all__ = ["KernelDelta", "KernelFastPath"]
 
-_AggKey = tuple[str, int, str, int, str]  # server ip, port, method, status, path
+_RouteKey = tuple[str, int, str, int, str]  # server ip, port, method, status, route
+# A read that finds http_agg this full drains it (HttpFilter.drain_aggregates): the kernel
+# hands new keys over (agg_full) only when more than the rest arrive between two reads.
+_DRAIN_AT = AGG_ENTRIES // 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +94,11 @@ class KernelFastPath:
         realtime_offset_ns: Callable[[], int] = lambda: time.time_ns() - time.monotonic_ns(),
     ) -> None:
         self._filter: HttpFilter | None = None
-        self._closed: list[KernelAggregate] = []
+        # Exchanges no kernel map holds any more (drained to make room, or counted by a filter
+        # since closed), per route: bounded as the routes are.
+        self._taken: dict[_RouteKey, KernelAggregate] = {}
         self._closed_counters: dict[str, int] = {}
+        self.drains = 0
         self._routes = routes
         self._http = http
         self._offset = realtime_offset_ns
@@ -96,7 +107,7 @@ class KernelFastPath:
         # distinct kernel path is named once, not once per scrape.
         self._route_cache: dict[tuple[int, str], str] = {}
         self._size_zero_slot = _bisect_left(http.size_buckets, 0)
-        self._last_poll: dict[_AggKey, KernelAggregate] = {}
+        self._last_poll: dict[_RouteKey, KernelAggregate] = {}
         self.handovers_seeded = 0
         # (server ip, server port) -> the server's identity labels (identity.Resolver), optional.
         self.identify: Callable[[str, int], tuple[str, ...]] | None = None
@@ -104,7 +115,7 @@ class KernelFastPath:
     def attach(self, bpf_filter: HttpFilter) -> None:
         self._filter = bpf_filter
         # Ids become one kernel key per route shape, when that names every route alike.
-        bpf_filter.set_route_ids(self._routes.digit_segments_are_ids())
+        bpf_filter.set_route_ids(self._routes.identifiers_are_ids())
 
     def detach(self) -> None:
         """Keep what the attached filter counted; call before the filter closes."""
@@ -117,10 +128,9 @@ class KernelFastPath:
         except OSError:
             return  # a broken filter's last counts are lost, as the capture's own are
         with self._lock:
-            self._closed.extend(aggregates)
+            self._fold(self._taken, aggregates)
             for name, value in counters.items():
                 self._closed_counters[name] = self._closed_counters.get(name, 0) + value
-            self._last_poll.clear()  # the new filter's map starts from zero
 
     @staticmethod
     def _kernel_counters(bpf_filter: HttpFilter) -> dict[str, int]:
@@ -160,25 +170,55 @@ class KernelFastPath:
             route = self._route_cache[key] = self._routes.route(port, normalise_target(path))
         return route
 
-    def _read(self, live_only: bool = False) -> list[tuple[HttpKey, KernelAggregate]]:
-        aggregates = self._filter.read_aggregates() if self._filter is not None else []
+    def _fold(self, into: dict[_RouteKey, KernelAggregate], aggregates: list[KernelAggregate]) -> None:
+        """Add kernel entries to per-route totals (two paths, one route: one total). Under the lock."""
+        for agg in aggregates:
+            key = (agg.server_ip, agg.port, agg.method, agg.status, self._route(agg.port, agg.path))
+            prior = into.get(key)
+            into[key] = agg if prior is None else self._add(prior, agg)
+
+    def _add(self, a: KernelAggregate, b: KernelAggregate) -> KernelAggregate:
+        return KernelAggregate(
+            a.server_ip, a.port, a.method, a.status, a.path, a.count + b.count, a.duration_sum_ns + b.duration_sum_ns,
+            a.response_sum + b.response_sum,
+            tuple(x + y for x, y in zip(a.duration_counts, b.duration_counts, strict=True)),
+            tuple(x + y for x, y in zip(a.response_counts, b.response_counts, strict=True)),
+            a.request_sum + b.request_sum,
+            tuple(x + y for x, y in zip(self._requests(a), self._requests(b), strict=True)),
+        )
+
+    def _requests(self, agg: KernelAggregate) -> tuple[int, ...]:
+        """Request-size bucket counts; a reader without them: every request had an empty body."""
+        if agg.request_counts:
+            return agg.request_counts
+        return tuple(agg.count if i == self._size_zero_slot else 0 for i in range(len(agg.response_counts)))
+
+    def _totals(self) -> dict[_RouteKey, KernelAggregate]:
+        """Everything the kernel aggregated, per route, since this object was made.
+
+        A read that finds the live map half full drains it first (counted in `drains`).
+        """
         with self._lock:
-            if not live_only:
-                aggregates = self._closed + aggregates
-            identify = self.identify
-            return [
-                # The kernel path only takes clear-text HTTP/1.x: the scheme and version defaults.
-                # Named by the server's address, as the user-space path names its exchanges.
-                (http_key(agg.method, agg.status, self._route(agg.port, agg.path), agg.port,
-                          identity=identify(agg.server_ip, agg.port) if identify is not None else NO_IDENTITY), agg)
-                for agg in aggregates
-            ]
+            live = self._filter.read_aggregates() if self._filter is not None else []
+            if self._filter is not None and len(live) >= _DRAIN_AT:
+                self._fold(self._taken, self._filter.drain_aggregates())
+                self.drains += 1
+                if len(self._route_cache) > 2 * AGG_ENTRIES:  # drained paths need no name any more
+                    self._route_cache.clear()
+                live = self._filter.read_aggregates()
+            totals = dict(self._taken)
+            self._fold(totals, live)
+            return totals
 
     def series(self) -> list[ExternalSeries]:
         """Histograms per HttpMetrics label set, for `HttpMetrics.add_source` (read at scrape time)."""
         merged: dict[HttpKey, tuple[list[int], int, list[int], int, list[int], int]] = {}
-        zero_slot = self._size_zero_slot
-        for key, agg in self._read():
+        identify = self.identify
+        for (server_ip, port, method, status, route), agg in self._totals().items():
+            # The kernel path only takes clear-text HTTP/1.x: the scheme and version defaults.
+            # Named by the server's address, as the user-space path names its exchanges.
+            key = http_key(method, status, route, port,
+                           identity=identify(server_ip, port) if identify is not None else NO_IDENTITY)
             entry = merged.get(key)
             if entry is None:
                 size_slots = len(agg.response_counts)
@@ -188,11 +228,8 @@ class KernelFastPath:
                 dur[i] += n
             for i, n in enumerate(agg.response_counts):
                 resp[i] += n
-            if agg.request_counts:
-                for i, n in enumerate(agg.request_counts):
-                    req[i] += n
-            else:  # a reader without request buckets: every request had an empty body
-                req[zero_slot] += agg.count
+            for i, n in enumerate(self._requests(agg)):
+                req[i] += n
             merged[key] = (dur, entry[1] + agg.duration_sum_ns, resp, entry[3] + agg.response_sum,
                            req, entry[5] + agg.request_sum)
         return [(key, (dur, dur_ns / 1e9), (req, float(req_sum)), (resp, float(resp_sum)))
@@ -204,26 +241,20 @@ class KernelFastPath:
     def poll_deltas(self) -> dict[tuple[str, int, str, int, str], KernelDelta]:
         """Exchanges aggregated in the kernel since the previous call (see the module docstring)."""
         out: dict[tuple[str, int, str, int, str], KernelDelta] = {}
-        for (method, status, route, port, *_scheme_version_identity), agg in self._read(live_only=True):
-            agg_key = (agg.server_ip, agg.port, agg.method, agg.status, agg.path)
-            last = self._last_poll.get(agg_key)
-            self._last_poll[agg_key] = agg
-            if last is not None:
-                if agg.count == last.count:
-                    continue
+        totals = self._totals()
+        for route_key, agg in totals.items():
+            last = self._last_poll.get(route_key)
+            if last is None:
+                delta = KernelDelta(agg.count, agg.duration_sum_ns / 1e9, agg.duration_counts)
+            elif agg.count == last.count:
+                continue
+            else:
                 counts = tuple(a - b for a, b in zip(agg.duration_counts, last.duration_counts, strict=True))
                 delta = KernelDelta(agg.count - last.count, (agg.duration_sum_ns - last.duration_sum_ns) / 1e9,
                                     counts)
-            else:
-                delta = KernelDelta(agg.count, agg.duration_sum_ns / 1e9, agg.duration_counts)
-            key = (route, int(port), method, int(status), agg.server_ip)
-            prior = out.get(key)
-            if prior is not None:  # two paths, one route
-                delta = KernelDelta(
-                    prior.count + delta.count, prior.duration_sum_s + delta.duration_sum_s,
-                    tuple(a + b for a, b in zip(prior.duration_counts, delta.duration_counts, strict=True)),
-                )
-            out[key] = delta
+            server_ip, port, method, status, route = route_key
+            out[(route, int(port), method, int(status), server_ip)] = delta
+        self._last_poll = totals
         return out
 
     # -- self-metrics --------------------------------------------------------------------
@@ -261,13 +292,23 @@ class KernelFastPath:
                              "Size of the kernel's connection state map.", self._filter.flow_state_capacity())
             yield SelfSample(SELF_FAST_PATH_AGGREGATES, "gauge",
                              "Keys in the kernel's aggregate map (server, port, method, status, path) at the "
-                             "last read; at capacity, new keys go to user space (handover reason agg_full).",
+                             "last read; at capacity, new keys go to user space (handover reason agg_full) until a "
+                             "read drains it (half full is enough).",
                              self._filter.aggregate_entries)
             yield SelfSample(SELF_FAST_PATH_AGGREGATES_CAPACITY, "gauge",
                              "Size of the kernel's aggregate map.", self._filter.aggregate_capacity())
         yield SelfSample(SELF_FAST_PATH_HANDOVER_MAP_FULL_TOTAL, "counter",
                          "Connections whose handover record did not fit the map: the rest of each died in the "
                          "kernel, its exchanges uncounted (expected 0).", fast["handover_map_full"])
+        yield SelfSample(SELF_FAST_PATH_SPLIT_HEADS_TOTAL, "counter",
+                         "Requests taken by the kernel fast path whose head came in more than one segment.",
+                         fast.get("split_heads", 0))
+        yield SelfSample(SELF_FAST_PATH_HEAD_LOST_TOTAL, "counter",
+                         "Connections given up mid-head whose kept head bytes had been evicted: the rest of "
+                         "each died in the kernel, its exchanges uncounted (expected 0).", fast.get("head_lost", 0))
+        yield SelfSample(SELF_FAST_PATH_AGGREGATE_DRAINS_TOTAL, "counter",
+                         f"Times a read found the kernel's aggregate map half full ({AGG_ENTRIES} keys) and "
+                         "took it out whole to make room.", self.drains)
         yield SelfSample(SELF_FAST_PATH_HANDOVERS_SEEDED_TOTAL, "counter",
                          "Handover records user space took up.", self.handovers_seeded)
         for name, value in fast.items():
@@ -283,8 +324,13 @@ def to_handover(record: KernelHandover, realtime_offset_ns: int, seen_ns: int = 
     """A kernel record as the Tracker's seed. Pure: table-tested without a kernel."""
     start_ns = record.start_ns + realtime_offset_ns
     if record.phase == 0:
-        return Handover(record.client_next_seq, record.server_next_seq, start_ns=start_ns, seen_ns=seen_ns,
-                        http_seen=record.http_seen)
+        # A head the kernel had begun: parsed from its first byte, or, were its bytes gone, from
+        # where the kernel stopped (the parser then counts the rest as an error, never as a request).
+        client_next_seq = record.client_next_seq
+        if record.head_length and record.head is None:
+            client_next_seq = (client_next_seq + record.head_length) & 0xFFFFFFFF
+        return Handover(client_next_seq, record.server_next_seq, start_ns=start_ns, seen_ns=seen_ns,
+                        http_seen=record.http_seen, client_prefix=record.head or b"")
     response = record.phase == 2
     return Handover(
         record.client_next_seq,

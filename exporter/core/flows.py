@@ -64,7 +64,7 @@ from exporter.core.http2 import (
     Http2Stats,
     looks_like_frames,
 )
-from exporter.core.model import FIN, RST, SYN, Exchange, Segment
+from exporter.core.model import ACK, FIN, PSH, RST, SYN, Exchange, Segment
 
 __all__ = ["CoreStats", "Handover", "Limits", "Tracker"]
 
@@ -177,6 +177,9 @@ class Handover:
     # The other parser read HTTP on this connection already: bytes that look like a TLS record
     # later are not a TLS connection (only a connection's first bytes decide that).
     http_seen: bool = False
+    # The first bytes of a request head the other parser had begun (from client_next_seq on,
+    # received at start_ns): parsed first, as if captured. b"": none.
+    client_prefix: bytes = b""
 
 
 def is_tls_record(payload: bytes) -> bool:
@@ -622,6 +625,12 @@ class Tracker:
                     flow.server.held_bytes += _HELD_OVERHEAD
                     self.stats.held_bytes += _HELD_OVERHEAD
                     self.stats.out_of_order_segments += 1
+        prefix = handover.client_prefix
+        if prefix and handover.client_next_seq is not None:
+            done = self._take_emitted()
+            client_ip, client_port, server_ip, server_port = key
+            return done + self.feed(Segment(handover.start_ns, client_ip, client_port, server_ip, server_port,
+                                            handover.client_next_seq & _SEQ_MASK, ACK | PSH, prefix, len(prefix)))
         return self._take_emitted()
 
     def take_encrypted_hints(self) -> dict[FlowKey, bool]:

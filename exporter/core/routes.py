@@ -99,16 +99,17 @@ class RouteMapper:
         self._cache: dict[str, str] = {}
         self.overflowed = 0
 
-    def digit_segments_are_ids(self) -> bool:
-        """Whether writing every all-digit path segment as `{id}` leaves every route as it is.
+    def identifiers_are_ids(self) -> bool:
+        """Whether writing every path segment the heuristic takes for an identifier as `{id}`
+        leaves every route as it is.
 
         The heuristic makes such a segment `{id}` and keeps a literal `{id}`; a pattern's
-        placeholder matches both. Only a pattern with an all-digit literal segment
-        (`/v/2024/report`) tells the two apart. The kernel fast path keys its aggregates
-        this way when this holds, so random ids do not fill its map.
+        placeholder matches both. Only a pattern with a literal segment of an identifier's shape
+        (`/v/2024/report`, a pinned hash) tells the two apart. The kernel fast path keys its
+        aggregates this way when this holds, so random ids do not fill its map.
         """
         return not any(
-            part is not None and part.isdigit() and part.isascii()
+            part is not None and _is_identifier(part)
             for patterns in self._patterns.values() for _, parts in patterns for part in parts
         )
 

@@ -1,15 +1,18 @@
 """Differential test of the kernel fast path: the real loaded filter against the user-space parser.
 
 Generated connections (heads of many shapes and sizes, header names in any case, bodies
-announced by Content-Length, chunked and close-delimited responses, split heads, pipelining,
-garbage, sequence numbers near the wrap) are fed two ways:
+announced by Content-Length, chunked and close-delimited responses, heads split at any byte
+over two or three segments, paths with ids of every shape the route heuristic knows (digits,
+UUIDs, hex hashes, tokens), pipelining, garbage, sequence numbers near the wrap) are fed two ways:
 
 - reference: every segment to a user-space Tracker, as `--no-fast-path` does;
 - fast: every segment through the loaded http_filter with BPF_PROG_TEST_RUN; handover records
   it writes seed a second Tracker, which gets only the segments the filter passes up, cut
   to the length the filter keeps; exchanges the kernel completed are read from http_agg.
 
-Both must agree on every (method, status, path): count and response body bytes.
+Both must agree on every (method, status, route): count and body bytes. The filter keys ids
+as `{id}` (route_ids on, as KernelFastPath sets it), so routes are compared: the heuristic's
+route of the path sent against the heuristic's route of the kernel's key.
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.capture.bpf import HttpFilter
+from exporter.capture.bpf import AGG_ENTRIES, PATH_LEN, RAW_PATH_LEN, HttpFilter
 from exporter.capture.bpfsys import test_run as bpf_test_run
 from exporter.capture.frames import LINKTYPE_RAW, decode_frame
 from exporter.capture.kernel_agg import to_handover
 from exporter.core.flows import Tracker
 from exporter.core.http1 import normalise_target
 from exporter.core.model import Exchange
+from exporter.core.routes import _is_identifier, heuristic_route
 from tests.integration.test_fast_path_heads import ACK_FIN, ACK_PSH, frame
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="loads BPF: needs root")
@@ -48,6 +52,7 @@ def bpf_filter() -> Iterator[HttpFilter]:
     # link_header_len 0: BPF_PROG_TEST_RUN pulls the Ethernet header before a socket filter runs.
     f = HttpFilter([PORT], loopback=False, link_header_len=0, fast_path=True,
                    histogram_bounds=((0.001, 0.1), (100.0, 10000.0)))
+    f.set_route_ids(True)
     yield f
     f.close()
 
@@ -57,10 +62,46 @@ class Step:
     to_server: bool
     data: bytes
     fin: bool = False
+    back: int = 0  # sent this many bytes before the direction's next byte: out of order, or again
 
 
 def _case(name: str, style: int) -> str:
     return (name, name.lower(), name.upper(), name.swapcase())[style % 4]
+
+
+HEX = "0123456789abcdefABCDEF"
+
+
+@st.composite
+def id_segments(draw: st.DrawFn) -> str:
+    """A path segment shaped like an id, or like one but not quite (routes.py's heuristic)."""
+    kind = draw(st.sampled_from(["digits", "uuid", "hex", "token", "long", "near"]))
+    if kind == "digits":
+        return draw(st.text("0123456789", min_size=1, max_size=12))
+    if kind == "uuid":  # 8-4-4-4-12, each dash kept or not, any case; sometimes digits only
+        alphabet = "0123456789" if draw(st.integers(0, 4)) == 4 else HEX
+        groups = [draw(st.text(alphabet, min_size=n, max_size=n)) for n in (8, 4, 4, 4, 12)]
+        out = groups[0]
+        for group in groups[1:]:
+            out += ("-" if draw(st.booleans()) else "") + group
+        return out
+    if kind == "hex":
+        return draw(st.text(HEX, min_size=14, max_size=64))
+    if kind == "token":
+        return draw(st.text("abcXYZ019_-", min_size=14, max_size=40))
+    if kind == "long":
+        return draw(st.text("abc-_.", min_size=63, max_size=70))
+    # Near misses: a UUID with a dash out of place or doubled, a 15-character hex.
+    return draw(st.sampled_from(["3f2a1b4c-9d8e7f6a-5b4c-3d2e-1f0a9b8c7d6e", "3f2a1b4c--9d8e-7f6a-5b4c-3d2e1f0a9b8c",
+                                 "12345678-1234-1234-1234-123456789012", "abcdef-abcdefabcdef-abcdef",
+                                 "0123456789abcde", "{id}", "v2", ""]))
+
+
+def _paths() -> st.SearchStrategy[str]:
+    words = st.sampled_from(["api", "orders", "blobs", "v2", "items", "users"])
+    shaped = st.lists(st.one_of(words, id_segments()), min_size=1, max_size=5).map(lambda parts: "/" + "/".join(parts))
+    return st.one_of(shaped, st.sampled_from([8, 40, 120]).flatmap(
+        lambda size: st.text("abc019/-_.%", max_size=size).map(lambda text: "/" + text)))
 
 
 @st.composite
@@ -68,7 +109,7 @@ def exchanges(draw: st.DrawFn, last: bool) -> tuple[list[bytes], list[bytes], bo
     """One request (as client segments) and its response (as server segments); whether the
     response is delimited by the server closing."""
     method = draw(st.sampled_from(["GET", "GET", "POST", "HEAD", "DELETE", "PURGE"]))
-    path = "/" + draw(st.text("abc019/-_.%", max_size=draw(st.sampled_from([8, 40, 120]))))
+    path = draw(_paths())
     if draw(st.booleans()):
         path += "?q=" + draw(st.text("xyz0&=", max_size=20))
     headers = [("Host", "example.test")]
@@ -110,13 +151,14 @@ def exchanges(draw: st.DrawFn, last: bool) -> tuple[list[bytes], list[bytes], bo
     else:
         payload = b"r" * length
     response = head + b"\r\n" + payload
-    return _split(draw, request), _split(draw, response), resp_framing == "close"
+    return _split(draw, request, 2), _split(draw, response), resp_framing == "close"
 
 
-def _split(draw: st.DrawFn, data: bytes) -> list[bytes]:
-    if draw(st.integers(0, 3)) != 3:
-        return [data]  # most messages in one segment, as on a LAN
-    cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(data) - 1)), max_size=2))))
+def _split(draw: st.DrawFn, data: bytes, odds: int = 4) -> list[bytes]:
+    """One segment, or (one time in `odds`) two or three cut at any byte."""
+    if draw(st.integers(1, odds)) != odds:
+        return [data]
+    cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(data) - 1)), min_size=1, max_size=2))))
     cuts = [c for c in cuts if 0 < c < len(data)]
     return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
 
@@ -140,7 +182,10 @@ def connections(draw: st.DrawFn) -> list[Step]:
                 # Pipelined: the next request rides on this one's last segment, before any response.
                 pieces[-1] += b"".join(exs[i + 1][0])
                 sent.add(i + 1)
-            steps += [Step(True, piece) for piece in _capped(pieces)]
+            request_steps = _disordered(draw, _capped(pieces))
+            if len(request_steps) > 1 and draw(st.integers(0, 9)) == 9:  # the server answers mid-head
+                request_steps.insert(1, Step(False, b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n"))
+            steps += request_steps
         steps += [Step(False, piece) for piece in _capped(response)]
         if closes:
             steps.append(Step(False, b"", fin=True))
@@ -151,13 +196,26 @@ def connections(draw: st.DrawFn) -> list[Step]:
     return steps
 
 
+def _disordered(draw: st.DrawFn, pieces: list[bytes]) -> list[Step]:
+    """A message's segments in order, or (sometimes, when it has several) with two of them
+    swapped, or one sent again after the next: a head out of order or retransmitted mid-way."""
+    steps = [Step(True, piece) for piece in pieces]
+    if len(pieces) < 2 or draw(st.integers(0, 3)) != 3:
+        return steps
+    i = draw(st.integers(0, len(pieces) - 2))
+    if draw(st.booleans()):  # i + 1 first, then i
+        return [*steps[:i], Step(True, pieces[i + 1], back=-len(pieces[i])),
+                Step(True, pieces[i], back=len(pieces[i]) + len(pieces[i + 1])), *steps[i + 2:]]
+    return [*steps[:i + 2], Step(True, pieces[i], back=len(pieces[i]) + len(pieces[i + 1])), *steps[i + 2:]]
+
+
 _client_ports = iter(range(20000, 65000))
 
 
 def _totals(exchanges: list[Exchange]) -> Totals:
     out: Totals = collections.Counter()
     for ex in exchanges:
-        key = (ex.method, ex.status, normalise_target(ex.target))
+        key = (ex.method, ex.status, heuristic_route(normalise_target(ex.target)))
         out[(*key, "count")] += 1
         out[(*key, "bytes")] += ex.response_body_bytes
         out[(*key, "request bytes")] += ex.request_body_bytes
@@ -168,9 +226,10 @@ def _kernel(bpf_filter: HttpFilter) -> Totals:
     out: Totals = collections.Counter()
     for agg in bpf_filter.read_aggregates():
         if agg.server_ip == SERVER:
-            out[(agg.method, agg.status, agg.path, "count")] += agg.count
-            out[(agg.method, agg.status, agg.path, "bytes")] += agg.response_sum
-            out[(agg.method, agg.status, agg.path, "request bytes")] += agg.request_sum
+            route = heuristic_route(agg.path)
+            out[(agg.method, agg.status, route, "count")] += agg.count
+            out[(agg.method, agg.status, route, "bytes")] += agg.response_sum
+            out[(agg.method, agg.status, route, "request bytes")] += agg.request_sum
     return out
 
 
@@ -182,8 +241,9 @@ def run_both(bpf_filter: HttpFilter, steps: list[Step], client_seq: int, server_
     kernel_before = _kernel(bpf_filter)
     for step in steps:
         if step.to_server:
-            data = frame(CLIENT, client_port, SERVER, PORT, client_seq, step.data, ACK_FIN if step.fin else ACK_PSH)
-            client_seq += len(step.data) + step.fin
+            seq = client_seq - step.back
+            data = frame(CLIENT, client_port, SERVER, PORT, seq, step.data, ACK_FIN if step.fin else ACK_PSH)
+            client_seq = max(client_seq, seq + len(step.data) + step.fin)
         else:
             data = frame(SERVER, PORT, CLIENT, client_port, server_seq, step.data, ACK_FIN if step.fin else ACK_PSH)
             server_seq += len(step.data) + step.fin
@@ -224,9 +284,36 @@ def test_the_generator_reaches_the_kernel_path(bpf_filter: HttpFilter) -> None:
              Step(False, b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"),
              Step(False, b"", fin=True), Step(True, b"", fin=True)]
     reference, fast = run_both(bpf_filter, steps, 2**32 - 100, 5)
-    assert fast == reference == {("GET", 200, "/items/1", "count"): 1, ("GET", 200, "/items/1", "bytes"): 2,
-                                 ("PUT", 201, "/items/1", "count"): 1, ("PUT", 201, "/items/1", "request bytes"): 3}
+    assert fast == reference == {("GET", 200, "/items/{id}", "count"): 1, ("GET", 200, "/items/{id}", "bytes"): 2,
+                                 ("PUT", 201, "/items/{id}", "count"): 1,
+                                 ("PUT", 201, "/items/{id}", "request bytes"): 3}
     assert bpf_filter.fast_counters()["exchanges"] == before + 2
+
+
+def test_heads_split_at_any_byte_stay_in_the_kernel(bpf_filter: HttpFilter) -> None:
+    """Not vacuous either: a 2 KB head cut in two and a 4 KB head cut in three (as behind a
+    1500-byte MTU) at every kind of place are taken in the kernel, and their exchanges timed
+    from the first segment."""
+    head = (b"GET /api/orders/3f2a1b4c-9d8e-7f6a-5b4c-3d2e1f0a9b8c?x=1 HTTP/1.1\r\nHost: x\r\n"
+            b"content-length: 0\r\nCookie: " + b"c" * 1900 + b"\r\n\r\n")
+    big = head.replace(b"c" * 1900, b"c" * 3900)
+    assert len(big) <= 4096
+    cuts = [(5,), (20,), (40,), (70,), (80,), (95,), (len(head) - 1,), (len(head) - 3,), (1448,)]
+    cases = [[head[:c], head[c:]] for (c,) in cuts] + [[big[:1448], big[1448:2896], big[2896:]],
+                                                       [big[:2000], big[2000:2001], big[2001:]]]
+    before = bpf_filter.fast_counters()
+    expected = 0
+    for pieces in cases:
+        steps = [*(Step(True, piece) for piece in pieces),
+                 Step(False, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),
+                 Step(False, b"", fin=True), Step(True, b"", fin=True)]
+        reference, fast = run_both(bpf_filter, steps, 2**32 - 1000, 77)
+        assert fast == reference == {("GET", 200, "/api/orders/{id}", "count"): 1,
+                                     ("GET", 200, "/api/orders/{id}", "bytes"): 2}
+        expected += len(pieces[0]) >= 16  # a first segment under 16 bytes is not a head's start to it
+    after = bpf_filter.fast_counters()
+    assert after["split_heads"] - before["split_heads"] == expected == len(cases) - 1
+    assert after["exchanges"] - before["exchanges"] == expected
 
 
 HANDOVER_ENTRIES = 16384  # the C file's default
@@ -257,3 +344,83 @@ def test_a_full_handover_map_loses_the_connection_counted_never_mis_paired(bpf_f
     assert after["handover_map_full"] - before["handover_map_full"] == 1
     assert after["flows_deleted"] - before["flows_deleted"] == 1  # the lost connection's state is gone
     assert len(bpf_filter.drain_handovers()) == HANDOVER_ENTRIES
+
+
+def _kernel_key(path: str) -> str | None:
+    """What the filter keys a path as with route_ids on: every segment of an identifier's shape,
+    at any depth, written `{id}` (routes.py's rule); as sent if that passes 96 bytes and the path
+    does not; None (handed over, path_too_long) when neither fits or the path passes 128."""
+    if len(path) > RAW_PATH_LEN:
+        return None
+    shaped = "/".join("{id}" if _is_identifier(segment) else segment for segment in path.split("/"))
+    if len(shaped) <= PATH_LEN:
+        return shaped
+    return path if len(path) <= PATH_LEN else None
+
+
+def _get_200_keys(bpf_filter: HttpFilter) -> collections.Counter[str]:
+    out: collections.Counter[str] = collections.Counter()
+    for agg in bpf_filter.read_aggregates():
+        if agg.server_ip == SERVER and agg.method == "GET" and agg.status == 200:
+            out[agg.path] += agg.count
+    return out
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(paths=st.lists(_paths().filter(lambda p: len(p) <= RAW_PATH_LEN + 8),
+                      min_size=1, max_size=12))
+def test_the_kernel_keys_ids_exactly_as_the_route_heuristic_names_them(bpf_filter: HttpFilter,
+                                                                        paths: list[str]) -> None:
+    """The key itself, byte for byte: a UUID, a hash or a token more or less would be a key per id.
+    A path too long for the kernel is passed up."""
+    before = _get_200_keys(bpf_filter)
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    for path in paths:
+        client_port = next(_client_ports)
+        request = frame(CLIENT, client_port, SERVER, PORT, 1, b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode(),
+                        ACK_PSH)
+        taken = _kernel_key(path) is not None
+        assert (bpf_test_run(bpf_filter.fd, request) == 0) == taken
+        assert (bpf_test_run(bpf_filter.fd, frame(SERVER, PORT, CLIENT, client_port, 1, ok, ACK_PSH)) == 0) == taken
+        for src, sport, dst, dport, seq in ((SERVER, PORT, CLIENT, client_port, 1 + len(ok)),
+                                            (CLIENT, client_port, SERVER, PORT, 1 + len(request) - ETH - 40)):
+            bpf_test_run(bpf_filter.fd, frame(src, sport, dst, dport, seq, b"", ACK_FIN))
+    after = _get_200_keys(bpf_filter)
+    after.subtract(before)
+    assert +after == collections.Counter(key for key in map(_kernel_key, paths) if key is not None)
+
+
+def test_past_the_aggregate_map_s_capacity_exchanges_go_to_user_space_then_a_drain_makes_room() -> None:
+    """http_agg is bounded: a key it has no room for hands its connection over (agg_full) with the
+    exchange open, and user space counts it; keys it holds go on in the kernel. A drain takes
+    every entry out whole, and new keys are taken in the kernel again."""
+    full = HttpFilter([PORT], loopback=False, link_header_len=0, fast_path=True,
+                      histogram_bounds=((0.001, 0.1), (100.0, 10000.0)))
+    full.set_route_ids(True)
+    ok = [Step(False, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"), Step(False, b"", fin=True),
+          Step(True, b"", fin=True)]
+    try:
+        for i in range(AGG_ENTRIES):  # words, not ids: a key each
+            client_port = 10000 + i
+            request = b"GET /w/k%dx HTTP/1.1\r\nHost: x\r\n\r\n" % i
+            assert bpf_test_run(full.fd, frame(CLIENT, client_port, SERVER, PORT, 1, request, ACK_PSH)) == 0
+            assert bpf_test_run(full.fd, frame(SERVER, PORT, CLIENT, client_port, 1, ok[0].data, ACK_PSH)) == 0
+        assert len(full.read_aggregates()) == AGG_ENTRIES and full.handover_counters()["agg_full"] == 0
+        new_key = [Step(True, b"GET /w/one-too-many HTTP/1.1\r\nHost: x\r\n\r\n"), *ok]
+        reference, fast = run_both(full, new_key, 10, 20)
+        assert fast == reference == {("GET", 200, "/w/one-too-many", "count"): 1,
+                                     ("GET", 200, "/w/one-too-many", "bytes"): 2}
+        assert full.handover_counters()["agg_full"] == 1
+        known_key = [Step(True, b"GET /w/k7x HTTP/1.1\r\nHost: x\r\n\r\n"), *ok]
+        before = full.fast_counters()["exchanges"]
+        reference, fast = run_both(full, known_key, 10, 20)
+        assert fast == reference == {("GET", 200, "/w/k7x", "count"): 1, ("GET", 200, "/w/k7x", "bytes"): 2}
+        assert full.fast_counters()["exchanges"] == before + 1 and full.handover_counters()["agg_full"] == 1
+        drained = full.drain_aggregates()
+        assert len(drained) == AGG_ENTRIES and full.read_aggregates() == []
+        assert {agg.path: agg.count for agg in drained} == {f"/w/k{i}x": 1 + (i == 7) for i in range(AGG_ENTRIES)}
+        reference, fast = run_both(full, new_key, 10, 20)
+        assert fast == reference and full.handover_counters()["agg_full"] == 1
+        assert [(agg.path, agg.count) for agg in full.read_aggregates()] == [("/w/one-too-many", 1)]
+    finally:
+        full.close()

@@ -11,7 +11,7 @@ import dataclasses
 
 import pytest
 
-from exporter.capture.bpf import FAST_COUNTER_NAMES, HANDOVER_REASONS, KernelAggregate, KernelHandover
+from exporter.capture.bpf import AGG_ENTRIES, FAST_COUNTER_NAMES, HANDOVER_REASONS, KernelAggregate, KernelHandover
 from exporter.capture.kernel_agg import KernelDelta, KernelFastPath, to_handover
 from exporter.core.flows import Handover, Limits, Tracker
 from exporter.core.model import Exchange
@@ -177,6 +177,10 @@ class FakeFilter:
     def read_aggregates(self) -> list[KernelAggregate]:
         return list(self.aggregates)
 
+    def drain_aggregates(self) -> list[KernelAggregate]:
+        drained, self.aggregates = self.aggregates, []
+        return drained
+
     def drain_handovers(self) -> list[KernelHandover]:
         records, self.records = self.records, []
         return records
@@ -217,6 +221,45 @@ def test_kernel_series_and_poll_deltas_name_routes_like_the_user_space_path() ->
     fast.detach()  # the filter closes: what it counted stays
     assert {s.value for s in next(iter(http.collect())).samples if s.name.endswith("_count")} == {4}
     assert fast.exchanges() == 4
+
+
+def test_a_half_full_kernel_map_is_drained_and_every_total_stays_whole() -> None:
+    """Past AGG_ENTRIES keys the kernel hands new ones over: a read that finds the map half full
+    takes it out whole, and the series and the SLO deltas go on from the same totals."""
+    http = HttpMetrics(duration_buckets=(0.1, 1.0), size_buckets=(0, 100))
+    fake = FakeFilter()
+    fast = KernelFastPath(RouteMapper(["/w/{word}"]), http, realtime_offset_ns=lambda: 0)
+    fast.attach(fake)  # type: ignore[arg-type]
+    http.add_source(fast.series)
+    fake.aggregates = [agg(f"/w/k{i}", 1, (1, 0, 0)) for i in range(AGG_ENTRIES // 2 - 1)]
+    assert fast.poll_deltas() == {("/w/{word}", PORT, "GET", 200, "10.0.0.1"):
+                                  KernelDelta(AGG_ENTRIES // 2 - 1, (AGG_ENTRIES // 2 - 1) * 1_000_000 / 1e9,
+                                              (AGG_ENTRIES // 2 - 1, 0, 0))}
+    assert fast.drains == 0 and len(fake.aggregates) == AGG_ENTRIES // 2 - 1
+    fake.aggregates += [agg("/w/new", 2, (0, 2, 0))]
+    assert fast.poll_deltas() == {("/w/{word}", PORT, "GET", 200, "10.0.0.1"): KernelDelta(2, 0.002, (0, 2, 0))}
+    assert fast.drains == 1 and fake.aggregates == []
+    fake.aggregates = [agg("/w/new", 1, (1, 0, 0))]  # the same key again, in the emptied map
+    assert fast.poll_deltas() == {("/w/{word}", PORT, "GET", 200, "10.0.0.1"): KernelDelta(1, 0.001, (1, 0, 0))}
+    counts = {s.labels["http_route"]: s.value for s in next(iter(http.collect())).samples if s.name.endswith("_count")}
+    assert counts == {"/w/{word}": AGG_ENTRIES // 2 + 2}
+
+
+def test_a_head_the_kernel_gave_up_mid_way_is_parsed_from_its_first_byte() -> None:
+    """The record's head bytes (the segments the kernel consumed) come first, timed at the head's start."""
+    head = REQ1[:10]
+    record = KernelHandover(("10.0.0.1", 40000, "10.0.0.2", PORT), "seq", 0, "", "", 50, C0, S0, 0, 0, 0,
+                            http_seen=True, head_length=len(head), head=head)
+    tracker = Tracker([PORT])
+    conn = Conn()
+    assert tracker.seed(KEY, to_handover(record, 1000)) == []
+    conn.next["c"] = C0 + len(head)
+    conn.next["s"] = S0
+    out = tracker.feed(conn.seg("c", REQ1[10:], 2000)) + tracker.feed(conn.seg("s", HEAD1 + b"0123456789", 3000))
+    assert [(ex.method, ex.target, ex.start_ns, ex.end_ns) for ex in out] == [("GET", "/a", 1050, 3000)]
+    lost = dataclasses.replace(record, head=None)  # the kept bytes were gone: parsing resumes after them
+    assert to_handover(lost, 1000).client_next_seq == C0 + len(head)
+    assert to_handover(lost, 1000).client_prefix == b""
 
 
 LO_MSS = 65483  # payload of one full-size segment on lo (MTU 65536)
