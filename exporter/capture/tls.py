@@ -108,13 +108,16 @@ SYMBOLS: tuple[tuple[str, str], ...] = (
 # lengths by a mask) and per-CPU values are limited to 32 KiB.
 TLS_CHUNK = 8192
 TLS_MAX_CHUNKS = 16
-# 4 MiB with 4 KiB pages: what the ring adds to the exporter's RSS (the kernel maps all of it at
+# 16 MiB with 4 KiB pages: what the ring adds to the exporter's RSS (the kernel maps all of it at
 # mmap time; ringbuf.py maps it once). Body bytes cross to user space until the parser has framed
 # the body and its skip hint reached the kernel, and a fast server writes a large body in a burst
 # before that. So once TLS_TRIM_BYTES are unread, each call copies its first TLS_PREFIX bytes only
 # (a message's head, when one starts there) and sends the rest by length: large bodies cannot fill
 # the ring, and the heads still fit. Overflow is still counted, and becomes a gap of known length.
-RING_PAGES = 1024
+# Trimmed calls still take TLS_PREFIX each: nginx writes a 1 MB body in 16 KiB calls, so eight
+# bodies in flight put 8 MiB in the ring while the reader waits for a core; a 4 MiB ring lost an
+# event that way in a CI run on 2 busy cores, 16 MiB costs 12 MB more RSS.
+RING_PAGES = 4096
 TLS_TRIM_BYTES = 2 * 1024 * 1024
 TLS_PREFIX = 4096
 # The kernel wakes the reader once this much is unread, or for a socket's first event; otherwise the

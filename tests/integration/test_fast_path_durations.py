@@ -10,7 +10,8 @@ timestamps; each exchange's duration is taken from the pcap with the exporter's 
 the same bounds, `le` inclusive.
 
 The exporter's per-bucket counts must equal the pcap's, except that an exchange whose pcap
-duration lies within TOLERANCE_NS of a bound may sit on either side of it. Why 20 us: the
+duration lies within TOLERANCE_NS of a bound may sit on either side of it, and that at most
+STRAGGLERS exchanges in all may be further off (see below). Why 20 us: the
 fast path times packets with bpf_ktime_get_ns() when the filter runs (CLOCK_MONOTONIC), the
 pcap with the skb's receive timestamp (CLOCK_REALTIME, taken as lo queues the packet to the
 backlog). For one packet the two differ by the backlog wait, which is the same softirq
@@ -18,7 +19,9 @@ microseconds later; a duration is a difference of two such packets, so only the 
 wait between the request and the response packet counts, plus NTP slewing of REALTIME (at most
 500 ppm: 2.5 us over 5 ms). The pcap's own resolution is 1 ns. Measured (the test prints the
 tightest tolerance that fits): 0 to 5 us in four runs on a shared 2-core machine, with
-exchanges 0.1 to 6 us from a bound binned alike; 20 us leaves a margin of four.
+exchanges 0.1 to 6 us from a bound binned alike; 20 us leaves a margin of four. The wait is
+not bounded on a loaded VM, though: one CI run on two busy cores had one exchange of 300 further
+off, hence STRAGGLERS; a 200 us error moves tens of exchanges per bound.
 
 The test can fail: the same pcap durations shifted by 200 us (either way) must fail the
 comparison, and the test checks that they do. Tried end to end once (2026-11-30): the exporter
@@ -58,6 +61,10 @@ PER_BOUND = 60
 SPREAD_NS = 300_000  # holds spread over bound +- 300 us
 TOLERANCE_NS = 20_000
 SHIFT_NS = 200_000  # what the test must catch
+# Exchanges allowed past TOLERANCE_NS: a request packet that waited in lo's backlog while the vCPU
+# was descheduled or the softirq deferred to ksoftirqd (a CI run on 2 busy cores had one of 300,
+# at le=0.002); the pcap stamps it at netif_rx, the filter when the backlog is processed.
+STRAGGLERS = 2
 SPIN_NS = 300_000  # the server sleeps, then spins for the last 300 us of a hold
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -150,7 +157,8 @@ def mismatches(exported: Sequence[int], durations: Sequence[int], tolerance_ns: 
 
     An exchange may fall in any bucket that [d - tolerance, d + tolerance] touches; intervals of
     consecutive buckets fit counts iff each cumulative count lies between the number of exchanges
-    that must be at or below that bound and the number that may be.
+    that must be at or below that bound and the number that may be. Each problem names by how many
+    exchanges the exporter is off at that bound.
     """
     problems = []
     if sum(exported) != len(durations):
@@ -162,8 +170,14 @@ def mismatches(exported: Sequence[int], durations: Sequence[int], tolerance_ns: 
         may = sum(1 for d in durations if bucket_of(d - tolerance_ns) <= k)
         if not must <= cumulative <= may:
             bound = f"le={BOUNDS_S[k]}" if k < len(BOUNDS_S) else "le=+Inf"
-            problems.append(f"{bound}: exporter {cumulative}, pcap between {must} and {may}")
+            off = must - cumulative if cumulative < must else cumulative - may
+            problems.append(f"{bound}: exporter {cumulative}, pcap between {must} and {may} ({off} off)")
     return problems
+
+
+def exchanges_off(problems: Sequence[str]) -> int:
+    """How many exchanges, summed over the bounds, the exporter's buckets are off by."""
+    return sum(int(re.search(r"\((\d+) off\)", p)[1]) if "off)" in p else len(BOUNDS_S) for p in problems)
 
 
 def exported_buckets(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], port: int) -> list[int]:
@@ -226,8 +240,9 @@ def test_kernel_path_durations_match_a_packet_capture_per_bucket() -> None:
           f"{near} of {len(durations)} within {TOLERANCE_NS // 1000} us of a bound, the closest at "
           f"{[round(d / 1000, 1) for d in distances[:5]]} us; tightest tolerance that fits: "
           f"{fits[0] if fits else None} ns")
-    assert mismatches(exported, durations, TOLERANCE_NS) == []
+    problems = mismatches(exported, durations, TOLERANCE_NS)
+    assert exchanges_off(problems) <= STRAGGLERS, problems
     assert near <= len(durations) // 10, "too many exchanges near a bound: the comparison says little"
-    # The same comparison catches a kernel path 200 us off, either way.
+    # The same comparison catches a kernel path 200 us off, either way, by far more than the stragglers.
     for shift in (SHIFT_NS, -SHIFT_NS):
-        assert mismatches(exported, [d + shift for d in durations], TOLERANCE_NS), shift
+        assert exchanges_off(mismatches(exported, [d + shift for d in durations], TOLERANCE_NS)) > 5 * STRAGGLERS, shift

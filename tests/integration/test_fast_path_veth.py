@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.harness import ExporterProcess, counts_by_key, scrape, self_metric
+from tests.integration.nginx_conf import nginx_config
 from tests.integration.node_topology import Node, Pod
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces and BPF")
@@ -39,32 +40,12 @@ TAG = f"{(os.getpid() + 500) % 1000:03d}"
 SUBNET = 20 + (os.getpid() + 100) % 200
 CONNECTIONS, PER_CONNECTION = 4, 60
 
-_NGINX = """\
-daemon off;
-master_process on;
-worker_processes 1;
-user root;
-pid {root}/nginx.pid;
-error_log {root}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    log_format oracle '$request_method $status $uri';
-    access_log {root}/access.log oracle;
-    client_body_temp_path {root}/tmp;
-    proxy_temp_path {root}/tmp;
-    fastcgi_temp_path {root}/tmp;
-    uwsgi_temp_path {root}/tmp;
-    scgi_temp_path {root}/tmp;
-    keepalive_requests 100000;
-    default_type text/plain;
-    server {{
-        listen 0.0.0.0:{port};
-        location = /ready {{ access_log off; return 200 "ready"; }}
-        location ~ "0$" {{ return 500 "error"; }}
-        location /api/orders/ {{ return 200 "ok"; }}
-        location /blobs/ {{ return 200 "blob"; }}
-    }}
-}}
+_NGINX_SERVER = """
+listen 0.0.0.0:{port};
+location = /ready {{ access_log off; return 200 "ready"; }}
+location ~ "0$" {{ return 500 "error"; }}
+location /api/orders/ {{ return 200 "ok"; }}
+location /blobs/ {{ return 200 "blob"; }}
 """
 
 # A browser's head (user agent, accept lists, trace context, a 1.6 KB cookie) and a small body
@@ -110,7 +91,8 @@ def node() -> Iterator[Node]:
 def _nginx(node: Node, pod: Pod, root: Path) -> subprocess.Popen[bytes]:
     (root / "tmp").mkdir(parents=True)
     conf = root / "nginx.conf"
-    conf.write_text(_NGINX.format(root=root, port=PORT))
+    conf.write_text(nginx_config(root, log_format="$request_method $status $uri", user_root=True,
+                                 worker_connections=256, server=_NGINX_SERVER.format(port=PORT)))
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     server = subprocess.Popen(pod.wrap([nginx, "-p", str(root), "-c", str(conf)]))
     deadline = time.monotonic() + 10

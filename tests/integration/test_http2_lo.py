@@ -28,6 +28,7 @@ import grpc
 import pytest
 
 from tests.integration.harness import ExporterProcess, counts_by_key, free_port, self_metric
+from tests.integration.nginx_conf import nginx_config
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to attach a BPF filter")
 
@@ -199,31 +200,13 @@ def test_grpc_calls_match_the_servers_record(host: str) -> None:
 
 # -- nginx h2c ----------------------------------------------------------------------------
 
-NGINX = """\
-daemon off;
-master_process off;
-worker_processes 1;
-pid {root}/nginx.pid;
-error_log {root}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    log_format h2 '$request_method $status $uri $server_protocol';
-    access_log {root}/access.log h2;
-    client_body_temp_path {root}/tmp;
-    proxy_temp_path {root}/tmp;
-    fastcgi_temp_path {root}/tmp;
-    uwsgi_temp_path {root}/tmp;
-    scgi_temp_path {root}/tmp;
-    default_type text/plain;
-    server {{
-        listen {listen} http2;
-        root {root}/www;
-        location = / {{ return 200 "ok"; }}
-        location = /missing {{ return 404; }}
-        location = /fail {{ return 503 "down"; }}
-        location /files/ {{ }}
-    }}
-}}
+NGINX_SERVER = """
+listen {listen} http2;
+root {root}/www;
+location = / {{ return 200 "ok"; }}
+location = /missing {{ return 404; }}
+location = /fail {{ return 503 "down"; }}
+location /files/ {{ }}
 """
 
 
@@ -235,7 +218,8 @@ def nginx_h2c(host: str) -> Iterator[tuple[int, Path]]:
     (root / "www" / "files").mkdir(parents=True)
     (root / "www" / "files" / "20k").write_bytes(b"x" * 20_000)
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    (root / "nginx.conf").write_text(NGINX.format(root=root, listen=listen))
+    (root / "nginx.conf").write_text(nginx_config(root, log_format="$request_method $status $uri $server_protocol",
+                                                  master=False, server=NGINX_SERVER.format(root=root, listen=listen)))
     proc = subprocess.Popen([shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(root / "nginx.conf"),
                              "-e", str(root / "error.log")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

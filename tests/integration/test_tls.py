@@ -38,6 +38,7 @@ from exporter.capture.tls import (
     find_libraries,
 )
 from tests.integration.harness import REPO, ExporterProcess, counts_by_key, free_port, self_metric
+from tests.integration.nginx_conf import nginx_config
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to attach uprobes")
 
@@ -94,35 +95,16 @@ def python_server(certificate: tuple[Path, Path], log: Path) -> Iterator[int]:
         proc.stdout.close()
 
 
-NGINX_CONFIG = """\
-daemon off;
-master_process on;
-worker_processes 2;
-pid {root}/nginx.pid;
-error_log {root}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    log_format oracle '$request_method $uri $status $request_completion';
-    access_log {root}/access.log oracle;
-    client_body_temp_path {root}/tmp;
-    proxy_temp_path {root}/tmp;
-    fastcgi_temp_path {root}/tmp;
-    uwsgi_temp_path {root}/tmp;
-    scgi_temp_path {root}/tmp;
-    default_type text/plain;
-    keepalive_requests 100000;
-    server {{
-        listen 127.0.0.1:{port} ssl{http2};
-        ssl_certificate {cert};
-        ssl_certificate_key {key};
-        root {root}/www;
-        location = /ok {{ return 200 "ok\\n"; }}
-        location = /nocontent {{ return 204; }}
-        location = /notmodified {{ return 304; }}
-        location = /boom {{ return 500 "boom\\n"; }}
-        location /files/ {{ }}
-    }}
-}}
+NGINX_SERVER = """
+listen 127.0.0.1:{port} ssl{http2};
+ssl_certificate {cert};
+ssl_certificate_key {key};
+root {root}/www;
+location = /ok {{ return 200 "ok\\n"; }}
+location = /nocontent {{ return 204; }}
+location = /notmodified {{ return 304; }}
+location = /boom {{ return 500 "boom\\n"; }}
+location /files/ {{ }}
 """
 
 
@@ -152,8 +134,10 @@ def _nginx(binary: str, port: int, root: Path, certificate: tuple[Path, Path], h
     for path in (root / "www", files, *files.iterdir()):
         path.chmod(0o755 if path.is_dir() else 0o644)
     conf = root / "nginx.conf"
-    conf.write_text(NGINX_CONFIG.format(root=root, port=port, cert=certificate[0], key=certificate[1],
-                                        http2=" http2" if http2 else ""))
+    server = NGINX_SERVER.format(root=root, port=port, cert=certificate[0], key=certificate[1],
+                                 http2=" http2" if http2 else "")
+    conf.write_text(nginx_config(root, log_format="$request_method $uri $status $request_completion",
+                                 workers=2, server=server))
     proc = subprocess.Popen([binary, "-p", str(root), "-c", str(conf)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
@@ -501,9 +485,10 @@ def test_a_stalled_exporter_trims_bodies_exactly_then_counts_what_the_full_ring_
         assert self_metric(samples, "parse_errors_total", reason="truncated") == 0
 
         exporter.proc.send_signal(signal.SIGSTOP)
-        uploads = 40
+        # 1 MB uploads read by the server in 16 KiB records: even at TLS_PREFIX each, half as much
+        # again as the ring holds.
+        uploads = 3 * RING_PAGES * 4096 // (2 * (1_000_000 // 16384) * TLS_PREFIX) + 1
         try:
-            # 40 MB read by the server in 16 KiB records: even at TLS_PREFIX each, more than the ring holds.
             assert uploads * (1_000_000 // 16384) * TLS_PREFIX > RING_PAGES * 4096
             assert [request("POST", "/ok", b"u" * 1_000_000) for _ in range(uploads)] == [200] * uploads
         finally:
