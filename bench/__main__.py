@@ -231,8 +231,8 @@ def _group_key(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @click.option("--repeat", type=click.IntRange(1, 100),
               help="Rounds of the configurations, interleaved; medians are reported [default: 3; "
                    "realistic-soak 1].")
-@click.option("--configs", help="Comma-separated subset of baseline,seed,exporter,userspace (the exporter with "
-                                "--no-fast-path) [default: per scenario].")
+@click.option("--configs", help="Comma-separated subset of baseline,seed,exporter,no-tls (the exporter with "
+                                "--no-tls),userspace (with --no-fast-path) [default: per scenario].")
 @click.option("--rates", help="rate, h2 and userspace scenarios: paced request rates per second, compared with "
                               f"unpaced full load [default: rate 100,1000; h2 {H2_RATES}; userspace "
                               f"{USERSPACE_RATES}].")

@@ -38,12 +38,14 @@ from bench.wrk import WrkResult, parse_wrk
 __all__ = ["CONFIGS", "REPO", "Load", "Placement", "RunResult", "Runner"]
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = ("baseline", "seed", "exporter", "userspace")
+CONFIGS = ("baseline", "seed", "exporter", "no-tls", "userspace")
 # The exporter with --no-fast-path: every exchange rebuilt in user space from the segments the
 # filter passes, the path that pipelining, chunked bodies and the heads the kernel hands over take.
 # Without the TLS probes: their syscall tracepoints run for every process on the machine, and
 # whatever else speaks TLS there would be charged to the path measured here.
 USERSPACE_ARGS = ("--no-fast-path", "--no-tls")
+# no-tls: the exporter's defaults less the TLS probes, to price them on clear-text traffic.
+CONFIG_ARGS = {"exporter": (), "no-tls": ("--no-tls",), "userspace": USERSPACE_ARGS}
 READY_TIMEOUT_S = 90.0  # BCC compiles C at start: seconds, not minutes
 SETTLE_TIMEOUT_S = 20.0
 IDLE_CPU_S = 0.02  # under this much CPU in IDLE_WINDOW_S the capture process counts as idle
@@ -246,10 +248,9 @@ class Runner:
             listen = ""
             if config == "seed":
                 capture = self._start_seed(nginx.port)
-            elif config in ("exporter", "userspace"):
+            elif config in CONFIG_ARGS:
                 listen = f"127.0.0.1:{_free_port()}"
-                capture = self._start_exporter(nginx.port, listen,
-                                               USERSPACE_ARGS if config == "userspace" else ())
+                capture = self._start_exporter(nginx.port, listen, CONFIG_ARGS[config])
             before: Scrape | None = fetch_scrape(listen, nginx.port) if listen else None
 
             assert nginx.child is not None
@@ -289,7 +290,7 @@ class Runner:
             result.machine_cpu_s = (result.machine_cpu_s or 0.0) + proc.cpu_s - capture_cpu_at_end  # backlog
             result.hwm_mb = proc.hwm_mb
             result.rss_end_mb = proc.rss_mb
-            if config in ("exporter", "userspace"):
+            if config in CONFIG_ARGS:
                 assert before is not None
                 result.loader_mb = _loader_peak_mb(capture.log_path)
                 after = _settled_scrape(listen, nginx.port, result.logged)
