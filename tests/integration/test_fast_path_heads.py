@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import time
 
 import pytest
@@ -20,7 +19,7 @@ import pytest
 from exporter.capture.bpf import HttpFilter
 from tests.integration.harness import counts_by_key, free_port, self_metric
 from tests.integration.test_exporter_lo import both_paths
-from tests.integration.test_fast_path_reorder import CLIENT, SERVER, _checksum
+from tests.integration.test_fast_path_reorder import CLIENT, SERVER, frame
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="loads BPF and writes raw frames: needs root")
 
@@ -39,16 +38,6 @@ BROWSER = (
     b"traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n"
     b"Cookie: " + b"; ".join(b"c%d=%08x" % (i, i * 2654435761 & 0xFFFFFFFF) for i in range(50))[:700] + b"\r\n"
 )
-
-
-def frame(src: str, sport: int, dst: str, dport: int, seq: int, payload: bytes, flags: int) -> bytes:
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, 1, 5 << 4, flags, 65535, 0, 0)
-    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp) + len(payload))
-    tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp + payload)) + tcp[18:]
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp) + len(payload), 0, 0x4000, 64, 6, 0,
-                     socket.inet_aton(src), socket.inet_aton(dst))
-    ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
-    return b"\0" * 12 + b"\x08\x00" + ip + tcp + payload
 
 
 class Conn:

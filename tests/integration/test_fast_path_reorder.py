@@ -35,8 +35,8 @@ def _checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def frame(src: str, sport: int, dst: str, dport: int, seq: int, payload: bytes) -> bytes:
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, 1, 5 << 4, ACK_PSH, 65535, 0, 0)
+def frame(src: str, sport: int, dst: str, dport: int, seq: int, payload: bytes, flags: int = ACK_PSH) -> bytes:
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, 1, 5 << 4, flags, 65535, 0, 0)
     pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp) + len(payload))
     tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp + payload)) + tcp[18:]
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp) + len(payload), 0, 0x4000, 64, 6, 0,
