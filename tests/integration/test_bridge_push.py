@@ -16,6 +16,7 @@ from exporter.bridge.settings import PushSettings
 from exporter.core.model import Exchange
 from exporter.slo.manifest import load_manifest
 from exporter.slo.runtime import SloRuntime
+from tests.fake_clock import Clock
 from tests.integration.receiver import Receiver
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "reliably.yaml"
@@ -23,14 +24,6 @@ TOKEN = "tok-9f8e7d6c5b4a-secret"
 ORG = "demo-org"
 PATH = f"/entities/{ORG}/reliably.com/v1/indicator"
 T0 = 1622548800  # 2021-06-01T12:00:00Z
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from exporter.core.model import Exchange
 from exporter.slo.manifest import load_manifest
 from exporter.slo.report import lines_from_snapshot, render_text
 from exporter.slo.runtime import SloRuntime
+from tests.fake_clock import Clock
 from tests.integration.harness import REPO
 from tests.integration.receiver import Receiver
 
@@ -28,14 +29,6 @@ OPENSLO = REPO / "examples" / "openslo.yaml"
 RELIABLY = REPO / "examples" / "reliably.yaml"
 FIXTURES = REPO / "tests" / "fixtures" / "openslo"
 T0 = 1622548800  # 2021-06-01T12:00:00Z
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

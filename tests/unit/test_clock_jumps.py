@@ -20,17 +20,10 @@ from exporter.core.model import Exchange
 from exporter.slo.evaluate import Closed
 from exporter.slo.manifest import load_manifest
 from exporter.slo.runtime import SloRuntime
+from tests.fake_clock import Clock
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "reliably.yaml"
 T0 = 1_700_000_000  # a multiple of 10
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def feed(runtime: SloRuntime, clock: Clock, start: float, count: int, errors: int = 0) -> None:

@@ -15,14 +15,7 @@ from exporter.bridge.scheduler import IntervalScheduler, Measured
 from exporter.bridge.settings import PushSettings
 from exporter.bridge.spool import Spool
 from exporter.errors import QueryError
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fake_clock import Clock
 
 
 class Source:

@@ -11,6 +11,7 @@ from exporter.core.model import Exchange
 from exporter.metrics import ExporterCollector, HttpMetrics
 from exporter.slo.manifest import load_manifest
 from exporter.slo.runtime import SloRuntime
+from tests.fake_clock import Clock
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "reliably.yaml"
 S = 1_000_000_000
@@ -26,14 +27,6 @@ AVAILABILITY = {
     "category": "availability",
     "window": "1m",
 }
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def ex(end_s: float, ms: float = 10, status: int = 200) -> Exchange:

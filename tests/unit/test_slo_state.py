@@ -17,6 +17,7 @@ from exporter.slo.evaluate import Evaluator
 from exporter.slo.manifest import parse_manifest
 from exporter.slo.runtime import SloRuntime
 from exporter.slo.windows import COARSE_TARGET_S, BucketRing, WindowCounts
+from tests.fake_clock import Clock
 
 S = 1_000_000_000
 DAY = 86400
@@ -45,14 +46,6 @@ FAST = {"slo": "shop_fast", "service": "shop", "category": "latency", "window": 
 def exchange(end_s: float, ms: float = 10, status: int = 200) -> Exchange:
     end = round(end_s * S)
     return Exchange("GET", "/", status, end - round(ms * 1e6), end, 0, 0, 80)
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_thirty_day_window_is_small_and_its_sums_exact() -> None:

@@ -17,17 +17,10 @@ from exporter.server import Health, build_app
 from exporter.slo.manifest import load_manifest
 from exporter.slo.runtime import SloRuntime
 from exporter.status_page import StatusPage, routes_from
+from tests.fake_clock import Clock
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "openslo.yaml"
 T0 = 1_700_000_000
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def setup() -> tuple[StatusPage, SloRuntime, Health, CollectorRegistry]:
