@@ -17,7 +17,8 @@ side by side on the same file when run from each worktree.
 
 `--record h2` first writes FILE: dumpcap on lo while h2load drives nginx's h2c listener as the
 h2 scenario does (4 connections, 10 streams each, paced at `--rate` streams/s); it needs root,
-nginx, h2load and dumpcap, replaying needs none of them. For other traffic, record with e.g.
+nginx, h2load and dumpcap, replaying needs none of them. `--record realistic` does the same with wrk
+sending the realistic scenario's browser heads to nginx's HTTP/1.1 listener. For other traffic, record with e.g.
 `dumpcap -i lo -f 'tcp port 8080' -w /tmp/load.pcapng` while wrk runs.
 
     python -m bench.replay_cost /tmp/h2.pcapng --record h2 --rate 20000 --duration 3
@@ -151,8 +152,10 @@ def least_cpu(prepare: Callable[[], Callable[[], int]], passes: int) -> tuple[fl
 @click.command()
 @click.argument("capture", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--port", type=click.IntRange(1, 65535), help="The server's port (with --record: printed).")
-@click.option("--record", type=click.Choice(["h2"]), help="Write CAPTURE first (h2load -> nginx h2c, see above).")
-@click.option("--rate", default=20000.0, show_default=True, type=click.FloatRange(1), help="--record: streams/s.")
+@click.option("--record", type=click.Choice(["h2", "realistic"]),
+              help="Write CAPTURE first (h2load -> nginx h2c, or wrk's browser heads -> nginx; see above).")
+@click.option("--rate", default=20000.0, show_default=True, type=click.FloatRange(1),
+              help="--record h2: streams/s.")
 @click.option("--duration", default=3.0, show_default=True, type=click.FloatRange(1, 60),
               help="--record: seconds of load.")
 @click.option("--passes", default=5, show_default=True, type=click.IntRange(1, 100), help="The least is kept.")
@@ -163,7 +166,7 @@ def main(capture: Path, port: int | None, record: str | None, rate: float, durat
     """Replay CAPTURE (pcap or pcapng) through the exporter's user-space path; print CPU µs per exchange."""
     try:
         if record:
-            port = record_h2(capture, rate, duration)
+            port = record_h2(capture, rate, duration) if record == "h2" else record_realistic(capture, duration)
             click.echo(f"recorded {capture} (server port {port})")
         if port is None:
             raise click.UsageError("--port is required to replay")

@@ -16,7 +16,7 @@
  * run and tail-calls itself until the head ends (at most HEAD_MAX / SCAN_CHUNK
  * runs), then http_finish, which runs the per-flow state machine and returns
  * the verdict. Each program has the verifier's whole budget (verified_insns on
- * 6.18: http_filter 2.2k, http_scan 555k, http_finish 680k of 1M), which is
+ * 6.18: http_filter 2.6k, http_scan 555k, http_finish 680k of 1M), which is
  * what lets a head be 4 KB. bpf_loop would do it in one program, but BCC 0.26
  * cannot load its callback (no BPF_PSEUDO_FUNC relocation), hence tail calls.
  *
@@ -1820,7 +1820,27 @@ int http_filter(struct __sk_buff *skb)
     u16 proto = 0;
     u8 b[2];
 
-    if (off == ETH_HLEN) {
+    /* The common frame, IPv4 without options then TCP, in one load instead of three (each
+     * bpf_skb_load_bytes is a call; ~40 ns a packet). `pad` aligns the IP and TCP headers on
+     * the stack, as the verifier requires. Anything else, or a frame too short for the load,
+     * takes the general way below. */
+    struct {
+        u8 pad[2];
+        u8 link[ETH_HLEN];
+        struct iphdr ip;
+        struct tcphdr tcp;
+    } h;
+    int whole;
+    if (off == ETH_HLEN)
+        whole = bpf_skb_load_bytes(skb, 0, h.link, ETH_HLEN + sizeof(h.ip) + sizeof(h.tcp)) == 0 &&
+                h.link[12] == (ETH_P_IP >> 8) && h.link[13] == (ETH_P_IP & 0xff);
+    else
+        whole = bpf_skb_load_bytes(skb, off, &h.ip, sizeof(h.ip) + sizeof(h.tcp)) == 0 && h.ip.version == 4;
+    whole = whole && h.ip.ihl == 5;
+
+    if (whole) {
+        proto = ETH_P_IP;
+    } else if (off == ETH_HLEN) {
         if (bpf_skb_load_bytes(skb, 12, b, 2) < 0)
             goto malformed;
         proto = ((u16)b[0] << 8) | b[1];
@@ -1854,7 +1874,9 @@ int http_filter(struct __sk_buff *skb)
 
     if (proto == ETH_P_IP) {
         struct iphdr ip;
-        if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)) < 0)
+        if (whole)
+            __builtin_memcpy(&ip, &h.ip, sizeof(ip));
+        else if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)) < 0)
             goto malformed;
         if (ip.protocol != IPPROTO_TCP) {
             count(CNT_DROPPED_NOT_TCP);
@@ -1920,7 +1942,9 @@ int http_filter(struct __sk_buff *skb)
     }
 
     struct tcphdr tcp;
-    if (bpf_skb_load_bytes(skb, l4, &tcp, sizeof(tcp)) < 0)
+    if (whole)
+        __builtin_memcpy(&tcp, &h.tcp, sizeof(tcp));
+    else if (bpf_skb_load_bytes(skb, l4, &tcp, sizeof(tcp)) < 0)
         goto malformed;
 
     u16 sport = ntohs(tcp.source);
