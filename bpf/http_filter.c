@@ -16,7 +16,7 @@
  * run and tail-calls itself until the head ends (at most HEAD_MAX / SCAN_CHUNK
  * runs), then http_finish, which runs the per-flow state machine and returns
  * the verdict. Each program has the verifier's whole budget (verified_insns on
- * 6.18: http_filter 2.6k, http_scan 555k, http_finish 680k of 1M), which is
+ * 6.18: http_filter 2.6k, http_scan 650k, http_finish 680k of 1M), which is
  * what lets a head be 4 KB. bpf_loop would do it in one program, but BCC 0.26
  * cannot load its callback (no BPF_PSEUDO_FUNC relocation), hence tail calls.
  *
@@ -132,7 +132,7 @@
  *   time except inside header values (below), with its state (position
  *   included) in the per-CPU scratch map value, so that http_scan can stop
  *   after SCAN_CHUNK steps and go on in its next run; the verifier walks the
- *   SCAN_CHUNK steps once (555k instructions), whatever HEAD_MAX is.
+ *   SCAN_CHUNK steps once (650k instructions), whatever HEAD_MAX is.
  * - Each step costs ~7 ns however many bytes it passes, so the scan's cost is
  *   its number of steps, and the common bytes go by the word:
  *   - header values, most of a head's bytes, VALUE_WORDS words a step when
@@ -144,11 +144,13 @@
  *     a word a step while their bytes are letters, digits or '-', and the
  *     word holding the ':' goes on into the value in the same step; a name
  *     beginning with 'c' or 't' is told apart from those two by one
- *     comparison of its first 8 bytes when they are letters, digits or '-';
+ *     comparison of its first 8 bytes when they are letters, digits or '-',
+ *     and "length:" after "content-" is one more;
+ *   - the CR ending a status line or a Content-Length value, as a value's;
  *   - the target a word a step while its bytes are printable and none is ' ',
  *     '?' or '#' (in the query: ' '), and " HTTP/1.d" CRLF in one step.
  *   A ~1.3 KB browser head takes ~52 steps (was 110) and the bench's nginx
- *   response head ~27 (was 45): BPF_PROG_TEST_RUN of a recorded realistic
+ *   response head ~17 (was 45): BPF_PROG_TEST_RUN of a recorded realistic
  *   load (`python -m bench.filter_cost`), ~1.9 -> ~1.3 us per request segment.
  * - The scan costs the sender's softirq about a byte-time per head byte; with
  *   the packet-tap cost every frame pays anyway, that is what separates the
@@ -615,6 +617,37 @@ static __always_inline void line_start(volatile struct scratch *s, u32 c)
     }
 }
 
+/* The CR at cr_at ends a line: past its LF and the next line's first byte in the same step
+ * when the bytes are here (S_LF, S_LSTART), else on to S_LF. */
+static __always_inline void after_cr(volatile struct scratch *s, u32 cr_at)
+{
+    if (cr_at + 2 < s->n) {
+        if (s->buf[(cr_at + 1) & (HEAD_MAX - 1)] != '\n') {
+            s->state = S_FAIL;
+            return;
+        }
+        line_start(s, s->buf[(cr_at + 2) & (HEAD_MAX - 1)]);
+        s->pos = cr_at + 3;
+    } else {
+        s->pos = cr_at + 1;
+        s->state = S_LF;
+    }
+}
+
+/* The ':' of a Content-Length header: its value is read (one per head). */
+static __always_inline void content_length(volatile struct scratch *s)
+{
+    if (s->cl_seen) {
+        s->state = S_FAIL;
+    } else {
+        s->cl_seen = 1;
+        s->cl = 0;
+        s->ndig = 0;
+        s->cl_phase = 0;
+        s->state = S_CLV;
+    }
+}
+
 /* Scan state for s->buf[s->start .. s->n) as the rest of a head: for a request,
  * from the target on; for a response, from after "HTTP/1.d NNN". Everything the
  * user-space parser would reject is rejected here too, and some things it
@@ -714,23 +747,10 @@ static __always_inline void scan_chunk(volatile struct scratch *s)
                     continue;
                 }
                 u64 first = ends & (~ends + 1);
-                if (first & cr) {
-                    /* The value ends at this CR: go straight past it and, when the bytes are
-                     * here, past its LF and the next line's first byte too (S_LF, S_LSTART). */
-                    u32 cr_at = at + 8 * k + first_byte(first);
-                    if (cr_at + 2 < s->n) {
-                        if (s->buf[(cr_at + 1) & (HEAD_MAX - 1)] != '\n') {
-                            s->state = S_FAIL;
-                            break;
-                        }
-                        line_start(s, s->buf[(cr_at + 2) & (HEAD_MAX - 1)]);
-                        s->pos = cr_at + 3;
-                        if (s->state >= S_DONE)
-                            break;
-                        continue;
-                    }
-                    s->pos = cr_at + 1;
-                    s->state = S_LF;
+                if (first & cr) {  /* the value ends at this CR: straight past it */
+                    after_cr(s, at + 8 * k + first_byte(first));
+                    if (s->state >= S_DONE)
+                        break;
                     continue;
                 }
                 if (k) {  /* an LF first, past clean words: on to its word, then byte by byte */
@@ -760,20 +780,22 @@ static __always_inline void scan_chunk(volatile struct scratch *s)
                     continue;
                 }
             }
+            /* "Content-" matched so far: "length:" in one comparison (letters in any case: b | 0x20
+             * is a given lower-case letter only for that letter's two cases). */
+            if (s->cl_ok && s->nlen == 8 && at + 8 <= s->n) {
+                u64 w = *(volatile u64 *)((volatile u8 *)s->buf + idx);
+                if (((w | 0x202020202020ULL) & 0x00ffffffffffffffULL) == (CL_W1 | ((u64)':' << 48))) {
+                    content_length(s);
+                    s->pos = at + 7;
+                    continue;
+                }
+            }
             u32 k = s->nlen;
             if (c == ':') {
                 if (s->te_ok && k == 17) {
                     s->state = S_FAIL;
                 } else if (s->cl_ok && k == 14) {
-                    if (s->cl_seen) {
-                        s->state = S_FAIL;
-                    } else {
-                        s->cl_seen = 1;
-                        s->cl = 0;
-                        s->ndig = 0;
-                        s->cl_phase = 0;
-                        s->state = S_CLV;
-                    }
+                    content_length(s);
                 } else {
                     s->state = S_VALUE;
                 }
@@ -842,9 +864,13 @@ static __always_inline void scan_chunk(volatile struct scratch *s)
                 }
             }
         } else if (state == S_REASON) {
-            if (c == '\r')
-                s->state = S_LF;
-            else if (c == '\n')
+            if (c == '\r') {
+                after_cr(s, at);
+                if (s->state >= S_DONE)
+                    break;
+                continue;
+            }
+            if (c == '\n')
                 s->state = S_FAIL;
         } else if (state == S_CLV) {
             if (c == ' ' || c == '\t') {
@@ -859,7 +885,10 @@ static __always_inline void scan_chunk(volatile struct scratch *s)
                     s->ndig = s->ndig + 1;
                 }
             } else if (c == '\r' && s->cl_phase != 0) {
-                s->state = S_LF;
+                after_cr(s, at);
+                if (s->state >= S_DONE)
+                    break;
+                continue;
             } else {
                 s->state = S_FAIL;
             }

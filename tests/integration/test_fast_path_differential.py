@@ -321,8 +321,11 @@ def test_word_steps_of_the_scan_agree_with_the_parser_at_every_cut(bpf_filter: H
     CRLF with the next line's first byte. Heads whose framing headers (Content-Length with the
     body sent apart, Transfer-Encoding) sit at every offset from a word's edge, cut at every
     byte of their first 40 and last 40 (a name's first byte ending the first segment among
-    them), must count as the parser counts them."""
+    them), must count as the parser counts them, and every one without Transfer-Encoding whose
+    first segment is long enough to start a head (16 bytes) must stay in the kernel."""
     bodies = 0
+    taken = 0
+    before = bpf_filter.fast_counters()["exchanges"]
     for pad in range(9):
         for framing in (b"Content-Length: 2", b"content-length:2", b"Transfer-Encoding: chunked", b"cookie: a"):
             target = b"/" + b"a" * pad + b"?q" + b"#" * (pad % 2)
@@ -339,7 +342,9 @@ def test_word_steps_of_the_scan_agree_with_the_parser_at_every_cut(bpf_filter: H
                 reference, fast = run_both(bpf_filter, steps, 1000, 2000)
                 assert fast == reference, (head, cut)
                 assert reference[("POST", 200, "/" + "a" * pad, "count")] == 1, (head, cut)
+                taken += not chunked and cut >= 16
     assert bodies == 18
+    assert bpf_filter.fast_counters()["exchanges"] - before == taken
 
 
 HANDOVER_ENTRIES = 16384  # the C file's default
