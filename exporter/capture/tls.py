@@ -45,7 +45,8 @@ from typing import Any
 
 from exporter.capture.bpf import ask_loader, find_source
 from exporter.capture.bpfsys import BpfMap, map_info, possible_cpus
-from exporter.capture.layout_stub import SslLayout, SslLayoutError, calibrate, socket_walk_offsets
+from exporter.capture.kernel_layout import socket_walk_offsets
+from exporter.capture.openssl_layout import SslLayout, SslLayoutError, calibrate
 from exporter.capture.ringbuf import RingBuffer
 from exporter.core.model import ACK, FIN, PSH, RST, Segment
 from exporter.errors import CaptureError

@@ -7,6 +7,7 @@ import mmap
 import os
 import socket
 import struct
+from pathlib import Path
 
 import pytest
 
