@@ -370,6 +370,19 @@ class TlsProbes:
         self._maps = {}
 
 
+def _fd_open(tgid: int, fd: int) -> bool:
+    """Whether a process still has an fd open: False only when /proc says it is gone. Under --user
+    another user's /proc/<pid>/fd cannot be read; such a connection is not ended here (its
+    SSL_free, or the Tracker's idle timeout, ends it)."""
+    try:
+        os.lstat(f"/proc/{tgid}/fd/{fd}")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def _detach_in_background(fds: list[int]) -> None:
     """Close the attachment descriptors without waiting for the kernel to unregister the uprobes.
 
@@ -588,7 +601,7 @@ class TlsCapture:
     def reap(self, now_ns: int, is_open: Callable[[int, int], bool] | None = None) -> list[Segment]:
         """Watched connections whose socket is gone without an SSL_free (the process exited, or exec'd):
         an RST each, so their flows end now rather than at the idle timeout. One lstat per watched socket."""
-        still_open = is_open or (lambda tgid, fd: os.path.lexists(f"/proc/{tgid}/fd/{fd}"))
+        still_open = is_open or _fd_open
         gone = [conn for conn in self._conns.values() if not still_open(conn.key[0], conn.fd)]
         if not gone:
             return []

@@ -383,6 +383,28 @@ def test_a_server_that_exits_mid_exchange_ends_its_connections(certificate: tupl
     assert self_metric(samples, "tls_connections_tracked") == 0
 
 
+def test_user_keeps_counting_another_users_https_server(certificate: tuple[Path, Path], tmp_path: Path) -> None:
+    """--user nobody after attach, the server root's: the kernel names its sockets (no /proc), and
+    the once-a-second check for connections gone unseen must not end a connection whose
+    /proc/<pid>/fd nobody may read. Each connection outlives a few of those checks."""
+    log = tmp_path / "access.log"
+    with python_server(certificate, log) as port, \
+            ExporterProcess("--interface", "lo", "--port", str(port), "--user", "nobody") as exporter:
+        exporter.wait_for_exchanges(0)
+        requests = [("GET", "/ok"), ("GET", "/slow?ms=1500"), ("GET", "/missing"), ("GET", "/slow?ms=1500"),
+                    ("GET", "/ok")]
+        threads = [threading.Thread(target=https, args=(port, requests)) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        served = wait_for_log(log, 10)
+        samples = exporter.wait_for_exchanges(10)
+    assert served == Counts({("GET", "200", "/ok"): 4, ("GET", "200", "/slow"): 4, ("GET", "404", "/missing"): 2})
+    assert https_counts(samples, port) == served
+    assert self_metric(samples, "requests_without_response_total") == 0
+
+
 def test_no_tls_counts_nothing_and_a_missing_library_is_one_line(certificate: tuple[Path, Path],
                                                                         tmp_path: Path) -> None:
     log = tmp_path / "access.log"
