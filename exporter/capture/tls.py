@@ -296,7 +296,7 @@ class TlsProbes:
                 probes.append({"library": library, "symbol": symbol, "function": "tls_return", "return": True})
             probes.append({"library": library, "symbol": FREE_SYMBOL[0], "function": FREE_SYMBOL[1], "return": False})
         request: dict[str, Any] = {"src": str(src_file or tls_source()), "cflags": cflags, "maps": list(_MAPS),
-                                   "probes": probes, "raw_tracepoints": []}
+                                   "probes": probes}
         programs = len(SYMBOLS) * len(self.layouts) + 2
         reply, fds = _run_helper(request, max_fds=len(_MAPS) + len(probes) + programs)
         self.compile_s: float = reply["compile_s"]
