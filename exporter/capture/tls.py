@@ -664,8 +664,8 @@ class TlsCapture:
         yield SelfSample(SELF_TLS_CONNECTIONS_EVICTED_TOTAL, "counter",
                          "TLS sockets forgotten because the connection table was full.", self.evicted)
         yield SelfSample(SELF_TLS_UNRESOLVED_SOCKETS_TOTAL, "counter",
-                         "SSL connections whose fd the kernel found no TCP socket behind (not TCP, or closed "
-                         "under the probe): ignored.", kernel["unresolved"])
+                         "SSL connections whose fd the kernel found no TCP socket behind (not TCP, a BIO type "
+                         "of the application's own, or closed under the probe): ignored.", kernel["unresolved"])
         yield SelfSample(SELF_TLS_DECODE_ERRORS_TOTAL, "counter", "TLS events shorter than their header says.",
                          self.decode_errors)
         yield SelfSample(SELF_TLS_CALLS_SKIPPED_TOTAL, "counter",
