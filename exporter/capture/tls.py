@@ -155,6 +155,8 @@ _FLAG_AFTER_LOSS = 1
 _OPEN = struct.Struct("=HH2s2x16s16s")
 _SKIP_KEY = struct.Struct("=QII")  # struct tls_skip_key: ssl, tgid, dir
 _SKIP = struct.Struct("=IIQ")  # struct tls_skip: start, end (exclusive), conn
+_STATE_KEY = struct.Struct("=QI4x")  # struct tls_state_key: ssl, tgid
+_STATE_SIZE = 32  # struct tls_state: stream[2], conn, fd, watched, announced, lost[2]
 _U32 = struct.Struct("=I")
 _U64 = struct.Struct("=Q")
 _SEQ_MASK = 0xFFFFFFFF
@@ -164,6 +166,7 @@ _MAPS: dict[str, tuple[int, int]] = {  # name -> (key size, value size), checked
     "tls_events": (0, 0),
     "tls_skips": (_SKIP_KEY.size, _SKIP.size),
     "tls_ring_pos": (4, 8),
+    "tls_state": (_STATE_KEY.size, _STATE_SIZE),
 }
 _RING_CONSUMED_AT = 8  # tls_ring_pos[1], our consumer position, in the map's mmap (8-byte values from 0)
 
@@ -352,6 +355,11 @@ class TlsProbes:
             self._maps["tls_skips"].delete(key)
         else:
             self._maps["tls_skips"].update(key, _SKIP.pack(stretch[0] & _SEQ_MASK, stretch[1] & _SEQ_MASK, conn))
+
+    def forget(self, tgid: int, ssl: int) -> None:
+        """The kernel's state of a connection that ended without SSL_free (its process exited or
+        exec'd): a later process with the same pid and SSL* address starts afresh, with an OPEN."""
+        self._maps["tls_state"].delete(_STATE_KEY.pack(ssl, tgid))
 
     def counters(self) -> dict[str, int]:
         table = self._maps["tls_counters"]
@@ -612,6 +620,11 @@ class TlsCapture:
         for conn in gone:
             if self._conns.get(conn.key) is conn:  # no close (or new OPEN) in what was just read
                 self._forget(conn)
+                if self.probes is not None:
+                    try:
+                        self.probes.forget(*conn.key)
+                    except CaptureError:
+                        pass  # a closed map means we are stopping
                 out.append(Segment(now_ns, conn.client[0], conn.client[1], conn.server[0], conn.server[1],
                                    max(conn.next_offset[0], 0) & _SEQ_MASK, RST, b"", 0))
         return out

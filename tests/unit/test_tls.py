@@ -232,12 +232,16 @@ class FakeProbes:
     def __init__(self, batches: list[list[bytes]]) -> None:
         self.batches = batches
         self.skips: list[tuple[int, int, int, int, tuple[int, int] | None]] = []
+        self.forgotten: list[tuple[int, int]] = []
 
     def read(self, timeout_s: float) -> list[bytes]:
         return self.batches.pop(0) if self.batches else []
 
     def set_skip(self, tgid: int, ssl: int, conn: int, direction: int, stretch: tuple[int, int] | None) -> None:
         self.skips.append((tgid, ssl, conn, direction, stretch))
+
+    def forget(self, tgid: int, ssl: int) -> None:
+        self.forgotten.append((tgid, ssl))
 
 
 def raw(ev: TlsEvent) -> bytes:
@@ -325,3 +329,4 @@ def test_reap_reads_the_ring_before_it_resets_a_gone_socket() -> None:
     assert segments[-1].flags == RST
     assert tracker.stats.requests_without_response == 0
     assert capture.connections_tracked() == 0
+    assert probes.forgotten == [(500, 0x10)]  # the kernel's state of it goes too
