@@ -227,8 +227,7 @@ def check_tls(libssl: tuple[str, ...] = (), caps: set[str] | None = None) -> lis
         try:
             layout = calibrate(library)
         except SslLayoutError as exc:
-            results.append(CheckResult("tls layout", True, f"{exc}: its HTTPS will not be counted",
-                                       "give another copy with --libssl, or run with --no-tls", warning=True))
+            results.append(CheckResult("tls layout", True, str(exc), warning=True))
         else:
             results.append(CheckResult("tls layout", True, f"{library}: SSL rbio at +{layout.rbio_offset}, "
                                                            f"BIO fd at +{layout.bio_num_offset}"))

@@ -23,7 +23,7 @@ an unwatched SSL* costs a hash lookup per call from its first (`tls_calls_ignore
 The ring is read in batches (see TLS_WAKE_BYTES): at least every POLL_S, and when 256 KiB wait.
 
 Failures leave as CaptureError (a library whose layout cannot be measured is left out and
-listed in TlsProbes.failed); a socket the kernel could not walk is counted
+said in TlsProbes.unprobed); a socket the kernel could not walk is counted
 (`tls_unresolved_sockets_total`) and ignored, never raised.
 """
 
@@ -264,20 +264,19 @@ class TlsProbes:
             raise CaptureError("no libssl found to probe: give one with --libssl PATH, or run with --no-tls")
         # The kernel's offsets first: without BTF nothing can be probed (KernelLayoutError names the fix).
         kernel = socket_walk_offsets()
-        # Each library's own offsets; one that cannot be measured is left out, as a failed attach is.
-        self.failed: list[tuple[str, str, str]] = []
+        # Each library's own offsets; one that cannot be measured is left out (self.unprobed says why).
+        self.unprobed: list[str] = []
         self.layouts: dict[str, SslLayout] = {}
         for library in libraries:
             if len(self.layouts) == MAX_LIBRARIES:
-                self.failed.append((library, "SSL_read", f"more than {MAX_LIBRARIES} libraries to probe"))
+                self.unprobed.append(f"libssl {library}: not probed, {MAX_LIBRARIES} libraries already are")
                 continue
             try:
                 self.layouts[library] = calibrate(library)
             except SslLayoutError as exc:
-                self.failed.append((library, "SSL_read", f"struct layout not measured: {exc}"))
+                self.unprobed.append(str(exc))
         if not self.layouts:
-            reasons = "; ".join(f"{lib}: {msg}" for lib, _, msg in self.failed[:2])
-            raise CaptureError(f"no libssl could be probed ({reasons}): run with --no-tls")
+            raise CaptureError(f"no libssl could be probed: {'; '.join(self.unprobed[:2])}")
         watched = " || ".join(f"(p) == {port}" for port in sorted(set(ports))) or "0"
         cflags = [f"-DTC_{name.upper()}={i}" for i, name in enumerate(COUNTER_NAMES)]
         cflags.append(f"-DTC_COUNT={len(COUNTER_NAMES)}")
@@ -303,7 +302,7 @@ class TlsProbes:
         programs = len(SYMBOLS) * len(self.layouts) + 2
         reply, fds = _run_helper(request, max_fds=len(_MAPS) + len(probes) + programs)
         self.compile_s: float = reply["compile_s"]
-        self.failed += [(lib, sym, msg) for lib, sym, msg in reply["failed"]]
+        self.failed: list[tuple[str, str, str]] = [(lib, sym, msg) for lib, sym, msg in reply["failed"]]
         attached: list[tuple[str, str, bool]] = [(lib, sym, ret) for lib, sym, ret in reply["attached"]]
         self.libraries = sorted({item[0] for item in attached})
         # Maps, attachments, then the programs (held for their run time statistics only).

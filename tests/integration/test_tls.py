@@ -405,6 +405,25 @@ def test_user_keeps_counting_another_users_https_server(certificate: tuple[Path,
     assert self_metric(samples, "requests_without_response_total") == 0
 
 
+def test_a_library_whose_layout_cannot_be_measured_is_left_out_in_one_line(tmp_path: Path) -> None:
+    """Not an OpenSSL (here: not even ELF): no offsets, so no probes on it; the others still attach."""
+    from exporter.capture.tls import TlsProbes
+    from exporter.errors import CaptureError
+
+    bogus = tmp_path / "libssl.so.3"
+    bogus.write_bytes(b"not a library")
+    [system] = find_libraries()[:1]
+    probes = TlsProbes([system, str(bogus)])
+    try:
+        assert probes.libraries == [system]
+        [reason] = probes.unprobed
+        assert reason.startswith(f"libssl {bogus}: could not find its SSL layout (") and "\n" not in reason
+    finally:
+        probes.close()
+    with pytest.raises(CaptureError, match=f"^no libssl could be probed: libssl {bogus}: could not find"):
+        TlsProbes([str(bogus)])
+
+
 def test_no_tls_counts_nothing_and_a_missing_library_is_one_line(certificate: tuple[Path, Path],
                                                                         tmp_path: Path) -> None:
     log = tmp_path / "access.log"
