@@ -140,6 +140,7 @@ def test_missing_and_non_elf_files(tmp_path: Path, runs: list[list[str]]) -> Non
 @pytest.mark.parametrize(("script", "reason"), [
     ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)",
      f"loading it killed the probe process with {signal.SIGSEGV.name}"),
+    ("import os; os.kill(os.getpid(), 50)", "loading it killed the probe process with signal 50"),
     ("import time; time.sleep(30)", "the probe process took over 0.5 s"),
     ("import sys; print('half', end=''); sys.exit(3)", "the probe process exited with status 3"),
     ("raise SystemExit('libfoo.so: cannot open shared object file')",
