@@ -19,12 +19,14 @@ section, walked record by record because a type's id is its position in it. Name
 members are found inside anonymous structs and unions too (their offsets add up), as
 C sees them. Bitfields are refused: a BPF program reads whole bytes.
 
-Reading and walking the ~5.5 MB vmlinux BTF takes tens of milliseconds; the result is
-cached per process and per path.
+Reading and walking the 5.5 MB vmlinux BTF (127k types) takes ~55 ms of CPU and ~12 MB of
+transient memory on the 6.18 kernel here; the result, a dict of ints, is cached per
+process and per path.
 """
 
 from __future__ import annotations
 
+import array
 import functools
 import struct
 from collections.abc import Iterator
@@ -58,9 +60,12 @@ SOCKET_WALK_MEMBERS: dict[str, tuple[str, str]] = {
 }
 
 _MAGIC = 0xEB9F
-_HEADER = struct.Struct("<HBBIIIII")  # magic, version, flags, hdr_len, type_off, type_len, str_off, str_len
-_TYPE = struct.Struct("<III")  # name_off, info, size_or_type
-_MEMBER = struct.Struct("<III")  # name_off, type, offset
+# The kernel writes its BTF in its own byte order, which is this machine's.
+_HEADER = struct.Struct("=HBBIIIII")  # magic, version, flags, hdr_len, type_off, type_len, str_off, str_len
+# A type record is 3 u32 words (name_off, info, size_or_type), then its kind's trailing data,
+# all in whole words; a struct or union member is 3 words (name_off, type, offset).
+_TYPE_WORDS = 3
+_MEMBER_WORDS = 3
 
 _KIND_INT = 1
 _KIND_STRUCT = 4
@@ -82,6 +87,9 @@ _TRAILING: dict[int, tuple[int, int]] = {
     8: (0, 0), 9: (0, 0), 10: (0, 0), 11: (0, 0), 12: (0, 0), 13: (0, 8), 14: (4, 0),
     15: (0, 12), 16: (0, 0), 17: (4, 0), 18: (0, 0), 19: (0, 12),
 }
+# The same in words, indexed by the 5-bit kind, for the walk's inner loop (-1: unknown kind).
+_STEP_FIXED = [_TYPE_WORDS + _TRAILING[kind][0] // 4 if kind in _TRAILING else -1 for kind in range(32)]
+_STEP_PER_ENTRY = [_TRAILING[kind][1] // 4 if kind in _TRAILING else 0 for kind in range(32)]
 
 
 class KernelLayoutError(CaptureError):
@@ -103,33 +111,38 @@ class Btf:
         types_start, strings_start = hdr_len + type_off, hdr_len + str_off
         if hdr_len < _HEADER.size or max(types_start + type_len, strings_start + str_len) > len(blob):
             raise self._invalid(f"its sections run past its {len(blob)} bytes (truncated?)")
-        self._blob = blob
+        if types_start % 4 or type_len % 4:
+            raise self._invalid("its type section is not made of whole 4-byte words")
         self._strings = blob[strings_start:strings_start + str_len]
-        # _offsets[id]: where type `id`'s record starts in blob; id 0 is void and has none.
-        self._offsets: list[int] = [-1]
-        self._by_name: dict[tuple[int, str], list[int]] = {}
-        self._walk(types_start, types_start + type_len)
+        self._words = memoryview(blob)[types_start:types_start + type_len].cast("I")
+        # _at[id]: the word where type `id`'s record starts; id 0 is void and has none.
+        self._at = array.array("q", [-1])
+        # Named structs by the offset of their name, then (_structs_named) by their name.
+        self._structs: dict[int, list[int]] = {}
+        self._struct_names: dict[bytes, list[int]] | None = None
+        self._walk()
 
     def _invalid(self, reason: str) -> KernelLayoutError:
         return KernelLayoutError(f"kernel BTF {self._source} is not valid BTF ({reason}): run with --no-tls")
 
-    def _walk(self, at: int, end: int) -> None:
-        unpack, blob, offsets = _TYPE.unpack_from, self._blob, self._offsets
+    def _walk(self) -> None:
+        # The hot loop of start-up (~127k types in vmlinux): plain list indexing, no unpacking.
+        words, at_list, structs = self._words, self._at, self._structs
+        fixed, per_entry, end, at = _STEP_FIXED, _STEP_PER_ENTRY, len(self._words), 0
         while at < end:
-            if at + _TYPE.size > end:
-                raise self._invalid(f"type {len(offsets)} is cut short")
-            name_off, info, _size = unpack(blob, at)
-            kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
-            try:
-                fixed, per_entry = _TRAILING[kind]
-            except KeyError:
-                raise self._invalid(f"type {len(offsets)} has unknown kind {kind}") from None
-            if kind in (_KIND_STRUCT, _KIND_UNION) and name_off:
-                self._by_name.setdefault((kind, self._name(name_off)), []).append(len(offsets))
-            offsets.append(at)
-            at += _TYPE.size + fixed + per_entry * vlen
+            if at + _TYPE_WORDS > end:
+                raise self._invalid(f"type {len(at_list)} is cut short")
+            info = words[at + 1]
+            kind = (info >> 24) & 0x1F
+            step = fixed[kind]
+            if step < 0:
+                raise self._invalid(f"type {len(at_list)} has unknown kind {kind}")
+            if kind == _KIND_STRUCT and words[at]:
+                structs.setdefault(words[at], []).append(len(at_list))
+            at_list.append(at)
+            at += step + per_entry[kind] * (info & 0xFFFF)
         if at != end:
-            raise self._invalid(f"type {len(offsets) - 1} runs past the type section")
+            raise self._invalid(f"type {len(at_list) - 1} runs past the type section")
 
     def _name(self, name_off: int) -> str:
         end = self._strings.find(b"\0", name_off)
@@ -137,12 +150,25 @@ class Btf:
             raise self._invalid(f"name offset {name_off} is outside the string section")
         return self._strings[name_off:end].decode("ascii", "replace")
 
+    def _structs_named(self, name: str) -> list[int]:
+        """Ids of the structs called `name` (the names of all structs are read at the first call)."""
+        if self._struct_names is None:
+            strings, by_name = self._strings, dict[bytes, list[int]]()
+            for name_off, ids in self._structs.items():
+                end = strings.find(b"\0", name_off)
+                if end < 0:
+                    raise self._invalid(f"name offset {name_off} is outside the string section")
+                by_name.setdefault(strings[name_off:end], []).extend(ids)
+            self._struct_names = by_name
+        return self._struct_names.get(name.encode(), [])
+
     def _type(self, type_id: int) -> tuple[int, int, int, int]:
         """(kind, vlen, kind_flag, size_or_type) of a type, through no alias."""
-        if not 0 < type_id < len(self._offsets):
+        if not 0 < type_id < len(self._at):
             raise self._invalid(f"a member refers to type {type_id}, which does not exist")
-        _name_off, info, size = _TYPE.unpack_from(self._blob, self._offsets[type_id])
-        return (info >> 24) & 0x1F, info & 0xFFFF, info >> 31, size
+        at = self._at[type_id]
+        info = self._words[at + 1]
+        return (info >> 24) & 0x1F, info & 0xFFFF, info >> 31, self._words[at + 2]
 
     def _resolve(self, type_id: int) -> int:
         """The id behind typedefs and qualifiers (bounded: a loop is invalid BTF, not a hang)."""
@@ -157,10 +183,10 @@ class Btf:
         """(name, resolved type id, byte offset) of a struct or union's direct members: name ""
         for an anonymous one; type id -1 and the offset in bits for a bitfield."""
         _kind, vlen, kflag, _size = self._type(type_id)
-        at = self._offsets[type_id] + _TYPE.size
+        at = self._at[type_id] + _TYPE_WORDS
         for _ in range(vlen):
-            name_off, member_type, offset = _MEMBER.unpack_from(self._blob, at)
-            at += _MEMBER.size
+            name_off, member_type, offset = self._words[at:at + _MEMBER_WORDS]
+            at += _MEMBER_WORDS
             name = self._name(name_off) if name_off else ""
             bits, bit_offset = (offset >> 24, offset & 0xFFFFFF) if kflag else (0, offset)
             resolved = self._resolve(member_type)
@@ -168,7 +194,7 @@ class Btf:
                 # Without kind_flag a bitfield shows as an INT narrower than its size, or shifted.
                 member_kind, _vlen, _kflag, int_size = self._type(resolved)
                 if member_kind == _KIND_INT:
-                    encoding = struct.unpack_from("<I", self._blob, self._offsets[resolved] + _TYPE.size)[0]
+                    encoding = self._words[self._at[resolved] + _TYPE_WORDS]
                     if encoding & 0xFF != int_size * 8 or (encoding >> 16) & 0xFF:
                         bits = encoding & 0xFF
             if bits or bit_offset % 8:
@@ -193,7 +219,7 @@ class Btf:
 
     def offset_of(self, struct_name: str, path: str) -> int:
         """Byte offset of `path` ("a.b.c", members of members) in `struct struct_name`."""
-        candidates = self._by_name.get((_KIND_STRUCT, struct_name), [])
+        candidates = self._structs_named(struct_name)
         if not candidates:
             raise KernelLayoutError(
                 f"kernel BTF {self._source} has no struct {struct_name}: TLS capture does not know "

@@ -78,7 +78,11 @@ def calibrate(path: str, timeout_s: float = CALIBRATE_TIMEOUT_S) -> SslLayout:
     except OSError as exc:
         raise _error(path, f"cannot start {sys.executable}: {exc.strerror}") from None
     if done.returncode < 0:
-        raise _error(path, f"loading it killed the probe process with {signal.Signals(-done.returncode).name}")
+        try:
+            killed_by = signal.Signals(-done.returncode).name
+        except ValueError:  # a real-time signal has no name
+            killed_by = f"signal {-done.returncode}"
+        raise _error(path, f"loading it killed the probe process with {killed_by}")
     try:
         answer = json.loads(done.stdout)
     except ValueError:

@@ -60,7 +60,7 @@ def _function(lib: ct.CDLL, *names: str) -> ct._NamedFuncPointer:
     raise ProbeFailure(f"it has no {' or '.join(names)}: not an OpenSSL libssl")
 
 
-def _offsets_of(base: int, span: int, value: bytes, step: int) -> set[int]:
+def offsets_of(base: int, span: int, value: bytes, step: int) -> set[int]:
     memory = ct.string_at(base, span)
     return {at for at in range(0, span - len(value) + 1, step) if memory[at:at + len(value)] == value}
 
@@ -97,15 +97,20 @@ def probe(path: str) -> tuple[int, int]:
         rbio, wbio = get_rbio(ssl), get_wbio(ssl)
         if not rbio or not wbio or rbio == wbio or get_rfd(ssl) != read_fd:
             raise ProbeFailure("SSL_set_rfd did not give a read BIO of its own")
-        rbio_found.append(_offsets_of(ssl, SSL_SCAN, rbio.to_bytes(8, sys.byteorder), 8))
-        num_found.append(_offsets_of(rbio, BIO_SCAN, read_fd.to_bytes(4, sys.byteorder), 4)
-                         & _offsets_of(wbio, BIO_SCAN, write_fd.to_bytes(4, sys.byteorder), 4))
-    rbio_offsets, num_offsets = set.intersection(*rbio_found), set.intersection(*num_found)
-    for what, offsets in (("the read BIO pointer", rbio_offsets), ("the BIO's fd", num_offsets)):
-        if len(offsets) != 1:
-            where = f"at offsets {sorted(offsets)}" if offsets else "nowhere"
-            raise ProbeFailure(f"{what} was found {where}")
-    return rbio_offsets.pop(), num_offsets.pop()
+        rbio_found.append(offsets_of(ssl, SSL_SCAN, rbio.to_bytes(8, sys.byteorder), 8))
+        num_found.append(offsets_of(rbio, BIO_SCAN, read_fd.to_bytes(4, sys.byteorder), 4)
+                         & offsets_of(wbio, BIO_SCAN, write_fd.to_bytes(4, sys.byteorder), 4))
+    return single_offset("the read BIO pointer", rbio_found), single_offset("the BIO's fd", num_found)
+
+
+def single_offset(what: str, trials: list[set[int]]) -> int:
+    """The one offset where every trial found its value; ProbeFailure for none or several."""
+    common = set.intersection(*trials)
+    if not common:
+        raise ProbeFailure(f"{what} was at no offset common to all {len(trials)} trials")
+    if len(common) > 1:
+        raise ProbeFailure(f"{what} was at each of offsets {sorted(common)}: ambiguous")
+    return common.pop()
 
 
 def main(argv: list[str]) -> int:

@@ -181,6 +181,10 @@ def test_every_kind_is_stepped_over_by_its_own_trailing_size() -> None:
     (lambda blob: blob[:2] + b"\x02" + blob[3:], "version 2, this reader knows 1"),
     (lambda blob: blob[:12] + struct.pack("<I", struct.unpack_from("<I", blob, 12)[0] - 4) + blob[16:],
      "runs past the type section"),  # a type section that ends inside a record
+    (lambda blob: blob[:12] + struct.pack("<I", struct.unpack_from("<I", blob, 12)[0] + 4) + blob[16:],
+     "is cut short"),  # one word past the last record: a record of less than 3 words
+    (lambda blob: blob[:12] + struct.pack("<I", struct.unpack_from("<I", blob, 12)[0] - 2) + blob[16:],
+     "its type section is not made of whole 4-byte words"),
 ])
 def test_broken_blobs_are_one_line(mangle: object, reason: str) -> None:
     b, _sock = sock_like()
@@ -189,6 +193,16 @@ def test_broken_blobs_are_one_line(mangle: object, reason: str) -> None:
     message = str(broken.value)
     assert message.startswith("kernel BTF /sys/kernel/btf/vmlinux is not valid BTF (")
     assert reason in message and message.endswith("): run with --no-tls") and "\n" not in message
+
+
+def test_a_name_without_its_nul_is_refused() -> None:
+    b = BtfBuilder()
+    b.record("socket", 8, [("sk", b.int_("u64", 8), 0)])
+    with pytest.raises(KernelLayoutError, match=r"name offset \d+ is outside the string section"):
+        blob = b.blob()
+        # The last string, the struct's name, loses its NUL.
+        Btf(blob[:20] + struct.pack("<I", struct.unpack_from("<I", blob, 20)[0] - 1) + blob[24:-1],
+            "t").offset_of("socket", "sk")
 
 
 def test_unknown_kind_and_dangling_type_are_refused() -> None:

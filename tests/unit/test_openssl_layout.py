@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import os
+import re
 import shutil
 import signal
 import socket
@@ -20,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from exporter.capture import openssl_layout
+from exporter.capture import openssl_layout, openssl_probe
 from exporter.capture.openssl_layout import SslLayout, SslLayoutError, calibrate
 
 LIB_DIR = Path("/usr/lib/x86_64-linux-gnu")
@@ -139,6 +140,7 @@ def test_missing_and_non_elf_files(tmp_path: Path, runs: list[list[str]]) -> Non
 @pytest.mark.parametrize(("script", "reason"), [
     ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)",
      f"loading it killed the probe process with {signal.SIGSEGV.name}"),
+    ("import os; os.kill(os.getpid(), 50)", "loading it killed the probe process with signal 50"),
     ("import time; time.sleep(30)", "the probe process took over 0.5 s"),
     ("import sys; print('half', end=''); sys.exit(3)", "the probe process exited with status 3"),
     ("raise SystemExit('libfoo.so: cannot open shared object file')",
@@ -152,3 +154,37 @@ def test_a_probe_that_crashes_hangs_or_babbles_is_an_error(
     with pytest.raises(SslLayoutError) as failed:
         calibrate(str(LIBC), timeout_s=0.5)
     assert str(failed.value) == fix(LIBC, reason)
+
+
+def test_nss_libssl3_is_not_openssl(runs: list[list[str]]) -> None:
+    """Debian's libnss3 ships a libssl3.so: a name that looks right, another library."""
+    nss = LIB_DIR / "libssl3.so"
+    if not nss.exists():
+        pytest.skip(f"no {nss} (libnss3)")
+    with pytest.raises(SslLayoutError) as not_openssl:
+        calibrate(str(nss))
+    assert str(not_openssl.value) == fix(nss, "it has no TLS_method or SSLv23_method: not an OpenSSL libssl")
+
+
+@pytest.mark.parametrize(("trials", "answer"), [
+    ([{16, 40}, {16, 96}], 16),  # a chance match in one trial only
+    ([{56}, {56}], 56),
+    ([{16, 40}, {16, 40}], "the read BIO pointer was at each of offsets [16, 40]: ambiguous"),
+    ([{16}, {24}], "the read BIO pointer was at no offset common to all 2 trials"),
+    ([set(), set()], "the read BIO pointer was at no offset common to all 2 trials"),
+])
+def test_only_one_offset_common_to_every_trial_is_an_answer(trials: list[set[int]], answer: int | str) -> None:
+    if isinstance(answer, int):
+        assert openssl_probe.single_offset("the read BIO pointer", trials) == answer
+    else:
+        with pytest.raises(openssl_probe.ProbeFailure, match=f"^{re.escape(answer)}$"):
+            openssl_probe.single_offset("the read BIO pointer", trials)
+
+
+def test_scan_finds_every_aligned_copy_and_no_unaligned_one() -> None:
+    memory = ct.create_string_buffer(64)
+    value = (0x1E2D3C4B).to_bytes(4, sys.byteorder)
+    for at in (0, 12, 30, 60):
+        memory[at:at + 4] = value
+    assert openssl_probe.offsets_of(ct.addressof(memory), 64, value, 4) == {0, 12, 60}  # 30: not 4-aligned
+    assert openssl_probe.offsets_of(ct.addressof(memory), 64, value, 8) == {0}
