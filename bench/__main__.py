@@ -56,8 +56,8 @@ TLS_NOTE = """\
 nginx terminates TLS (self-signed certificate, TLS 1.3) and wrk speaks HTTPS with keep-alive; the exporter
 counts through its uprobes on libssl (url_scheme="https"). TLS events lost are events the kernel's ring
 buffer had no room for. With --filter-stats, "uprobes CPU" is the run time the kernel measured for the TLS
-programs (the SSL_read/SSL_write probes and the sys_enter/sys_exit raw tracepoints, which run on every
-syscall of the machine while attached), ÷ requests; it is charged to nginx and wrk, not to the exporter."""
+programs (the SSL_read/SSL_write entry and return probes and the SSL_free probe), ÷ requests; it is
+charged to nginx and wrk, not to the exporter."""
 NOTE = """\
 Requests are lines in nginx's access log; completeness is requests counted by the capture ÷ those.
 "Cut at wrk's exit" are logged requests whose response nginx never finished sending (wrk resets its

@@ -396,7 +396,7 @@ def _own_cpu_s() -> float:
 
 
 _SOCKET_FILTER = frozenset({1})
-_TRACING_TYPES = frozenset({2, 17})  # BPF_PROG_TYPE_KPROBE (uprobes too), BPF_PROG_TYPE_RAW_TRACEPOINT
+_TRACING_TYPES = frozenset({2})  # BPF_PROG_TYPE_KPROBE: the TLS uprobes
 
 
 def _filter_run_time_s(pid: int, prog_types: frozenset[int] = _SOCKET_FILTER) -> float:

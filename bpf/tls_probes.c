@@ -1,41 +1,54 @@
 /*
  * tls_probes.c  The plaintext of TLS connections, read at OpenSSL's SSL_read
- *               and SSL_write, for the HTTP/1.x parser in user space.
+ *               and SSL_write, for the HTTP/1.x and HTTP/2 parsers in user space.
  *
  * Loaded by exporter/capture/tls.py through the BPF loader helper process
  * (exporter/capture/bpf_loader.py, the only importer of BCC):
  *
- *     uprobe     SSL_read, SSL_read_ex, SSL_write, SSL_write_ex  (tls_*_entry)
+ *     uprobe     SSL_read, SSL_read_ex, SSL_write, SSL_write_ex  (tls_*_entry_<library>)
  *     uretprobe  the same four symbols                            (tls_return)
- *     raw tracepoints sys_enter, sys_exit                  (tls_sys_enter, tls_sys_exit)
+ *     uprobe     SSL_free                                         (tls_free)
  *
- * on every libssl the exporter found (libssl.so.3, libssl.so.1.1, --libssl).
- * Needs uprobes (CONFIG_UPROBES), raw tracepoints and the BPF ring buffer
- * (Linux >= 5.8). The counter indices, the chunk size and the syscall numbers
- * come in as -D defines from tls.py, the one place they are named; this file
- * does not build on its own.
+ * on every libssl the exporter found (libssl.so.3, libssl.so.1.1, --libssl). No
+ * syscall tracepoint: nothing runs outside an SSL call. Needs uprobes
+ * (CONFIG_UPROBES), the BPF ring buffer (Linux >= 5.8) and the running kernel's
+ * BTF (/sys/kernel/btf/vmlinux) for the offsets below. The counter indices, the
+ * sizes, the watched ports and all struct offsets come in as -D defines from
+ * tls.py, the one place they are named; this file does not build on its own.
  *
- * Which socket an SSL* talks to: `struct ssl_st` is opaque and changes between
- * OpenSSL versions, and the kernel structs behind an fd must not be read here
- * (the headers BCC compiles with do not match the running kernel). Instead the
- * entry probe marks the thread, and the sys_enter raw tracepoint records the fd
- * of the read/write/recv/send family syscall the socket BIO makes inside the
- * call, on that thread. A raw tracepoint needs no tracefs (the per-syscall
- * tracepoints do, and reading their ids there needs more privilege).
+ * Which socket an SSL* talks to, read at each call's entry in two steps:
+ * - its fd: `((BIO *)ssl->rbio)->num`. `struct ssl_st` and `struct bio_st` are
+ *   opaque and change between OpenSSL builds, so their offsets are measured per
+ *   library by exporter/capture/openssl_layout.py (through the library's own
+ *   SSL_new/SSL_set_fd/SSL_get_rbio) and each library gets its own entry
+ *   programs (LIBRARY_PROBES(i), TLS_RBIO_OFFSET_i, TLS_BIO_NUM_OFFSET_i). A memory
+ *   BIO has num -1: such an SSL* has no socket (counted `no_fd`).
+ * - its addresses, once per connection (a new SSL*, or its fd changed): current
+ *   task -> files -> fdt -> fd[fd] -> file, an S_IFSOCK inode, file->private_data
+ *   (struct socket) of type SOCK_STREAM, its sk of family AF_INET/AF_INET6: local
+ *   port skc_num, peer port skc_dport, addresses skc_rcv_saddr/skc_daddr or the v6
+ *   pair. The kernel headers BCC compiles with need not match the running kernel,
+ *   so the offsets come from its BTF (exporter/capture/kernel_layout.py) and the
+ *   walk reads plain addresses with bpf_probe_read_kernel. A failed walk (not a TCP
+ *   socket, or closed under us) is counted `unresolved`, and the SSL* ignored.
  *
- * accept()/accept4() are followed too (sys_enter, then sys_exit on the same thread), so
- * that each event names the listening fd its connection was accepted from: user space
- * resolves that one when a short connection is gone before its first event is read.
+ * The verdict is the kernel's: a connection is watched when its local port is a
+ * watched port (TLS_WATCHED_PORT), i.e. it is the server's accepted socket. A
+ * client's local port is ephemeral, so curl, wrk or a proxy's upstream on the same
+ * host are dropped from their first call, with no event. Every SSL* judged has a
+ * `tls_state` entry keyed by (tgid, SSL*) with the fd it was judged for: an
+ * unwatched one costs that lookup (and the two reads of its fd) per call
+ * (`ignored_calls`), plus the uretprobe's trap, which returns at once. A watched
+ * one sends an OPEN event with both ends before its first data; user space builds
+ * the flow from it, with no /proc lookup. Connections opened before the probes
+ * were attached are judged at their next call like new ones.
  *
- * connect() marks its fd a client socket (`tls_clients`): the process is the
- * client side, never counted, and its SSL calls are dropped here from the first.
- * For the others, user space resolves (tgid, fd) to the socket's addresses from
- * /proc and writes a verdict into `tls_verdicts`: WATCH when the local port is a
- * watched port (the server's accepted socket), IGNORE otherwise (other services,
- * clients that connected before we looked). An ignored connection costs one or
- * two hash lookups per SSL call from then on: no thread marking, no copy, no
- * event. close(fd) drops both (the fd number will be reused) and tells user
- * space when it had heard of the fd.
+ * The end: SSL_free(ssl) sends CLOSE for a watched SSL* and drops its state and
+ * skips. SSL* addresses are reused by malloc, fd numbers by the kernel: the state
+ * entry goes at SSL_free, and a state whose fd differs from the BIO's now is a new
+ * connection (the old one gets its CLOSE). A process that exits without SSL_free
+ * leaves LRU entries that the fd check and the LRU age out; user space ends such
+ * connections itself (tls.py's reap).
  *
  * The ring: the reader is woken once TLS_WAKE_BYTES are unread, not per event
  * (it also reads every POLL_S), and past TLS_TRIM_BYTES unread a call copies
@@ -48,13 +61,15 @@
  * numbers of the segments user space builds. Bytes past the chunk budget are sent
  * by length only (counted `truncated`), and bytes the ring buffer could not take
  * (counted `lost`) become a gap of known length. The bytes read from user memory
- * never go past the length the call returned.
+ * never go past the length the call returned. An OPEN the ring could not take is
+ * sent again at the next call; the bytes of calls in between are a gap.
  *
  * Bodies: user space, which frames each message, names the stretches of a stream it will
- * only count (`tls_skips`, the wire path's body_skip); calls inside one send their length
- * in a header-only event instead of their bytes. A lost event marks its direction, and the
- * next event sent says so (TLS_FLAG_AFTER_LOSS): the gap will not fill, and user space
- * counts it as bytes of known length rather than waiting for them.
+ * only count (`tls_skips`, the wire path's body_skip), tagged with the connection (its
+ * OPEN's time) so that a stale entry never applies to a later SSL* at the same address;
+ * calls inside one send their length in a header-only event instead of their bytes. A lost
+ * event marks its direction, and the next event sent says so (TLS_FLAG_AFTER_LOSS): the gap
+ * will not fill, and user space counts it as bytes of known length rather than waiting.
  *
  * Return values: SSL_read/SSL_write return an int (read as 32-bit signed, so
  * -1 stays -1); <= 0 is an error or a retry and carries no data. The _ex
@@ -63,26 +78,29 @@
  * Known limits: a thread blocked inside SSL_read when the probes are attached
  * is never seen returning from it (its bytes are missed; the parser resyncs at
  * the next message). Statically linked TLS libraries have no SSL_read symbol
- * here to probe.
+ * here to probe. An rbio that is a filter BIO over the socket (not OpenSSL's
+ * socket BIO itself) has no fd in num: its SSL* is unresolved.
  */
 #include <uapi/linux/ptrace.h>
-
-#define VERDICT_WATCH 1
-#define VERDICT_IGNORE 2
-#define VERDICT_QUIET 3  /* ignored by the kernel itself (see tls_listeners): user space never heard of it */
 
 #define KIND_READ 0
 #define KIND_WRITE 1
 #define KIND_CLOSE 2
+#define KIND_OPEN 3
 
-/* An SSL_* call in progress on one thread: what the return probe needs. */
+#define S_IFMT_ 0170000
+#define S_IFSOCK_ 0140000
+#define SOCK_STREAM_ 1
+#define AF_INET_ 2
+#define AF_INET6_ 10
+
+/* An SSL_* call in progress on one thread, on a watched connection: what the return probe needs. */
 struct tls_call {
     u64 ssl;
     u64 buf;
     u64 out_len;  /* size_t * of the _ex variants, 0 for SSL_read/SSL_write */
-    s32 fd;       /* the fd the BIO used inside this call; -1: none seen */
     u8 kind;
-    u8 pad[3];
+    u8 pad[7];
 };
 
 struct tls_state_key {
@@ -91,77 +109,65 @@ struct tls_state_key {
     u32 pad;
 };
 
-/* Per SSL*: its socket and how far each direction's byte stream has gone. */
+/* Per SSL* (of one process): the fd its BIO had when it was judged, the verdict, and how far
+ * each direction's byte stream has gone. */
 struct tls_state {
     u64 stream[2];  /* bytes read (KIND_READ) and written (KIND_WRITE) so far */
-    s32 fd;         /* -1 until a syscall inside a call showed it */
+    u64 conn;       /* the OPEN event's time: names this connection in tls_skips */
+    s32 fd;
+    u8 watched;
+    u8 announced;   /* its OPEN event is in the ring (0: the ring was full, send it again) */
     u8 lost[2];     /* per direction: bytes since the last event sent were lost */
-    u8 pad[2];
 };
 
-/* Per socket and direction, a stretch of the byte stream (32-bit offsets, wrapping) that
+/* Per connection and direction, a stretch of the byte stream (32-bit offsets, wrapping) that
  * only needs counting (a body of known length): calls inside it send their length only. */
 struct tls_skip_key {
+    u64 ssl;
     u32 tgid;
-    s32 fd;
     u32 dir;
 };
 
 struct tls_skip {
     u32 start;
     u32 end;
-};
-
-struct tls_sock_key {
-    u32 tgid;
-    s32 fd;
+    u64 conn;  /* tls_state.conn it was set for: a stale entry never applies to a later connection */
 };
 
 struct tls_event {
-    u64 ts_ns;       /* bpf_ktime_get_ns() at the call's return: CLOCK_MONOTONIC */
+    u64 ts_ns;       /* bpf_ktime_get_ns(): CLOCK_MONOTONIC; an OPEN's is also its connection's name */
     u64 ssl;
     u64 stream_off;  /* offset of data[0] in this direction's byte stream */
     u32 tgid;
     s32 fd;
-    s32 listen_fd;   /* the listening socket this fd was accepted from; -1: not seen */
     u32 len;         /* bytes of data[] that follow */
     u32 skipped;     /* with len 0: bytes of the call past the chunk budget, not copied */
     u8 kind;
     u8 flags;        /* TLS_FLAG_AFTER_LOSS: bytes before stream_off were lost */
-    u8 pad[2];
+    u8 pad[6];
     u8 data[TLS_CHUNK * 2];  /* twice: the verifier bounds a length by a mask, so by 2 * TLS_CHUNK - 1 */
+};
+
+/* The data of a KIND_OPEN event: the socket's two ends, as the kernel holds them. */
+struct tls_open {
+    u16 family;      /* AF_INET or AF_INET6 */
+    u16 local_port;  /* host order (skc_num) */
+    u16 peer_port;   /* network order (skc_dport), as the kernel keeps it */
+    u16 pad;
+    u8 local[16];    /* IPv4: the first 4 bytes */
+    u8 peer[16];
 };
 
 #define TLS_EVENT_HEADER 48
 #define TLS_FLAG_AFTER_LOSS 1
 
-/* LRU, as tls_accepting below: a thread that dies inside a call (or exits blocked in one)
- * never deletes its entry, and a full plain hash would stop new calls silently. */
+/* LRU: a thread that dies inside a call never deletes its entry, and a full plain hash would
+ * stop new calls silently. */
 BPF_TABLE("lru_hash", u32, struct tls_call, tls_calls, 16384);
-/* accept()/accept4() in progress per thread: the listening fd; then what each accepted fd
- * came from. The listening socket outlives its connections, so user space can still
- * resolve its port when a short connection is already closed by the time its first
- * event is read. */
-BPF_TABLE("lru_hash", u32, s32, tls_accepting, 16384);
-/* How many threads are inside accept() now: sys_exit runs for every syscall on the host, and
- * while this is 0 (an nginx worker's accepts are short) one array read is all it costs. A thread
- * that never leaves its accept (killed before the exit tracepoint) only makes sys_exit look up. */
-BPF_ARRAY(tls_accepts_open, s64, 1);
-BPF_TABLE("lru_hash", struct tls_sock_key, s32, tls_accepted, 65536);
-/* fds an SSL call returned data on: their close() is reported, so that user space never
- * takes the next socket with the same number for the old connection. */
-BPF_TABLE("lru_hash", struct tls_sock_key, u8, tls_used, 65536);
+/* Every SSL* that made a call, watched or not: an unwatched one costs this lookup per call. A
+ * process that exits without SSL_free leaves its entries to the LRU; the fd check keeps a
+ * reused (tgid, SSL*) from inheriting them. */
 BPF_TABLE("lru_hash", struct tls_state_key, struct tls_state, tls_state, 65536);
-BPF_TABLE("lru_hash", struct tls_sock_key, u8, tls_verdicts, 65536);
-/* Sockets their process connect()ed: it is the client side, never counted, so their SSL calls are
- * dropped here from the first one, with no event and no /proc lookup in user space (wrk's, curl's,
- * a proxy's upstream connections). A map of their own: connect() churn on the host (unix sockets
- * too) must not evict the verdicts user space set. */
-BPF_TABLE("lru_hash", struct tls_sock_key, u8, tls_clients, 65536);
-/* Listening sockets user space found on a port it does not watch (another TLS service on the host):
- * what they accept is dropped here from its first call, before any event. close() drops the entry,
- * so a reused fd number is asked about again. */
-BPF_TABLE("lru_hash", struct tls_sock_key, u8, tls_listeners, 4096);
 BPF_TABLE("lru_hash", struct tls_skip_key, struct tls_skip, tls_skips, 65536);
 BPF_RINGBUF_OUTPUT(tls_events, TLS_RING_PAGES);
 BPF_PERCPU_ARRAY(tls_counters, u64, TC_COUNT);
@@ -227,32 +233,181 @@ static __always_inline int send(struct tls_event *ev, struct tls_state *state, u
     return 0;
 }
 
-/* A socket user space said to ignore, or one its process connected from. */
-static __always_inline int ignored(struct tls_sock_key *key)
+/* A header-only event (OPEN's data is filled by the caller). */
+static __always_inline struct tls_event *event(u8 kind, u64 ssl, u32 tgid, s32 fd)
 {
-    u8 *verdict = tls_verdicts.lookup(key);
-    if (verdict)
-        return *verdict != VERDICT_WATCH;
-    return tls_clients.lookup(key) != 0;
+    u32 zero = 0;
+    struct tls_event *ev = tls_scratch.lookup(&zero);
+    if (!ev)
+        return 0;
+    ev->ts_ns = bpf_ktime_get_ns();
+    ev->ssl = ssl;
+    ev->stream_off = 0;
+    ev->tgid = tgid;
+    ev->fd = fd;
+    ev->len = 0;
+    ev->skipped = 0;
+    ev->kind = kind;
+    ev->flags = 0;
+    return ev;
 }
 
-static __always_inline int enter(struct pt_regs *ctx, u8 kind, u64 out_len)
+static __always_inline void send_control(struct tls_event *ev, u64 size)
+{
+    size &= TLS_CHUNK * 2 - 1;
+    if (tls_events.ringbuf_output(ev, size, wakeup_flag(ring_pending()))) {
+        count(TC_LOST);
+    } else {
+        ring_produced(size);
+        count(TC_EVENTS);
+    }
+}
+
+/* The fd of the SSL*'s read BIO: ((BIO *)ssl->rbio)->num, at this library's offsets
+ * (exporter/capture/openssl_layout.py). -1 for a memory BIO, or when unreadable. */
+static __always_inline s32 ssl_fd(u64 ssl, u32 rbio_offset, u32 num_offset)
+{
+    u64 rbio = 0;
+    if (bpf_probe_read_user(&rbio, sizeof(rbio), (void *)(ssl + rbio_offset)) || !rbio)
+        return -1;
+    s32 num = -1;
+    if (bpf_probe_read_user(&num, sizeof(num), (void *)(rbio + num_offset)))
+        return -1;
+    return num;
+}
+
+#define READ_KERNEL(dst, addr) bpf_probe_read_kernel(&(dst), sizeof(dst), (void *)(addr))
+
+/* current->files->fdt->fd[fd]->private_data->sk, when fd is a SOCK_STREAM inet socket, with
+ * the offsets of the running kernel's BTF (exporter/capture/kernel_layout.py): its two ends
+ * into `open`. 0 when it is not one (or a read failed). */
+static __always_inline int socket_of(s32 fd, struct tls_open *open)
+{
+    u64 task = bpf_get_current_task();
+    u64 files = 0, fdt = 0, fds = 0, file = 0, inode = 0, sock = 0, sk = 0;
+    u32 max_fds = 0;
+    u16 mode = 0, family = 0;
+    s16 type = 0;
+    if (READ_KERNEL(files, task + TASK_FILES) || !files || READ_KERNEL(fdt, files + FILES_FDT) || !fdt)
+        return 0;
+    if (READ_KERNEL(max_fds, fdt + FDT_MAX_FDS) || (u32)fd >= max_fds || READ_KERNEL(fds, fdt + FDT_FD))
+        return 0;
+    if (READ_KERNEL(file, fds + (u64)(u32)fd * 8) || !file || READ_KERNEL(inode, file + FILE_INODE) || !inode)
+        return 0;
+    if (READ_KERNEL(mode, inode + INODE_MODE) || (mode & S_IFMT_) != S_IFSOCK_)
+        return 0;
+    if (READ_KERNEL(sock, file + FILE_PRIVATE_DATA) || !sock || READ_KERNEL(type, sock + SOCKET_TYPE) ||
+        type != SOCK_STREAM_ || READ_KERNEL(sk, sock + SOCKET_SK) || !sk)
+        return 0;
+    if (READ_KERNEL(family, sk + SK_FAMILY) || (family != AF_INET_ && family != AF_INET6_))
+        return 0;
+    open->family = family;
+    open->pad = 0;
+    if (READ_KERNEL(open->local_port, sk + SK_NUM) || READ_KERNEL(open->peer_port, sk + SK_DPORT))
+        return 0;
+    __builtin_memset(open->local, 0, sizeof(open->local));
+    __builtin_memset(open->peer, 0, sizeof(open->peer));
+    if (family == AF_INET_) {
+        if (bpf_probe_read_kernel(open->local, 4, (void *)(sk + SK_RCV_SADDR)) ||
+            bpf_probe_read_kernel(open->peer, 4, (void *)(sk + SK_DADDR)))
+            return 0;
+    } else if (bpf_probe_read_kernel(open->local, 16, (void *)(sk + SK_V6_RCV_SADDR)) ||
+               bpf_probe_read_kernel(open->peer, 16, (void *)(sk + SK_V6_DADDR))) {
+        return 0;
+    }
+    return 1;
+}
+
+/* OPEN: user space builds the connection's flow from it. Sent before the connection's first
+ * data; if the ring has no room, the next call tries again (walking the socket again).
+ * `walked`: the scratch event's data already holds this socket's ends. */
+static __always_inline void announce(struct tls_state *state, u64 ssl, u32 tgid, int walked)
+{
+    struct tls_event *ev = event(KIND_OPEN, ssl, tgid, state->fd);
+    if (!ev)
+        return;
+    struct tls_open *open = (struct tls_open *)ev->data;
+    if (!walked && !socket_of(state->fd, open)) {
+        count(TC_UNRESOLVED);  /* it was a TCP socket a moment ago: closed under us */
+        return;
+    }
+    ev->len = sizeof(struct tls_open);
+    ev->stream_off = 0;
+    if (tls_events.ringbuf_output(ev, TLS_EVENT_HEADER + sizeof(struct tls_open),
+                                  wakeup_flag(ring_pending()))) {
+        count(TC_LOST);
+        return;
+    }
+    ring_produced(TLS_EVENT_HEADER + sizeof(struct tls_open));
+    count(TC_EVENTS);
+    state->conn = ev->ts_ns;
+    state->announced = 1;
+}
+
+/* A watched connection ends (SSL_free, or its SSL* moved to another fd): CLOSE, and its skips go. */
+static __always_inline void finish(struct tls_state *state, u64 ssl, u32 tgid)
+{
+    struct tls_skip_key kkey = {.ssl = ssl, .tgid = tgid, .dir = KIND_READ};
+    tls_skips.delete(&kkey);
+    kkey.dir = KIND_WRITE;
+    tls_skips.delete(&kkey);
+    if (!state->watched || !state->announced)
+        return;
+    struct tls_event *ev = event(KIND_CLOSE, ssl, tgid, state->fd);
+    if (ev)
+        send_control(ev, TLS_EVENT_HEADER);
+}
+
+static __always_inline int enter(struct pt_regs *ctx, u8 kind, u64 out_len, u32 rbio_offset, u32 num_offset)
 {
     u64 id = bpf_get_current_pid_tgid();
-    struct tls_state_key skey = {.ssl = PT_REGS_PARM1(ctx), .tgid = id >> 32};
+    u64 ssl = PT_REGS_PARM1(ctx);
+    u32 tgid = id >> 32;
+    s32 fd = ssl_fd(ssl, rbio_offset, num_offset);
+    int walked = 0;
+    struct tls_state_key skey = {.ssl = ssl, .tgid = tgid};
     struct tls_state *state = tls_state.lookup(&skey);
-    if (state && state->fd >= 0) {
-        struct tls_sock_key vkey = {.tgid = id >> 32, .fd = state->fd};
-        if (ignored(&vkey)) {
+    if (state && state->fd == fd) {
+        if (!state->watched) {
             count(TC_IGNORED_CALLS);
             return 0;
         }
+    } else {
+        if (fd < 0) {
+            count(TC_NO_FD);  /* a memory BIO (or a BIO pair): no socket to name */
+            return 0;
+        }
+        if (state)
+            finish(state, ssl, tgid);  /* the same SSL* on another socket now (SSL_clear, SSL_set_fd) */
+        struct tls_state fresh = {.fd = fd};
+        u32 zero = 0;
+        struct tls_event *ev = tls_scratch.lookup(&zero);
+        if (!ev)
+            return 0;
+        /* The verdict, once per connection: the server's accepted socket has a watched local port;
+         * a client's is ephemeral, so curl, wrk or a proxy's upstream stop here from their first call. */
+        struct tls_open *open = (struct tls_open *)ev->data;
+        if (!socket_of(fd, open)) {
+            count(TC_UNRESOLVED);
+        } else {
+            fresh.watched = TLS_WATCHED_PORT(open->local_port);
+            walked = 1;
+        }
+        tls_state.update(&skey, &fresh);
+        if (!fresh.watched) {
+            count(TC_IGNORED_CALLS);
+            return 0;
+        }
+        state = tls_state.lookup(&skey);
+        if (!state)
+            return 0;
     }
+    if (!state->announced)
+        announce(state, ssl, tgid, walked);
     struct tls_call call = {
-        .ssl = PT_REGS_PARM1(ctx),
+        .ssl = ssl,
         .buf = PT_REGS_PARM2(ctx),
         .out_len = out_len,
-        .fd = -1,
         .kind = kind,
     };
     u32 tid = id;
@@ -260,10 +415,52 @@ static __always_inline int enter(struct pt_regs *ctx, u8 kind, u64 out_len)
     return 0;
 }
 
-int tls_read_entry(struct pt_regs *ctx) { return enter(ctx, KIND_READ, 0); }
-int tls_read_ex_entry(struct pt_regs *ctx) { return enter(ctx, KIND_READ, PT_REGS_PARM4(ctx)); }
-int tls_write_entry(struct pt_regs *ctx) { return enter(ctx, KIND_WRITE, 0); }
-int tls_write_ex_entry(struct pt_regs *ctx) { return enter(ctx, KIND_WRITE, PT_REGS_PARM4(ctx)); }
+/* One set of entry programs per probed library: each passes its library's offsets. */
+#define LIBRARY_PROBES(i) \
+int tls_read_entry_##i(struct pt_regs *ctx) \
+{ return enter(ctx, KIND_READ, 0, TLS_RBIO_OFFSET_##i, TLS_BIO_NUM_OFFSET_##i); } \
+int tls_read_ex_entry_##i(struct pt_regs *ctx) \
+{ return enter(ctx, KIND_READ, PT_REGS_PARM4(ctx), TLS_RBIO_OFFSET_##i, TLS_BIO_NUM_OFFSET_##i); } \
+int tls_write_entry_##i(struct pt_regs *ctx) \
+{ return enter(ctx, KIND_WRITE, 0, TLS_RBIO_OFFSET_##i, TLS_BIO_NUM_OFFSET_##i); } \
+int tls_write_ex_entry_##i(struct pt_regs *ctx) \
+{ return enter(ctx, KIND_WRITE, PT_REGS_PARM4(ctx), TLS_RBIO_OFFSET_##i, TLS_BIO_NUM_OFFSET_##i); }
+
+LIBRARY_PROBES(0)
+#if TLS_LIBRARIES > 1
+LIBRARY_PROBES(1)
+#endif
+#if TLS_LIBRARIES > 2
+LIBRARY_PROBES(2)
+#endif
+#if TLS_LIBRARIES > 3
+LIBRARY_PROBES(3)
+#endif
+#if TLS_LIBRARIES > 4
+LIBRARY_PROBES(4)
+#endif
+#if TLS_LIBRARIES > 5
+LIBRARY_PROBES(5)
+#endif
+#if TLS_LIBRARIES > 6
+LIBRARY_PROBES(6)
+#endif
+#if TLS_LIBRARIES > 7
+LIBRARY_PROBES(7)
+#endif
+
+/* SSL_free(ssl): the connection's end, once. Entry only: nothing to wait for. */
+int tls_free(struct pt_regs *ctx)
+{
+    u64 ssl = PT_REGS_PARM1(ctx);
+    struct tls_state_key skey = {.ssl = ssl, .tgid = bpf_get_current_pid_tgid() >> 32};
+    struct tls_state *state = tls_state.lookup(&skey);
+    if (!state)
+        return 0;
+    finish(state, ssl, skey.tgid);
+    tls_state.delete(&skey);
+    return 0;
+}
 
 int tls_return(struct pt_regs *ctx)
 {
@@ -291,55 +488,24 @@ int tls_return(struct pt_regs *ctx)
 
     struct tls_state_key skey = {.ssl = call.ssl, .tgid = id >> 32};
     struct tls_state *state = tls_state.lookup(&skey);
-    if (!state) {
-        struct tls_state fresh = {.fd = -1};
-        tls_state.update(&skey, &fresh);
-        state = tls_state.lookup(&skey);
-        if (!state)
-            return 0;
-    }
-    if (call.fd >= 0)
-        state->fd = call.fd;
+    if (!state || !state->watched)
+        return 0;
     u32 dir = call.kind == KIND_WRITE ? 1 : 0;
     u64 base = state->stream[dir];
     state->stream[dir] = base + total;
-    s32 fd = state->fd;
-    if (fd < 0) {
-        /* Served from OpenSSL's buffer before any syscall of this SSL* was seen. */
-        count(TC_NO_FD);
+    if (!state->announced) {
+        /* Its OPEN found no room in the ring: these bytes are a gap, the next call tries again. */
+        state->lost[dir & 1] = 1;
         return 0;
-    }
-    struct tls_sock_key vkey = {.tgid = id >> 32, .fd = fd};
-    if (ignored(&vkey)) {
-        count(TC_IGNORED_CALLS);
-        return 0;
-    }
-
-    s32 *listener = tls_accepted.lookup(&vkey);
-    if (listener && !tls_used.lookup(&vkey)) {
-        /* Not heard of yet by user space: accepted from another service's listener? */
-        struct tls_sock_key lkey = {.tgid = id >> 32, .fd = *listener};
-        if (tls_listeners.lookup(&lkey)) {
-            u8 quiet = VERDICT_QUIET;
-            tls_verdicts.update(&vkey, &quiet);
-            count(TC_IGNORED_CALLS);
-            return 0;
-        }
     }
     u32 zero = 0;
     struct tls_event *ev = tls_scratch.lookup(&zero);
     if (!ev)
         return 0;
-    int fresh = !tls_used.lookup(&vkey);
-    if (fresh) {
-        u8 one = 1;
-        tls_used.update(&vkey, &one);
-    }
     ev->ts_ns = bpf_ktime_get_ns();
     ev->ssl = call.ssl;
     ev->tgid = id >> 32;
-    ev->fd = fd;
-    ev->listen_fd = listener ? *listener : -1;
+    ev->fd = state->fd;
     ev->skipped = 0;
     ev->kind = call.kind;
     u64 offset = 0;
@@ -349,20 +515,17 @@ int tls_return(struct pt_regs *ctx)
      * space can frame them (and hint their skip) would fill the ring and lose heads too. */
     u64 pending = ring_pending();
     u64 wake = wakeup_flag(pending);
-    /* The first event of a socket user space has not heard of wakes it at once: it resolves the
-     * socket through /proc, which needs the process alive (a batch read later may be too late). */
-    if (fresh)
-        wake = BPF_RB_FORCE_WAKEUP;
     u64 chunk = TLS_CHUNK;
     int trim = pending >= TLS_TRIM_BYTES;
     if (trim)
         chunk = TLS_PREFIX;
-    struct tls_skip_key kkey = {.tgid = id >> 32, .fd = fd, .dir = dir};
+    u64 conn = state->conn;
+    struct tls_skip_key kkey = {.ssl = call.ssl, .tgid = id >> 32, .dir = dir};
     for (int i = 0; i < TLS_MAX_CHUNKS; i++) {
         if (offset >= total)
             break;
         struct tls_skip *skip = tls_skips.lookup(&kkey);
-        if (skip) {
+        if (skip && skip->conn == conn) {
             u32 rel = (u32)(base + offset) - skip->start;
             u32 span = skip->end - skip->start;
             if (rel < span) {
@@ -405,125 +568,5 @@ int tls_return(struct pt_regs *ctx)
         ev->skipped = rest > 0xffffffff ? 0xffffffff : rest;
         send(ev, state, dir, TLS_EVENT_HEADER, wake);
     }
-    return 0;
-}
-
-/* Every syscall on the host passes here: a map lookup for a marked thread is all it costs. */
-int tls_sys_enter(struct bpf_raw_tracepoint_args *ctx)
-{
-    long nr = ctx->args[1];
-    if (nr == SYSNR_CLOSE) {
-        u64 id = bpf_get_current_pid_tgid();
-        struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
-        long fd = 0;
-        bpf_probe_read_kernel(&fd, sizeof(fd), &PT_REGS_PARM1(regs));
-        struct tls_sock_key vkey = {.tgid = id >> 32, .fd = fd};
-        s32 *listener = tls_accepted.lookup(&vkey);
-        s32 listen_fd = -1;
-        if (listener) {
-            listen_fd = *listener;
-            tls_accepted.delete(&vkey);
-        }
-        /* Reported when user space knows the fd (a verdict) or may still learn of it (its
-         * events in the ring): either way the next socket with this number is another one. */
-        int known = 0;
-        u8 *verdict = tls_verdicts.lookup(&vkey);
-        if (verdict) {
-            known = *verdict != VERDICT_QUIET;
-            tls_verdicts.delete(&vkey);
-        }
-        tls_listeners.delete(&vkey);
-        if (tls_used.lookup(&vkey)) {
-            tls_used.delete(&vkey);
-            known = 1;
-        }
-        tls_clients.delete(&vkey);
-        if (!known)
-            return 0;
-        struct tls_skip_key kkey = {.tgid = id >> 32, .fd = fd, .dir = KIND_READ};
-        tls_skips.delete(&kkey);
-        kkey.dir = KIND_WRITE;
-        tls_skips.delete(&kkey);
-        struct tls_event *ev;
-        u32 zero = 0;
-        ev = tls_scratch.lookup(&zero);
-        if (!ev)
-            return 0;
-        ev->ts_ns = bpf_ktime_get_ns();
-        ev->ssl = 0;
-        ev->stream_off = 0;
-        ev->tgid = id >> 32;
-        ev->fd = fd;
-        ev->listen_fd = listen_fd;
-        ev->len = 0;
-        ev->skipped = 0;
-        ev->kind = KIND_CLOSE;
-        ev->flags = 0;
-        if (tls_events.ringbuf_output(ev, TLS_EVENT_HEADER, wakeup_flag(ring_pending()))) {
-            count(TC_LOST);
-        } else {
-            ring_produced(TLS_EVENT_HEADER);
-            count(TC_EVENTS);
-        }
-        return 0;
-    }
-    if (nr == SYSNR_CONNECT) {
-        u64 id = bpf_get_current_pid_tgid();
-        struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
-        long fd = -1;
-        bpf_probe_read_kernel(&fd, sizeof(fd), &PT_REGS_PARM1(regs));
-        struct tls_sock_key vkey = {.tgid = id >> 32, .fd = fd};
-        u8 one = 1;
-        tls_clients.update(&vkey, &one);
-        return 0;
-    }
-    if (nr == SYSNR_ACCEPT || nr == SYSNR_ACCEPT4) {
-        struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
-        long listen_fd = -1;
-        bpf_probe_read_kernel(&listen_fd, sizeof(listen_fd), &PT_REGS_PARM1(regs));
-        u32 tid = bpf_get_current_pid_tgid();
-        s32 value = listen_fd;
-        s32 *before = tls_accepting.lookup(&tid);
-        tls_accepting.update(&tid, &value);
-        u32 zero = 0;
-        s64 *open = tls_accepts_open.lookup(&zero);
-        if (open && !before)
-            __sync_fetch_and_add(open, 1);
-        return 0;
-    }
-    if (nr != SYSNR_READ && nr != SYSNR_WRITE && nr != SYSNR_READV && nr != SYSNR_WRITEV &&
-        nr != SYSNR_RECVFROM && nr != SYSNR_SENDTO && nr != SYSNR_RECVMSG && nr != SYSNR_SENDMSG)
-        return 0;
-    u32 tid = bpf_get_current_pid_tgid();
-    struct tls_call *call = tls_calls.lookup(&tid);
-    if (!call)
-        return 0;
-    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
-    long fd = -1;
-    bpf_probe_read_kernel(&fd, sizeof(fd), &PT_REGS_PARM1(regs));
-    call->fd = fd;
-    return 0;
-}
-
-/* The other half of accept tracking: the fd accept returned, tied to its listening fd. */
-int tls_sys_exit(struct bpf_raw_tracepoint_args *ctx)
-{
-    u32 zero = 0;
-    s64 *open = tls_accepts_open.lookup(&zero);
-    if (!open || *open <= 0)
-        return 0;
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tid = id;
-    s32 *listen_fd = tls_accepting.lookup(&tid);
-    if (!listen_fd)
-        return 0;
-    s32 listener = *listen_fd;
-    tls_accepting.delete(&tid);
-    __sync_fetch_and_add(open, -1);
-    long ret = ctx->args[1];
-    if (ret < 0)
-        return 0;
-    struct tls_sock_key key = {.tgid = id >> 32, .fd = ret};
-    tls_accepted.update(&key, &listener);
     return 0;
 }

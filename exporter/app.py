@@ -228,6 +228,8 @@ class Exporter:
             log.warning("TLS capture off: %s", exc)
             return
         assert tls.probes is not None
+        for reason in tls.probes.unprobed:
+            log.warning("%s", reason)
         for library, symbol, message in tls.probes.failed:
             log.debug("uprobe on %s %s not attached: %s", library, symbol, message)
         log.info("TLS probes on %s (compiled in %.1f s by the helper process)",

@@ -38,7 +38,10 @@ MANIFEST_CAPABILITIES = CAPTURE_CAPABILITIES + IDENTITY_CAPABILITIES
 # with ambient capabilities; tests/integration/test_tls.py): CAP_BPF+CAP_PERFMON load the
 # programs, but opening a uprobe perf event is refused (EACCES) without CAP_SYS_ADMIN, also as
 # uid 0 with only those two, and also with a perf_event_open of our own that asks for no raw
-# samples (tried, not kept). CAP_SYS_ADMIN alone is enough; it covers CAP_BPF and CAP_PERFMON.
+# samples (tried, not kept). CAP_SYS_ADMIN alone is enough; it covers CAP_BPF and CAP_PERFMON,
+# and with them the bpf_probe_read_kernel of the socket walk (measured again after the probes
+# began reading kernel memory: the same set attaches, the capture's set is still refused). The
+# kernel's BTF (/sys/kernel/btf/vmlinux) and the libssl copies are world-readable: no more.
 TLS_CAPABILITIES = ("CAP_SYS_ADMIN",)
 # CAP_SYS_ADMIN stands in for these (kernels before 5.8 know no other way).
 SYS_ADMIN_COVERS = frozenset({"CAP_BPF", "CAP_PERFMON"})
@@ -203,8 +206,12 @@ def check_interface(interface: str) -> CheckResult:
 
 
 def check_tls(libssl: tuple[str, ...] = (), caps: set[str] | None = None) -> list[CheckResult]:
-    """Which libssl copies `run` would probe, and whether uprobes can be attached with these privileges."""
-    from exporter.capture.tls import find_libraries  # the capture edge: imported only when asked
+    """Which libssl copies `run` would probe, with their struct layouts, whether the kernel's BTF gives
+    the socket walk's offsets, and whether uprobes can be attached with these privileges."""
+    # The capture edge: imported only when asked.
+    from exporter.capture.kernel_layout import KernelLayoutError, socket_walk_offsets
+    from exporter.capture.openssl_layout import SslLayoutError, calibrate
+    from exporter.capture.tls import find_libraries
     from exporter.errors import CaptureError
 
     try:
@@ -216,10 +223,25 @@ def check_tls(libssl: tuple[str, ...] = (), caps: set[str] | None = None) -> lis
         CheckResult("tls libraries", True, "no libssl.so.3 or libssl.so.1.1 found: HTTPS will not be counted",
                     "give the server's copy with --libssl PATH, or run with --no-tls", warning=True)
     ]
+    for library in libraries:
+        try:
+            layout = calibrate(library)
+        except SslLayoutError as exc:
+            results.append(CheckResult("tls layout", True, str(exc), warning=True))
+        else:
+            results.append(CheckResult("tls layout", True, f"{library}: SSL rbio at +{layout.rbio_offset}, "
+                                                           f"BIO fd at +{layout.bio_num_offset}"))
+    try:
+        offsets = socket_walk_offsets()
+    except KernelLayoutError as exc:
+        results.append(CheckResult("tls kernel btf", False, str(exc),
+                                   "use a kernel built with CONFIG_DEBUG_INFO_BTF=y, or run with --no-tls"))
+    else:
+        results.append(CheckResult("tls kernel btf", True, f"socket walk offsets read ({len(offsets)} members)"))
     caps = effective_capabilities() if caps is None else caps
     missing = [c for c in TLS_CAPABILITIES if c not in caps]
     if os.geteuid() == 0 and not missing:
-        results.append(CheckResult("tls uprobes", True, "attachable (root); no tracefs needed (raw tracepoints)"))
+        results.append(CheckResult("tls uprobes", True, "attachable (root)"))
     elif not missing:
         results.append(CheckResult("tls uprobes", True, f"attachable ({', '.join(TLS_CAPABILITIES)})"))
     else:

@@ -17,13 +17,12 @@ Clang's own diagnostics go to the inherited stderr.
 Tracing programs (bpf/tls_probes.c) are attached here too, because attaching needs BCC's
 ELF symbol lookup. The request then has "probes" instead of "function":
 request  {"src", "cflags", "maps": [names],
-          "probes": [{"library": path, "symbol": name, "function": name, "return": bool}],
-          "raw_tracepoints": [{"tracepoint": name, "function": name}]}
+          "probes": [{"library": path, "symbol": name, "function": name, "return": bool}]}
 reply    {"ok": true, ..., "attached": [[library, symbol, return]], "failed": [[library, symbol, message]],
           "programs": [names]}
-         with fds [*maps, *one attachment per "attached" entry, *one per raw tracepoint, *programs]
+         with fds [*maps, *one attachment per "attached" entry, *programs]
 An attachment lives as long as some process holds its descriptor (a perf event for a
-uprobe, a raw tracepoint link), so the exporter's copies keep them after this process
+uprobe), so the exporter's copies keep them after this process
 exits. This process must then exit without BCC's atexit cleanup, which would disable the
 shared perf events (PERF_EVENT_IOC_DISABLE) before closing its own copies.
 """
@@ -99,12 +98,6 @@ def _attach(request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         new = [bpf.uprobe_fds[name] for name in set(bpf.uprobe_fds) - before]
         attached.append((library, symbol, ret))
         fds.extend(int(fd) for fd in new[:1])
-    for tracepoint in request["raw_tracepoints"]:
-        try:
-            bpf.attach_raw_tracepoint(tp=tracepoint["tracepoint"].encode(), fn_name=tracepoint["function"].encode())
-        except Exception as exc:
-            return {"ok": False, "kind": "load", "message": str(exc)}, []
-        fds.append(int(bpf.raw_tracepoint_fds[tracepoint["tracepoint"].encode()]))
     # The loaded programs too: holding them costs nothing, and /proc/<pid>/fdinfo of a program
     # fd is where the kernel's run time statistics are read (bench --filter-stats).
     programs = sorted(name.decode() for name in bpf.funcs)

@@ -1,30 +1,29 @@
 """HTTPS: the plaintext of OpenSSL's SSL_read/SSL_write, as the same Segments the wire gives.
 
     find_libraries     the system's libssl copies (+ --libssl), one per inode
-    TlsProbes          bpf/tls_probes.c loaded and attached by the BPF loader helper process;
-                       its maps over bpf(2) and its ring buffer over mmap
-    decode_event       the one decoder of `struct tls_event`
-    SocketResolver     (tgid, fd) -> the socket's local and peer address, from /proc
+    TlsProbes          bpf/tls_probes.c loaded and attached by the BPF loader helper process, with
+                       each library's struct offsets and the kernel's; its maps over bpf(2) and its
+                       ring buffer over mmap
+    decode_event       the one decoder of `struct tls_event` (and decode_open of an OPEN's data)
     TlsCapture         events -> Segments for a Tracker of its own (scheme "https")
 
-How a byte becomes a Segment: an event carries the process (tgid), the fd the socket BIO
-used, a direction (SSL_read: client -> server; SSL_write: server -> client), the offset
-of its data in that direction's byte stream (kept by the kernel per SSL*), and the
-kernel's CLOCK_MONOTONIC time at the call's return, made CLOCK_REALTIME here as
-kernel_agg does. The resolver turns (tgid, fd) into addresses; the offset becomes the
-Segment's sequence number, so bytes the kernel could not hand over are a gap of known
-length, as on the wire. A close(fd) of a watched socket becomes a FIN each way.
+How a byte becomes a Segment: the kernel judges each SSL* once (its BIO's fd, that socket's
+local port against the watched ports) and sends, for a watched one, an OPEN event with the
+socket's two ends, then data events: the process (tgid), the SSL*, a direction (SSL_read:
+client -> server; SSL_write: server -> client), the offset of its data in that direction's
+byte stream (kept by the kernel per SSL*), and the kernel's CLOCK_MONOTONIC time at the
+call's return, made CLOCK_REALTIME here as kernel_agg does. The offset becomes the Segment's
+sequence number, so bytes the kernel could not hand over are a gap of known length, as on the
+wire. SSL_free of a watched SSL* sends CLOSE, which becomes a FIN each way.
 
 Which connections count: those whose socket's local port is a watched port, i.e. the
-server's accepted sockets. The kernel drops client sockets (connect()ed) by itself, and
-sockets accepted from a listener this module found on an unwatched port (`tls_listeners`);
-everything else that is not counted gets an IGNORE verdict in `tls_verdicts` after its
-first event. Either way it costs a hash lookup or two per SSL call from then on.
+server's accepted sockets, decided in the kernel: nothing else ever reaches user space, and
+an unwatched SSL* costs a hash lookup per call from its first (`tls_calls_ignored_total`).
 
-The ring is read in batches (see TLS_WAKE_BYTES): at least every POLL_S, at once for a
-socket's first event (resolving it needs its process alive), and when 256 KiB wait.
+The ring is read in batches (see TLS_WAKE_BYTES): at least every POLL_S, and when 256 KiB wait.
 
-Failures leave as CaptureError; a socket that cannot be resolved is counted
+Failures leave as CaptureError (a library whose layout cannot be measured is left out and
+said in TlsProbes.unprobed); a socket the kernel could not walk is counted
 (`tls_unresolved_sockets_total`) and ignored, never raised.
 """
 
@@ -33,7 +32,6 @@ from __future__ import annotations
 import glob
 import mmap
 import os
-import platform
 import shutil
 import socket
 import struct
@@ -47,6 +45,8 @@ from typing import Any
 
 from exporter.capture.bpf import ask_loader, find_source
 from exporter.capture.bpfsys import BpfMap, map_info, possible_cpus
+from exporter.capture.kernel_layout import socket_walk_offsets
+from exporter.capture.openssl_layout import SslLayout, SslLayoutError, calibrate
 from exporter.capture.ringbuf import RingBuffer
 from exporter.core.model import ACK, FIN, PSH, RST, Segment
 from exporter.errors import CaptureError
@@ -73,35 +73,40 @@ __all__ = [
     "COUNTER_NAMES",
     "SYMBOLS",
     "Endpoints",
-    "SocketResolver",
     "TlsCapture",
     "TlsEvent",
     "TlsProbes",
     "decode_event",
+    "decode_open",
     "find_libraries",
-    "parse_proc_net_tcp",
 ]
 
 # Slots of the per-CPU `tls_counters` array, in index order (handed to the C file as -D).
 COUNTER_NAMES: tuple[str, ...] = (
-    "calls",  # SSL calls that returned data, before the verdict
-    "events",  # events written to the ring buffer (data chunks and closes)
+    "calls",  # SSL calls on watched connections that returned data
+    "events",  # events written to the ring buffer (opens, data chunks and closes)
     "lost",  # events the ring buffer had no room for: their bytes are a gap in user space
     "truncated",  # calls longer than TLS_CHUNK * TLS_MAX_CHUNKS: the rest is a gap
-    "no_fd",  # calls with data before any syscall showed the SSL*'s socket
-    "ignored_calls",  # calls on connections with an IGNORE verdict or connect()ed here, dropped in the kernel
+    "no_fd",  # calls on an SSL* whose read BIO has no fd (a memory BIO)
+    "ignored_calls",  # calls on connections whose local port is not watched (clients, other services)
     "read_errors",  # bpf_probe_read_user failures (the buffer was not readable)
     "skipped",  # calls (or their head) inside a body stretch user space only counts: length only
     "trimmed",  # calls cut to their first TLS_PREFIX bytes because the ring was filling: the rest is a gap
+    "unresolved",  # SSL*s whose fd the kernel walk did not find a TCP socket behind: ignored
 )
 
-# (symbol, entry program) probed in each library; every symbol's return goes to tls_return.
+# (symbol, entry program) probed in each library, the program suffixed with the library's slot
+# (its own struct offsets); every symbol's return goes to tls_return.
 SYMBOLS: tuple[tuple[str, str], ...] = (
     ("SSL_read", "tls_read_entry"),
     ("SSL_read_ex", "tls_read_ex_entry"),
     ("SSL_write", "tls_write_entry"),
     ("SSL_write_ex", "tls_write_ex_entry"),
 )
+# Entry only, once per connection: its end.
+FREE_SYMBOL = ("SSL_free", "tls_free")
+# LIBRARY_PROBES(i) instances in tls_probes.c.
+MAX_LIBRARIES = 8
 
 # The data of one event, and how many events one call may take (16 x 8 KiB = 128 KiB per
 # call; the rest is a gap). A per-CPU scratch value holds 2 * TLS_CHUNK (the verifier bounds
@@ -125,14 +130,6 @@ TLS_PREFIX = 4096
 # itself (see tls_probes.c) and made the exporter handle one or two events per read.
 TLS_WAKE_BYTES = 256 * 1024
 
-# The syscalls an OpenSSL socket BIO may do its I/O with, and close, by machine.
-SYSCALLS: dict[str, dict[str, int]] = {
-    "x86_64": {"read": 0, "write": 1, "close": 3, "readv": 19, "writev": 20, "sendto": 44, "recvfrom": 45,
-               "sendmsg": 46, "recvmsg": 47, "accept": 43, "accept4": 288, "connect": 42},
-    "aarch64": {"read": 63, "write": 64, "close": 57, "readv": 65, "writev": 66, "sendto": 206, "recvfrom": 207,
-                "sendmsg": 211, "recvmsg": 212, "accept": 202, "accept4": 242, "connect": 203},
-}
-
 # Where distributions keep the shared libssl; --libssl adds more.
 LIBRARY_GLOBS: tuple[str, ...] = (
     "/usr/lib/*-linux-gnu/libssl.so.3",
@@ -148,28 +145,28 @@ LIBRARY_GLOBS: tuple[str, ...] = (
 KIND_READ = 0
 KIND_WRITE = 1
 KIND_CLOSE = 2
-VERDICT_WATCH = b"\x01"
-VERDICT_IGNORE = b"\x02"
+KIND_OPEN = 3
 
-# struct tls_event's header: ts_ns, ssl, stream_off, tgid, fd, listen_fd, len, skipped, kind, flags, pad[2].
-_EVENT = struct.Struct("=QQQIiiIIBB2x")
+# struct tls_event's header: ts_ns, ssl, stream_off, tgid, fd, len, skipped, kind, flags, pad[6].
+_EVENT = struct.Struct("=QQQIiIIBB6x")
 _FLAG_AFTER_LOSS = 1
-_KIND_AT = 44  # struct tls_event's kind: after ts_ns, ssl, stream_off (8 each), tgid, fd, listen_fd, len, skipped
-_SOCK_KEY = struct.Struct("=Ii")  # struct tls_sock_key
-_SKIP_KEY = struct.Struct("=IiI")  # struct tls_skip_key: tgid, fd, dir
-_SKIP = struct.Struct("=II")  # struct tls_skip: start, end (exclusive)
+# struct tls_open, an OPEN's data: family, local port (host order), peer port (network order), pad,
+# local and peer address (IPv4 in the first 4 bytes).
+_OPEN = struct.Struct("=HH2s2x16s16s")
+_SKIP_KEY = struct.Struct("=QII")  # struct tls_skip_key: ssl, tgid, dir
+_SKIP = struct.Struct("=IIQ")  # struct tls_skip: start, end (exclusive), conn
+_STATE_KEY = struct.Struct("=QI4x")  # struct tls_state_key: ssl, tgid
+_STATE_SIZE = 32  # struct tls_state: stream[2], conn, fd, watched, announced, lost[2]
 _U32 = struct.Struct("=I")
 _U64 = struct.Struct("=Q")
 _SEQ_MASK = 0xFFFFFFFF
-_MAX_LISTENERS = 4096
 
 _MAPS: dict[str, tuple[int, int]] = {  # name -> (key size, value size), checked after load
-    "tls_verdicts": (_SOCK_KEY.size, 1),
     "tls_counters": (4, 8),
     "tls_events": (0, 0),
     "tls_skips": (_SKIP_KEY.size, _SKIP.size),
     "tls_ring_pos": (4, 8),
-    "tls_listeners": (_SOCK_KEY.size, 1),
+    "tls_state": (_STATE_KEY.size, _STATE_SIZE),
 }
 _RING_CONSUMED_AT = 8  # tls_ring_pos[1], our consumer position, in the map's mmap (8-byte values from 0)
 
@@ -181,7 +178,6 @@ class TlsEvent:
     stream_offset: int
     tgid: int
     fd: int
-    listen_fd: int  # the listening fd this one was accepted from; -1: accepted before we looked
     kind: int
     data: bytes
     skipped: int = 0  # bytes past `data` the kernel did not copy (a body stretch, or over the chunk budget)
@@ -192,11 +188,42 @@ def decode_event(raw: bytes) -> TlsEvent | None:
     """One ring buffer record; None when it is shorter than its header says (never expected)."""
     if len(raw) < _EVENT.size:
         return None
-    ts_ns, ssl, offset, tgid, fd, listen_fd, length, skipped, kind, flags = _EVENT.unpack_from(raw)
+    ts_ns, ssl, offset, tgid, fd, length, skipped, kind, flags = _EVENT.unpack_from(raw)
     data = raw[_EVENT.size:_EVENT.size + length]
     if len(data) != length:
         return None
-    return TlsEvent(ts_ns, ssl, offset, tgid, fd, listen_fd, kind, data, skipped, bool(flags & _FLAG_AFTER_LOSS))
+    return TlsEvent(ts_ns, ssl, offset, tgid, fd, kind, data, skipped, bool(flags & _FLAG_AFTER_LOSS))
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    """A watched socket's two ends, from its OPEN event."""
+
+    local_ip: str
+    local_port: int
+    peer_ip: str
+    peer_port: int
+
+
+def _ip(family: int, raw: bytes) -> str | None:
+    if family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    if family != socket.AF_INET6:
+        return None
+    if raw[:12] == b"\x00" * 10 + b"\xff\xff":
+        return socket.inet_ntop(socket.AF_INET, raw[12:])  # v4-mapped (a dual-stack listener): shown as IPv4
+    return socket.inet_ntop(socket.AF_INET6, raw)
+
+
+def decode_open(data: bytes) -> Endpoints | None:
+    """An OPEN event's data (`struct tls_open`); None when it is not one."""
+    if len(data) != _OPEN.size:
+        return None
+    family, local_port, peer_port, local, peer = _OPEN.unpack(data)
+    local_ip, peer_ip = _ip(family, local), _ip(family, peer)
+    if local_ip is None or peer_ip is None:
+        return None
+    return Endpoints(local_ip, local_port, peer_ip, int.from_bytes(peer_port, "big"))
 
 
 def find_libraries(extra: Iterable[str] = (), globs: Iterable[str] = LIBRARY_GLOBS) -> list[str]:
@@ -226,98 +253,54 @@ def tls_source() -> Path:
     return find_source().with_name("tls_probes.c")
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoints:
-    """A resolved socket: its local and peer address."""
-
-    local_ip: str
-    local_port: int
-    peer_ip: str
-    peer_port: int
-
-
-def _hex_ip(text: str) -> str:
-    raw = bytes.fromhex(text)
-    if len(raw) == 4:
-        return socket.inet_ntop(socket.AF_INET, raw[::-1])
-    # /proc/net/tcp6: four 32-bit words, each in host (little-endian) order.
-    packed = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
-    if packed[:12] == b"\x00" * 10 + b"\xff\xff":
-        return socket.inet_ntop(socket.AF_INET, packed[12:])
-    return socket.inet_ntop(socket.AF_INET6, packed)
-
-
-def parse_proc_net_tcp(text: str, inode: int) -> Endpoints | None:
-    """The line of socket `inode` in a /proc/<pid>/net/tcp{,6} table."""
-    wanted = str(inode)
-    for line in text.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) > 9 and fields[9] == wanted:
-            local, _, local_port = fields[1].partition(":")
-            peer, _, peer_port = fields[2].partition(":")
-            return Endpoints(_hex_ip(local), int(local_port, 16), _hex_ip(peer), int(peer_port, 16))
-    return None
-
-
-class SocketResolver:
-    """(tgid, fd) -> Endpoints through /proc; `proc` is a parameter so tests can point it elsewhere."""
-
-    def __init__(self, proc: Path = Path("/proc")) -> None:
-        self._proc = proc
-
-    def inode(self, tgid: int, fd: int) -> int | None:
-        """The socket inode behind an fd; None when it is gone, not a socket, or not ours to see."""
-        try:
-            target = os.readlink(self._proc / str(tgid) / "fd" / str(fd))
-        except OSError:
-            return None  # the process or the fd is gone, or we may not look (another user's)
-        if not target.startswith("socket:["):
-            return None
-        return int(target[8:-1])
-
-    def resolve(self, tgid: int, fd: int) -> Endpoints | None:
-        inode = self.inode(tgid, fd)
-        if inode is None:
-            return None
-        for table in ("tcp", "tcp6"):
-            try:
-                text = (self._proc / str(tgid) / "net" / table).read_text()
-            except OSError:
-                continue
-            found = parse_proc_net_tcp(text, inode)
-            if found is not None:
-                return found
-        return None
-
-
 class TlsProbes:
     """bpf/tls_probes.c compiled, loaded and attached by the loader helper; our fds to it.
 
     The attachments live while this object's descriptors are open; close() detaches.
     """
 
-    def __init__(self, libraries: list[str], src_file: Path | None = None) -> None:
-        machine = platform.machine()
-        numbers = SYSCALLS.get(machine)
-        if numbers is None:
-            raise CaptureError(f"TLS capture knows no syscall numbers for {machine}: run with --no-tls")
+    def __init__(self, libraries: list[str], ports: Iterable[int] = (), src_file: Path | None = None) -> None:
         if not libraries:
             raise CaptureError("no libssl found to probe: give one with --libssl PATH, or run with --no-tls")
+        # The kernel's offsets first: without BTF nothing can be probed (KernelLayoutError names the fix).
+        kernel = socket_walk_offsets()
+        # Each library's own offsets; one that cannot be measured is left out (self.unprobed says why).
+        self.unprobed: list[str] = []
+        self.layouts: dict[str, SslLayout] = {}
+        for library in libraries:
+            if len(self.layouts) == MAX_LIBRARIES:
+                self.unprobed.append(f"libssl {library}: not probed, {MAX_LIBRARIES} libraries already are")
+                continue
+            try:
+                self.layouts[library] = calibrate(library)
+            except SslLayoutError as exc:
+                self.unprobed.append(str(exc))
+        if not self.layouts:
+            raise CaptureError(f"no libssl could be probed: {'; '.join(self.unprobed[:2])}")
+        watched = " || ".join(f"(p) == {port}" for port in sorted(set(ports))) or "0"
         cflags = [f"-DTC_{name.upper()}={i}" for i, name in enumerate(COUNTER_NAMES)]
         cflags.append(f"-DTC_COUNT={len(COUNTER_NAMES)}")
-        cflags += [f"-DSYSNR_{name.upper()}={nr}" for name, nr in numbers.items()]
-        cflags += [f"-DTLS_CHUNK={TLS_CHUNK}", f"-DTLS_MAX_CHUNKS={TLS_MAX_CHUNKS}",
+        cflags += [f"-D{name}={offset}" for name, offset in sorted(kernel.items())]
+        cflags.append(f"-DTLS_LIBRARIES={len(self.layouts)}")
+        for slot, layout in enumerate(self.layouts.values()):
+            cflags += [f"-DTLS_RBIO_OFFSET_{slot}={layout.rbio_offset}",
+                       f"-DTLS_BIO_NUM_OFFSET_{slot}={layout.bio_num_offset}"]
+        # A constant, not a map: the verdict is final per connection, and a map filled after attach
+        # would let the first calls of a watched connection be judged against an empty set.
+        cflags += [f"-DTLS_WATCHED_PORT(p)=({watched})",
+                   f"-DTLS_CHUNK={TLS_CHUNK}", f"-DTLS_MAX_CHUNKS={TLS_MAX_CHUNKS}",
                    f"-DTLS_RING_PAGES={RING_PAGES}", f"-DTLS_TRIM_BYTES={TLS_TRIM_BYTES}",
                    f"-DTLS_PREFIX={TLS_PREFIX}", f"-DTLS_WAKE_BYTES={TLS_WAKE_BYTES}", "-w"]
         probes = []
-        for library in libraries:
+        for slot, library in enumerate(self.layouts):
             for symbol, entry in SYMBOLS:
-                probes.append({"library": library, "symbol": symbol, "function": entry, "return": False})
+                probes.append({"library": library, "symbol": symbol, "function": f"{entry}_{slot}", "return": False})
                 probes.append({"library": library, "symbol": symbol, "function": "tls_return", "return": True})
+            probes.append({"library": library, "symbol": FREE_SYMBOL[0], "function": FREE_SYMBOL[1], "return": False})
         request: dict[str, Any] = {"src": str(src_file or tls_source()), "cflags": cflags, "maps": list(_MAPS),
-                   "probes": probes, "raw_tracepoints": [{"tracepoint": "sys_enter", "function": "tls_sys_enter"},
-                                       {"tracepoint": "sys_exit", "function": "tls_sys_exit"}]}
-        reply, fds = _run_helper(request, max_fds=len(_MAPS) + len(probes) + 2 + len(SYMBOLS) + 3)
+                                   "probes": probes}
+        programs = len(SYMBOLS) * len(self.layouts) + 2
+        reply, fds = _run_helper(request, max_fds=len(_MAPS) + len(probes) + programs)
         self.compile_s: float = reply["compile_s"]
         self.failed: list[tuple[str, str, str]] = [(lib, sym, msg) for lib, sym, msg in reply["failed"]]
         attached: list[tuple[str, str, bool]] = [(lib, sym, ret) for lib, sym, ret in reply["attached"]]
@@ -331,19 +314,18 @@ class TlsProbes:
                 reasons = "; ".join(f"{lib} {sym}: {msg}" for lib, sym, msg in self.failed[:2])
                 raise CaptureError(f"no uprobe could be attached to libssl ({reasons}): run with --no-tls")
             ncpus = possible_cpus()
-            events_fd = map_fds[2]
-            self._maps = {"tls_verdicts": BpfMap(map_fds[0], ncpus), "tls_counters": BpfMap(map_fds[1], ncpus),
-                          "tls_skips": BpfMap(map_fds[3], ncpus), "tls_ring_pos": BpfMap(map_fds[4], ncpus),
-                          "tls_listeners": BpfMap(map_fds[5], ncpus)}
-            for name in ("tls_verdicts", "tls_counters", "tls_skips", "tls_ring_pos", "tls_listeners"):
-                info = self._maps[name].info
+            by_name = dict(zip(_MAPS, map_fds, strict=True))
+            events_fd = by_name.pop("tls_events")
+            self._maps = {name: BpfMap(fd, ncpus) for name, fd in by_name.items()}
+            for name, bpf_map in self._maps.items():
+                info = bpf_map.info
                 if (info.key_size, info.value_size) != _MAPS[name]:
                     raise CaptureError(f"BPF map {name} has {info.key_size}-byte keys and {info.value_size}-byte "
                                        f"values, tls.py expects {_MAPS[name]}: tls_probes.c and tls.py disagree")
             self._ring = RingBuffer(events_fd, map_info(events_fd).max_entries)
             self._events_fd = events_fd
             try:
-                self._ring_pos = mmap.mmap(map_fds[4], mmap.PAGESIZE, mmap.MAP_SHARED,
+                self._ring_pos = mmap.mmap(by_name["tls_ring_pos"], mmap.PAGESIZE, mmap.MAP_SHARED,
                                            mmap.PROT_READ | mmap.PROT_WRITE)
             except OSError as exc:
                 raise CaptureError(f"cannot map the BPF array tls_ring_pos: {exc.strerror}") from exc
@@ -364,25 +346,19 @@ class TlsProbes:
             _U64.pack_into(self._ring_pos, _RING_CONSUMED_AT, self._ring.consumer_position())
         return records
 
-    def set_verdict(self, tgid: int, fd: int, watch: bool) -> None:
-        self._maps["tls_verdicts"].update(_SOCK_KEY.pack(tgid, fd), VERDICT_WATCH if watch else VERDICT_IGNORE)
-
-    def ignore_listener(self, tgid: int, listen_fd: int) -> None:
-        """A listening socket on a port we do not watch: the kernel drops what it accepts from now on."""
-        self._maps["tls_listeners"].update(_SOCK_KEY.pack(tgid, listen_fd), VERDICT_IGNORE)
-
-    def forget_verdict(self, tgid: int, fd: int) -> None:
-        self._maps["tls_verdicts"].delete(_SOCK_KEY.pack(tgid, fd))
-        for direction in (KIND_READ, KIND_WRITE):
-            self._maps["tls_skips"].delete(_SKIP_KEY.pack(tgid, fd, direction))
-
-    def set_skip(self, tgid: int, fd: int, direction: int, stretch: tuple[int, int] | None) -> None:
-        """A body stretch [start, end) of one direction's stream (32-bit offsets); None: none."""
-        key = _SKIP_KEY.pack(tgid, fd, direction)
+    def set_skip(self, tgid: int, ssl: int, conn: int, direction: int, stretch: tuple[int, int] | None) -> None:
+        """A body stretch [start, end) of one direction's stream (32-bit offsets) of connection `conn`
+        (its OPEN's time); None: none."""
+        key = _SKIP_KEY.pack(ssl, tgid, direction)
         if stretch is None:
             self._maps["tls_skips"].delete(key)
         else:
-            self._maps["tls_skips"].update(key, _SKIP.pack(stretch[0] & _SEQ_MASK, stretch[1] & _SEQ_MASK))
+            self._maps["tls_skips"].update(key, _SKIP.pack(stretch[0] & _SEQ_MASK, stretch[1] & _SEQ_MASK, conn))
+
+    def forget(self, tgid: int, ssl: int) -> None:
+        """The kernel's state of a connection that ended without SSL_free (its process exited or
+        exec'd): a later process with the same pid and SSL* address starts afresh, with an OPEN."""
+        self._maps["tls_state"].delete(_STATE_KEY.pack(ssl, tgid))
 
     def counters(self) -> dict[str, int]:
         table = self._maps["tls_counters"]
@@ -399,6 +375,19 @@ class TlsProbes:
         for bpf_map in self._maps.values():
             bpf_map.close()
         self._maps = {}
+
+
+def _fd_open(tgid: int, fd: int) -> bool:
+    """Whether a process still has an fd open: False only when /proc says it is gone. Under --user
+    another user's /proc/<pid>/fd cannot be read; such a connection is not ended here (its
+    SSL_free, or the Tracker's idle timeout, ends it)."""
+    try:
+        os.lstat(f"/proc/{tgid}/fd/{fd}")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _detach_in_background(fds: list[int]) -> None:
@@ -449,13 +438,13 @@ def _run_helper(request: dict[str, Any], max_fds: int) -> tuple[dict[str, Any], 
 
 @dataclass(slots=True)
 class _Conn:
-    """One (tgid, fd) the resolver has seen, with its verdict and its streams' next offsets."""
+    """One watched connection, from its OPEN: its ends and its streams' next offsets."""
 
-    watched: bool
-    ssl: int = 0
-    key: tuple[int, int] = (0, 0)  # (tgid, fd)
-    client: tuple[str, int] = ("", 0)
-    server: tuple[str, int] = ("", 0)
+    key: tuple[int, int]  # (tgid, SSL*)
+    conn: int  # its OPEN's time: the kernel's name for it in tls_skips
+    fd: int
+    client: tuple[str, int]
+    server: tuple[str, int]
     next_offset: list[int] = field(default_factory=lambda: [-1, -1])  # read (to server), write
 
     @property
@@ -464,7 +453,7 @@ class _Conn:
 
 
 class TlsCapture:
-    """Ring buffer events -> Segments of watched connections, with verdicts and body skips pushed back."""
+    """Ring buffer events -> Segments of watched connections, with body skips pushed back."""
 
     def __init__(
         self,
@@ -472,25 +461,19 @@ class TlsCapture:
         libraries: list[str],
         *,
         max_connections: int = 65536,
-        resolver: SocketResolver | None = None,
         realtime_offset_ns: Callable[[], int] = lambda: time.time_ns() - time.monotonic_ns(),
-        probes_factory: Callable[[list[str]], TlsProbes] = TlsProbes,
+        probes_factory: Callable[[list[str], frozenset[int]], TlsProbes] = TlsProbes,
     ) -> None:
         self._ports = frozenset(ports)
         self._libraries = libraries
         self._max = max_connections
-        self._resolver = resolver or SocketResolver()
         self._offset = realtime_offset_ns
         self._factory = probes_factory
         self.probes: TlsProbes | None = None
-        # Every (tgid, fd) seen, least recently used first; the watched ones also by flow key,
-        # for the Tracker's skip hints.
+        # The watched connections, least recently used first, and by flow key for the Tracker's
+        # skip hints. The kernel sends nothing else.
         self._conns: OrderedDict[tuple[int, int], _Conn] = OrderedDict()
         self._flows: dict[tuple[str, int, str, int], _Conn] = {}
-        self._listeners: dict[tuple[int, int], tuple[int, Endpoints | None]] = {}
-        self._closing: set[tuple[int, int]] = set()
-        self._generation = 0
-        self.unresolved = 0
         self.evicted = 0
         self.decode_errors = 0
         self.loss_gaps = 0
@@ -498,7 +481,7 @@ class TlsCapture:
         self._closed_counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
 
     def open(self) -> TlsCapture:
-        self.probes = self._factory(self._libraries)
+        self.probes = self._factory(self._libraries, self._ports)
         return self
 
     def fileno(self) -> int:
@@ -516,19 +499,15 @@ class TlsCapture:
         append = out.append
         unpack, header = _EVENT.unpack_from, _EVENT.size
         conns = self._conns
-        # A socket closed further on in this batch gets no verdict: the kernel has already
-        # forgotten it, and a verdict now would apply to the next socket with its number.
-        self._closing = {_SOCK_KEY.unpack_from(raw, 24) for raw in records
-                         if len(raw) >= header and raw[_KIND_AT] == KIND_CLOSE}
         for raw in records:
             if len(raw) < header:
                 self.decode_errors += 1
                 continue
-            ts_ns, ssl, offset, tgid, fd, _listen_fd, length, skipped, kind, flags = unpack(raw)
-            conn = conns.get((tgid, fd))
+            ts_ns, ssl, offset, tgid, _fd, length, skipped, kind, flags = unpack(raw)
+            conn = conns.get((tgid, ssl))
             # The common case, inline: data of a known connection, in order (what segments_of does).
-            if (conn is not None and conn.watched and conn.ssl == ssl and kind != KIND_CLOSE
-                    and not flags & _FLAG_AFTER_LOSS and len(raw) == header + length):
+            if (conn is not None and kind <= KIND_WRITE and not flags & _FLAG_AFTER_LOSS
+                    and len(raw) == header + length):
                 conns.move_to_end(conn.key)
                 ts = ts_ns + realtime
                 if kind == KIND_WRITE:
@@ -545,37 +524,28 @@ class TlsCapture:
                 self.decode_errors += 1
             else:
                 out.extend(self.segments_of(event, realtime))
-        self._closing = set()
         self.segments += len(out)
         return out
 
     def segments_of(self, event: TlsEvent, realtime_offset_ns: int) -> Iterator[Segment]:
-        """The Segment(s) one event stands for (none for an unwatched connection)."""
-        key = (event.tgid, event.fd)
+        """The Segment(s) one event stands for (none for an OPEN)."""
+        key = (event.tgid, event.ssl)
         conn = self._conns.get(key)
         ts = event.ts_ns + realtime_offset_ns
-        if event.kind == KIND_CLOSE:
-            if conn is None:
-                return
-            self._forget(conn)
-            if self.probes is not None:
-                self.probes.forget_verdict(event.tgid, event.fd)  # one we may have set after the close
-            if conn.watched:
+        if event.kind == KIND_OPEN:
+            if conn is not None:
+                # The SSL* was freed unseen (its CLOSE lost) or moved to another fd: end the old flow.
+                self._forget(conn)
                 yield from self._fins(conn, ts)
+            self._open(event)
             return
-        if conn is not None and conn.ssl != event.ssl:
-            # Another SSL* on the same fd: the old connection closed unseen (a close() before
-            # our first look at it); end its flow before the new one begins.
-            self._forget(conn)
-            if conn.watched:
-                yield from self._fins(conn, ts)
-            conn = None
         if conn is None:
-            conn = self._resolve(event)
-        else:
-            self._conns.move_to_end(key)
-        if not conn.watched:
+            return  # evicted from the table (counted); the kernel sends no data before an OPEN
+        if event.kind == KIND_CLOSE:
+            self._forget(conn)
+            yield from self._fins(conn, ts)
             return
+        self._conns.move_to_end(key)
         direction = 1 if event.kind == KIND_WRITE else 0
         if direction:
             src, dst = conn.server, conn.client
@@ -600,72 +570,31 @@ class TlsCapture:
         for (flow, to_server), stretch in hints.items():
             conn = self._flows.get(flow)
             if conn is None:
-                continue  # closed meanwhile: the kernel dropped its entry at close()
+                continue  # closed meanwhile: the kernel dropped its entries at SSL_free
             try:
-                self.probes.set_skip(conn.key[0], conn.key[1], KIND_READ if to_server else KIND_WRITE, stretch)
+                self.probes.set_skip(conn.key[0], conn.key[1], conn.conn, KIND_READ if to_server else KIND_WRITE,
+                                     stretch)
             except CaptureError:
                 pass  # LRU map: never full; a closed map means we are stopping
 
     def _forget(self, conn: _Conn) -> None:
         self._conns.pop(conn.key, None)
-        if conn.watched:
-            self._flows.pop(conn.flow, None)
+        if self._flows.get(conn.flow) is conn:
+            del self._flows[conn.flow]
 
-    def _listener(self, tgid: int, listen_fd: int) -> Endpoints | None:
-        """The listening socket's address, cached by inode (the fd number could be reused)."""
-        inode = self._resolver.inode(tgid, listen_fd)
-        if inode is None:
-            return None
-        cached = self._listeners.get((tgid, listen_fd))
-        if cached is not None and cached[0] == inode:
-            return cached[1]
-        found = self._resolver.resolve(tgid, listen_fd)
-        if found is not None and found.local_port not in self._ports and self.probes is not None:
-            try:
-                self.probes.ignore_listener(tgid, listen_fd)
-            except CaptureError:
-                pass  # LRU map: never full; a closed map means we are stopping
-        if len(self._listeners) >= _MAX_LISTENERS:
-            self._listeners.clear()  # listeners are few; a full table means churn, start over
-        self._listeners[(tgid, listen_fd)] = (inode, found)
-        return found
-
-    def _resolve(self, event: TlsEvent) -> _Conn:
-        tgid, fd = event.tgid, event.fd
-        key = (tgid, fd)
-        conn = _Conn(False, event.ssl, key)
-        if event.listen_fd >= 0:
-            # Accepted while we watched: the listening socket says which port, and it is still
-            # open even when this connection closed before its first event was read. The client
-            # end is named by process and fd (unique while the connection lives): no metric
-            # carries the peer address.
-            listener = self._listener(tgid, event.listen_fd)
-            if listener is None:
-                self.unresolved += 1
-            elif listener.local_port in self._ports:
-                self._generation = (self._generation + 1) & 0xFFFF
-                conn = _Conn(True, event.ssl, key, (f"tls:{tgid}:{fd}", self._generation),
-                             (listener.local_ip, listener.local_port))
-        else:
-            found = self._resolver.resolve(tgid, fd)
-            if found is None:
-                self.unresolved += 1
-            elif found.local_port in self._ports:
-                conn = _Conn(True, event.ssl, key, (found.peer_ip, found.peer_port),
-                             (found.local_ip, found.local_port))
-        if self.probes is not None and key not in self._closing:
-            try:
-                self.probes.set_verdict(tgid, fd, conn.watched)
-            except CaptureError:
-                pass  # map full (LRU: never) or closed; the next event asks again
+    def _open(self, event: TlsEvent) -> None:
+        ends = decode_open(event.data)
+        if ends is None:
+            self.decode_errors += 1
+            return
         conns = self._conns
         if len(conns) >= self._max:
             self._forget(next(iter(conns.values())))
             self.evicted += 1
-        conns[key] = conn
-        if conn.watched:
-            self._flows[conn.flow] = conn
-        return conn
+        conn = _Conn((event.tgid, event.ssl), event.ts_ns, event.fd, (ends.peer_ip, ends.peer_port),
+                     (ends.local_ip, ends.local_port))
+        conns[conn.key] = conn
+        self._flows[conn.flow] = conn
 
     @staticmethod
     def _fins(conn: _Conn, ts: int) -> Iterator[Segment]:
@@ -677,10 +606,10 @@ class TlsCapture:
                       max(client_next, 0) & _SEQ_MASK, ACK | FIN, b"", 0)
 
     def reap(self, now_ns: int, is_open: Callable[[int, int], bool] | None = None) -> list[Segment]:
-        """Watched sockets closed without a close() we saw (the process exited, or exec'd): an RST
-        each, so their flows end now rather than at the idle timeout. One lstat per watched socket."""
-        still_open = is_open or (lambda tgid, fd: os.path.lexists(f"/proc/{tgid}/fd/{fd}"))
-        gone = [conn for conn in self._conns.values() if conn.watched and not still_open(*conn.key)]
+        """Watched connections whose socket is gone without an SSL_free (the process exited, or exec'd):
+        an RST each, so their flows end now rather than at the idle timeout. One lstat per watched socket."""
+        still_open = is_open or _fd_open
+        gone = [conn for conn in self._conns.values() if not still_open(conn.key[0], conn.fd)]
         if not gone:
             return []
         # A gone fd's last events (its last response, its close) were written before we looked, but
@@ -688,14 +617,19 @@ class TlsCapture:
         # the flow before its last exchange.
         out = self.read(0)
         for conn in gone:
-            if self._conns.get(conn.key) is conn:  # no close (or new SSL*) in what was just read
+            if self._conns.get(conn.key) is conn:  # no close (or new OPEN) in what was just read
                 self._forget(conn)
+                if self.probes is not None:
+                    try:
+                        self.probes.forget(*conn.key)
+                    except CaptureError:
+                        pass  # a closed map means we are stopping
                 out.append(Segment(now_ns, conn.client[0], conn.client[1], conn.server[0], conn.server[1],
                                    max(conn.next_offset[0], 0) & _SEQ_MASK, RST, b"", 0))
         return out
 
     def connections_tracked(self) -> int:
-        return sum(1 for conn in self._conns.values() if conn.watched)
+        return len(self._conns)
 
     def counters(self) -> dict[str, int]:
         if self.probes is None:
@@ -716,13 +650,15 @@ class TlsCapture:
         libraries = len(self.probes.libraries) if self.probes is not None else 0
         yield SelfSample(SELF_TLS_LIBRARIES_PROBED, "gauge", "TLS libraries with uprobes attached.", libraries)
         yield SelfSample(SELF_TLS_EVENTS_TOTAL, "counter",
-                         "Events the TLS probes handed to user space (data chunks and closes).", kernel["events"])
+                         "Events the TLS probes handed to user space (opens, data chunks and closes).",
+                         kernel["events"])
         yield SelfSample(SELF_TLS_EVENTS_LOST_TOTAL, "counter",
                          "TLS events the ring buffer had no room for (their bytes become a gap).", kernel["lost"])
-        yield SelfSample(SELF_TLS_CALLS_TOTAL, "counter", "SSL_read/SSL_write calls that returned data.",
-                         kernel["calls"])
+        yield SelfSample(SELF_TLS_CALLS_TOTAL, "counter",
+                         "SSL_read/SSL_write calls on watched connections that returned data.", kernel["calls"])
         yield SelfSample(SELF_TLS_CALLS_IGNORED_TOTAL, "counter",
-                         "SSL calls on unwatched connections (clients, other ports), dropped in the kernel.",
+                         "SSL calls on connections whose local port is not watched (clients, other services), "
+                         "dropped in the kernel.",
                          kernel["ignored_calls"])
         yield SelfSample(SELF_TLS_CALLS_TRUNCATED_TOTAL, "counter",
                          f"SSL calls longer than {TLS_CHUNK * TLS_MAX_CHUNKS} bytes; the rest became a gap.",
@@ -731,7 +667,7 @@ class TlsCapture:
                          f"SSL calls cut to their first {TLS_PREFIX} bytes while the ring buffer was over "
                          f"{TLS_TRIM_BYTES // (1 << 20)} MiB unread; the rest became a gap.", kernel["trimmed"])
         yield SelfSample(SELF_TLS_CALLS_WITHOUT_SOCKET_TOTAL, "counter",
-                         "SSL calls with data before any syscall showed their socket (not counted).",
+                         "SSL calls whose read BIO has no socket fd (a memory BIO): not counted.",
                          kernel["no_fd"])
         yield SelfSample(SELF_TLS_READ_ERRORS_TOTAL, "counter", "TLS buffers the probes could not read.",
                          kernel["read_errors"])
@@ -740,8 +676,8 @@ class TlsCapture:
         yield SelfSample(SELF_TLS_CONNECTIONS_EVICTED_TOTAL, "counter",
                          "TLS sockets forgotten because the connection table was full.", self.evicted)
         yield SelfSample(SELF_TLS_UNRESOLVED_SOCKETS_TOTAL, "counter",
-                         "TLS sockets whose addresses /proc did not give (process gone, not TCP, or no "
-                         "permission): ignored.", self.unresolved)
+                         "SSL connections whose fd the kernel found no TCP socket behind (not TCP, a BIO type "
+                         "of the application's own, or closed under the probe): ignored.", kernel["unresolved"])
         yield SelfSample(SELF_TLS_DECODE_ERRORS_TOTAL, "counter", "TLS events shorter than their header says.",
                          self.decode_errors)
         yield SelfSample(SELF_TLS_CALLS_SKIPPED_TOTAL, "counter",

@@ -72,6 +72,7 @@ __all__ = [
     "BURN_RATE_ALERTS",
     "STANDARD_WINDOWS",
     "BurnRateAlert",
+    "as_prometheus_rule",
     "burn_rate_factor",
     "le_regex",
     "render_rules",
@@ -83,6 +84,11 @@ __all__ = [
 STANDARD_WINDOWS: tuple[str, ...] = ("5m", "30m", "1h", "2h", "6h", "1d", "3d")
 ALERT_NAME = "SLOErrorBudgetBurn"
 DEFAULT_RUNBOOK_URL = "https://example.com/runbooks/{slo}"
+# Where deploy/kubernetes/ puts the exporter, and the name its PrometheusRule gets.
+DEFAULT_NAMESPACE = "ebpf-slo-exporter"
+PROMETHEUS_RULE_NAME = "ebpf-slo-exporter-slos"
+_LABEL_NAME = re.compile(r"([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
 
 _WINDOW_SECONDS = {"5m": 300, "30m": 1800, "1h": 3600, "2h": 7200, "6h": 21600, "1d": 86400, "3d": 259200}
 
@@ -252,6 +258,43 @@ def render_rules(
     return header + yaml.dump(document, Dumper=_RuleDumper, sort_keys=False, width=1000, allow_unicode=True)
 
 
+def as_prometheus_rule(rule_file: str, *, name: str, namespace: str, labels: dict[str, str],
+                       comment: str | None = None) -> str:
+    """A rule file's groups as a Prometheus Operator PrometheusRule: the same groups under `spec:`.
+
+    The operator only loads PrometheusRules its Prometheus's `ruleSelector` matches (in
+    kube-prometheus-stack, by default, the label `release: <helm release>`), hence `labels`.
+    The rule file's leading comment is kept unless `comment` replaces it.
+    """
+    for key, value in labels.items():
+        if not _LABEL_NAME.fullmatch(key) or not _LABEL_VALUE.fullmatch(value):
+            raise ConfigError(f"{key}={value!r} is not a Kubernetes label: give --label KEY=VALUE "
+                              "like release=kube-prometheus-stack")
+    if comment is None:
+        header = "".join(line + "\n" for line in rule_file.splitlines() if line.startswith("#"))
+    else:
+        header = "".join(f"# {line}\n" for line in comment.splitlines())
+    groups = yaml.safe_load(rule_file)["groups"]
+    resource = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": name, "namespace": namespace,
+                     "labels": {"app.kubernetes.io/name": "ebpf-slo-exporter", **labels}},
+        "spec": {"groups": groups},
+    }
+    return header + yaml.dump(resource, Dumper=_RuleDumper, sort_keys=False, width=1000, allow_unicode=True)
+
+
+def _parse_labels(pairs: Sequence[str]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--label {pair!r} is not KEY=VALUE, e.g. --label release=kube-prometheus-stack")
+        labels[key] = value
+    return labels
+
+
 @click.command("rules")
 @click.option(
     "--slo",
@@ -280,13 +323,46 @@ def render_rules(
     show_default=True,
     help="Runbook link put in each alert; {slo} becomes the objective's identifier.",
 )
-def rules_command(slo_file: str, output: str | None, job_selector: str, runbook_url: str) -> None:
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["rules", "prometheusrule"]),
+    default="rules",
+    show_default=True,
+    help="A plain rule file, or the same groups in a Prometheus Operator PrometheusRule.",
+)
+@click.option(
+    "--namespace",
+    default=DEFAULT_NAMESPACE,
+    show_default=True,
+    help="With --format prometheusrule: the resource's namespace.",
+)
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="With --format prometheusrule: a label the operator's ruleSelector needs (repeatable), "
+    "e.g. release=kube-prometheus-stack.",
+)
+def rules_command(
+    slo_file: str,
+    output: str | None,
+    job_selector: str,
+    runbook_url: str,
+    output_format: str,
+    namespace: str,
+    labels: tuple[str, ...],
+) -> None:
     """Write Prometheus recording rules and burn-rate alerts for the objectives in --slo.
 
     Check the result with `promtool check rules FILE`.
     """
     try:
         text = render_rules(load_manifest(slo_file), job_selector=job_selector, runbook_url=runbook_url)
+        if output_format == "prometheusrule":
+            text = as_prometheus_rule(text, name=PROMETHEUS_RULE_NAME, namespace=namespace,
+                                      labels=_parse_labels(labels))
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     if output is None:

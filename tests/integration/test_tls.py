@@ -30,11 +30,13 @@ import pytest
 
 from exporter.capture.tls import (
     KIND_CLOSE,
+    KIND_OPEN,
     KIND_READ,
     KIND_WRITE,
     TlsCapture,
     TlsEvent,
     decode_event,
+    decode_open,
     find_libraries,
 )
 from tests.integration.harness import REPO, ExporterProcess, counts_by_key, free_port, self_metric
@@ -381,6 +383,47 @@ def test_a_server_that_exits_mid_exchange_ends_its_connections(certificate: tupl
     assert self_metric(samples, "tls_connections_tracked") == 0
 
 
+def test_user_keeps_counting_another_users_https_server(certificate: tuple[Path, Path], tmp_path: Path) -> None:
+    """--user nobody after attach, the server root's: the kernel names its sockets (no /proc), and
+    the once-a-second check for connections gone unseen must not end a connection whose
+    /proc/<pid>/fd nobody may read. Each connection outlives a few of those checks."""
+    log = tmp_path / "access.log"
+    with python_server(certificate, log) as port, \
+            ExporterProcess("--interface", "lo", "--port", str(port), "--user", "nobody") as exporter:
+        exporter.wait_for_exchanges(0)
+        requests = [("GET", "/ok"), ("GET", "/slow?ms=1500"), ("GET", "/missing"), ("GET", "/slow?ms=1500"),
+                    ("GET", "/ok")]
+        threads = [threading.Thread(target=https, args=(port, requests)) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        served = wait_for_log(log, 10)
+        samples = exporter.wait_for_exchanges(10)
+    assert served == Counts({("GET", "200", "/ok"): 4, ("GET", "200", "/slow"): 4, ("GET", "404", "/missing"): 2})
+    assert https_counts(samples, port) == served
+    assert self_metric(samples, "requests_without_response_total") == 0
+
+
+def test_a_library_whose_layout_cannot_be_measured_is_left_out_in_one_line(tmp_path: Path) -> None:
+    """Not an OpenSSL (here: not even ELF): no offsets, so no probes on it; the others still attach."""
+    from exporter.capture.tls import TlsProbes
+    from exporter.errors import CaptureError
+
+    bogus = tmp_path / "libssl.so.3"
+    bogus.write_bytes(b"not a library")
+    [system] = find_libraries()[:1]
+    probes = TlsProbes([system, str(bogus)])
+    try:
+        assert probes.libraries == [system]
+        [reason] = probes.unprobed
+        assert reason.startswith(f"libssl {bogus}: could not find its SSL layout (") and "\n" not in reason
+    finally:
+        probes.close()
+    with pytest.raises(CaptureError, match=f"^no libssl could be probed: libssl {bogus}: could not find"):
+        TlsProbes([str(bogus)])
+
+
 def test_no_tls_counts_nothing_and_a_missing_library_is_one_line(certificate: tuple[Path, Path],
                                                                         tmp_path: Path) -> None:
     log = tmp_path / "access.log"
@@ -506,21 +549,25 @@ def test_a_stalled_exporter_trims_bodies_exactly_then_counts_what_the_full_ring_
     assert counted - before == Counts({("GET", "200", "/ok"): 5})  # a new connection: exact again
 
 
-def test_the_kernel_drops_clients_and_other_services_before_any_event(
+def test_the_kernel_judges_each_connection_by_its_local_port_before_any_event(
         certificate: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The real probes and TlsCapture, with the raw events recorded: a socket its process connect()ed
-    (curl) never produces one; another TLS service's connections stop producing any once user space
-    has resolved that service's listening socket from its first connection."""
+    """The real probes and TlsCapture, with the raw events recorded. nginx on the watched port with
+    one connection opened before the probes attach: it is picked up at its next request, and its
+    OPEN names the client's own address. curl on the same host and the same libssl (the client
+    side: an ephemeral local port) and a TLS server on another port never produce an event, from
+    their first call: the kernel drops them (tls_calls_ignored_total)."""
     seen: list[TlsEvent] = []
-    clients: list[int] = []
+    curls: list[int] = []
 
-    def curl(url: str) -> None:
-        proc = subprocess.Popen(["curl", "-sk", url, "-o", "/dev/null"])
-        clients.append(proc.pid)
+    def run_curl(*urls: str) -> None:
+        proc = subprocess.Popen(["curl", "-sk", *[arg for url in urls for arg in (url, "-o", "/dev/null")]])
+        curls.append(proc.pid)
         assert proc.wait(30) == 0
 
-    with python_server(certificate, tmp_path / "watched.log") as port, \
-            python_server(certificate, tmp_path / "other.log") as other_port:
+    with nginx_server(certificate) as (port, log), python_server(certificate, tmp_path / "other.log") as other:
+        early = http.client.HTTPSConnection("127.0.0.1", port, context=client_context(), timeout=10)
+        early.request("GET", "/ok")
+        early.getresponse().read()
         capture = TlsCapture([port], find_libraries()).open()
         assert capture.probes is not None
         read = capture.probes.read
@@ -536,22 +583,43 @@ def test_the_kernel_drops_clients_and_other_services_before_any_event(
 
         monkeypatch.setattr(capture.probes, "read", recording)
         try:
-            curl(f"https://127.0.0.1:{other_port}/ok")
+            ignored_before = capture.counters()["ignored_calls"]
+            run_curl(f"https://127.0.0.1:{other}/ok", f"https://127.0.0.1:{other}/missing")
             drain()
-            first = [event for event in seen if event.kind != KIND_CLOSE]
-            seen.clear()
-            for url in (f"https://127.0.0.1:{other_port}/ok", f"https://127.0.0.1:{other_port}/missing",
-                        f"https://127.0.0.1:{port}/ok"):
-                curl(url)
+            assert seen == []  # the other service and its client: not one event
+            assert capture.counters()["ignored_calls"] > ignored_before
+            early.request("GET", "/nocontent")
+            assert early.getresponse().status == 204
+            early_port = early.sock.getsockname()[1]
+            run_curl(f"https://127.0.0.1:{port}/ok", f"https://127.0.0.1:{port}/boom")
+            early.close()
+            served = wait_for_log(log, 4)
             drain()
+            counters = capture.counters()
         finally:
             capture.close()
-    other = {event.tgid for event in first}
-    assert len(other) == 1  # the other service's first connection: one event or more, one server
-    data = [event for event in seen if event.kind != KIND_CLOSE]
-    assert data and not {event.tgid for event in data} & other  # its next connections: nothing
-    assert not {event.tgid for event in seen} & set(clients)  # curl's side: never an event
-    # What is left is the watched server's side of its one connection: the request and the response.
-    assert b"".join(event.data for event in data if event.kind == KIND_READ).startswith(b"GET /ok HTTP/1.1")
-    response = b"".join(event.data for event in data if event.kind == KIND_WRITE)
-    assert response.startswith(b"HTTP/1.1 200 OK\r\n") and response.endswith(b"\r\n\r\nok\n"), response
+    assert sum(served.values()) == 4
+    assert not {event.tgid for event in seen} & {*curls, os.getpid()}  # the clients' side: never an event
+    assert counters["events"] == len(seen) and counters["lost"] == 0
+    opens = [event for event in seen if event.kind == KIND_OPEN]
+    ends = [decode_open(event.data) for event in opens]
+    assert len(opens) == 2 and all(end is not None and end.local_port == port for end in ends)
+    assert early_port in {end.peer_port for end in ends if end is not None}
+    # Each connection: OPEN first, then its data in stream order, and a CLOSE (nginx's SSL_free) last.
+    by_ssl: dict[tuple[int, int], list[TlsEvent]] = collections.defaultdict(list)
+    for event in seen:
+        by_ssl[(event.tgid, event.ssl)].append(event)
+    assert len(by_ssl) == 2
+    requests = {}
+    for events in by_ssl.values():
+        assert [events[0].kind, events[-1].kind] == [KIND_OPEN, KIND_CLOSE]
+        assert {event.kind for event in events[1:-1]} == {KIND_READ, KIND_WRITE}
+        peer = decode_open(events[0].data)
+        assert peer is not None
+        requests[peer.peer_port] = b"".join(event.data for event in events if event.kind == KIND_READ)
+    # The early connection from its next request on; curl's both requests.
+    early_requests = requests.pop(early_port)
+    assert early_requests.startswith(b"GET /nocontent HTTP/1.1\r\n") and early_requests.count(b"HTTP/1.1\r\n") == 1
+    [curl_requests] = requests.values()
+    assert [line.split(b" ")[1] for line in curl_requests.split(b"\r\n") if line.startswith(b"GET ")] == [
+        b"/ok", b"/boom"]

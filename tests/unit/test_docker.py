@@ -284,3 +284,19 @@ def test_configmap_slo_manifest_is_a_valid_manifest_with_valid_rules():
     slo_path = Path(_flag(container["args"], "--slo"))
     mount = [m for m in container["volumeMounts"] if m["mountPath"] == str(slo_path.parent)]
     assert mount and slo_path.name == "reliably.yaml"
+
+
+def test_prometheusrule_carries_exactly_the_exporter_health_rules_and_promtool_accepts_them(tmp_path):
+    resource = _one("PrometheusRule")
+    assert resource["apiVersion"] == "monitoring.coreos.com/v1"
+    assert resource["metadata"]["namespace"] == _one("DaemonSet")["metadata"]["namespace"]
+    source = yaml.safe_load((DOCKER / "prometheus" / "rules" / "exporter.rules.yml").read_text())
+    assert resource["spec"]["groups"] == source["groups"], (
+        "deploy/kubernetes/prometheusrule.yaml differs from docker/prometheus/rules/exporter.rules.yml: "
+        "copy the groups over")
+    promtool = shutil.which("promtool")
+    assert promtool is not None, "promtool is not installed: `make setup` installs Debian's prometheus package"
+    spec = tmp_path / "spec.yml"
+    spec.write_text(yaml.safe_dump(resource["spec"]))
+    result = subprocess.run([promtool, "check", "rules", str(spec)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from exporter.preflight import CAPABILITIES, check_privileges, exec_capabilities, lost_across_exec
+from pathlib import Path
+
+import pytest
+
+from exporter.preflight import CAPABILITIES, check_privileges, check_tls, exec_capabilities, lost_across_exec
 
 
 def status(eff: set[str], amb: set[str], bnd: set[str]) -> str:
@@ -69,3 +73,16 @@ def test_check_accepts_any_and_globs_that_match_nothing_yet() -> None:
     waiting = check_interface("esxnone*")
     assert waiting.ok and "matches nothing yet" in waiting.detail
     assert not check_interface("esxnone0").ok
+
+
+def test_check_tls_fails_in_one_line_without_the_kernels_btf(monkeypatch: pytest.MonkeyPatch,
+                                                             tmp_path: Path) -> None:
+    """TLS capture walks kernel structs at offsets read from BTF: without it `check` fails, naming the fix."""
+    from exporter.capture import kernel_layout
+
+    original = kernel_layout.socket_walk_offsets
+    monkeypatch.setattr(kernel_layout, "socket_walk_offsets", lambda: original(tmp_path / "vmlinux"))
+    [btf] = [result for result in check_tls(caps={"CAP_SYS_ADMIN"}) if result.name == "tls kernel btf"]
+    assert (btf.ok, btf.detail, btf.fix) == (
+        False, f"kernel BTF not found at {tmp_path / 'vmlinux'}: the kernel needs CONFIG_DEBUG_INFO_BTF=y; "
+               "run with --no-tls", "use a kernel built with CONFIG_DEBUG_INFO_BTF=y, or run with --no-tls")

@@ -1,10 +1,11 @@
-"""TLS capture without a kernel: the event decoder, /proc parsing, events -> Segments -> Exchanges,
-and the clear-text Tracker's handling of encrypted connections."""
+"""TLS capture without a kernel: the event decoders, events -> Segments -> Exchanges, and the
+clear-text Tracker's handling of encrypted connections."""
 
 from __future__ import annotations
 
 import mmap
 import os
+import socket
 import struct
 from pathlib import Path
 
@@ -13,69 +14,51 @@ import pytest
 from exporter.capture.ringbuf import RingBuffer
 from exporter.capture.tls import (
     KIND_CLOSE,
+    KIND_OPEN,
     KIND_READ,
     KIND_WRITE,
     Endpoints,
-    SocketResolver,
     TlsCapture,
     TlsEvent,
     decode_event,
+    decode_open,
     find_libraries,
-    parse_proc_net_tcp,
 )
 from exporter.core.flows import Limits, Tracker, is_tls_record
 from exporter.core.model import ACK, FIN, PSH, RST, Exchange, Segment
 from exporter.errors import CaptureError
 from exporter.pipeline import combined_stats
 
-HEADER = struct.Struct("=QQQIiiIIBB2x")  # struct tls_event in bpf/tls_probes.c, written independently
+HEADER = struct.Struct("=QQQIiIIBB6x")  # struct tls_event in bpf/tls_probes.c, written independently
+OPEN = struct.Struct("=HHH2x16s16s")  # struct tls_open: family, local port, peer port (network order), ...
 
 
 def test_decode_event_reads_the_c_layout() -> None:
-    raw = HEADER.pack(123, 0xABC, 4096, 77, 9, 3, 5, 0, KIND_WRITE, 1) + b"hello"
+    raw = HEADER.pack(123, 0xABC, 4096, 77, 9, 5, 0, KIND_WRITE, 1) + b"hello"
     assert HEADER.size == 48
-    assert decode_event(raw) == TlsEvent(123, 0xABC, 4096, 77, 9, 3, KIND_WRITE, b"hello", 0, True)
+    assert decode_event(raw) == TlsEvent(123, 0xABC, 4096, 77, 9, KIND_WRITE, b"hello", 0, True)
     assert decode_event(raw[:-1]) is None  # shorter than its length says
     assert decode_event(raw[:20]) is None
 
 
-TCP4 = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1111 1 0 100 0 0 10 0
-   1: 0100007F:1F90 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 2222 1 0 20 4 30 10 -1
-"""
-_TAIL = " 01 00000000:00000000 00:00000000 00000000     0        0 {inode} 1 0 20 4 30 10 -1"
-TCP6 = "\n".join([
-    "  sl  local_address                         remote_address                        st ... inode",
-    "   0: 00000000000000000000000001000000:01BB 00000000000000000000000001000000:9C40" + _TAIL.format(inode=3333),
-    "   1: 0000000000000000FFFF00000100007F:01BB 0000000000000000FFFF00000200007F:9C41" + _TAIL.format(inode=4444),
+def open_data(local: str, local_port: int, peer: str, peer_port: int) -> bytes:
+    """struct tls_open as the kernel fills it: IPv4 in the first 4 bytes, the peer port as skc_dport keeps it."""
+    family = socket.AF_INET6 if ":" in local else socket.AF_INET
+    return OPEN.pack(family, local_port, socket.htons(peer_port), socket.inet_pton(family, local),
+                     socket.inet_pton(family, peer))
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    (open_data("127.0.0.1", 8443, "127.0.0.2", 54321), Endpoints("127.0.0.1", 8443, "127.0.0.2", 54321)),
+    (open_data("::1", 443, "::1", 40000), Endpoints("::1", 443, "::1", 40000)),
+    # a dual-stack listener's IPv4 client: v4-mapped, shown as IPv4
+    (open_data("::ffff:127.0.0.1", 443, "::ffff:127.0.0.2", 40001), Endpoints("127.0.0.1", 443, "127.0.0.2", 40001)),
+    (OPEN.pack(socket.AF_UNIX, 1, 2, b"", b""), None),
+    (open_data("127.0.0.1", 8443, "127.0.0.2", 1)[:-1], None),
 ])
-
-
-@pytest.mark.parametrize(("text", "inode", "expected"), [
-    (TCP4, 1111, Endpoints("127.0.0.1", 8080, "0.0.0.0", 0)),
-    (TCP4, 2222, Endpoints("127.0.0.1", 8080, "127.0.0.1", 54321)),
-    (TCP6, 3333, Endpoints("::1", 443, "::1", 40000)),
-    (TCP6, 4444, Endpoints("127.0.0.1", 443, "127.0.0.2", 40001)),  # v4-mapped: shown as IPv4
-    (TCP4, 9999, None),
-])
-def test_proc_net_tcp_lines(text: str, inode: int, expected: Endpoints | None) -> None:
-    assert parse_proc_net_tcp(text, inode) == expected
-
-
-def test_resolver_follows_fd_links_into_the_process_tables(tmp_path: Path) -> None:
-    (tmp_path / "42" / "fd").mkdir(parents=True)
-    (tmp_path / "42" / "net").mkdir()
-    (tmp_path / "42" / "net" / "tcp").write_text(TCP4)
-    (tmp_path / "42" / "net" / "tcp6").write_text(TCP6)
-    os.symlink("socket:[2222]", tmp_path / "42" / "fd" / "7")
-    os.symlink("socket:[4444]", tmp_path / "42" / "fd" / "8")
-    os.symlink("/dev/null", tmp_path / "42" / "fd" / "1")
-    resolver = SocketResolver(tmp_path)
-    assert resolver.resolve(42, 7) == Endpoints("127.0.0.1", 8080, "127.0.0.1", 54321)
-    assert resolver.resolve(42, 8) == Endpoints("127.0.0.1", 443, "127.0.0.2", 40001)
-    assert resolver.resolve(42, 1) is None  # not a socket
-    assert resolver.resolve(42, 99) is None  # gone
-    assert resolver.resolve(43, 7) is None  # no such process
+def test_decode_open_reads_the_socket_ends(data: bytes, expected: Endpoints | None) -> None:
+    assert OPEN.size == 40
+    assert decode_open(data) == expected
 
 
 def test_find_libraries_probes_each_file_once(tmp_path: Path) -> None:
@@ -92,28 +75,18 @@ def test_find_libraries_probes_each_file_once(tmp_path: Path) -> None:
         find_libraries(["/nowhere/libssl.so.3"], globs=[])
 
 
-class FakeResolver(SocketResolver):
-    """Sockets by (tgid, fd), and inodes for the listening ones."""
-
-    def __init__(self, sockets: dict[tuple[int, int], Endpoints]) -> None:
-        super().__init__(Path("/nonexistent"))
-        self.sockets = sockets
-
-    def inode(self, tgid: int, fd: int) -> int | None:
-        return 1000 + fd if (tgid, fd) in self.sockets else None
-
-    def resolve(self, tgid: int, fd: int) -> Endpoints | None:
-        return self.sockets.get((tgid, fd))
-
-
-LISTENER = Endpoints("0.0.0.0", 8443, "0.0.0.0", 0)
 REQUEST = b"GET /items/1?x=2 HTTP/1.1\r\nHost: a\r\n\r\n"
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
 
 
 def event(kind: int, offset: int, data: bytes = b"", *, ts: int = 1000, fd: int = 9, ssl: int = 0x10,
-          listen_fd: int = 3, skipped: int = 0, after_loss: bool = False) -> TlsEvent:
-    return TlsEvent(ts, ssl, offset, 500, fd, listen_fd, kind, data, skipped, after_loss)
+          skipped: int = 0, after_loss: bool = False) -> TlsEvent:
+    return TlsEvent(ts, ssl, offset, 500, fd, kind, data, skipped, after_loss)
+
+
+def opened(*, ssl: int = 0x10, fd: int = 9, ts: int = 900, peer_port: int = 54321) -> TlsEvent:
+    """The kernel's OPEN of a server socket on 127.0.0.1:8443."""
+    return event(KIND_OPEN, 0, open_data("127.0.0.1", 8443, "127.0.0.2", peer_port), ts=ts, fd=fd, ssl=ssl)
 
 
 def run(capture: TlsCapture, events: list[TlsEvent]) -> tuple[list[Segment], Tracker]:
@@ -124,42 +97,49 @@ def run(capture: TlsCapture, events: list[TlsEvent]) -> tuple[list[Segment], Tra
     return segments, tracker
 
 
-def test_events_become_https_exchanges_through_the_listening_socket() -> None:
-    capture = TlsCapture([8443], [], resolver=FakeResolver({(500, 3): LISTENER}))
+def test_events_become_https_exchanges_between_the_ends_the_open_names() -> None:
+    capture = TlsCapture([8443], [])
     emitted: list[Exchange] = []
     tracker = Tracker([8443], Limits(), scheme="https")
     events = [
+        opened(),
         event(KIND_READ, 0, REQUEST[:10], ts=1000),
         event(KIND_READ, 10, REQUEST[10:], ts=1100),
         event(KIND_WRITE, 0, RESPONSE[:20], ts=5000),
         event(KIND_WRITE, 20, RESPONSE[20:], ts=9000),
         event(KIND_CLOSE, 0, ts=9500),
     ]
+    segments = []
     for ev in events:
         for segment in capture.segments_of(ev, 10**18):
+            segments.append(segment)
             emitted.extend(tracker.feed(segment))
     [exchange] = emitted
     assert (exchange.method, exchange.target, exchange.status, exchange.scheme) == ("GET", "/items/1", 200, "https")
     assert (exchange.start_ns, exchange.end_ns, exchange.server_port) == (10**18 + 1000, 10**18 + 9000, 8443)
-    assert tracker.stats.flows_active == 0  # the close ended it
+    assert [(s.src_ip, s.src_port, s.dst_ip, s.dst_port) for s in segments[:1]] == [("127.0.0.2", 54321,
+                                                                                      "127.0.0.1", 8443)]
+    assert [s.flags for s in segments[4:]] == [ACK | FIN, ACK | FIN]  # the close (SSL_free) ended it
+    assert tracker.stats.flows_active == 0
     assert capture.connections_tracked() == 0
 
 
-def test_a_socket_on_another_port_or_unresolved_counts_nothing() -> None:
-    capture = TlsCapture([8443], [], resolver=FakeResolver({
-        (500, 3): Endpoints("0.0.0.0", 9999, "0.0.0.0", 0),  # another service's listener
-        (500, 4): Endpoints("10.0.0.1", 40000, "10.0.0.2", 8443),  # a client of a watched port
-    }))
-    segments, _ = run(capture, [event(KIND_READ, 0, REQUEST), event(KIND_READ, 0, REQUEST, fd=4, listen_fd=-1),
-                                event(KIND_READ, 0, REQUEST, fd=5, listen_fd=-1)])
+def test_data_of_no_open_connection_and_a_bad_open_count_nothing() -> None:
+    """The kernel sends no data before an OPEN; what comes without one (its connection evicted)
+    is dropped, and an OPEN whose data is not a socket's ends is a decode error."""
+    capture = TlsCapture([8443], [])
+    segments, _ = run(capture, [event(KIND_READ, 0, REQUEST), event(KIND_CLOSE, 0),
+                                event(KIND_OPEN, 0, b"short", ssl=0x20), event(KIND_READ, 0, REQUEST, ssl=0x20)])
     assert segments == []
-    assert capture.unresolved == 1  # fd 5: /proc knew nothing of it
+    assert capture.decode_errors == 1
+    assert capture.connections_tracked() == 0
 
 
 def test_lost_bytes_are_a_gap_of_known_length_and_skips_are_counted_bytes() -> None:
-    capture = TlsCapture([8443], [], resolver=FakeResolver({(500, 3): LISTENER}))
+    capture = TlsCapture([8443], [])
     head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"
     segments, tracker = run(capture, [
+        opened(),
         event(KIND_READ, 0, REQUEST),
         event(KIND_WRITE, 0, head + b"a" * 100),
         event(KIND_WRITE, len(head) + 100, skipped=40000),  # a body stretch sent by length
@@ -174,21 +154,25 @@ def test_lost_bytes_are_a_gap_of_known_length_and_skips_are_counted_bytes() -> N
     assert tracker.stats.flows_active == 1
 
 
-def test_a_new_ssl_on_a_known_fd_ends_the_old_connection() -> None:
-    capture = TlsCapture([8443], [], resolver=FakeResolver({(500, 3): LISTENER}))
+def test_a_new_open_of_a_known_ssl_ends_the_old_connection() -> None:
+    """The same SSL* again (freed and reused by malloc with its CLOSE lost, or moved to another fd):
+    the old flow ends before the new one begins."""
+    capture = TlsCapture([8443], [])
     emitted: list[Exchange] = []
     tracker = Tracker([8443], Limits(), scheme="https")
     close_delimited = b"HTTP/1.1 200 OK\r\n\r\nclose-delimited"
-    for ev in [event(KIND_READ, 0, REQUEST, ssl=1), event(KIND_WRITE, 0, close_delimited, ssl=1),
-               event(KIND_READ, 0, REQUEST, ssl=2), event(KIND_WRITE, 0, RESPONSE, ssl=2)]:
+    for ev in [opened(), event(KIND_READ, 0, REQUEST), event(KIND_WRITE, 0, close_delimited),
+               opened(fd=11, peer_port=54322), event(KIND_READ, 0, REQUEST, fd=11),
+               event(KIND_WRITE, 0, RESPONSE, fd=11)]:
         for segment in capture.segments_of(ev, 0):
             emitted.extend(tracker.feed(segment))
     assert [(e.status, e.response_body_bytes) for e in emitted] == [(200, 15), (200, 5)]
+    assert capture.connections_tracked() == 1
 
 
 def test_reap_resets_connections_closed_unseen() -> None:
-    capture = TlsCapture([8443], [], resolver=FakeResolver({(500, 3): LISTENER}))
-    _, tracker = run(capture, [event(KIND_READ, 0, REQUEST)])
+    capture = TlsCapture([8443], [])
+    _, tracker = run(capture, [opened(), event(KIND_READ, 0, REQUEST)])
     assert capture.reap(5, is_open=lambda tgid, fd: True) == []
     for segment in capture.reap(5, is_open=lambda tgid, fd: (tgid, fd) != (500, 9)):
         tracker.feed(segment)
@@ -236,71 +220,69 @@ def test_combined_stats_add_up_every_counter() -> None:
     assert (total.segments, total.parse_errors["gap"], total.flows_evicted["idle"]) == (7, 3, 5)
 
 
-def test_close_before_data_and_unknown_close_are_quiet() -> None:
-    capture = TlsCapture([8443], [], resolver=FakeResolver({(500, 3): LISTENER}))
-    assert list(capture.segments_of(event(KIND_CLOSE, 0), 0)) == []
-    segments, _ = run(capture, [event(KIND_READ, 0, REQUEST), event(KIND_CLOSE, 0)])
-    assert [s.flags for s in segments[1:]] == [ACK | FIN, ACK | FIN]
+def test_close_before_data_ends_the_flow() -> None:
+    capture = TlsCapture([8443], [])
+    segments, _ = run(capture, [opened(), event(KIND_CLOSE, 0)])
+    assert [s.flags for s in segments] == [ACK | FIN, ACK | FIN]
 
 
 class FakeProbes:
-    """TlsProbes' read side: raw ring records, as the kernel writes them."""
+    """TlsProbes' read and skip side: raw ring records, as the kernel writes them."""
 
     def __init__(self, batches: list[list[bytes]]) -> None:
         self.batches = batches
-        self.verdicts: list[tuple[int, int, bool]] = []
-        self.ignored_listeners: list[tuple[int, int]] = []
+        self.skips: list[tuple[int, int, int, int, tuple[int, int] | None]] = []
+        self.forgotten: list[tuple[int, int]] = []
 
     def read(self, timeout_s: float) -> list[bytes]:
         return self.batches.pop(0) if self.batches else []
 
-    def set_verdict(self, tgid: int, fd: int, watch: bool) -> None:
-        self.verdicts.append((tgid, fd, watch))
+    def set_skip(self, tgid: int, ssl: int, conn: int, direction: int, stretch: tuple[int, int] | None) -> None:
+        self.skips.append((tgid, ssl, conn, direction, stretch))
 
-    def forget_verdict(self, tgid: int, fd: int) -> None:
-        pass
-
-    def ignore_listener(self, tgid: int, listen_fd: int) -> None:
-        self.ignored_listeners.append((tgid, listen_fd))
+    def forget(self, tgid: int, ssl: int) -> None:
+        self.forgotten.append((tgid, ssl))
 
 
 def raw(ev: TlsEvent) -> bytes:
-    return HEADER.pack(ev.ts_ns, ev.ssl, ev.stream_offset, ev.tgid, ev.fd, ev.listen_fd, len(ev.data),
+    return HEADER.pack(ev.ts_ns, ev.ssl, ev.stream_offset, ev.tgid, ev.fd, len(ev.data),
                        ev.skipped, ev.kind, int(ev.after_loss)) + ev.data
 
 
 def test_read_gives_the_segments_that_segments_of_gives() -> None:
     """read() handles in-order data of known connections inline; every other event goes through
-    segments_of. Both must agree, event for event, including closes later in the same batch."""
+    segments_of. Both must agree, event for event, including opens and closes in the same batch."""
     head = b"HTTP/1.1 200 OK\r\nContent-Length: 50000\r\n\r\n"
     events = [
+        opened(),
         event(KIND_READ, 0, REQUEST),
         event(KIND_WRITE, 0, head + b"a" * 100),
         event(KIND_WRITE, len(head) + 100, skipped=40000),
         event(KIND_WRITE, len(head) + 70100, b"b" * 10, after_loss=True),
         event(KIND_READ, len(REQUEST), REQUEST, ts=2000),
+        opened(fd=11, ssl=0x20, peer_port=2),
         event(KIND_READ, 0, REQUEST, fd=11, ssl=0x20),
-        event(KIND_READ, 0, REQUEST, ssl=0x30),  # another SSL* on fd 9: the old connection ended
-        event(KIND_CLOSE, 0, fd=11),
-        event(KIND_READ, 0, REQUEST, fd=12, listen_fd=4),  # a listener on another port: ignored
+        opened(ssl=0x10, fd=12, peer_port=3),  # the same SSL* on another fd: the old connection ended
+        event(KIND_READ, 0, REQUEST, fd=12),
+        event(KIND_CLOSE, 0, fd=11, ssl=0x20),
+        event(KIND_READ, 0, REQUEST, fd=11, ssl=0x20),  # after its close: no connection
     ]
-    sockets = {(500, 3): LISTENER, (500, 4): Endpoints("0.0.0.0", 9999, "0.0.0.0", 0)}
-    reference = TlsCapture([8443], [], resolver=FakeResolver(sockets))
+    reference = TlsCapture([8443], [])
     expected = [seg for ev in events for seg in reference.segments_of(ev, 7)]
-    probes = FakeProbes([[raw(ev) for ev in events[:3]], [raw(ev) for ev in events[3:]] + [b"short"]])
-    capture = TlsCapture([8443], [], resolver=FakeResolver(sockets), realtime_offset_ns=lambda: 7,
-                         probes_factory=lambda libraries: probes)  # type: ignore[arg-type,return-value]
+    probes = FakeProbes([[raw(ev) for ev in events[:4]], [raw(ev) for ev in events[4:]] + [b"short"]])
+    capture = TlsCapture([8443], [], realtime_offset_ns=lambda: 7,
+                         probes_factory=lambda libraries, ports: probes)  # type: ignore[arg-type,return-value]
     capture.open()
     got = capture.read(0) + capture.read(0)
     assert got == expected
-    assert len(got) == 12  # 7 data events, a loss gap, two FINs when the SSL* changed, two at the close
+    assert len(got) == 12  # 7 data events, a loss gap, two FINs when the SSL* moved, two at the close
     assert capture.decode_errors == 1
     assert capture.loss_gaps == reference.loss_gaps == 1
-    # fd 11 closed later in its batch: no verdict for it (the kernel already dropped its entry).
-    assert probes.verdicts == [(500, 9, True), (500, 9, True), (500, 12, False)]
-    # fd 12's listener is another service's: the kernel drops what it accepts from now on.
-    assert probes.ignored_listeners == [(500, 4)]
     assert capture.connections_tracked() == reference.connections_tracked() == 1
+    # Skip hints name the kernel's connection: (tgid, SSL*) and its OPEN's time.
+    flow = ("127.0.0.2", 3, "127.0.0.1", 8443)
+    capture.apply_skip_hints({(flow, False): (100, 200), (("127.0.0.2", 2, "127.0.0.1", 8443), True): None})
+    assert probes.skips == [(500, 0x10, 900, KIND_WRITE, (100, 200))]
 
 
 def test_ring_buffer_joins_a_record_that_wraps_around() -> None:
@@ -335,9 +317,10 @@ def test_ring_buffer_joins_a_record_that_wraps_around() -> None:
 def test_reap_reads_the_ring_before_it_resets_a_gone_socket() -> None:
     """The process wrote its last response and exited; the response still waits in the ring when
     reap finds the fd gone. It is read first, so the exchange is counted before the RST."""
-    probes = FakeProbes([[raw(event(KIND_READ, 0, REQUEST))], [raw(event(KIND_WRITE, 0, RESPONSE, ts=5000))]])
-    capture = TlsCapture([8443], [], resolver=FakeResolver({(500, 3): LISTENER}), realtime_offset_ns=lambda: 0,
-                         probes_factory=lambda libraries: probes)  # type: ignore[arg-type,return-value]
+    probes = FakeProbes([[raw(opened()), raw(event(KIND_READ, 0, REQUEST))],
+                         [raw(event(KIND_WRITE, 0, RESPONSE, ts=5000))]])
+    capture = TlsCapture([8443], [], realtime_offset_ns=lambda: 0,
+                         probes_factory=lambda libraries, ports: probes)  # type: ignore[arg-type,return-value]
     capture.open()
     tracker = Tracker([8443], Limits(), scheme="https")
     segments = capture.read(0) + capture.reap(9000, is_open=lambda tgid, fd: False)
@@ -346,3 +329,4 @@ def test_reap_reads_the_ring_before_it_resets_a_gone_socket() -> None:
     assert segments[-1].flags == RST
     assert tracker.stats.requests_without_response == 0
     assert capture.connections_tracked() == 0
+    assert probes.forgotten == [(500, 0x10)]  # the kernel's state of it goes too
