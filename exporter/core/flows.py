@@ -68,6 +68,7 @@ from exporter.core.model import ACK, FIN, PSH, RST, SYN, Exchange, Segment
 
 __all__ = ["CoreStats", "Handover", "Limits", "Tracker"]
 
+_new_tuple = tuple.__new__  # builds a NamedTuple from all its fields without its Python __new__
 _SEQ_SPACE = 1 << 32
 _SEQ_MASK = _SEQ_SPACE - 1
 _SEQ_HALF = 1 << 31
@@ -426,20 +427,11 @@ class _Flow:
         if request is None:
             return
         self.answering = None
-        self.emitted.append(
-            Exchange(
-                request.method,
-                normalise_target(request.target),
-                status,
-                request.start_ns,
-                end_ns,
-                self._request_body(request),
-                body_bytes,
-                self.server_port,
-                self.scheme,
-                server_ip=self.server_ip,
-            )
-        )
+        # Every field in order, built as a tuple: Exchange's own __new__ is a Python function.
+        self.emitted.append(_new_tuple(Exchange, (
+            request.method, normalise_target(request.target), status, request.start_ns, end_ns,
+            self._request_body(request), body_bytes, self.server_port, self.scheme, "1.1", None, self.server_ip,
+        )))
 
     def _request_body(self, request: PendingRequest) -> int:
         requests = self.requests

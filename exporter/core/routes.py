@@ -64,7 +64,11 @@ def heuristic_route(path: str) -> str:
     cut = len(segments) > MAX_ROUTE_SEGMENTS
     if cut:
         del segments[MAX_ROUTE_SEGMENTS:]
-    shaped = [_ID if _is_identifier(segment) else segment for segment in segments]
+    # Most segments are short words: they are kept without a call (a short one is an
+    # identifier only when it is all ASCII digits, which _is_identifier then decides).
+    shaped = [segment if len(segment) < 16 and not segment.isdigit()
+              else _ID if _is_identifier(segment) else segment
+              for segment in segments]
     route = "/" + "/".join(shaped)
     if cut or len(route) > MAX_ROUTE_CHARS:
         while shaped and len("/" + "/".join(shaped)) + len(_REST) + 1 > MAX_ROUTE_CHARS:

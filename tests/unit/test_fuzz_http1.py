@@ -336,12 +336,14 @@ def test_tracker_never_raises_and_respects_every_cap(segments: list[Segment], ex
 # -- the one-segment head scan against the general search ----------------------------------
 
 # Header lines, well formed and not: a whole head in one segment is checked by one scan
-# (`_HEADER_LINES`) that also finds its blank line; a head fed byte by byte goes through the
-# general search. Lines end in CRLF here, where the two must agree exactly.
+# (`_PLAIN_LINES`, then `_HEADER_LINES` from its first framing header on) that also finds its
+# blank line, and parsed in place; a head fed byte by byte goes through the general search and
+# is parsed from a copy. Lines end in CRLF here, where the two must agree exactly.
 HEAD_LINES = st.sampled_from([
     b"Host: a", b"X-Id:1", b"cookie: c=1; d=2", b"Content-Length: 3", b"content-length: x",
     b"Transfer-Encoding: chunked", b"Transfer-Encoding: gzip", b"Upgrade: h2c", b"No colon here",
     b" folded: line", b"Bad Name: v", b"A: bare\rcr", b"B:\r", b":empty-name", b"C: \x00\x7f\xff", b"D:",
+    b"cOnTeNt-LeNgTh: 0", b"TRANSFER-encoding: chunked", b"Content-Lengthy: 9", b"X-Transfer-Encoding: gzip",
 ])
 
 
@@ -434,4 +436,4 @@ FRAMING_LINES = st.sampled_from([
 @given(st.lists(FRAMING_LINES, max_size=6))
 def test_framing_in_one_scan_equals_the_lowered_copy_searched_per_name(lines: list[bytes]) -> None:
     head = b"HTTP/1.1 200 OK\r\n" + b"".join(line + b"\r\n" for line in lines)
-    assert http1._framing(head) == _framing_by_lowering(head)
+    assert http1._framing(head, 0, len(head)) == _framing_by_lowering(head)
