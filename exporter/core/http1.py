@@ -749,6 +749,13 @@ class RequestParser(_Parser):
             self._state = _LOST
             self._lost_tail = b""
             return _PARSED
+        if framing == _HEAD:
+            # No body: the request is complete with its head (what _after_head and _complete
+            # would do, without their two calls on the usual GET).
+            self._current = None
+            self._tentative = False
+            self._body_bytes = 0
+            return _PARSED
         self._after_head(framing, length, ts_ns)
         return _PARSED
 
