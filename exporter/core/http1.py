@@ -196,8 +196,10 @@ _UNBOUNDED = 1 << 62  # opaque_bytes of a body that ends only with the connectio
 # `_parse_head` outcomes; a value >= 0 is where to resume, counted from the head's start.
 _PARSED = -1
 _SKIP_HEAD = -2
-# `_parse_head`'s framing_from when the caller knows the head has no framing header.
+# `_parse_head`'s framing_from when the caller knows the head has no framing header, and the
+# framing of such a head (as `_framing` gives it).
 _NO_FRAMING = -1
+_NO_BODY = (_HEAD, 0)
 
 _BLANK = b"\r\n"
 
@@ -381,13 +383,15 @@ class _Parser:
                 # cut head) takes the general search below. The head is parsed in place, not copied.
                 lines = _PLAIN_LINES.match(data, newline + 1)
                 lines_end = lines.end() if lines is not None else newline + 1  # (never None: `*`)
-                if data[lines_end : lines_end + 2] == b"\r\n":
+                blank = data[lines_end : lines_end + 2] == b"\r\n"
+                if blank:
                     framing_from = _NO_FRAMING
                 else:  # at a framing header (or a line that ends the lines): go on from its LF
                     framing_from = lines_end - 1
                     lines = _HEADER_LINES.match(data, lines_end)
                     lines_end = lines.end() if lines is not None else lines_end
-                if data[lines_end : lines_end + 2] == b"\r\n" and lines_end - 1 - pos < self._max_head:
+                    blank = data[lines_end : lines_end + 2] == b"\r\n"
+                if blank and lines_end - 1 - pos < self._max_head:
                     outcome = self._parse_head(data, pos, lines_end, ts_ns, framing_from, True)
                     return lines_end + 2 if outcome < 0 else pos + outcome
             term = data.find(b"\n\r\n", pos)
@@ -644,8 +648,16 @@ def _framing(head: bytes, start: int, end: int) -> tuple[int, int]:
     `start` is at a line's LF (or before the first line). `_HEAD` means neither Content-Length
     nor Transfer-Encoding is present.
     """
-    if start == _NO_FRAMING:
+    name = _FRAMING_NAME.search(head, start, end)
+    if name is None:
         return _HEAD, 0
+    at = name.end()
+    line_end = head.find(b"\n", at)
+    if at - name.start() != _TRANSFER_ENCODING_NAME_LENGTH and _FRAMING_NAME.search(head, line_end, end) is None:
+        # One plain Content-Length and no other framing header, the usual response: no lists.
+        value = head[at:line_end].strip()
+        if value.isdigit() and len(value) <= 18:
+            return _BODY, int(value)
     transfer_encoding = -1  # where the last one's value starts: it decides
     content_lengths: list[int] = []  # where each one's value starts
     for name in _FRAMING_NAME.finditer(head, start, end):
@@ -729,7 +741,7 @@ class RequestParser(_Parser):
         if not _header_fields_ok(data, newline + 1, lines_checked, end):
             self._fail("bad_header")
             return _SKIP_HEAD
-        framing, length = _framing(data, framing_from, end)
+        framing, length = _framing(data, framing_from, end) if framing_from != _NO_FRAMING else _NO_BODY
         if framing == _CLOSE_BODY:  # RFC 9112 §6.3: a request must end in chunked
             self._fail("bad_header")
             return _SKIP_HEAD
@@ -820,7 +832,7 @@ class ResponseParser(_Parser):
         if status < 200 and status != 101:
             self._tentative = False  # interim (100, 103): the final response follows
             return _PARSED
-        framing, length = _framing(data, framing_from, end)
+        framing, length = _framing(data, framing_from, end) if framing_from != _NO_FRAMING else _NO_BODY
         if framing == _HEAD:
             framing = _CLOSE_BODY
         if length < 0:
