@@ -149,8 +149,10 @@ class ByteSink(Protocol):
 
 
 _TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
-_REQUEST_LINE = re.compile(rb"([" + _TCHAR + rb"]+) ([^\x00-\x20\x7f]+) HTTP/1\.[0-9]\r?")
-_STATUS_LINE = re.compile(rb"HTTP/1\.[0-9] ([0-9]{3})(?:[ \t][^\r\n]*)?\r?")
+_REQUEST_LINE_PATTERN = rb"([" + _TCHAR + rb"]+) ([^\x00-\x20\x7f]+) HTTP/1\.[0-9]\r?"
+_STATUS_LINE_PATTERN = rb"HTTP/1\.[0-9] ([0-9]{3})(?:[ \t][^\r\n]*)?\r?"
+_REQUEST_LINE = re.compile(_REQUEST_LINE_PATTERN)
+_STATUS_LINE = re.compile(_STATUS_LINE_PATTERN)
 # Header lines: `token ":" value` ended by LF, the value free of CR and LF but for one CR before the
 # LF. Checked as two cheap scans rather than one `[^\r\n]*\r?\n` pattern: sre runs a negated
 # single byte (`[^\n]`) in a tight loop but a two-byte class byte by byte, ~5x slower on a 1.4 KB
@@ -161,7 +163,11 @@ _HEADER_LINES = re.compile(rb"(?:[" + _TCHAR + rb"]++:[^\n]*+\n)*")
 # a head it takes whole up to its blank line has none, so its framing needs no scan of its own
 # (a bodiless request, the usual case: ~0.5 us more here saves a ~1.5 us scan of a 1.4 KB head).
 # Where it stops short, _HEADER_LINES goes on from there and the framing scan starts there.
-_PLAIN_LINES = re.compile(rb"(?:(?!(?i:content-length|transfer-encoding):)[" + _TCHAR + rb"]++:[^\n]*+\n)*")
+_PLAIN_LINES_PATTERN = rb"(?:(?!(?i:content-length|transfer-encoding):)[" + _TCHAR + rb"]++:[^\n]*+\n)*"
+# A head's first line (its groups as in _REQUEST_LINE, _STATUS_LINE) and its plain lines in one
+# match: the whole-head path's first scan.
+_REQUEST_HEAD = re.compile(_REQUEST_LINE_PATTERN + rb"\n" + _PLAIN_LINES_PATTERN)
+_STATUS_HEAD = re.compile(_STATUS_LINE_PATTERN + rb"\n" + _PLAIN_LINES_PATTERN)
 _BARE_CR = re.compile(rb"\r(?!\n)")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 
@@ -239,6 +245,7 @@ class _Parser:
     _candidate: re.Pattern[bytes]
     _prefix: re.Pattern[bytes]
     _start: re.Pattern[bytes]
+    _whole_head: re.Pattern[bytes]
 
     def __init__(self, errors: dict[str, int], max_header_bytes: int, max_buffered_bytes: int) -> None:
         self._errors = errors
@@ -375,14 +382,14 @@ class _Parser:
                 if pos == end:
                     return end
             self._head_ns = ts_ns
-            newline = data.find(b"\n", pos)
-            if newline >= 0:
-                # The usual head, whole in this segment: `name:value` lines up to a CRLF blank line.
-                # One scan checks the lines and finds the blank line (and, for a head without a
-                # framing header, that it has none); anything else (a bare-LF end, a bad line, a
-                # cut head) takes the general search below. The head is parsed in place, not copied.
-                lines = _PLAIN_LINES.match(data, newline + 1)
-                lines_end = lines.end() if lines is not None else newline + 1  # (never None: `*`)
+            first = self._whole_head.match(data, pos)
+            if first is not None:
+                # The usual head, whole in this segment: a good first line, `name:value` lines up to
+                # a CRLF blank line. One scan checks them and finds the blank line (and, for a head
+                # without a framing header, that it has none); anything else (a bad first line, a
+                # bare-LF end, a bad line, a cut head) takes the general search below. The head is
+                # parsed in place, not copied.
+                lines_end = first.end()
                 blank = data[lines_end : lines_end + 2] == b"\r\n"
                 if blank:
                     framing_from = _NO_FRAMING
@@ -392,7 +399,7 @@ class _Parser:
                     lines_end = lines.end() if lines is not None else lines_end
                     blank = data[lines_end : lines_end + 2] == b"\r\n"
                 if blank and lines_end - 1 - pos < self._max_head:
-                    outcome = self._parse_head(data, pos, lines_end, ts_ns, framing_from, True)
+                    outcome = self._parse_head(data, pos, lines_end, ts_ns, framing_from, True, first)
                     return lines_end + 2 if outcome < 0 else pos + outcome
             term = data.find(b"\n\r\n", pos)
             if term >= 0:
@@ -605,12 +612,13 @@ class _Parser:
     # -- hooks ---------------------------------------------------------------------------
 
     def _parse_head(self, data: bytes, start: int, end: int, ts_ns: int, framing_from: int,
-                    lines_checked: bool) -> int:
+                    lines_checked: bool, first: re.Match[bytes] | None = None) -> int:
         """Take the head `data[start:end]` (its lines end with LF; the blank line is not included).
 
         `framing_from`: where in `data` a framing header's name may first start (its LF), or
         _NO_FRAMING when there is none. `lines_checked`: `_HEADER_LINES` matched all its lines.
-        Returns _PARSED, _SKIP_HEAD, or where to resume counted from `start`.
+        `first`: `_whole_head`'s match of it, when that checked its first line. Returns _PARSED,
+        _SKIP_HEAD, or where to resume counted from `start`.
         """
         raise NotImplementedError
 
@@ -704,6 +712,7 @@ class RequestParser(_Parser):
     _candidate = _REQUEST_CANDIDATE
     _prefix = _REQUEST_PREFIX
     _start = _METHOD_START
+    _whole_head = _REQUEST_HEAD
 
     def __init__(
         self,
@@ -732,12 +741,13 @@ class RequestParser(_Parser):
         return "not_http"
 
     def _parse_head(self, data: bytes, start: int, end: int, ts_ns: int, framing_from: int,
-                    lines_checked: bool) -> int:
+                    lines_checked: bool, first: re.Match[bytes] | None = None) -> int:
         newline = data.find(b"\n", start, end)
-        first = _REQUEST_LINE.fullmatch(data, start, newline)
         if first is None:
-            self._fail(self._first_line_error(data[start:newline]) or "bad_request_line")
-            return newline + 1 - start
+            first = _REQUEST_LINE.fullmatch(data, start, newline)
+            if first is None:
+                self._fail(self._first_line_error(data[start:newline]) or "bad_request_line")
+                return newline + 1 - start
         if not _header_fields_ok(data, newline + 1, lines_checked, end):
             self._fail("bad_header")
             return _SKIP_HEAD
@@ -799,6 +809,7 @@ class ResponseParser(_Parser):
     _candidate = _STATUS_CANDIDATE
     _prefix = _STATUS_PREFIX
     _start = _STATUS_START
+    _whole_head = _STATUS_HEAD
 
     def __init__(
         self,
@@ -819,12 +830,13 @@ class ResponseParser(_Parser):
         return "bad_status_line" if line.startswith(b"HTTP/") else "not_http"
 
     def _parse_head(self, data: bytes, start: int, end: int, ts_ns: int, framing_from: int,
-                    lines_checked: bool) -> int:
+                    lines_checked: bool, first: re.Match[bytes] | None = None) -> int:
         newline = data.find(b"\n", start, end)
-        first = _STATUS_LINE.fullmatch(data, start, newline)
         if first is None:
-            self._fail(self._first_line_error(data[start:newline]) or "bad_status_line")
-            return newline + 1 - start
+            first = _STATUS_LINE.fullmatch(data, start, newline)
+            if first is None:
+                self._fail(self._first_line_error(data[start:newline]) or "bad_status_line")
+                return newline + 1 - start
         if not _header_fields_ok(data, newline + 1, lines_checked, end):
             self._fail("bad_header")
             return _SKIP_HEAD
