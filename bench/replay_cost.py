@@ -10,7 +10,7 @@ least of `--passes` passes:
   and fed to a Pipeline in blocks of 256, servers named through identity's Resolver (one for
   all passes, so its cache is warm after the first, as in a running exporter), skip hints
   collected and taken.
-- `tracker`: the flow Tracker alone, on segments decoded once beforehand.
+- `tracker`: the flow Tracker alone, on segments decoded once beforehand (fed in the same blocks).
 
 `--profile N` adds cProfile's top N functions of one more pipeline pass. Two trees compare
 side by side on the same file when run from each worktree.
@@ -124,14 +124,15 @@ def pipeline_pass(blocks: list[list[Frame]], port: int, resolver: Resolver) -> C
 
 
 def tracker_pass(segments: list[Segment], port: int) -> Callable[[], int]:
-    """A pass that feeds the segments to a Tracker alone; it returns the exchanges."""
+    """A pass that feeds the segments to a Tracker alone, in blocks as the pipeline does; it returns the exchanges."""
     flows = Tracker((port,))
+    blocks = [segments[i:i + BLOCK] for i in range(0, len(segments), BLOCK)]
 
     def run() -> int:
-        feed = flows.feed
+        feed_all = flows.feed_all
         done = 0
-        for segment in segments:
-            done += len(feed(segment))
+        for block in blocks:
+            done += len(feed_all(block))
         return done + len(flows.flush())
 
     return run

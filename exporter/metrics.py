@@ -175,6 +175,11 @@ def format_bound(bound: float) -> str:
     return repr(float(bound))
 
 
+# Entries of HttpMetrics' lookup by an exchange's values: far more than the series a route cap
+# allows, and each costs ~200 bytes; past it (a scan with random method tokens) it starts again.
+_BY_VALUES_ENTRIES = 16384
+
+
 class _Histogram:
     __slots__ = ("counts", "total")
 
@@ -221,6 +226,10 @@ class HttpMetrics:
         self._lock = threading.Lock()
         # One entry per label set: (duration, request body, response body) histograms.
         self._series: dict[HttpKey, tuple[_Histogram, _Histogram, _Histogram]] = {}
+        # The same histograms by the exchange's own values (method, status, route, port, scheme,
+        # version, identity), so that an exchange finds its series without building its label
+        # values (method_label, two str()): bounded, cleared when full or when series go.
+        self._by_values: dict[tuple[object, ...], tuple[_Histogram, _Histogram, _Histogram]] = {}
         self._rpc: dict[RpcKey, _Histogram] = {}
         self._sources: list[Callable[[], Iterable[ExternalSeries]]] = []
 
@@ -229,35 +238,47 @@ class HttpMetrics:
         self._sources.append(source)
 
     def observe(self, exchange: Exchange, route: str, identity: tuple[str, ...] = NO_IDENTITY) -> None:
-        key = http_key(exchange.method, exchange.status, route, exchange.server_port,
-                       exchange.scheme, exchange.protocol_version, identity)
-        seconds = exchange.duration_seconds
+        # One unpack instead of a field lookup per use: this runs for every exchange.
+        (method, _, status, start_ns, end_ns, request_bytes, response_bytes, port, scheme, protocol_version, rpc,
+         _) = exchange
+        values = (method, status, route, port, scheme, protocol_version, identity)
+        seconds = (end_ns - start_ns) / 1e9 if end_ns > start_ns else 0.0  # Exchange.duration_seconds
+        # bisect_left: a value equal to a bound belongs in that bound's bucket (le is <=).
         duration_slot = bisect.bisect_left(self.duration_buckets, seconds)
+        request_slot = bisect.bisect_left(self.size_buckets, request_bytes)
+        response_slot = bisect.bisect_left(self.size_buckets, response_bytes)
         with self._lock:
-            series = self._series.get(key)
+            series = self._by_values.get(values)
             if series is None:
-                series = (
-                    _Histogram(len(self.duration_buckets)),
-                    _Histogram(len(self.size_buckets)),
-                    _Histogram(len(self.size_buckets)),
-                )
-                self._series[key] = series
+                series = self._series_of(http_key(method, status, route, port, scheme, protocol_version, identity))
+                if len(self._by_values) >= _BY_VALUES_ENTRIES:
+                    self._by_values.clear()
+                self._by_values[values] = series
             duration, req_size, resp_size = series
-            # bisect_left: a value equal to a bound belongs in that bound's bucket (le is <=).
             duration.counts[duration_slot] += 1
             duration.total += seconds
-            req_size.counts[bisect.bisect_left(self.size_buckets, exchange.request_body_bytes)] += 1
-            req_size.total += exchange.request_body_bytes
-            resp_size.counts[bisect.bisect_left(self.size_buckets, exchange.response_body_bytes)] += 1
-            resp_size.total += exchange.response_body_bytes
-            rpc = exchange.rpc
+            req_size.counts[request_slot] += 1
+            req_size.total += request_bytes
+            resp_size.counts[response_slot] += 1
+            resp_size.total += response_bytes
             if rpc is not None:
-                rpc_key = (rpc.system, rpc.service, rpc.method, rpc.status_code, str(exchange.server_port))
+                rpc_key = (rpc.system, rpc.service, rpc.method, rpc.status_code, str(port))
                 rpc_hist = self._rpc.get(rpc_key)
                 if rpc_hist is None:
                     rpc_hist = self._rpc[rpc_key] = _Histogram(len(self.duration_buckets))
                 rpc_hist.counts[duration_slot] += 1
                 rpc_hist.total += seconds
+
+    def _series_of(self, key: HttpKey) -> tuple[_Histogram, _Histogram, _Histogram]:
+        """The histograms of label set `key`, made at its first exchange (call with the lock held)."""
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = (
+                _Histogram(len(self.duration_buckets)),
+                _Histogram(len(self.size_buckets)),
+                _Histogram(len(self.size_buckets)),
+            )
+        return series
 
     def forget_instances(self, instance_ids: set[str]) -> int:
         """Drop the series of servers that went away (identity/ says so); return how many."""
@@ -267,6 +288,8 @@ class HttpMetrics:
             gone = [key for key in self._series if key[_INSTANCE_SLOT] in instance_ids]
             for key in gone:
                 del self._series[key]
+            if gone:
+                self._by_values.clear()
         return len(gone)
 
     def series_count(self) -> int:

@@ -77,12 +77,7 @@ class Pipeline:
         return tracker
 
     def feed(self, segments: Iterable[Segment], tracker: Tracker | None = None) -> None:
-        feed = (tracker or self.tracker).feed
-        done: list[Exchange] = []
-        for segment in segments:
-            exchanges = feed(segment)
-            if exchanges:
-                done += exchanges
+        done = (tracker or self.tracker).feed_all(segments)
         if done:
             self._emit(done)  # once per batch: the servers are named once per batch too
 

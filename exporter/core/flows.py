@@ -68,6 +68,7 @@ from exporter.core.model import ACK, FIN, PSH, RST, SYN, Exchange, Segment
 
 __all__ = ["CoreStats", "Handover", "Limits", "Tracker"]
 
+_new_tuple = tuple.__new__  # builds a NamedTuple from all its fields without its Python __new__
 _SEQ_SPACE = 1 << 32
 _SEQ_MASK = _SEQ_SPACE - 1
 _SEQ_HALF = 1 << 31
@@ -426,20 +427,11 @@ class _Flow:
         if request is None:
             return
         self.answering = None
-        self.emitted.append(
-            Exchange(
-                request.method,
-                normalise_target(request.target),
-                status,
-                request.start_ns,
-                end_ns,
-                self._request_body(request),
-                body_bytes,
-                self.server_port,
-                self.scheme,
-                server_ip=self.server_ip,
-            )
-        )
+        # Every field in order, built as a tuple: Exchange's own __new__ is a Python function.
+        self.emitted.append(_new_tuple(Exchange, (
+            request.method, normalise_target(request.target), status, request.start_ns, end_ns,
+            self._request_body(request), body_bytes, self.server_port, self.scheme, "1.1", None, self.server_ip,
+        )))
 
     def _request_body(self, request: PendingRequest) -> int:
         requests = self.requests
@@ -507,56 +499,68 @@ class Tracker:
 
     def feed(self, seg: Segment) -> list[Exchange]:
         """Take one captured segment; return the exchanges it completed (usually 0 or 1)."""
-        self.stats.segments += 1
-        # One unpack instead of a field lookup per use: this runs for every segment.
-        ts_ns, src_ip, src_port, dst_ip, dst_port, seq, flags, payload, plen = seg
-        ports = self._server_ports
-        if dst_port in ports:
-            key = (src_ip, src_port, dst_ip, dst_port)
-            to_server = True
-        elif src_port in ports:
-            key = (dst_ip, dst_port, src_ip, src_port)
-            to_server = False
-        else:
-            return []
-        flows = self._flows
-        flow = flows.get(key)
-        if flow is None:
-            if flags & RST or not (plen or flags & SYN):
-                return []  # an end, or a bare ACK, of something we never saw
-            flow = self._open(key)
-        else:
-            flows.move_to_end(key)
-        if not flow.seen_data and plen:
-            flow.seen_data = True
-            if self._scheme == "http" and is_tls_record(payload):
-                flow.encrypted = True
-                self.stats.encrypted_flows += 1
-                if self.encrypted_hints is not None:
-                    self.encrypted_hints[key] = True
-        if flow.encrypted:
-            flow.last_ns = ts_ns
-            if flags & RST:
-                self._close(flow, graceful=True)
-            elif flags & FIN:
-                (flow.client if to_server else flow.server).fin = True
-                if flow.client.fin and flow.server.fin:
-                    self._close(flow, graceful=True)
-            return []
-        side = flow.client if to_server else flow.server
-        if plen and (flow.client.fin or flow.server.fin) and side.next_seq >= 0:
-            distance = _seq_delta(seq, side.next_seq)
-            if distance > _REUSE_DISTANCE or distance < -_REUSE_DISTANCE:
-                # Data far from a closing connection's numbers: a new connection reusing the 4-tuple.
-                self._close(flow, graceful=True)
-                flow = self._open(key)
-                side = flow.client if to_server else flow.server
-        flow.last_ns = ts_ns
+        return self.feed_all((seg,))
 
-        if flags & RST:
-            self.stats.flows_closed += 1
-            self._close(flow, graceful=False)
-        else:
+    def feed_all(self, segments: Iterable[Segment]) -> list[Exchange]:
+        """Take captured segments in order; return the exchanges they completed, in order.
+
+        One call per batch rather than per segment: the loop's lookups are made once, and the
+        exchanges are handed back once.
+        """
+        stats = self.stats
+        ports = self._server_ports
+        flows = self._flows
+        skip_hints = self.skip_hints
+        http_only = self._scheme == "http"
+        for seg in segments:
+            stats.segments += 1
+            # One unpack instead of a field lookup per use: this runs for every segment.
+            ts_ns, src_ip, src_port, dst_ip, dst_port, seq, flags, payload, plen = seg
+            if dst_port in ports:
+                key = (src_ip, src_port, dst_ip, dst_port)
+                to_server = True
+            elif src_port in ports:
+                key = (dst_ip, dst_port, src_ip, src_port)
+                to_server = False
+            else:
+                continue
+            flow = flows.get(key)
+            if flow is None:
+                if flags & RST or not (plen or flags & SYN):
+                    continue  # an end, or a bare ACK, of something we never saw
+                flow = self._open(key)
+            else:
+                flows.move_to_end(key)
+            if not flow.seen_data and plen:
+                flow.seen_data = True
+                if http_only and is_tls_record(payload):
+                    flow.encrypted = True
+                    stats.encrypted_flows += 1
+                    if self.encrypted_hints is not None:
+                        self.encrypted_hints[key] = True
+            if flow.encrypted:
+                flow.last_ns = ts_ns
+                if flags & RST:
+                    self._close(flow, graceful=True)
+                elif flags & FIN:
+                    (flow.client if to_server else flow.server).fin = True
+                    if flow.client.fin and flow.server.fin:
+                        self._close(flow, graceful=True)
+                continue
+            side = flow.client if to_server else flow.server
+            if plen and (flow.client.fin or flow.server.fin) and side.next_seq >= 0:
+                distance = _seq_delta(seq, side.next_seq)
+                if distance > _REUSE_DISTANCE or distance < -_REUSE_DISTANCE:
+                    # Data far from a closing connection's numbers: a new connection reusing the 4-tuple.
+                    self._close(flow, graceful=True)
+                    flow = self._open(key)
+                    side = flow.client if to_server else flow.server
+            flow.last_ns = ts_ns
+
+            if flags & RST:
+                stats.flows_closed += 1
+                self._close(flow, graceful=False)
+                continue
             if flags & SYN:
                 seq = (seq + 1) & _SEQ_MASK  # SYN takes one sequence number
                 if side.next_seq >= 0 and seq != side.next_seq:
@@ -574,18 +578,12 @@ class Tracker:
                 else:
                     self._reorder(flow, side, seq, seg, to_server)
                 # Most segments leave no long body ahead: the hint is not worth a call then.
-                if (self.skip_hints is not None and not side.held
+                if (skip_hints is not None and not side.held
                         and (flow.requests if to_server else flow.responses).opaque_bytes >= _SKIP_MIN):
                     self._hint_skip(flow, side, to_server)
             if flags & FIN:
                 self._fin(flow, side, (seq + plen) & _SEQ_MASK, to_server)
-
-        emitted = self._emitted
-        if emitted:
-            done = emitted.copy()
-            emitted.clear()
-            return done
-        return []
+        return self._take_emitted()
 
     def seed(self, key: FlowKey, handover: Handover) -> list[Exchange]:
         """Start tracking connection `key` (client ip, client port, server ip, server port) mid-stream.

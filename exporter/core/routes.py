@@ -64,7 +64,11 @@ def heuristic_route(path: str) -> str:
     cut = len(segments) > MAX_ROUTE_SEGMENTS
     if cut:
         del segments[MAX_ROUTE_SEGMENTS:]
-    shaped = [_ID if _is_identifier(segment) else segment for segment in segments]
+    # Most segments are short words or numbers, decided here without a call: ASCII digits are an
+    # identifier, any other segment under 16 characters is not (_is_identifier's first two rules).
+    shaped = [_ID if segment.isdigit() and segment.isascii()
+              else segment if len(segment) < 16 else _ID if _is_identifier(segment) else segment
+              for segment in segments]
     route = "/" + "/".join(shaped)
     if cut or len(route) > MAX_ROUTE_CHARS:
         while shaped and len("/" + "/".join(shaped)) + len(_REST) + 1 > MAX_ROUTE_CHARS:

@@ -1,7 +1,14 @@
 from __future__ import annotations
 
+from unittest.mock import patch
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
+from exporter import metrics
+from exporter.core.http1 import KNOWN_METHODS
 from exporter.core.model import Exchange
 from exporter.identity import IDENTITY_LABEL_NAMES
 from exporter.metrics import ExporterCollector, HttpMetrics, SelfSample, format_bound
@@ -60,3 +67,58 @@ def test_self_samples_get_the_prefix_and_labels() -> None:
 
 def test_le_labels_are_float_text() -> None:
     assert [format_bound(b) for b in (1, 0.15, 10, float("inf"))] == ["1.0", "0.15", "10.0", "+Inf"]
+
+
+IDENTITIES = [("",) * len(IDENTITY_LABEL_NAMES), ("shop", "shop-1", "prod", "shop-1", "uid-1", "c1"),
+              ("shop", "shop-2", "prod", "shop-2", "uid-2", "c2")]
+exchanges = st.builds(
+    lambda method, status, start, length, request_body, response_body, port, scheme, version, route, identity: (
+        Exchange(method, "/x", status, start, start + length, request_body, response_body, port, scheme, version),
+        route, identity),
+    st.sampled_from(["GET", "POST", "PURGE", "get", "X-1"]), st.sampled_from([200, 404, 500]),
+    st.integers(0, 10**12), st.integers(-10**6, 3 * 10**9), st.sampled_from([0, 1, 100, 101, 10**9]),
+    st.sampled_from([0, 2, 999, 1000, 10**8 + 1]), st.sampled_from([80, 8080]), st.sampled_from(["http", "https"]),
+    st.sampled_from(["1.1", "2"]), st.sampled_from(["/a", "/b/{id}"]), st.sampled_from(IDENTITIES))
+
+
+def _oracle(observed: list[tuple[Exchange, str, tuple[str, ...]]], http: HttpMetrics) -> dict[tuple[str, ...], float]:
+    """Every sample of the three HTTP histograms, counted straight from the exchanges."""
+    samples: dict[tuple[str, ...], float] = {}
+    for one, route, identity in observed:
+        labels = (one.method if one.method in KNOWN_METHODS else "_OTHER", str(one.status), route,
+                  str(one.server_port), one.scheme, one.protocol_version, *identity)
+        values = (max(0, one.end_ns - one.start_ns) / 1e9, one.request_body_bytes, one.response_body_bytes)
+        for name, bounds, value in zip(("http_server_request_duration_seconds", "http_server_request_body_size_bytes",
+                                        "http_server_response_body_size_bytes"),
+                                       (http.duration_buckets, http.size_buckets, http.size_buckets), values,
+                                       strict=True):
+            for bound in (*bounds, float("inf")):
+                key = (f"{name}_bucket", *labels, format_bound(bound))
+                samples[key] = samples.get(key, 0) + (value <= bound)
+            samples[(f"{name}_count", *labels)] = samples.get((f"{name}_count", *labels), 0) + 1
+            samples[(f"{name}_sum", *labels)] = samples.get((f"{name}_sum", *labels), 0) + value
+    return samples
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(exchanges, max_size=40), st.integers(0, 40), st.integers(1, 4))
+def test_every_sample_equals_a_count_straight_from_the_exchanges(
+        observed: list[tuple[Exchange, str, tuple[str, ...]]], forget_at: int, lookup_entries: int) -> None:
+    # observe() finds a series by the exchange's own values through a small bounded table (made
+    # tiny here so that it fills and starts again); forgetting a server's series clears it too.
+    http = HttpMetrics()
+    with patch.object(metrics, "_BY_VALUES_ENTRIES", lookup_entries):
+        for at, (one, route, identity) in enumerate(observed):
+            if at == forget_at:
+                http.forget_instances({"shop-1"})
+                observed = [item for item in observed[:at] if item[2][1] != "shop-1"] + observed[at:]
+            http.observe(one, route, identity)
+    want = _oracle(observed, http)
+    got = {(sample.name, *sample.labels.values()): sample.value
+           for family in http.collect() for sample in family.samples}
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if key[0].endswith("_sum"):
+            assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+        else:
+            assert got[key] == value, key

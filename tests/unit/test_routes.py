@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.core.routes import MAX_ROUTE_CHARS, RouteMapper, _is_identifier
+from exporter.core.routes import MAX_ROUTE_CHARS, MAX_ROUTE_SEGMENTS, RouteMapper, _is_identifier, heuristic_route
 
 PATTERNS = ["/api/items/{id}", "/users/{user}/orders/{order}", "/users/me/orders/{order}"]
 
@@ -106,3 +106,27 @@ def test_kernel_id_keys_name_every_route_as_the_path_sent(segments: list[str], p
         return
     assert mapper.identifiers_are_ids()
     assert mapper.route(80, kernel_ids(path)) == mapper.route(80, path)
+
+
+path_segments = st.one_of(
+    st.sampled_from(["api", "items", "v2", "", "42", "٤٢", "²", "0" * 16, "x" * 65, "a1b2c3d4e5f6a7b8",
+                     "550e8400-e29b-41d4-a716-446655440000", "internationalization", "{id}"]),
+    st.text(alphabet="0123456789abcdefXYZ-_٤", max_size=20),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(path_segments, max_size=10))
+def test_heuristic_keeps_short_words_exactly_as_asking_each_segment_did(segments: list[str]) -> None:
+    # The heuristic decides short non-digit segments without a call; the rule it replaces asked
+    # _is_identifier about every segment.
+    path = "/" + "/".join(segments)
+    parts = path[1:].split("/", MAX_ROUTE_SEGMENTS)
+    cut = len(parts) > MAX_ROUTE_SEGMENTS
+    shaped = ["{id}" if _is_identifier(part) else part for part in parts[:MAX_ROUTE_SEGMENTS]]
+    route = "/" + "/".join(shaped)
+    if cut or len(route) > MAX_ROUTE_CHARS:
+        while shaped and len("/" + "/".join(shaped)) + len("{rest}") + 1 > MAX_ROUTE_CHARS:
+            shaped.pop()
+        route = "/" + "/".join([*shaped, "{rest}"])
+    assert heuristic_route(path) == route
