@@ -36,7 +36,7 @@ from bench.report import (
 )
 from bench.runner import CONFIGS, REPO, Load, Placement, Runner, RunResult, run_quiet
 from bench.soak import soak_table
-from bench.wrk import churn_script, paced_script, pipelined_script, realistic_script
+from bench.wrk import REALISTIC_IDS, churn_script, paced_script, pipelined_script, realistic_script
 from exporter.capture.bpfsys import enable_run_time_stats
 
 SCENARIOS = ("red", "realistic", "realistic-soak", "size", "rate", "conns", "soak", "h2", "node", "tls", "userspace")
@@ -52,7 +52,6 @@ H2_CONNECTIONS = 4
 H2_RATES = "5000,20000"
 USERSPACE_RATES = "20000,35000,50000"
 PIPELINE_DEPTH = 8
-REALISTIC_IDS = 100_000
 TLS_NOTE = """\
 nginx terminates TLS (self-signed certificate, TLS 1.3) and wrk speaks HTTPS with keep-alive; the exporter
 counts through its uprobes on libssl (url_scheme="https"). TLS events lost are events the kernel's ring

@@ -17,7 +17,8 @@ side by side on the same file when run from each worktree.
 
 `--record h2` first writes FILE: dumpcap on lo while h2load drives nginx's h2c listener as the
 h2 scenario does (4 connections, 10 streams each, paced at `--rate` streams/s); it needs root,
-nginx, h2load and dumpcap, replaying needs none of them. For other traffic, record with e.g.
+nginx, h2load and dumpcap, replaying needs none of them. `--record realistic` does the same with wrk
+sending the realistic scenario's browser heads to nginx's HTTP/1.1 listener. For other traffic, record with e.g.
 `dumpcap -i lo -f 'tcp port 8080' -w /tmp/load.pcapng` while wrk runs.
 
     python -m bench.replay_cost /tmp/h2.pcapng --record h2 --rate 20000 --duration 3
@@ -37,6 +38,7 @@ import click
 
 from bench.nginx import Nginx
 from bench.procs import BenchError, Children, require_tools, wait_until
+from bench.wrk import REALISTIC_IDS, realistic_script
 from exporter.capture.frames import decode_frame_reason, wanted
 from exporter.capture.pcap import Frame, read_frames
 from exporter.config import DEFAULT_MAX_SERVERS, DEFAULT_POD_LOGS
@@ -55,19 +57,32 @@ H2_STREAMS = 10
 
 def record_h2(path: Path, rate: float, duration: float) -> int:
     """Capture h2load -> nginx h2c on lo into `path`; the server's port."""
-    tools = require_tools(["nginx", "h2load", "dumpcap"])
+    return _record(path, "h2load", duration, lambda url: [
+        "-t1", f"-c{H2_CONNECTIONS}", f"-m{H2_STREAMS}", f"-D{duration:g}", f"--rps={rate / H2_CONNECTIONS:g}", url])
+
+
+def record_realistic(path: Path, duration: float, connections: int = 32) -> int:
+    """Capture wrk -> nginx on lo into `path`, with the realistic scenario's browser heads; the server's port."""
+    script = path.with_suffix(".lua")
+    script.write_text(realistic_script(REALISTIC_IDS))
+    return _record(path, "wrk", duration, lambda url: [
+        "-t1", f"-c{connections}", f"-d{duration:g}s", "-s", str(script), url])
+
+
+def _record(path: Path, client: str, duration: float, argv: Callable[[str], list[str]]) -> int:
+    """dumpcap on lo while `client` (h2load: nginx's h2c listener; wrk: HTTP/1.1) loads nginx."""
+    tools = require_tools(["nginx", client, "dumpcap"])
     with tempfile.TemporaryDirectory(prefix="replay-cost-") as tmp, Children(Path(tmp)) as children:
-        nginx = Nginx(children, tools["nginx"], Path(tmp), http2=True)
+        nginx = Nginx(children, tools["nginx"], Path(tmp), http2=client == "h2load")
         nginx.start()
         dumpcap = children.start("dumpcap", [tools["dumpcap"], "-q", "-i", "lo", "-f", f"tcp port {nginx.port}",
-                                             "-s", "0", "-B", "128", "-w", str(path)])
+                                             "-s", "0", "-B", "256", "-w", str(path)])
         if not wait_until(lambda: path.exists() and path.stat().st_size > 0, 10.0):
             raise BenchError(f"dumpcap did not start: {dumpcap.log_tail()}")
         time.sleep(0.5)
-        h2load = children.start("h2load", [tools["h2load"], "-t1", f"-c{H2_CONNECTIONS}", f"-m{H2_STREAMS}",
-                                           f"-D{duration:g}", f"--rps={rate / H2_CONNECTIONS:g}", nginx.url("/")])
-        if not wait_until(lambda: not h2load.alive(), duration + 30.0, 0.2):
-            raise BenchError("h2load did not finish")
+        load = children.start(client, [tools[client], *argv(nginx.url("/"))])
+        if not wait_until(lambda: not load.alive(), duration + 30.0, 0.2):
+            raise BenchError(f"{client} did not finish")
         time.sleep(0.5)  # the last ACKs and FINs
         children.stop(dumpcap)
         return nginx.port
@@ -138,8 +153,10 @@ def least_cpu(prepare: Callable[[], Callable[[], int]], passes: int) -> tuple[fl
 @click.command()
 @click.argument("capture", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--port", type=click.IntRange(1, 65535), help="The server's port (with --record: printed).")
-@click.option("--record", type=click.Choice(["h2"]), help="Write CAPTURE first (h2load -> nginx h2c, see above).")
-@click.option("--rate", default=20000.0, show_default=True, type=click.FloatRange(1), help="--record: streams/s.")
+@click.option("--record", type=click.Choice(["h2", "realistic"]),
+              help="Write CAPTURE first (h2load -> nginx h2c, or wrk's browser heads -> nginx; see above).")
+@click.option("--rate", default=20000.0, show_default=True, type=click.FloatRange(1),
+              help="--record h2: streams/s.")
 @click.option("--duration", default=3.0, show_default=True, type=click.FloatRange(1, 60),
               help="--record: seconds of load.")
 @click.option("--passes", default=5, show_default=True, type=click.IntRange(1, 100), help="The least is kept.")
@@ -150,7 +167,7 @@ def main(capture: Path, port: int | None, record: str | None, rate: float, durat
     """Replay CAPTURE (pcap or pcapng) through the exporter's user-space path; print CPU µs per exchange."""
     try:
         if record:
-            port = record_h2(capture, rate, duration)
+            port = record_h2(capture, rate, duration) if record == "h2" else record_realistic(capture, duration)
             click.echo(f"recorded {capture} (server port {port})")
         if port is None:
             raise click.UsageError("--port is required to replay")

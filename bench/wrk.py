@@ -8,8 +8,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["WrkResult", "churn_script", "paced_script", "parse_duration_s", "parse_wrk", "pipelined_script",
-           "realistic_script"]
+__all__ = ["REALISTIC_IDS", "WrkResult", "churn_script", "paced_script", "parse_duration_s", "parse_wrk",
+           "pipelined_script", "realistic_script"]
 
 _TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _COUNT_UNITS = {"": 1.0, "k": 1e3, "M": 1e6, "G": 1e9}
@@ -152,13 +152,14 @@ _BROWSER_HEADERS: tuple[tuple[str, str], ...] = (
     ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
 )
 COOKIE_BYTES = 700
+REALISTIC_IDS = 100_000  # distinct ids the realistic scenario's paths are drawn from
 
 
 def _lua_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def realistic_script(ids: int = 100_000, seed: int = 1) -> str:
+def realistic_script(ids: int = REALISTIC_IDS, seed: int = 1) -> str:
     """A wrk Lua script sending browser-sized heads (~1.3 KB: the headers above and a
     COOKIE_BYTES cookie) to `/api/items/<id>`, the id uniformly random in [0, ids)."""
     if ids < 1:

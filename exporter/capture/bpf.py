@@ -115,7 +115,7 @@ HEAD_MAX = 4096
 
 # Slots of the `config` array.
 _CONFIG_NAMES: tuple[str, ...] = ("loopback", "snaplen", "link_header_len", "fast_path", "node", "iface_set",
-                                  "route_ids", "agg_gen")
+                                  "route_ids", "agg_gen", "tls_flows")
 
 # 256 KiB, as tcpdump: a GSO super-packet on lo is up to 14 + 65535 bytes, so
 # 65535 would clip the tail of the largest ones.
@@ -390,6 +390,9 @@ class HttpFilter:
         require_privileges()
         self._fast_path = fast_path
         self._route_ids = False
+        # Set before tls_flows' first entry: until then the filter skips that lookup on every
+        # payload packet (most machines never see TLS on a watched port).
+        self._tls_flows_used = False
         self._agg_gen = 0  # the generation http_agg keys are added in (drain_aggregates)
         self._n_dur = self._n_size = 0
         self._watched: set[int] = set()  # what watched_ports holds: an array is not worth walking
@@ -464,7 +467,8 @@ class HttpFilter:
             raise CaptureError(f"link header length {link_header_len} unsupported (0 or 14)")
         values = {"loopback": int(loopback), "snaplen": snaplen, "link_header_len": link_header_len,
                   "fast_path": int(self._fast_path), "node": int(node), "iface_set": int(interface_set),
-                  "route_ids": int(self._route_ids), "agg_gen": self._agg_gen}
+                  "route_ids": int(self._route_ids), "agg_gen": self._agg_gen,
+                  "tls_flows": int(self._tls_flows_used)}
         for i, name in enumerate(_CONFIG_NAMES):
             self._config.update(_U32.pack(i), _U32.pack(values[name]))
 
@@ -696,6 +700,9 @@ class HttpFilter:
         """Drop (or again pass) the payload of this direction of a connection found to carry TLS."""
         key = self._skip_key(src_ip, src_port, dst_ip, dst_port)
         if drop:
+            if not self._tls_flows_used:
+                self._tls_flows_used = True
+                self._config.update(_U32.pack(_CONFIG_NAMES.index("tls_flows")), _U32.pack(1))
             self._tls_flows.update(key, b"\x01")
         else:
             self._tls_flows.delete(key)  # False when already gone (LRU): nothing to forget

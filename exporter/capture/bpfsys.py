@@ -20,7 +20,7 @@ from pathlib import Path
 from exporter.errors import CaptureError
 from exporter.preflight import SYS_BPF
 
-__all__ = ["BpfMap", "MapInfo", "enable_run_time_stats", "map_info", "possible_cpus", "test_run"]
+__all__ = ["BpfMap", "MapInfo", "enable_run_time_stats", "map_info", "possible_cpus", "test_run", "timed_test_run"]
 
 
 _MAP_LOOKUP_ELEM = 1
@@ -82,6 +82,11 @@ def test_run(prog_fd: int, data: bytes) -> int:
     pulls the link header: the program sees the frame from its IP header on. Tests use
     it to drive the real filter with packets no interface carries.
     """
+    return timed_test_run(prog_fd, data)[0]
+
+
+def timed_test_run(prog_fd: int, data: bytes) -> tuple[int, int]:
+    """As test_run: (return value, nanoseconds the kernel timed the run, tail calls included)."""
     buf = ct.create_string_buffer(data, len(data))
     attr = ct.create_string_buffer(
         _TEST_ATTR.pack(prog_fd, 0, len(data), 0, ct.addressof(buf), 0, 1, 0, 0, 0, 0, 0, 0, 0, 0),
@@ -89,7 +94,8 @@ def test_run(prog_fd: int, data: bytes) -> int:
     err = _bpf(_PROG_TEST_RUN, attr)
     if err < 0:
         raise OSError(-err, f"BPF_PROG_TEST_RUN: {os.strerror(-err)}")
-    return int(_TEST_ATTR.unpack(attr.raw)[1])
+    fields = _TEST_ATTR.unpack(attr.raw)
+    return int(fields[1]), int(fields[7])
 
 
 def enable_run_time_stats() -> int:

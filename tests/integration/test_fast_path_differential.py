@@ -316,6 +316,37 @@ def test_heads_split_at_any_byte_stay_in_the_kernel(bpf_filter: HttpFilter) -> N
     assert after["exchanges"] - before["exchanges"] == expected
 
 
+def test_word_steps_of_the_scan_agree_with_the_parser_at_every_cut(bpf_filter: HttpFilter) -> None:
+    """The scan passes target, name and value bytes a word or more a step and folds a value's
+    CRLF with the next line's first byte. Heads whose framing headers (Content-Length with the
+    body sent apart, Transfer-Encoding) sit at every offset from a word's edge, cut at every
+    byte of their first 40 and last 40 (a name's first byte ending the first segment among
+    them), must count as the parser counts them, and every one without Transfer-Encoding whose
+    first segment is long enough to start a head (16 bytes) must stay in the kernel."""
+    bodies = 0
+    taken = 0
+    before = bpf_filter.fast_counters()["exchanges"]
+    for pad in range(9):
+        for framing in (b"Content-Length: 2", b"content-length:2", b"Transfer-Encoding: chunked", b"cookie: a"):
+            target = b"/" + b"a" * pad + b"?q" + b"#" * (pad % 2)
+            head = (b"POST " + target + b" HTTP/1.1\r\nHost: x\r\nX-" + b"y" * pad + b": " + b"z" * (pad * 5)
+                    + b"\r\n" + framing + b"\r\nt: 1\r\n\r\n")
+            chunked = framing.startswith(b"Transfer")
+            body = b"2\r\nab\r\n0\r\n\r\n" if chunked else b"ab" if b"ength" in framing else b""
+            bodies += body == b"ab"
+            for cut in sorted({*range(1, min(40, len(head))), *range(max(1, len(head) - 40), len(head))}):
+                steps = [Step(True, head[:cut]), Step(True, head[cut:])]
+                steps += [Step(True, body)] if body else []
+                steps += [Step(False, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),
+                          Step(False, b"", fin=True), Step(True, b"", fin=True)]
+                reference, fast = run_both(bpf_filter, steps, 1000, 2000)
+                assert fast == reference, (head, cut)
+                assert reference[("POST", 200, "/" + "a" * pad, "count")] == 1, (head, cut)
+                taken += not chunked and cut >= 16
+    assert bodies == 18
+    assert bpf_filter.fast_counters()["exchanges"] - before == taken
+
+
 HANDOVER_ENTRIES = 16384  # the C file's default
 
 

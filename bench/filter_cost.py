@@ -1,0 +1,133 @@
+"""The socket filter's run time per packet shape, from a capture: `python -m bench.filter_cost FILE --port N`.
+
+Live, the filter's cost shows only as a total (`python -m bench --filter-stats`: BPF run time ÷
+requests), and other load on the machine moves it. This replays every TCP frame of a pcap or
+pcapng file on the server's port through the real, loaded bpf/http_filter.c with
+BPF_PROG_TEST_RUN, in the capture's order, the fast path on and ids keyed as `{id}` (as the
+exporter runs it on lo), and sums the run time the kernel measured for each frame (the
+program and its tail calls; one clock read of overhead each). It prints nanoseconds per frame
+for each shape (client data, server data, no payload) and per exchange the kernel completed.
+Each pass loads the filter afresh, so its flow state starts empty as at the exporter's start;
+the least of `--passes` passes is kept.
+
+`--compare OTHER.c` (repeatable) loads another version of the C file (e.g. `git show main:bpf/http_filter.c
+> /tmp/main.c`) and alternates passes of each, so all are measured side by side under
+the same load. A BPF_PROG_TEST_RUN skb is linear and its socket is none: on lo, a segment
+TCP wrote from pages is not, so live figures run somewhat higher; compare trees, not
+absolute numbers.
+
+`--record realistic` first writes FILE: dumpcap on lo while wrk sends the realistic
+scenario's browser heads to nginx (needs root, nginx, wrk and dumpcap).
+
+    python -m bench.filter_cost /tmp/real.pcapng --record realistic --duration 2
+    python -m bench.filter_cost /tmp/real.pcapng --port 40123 --compare /tmp/main.c
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from pathlib import Path
+
+import click
+
+from bench.procs import BenchError
+from bench.replay_cost import record_realistic
+from exporter.capture.bpf import FAST_COUNTER_NAMES, HttpFilter
+from exporter.capture.bpfsys import timed_test_run
+from exporter.capture.frames import LINKTYPE_ETHERNET, decode_frame_reason
+from exporter.capture.pcap import read_frames
+from exporter.core.model import Segment
+from exporter.errors import CaptureError
+
+SHAPES = ("client data", "server data", "no payload")
+
+
+def load(path: Path, port: int) -> list[tuple[str, bytes]]:
+    """(shape, Ethernet frame) of every TCP frame to or from `port`, in the capture's order."""
+    frames: list[tuple[str, bytes]] = []
+    for ts_ns, data, wire_len, linktype in read_frames(path):
+        if linktype != LINKTYPE_ETHERNET:
+            raise click.ClickException(f"{path}: link type {linktype}, this tool replays Ethernet frames (lo)")
+        got = decode_frame_reason(data, ts_ns, wire_len, linktype)
+        if type(got) is not Segment:
+            continue
+        if got.dst_port == port:
+            shape = "client data" if got.payload_len else "no payload"
+        elif got.src_port == port:
+            shape = "server data" if got.payload_len else "no payload"
+        else:
+            continue
+        frames.append((shape, data))
+    return frames
+
+
+def one_pass(src: Path | None, port: int, frames: list[tuple[str, bytes]]) -> tuple[dict[str, list[int]], int, int]:
+    """({shape: [frames, ns]}, exchanges completed in the kernel, frames passed up) of a fresh filter."""
+    # link_header_len 0: BPF_PROG_TEST_RUN pulls the Ethernet header before a socket filter runs.
+    bpf_filter = HttpFilter([port], loopback=False, link_header_len=0, fast_path=True, src_file=src,
+                            histogram_bounds=((0.001, 0.01, 0.1, 1.0), (100.0, 1000.0, 10000.0)))
+    try:
+        bpf_filter.set_route_ids(True)
+        totals: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+        passed = 0
+        fd = bpf_filter.fd
+        for shape, data in frames:
+            kept, ns = timed_test_run(fd, data)
+            total = totals[shape]
+            total[0] += 1
+            total[1] += ns
+            passed += kept > 0
+        exchanges = bpf_filter.fast_counters()[FAST_COUNTER_NAMES[1]]
+        return totals, exchanges, passed
+    finally:
+        bpf_filter.close()
+
+
+@click.command()
+@click.argument("capture", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--port", type=click.IntRange(1, 65535), help="The server's port (with --record: printed).")
+@click.option("--record", type=click.Choice(["realistic"]), help="Write CAPTURE first (see above).")
+@click.option("--duration", default=2.0, show_default=True, type=click.FloatRange(1, 60),
+              help="--record: seconds of load.")
+@click.option("--compare", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Another http_filter.c, measured in alternate passes (repeatable).")
+@click.option("--passes", default=3, show_default=True, type=click.IntRange(1, 50), help="The least is kept.")
+def main(capture: Path, port: int | None, record: str | None, duration: float, compare: tuple[Path, ...],
+         passes: int) -> None:
+    """Replay CAPTURE's frames through the loaded socket filter; print its run time per packet shape."""
+    try:
+        if record:
+            port = record_realistic(capture, duration)
+            click.echo(f"recorded {capture} (server port {port})")
+        if port is None:
+            raise click.UsageError("--port is required to replay")
+        frames = load(capture, port)
+        if not frames:
+            raise click.ClickException(f"no frames on port {port} in {capture}")
+        trees: dict[str, Path | None] = {"this tree": None}
+        trees.update((str(other), other) for other in compare)
+        best: dict[str, tuple[dict[str, list[int]], int, int]] = {}
+        for _ in range(passes):
+            for name, src in trees.items():
+                got = one_pass(src, port, frames)
+                if name not in best or sum(t[1] for t in got[0].values()) < sum(t[1] for t in best[name][0].values()):
+                    best[name] = got
+                time.sleep(0.1)
+    except (BenchError, CaptureError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    counts = collections.Counter(shape for shape, _ in frames)
+    click.echo(f"{capture.name}: {len(frames):,} frames on port {port} "
+               f"({', '.join(f'{counts[s]:,} {s}' for s in SHAPES)}); least of {passes} passes")
+    click.echo(f"{'filter':<24} " + " ".join(f"{s + ' ns':>16}" for s in SHAPES)
+               + f" {'ns/exchange':>12} {'exchanges':>10} {'passed up':>10}")
+    for name, (totals, exchanges, passed) in best.items():
+        per_shape = [totals[s][1] / totals[s][0] if totals[s][0] else 0.0 for s in SHAPES]
+        whole = sum(t[1] for t in totals.values())
+        per_exchange = f"{whole / exchanges:12.0f}" if exchanges else f"{'n/a':>12}"
+        click.echo(f"{name:<24} " + " ".join(f"{v:16.0f}" for v in per_shape)
+                   + f" {per_exchange} {exchanges:10,} {passed:10,}")
+
+
+if __name__ == "__main__":
+    main()
