@@ -139,9 +139,15 @@ class DrainedRing:
         self.processed_position = ring.consumer_position()
         self.largest_queued_bytes = 0
         self._thread = threading.Thread(target=self._drain, daemon=True, name="tls-ring")
-        self._thread.start()
+
+    def start(self) -> None:
+        """Start the thread; the first fileno(), read() or flush() does it anyway. Not at creation:
+        a process that drops its privileges (`--user`) must do it while it has one thread only."""
+        if self._thread.ident is None:
+            self._thread.start()
 
     def fileno(self) -> int:
+        self.start()
         return self._ready_r
 
     def _drain(self) -> None:
@@ -173,6 +179,7 @@ class DrainedRing:
 
     def flush(self) -> None:
         """Queue all that the ring holds now, past the bound: the next reads return it."""
+        self.start()
         while self._take():
             pass
 
@@ -185,6 +192,7 @@ class DrainedRing:
     def read(self, timeout_s: float, limit: int = 65536) -> list[bytes]:
         """Records in ring order (at least one batch, then whole batches up to `limit` records);
         waits up to `timeout_s` for one."""
+        self.start()
         if timeout_s > 0 and not self._queue:
             select.select([self._ready_r], [], [], timeout_s)
         try:
@@ -209,7 +217,8 @@ class DrainedRing:
             self._stopping = True
             self._room.notify()
         os.write(self._stop_w, b"s")
-        self._thread.join()
+        if self._thread.ident is not None:
+            self._thread.join()
         for fd in (self._ready_r, self._ready_w, self._stop_r, self._stop_w):
             os.close(fd)
         self._ring.close()

@@ -351,9 +351,14 @@ def test_drained_ring_gives_the_ring_back_at_once_and_stops_taking_when_its_queu
 
             drained = DrainedRing(RingBuffer(fd, size), max_queued_bytes=1000, every_s=0.01)
             try:
+                produce(b"early")
+                time.sleep(0.05)
+                assert released() == 0  # no thread before the first use (a --user drop needs one thread)
+                drained.start()
+                assert drained.read(1.0) == [b"early"]
                 first = produce(b"a" * 3000)
                 assert wait_until(lambda: released() == first)  # the ring's room is back, not yet read
-                assert drained.processed_position == 0
+                assert drained.processed_position == first - 3008
                 produce(b"b" * 100)
                 time.sleep(0.1)
                 assert released() == first  # 3000 bytes queued, over the bound: the thread waits
