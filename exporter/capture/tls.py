@@ -358,6 +358,10 @@ class TlsProbes:
         assert self._ring is not None
         self._ring.flush()
 
+    def ring_thread_cpu_s(self) -> float:
+        """CPU time of the thread that empties the ring (ringbuf.DrainedRing)."""
+        return self._ring.thread_cpu_s() if self._ring is not None else 0.0
+
     def set_skip(self, tgid: int, ssl: int, conn: int, direction: int, stretch: tuple[int, int] | None) -> None:
         """A body stretch [start, end) of one direction's stream (32-bit offsets) of connection `conn`
         (its OPEN's time); None: none."""
