@@ -142,13 +142,17 @@ def ssl_costs(calls: int) -> list[tuple[str, float, float | None]]:
             pair = _Pair(port, cert, key)
             pair.rounds(100)  # handshake done, state made
             before_ns = _bpf_run(os.getpid())
+            probes = capture.probes if capture is not None else None
+            ring_started = probes.ring_thread_cpu_s() if probes is not None else 0.0
             started = _cpu_s()
             pair.rounds(rounds)
             after_ns = _bpf_run(os.getpid())
             stop.set()
             if reader is not None:
                 reader.join()  # its CPU is this process's too: taken out below
-            spent = _cpu_s() - started - reader_cpu[0]
+            # So is the CPU of the exporter's own thread that empties the ring into its queue.
+            ring_cpu_s = probes.ring_thread_cpu_s() - ring_started if probes is not None else 0.0
+            spent = _cpu_s() - started - reader_cpu[0] - ring_cpu_s
             pair.close()
             if capture is not None:
                 counters = capture.counters()

@@ -51,7 +51,7 @@
  * connections itself (tls.py's reap).
  *
  * The ring: the reader is woken once TLS_WAKE_BYTES are unread, not per event
- * (it also reads every POLL_S), and past TLS_TRIM_BYTES unread a call copies
+ * (it also reads every TLS_DRAIN_EVERY_S), and past TLS_TRIM_BYTES unread a call copies
  * its first TLS_PREFIX bytes only; see tls.py for the sizes and why.
  *
  * Events (`struct tls_event`, 48-byte header then data) go through the
@@ -211,7 +211,7 @@ static __always_inline void ring_produced(u64 size)
 
 /* Wake the reader only once a batch is worth it. Each wakeup is an irq_work, a self-IPI, which
  * on a virtual machine costs an exit (measured: ~5 us of run time per event with the default
- * adaptive wakeup); user space also reads the ring at least every POLL_S without being woken. */
+ * adaptive wakeup); user space also reads the ring at least every TLS_DRAIN_EVERY_S unwoken. */
 static __always_inline u64 wakeup_flag(u64 pending)
 {
     return pending >= TLS_WAKE_BYTES ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;

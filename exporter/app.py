@@ -20,8 +20,10 @@ dropped right after, while this is the only thread (capabilities are per thread)
 
 TLS (capture/tls.py, on unless --no-tls): uprobes on libssl feed a Tracker of their own in
 the same pipeline. They are attached right after the packet capture, before --user drops
-privileges, and read in the same loop: it waits on both descriptors. Without any libssl
-to probe the exporter warns and goes on with clear text, unless --libssl named one.
+privileges. A thread of their own (capture/ringbuf.py DrainedRing, started at the loop's first
+wait, after the drop) copies their events out of the ring; this loop parses them, waiting on
+both descriptors. Without any libssl to probe the exporter warns and goes on with clear
+text, unless --libssl named one.
 """
 
 from __future__ import annotations

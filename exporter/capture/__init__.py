@@ -5,6 +5,7 @@
     bpf_loader         helper process: the only importer of bcc, compiles and hands over fds
     tls.TlsCapture     bpf/tls_probes.c: uprobes on libssl, HTTPS plaintext as Segments
     ringbuf.RingBuffer a BPF ring buffer read by mmap (the TLS events)
+    ringbuf.DrainedRing the same, emptied by a thread into a queue bounded in bytes
     frames             pure frame -> Segment decoder, shared by live and replay
     pcap.read_capture  pcap/pcapng replay (imports pypacker, so not re-exported here)
 

@@ -20,7 +20,8 @@ Which connections count: those whose socket's local port is a watched port, i.e.
 server's accepted sockets, decided in the kernel: nothing else ever reaches user space, and
 an unwatched SSL* costs a hash lookup per call from its first (`tls_calls_ignored_total`).
 
-The ring is read in batches (see TLS_WAKE_BYTES): at least every POLL_S, and when 256 KiB wait.
+The ring is emptied in batches by a thread of its own (TLS_DRAIN_EVERY_S, TLS_WAKE_BYTES) into a
+bounded queue the exporter's loop reads (TLS_QUEUE_BYTES, ringbuf.DrainedRing).
 
 Failures leave as CaptureError (a library whose layout cannot be measured is left out and
 said in TlsProbes.unprobed); a socket the kernel could not walk is counted
@@ -47,7 +48,7 @@ from exporter.capture.bpf import ask_loader, find_source
 from exporter.capture.bpfsys import BpfMap, map_info, possible_cpus
 from exporter.capture.kernel_layout import socket_walk_offsets
 from exporter.capture.openssl_layout import SslLayout, SslLayoutError, calibrate
-from exporter.capture.ringbuf import RingBuffer
+from exporter.capture.ringbuf import DrainedRing, RingBuffer
 from exporter.core.model import ACK, FIN, PSH, RST, Segment
 from exporter.errors import CaptureError
 from exporter.metrics import (
@@ -125,10 +126,15 @@ TLS_MAX_CHUNKS = 16
 RING_PAGES = 4096
 TLS_TRIM_BYTES = 2 * 1024 * 1024
 TLS_PREFIX = 4096
-# The kernel wakes the reader once this much is unread, or for a socket's first event; otherwise the
-# exporter's loop reads the ring every POLL_S (app.py). A wakeup per event cost more than the probe
-# itself (see tls_probes.c) and made the exporter handle one or two events per read.
+# The kernel wakes the reader once this much is unread; otherwise it reads the ring every
+# TLS_DRAIN_EVERY_S. A wakeup per event cost more than the probe itself (see tls_probes.c) and
+# made the exporter handle one or two events per read.
 TLS_WAKE_BYTES = 256 * 1024
+# The ring is emptied by a thread of its own (ringbuf.DrainedRing) into a queue that holds at most
+# this much: bursts the parser is slower than go there, and cost memory only while they last. The
+# thread reads at least every TLS_DRAIN_EVERY_S, and when TLS_WAKE_BYTES wait.
+TLS_QUEUE_BYTES = 48 * 1024 * 1024
+TLS_DRAIN_EVERY_S = 0.1
 
 # Where distributions keep the shared libssl; --libssl adds more.
 LIBRARY_GLOBS: tuple[str, ...] = (
@@ -307,7 +313,7 @@ class TlsProbes:
         self.libraries = sorted({item[0] for item in attached})
         # Maps, attachments, then the programs (held for their run time statistics only).
         map_fds, self._attach_fds = fds[:len(_MAPS)], fds[len(_MAPS):]
-        self._ring: RingBuffer | None = None
+        self._ring: DrainedRing | None = None
         self._maps: dict[str, BpfMap] = {}
         try:
             if not attached:
@@ -322,13 +328,14 @@ class TlsProbes:
                 if (info.key_size, info.value_size) != _MAPS[name]:
                     raise CaptureError(f"BPF map {name} has {info.key_size}-byte keys and {info.value_size}-byte "
                                        f"values, tls.py expects {_MAPS[name]}: tls_probes.c and tls.py disagree")
-            self._ring = RingBuffer(events_fd, map_info(events_fd).max_entries)
-            self._events_fd = events_fd
             try:
                 self._ring_pos = mmap.mmap(by_name["tls_ring_pos"], mmap.PAGESIZE, mmap.MAP_SHARED,
                                            mmap.PROT_READ | mmap.PROT_WRITE)
             except OSError as exc:
                 raise CaptureError(f"cannot map the BPF array tls_ring_pos: {exc.strerror}") from exc
+            self._ring = DrainedRing(RingBuffer(events_fd, map_info(events_fd).max_entries), TLS_QUEUE_BYTES,
+                                     TLS_DRAIN_EVERY_S)
+            self._events_fd = events_fd
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -343,8 +350,17 @@ class TlsProbes:
         records = self._ring.read(timeout_s)
         if records:
             # The probes trim calls while the backlog is large: tell them how far we are.
-            _U64.pack_into(self._ring_pos, _RING_CONSUMED_AT, self._ring.consumer_position())
+            _U64.pack_into(self._ring_pos, _RING_CONSUMED_AT, self._ring.processed_position)
         return records
+
+    def flush(self) -> None:
+        """What the ring holds now goes to the next read (it is otherwise taken in batches)."""
+        assert self._ring is not None
+        self._ring.flush()
+
+    def ring_thread_cpu_s(self) -> float:
+        """CPU time of the thread that empties the ring (ringbuf.DrainedRing)."""
+        return self._ring.thread_cpu_s() if self._ring is not None else 0.0
 
     def set_skip(self, tgid: int, ssl: int, conn: int, direction: int, stretch: tuple[int, int] | None) -> None:
         """A body stretch [start, end) of one direction's stream (32-bit offsets) of connection `conn`
@@ -615,6 +631,8 @@ class TlsCapture:
         # A gone fd's last events (its last response, its close) were written before we looked, but
         # may still wait in the ring (it is read in batches): take them first, or the RST would end
         # the flow before its last exchange.
+        if self.probes is not None:
+            self.probes.flush()
         out = self.read(0)
         for conn in gone:
             if self._conns.get(conn.key) is conn:  # no close (or new OPEN) in what was just read

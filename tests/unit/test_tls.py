@@ -7,11 +7,13 @@ import mmap
 import os
 import socket
 import struct
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from exporter.capture.ringbuf import RingBuffer
+from exporter.capture.ringbuf import DrainedRing, RingBuffer
 from exporter.capture.tls import (
     KIND_CLOSE,
     KIND_OPEN,
@@ -237,6 +239,9 @@ class FakeProbes:
     def read(self, timeout_s: float) -> list[bytes]:
         return self.batches.pop(0) if self.batches else []
 
+    def flush(self) -> None:
+        pass  # its batches are all readable already
+
     def set_skip(self, tgid: int, ssl: int, conn: int, direction: int, stretch: tuple[int, int] | None) -> None:
         self.skips.append((tgid, ssl, conn, direction, stretch))
 
@@ -310,6 +315,61 @@ def test_ring_buffer_joins_a_record_that_wraps_around() -> None:
             assert ring.consumer_position() == position
             assert struct.unpack_from("=Q", memory, 0)[0] == position
         ring.close()
+    finally:
+        os.close(fd)
+
+
+def test_drained_ring_gives_the_ring_back_at_once_and_stops_taking_when_its_queue_is_full() -> None:
+    """The thread copies records out and releases their room in the ring before the reader takes
+    them; the position the probes judge their backlog by moves only when the reader takes them.
+    Past its byte bound the thread stops taking, so the ring fills (and the kernel counts)."""
+    page, size = mmap.PAGESIZE, 4096
+    fd = os.memfd_create("ring")
+    try:
+        os.ftruncate(fd, 2 * page + size)
+        with mmap.mmap(fd, 2 * page + size) as memory:
+            produced = 0
+
+            def produce(record: bytes) -> int:
+                nonlocal produced
+                struct.pack_into("=II", memory, 2 * page + (produced & (size - 1)), len(record), 0)
+                for i, byte in enumerate(record):
+                    memory[2 * page + ((produced + 8 + i) & (size - 1))] = byte
+                produced += (len(record) + 8 + 7) & ~7
+                struct.pack_into("=Q", memory, page, produced)
+                return produced
+
+            def released() -> int:
+                value: int = struct.unpack_from("=Q", memory, 0)[0]
+                return value
+
+            def wait_until(condition: Callable[[], bool]) -> bool:
+                deadline = time.monotonic() + 5
+                while not condition() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                return condition()
+
+            drained = DrainedRing(RingBuffer(fd, size), max_queued_bytes=1000, every_s=0.01)
+            try:
+                produce(b"early")
+                time.sleep(0.05)
+                assert released() == 0  # no thread before the first use (a --user drop needs one thread)
+                drained.start()
+                assert drained.read(1.0) == [b"early"]
+                first = produce(b"a" * 3000)
+                assert wait_until(lambda: released() == first)  # the ring's room is back, not yet read
+                assert drained.processed_position == first - 3008
+                produce(b"b" * 100)
+                time.sleep(0.1)
+                assert released() == first  # 3000 bytes queued, over the bound: the thread waits
+                assert drained.read(1.0) == [b"a" * 3000]
+                assert drained.processed_position == first
+                assert drained.read(1.0) == [b"b" * 100]
+                assert drained.processed_position == released() == produced
+                assert drained.largest_queued_bytes == 3000
+                assert drained.read(0) == []
+            finally:
+                drained.close()
     finally:
         os.close(fd)
 
