@@ -1,12 +1,11 @@
-"""bench/filter_cost.py without a kernel: the frames it replays, by shape, and its one-line errors."""
+"""bench/filter_cost.py without a kernel: the frames it replays, by shape (its one-line errors are
+tested with replay_cost's, whose loader it shares: test_bench_replay_cost.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from click.testing import CliRunner
-
-from bench.filter_cost import load, main
+from bench.filter_cost import load
 from tests.unit.test_bench_replay_cost import PORT, write_capture
 
 
@@ -20,14 +19,3 @@ def test_every_frame_of_the_port_is_replayed_by_shape(tmp_path: Path) -> None:
     assert shapes.count("no payload") == 12 + 6
     assert len(shapes) == 42
     assert load(path, PORT + 1) == []
-
-
-def test_a_port_without_traffic_and_a_missing_port_are_one_line_errors(tmp_path: Path) -> None:
-    path = tmp_path / "h1.pcap"
-    write_capture(path, connections=1, exchanges_each=1)
-    result = CliRunner().invoke(main, [str(path), "--port", "9"])
-    assert result.exit_code == 1
-    assert result.output == f"Error: no frames on port 9 in {path}\n"
-    result = CliRunner().invoke(main, [str(path)])
-    assert result.exit_code == 2
-    assert "--port is required to replay" in result.output

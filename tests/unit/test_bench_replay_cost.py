@@ -6,11 +6,14 @@ import re
 import struct
 from pathlib import Path
 
+import click
+import pytest
 from click.testing import CliRunner
 from pypacker import ppcap
 from pypacker.layer3 import ip
 from pypacker.layer4 import tcp
 
+from bench.filter_cost import main as filter_cost_main
 from bench.replay_cost import main
 from exporter.capture.frames import LINKTYPE_ETHERNET
 from exporter.core.model import ACK, FIN, PSH
@@ -63,13 +66,14 @@ def test_counts_every_exchange_on_both_paths(tmp_path: Path) -> None:
     assert "Ordered by: internal time" in result.output
 
 
-def test_port_without_traffic_and_missing_port_are_one_line_errors(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", [main, filter_cost_main], ids=["replay_cost", "filter_cost"])
+def test_port_without_traffic_and_missing_port_are_one_line_errors(tmp_path: Path, command: click.Command) -> None:
     path = tmp_path / "h1.pcap"
     write_capture(path, connections=1, exchanges_each=1)
-    result = CliRunner().invoke(main, [str(path), "--port", "9"])
+    result = CliRunner().invoke(command, [str(path), "--port", "9"])
     assert result.exit_code == 1
     assert result.output == f"Error: no frames on port 9 in {path}\n"
-    result = CliRunner().invoke(main, [str(path)])
+    result = CliRunner().invoke(command, [str(path)])
     assert result.exit_code == 2
     assert result.output.endswith("Error: --port is required to replay\n")
 
