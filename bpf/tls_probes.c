@@ -172,11 +172,15 @@ BPF_TABLE("lru_hash", struct tls_skip_key, struct tls_skip, tls_skips, 65536);
 BPF_RINGBUF_OUTPUT(tls_events, TLS_RING_PAGES);
 BPF_PERCPU_ARRAY(tls_counters, u64, TC_COUNT);
 /* [RING_PRODUCED] bytes the probes put in tls_events, [RING_CONSUMED] user space's consumer
- * position, written after each read: the difference is the unread backlog. Mmapable: user space
- * writes its position with a store, no bpf(2) call (which --user, dropping CAP_BPF, would lose). */
+ * position, written after each read: the difference is the unread backlog. [RING_DRAINED] the
+ * ring's own consumer position, written by the thread that empties it (0 until it has): what is
+ * really in the ring, for telling a full ring from a reservation refused with room (lost()).
+ * Mmapable: user space writes its positions with a store, no bpf(2) call (which --user, dropping
+ * CAP_BPF, would lose). */
 #define RING_PRODUCED 0
 #define RING_CONSUMED 1
-BPF_F_TABLE("array", u32, u64, tls_ring_pos, 2, BPF_F_MMAPABLE);
+#define RING_DRAINED 2
+BPF_F_TABLE("array", u32, u64, tls_ring_pos, 3, BPF_F_MMAPABLE);
 BPF_PERCPU_ARRAY(tls_scratch, struct tls_event, 1);
 
 static __always_inline void count(u32 slot)
@@ -209,6 +213,25 @@ static __always_inline void ring_produced(u64 size)
         __sync_fetch_and_add(produced, (size + 8 + 7) & ~7ULL);
 }
 
+/* An event the ring refused. Mostly a full ring (the reader starved of CPU); the kernel can also
+ * refuse a reservation with room (on 6.15+ the ring's lock is an rqspinlock, which gives up on a
+ * deadlock report or a timeout). Those are counted apart, so a loss says which it was: room is
+ * judged from the ring's own consumer position, with two largest records of margin for the
+ * other CPU's producers, and never before the draining thread has reported one. */
+static __always_inline void lost(void)
+{
+    count(TC_LOST);
+    u32 slot = RING_PRODUCED;
+    u64 *produced = tls_ring_pos.lookup(&slot);
+    slot = RING_DRAINED;
+    u64 *drained = tls_ring_pos.lookup(&slot);
+    if (!produced || !drained || !*drained)
+        return;
+    s64 backlog = *produced - *drained;
+    if (backlog + 2 * (TLS_CHUNK * 2 + 8) <= (s64)TLS_RING_BYTES)
+        count(TC_LOST_WITH_ROOM);
+}
+
 /* Wake the reader only once a batch is worth it. Each wakeup is an irq_work, a self-IPI, which
  * on a virtual machine costs an exit (measured: ~5 us of run time per event with the default
  * adaptive wakeup); user space also reads the ring at least every TLS_DRAIN_EVERY_S unwoken. */
@@ -224,7 +247,7 @@ static __always_inline int send(struct tls_event *ev, struct tls_state *state, u
     size &= TLS_CHUNK * 2 - 1;
     if (tls_events.ringbuf_output(ev, size, wake)) {
         state->lost[dir & 1] = 1;
-        count(TC_LOST);
+        lost();
         return -1;
     }
     ring_produced(size);
@@ -256,7 +279,7 @@ static __always_inline void send_control(struct tls_event *ev, u64 size)
 {
     size &= TLS_CHUNK * 2 - 1;
     if (tls_events.ringbuf_output(ev, size, wakeup_flag(ring_pending()))) {
-        count(TC_LOST);
+        lost();
     } else {
         ring_produced(size);
         count(TC_EVENTS);
@@ -335,7 +358,7 @@ static __always_inline void announce(struct tls_state *state, u64 ssl, u32 tgid,
     ev->stream_off = 0;
     if (tls_events.ringbuf_output(ev, TLS_EVENT_HEADER + sizeof(struct tls_open),
                                   wakeup_flag(ring_pending()))) {
-        count(TC_LOST);
+        lost();
         return;
     }
     ring_produced(TLS_EVENT_HEADER + sizeof(struct tls_open));

@@ -26,6 +26,7 @@ import struct
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 from exporter.errors import CaptureError
 
@@ -125,8 +126,10 @@ class DrainedRing:
     backlog the probes judge (their trimming) by stays the reader's, not the thread's.
     """
 
-    def __init__(self, ring: RingBuffer, max_queued_bytes: int, every_s: float) -> None:
+    def __init__(self, ring: RingBuffer, max_queued_bytes: int, every_s: float,
+                 on_drained: Callable[[int], None] | None = None) -> None:
         self._ring = ring
+        self._on_drained = on_drained  # told the ring's consumer position after each batch taken
         self._max = max_queued_bytes
         self._every_ms = max(1, int(every_s * 1000))
         self._queue: deque[tuple[list[bytes], int, int]] = deque()  # records, position after them, bytes
@@ -179,8 +182,11 @@ class DrainedRing:
             if not records:
                 return False
             size = sum(map(len, records))
+            position = self._ring.consumer_position()
+            if self._on_drained is not None:
+                self._on_drained(position)
             with self._room:
-                self._queue.append((records, self._ring.consumer_position(), size))
+                self._queue.append((records, position, size))
                 self._queued += size
                 self.largest_queued_bytes = max(self.largest_queued_bytes, self._queued)
         self._signal()

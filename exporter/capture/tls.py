@@ -62,6 +62,7 @@ from exporter.metrics import (
     SELF_TLS_CONNECTIONS_TRACKED,
     SELF_TLS_DECODE_ERRORS_TOTAL,
     SELF_TLS_EVENTS_LOST_TOTAL,
+    SELF_TLS_EVENTS_LOST_WITH_ROOM_TOTAL,
     SELF_TLS_EVENTS_TOTAL,
     SELF_TLS_LIBRARIES_PROBED,
     SELF_TLS_LOSS_GAPS_TOTAL,
@@ -94,6 +95,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "skipped",  # calls (or their head) inside a body stretch user space only counts: length only
     "trimmed",  # calls cut to their first TLS_PREFIX bytes because the ring was filling: the rest is a gap
     "unresolved",  # SSL*s whose fd the kernel walk did not find a TCP socket behind: ignored
+    "lost_with_room",  # of `lost`, those refused while the ring had room (not a full ring)
 )
 
 # (symbol, entry program) probed in each library, the program suffixed with the library's slot
@@ -175,6 +177,7 @@ _MAPS: dict[str, tuple[int, int]] = {  # name -> (key size, value size), checked
     "tls_state": (_STATE_KEY.size, _STATE_SIZE),
 }
 _RING_CONSUMED_AT = 8  # tls_ring_pos[1], our consumer position, in the map's mmap (8-byte values from 0)
+_RING_DRAINED_AT = 16  # tls_ring_pos[2], the ring's own consumer position (the draining thread's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,7 +298,8 @@ class TlsProbes:
         # would let the first calls of a watched connection be judged against an empty set.
         cflags += [f"-DTLS_WATCHED_PORT(p)=({watched})",
                    f"-DTLS_CHUNK={TLS_CHUNK}", f"-DTLS_MAX_CHUNKS={TLS_MAX_CHUNKS}",
-                   f"-DTLS_RING_PAGES={RING_PAGES}", f"-DTLS_TRIM_BYTES={TLS_TRIM_BYTES}",
+                   f"-DTLS_RING_PAGES={RING_PAGES}", f"-DTLS_RING_BYTES={RING_PAGES * mmap.PAGESIZE}",
+                   f"-DTLS_TRIM_BYTES={TLS_TRIM_BYTES}",
                    f"-DTLS_PREFIX={TLS_PREFIX}", f"-DTLS_WAKE_BYTES={TLS_WAKE_BYTES}", "-w"]
         probes = []
         for slot, library in enumerate(self.layouts):
@@ -333,8 +337,10 @@ class TlsProbes:
                                            mmap.PROT_READ | mmap.PROT_WRITE)
             except OSError as exc:
                 raise CaptureError(f"cannot map the BPF array tls_ring_pos: {exc.strerror}") from exc
+            ring_pos = self._ring_pos
             self._ring = DrainedRing(RingBuffer(events_fd, map_info(events_fd).max_entries), TLS_QUEUE_BYTES,
-                                     TLS_DRAIN_EVERY_S)
+                                     TLS_DRAIN_EVERY_S,
+                                     on_drained=lambda position: _U64.pack_into(ring_pos, _RING_DRAINED_AT, position))
             self._events_fd = events_fd
         except BaseException:
             for fd in fds:
@@ -672,6 +678,9 @@ class TlsCapture:
                          kernel["events"])
         yield SelfSample(SELF_TLS_EVENTS_LOST_TOTAL, "counter",
                          "TLS events the ring buffer had no room for (their bytes become a gap).", kernel["lost"])
+        yield SelfSample(SELF_TLS_EVENTS_LOST_WITH_ROOM_TOTAL, "counter",
+                         "Of the lost TLS events, those the kernel refused while the ring had room (not a full "
+                         "ring: the ring's lock gave up).", kernel["lost_with_room"])
         yield SelfSample(SELF_TLS_CALLS_TOTAL, "counter",
                          "SSL_read/SSL_write calls on watched connections that returned data.", kernel["calls"])
         yield SelfSample(SELF_TLS_CALLS_IGNORED_TOTAL, "counter",

@@ -543,6 +543,8 @@ def test_a_stalled_exporter_trims_bodies_exactly_then_counts_what_the_full_ring_
         assert https(port, [("GET", "/ok")] * 5) == [200] * 5
         samples = exporter.wait_for_exchanges(sum(before.values()) + 5)
     assert self_metric(samples, "tls_events_lost_total") > 0
+    # A full ring, and the probes say so: none of these was refused with room.
+    assert self_metric(samples, "tls_events_lost_with_room_total") == 0
     assert self_metric(samples, "tls_loss_gaps_total") > 0  # the lost bytes, counted as a gap of known length
     counted = https_counts(samples, port)
     assert counted[("POST", "200", "/ok")] <= uploads

@@ -349,7 +349,8 @@ def test_drained_ring_gives_the_ring_back_at_once_and_stops_taking_when_its_queu
                     time.sleep(0.01)
                 return condition()
 
-            drained = DrainedRing(RingBuffer(fd, size), max_queued_bytes=1000, every_s=0.01)
+            told: list[int] = []  # the ring's own consumer positions, as the probes' lost() reads them
+            drained = DrainedRing(RingBuffer(fd, size), max_queued_bytes=1000, every_s=0.01, on_drained=told.append)
             try:
                 produce(b"early")
                 time.sleep(0.05)
@@ -368,6 +369,7 @@ def test_drained_ring_gives_the_ring_back_at_once_and_stops_taking_when_its_queu
                 assert drained.processed_position == released() == produced
                 assert drained.largest_queued_bytes == 3000
                 assert drained.read(0) == []
+                assert told == [first - 3008, first, produced]  # after each batch the thread took
             finally:
                 drained.close()
     finally:
