@@ -216,8 +216,21 @@ def handover_traffic(host: str, port: int) -> int:
     conn.close()
     sent += 1
 
-    conn = warm()  # the client half-closes while its request waits
+    # The client half-closes while its request waits. The pause keeps the FIN a segment
+    # after the request's in the filter: on lo each packet waits in the backlog of the CPU
+    # that sent it, so a sender moved between CPUs can have its FIN filtered first (then
+    # the kernel takes the exchange itself, exactly, and no handover is counted).
+    conn = warm()
     conn.send(b"GET /delay/50 HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.02)
+    conn.sock.shutdown(socket.SHUT_WR)
+    conn.response()
+    conn.close()
+    sent += 1
+
+    conn = warm()  # a request and the FIN in one segment: the cork holds the data until shutdown
+    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    conn.send(b"GET /status/200 HTTP/1.1\r\nHost: x\r\n\r\n")
     conn.sock.shutdown(socket.SHUT_WR)
     conn.response()
     conn.close()
