@@ -37,7 +37,7 @@
  * client's local port is ephemeral, so curl, wrk or a proxy's upstream on the same
  * host are dropped from their first call, with no event. Every SSL* judged has a
  * `tls_state` entry keyed by (tgid, SSL*) with the fd it was judged for: an
- * unwatched one costs that lookup (and the two reads of its fd) per call
+ * unwatched one costs that lookup (and one read of ssl->rbio) per call
  * (`ignored_calls`), plus the uretprobe's trap, which returns at once. A watched
  * one sends an OPEN event with both ends before its first data; user space builds
  * the flow from it, with no /proc lookup. Connections opened before the probes
@@ -46,7 +46,8 @@
  * The end: SSL_free(ssl) sends CLOSE for a watched SSL* and drops its state and
  * skips. SSL* addresses are reused by malloc, fd numbers by the kernel: the state
  * entry goes at SSL_free, and a state whose fd differs from the BIO's now is a new
- * connection (the old one gets its CLOSE). A process that exits without SSL_free
+ * connection (the old one gets its CLOSE). The BIO's fd is read again only when ssl->rbio is
+ * no longer the BIO it was read from (SSL_set_fd makes a new one). A process that exits without SSL_free
  * leaves LRU entries that the fd check and the LRU age out; user space ends such
  * connections itself (tls.py's reap).
  *
@@ -114,6 +115,7 @@ struct tls_state_key {
 struct tls_state {
     u64 stream[2];  /* bytes read (KIND_READ) and written (KIND_WRITE) so far */
     u64 conn;       /* the OPEN event's time: names this connection in tls_skips */
+    u64 rbio;       /* the read BIO `fd` was read from: while ssl->rbio is still it, so is the fd */
     s32 fd;
     u8 watched;
     u8 announced;   /* its OPEN event is in the ring (0: the ring was full, send it again) */
@@ -161,9 +163,10 @@ struct tls_open {
 #define TLS_EVENT_HEADER 48
 #define TLS_FLAG_AFTER_LOSS 1
 
-/* LRU: a thread that dies inside a call never deletes its entry, and a full plain hash would
- * stop new calls silently. */
-BPF_TABLE("lru_hash", u32, struct tls_call, tls_calls, 16384);
+/* The call in progress, in the calling thread's own storage (freed with the thread): a get and a
+ * store per call, where a hash keyed by thread id cost an LRU update at entry and a delete at
+ * return (~0.4 us together, measured). `ssl` 0: no call in progress. */
+BPF_TASK_STORAGE(tls_calls, struct tls_call);
 /* Every SSL* that made a call, watched or not: an unwatched one costs this lookup per call. A
  * process that exits without SSL_free leaves its entries to the LRU; the fd check keeps a
  * reused (tgid, SSL*) from inheriting them. */
@@ -213,23 +216,45 @@ static __always_inline void ring_produced(u64 size)
         __sync_fetch_and_add(produced, (size + 8 + 7) & ~7ULL);
 }
 
-/* An event the ring refused. Mostly a full ring (the reader starved of CPU); the kernel can also
- * refuse a reservation with room (on 6.15+ the ring's lock is an rqspinlock, which gives up on a
- * deadlock report or a timeout). Those are counted apart, so a loss says which it was: room is
- * judged from the ring's own consumer position, with two largest records of margin for the
- * other CPU's producers, and never before the draining thread has reported one. */
-static __always_inline void lost(void)
+/* Whether the ring has room for a record, judged from its own consumer position (which the
+ * draining thread reports), with two largest records of margin for the other CPU's producers;
+ * never before the draining thread has reported one. */
+static __always_inline int ring_has_room(void)
 {
-    count(TC_LOST);
     u32 slot = RING_PRODUCED;
     u64 *produced = tls_ring_pos.lookup(&slot);
     slot = RING_DRAINED;
     u64 *drained = tls_ring_pos.lookup(&slot);
     if (!produced || !drained || !*drained)
-        return;
+        return 0;
     s64 backlog = *produced - *drained;
-    if (backlog + 2 * (TLS_CHUNK * 2 + 8) <= (s64)TLS_RING_BYTES)
+    return backlog + 2 * (TLS_CHUNK * 2 + 8) <= (s64)TLS_RING_BYTES;
+}
+
+/* An event the ring refused. Mostly a full ring (the reader starved of CPU); refusals with room
+ * are counted apart (see output()), so a loss says which it was. */
+static __always_inline void lost(void)
+{
+    count(TC_LOST);
+    if (ring_has_room())
         count(TC_LOST_WITH_ROOM);
+}
+
+/* bpf_ringbuf_output, tried a second time when it was refused while the ring had room. Since
+ * 6.15 the ring's lock is an rqspinlock: a reservation fails, instead of waiting, when the lock
+ * reports a deadlock or is not taken within its timeout (0.25 s), whatever the room. Such a
+ * refusal says nothing about the next try, which a full ring would refuse again: only then is
+ * the event lost (counted, and a gap for user space). A retry that succeeded is counted too. */
+static __always_inline long output(void *ev, u64 size, u64 wake)
+{
+    if (!tls_events.ringbuf_output(ev, size, wake))
+        return 0;
+    if (!ring_has_room())
+        return -1;
+    long err = tls_events.ringbuf_output(ev, size, wake);
+    if (!err)
+        count(TC_RETRIED);
+    return err;
 }
 
 /* Wake the reader only once a batch is worth it. Each wakeup is an irq_work, a self-IPI, which
@@ -245,7 +270,7 @@ static __always_inline int send(struct tls_event *ev, struct tls_state *state, u
 {
     ev->flags = state->lost[dir & 1] ? TLS_FLAG_AFTER_LOSS : 0;
     size &= TLS_CHUNK * 2 - 1;
-    if (tls_events.ringbuf_output(ev, size, wake)) {
+    if (output(ev, size, wake)) {
         state->lost[dir & 1] = 1;
         lost();
         return -1;
@@ -278,7 +303,7 @@ static __always_inline struct tls_event *event(u8 kind, u64 ssl, u32 tgid, s32 f
 static __always_inline void send_control(struct tls_event *ev, u64 size)
 {
     size &= TLS_CHUNK * 2 - 1;
-    if (tls_events.ringbuf_output(ev, size, wakeup_flag(ring_pending()))) {
+    if (output(ev, size, wakeup_flag(ring_pending()))) {
         lost();
     } else {
         ring_produced(size);
@@ -286,15 +311,20 @@ static __always_inline void send_control(struct tls_event *ev, u64 size)
     }
 }
 
-/* The fd of the SSL*'s read BIO: ((BIO *)ssl->rbio)->num, at this library's offsets
- * (exporter/capture/openssl_layout.py). -1 for a memory BIO, or when unreadable. */
-static __always_inline s32 ssl_fd(u64 ssl, u32 rbio_offset, u32 num_offset)
+/* The SSL*'s read BIO, ssl->rbio, and its fd, ((BIO *)rbio)->num, at this library's offsets
+ * (exporter/capture/openssl_layout.py). 0 and -1 when unreadable; num is -1 for a memory BIO. */
+static __always_inline u64 ssl_rbio(u64 ssl, u32 rbio_offset)
 {
     u64 rbio = 0;
-    if (bpf_probe_read_user(&rbio, sizeof(rbio), (void *)(ssl + rbio_offset)) || !rbio)
-        return -1;
+    if (bpf_probe_read_user(&rbio, sizeof(rbio), (void *)(ssl + rbio_offset)))
+        return 0;
+    return rbio;
+}
+
+static __always_inline s32 bio_fd(u64 rbio, u32 num_offset)
+{
     s32 num = -1;
-    if (bpf_probe_read_user(&num, sizeof(num), (void *)(rbio + num_offset)))
+    if (!rbio || bpf_probe_read_user(&num, sizeof(num), (void *)(rbio + num_offset)))
         return -1;
     return num;
 }
@@ -356,8 +386,7 @@ static __always_inline void announce(struct tls_state *state, u64 ssl, u32 tgid,
     }
     ev->len = sizeof(struct tls_open);
     ev->stream_off = 0;
-    if (tls_events.ringbuf_output(ev, TLS_EVENT_HEADER + sizeof(struct tls_open),
-                                  wakeup_flag(ring_pending()))) {
+    if (output(ev, TLS_EVENT_HEADER + sizeof(struct tls_open), wakeup_flag(ring_pending()))) {
         lost();
         return;
     }
@@ -386,11 +415,22 @@ static __always_inline int enter(struct pt_regs *ctx, u8 kind, u64 out_len, u32 
     u64 id = bpf_get_current_pid_tgid();
     u64 ssl = PT_REGS_PARM1(ctx);
     u32 tgid = id >> 32;
-    s32 fd = ssl_fd(ssl, rbio_offset, num_offset);
+    /* One user-memory read per call, not two: each bpf_probe_read_user costs ~150-200 ns here
+     * (measured, bench/tls_prog_cost.py), as much as the rest of the program. While ssl->rbio is
+     * the BIO the fd was read from, the fd is the same: SSL_set_fd makes a new BIO while the old
+     * one still lives, so a new socket always comes with a new rbio address. */
+    u64 rbio = ssl_rbio(ssl, rbio_offset);
     int walked = 0;
     struct tls_state_key skey = {.ssl = ssl, .tgid = tgid};
     struct tls_state *state = tls_state.lookup(&skey);
+    s32 fd = -1;
+    if (state && rbio && state->rbio == rbio)
+        fd = state->fd;
+    else
+        fd = bio_fd(rbio, num_offset);
     if (state && state->fd == fd) {
+        if (state->rbio != rbio)
+            state->rbio = rbio;  /* a new BIO on the same socket */
         if (!state->watched) {
             count(TC_IGNORED_CALLS);
             return 0;
@@ -402,7 +442,7 @@ static __always_inline int enter(struct pt_regs *ctx, u8 kind, u64 out_len, u32 
         }
         if (state)
             finish(state, ssl, tgid);  /* the same SSL* on another socket now (SSL_clear, SSL_set_fd) */
-        struct tls_state fresh = {.fd = fd};
+        struct tls_state fresh = {.fd = fd, .rbio = rbio};
         u32 zero = 0;
         struct tls_event *ev = tls_scratch.lookup(&zero);
         if (!ev)
@@ -433,8 +473,9 @@ static __always_inline int enter(struct pt_regs *ctx, u8 kind, u64 out_len, u32 
         .out_len = out_len,
         .kind = kind,
     };
-    u32 tid = id;
-    tls_calls.update(&tid, &call);
+    struct tls_call *slot = tls_calls.task_storage_get(bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (slot)
+        *slot = call;
     return 0;
 }
 
@@ -487,13 +528,12 @@ int tls_free(struct pt_regs *ctx)
 
 int tls_return(struct pt_regs *ctx)
 {
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tid = id;
-    struct tls_call *found = tls_calls.lookup(&tid);
-    if (!found)
+    struct tls_call *found = tls_calls.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+    if (!found || !found->ssl)
         return 0;
     struct tls_call call = *found;
-    tls_calls.delete(&tid);
+    found->ssl = 0;
+    u64 id = bpf_get_current_pid_tgid();
 
     int ret = (int)PT_REGS_RC(ctx);
     if (ret <= 0)

@@ -63,6 +63,7 @@ from exporter.metrics import (
     SELF_TLS_DECODE_ERRORS_TOTAL,
     SELF_TLS_EVENTS_LOST_TOTAL,
     SELF_TLS_EVENTS_LOST_WITH_ROOM_TOTAL,
+    SELF_TLS_EVENTS_RETRIED_TOTAL,
     SELF_TLS_EVENTS_TOTAL,
     SELF_TLS_LIBRARIES_PROBED,
     SELF_TLS_LOSS_GAPS_TOTAL,
@@ -96,6 +97,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "trimmed",  # calls cut to their first TLS_PREFIX bytes because the ring was filling: the rest is a gap
     "unresolved",  # SSL*s whose fd the kernel walk did not find a TCP socket behind: ignored
     "lost_with_room",  # of `lost`, those refused while the ring had room (not a full ring)
+    "retried",  # events refused while the ring had room and taken at a second try (not lost)
 )
 
 # (symbol, entry program) probed in each library, the program suffixed with the library's slot
@@ -164,7 +166,7 @@ _OPEN = struct.Struct("=HH2s2x16s16s")
 _SKIP_KEY = struct.Struct("=QII")  # struct tls_skip_key: ssl, tgid, dir
 _SKIP = struct.Struct("=IIQ")  # struct tls_skip: start, end (exclusive), conn
 _STATE_KEY = struct.Struct("=QI4x")  # struct tls_state_key: ssl, tgid
-_STATE_SIZE = 32  # struct tls_state: stream[2], conn, fd, watched, announced, lost[2]
+_STATE_SIZE = 40  # struct tls_state: stream[2], conn, rbio, fd, watched, announced, lost[2]
 _U32 = struct.Struct("=I")
 _U64 = struct.Struct("=Q")
 _SEQ_MASK = 0xFFFFFFFF
@@ -681,6 +683,9 @@ class TlsCapture:
         yield SelfSample(SELF_TLS_EVENTS_LOST_WITH_ROOM_TOTAL, "counter",
                          "Of the lost TLS events, those the kernel refused while the ring had room (not a full "
                          "ring: the ring's lock gave up).", kernel["lost_with_room"])
+        yield SelfSample(SELF_TLS_EVENTS_RETRIED_TOTAL, "counter",
+                         "TLS events the kernel refused while the ring had room, then took at a second try "
+                         "(not lost).", kernel["retried"])
         yield SelfSample(SELF_TLS_CALLS_TOTAL, "counter",
                          "SSL_read/SSL_write calls on watched connections that returned data.", kernel["calls"])
         yield SelfSample(SELF_TLS_CALLS_IGNORED_TOTAL, "counter",
