@@ -95,11 +95,13 @@ def measure(src: Path, nginx: Nginx, wrk: str, seconds: float) -> tuple[int, dic
 @click.command()
 @click.option("--baseline", "baseline", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               required=True, help="The tls_probes.c to compare with (e.g. `git show main:bpf/tls_probes.c`).")
+@click.option("--candidate", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The tls_probes.c measured against the baseline [default: this tree's].")
 @click.option("--seconds", default=5.0, show_default=True, help="wrk's duration per measurement.")
 @click.option("--rounds", default=3, show_default=True, help="Alternations baseline/this tree.")
-def main(baseline: Path, seconds: float, rounds: int) -> None:
+def main(baseline: Path, candidate: Path | None, seconds: float, rounds: int) -> None:
     tools = require_tools(["nginx", "wrk"])
-    variants = {"baseline": baseline, "this tree": tls_source()}
+    variants = {"baseline": baseline, "candidate": candidate or tls_source()}
     per_call: dict[str, list[float]] = defaultdict(list)
     stats_fd = enable_run_time_stats()
     try:
@@ -121,7 +123,7 @@ def main(baseline: Path, seconds: float, rounds: int) -> None:
                               f"{p['recursion_misses']} |")
                     per_call[variant].append(total_ns / max(entries, 1))
                     print(f"| {round_} | {variant} | **all** ({requests} requests, {entries} SSL calls; lost "
-                          f"{counters.get('lost')}, with room {counters.get('lost_with_room')}) | "
+                          f"{counters.get('lost')}, with room {counters.get('lost_with_room')}, retried {counters.get('retried')}) | "
                           f"{entries / requests:.2f} calls | **{total_ns / max(entries, 1):.0f} ns/SSL call** | "
                           f"{total_ns / requests:.0f} | |")
     finally:

@@ -16,7 +16,11 @@
  * sizes, the watched ports and all struct offsets come in as -D defines from
  * tls.py, the one place they are named; this file does not build on its own.
  *
- * Which socket an SSL* talks to, read at each call's entry in two steps:
+ * The entry probes only keep the call's arguments (and their library's offsets) in the
+ * thread's task storage; the rest happens at the return of a call that returned data, so
+ * the calls that return none (WANT_READ, about half of nginx's) cost a store and a get.
+ *
+ * Which socket an SSL* talks to, read at the return of each call with data, in two steps:
  * - its fd: `((BIO *)ssl->rbio)->num`. `struct ssl_st` and `struct bio_st` are
  *   opaque and change between OpenSSL builds, so their offsets are measured per
  *   library by exporter/capture/openssl_layout.py (through the library's own
@@ -35,10 +39,10 @@
  * The verdict is the kernel's: a connection is watched when its local port is a
  * watched port (TLS_WATCHED_PORT), i.e. it is the server's accepted socket. A
  * client's local port is ephemeral, so curl, wrk or a proxy's upstream on the same
- * host are dropped from their first call, with no event. Every SSL* judged has a
+ * host are dropped from their first call with data, with no event. Every SSL* judged has a
  * `tls_state` entry keyed by (tgid, SSL*) with the fd it was judged for: an
- * unwatched one costs that lookup (and one read of ssl->rbio) per call
- * (`ignored_calls`), plus the uretprobe's trap, which returns at once. A watched
+ * unwatched one costs that lookup (and one read of ssl->rbio) per call with data
+ * (`ignored_calls`), plus the traps. A watched
  * one sends an OPEN event with both ends before its first data; user space builds
  * the flow from it, with no /proc lookup. Connections opened before the probes
  * were attached are judged at their next call like new ones.
@@ -95,11 +99,14 @@
 #define AF_INET_ 2
 #define AF_INET6_ 10
 
-/* An SSL_* call in progress on one thread, on a watched connection: what the return probe needs. */
+/* An SSL_* call in progress on one thread: its arguments, and its library's offsets. The return
+ * probe judges the connection, once the call returned data. */
 struct tls_call {
     u64 ssl;
     u64 buf;
     u64 out_len;  /* size_t * of the _ex variants, 0 for SSL_read/SSL_write */
+    u32 rbio_offset;
+    u32 num_offset;
     u8 kind;
     u8 pad[7];
 };
@@ -410,11 +417,9 @@ static __always_inline void finish(struct tls_state *state, u64 ssl, u32 tgid)
         send_control(ev, TLS_EVENT_HEADER);
 }
 
-static __always_inline int enter(struct pt_regs *ctx, u8 kind, u64 out_len, u32 rbio_offset, u32 num_offset)
+/* The state of a call's SSL*, judged (see the top of this file): 0 unless it is watched. */
+static __always_inline struct tls_state *judge(u64 ssl, u32 tgid, u32 rbio_offset, u32 num_offset)
 {
-    u64 id = bpf_get_current_pid_tgid();
-    u64 ssl = PT_REGS_PARM1(ctx);
-    u32 tgid = id >> 32;
     /* One user-memory read per call, not two: each bpf_probe_read_user costs ~150-200 ns here
      * (measured, bench/tls_prog_cost.py), as much as the rest of the program. While ssl->rbio is
      * the BIO the fd was read from, the fd is the same: SSL_set_fd makes a new BIO while the old
@@ -467,15 +472,22 @@ static __always_inline int enter(struct pt_regs *ctx, u8 kind, u64 out_len, u32 
     }
     if (!state->announced)
         announce(state, ssl, tgid, walked);
-    struct tls_call call = {
-        .ssl = ssl,
-        .buf = PT_REGS_PARM2(ctx),
-        .out_len = out_len,
-        .kind = kind,
-    };
+    return state;
+}
+
+/* The entry only keeps the call's arguments: half of nginx's calls return no data (WANT_READ),
+ * and those cost nothing more. Everything else waits for the return (tls_return). */
+static __always_inline int enter(struct pt_regs *ctx, u8 kind, u64 out_len, u32 rbio_offset, u32 num_offset)
+{
     struct tls_call *slot = tls_calls.task_storage_get(bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
-    if (slot)
-        *slot = call;
+    if (!slot)
+        return 0;
+    slot->ssl = PT_REGS_PARM1(ctx);
+    slot->buf = PT_REGS_PARM2(ctx);
+    slot->out_len = out_len;
+    slot->rbio_offset = rbio_offset;
+    slot->num_offset = num_offset;
+    slot->kind = kind;
     return 0;
 }
 
@@ -547,12 +559,10 @@ int tls_return(struct pt_regs *ctx)
     }
     if (!total)
         return 0;
-    count(TC_CALLS);
-
-    struct tls_state_key skey = {.ssl = call.ssl, .tgid = id >> 32};
-    struct tls_state *state = tls_state.lookup(&skey);
-    if (!state || !state->watched)
+    struct tls_state *state = judge(call.ssl, id >> 32, call.rbio_offset, call.num_offset);
+    if (!state)
         return 0;
+    count(TC_CALLS);
     u32 dir = call.kind == KIND_WRITE ? 1 : 0;
     u64 base = state->stream[dir];
     state->stream[dir] = base + total;

@@ -90,8 +90,8 @@ COUNTER_NAMES: tuple[str, ...] = (
     "events",  # events written to the ring buffer (opens, data chunks and closes)
     "lost",  # events the ring buffer had no room for: their bytes are a gap in user space
     "truncated",  # calls longer than TLS_CHUNK * TLS_MAX_CHUNKS: the rest is a gap
-    "no_fd",  # calls on an SSL* whose read BIO has no fd (a memory BIO)
-    "ignored_calls",  # calls on connections whose local port is not watched (clients, other services)
+    "no_fd",  # calls with data on an SSL* whose read BIO has no fd (a memory BIO)
+    "ignored_calls",  # calls with data on connections whose local port is not watched (clients, other services)
     "read_errors",  # bpf_probe_read_user failures (the buffer was not readable)
     "skipped",  # calls (or their head) inside a body stretch user space only counts: length only
     "trimmed",  # calls cut to their first TLS_PREFIX bytes because the ring was filling: the rest is a gap
@@ -689,8 +689,8 @@ class TlsCapture:
         yield SelfSample(SELF_TLS_CALLS_TOTAL, "counter",
                          "SSL_read/SSL_write calls on watched connections that returned data.", kernel["calls"])
         yield SelfSample(SELF_TLS_CALLS_IGNORED_TOTAL, "counter",
-                         "SSL calls on connections whose local port is not watched (clients, other services), "
-                         "dropped in the kernel.",
+                         "SSL calls with data on connections whose local port is not watched (clients, other "
+                         "services), dropped in the kernel.",
                          kernel["ignored_calls"])
         yield SelfSample(SELF_TLS_CALLS_TRUNCATED_TOTAL, "counter",
                          f"SSL calls longer than {TLS_CHUNK * TLS_MAX_CHUNKS} bytes; the rest became a gap.",
@@ -699,7 +699,7 @@ class TlsCapture:
                          f"SSL calls cut to their first {TLS_PREFIX} bytes while the ring buffer was over "
                          f"{TLS_TRIM_BYTES // (1 << 20)} MiB unread; the rest became a gap.", kernel["trimmed"])
         yield SelfSample(SELF_TLS_CALLS_WITHOUT_SOCKET_TOTAL, "counter",
-                         "SSL calls whose read BIO has no socket fd (a memory BIO): not counted.",
+                         "SSL calls with data whose read BIO has no socket fd (a memory BIO): not counted.",
                          kernel["no_fd"])
         yield SelfSample(SELF_TLS_READ_ERRORS_TOTAL, "counter", "TLS buffers the probes could not read.",
                          kernel["read_errors"])
