@@ -123,7 +123,8 @@ def main(baseline: Path, candidate: Path | None, seconds: float, rounds: int) ->
                               f"{p['recursion_misses']} |")
                     per_call[variant].append(total_ns / max(entries, 1))
                     print(f"| {round_} | {variant} | **all** ({requests} requests, {entries} SSL calls; lost "
-                          f"{counters.get('lost')}, with room {counters.get('lost_with_room')}, retried {counters.get('retried')}) | "
+                          f"{counters.get('lost')}, with room {counters.get('lost_with_room')}, "
+                          f"retried {counters.get('retried')}) | "
                           f"{entries / requests:.2f} calls | **{total_ns / max(entries, 1):.0f} ns/SSL call** | "
                           f"{total_ns / requests:.0f} | |")
     finally:
