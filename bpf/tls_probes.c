@@ -418,16 +418,29 @@ static __always_inline void finish(struct tls_state *state, u64 ssl, u32 tgid)
 }
 
 /* The state of a call's SSL*, judged (see the top of this file): 0 unless it is watched. */
-static __always_inline struct tls_state *judge(u64 ssl, u32 tgid, u32 rbio_offset, u32 num_offset)
+static __always_inline struct tls_state *judge(u64 ssl, u32 tgid, u8 kind, u32 rbio_offset, u32 num_offset)
 {
-    /* One user-memory read per call, not two: each bpf_probe_read_user costs ~150-200 ns here
-     * (measured, bench/tls_prog_cost.py), as much as the rest of the program. While ssl->rbio is
-     * the BIO the fd was read from, the fd is the same: SSL_set_fd makes a new BIO while the old
-     * one still lives, so a new socket always comes with a new rbio address. */
-    u64 rbio = ssl_rbio(ssl, rbio_offset);
-    int walked = 0;
     struct tls_state_key skey = {.ssl = ssl, .tgid = tgid};
     struct tls_state *state = tls_state.lookup(&skey);
+    /* User memory is read as little as possible: a bpf_probe_read_user costs ~250 ns at a return
+     * here, ~600 ns when the line is cold, as ssl->rbio's is (measured, bench/tls_prog_cost.py).
+     * So a known SSL*'s socket is checked at its reads only: a server's connection starts with
+     * the client's bytes, so an SSL* reused for another socket without SSL_free (SSL_clear and
+     * SSL_set_fd) is found at its first read, and at worst a server's opening write (HTTP/2's
+     * SETTINGS) goes to the old connection. */
+    if (state && kind == KIND_WRITE) {
+        if (!state->watched) {
+            count(TC_IGNORED_CALLS);
+            return 0;
+        }
+        if (!state->announced)
+            announce(state, ssl, tgid, 0);
+        return state;
+    }
+    /* While ssl->rbio is the BIO the fd was read from, the fd is the same: SSL_set_fd makes a new
+     * BIO while the old one still lives, so a new socket always comes with a new rbio address. */
+    u64 rbio = ssl_rbio(ssl, rbio_offset);
+    int walked = 0;
     s32 fd = -1;
     if (state && rbio && state->rbio == rbio)
         fd = state->fd;
@@ -559,7 +572,7 @@ int tls_return(struct pt_regs *ctx)
     }
     if (!total)
         return 0;
-    struct tls_state *state = judge(call.ssl, id >> 32, call.rbio_offset, call.num_offset);
+    struct tls_state *state = judge(call.ssl, id >> 32, call.kind, call.rbio_offset, call.num_offset);
     if (!state)
         return 0;
     count(TC_CALLS);
