@@ -11,7 +11,8 @@
  *
  * on every libssl the exporter found (libssl.so.3, libssl.so.1.1, --libssl). No
  * syscall tracepoint: nothing runs outside an SSL call. Needs uprobes
- * (CONFIG_UPROBES), the BPF ring buffer (Linux >= 5.8) and the running kernel's
+ * (CONFIG_UPROBES), the BPF ring buffer (Linux >= 5.8), task storage in tracing programs
+ * (Linux >= 5.12) and the running kernel's
  * BTF (/sys/kernel/btf/vmlinux) for the offsets below. The counter indices, the
  * sizes, the watched ports and all struct offsets come in as -D defines from
  * tls.py, the one place they are named; this file does not build on its own.
@@ -493,8 +494,12 @@ static __always_inline struct tls_state *judge(u64 ssl, u32 tgid, u8 kind, u32 r
 static __always_inline int enter(struct pt_regs *ctx, u8 kind, u64 out_len, u32 rbio_offset, u32 num_offset)
 {
     struct tls_call *slot = tls_calls.task_storage_get(bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
-    if (!slot)
+    if (!slot) {
+        /* A thread's first call, whose storage the kernel could not make (out of memory, or
+         * another task-storage call in progress on this CPU): the call's bytes are missed. */
+        count(TC_UNTRACKED);
         return 0;
+    }
     slot->ssl = PT_REGS_PARM1(ctx);
     slot->buf = PT_REGS_PARM2(ctx);
     slot->out_len = out_len;

@@ -57,6 +57,7 @@ from exporter.metrics import (
     SELF_TLS_CALLS_TOTAL,
     SELF_TLS_CALLS_TRIMMED_TOTAL,
     SELF_TLS_CALLS_TRUNCATED_TOTAL,
+    SELF_TLS_CALLS_UNTRACKED_TOTAL,
     SELF_TLS_CALLS_WITHOUT_SOCKET_TOTAL,
     SELF_TLS_CONNECTIONS_EVICTED_TOTAL,
     SELF_TLS_CONNECTIONS_TRACKED,
@@ -98,6 +99,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "unresolved",  # SSL*s whose fd the kernel walk did not find a TCP socket behind: ignored
     "lost_with_room",  # of `lost`, those refused while the ring had room (not a full ring)
     "retried",  # events refused while the ring had room and taken at a second try (not lost)
+    "untracked",  # calls whose arguments could not be kept for their return (task storage not made): missed
 )
 
 # (symbol, entry program) probed in each library, the program suffixed with the library's slot
@@ -701,6 +703,9 @@ class TlsCapture:
         yield SelfSample(SELF_TLS_CALLS_WITHOUT_SOCKET_TOTAL, "counter",
                          "SSL calls with data whose read BIO has no socket fd (a memory BIO): not counted.",
                          kernel["no_fd"])
+        yield SelfSample(SELF_TLS_CALLS_UNTRACKED_TOTAL, "counter",
+                         "SSL calls whose arguments the probes could not keep for the call's return (the thread's "
+                         "task storage could not be made): their bytes are missed.", kernel["untracked"])
         yield SelfSample(SELF_TLS_READ_ERRORS_TOTAL, "counter", "TLS buffers the probes could not read.",
                          kernel["read_errors"])
         yield SelfSample(SELF_TLS_CONNECTIONS_TRACKED, "gauge", "Watched TLS connections known now.",
