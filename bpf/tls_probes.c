@@ -427,11 +427,13 @@ static __always_inline struct tls_state *judge(u64 ssl, u32 tgid, u8 kind, u32 r
     struct tls_state *state = tls_state.lookup(&skey);
     /* User memory is read as little as possible: a bpf_probe_read_user costs ~250 ns at a return
      * here, ~600 ns when the line is cold, as ssl->rbio's is (measured, bench/tls_prog_cost.py).
-     * So a known SSL*'s socket is checked at its reads only: a server's connection starts with
+     * So a watched SSL*'s socket is checked at its reads only: a server's connection starts with
      * the client's bytes, so an SSL* reused for another socket without SSL_free (SSL_clear and
      * SSL_set_fd) is found at its first read, and at worst a server's opening write (HTTP/2's
-     * SETTINGS) goes to the old connection. */
-    if (state && kind == KIND_WRITE) {
+     * SETTINGS) goes to the old connection. An unwatched one (a client, another service) is
+     * not checked again: it would take an SSL* of one of those reused, without SSL_free, for a
+     * watched server's connection. */
+    if (state && (kind == KIND_WRITE || !state->watched)) {
         if (!state->watched) {
             count(TC_IGNORED_CALLS);
             return 0;
