@@ -43,8 +43,8 @@
  * client's local port is ephemeral, so curl, wrk or a proxy's upstream on the same
  * host are dropped from their first call with data, with no event. Every SSL* judged has a
  * `tls_state` entry keyed by (tgid, SSL*) with the fd it was judged for: an
- * unwatched one costs that lookup (and one read of ssl->rbio) per call with data
- * (`ignored_calls`), plus the traps. A watched
+ * unwatched one costs that lookup per call with data (`ignored_calls`), plus the
+ * traps. A watched
  * one sends an OPEN event with both ends before its first data; user space builds
  * the flow from it, with no /proc lookup. Connections opened before the probes
  * were attached are judged at their next call like new ones.
