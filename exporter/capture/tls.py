@@ -98,7 +98,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "trimmed",  # calls cut to their first TLS_PREFIX bytes because the ring was filling: the rest is a gap
     "unresolved",  # SSL*s whose fd the kernel walk did not find a TCP socket behind: ignored
     "lost_with_room",  # of `lost`, those refused while the ring had room (not a full ring)
-    "retried",  # events refused while the ring had room and taken at a second try (not lost)
+    "retried",  # events refused while the ring had room and taken at a later try (not lost)
     "untracked",  # calls whose arguments could not be kept for their return (task storage not made): missed
 )
 
@@ -686,7 +686,7 @@ class TlsCapture:
                          "Of the lost TLS events, those the kernel refused while the ring had room (not a full "
                          "ring: the ring's lock gave up).", kernel["lost_with_room"])
         yield SelfSample(SELF_TLS_EVENTS_RETRIED_TOTAL, "counter",
-                         "TLS events the kernel refused while the ring had room, then took at a second try "
+                         "TLS events the kernel refused while the ring had room, then took at a later try "
                          "(not lost).", kernel["retried"])
         yield SelfSample(SELF_TLS_CALLS_TOTAL, "counter",
                          "SSL_read/SSL_write calls on watched connections that returned data.", kernel["calls"])
