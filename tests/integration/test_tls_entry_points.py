@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes as ct
 import os
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,8 +21,8 @@ from exporter.capture import openssl_layout
 from exporter.capture.bpf import ask_loader
 from exporter.capture.bpfsys import BpfMap, possible_cpus
 from exporter.capture.openssl_layout import calibrate
+from tests.libssl import LIBSSL, load_libssl
 
-LIBSSL = Path("/usr/lib/x86_64-linux-gnu/libssl.so.3")
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "bpf" / "ssl_args.c"
 
 pytestmark = [
@@ -50,18 +49,8 @@ def attach(probes: list[dict[str, Any]]) -> tuple[dict[str, Any], list[int]]:
 
 
 @pytest.fixture
-def libssl() -> Iterator[Any]:
-    lib = ct.CDLL(str(LIBSSL))  # already mapped: Python's _ssl links it
-    lib.TLS_method.restype = ct.c_void_p
-    lib.SSL_CTX_new.restype, lib.SSL_CTX_new.argtypes = ct.c_void_p, [ct.c_void_p]
-    lib.SSL_new.restype, lib.SSL_new.argtypes = ct.c_void_p, [ct.c_void_p]
-    lib.SSL_free.argtypes = [ct.c_void_p]
-    lib.SSL_CTX_free.argtypes = [ct.c_void_p]
-    for name in ("SSL_read", "SSL_write", "SSL_peek"):
-        getattr(lib, name).argtypes = [ct.c_void_p, ct.c_void_p, ct.c_int]
-    for name in ("SSL_read_ex", "SSL_write_ex", "SSL_peek_ex"):
-        getattr(lib, name).argtypes = [ct.c_void_p, ct.c_void_p, ct.c_size_t, ct.c_void_p]
-    yield lib
+def libssl() -> Any:
+    return load_libssl()
 
 
 def test_each_call_is_seen_once_with_its_arguments(libssl: Any) -> None:

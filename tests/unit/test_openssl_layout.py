@@ -23,9 +23,8 @@ import pytest
 
 from exporter.capture import openssl_layout, openssl_probe
 from exporter.capture.openssl_layout import SslLayout, SslLayoutError, calibrate
+from tests.libssl import LIB_DIR, LIBSSL, load_libssl
 
-LIB_DIR = Path("/usr/lib/x86_64-linux-gnu")
-LIBSSL = LIB_DIR / "libssl.so.3"
 LIBC = LIB_DIR / "libc.so.6"
 needs_libssl = pytest.mark.skipif(not LIBSSL.exists(), reason=f"no {LIBSSL} (Debian's libssl3)")
 
@@ -65,17 +64,7 @@ def test_system_libssl3(runs: list[list[str]]) -> None:
 @needs_libssl
 def test_offsets_read_what_openssl_says_the_fd_is() -> None:
     layout = calibrate(str(LIBSSL))
-    lib = ct.CDLL(str(LIBSSL))  # already in this process: Python's _ssl links it
-    lib.TLS_method.restype = ct.c_void_p
-    lib.SSL_CTX_new.restype, lib.SSL_CTX_new.argtypes = ct.c_void_p, [ct.c_void_p]
-    lib.SSL_new.restype, lib.SSL_new.argtypes = ct.c_void_p, [ct.c_void_p]
-    lib.SSL_free.argtypes = [ct.c_void_p]
-    lib.SSL_CTX_free.argtypes = [ct.c_void_p]
-    for name in ("SSL_set_fd", "SSL_set_rfd", "SSL_set_wfd"):
-        getattr(lib, name).argtypes = [ct.c_void_p, ct.c_int]
-    for name in ("SSL_get_fd", "SSL_get_rfd", "SSL_get_wfd"):
-        getattr(lib, name).argtypes = [ct.c_void_p]
-    lib.SSL_get_rbio.restype, lib.SSL_get_rbio.argtypes = ct.c_void_p, [ct.c_void_p]
+    lib = load_libssl()
 
     def fd_at_offsets(ssl: int) -> int:
         bio = ct.c_void_p.from_address(ssl + layout.rbio_offset).value
