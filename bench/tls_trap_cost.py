@@ -3,9 +3,10 @@
 Two measurements, each this process's utime+stime per call (other load on the machine inflates
 it less than a rate), with and without the probes, side by side in one run:
 
-- `trap`: a ctypes loop calling libssl's `TLS_method` (a function that returns a constant) bare,
-  with an empty uprobe, with an empty uretprobe, and with both. The difference is the price of
-  the traps alone on this machine, whatever the program does.
+- `trap`: a ctypes loop calling SSL_read_ex on an SSL without a connection, bare and with an
+  empty uprobe, uretprobe and both, at SSL_read_ex's own entry and at the internal function
+  that the exporter probes (openssl_probe.py says why). The difference is the price of the
+  traps alone on this machine, whatever the program does.
 - `ssl`: SSL_write + SSL_read of 64 bytes over a loopback TLS connection inside this process
   (each call of the pair on the client side and the server side: 4 SSL calls per round), bare
   and with bpf/tls_probes.c attached as the exporter attaches it, its port not watched (the
@@ -21,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import os
 import resource
+import shutil
 import socket
 import ssl
 import subprocess
@@ -33,6 +35,7 @@ from pathlib import Path
 import click
 
 from exporter.capture.bpfsys import enable_run_time_stats
+from exporter.capture.openssl_layout import calibrate
 from exporter.capture.tls import TlsCapture, find_libraries
 
 _KPROBE = 2  # BPF_PROG_TYPE_KPROBE: uprobes too
@@ -66,27 +69,48 @@ def _bpf_run(pid: int) -> int:
 
 
 def trap_costs(library: str, calls: int) -> list[tuple[str, float]]:
+    """SSL_read_ex through ctypes on an SSL without a connection (it fails at once inside the
+    internal function) bare, then with empty probes where the exporter could put them: at
+    SSL_read_ex itself (its first instruction, `sub rsp`, is single-stepped) and at the internal
+    function it calls (`push`, emulated). A private copy of the library is probed, so that other
+    exporters' probes on the system copy (system-wide, every process) do not count here."""
     from bcc import BPF  # the bench runs as root with BCC, as the loader does
 
-    lib = ctypes.CDLL(library)
-    function = lib.TLS_method
+    layout = calibrate(library)
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = str(Path(tmp) / Path(library).name)
+        shutil.copy(library, copy)
+        lib = ctypes.CDLL(copy)  # its libcrypto: the system's, by soname
+        lib.TLS_method.restype = ctypes.c_void_p
+        lib.SSL_CTX_new.restype, lib.SSL_CTX_new.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+        lib.SSL_new.restype, lib.SSL_new.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+        lib.SSL_read_ex.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        ssl_ = lib.SSL_new(lib.SSL_CTX_new(lib.TLS_method()))
+        buffer, count = ctypes.create_string_buffer(64), ctypes.c_size_t(0)
+        read_ex = lib.SSL_read_ex
 
-    def loop() -> None:
-        for _ in range(calls):
-            function()
+        def loop() -> None:
+            for _ in range(calls):
+                read_ex(ssl_, buffer, 64, ctypes.byref(count))  # its error queue is a ring: no growth
 
-    rows = [("bare", _per_call_us(loop, calls))]
-    for name, entry, ret in (("uprobe", True, False), ("uretprobe", False, True), ("both", True, True)):
-        bpf = BPF(text="int noop(void *ctx) { return 0; }")
-        if entry:
-            bpf.attach_uprobe(name=library.encode(), sym=b"TLS_method", fn_name=b"noop")
-        if ret:
-            bpf.attach_uretprobe(name=library.encode(), sym=b"TLS_method", fn_name=b"noop")
-        rows.append((name, _per_call_us(loop, calls)))
-        # Detached by closing the perf events: BCC's detach also writes to tracefs, unmounted here.
-        for fd in bpf.uprobe_fds.values():
-            os.close(fd)
-        bpf.uprobe_fds.clear()
+        rows = [("bare", _per_call_us(loop, calls))]
+        places: list[tuple[str, dict[str, object]]] = [("at SSL_read_ex (sub rsp: single-stepped)",
+                                                        {"sym": b"SSL_read_ex"})]
+        if layout.read is not None:
+            places.append((f"at the internal function ({layout.read.first})", {"addr": layout.read.vaddr}))
+        for place, where in places:
+            for name, entry, ret in (("uprobe", True, False), ("uretprobe", False, True), ("both", True, True)):
+                bpf = BPF(text="int noop(void *ctx) { return 0; }")
+                if entry:
+                    bpf.attach_uprobe(name=copy.encode(), fn_name=b"noop", **where)
+                if ret:
+                    bpf.attach_uretprobe(name=copy.encode(), fn_name=b"noop", **where)
+                rows.append((f"{name} {place}", _per_call_us(loop, calls)))
+                # Detached by closing the perf events: BCC's detach also writes to tracefs, maybe unmounted.
+                for fd in bpf.uprobe_fds.values():
+                    os.close(fd)
+                bpf.uprobe_fds.clear()
+        rows.append(("bare again (the probes are gone)", _per_call_us(loop, calls)))
     return rows
 
 
@@ -185,7 +209,7 @@ def main(calls: int) -> None:
     stats = enable_run_time_stats()
     try:
         print(f"library {library}, {calls} calls per line, utime+stime of this process per call")
-        print("| trap (TLS_method via ctypes) | µs/call |")
+        print("| trap (SSL_read_ex via ctypes, no connection) | µs/call |")
         print("|---|---:|")
         for name, us in trap_costs(library, calls):
             print(f"| {name} | {us:.3f} |")

@@ -9,6 +9,10 @@ import platform
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from exporter.capture.openssl_layout import SslLayout
 
 # Capability bit numbers from linux/capability.h.
 CAPABILITIES = {
@@ -205,6 +209,21 @@ def check_interface(interface: str) -> CheckResult:
                        "pick one with --interface")
 
 
+def probe_points(layout: SslLayout) -> str:
+    """Where the uprobes go, and whether the kernel emulates the probed instruction (one trap per
+    call) or single-steps it (two, about ten times the cost on a VM)."""
+    parts = []
+    for direction, entry in (("read", layout.read), ("write", layout.write)):
+        pair = f"SSL_{direction}/SSL_{direction}_ex"
+        if entry is None:
+            parts.append(f"{pair} probed at their own entries")
+        else:
+            how = "emulated" if entry.first != "other" else "single-stepped"
+            parts.append(f"{pair} at their internal function {entry.vaddr:#x} ({entry.first}: {how})")
+    note = f" ({layout.entry_note})" if layout.entry_note else ""
+    return ", ".join(parts) + note
+
+
 def check_tls(libssl: tuple[str, ...] = (), caps: set[str] | None = None) -> list[CheckResult]:
     """Which libssl copies `run` would probe, with their struct layouts, whether the kernel's BTF gives
     the socket walk's offsets, and whether uprobes can be attached with these privileges."""
@@ -230,7 +249,8 @@ def check_tls(libssl: tuple[str, ...] = (), caps: set[str] | None = None) -> lis
             results.append(CheckResult("tls layout", True, str(exc), warning=True))
         else:
             results.append(CheckResult("tls layout", True, f"{library}: SSL rbio at +{layout.rbio_offset}, "
-                                                           f"BIO fd at +{layout.bio_num_offset}"))
+                                                           f"BIO fd at +{layout.bio_num_offset}; "
+                                                           f"{probe_points(layout)}"))
     try:
         offsets = socket_walk_offsets()
     except KernelLayoutError as exc:

@@ -17,7 +17,8 @@ Clang's own diagnostics go to the inherited stderr.
 Tracing programs (bpf/tls_probes.c) are attached here too, because attaching needs BCC's
 ELF symbol lookup. The request then has "probes" instead of "function":
 request  {"src", "cflags", "maps": [names],
-          "probes": [{"library": path, "symbol": name, "function": name, "return": bool}]}
+          "probes": [{"library": path, "symbol": name, "function": name, "return": bool,
+                      "address": int (optional: probe this ELF address; then "symbol" only names it)}]}
 reply    {"ok": true, ..., "attached": [[library, symbol, return]], "failed": [[library, symbol, message]],
           "programs": [names]}
          with fds [*maps, *one attachment per "attached" entry, *programs]
@@ -91,7 +92,10 @@ def _attach(request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         before = set(bpf.uprobe_fds)
         attach = bpf.attach_uretprobe if ret else bpf.attach_uprobe
         try:
-            attach(name=library.encode(), sym=symbol.encode(), fn_name=function.encode())
+            if "address" in probe:  # an ELF address (openssl_layout.EntryPoint); `symbol` only names it
+                attach(name=library.encode(), addr=probe["address"], fn_name=function.encode())
+            else:
+                attach(name=library.encode(), sym=symbol.encode(), fn_name=function.encode())
         except Exception as exc:  # BCC: bare Exception for a missing symbol, a refused load or attach
             failed.append((library, symbol, str(exc)))
             continue

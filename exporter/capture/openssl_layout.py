@@ -1,14 +1,17 @@
 """Where one libssl keeps an SSL's read BIO, and where a BIO keeps its fd: found at run time.
 
     calibrate      libssl path -> SslLayout, cached per (path, device, inode, mtime)
-    SslLayout      (rbio_offset, bio_num_offset): SSL* + rbio_offset holds the BIO*, and
-                   BIO* + bio_num_offset holds the socket BIO's fd (an int)
+    SslLayout      (rbio_offset, bio_num_offset, read, write, entry_note): SSL* + rbio_offset
+                   holds the BIO*, BIO* + bio_num_offset holds the socket BIO's fd (an int);
+                   read/write: the internal functions to probe (EntryPoint), when found
     SslLayoutError one line naming what is lost and the fix (a CaptureError)
 
 Why at run time: `struct ssl_st` and `struct bio_st` are opaque and move between OpenSSL
 releases and builds (3.0.19 here: 16 and 56), and a container may carry its own copy.
 The library's own API finds them: openssl_probe.py sets known fds with SSL_set_rfd and
-SSL_set_wfd and looks for them in the structs (its docstring has the method).
+SSL_set_wfd and looks for them in the structs (its docstring has the method). It also finds
+where to probe: the internal function that each call pair goes through (its docstring says why
+that is about ten times cheaper per call on a VM, and how it is found safely).
 
 It runs in a child process (the interpreter running the exporter, `-I -S`, the standard
 library only), so that a foreign libssl, say a container's
@@ -29,7 +32,7 @@ from typing import NamedTuple
 
 from exporter.errors import CaptureError
 
-__all__ = ["CALIBRATE_TIMEOUT_S", "SslLayout", "SslLayoutError", "calibrate"]
+__all__ = ["CALIBRATE_TIMEOUT_S", "EntryPoint", "SslLayout", "SslLayoutError", "calibrate"]
 
 # Loading a libssl and making two SSLs takes milliseconds; the rest is a hung constructor.
 CALIBRATE_TIMEOUT_S = 5.0
@@ -37,9 +40,19 @@ CALIBRATE_TIMEOUT_S = 5.0
 _PROBE = Path(__file__).with_name("openssl_probe.py")
 
 
+class EntryPoint(NamedTuple):
+    """OpenSSL's internal read or write function, which both forms of the call go through."""
+
+    vaddr: int  # the ELF address to probe (BCC's `addr`)
+    first: str  # the instruction there: "push", "call", "jmp", "nop" (the kernel emulates it) or "other"
+
+
 class SslLayout(NamedTuple):
     rbio_offset: int  # of the BIO* in the SSL struct (SSL_get_rbio)
     bio_num_offset: int  # of the int fd in a socket BIO (BIO_get_fd)
+    read: EntryPoint | None = None  # None: SSL_read and SSL_read_ex are probed themselves
+    write: EntryPoint | None = None
+    entry_note: str = ""  # why an internal function was not found
 
 
 class SslLayoutError(CaptureError):
@@ -54,6 +67,13 @@ def _error(path: str, reason: str) -> SslLayoutError:
         f"libssl {path}: could not find its SSL layout ({reason}): HTTPS through it is not counted; "
         f"point --libssl at an OpenSSL libssl, or run with --no-tls"
     )
+
+
+def _entry(found: object) -> EntryPoint | None:
+    if isinstance(found, dict) and isinstance(found.get("vaddr"), int) and found["vaddr"] > 0 \
+            and isinstance(found.get("first"), str):
+        return EntryPoint(found["vaddr"], found["first"])
+    return None
 
 
 def calibrate(path: str, timeout_s: float = CALIBRATE_TIMEOUT_S) -> SslLayout:
@@ -89,7 +109,8 @@ def calibrate(path: str, timeout_s: float = CALIBRATE_TIMEOUT_S) -> SslLayout:
         answer = None
     if isinstance(answer, dict) and isinstance(answer.get("rbio_offset"), int) \
             and isinstance(answer.get("bio_num_offset"), int):
-        layout = SslLayout(answer["rbio_offset"], answer["bio_num_offset"])
+        layout = SslLayout(answer["rbio_offset"], answer["bio_num_offset"], _entry(answer.get("read")),
+                           _entry(answer.get("write")), str(answer.get("entry_note", "")))
     elif isinstance(answer, dict) and answer.get("error"):
         raise _error(path, str(answer["error"]))
     else:  # no answer: whatever the interpreter said last

@@ -4,8 +4,9 @@ Run by path as `python -I -S openssl_probe.py LIBSSL`, standard library only: th
 under test (maybe a container's, with its libcrypto) loads here and never into the
 exporter, a crash in it kills only this process, and BCC is not importable here at all.
 
-Prints one JSON object: {"rbio_offset": int, "bio_num_offset": int} and exits 0, or
-{"error": "reason"} and exits 1.
+Prints one JSON object and exits 0: {"rbio_offset": int, "bio_num_offset": int, "entry_note": str}
+with "read" and "write" ({"vaddr": int, "first": str}, see entry_points) for the internal
+functions found; or {"error": "reason"} and exits 1.
 
 How: OpenSSL's own API sets known values and reads them back; the struct bytes are
 scanned for them. For each of two fresh SSLs, SSL_set_wfd(B) then SSL_set_rfd(A) with A != B
@@ -14,6 +15,16 @@ SSL_get_rbio() is looked for among the SSL's first SSL_SCAN bytes (8-aligned), t
 among the read BIO's first BIO_SCAN bytes (4-aligned), and B at the same place in the write
 BIO. Only offsets that hold in both SSLs, with different values, count; anything but one
 answer each is refused.
+
+Where to probe (x86-64): `SSL_read_ex`/`SSL_write_ex` are thin wrappers, in 1.1.1 and 3.x, around
+one internal function each (ssl_read_internal, ssl_write_internal) that `SSL_read`/`SSL_write`
+call too, with the same arguments as the `_ex` forms. A uprobe there sees every call of both
+forms at one place, and that function starts with `push` (the wrappers start with `sub rsp`).
+That matters: the kernel emulates a probed push, call, jmp or nop, but must single-step any other
+instruction out of line, a second trap that costs about 12 us per call on a VM against 1 us
+(bench/tls_trap_cost.py). The callee is followed only when the `_ex` wrapper reaches it through
+instructions that cannot change an argument register (endbr64, push, sub rsp) and `SSL_read`
+calls the same address; anything else reports no entry point, and the exported symbols are probed.
 """
 
 from __future__ import annotations
@@ -65,8 +76,7 @@ def offsets_of(base: int, span: int, value: bytes, step: int) -> set[int]:
     return {at for at in range(0, span - len(value) + 1, step) if memory[at:at + len(value)] == value}
 
 
-def probe(path: str) -> tuple[int, int]:
-    lib = _load(path)
+def probe(lib: ct.CDLL) -> tuple[int, int]:
     method = _function(lib, "TLS_method", "SSLv23_method")
     if hasattr(lib, "SSL_library_init"):  # 1.0.x needs it; 1.1+ initialises itself (and has no symbol)
         lib.SSL_library_init()
@@ -113,16 +123,150 @@ def single_offset(what: str, trials: list[set[int]]) -> int:
     return common.pop()
 
 
+ENDBR64 = bytes.fromhex("f30f1efa")
+# Bytes of a function read to find its call: SSL_read's call is 30 bytes in here (3.0), 16 in 1.1.1.
+CALL_SCAN = 160
+
+
+def _push_length(code: bytes, at: int) -> int:
+    """Length of a `push reg` at `at` (50-57, or 41 50-57 for r8-r15), else 0."""
+    if at < len(code) and 0x50 <= code[at] <= 0x57:
+        return 1
+    if code[at:at + 1] == b"\x41" and at + 1 < len(code) and 0x50 <= code[at + 1] <= 0x57:
+        return 2
+    return 0
+
+
+def _prologue_step(code: bytes, at: int) -> int:
+    """Length of the instruction at `at` if it cannot change rdi, rsi, rdx or rcx (endbr64, push
+    reg, sub imm from rsp), else 0."""
+    if code[at:at + 4] == ENDBR64:
+        return 4
+    if push := _push_length(code, at):
+        return push
+    if code[at:at + 3] == b"\x48\x83\xec":
+        return 4
+    if code[at:at + 3] == b"\x48\x81\xec":
+        return 7
+    return 0
+
+
+def _rel32(code: bytes, at: int, address: int) -> int:
+    """Target of the rel32 call or jmp whose opcode is at `at`, code being at `address`."""
+    return address + at + 5 + int.from_bytes(code[at + 1:at + 5], "little", signed=True)
+
+
+def wrapper_callee(code: bytes, address: int) -> int | None:
+    """The function a wrapper at `address` (its first bytes `code`) calls with its own arguments:
+    the target of its first call (or of a jmp right at its start) when only endbr64, push and
+    sub-from-rsp come before it; None otherwise."""
+    at = 4 if code.startswith(ENDBR64) else 0
+    if len(code) >= at + 5 and code[at] == 0xE9:
+        return _rel32(code, at, address)
+    while len(code) >= at + 5:
+        if code[at] == 0xE8:
+            return _rel32(code, at, address)
+        step = _prologue_step(code, at)
+        if not step:
+            return None
+        at += step
+    return None
+
+
+def calls_address(code: bytes, address: int, target: int) -> bool:
+    """Whether a call or jmp rel32 to `target` appears in `code` (at `address`). A false match needs
+    four bytes equal to an exact displacement after an e8 or e9: not seen by chance."""
+    return any(code[at] in (0xE8, 0xE9) and _rel32(code, at, address) == target for at in range(len(code) - 4))
+
+
+def first_instruction(code: bytes) -> tuple[int, str]:
+    """(offset to probe, kind) at a function's start: past an endbr64 (a no-op that the kernel
+    would single-step), and whether the kernel emulates what is there ("push", "call", "jmp",
+    "nop") or single-steps it ("other")."""
+    at = 4 if code.startswith(ENDBR64) else 0
+    op = code[at:at + 2]
+    if _push_length(code, at):
+        return at, "push"
+    if op[:1] == b"\xe8":
+        return at, "call"
+    if op[:1] in (b"\xe9", b"\xeb"):
+        return at, "jmp"
+    if op[:1] == b"\x90" or op == b"\x0f\x1f":
+        return at, "nop"
+    return at, "other"
+
+
+RTLD_DI_LINKMAP = 2
+
+
+def _load_bias(lib: ct.CDLL) -> int:
+    """What the dynamic linker added to the library's ELF addresses (link_map's l_addr, its first
+    field): ELF address = run-time address - this. BCC attaches at ELF addresses."""
+    libdl = ct.CDLL(None)
+    libdl.dlinfo.argtypes = [ct.c_void_p, ct.c_int, ct.c_void_p]
+    link_map = ct.c_void_p()
+    if libdl.dlinfo(lib._handle, RTLD_DI_LINKMAP, ct.byref(link_map)) != 0 or not link_map.value:
+        raise ProbeFailure("dlinfo gave no link map")
+    return ct.c_size_t.from_address(link_map.value).value
+
+
+def _code(address: int, length: int) -> bytes:
+    """Up to `length` bytes of code at run-time `address`, read from the file mapped there, never
+    from memory: a uprobe attached by anyone (another exporter, a debugger) shows in memory as an
+    int3 over the instruction's first byte."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= address < end and len(fields) == 6 and fields[5].startswith("/"):
+                with open(fields[5].rstrip("\n"), "rb") as file:
+                    file.seek(address - start + int(fields[2], 16))
+                    return file.read(min(length, end - address))
+    return b""
+
+
+def entry_points(lib: ct.CDLL) -> tuple[dict[str, dict[str, object]], str]:
+    """For "read" and "write": {"vaddr": the ELF address to probe, "first": its instruction kind},
+    where the internal function is found as the module docstring says; and a note for those not."""
+    if os.uname().machine != "x86_64":
+        return {}, "internal functions are looked for on x86_64 only"
+    bias = _load_bias(lib)
+    found: dict[str, dict[str, object]] = {}
+    notes = []
+    for direction, wrapper, plain in (("read", "SSL_read_ex", "SSL_read"), ("write", "SSL_write_ex", "SSL_write")):
+        try:
+            wrapper_at = ct.cast(getattr(lib, wrapper), ct.c_void_p).value or 0
+            plain_at = ct.cast(getattr(lib, plain), ct.c_void_p).value or 0
+        except AttributeError:  # 1.0.x has no _ex forms
+            notes.append(f"no {wrapper}")
+            continue
+        callee = wrapper_callee(_code(wrapper_at, 32), wrapper_at)
+        if callee is None:
+            notes.append(f"{wrapper} does not start with a call we can follow")
+            continue
+        if not calls_address(_code(plain_at, CALL_SCAN), plain_at, callee):
+            notes.append(f"{plain} does not call what {wrapper} calls")
+            continue
+        skip, kind = first_instruction(_code(callee, 8))
+        found[direction] = {"vaddr": callee + skip - bias, "first": kind}
+    return found, "; ".join(notes)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print(json.dumps({"error": "usage: openssl_probe.py LIBSSL"}))
         return 2
     try:
-        rbio_offset, bio_num_offset = probe(argv[1])
+        lib = _load(argv[1])
+        rbio_offset, bio_num_offset = probe(lib)
     except ProbeFailure as exc:
         print(json.dumps({"error": str(exc)}))
         return 1
-    print(json.dumps({"rbio_offset": rbio_offset, "bio_num_offset": bio_num_offset}))
+    try:  # without them the exported symbols are probed: slower, as exact
+        found, note = entry_points(lib)
+    except (ProbeFailure, OSError, ValueError) as exc:
+        found, note = {}, f"internal functions not found: {exc}"
+    print(json.dumps({"rbio_offset": rbio_offset, "bio_num_offset": bio_num_offset, **found, "entry_note": note}))
     return 0
 
 

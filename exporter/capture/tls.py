@@ -47,7 +47,7 @@ from typing import Any
 from exporter.capture.bpf import ask_loader, find_source
 from exporter.capture.bpfsys import BpfMap, map_info, possible_cpus
 from exporter.capture.kernel_layout import socket_walk_offsets
-from exporter.capture.openssl_layout import SslLayout, SslLayoutError, calibrate
+from exporter.capture.openssl_layout import EntryPoint, SslLayout, SslLayoutError, calibrate
 from exporter.capture.ringbuf import DrainedRing, RingBuffer
 from exporter.core.model import ACK, FIN, PSH, RST, Segment
 from exporter.errors import CaptureError
@@ -102,14 +102,14 @@ COUNTER_NAMES: tuple[str, ...] = (
     "untracked",  # calls whose arguments could not be kept for their return (task storage not made): missed
 )
 
-# (symbol, entry program) probed in each library, the program suffixed with the library's slot
-# (its own struct offsets); every symbol's return goes to tls_return.
-SYMBOLS: tuple[tuple[str, str], ...] = (
-    ("SSL_read", "tls_read_entry"),
-    ("SSL_read_ex", "tls_read_ex_entry"),
-    ("SSL_write", "tls_write_entry"),
-    ("SSL_write_ex", "tls_write_ex_entry"),
-)
+# Per direction: the entry program for OpenSSL's internal function (arguments as the _ex form),
+# and the (symbol, entry program) pairs probed instead where that function was not found. The
+# program is suffixed with the library's slot (its own struct offsets); every return goes to
+# tls_return.
+SYMBOLS: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
+    "read": ("tls_read_ex_entry", (("SSL_read", "tls_read_entry"), ("SSL_read_ex", "tls_read_ex_entry"))),
+    "write": ("tls_write_ex_entry", (("SSL_write", "tls_write_entry"), ("SSL_write_ex", "tls_write_ex_entry"))),
+}
 # Entry only, once per connection: its end.
 FREE_SYMBOL = ("SSL_free", "tls_free")
 # LIBRARY_PROBES(i) instances in tls_probes.c.
@@ -305,15 +305,11 @@ class TlsProbes:
                    f"-DTLS_RING_PAGES={RING_PAGES}", f"-DTLS_RING_BYTES={RING_PAGES * mmap.PAGESIZE}",
                    f"-DTLS_TRIM_BYTES={TLS_TRIM_BYTES}",
                    f"-DTLS_PREFIX={TLS_PREFIX}", f"-DTLS_WAKE_BYTES={TLS_WAKE_BYTES}", "-w"]
-        probes = []
-        for slot, library in enumerate(self.layouts):
-            for symbol, entry in SYMBOLS:
-                probes.append({"library": library, "symbol": symbol, "function": f"{entry}_{slot}", "return": False})
-                probes.append({"library": library, "symbol": symbol, "function": "tls_return", "return": True})
-            probes.append({"library": library, "symbol": FREE_SYMBOL[0], "function": FREE_SYMBOL[1], "return": False})
+        probes = [probe for slot, (library, layout) in enumerate(self.layouts.items())
+                  for probe in _probes(library, layout, slot)]
         request: dict[str, Any] = {"src": str(src_file or tls_source()), "cflags": cflags, "maps": list(_MAPS),
                                    "probes": probes}
-        programs = len(SYMBOLS) * len(self.layouts) + 2
+        programs = 4 * len(self.layouts) + 2
         reply, fds = _run_helper(request, max_fds=len(_MAPS) + len(probes) + programs)
         self.compile_s: float = reply["compile_s"]
         self.failed: list[tuple[str, str, str]] = [(lib, sym, msg) for lib, sym, msg in reply["failed"]]
@@ -401,6 +397,23 @@ class TlsProbes:
         for bpf_map in self._maps.values():
             bpf_map.close()
         self._maps = {}
+
+
+def _probes(library: str, layout: SslLayout, slot: int) -> Iterator[dict[str, Any]]:
+    """The loader's probe requests for one library: per direction its internal function (one
+    place for both forms of the call, and a first instruction the kernel emulates) where
+    calibrate found it, else the exported symbols; and SSL_free."""
+    for direction, (internal_entry, exported) in SYMBOLS.items():
+        entry_point: EntryPoint | None = getattr(layout, direction)
+        if entry_point is not None:
+            where = {"symbol": f"{direction}@{entry_point.vaddr:#x}", "address": entry_point.vaddr}
+            yield {"library": library, **where, "function": f"{internal_entry}_{slot}", "return": False}
+            yield {"library": library, **where, "function": "tls_return", "return": True}
+            continue
+        for symbol, entry in exported:
+            yield {"library": library, "symbol": symbol, "function": f"{entry}_{slot}", "return": False}
+            yield {"library": library, "symbol": symbol, "function": "tls_return", "return": True}
+    yield {"library": library, "symbol": FREE_SYMBOL[0], "function": FREE_SYMBOL[1], "return": False}
 
 
 def _fd_open(tgid: int, fd: int) -> bool:

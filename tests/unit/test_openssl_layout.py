@@ -23,9 +23,8 @@ import pytest
 
 from exporter.capture import openssl_layout, openssl_probe
 from exporter.capture.openssl_layout import SslLayout, SslLayoutError, calibrate
+from tests.libssl import LIB_DIR, LIBSSL, load_libssl
 
-LIB_DIR = Path("/usr/lib/x86_64-linux-gnu")
-LIBSSL = LIB_DIR / "libssl.so.3"
 LIBC = LIB_DIR / "libc.so.6"
 needs_libssl = pytest.mark.skipif(not LIBSSL.exists(), reason=f"no {LIBSSL} (Debian's libssl3)")
 
@@ -52,8 +51,12 @@ def runs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[list[str]]]:
 
 @needs_libssl
 def test_system_libssl3(runs: list[list[str]]) -> None:
-    assert calibrate(str(LIBSSL)) == SslLayout(rbio_offset=16, bio_num_offset=56)
-    assert calibrate(str(LIBSSL)) == (16, 56)
+    layout = calibrate(str(LIBSSL))
+    assert layout[:2] == SslLayout(rbio_offset=16, bio_num_offset=56)[:2]
+    # Where to probe: what the probes see there is tests/integration/test_tls_entry_points.py's.
+    assert layout.read is not None and layout.write is not None and layout.read != layout.write
+    assert (layout.read.first, layout.write.first, layout.entry_note) == ("push", "push", "")
+    assert calibrate(str(LIBSSL)) == layout
     assert len(runs) == 1  # the second answer came from the cache
     assert runs[0][:3] == [sys.executable, "-I", "-S"]  # the venv's interpreter, no site-packages: no bcc
 
@@ -61,17 +64,7 @@ def test_system_libssl3(runs: list[list[str]]) -> None:
 @needs_libssl
 def test_offsets_read_what_openssl_says_the_fd_is() -> None:
     layout = calibrate(str(LIBSSL))
-    lib = ct.CDLL(str(LIBSSL))  # already in this process: Python's _ssl links it
-    lib.TLS_method.restype = ct.c_void_p
-    lib.SSL_CTX_new.restype, lib.SSL_CTX_new.argtypes = ct.c_void_p, [ct.c_void_p]
-    lib.SSL_new.restype, lib.SSL_new.argtypes = ct.c_void_p, [ct.c_void_p]
-    lib.SSL_free.argtypes = [ct.c_void_p]
-    lib.SSL_CTX_free.argtypes = [ct.c_void_p]
-    for name in ("SSL_set_fd", "SSL_set_rfd", "SSL_set_wfd"):
-        getattr(lib, name).argtypes = [ct.c_void_p, ct.c_int]
-    for name in ("SSL_get_fd", "SSL_get_rfd", "SSL_get_wfd"):
-        getattr(lib, name).argtypes = [ct.c_void_p]
-    lib.SSL_get_rbio.restype, lib.SSL_get_rbio.argtypes = ct.c_void_p, [ct.c_void_p]
+    lib = load_libssl()
 
     def fd_at_offsets(ssl: int) -> int:
         bio = ct.c_void_p.from_address(ssl + layout.rbio_offset).value
@@ -103,12 +96,12 @@ def test_a_copy_loads_with_its_own_libcrypto_in_the_child_only(tmp_path: Path, r
     copy = tmp_path / "libssl.so.3"
     shutil.copy(LIBSSL, copy)
     shutil.copy(LIB_DIR / "libcrypto.so.3", tmp_path / "libcrypto.so.3")
-    assert calibrate(str(copy)) == (16, 56)
+    assert calibrate(str(copy))[:2] == (16, 56)
     maps = Path("/proc/self/maps").read_text()
     assert str(tmp_path) not in maps
-    assert calibrate(str(copy)) == (16, 56) and len(runs) == 1
+    assert calibrate(str(copy))[:2] == (16, 56) and len(runs) == 1
     os.utime(copy, ns=(1, 1))
-    assert calibrate(str(copy)) == (16, 56) and len(runs) == 2
+    assert calibrate(str(copy)) == calibrate(str(LIBSSL)) and len(runs) == 3  # the same code: the same places
 
     (tmp_path / "libcrypto.so.3").write_bytes(b"not an ELF file\n" * 16)
     os.utime(copy, ns=(2, 2))
@@ -188,3 +181,56 @@ def test_scan_finds_every_aligned_copy_and_no_unaligned_one() -> None:
         memory[at:at + 4] = value
     assert openssl_probe.offsets_of(ct.addressof(memory), 64, value, 4) == {0, 12, 60}  # 30: not 4-aligned
     assert openssl_probe.offsets_of(ct.addressof(memory), 64, value, 8) == {0}
+
+
+ENDBR = "f30f1efa"
+SUB8 = "4883ec08"  # sub $8, %rsp
+
+
+def call_to(source: int, target: int) -> str:
+    return "e8" + (target - source - 5).to_bytes(4, "little", signed=True).hex()
+
+
+@pytest.mark.parametrize(("prologue", "followed"), [
+    ("", True),  # a bare call
+    (SUB8, True),  # 3.0 here: sub $8,%rsp; call
+    (ENDBR + SUB8, True),  # built with -fcf-protection
+    ("4154" + "55" + "4881ec00010000", True),  # push %r12; push %rbp; sub $256,%rsp
+    ("4c89c1", False),  # mov %r8,%rcx: an argument register changed (3.3's SSL_write_ex2 shape)
+    ("31c9", False),  # xor %ecx,%ecx
+    ("4889fb", False),  # mov %rdi,%rbx: not on the list, refused even though harmless
+    (SUB8 + "85c0", False),  # test before the call
+])
+def test_a_wrapper_is_followed_only_through_instructions_that_keep_the_arguments(prologue: str,
+                                                                                 followed: bool) -> None:
+    address, target = 0x354C0, 0x35290
+    code = bytes.fromhex(prologue + call_to(address + len(prologue) // 2, target) + "31d2c3")
+    assert openssl_probe.wrapper_callee(code, address) == (target if followed else None)
+
+
+def test_a_wrapper_that_jumps_at_once_is_a_tail_call_and_nothing_else_is_followed() -> None:
+    jump = "e9" + (0x1000 - 0x2000 - 5).to_bytes(4, "little", signed=True).hex()
+    assert openssl_probe.wrapper_callee(bytes.fromhex(jump), 0x2000) == 0x1000
+    assert openssl_probe.wrapper_callee(bytes.fromhex(ENDBR + jump), 0x2000 - 4) == 0x1000
+    assert openssl_probe.wrapper_callee(bytes.fromhex(SUB8 + jump), 0x2000 - 4) is None  # a jmp after a prologue
+    assert openssl_probe.wrapper_callee(bytes.fromhex(SUB8 + "e8000000"), 0x2000) is None  # cut short
+    assert openssl_probe.wrapper_callee(b"", 0x2000) is None
+
+
+def test_the_plain_form_must_call_the_same_function() -> None:
+    # SSL_read in 3.0: a check of num, then the call with rcx and rdx rebuilt.
+    head = "4883ec18" + "64488b042528000000" + "4889442408" + "31c0" + "85d2" + "782f" + "4889e1" + "4863d2"
+    address = 0x35430
+    code = bytes.fromhex(head + call_to(address + len(head) // 2, 0x35290) + "85c0")
+    assert openssl_probe.calls_address(code, address, 0x35290)
+    assert not openssl_probe.calls_address(code, address, 0x355A0)
+    assert not openssl_probe.calls_address(code[:len(head) // 2 + 4], address, 0x35290)  # the call cut short
+
+
+@pytest.mark.parametrize(("code", "answer"), [
+    ("4155", (0, "push")), ("53", (0, "push")), (ENDBR + "4156", (4, "push")), ("e8000000", (0, "call")),
+    ("eb00", (0, "jmp")), ("90", (0, "nop")), ("0f1f4400", (0, "nop")), (SUB8, (0, "other")),
+    (ENDBR + SUB8, (4, "other")), ("488d05", (0, "other")), ("", (0, "other")),
+])
+def test_the_first_instruction_is_named_past_an_endbr64(code: str, answer: tuple[int, str]) -> None:
+    assert openssl_probe.first_instruction(bytes.fromhex(code)) == answer

@@ -86,3 +86,17 @@ def test_check_tls_fails_in_one_line_without_the_kernels_btf(monkeypatch: pytest
     assert (btf.ok, btf.detail, btf.fix) == (
         False, f"kernel BTF not found at {tmp_path / 'vmlinux'}: the kernel needs CONFIG_DEBUG_INFO_BTF=y; "
                "run with --no-tls", "use a kernel built with CONFIG_DEBUG_INFO_BTF=y, or run with --no-tls")
+
+
+def test_check_says_where_the_tls_probes_go_and_what_each_costs() -> None:
+    from exporter.capture.openssl_layout import EntryPoint, SslLayout
+    from exporter.preflight import probe_points
+
+    found = SslLayout(16, 56, EntryPoint(0x35290, "push"), EntryPoint(0x355A0, "other"))
+    assert probe_points(found) == ("SSL_read/SSL_read_ex at their internal function 0x35290 (push: emulated), "
+                                   "SSL_write/SSL_write_ex at their internal function 0x355a0 (other: single-stepped)")
+    not_found = SslLayout(16, 56, EntryPoint(0x35290, "push"), None, "SSL_write_ex does not start with a call we "
+                                                                     "can follow")
+    assert probe_points(not_found) == ("SSL_read/SSL_read_ex at their internal function 0x35290 (push: emulated), "
+                                       "SSL_write/SSL_write_ex probed at their own entries (SSL_write_ex does not "
+                                       "start with a call we can follow)")
