@@ -253,11 +253,14 @@ static __always_inline void lost(void)
 /* bpf_ringbuf_output, tried again (up to RING_TRIES in all) while it is refused with room in the
  * ring. Since 6.15 the ring's lock is an rqspinlock, which fails a reservation instead of
  * waiting when it reports a deadlock or times out, whatever the room: measured here with two
- * watched servers writing at once, about 1 reservation in 400,000 failed with room, in under
- * 1 us (not the 0.25 s timeout), and a second try at once failed again half of the time. Only a
- * refusal that outlasts the tries loses the event (counted, and a gap for user space); a full
- * ring is not tried again. Events taken at a later try are counted too. */
-#define RING_TRIES 4
+ * watched servers writing at once (bench/tls_ring_contention.py), about 1 reservation in
+ * 400,000 failed with room, each try in under 1 us (not the 0.25 s timeout); a second try
+ * failed again half of the time, and one event was taken at the 10th try, 1.4 us after the
+ * first. Failed tries are that fast, so 16 of them bound the wait to about 5 us, on this rare
+ * path only (with 32, tls_return was too large for the verifier to load). A refusal that
+ * outlasts them loses the event (counted, and a gap for user space); a full ring is not tried
+ * again. Events taken at a later try are counted too. */
+#define RING_TRIES 16
 static __always_inline long output(void *ev, u64 size, u64 wake)
 {
     long err = tls_events.ringbuf_output(ev, size, wake);
