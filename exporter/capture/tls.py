@@ -168,6 +168,9 @@ _STATE_SIZE = 32  # struct tls_state: stream[2], conn, fd, watched, announced, l
 _U32 = struct.Struct("=I")
 _U64 = struct.Struct("=Q")
 _SEQ_MASK = 0xFFFFFFFF
+# Builds a Segment from all its fields without the NamedTuple's Python __new__ (see core/model.py):
+# one per event on the HTTPS path.
+_new_tuple = tuple.__new__
 
 _MAPS: dict[str, tuple[int, int]] = {  # name -> (key size, value size), checked after load
     "tls_counters": (4, 8),
@@ -481,10 +484,16 @@ class _Conn:
     client: tuple[str, int]
     server: tuple[str, int]
     next_offset: list[int] = field(default_factory=lambda: [-1, -1])  # read (to server), write
+    # A Segment's (src ip, src port, dst ip, dst port) by KIND_READ (to the server), KIND_WRITE: built
+    # once here rather than per event.
+    ends: tuple[tuple[str, int, str, int], tuple[str, int, str, int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ends = ((*self.client, *self.server), (*self.server, *self.client))
 
     @property
     def flow(self) -> tuple[str, int, str, int]:
-        return (*self.client, *self.server)
+        return self.ends[KIND_READ]
 
 
 class TlsCapture:
@@ -534,25 +543,23 @@ class TlsCapture:
         append = out.append
         unpack, header = _EVENT.unpack_from, _EVENT.size
         conns = self._conns
+        new_segment = _new_tuple
         for raw in records:
             if len(raw) < header:
                 self.decode_errors += 1
                 continue
             ts_ns, ssl, offset, tgid, _fd, length, skipped, kind, flags = unpack(raw)
-            conn = conns.get((tgid, ssl))
+            key = (tgid, ssl)
+            conn = conns.get(key)
             # The common case, inline: data of a known connection, in order (what segments_of does).
+            # KIND_READ and KIND_WRITE index a direction's ends and next offset.
             if (conn is not None and kind <= KIND_WRITE and not flags & _FLAG_AFTER_LOSS
                     and len(raw) == header + length):
-                conns.move_to_end(conn.key)
-                ts = ts_ns + realtime
-                if kind == KIND_WRITE:
-                    (src_ip, src_port), (dst_ip, dst_port) = conn.server, conn.client
-                    conn.next_offset[1] = offset + length + skipped
-                else:
-                    (src_ip, src_port), (dst_ip, dst_port) = conn.client, conn.server
-                    conn.next_offset[0] = offset + length + skipped
-                append(Segment(ts, src_ip, src_port, dst_ip, dst_port, offset & _SEQ_MASK, ACK | PSH,
-                               raw[header:], length + skipped))
+                conns.move_to_end(key)
+                length += skipped
+                conn.next_offset[kind] = offset + length
+                append(new_segment(Segment, (ts_ns + realtime, *conn.ends[kind], offset & _SEQ_MASK, ACK | PSH,
+                                             raw[header:], length)))
                 continue
             event = decode_event(raw)
             if event is None:
