@@ -41,6 +41,7 @@ import click
 from bench.nginx import Nginx
 from bench.procs import BenchError, Children, require_tools, wait_until
 from bench.replay_cost import least_cpu
+from exporter.capture.ringbuf import records_of, span_of
 from exporter.capture.tls import COUNTER_NAMES, TlsCapture, TlsProbes, find_libraries
 from exporter.config import DEFAULT_MAX_SERVERS, DEFAULT_POD_LOGS
 from exporter.core.flows import Limits, Tracker
@@ -68,7 +69,7 @@ def record(path: Path, duration: float, connections: int = 32) -> tuple[int, int
 
         def drain() -> None:
             while not stop.is_set():
-                batch = probes.read(0.05)
+                batch = [record for span in probes.read(0.05) for record in records_of(span)]
                 if batch:
                     batches.append(batch)
 
@@ -123,10 +124,11 @@ def load(path: Path) -> tuple[int, list[list[bytes]]]:
 
 
 class ReplayedProbes:
-    """TlsProbes' reading side over recorded batches: one batch per read, skips kept as set."""
+    """TlsProbes' reading side over recorded batches: one batch per read, laid out as the ring's
+    span (ringbuf.span_of, untimed), skips kept as set."""
 
     def __init__(self, batches: Iterable[list[bytes]]) -> None:
-        self._batches = list(batches)
+        self._batches = [[span_of(batch)] for batch in batches]
         self._next = 0
         self.libraries: list[str] = []
         self.skips: dict[tuple[int, int, int], tuple[int, int] | None] = {}
