@@ -94,14 +94,19 @@ def record(path: Path, duration: float, connections: int = 32) -> tuple[int, int
         nginx.stop()
     if lost:
         raise BenchError(f"the ring lost {lost} events while recording: record again on a quieter machine")
+    save(path, nginx.port, batches)
+    return sum(map(len, batches)), logged, ring_cpu_s
+
+
+def save(path: Path, port: int, batches: list[list[bytes]]) -> None:
+    """Write batches of records (struct tls_event each) in the format `load` reads."""
     with open(path, "wb") as out:
-        out.write(_U32.pack(nginx.port))
+        out.write(_U32.pack(port))
         for batch in batches:
             out.write(_U32.pack(len(batch)))
             for raw in batch:
                 out.write(_U32.pack(len(raw)))
                 out.write(raw)
-    return sum(map(len, batches)), logged, ring_cpu_s
 
 
 def load(path: Path) -> tuple[int, list[list[bytes]]]:
