@@ -10,6 +10,7 @@ import pytest
 from exporter.core.http1 import (
     HEAD_MEMO_BYTES,
     HEAD_MEMO_ENTRIES,
+    HEAD_MEMO_REST,
     KNOWN_METHODS,
     PARSE_ERROR_REASONS,
     HeadMemo,
@@ -547,12 +548,35 @@ def test_a_head_cut_by_the_segment_end_is_not_kept() -> None:
     assert memo.requests == {b"GET / HTTP/1.1\r\nHost: a\r\n\r\n": ("GET", "/", 0, 0)}  # framing: none
 
 
-def test_the_memo_keeps_its_newest_heads_only() -> None:
+def test_a_full_memo_is_emptied_and_rests_when_its_heads_do_not_repeat() -> None:
     memo = HeadMemo()
     recorder = RequestRecorder()
     parser = RequestParser(recorder, {}, known=memo.requests)
-    heads = [b"GET /%d HTTP/1.1\r\n\r\n" % i for i in range(HEAD_MEMO_ENTRIES + 1)]
-    for ts, head in enumerate(heads):
+    unique = [b"GET /%d HTTP/1.1\r\n\r\n" % i for i in range(HEAD_MEMO_ENTRIES + 1)]
+    for ts, head in enumerate(unique):
         parser.feed(head, ts)
-    assert list(memo.requests) == heads[1:]
-    assert [r.target for r in recorder.requests] == [f"/{i}" for i in range(HEAD_MEMO_ENTRIES + 1)]
+    # Full after 1,024 heads that never hit: emptied, the newest kept, and no lookups for a while.
+    assert list(memo.requests) == unique[-1:]
+    assert (memo.requests.rest, memo.requests.hits) == (HEAD_MEMO_REST, 0)
+    parser.feed(unique[-1], 10_000)  # resting: parsed again, not looked up
+    assert (memo.requests.rest, memo.requests.hits) == (HEAD_MEMO_REST - 1, 0)
+    for ts in range(HEAD_MEMO_REST - 1):
+        parser.feed(unique[0], 20_000 + ts)
+    assert memo.requests.rest == 0 and list(memo.requests) == unique[-1:]  # nothing kept while resting
+    parser.feed(unique[-1], 50_000)  # looked up again
+    assert memo.requests.hits == 1
+    assert [r.target for r in recorder.requests] == (
+        [f"/{i}" for i in range(HEAD_MEMO_ENTRIES + 1)] + [f"/{HEAD_MEMO_ENTRIES}"] + ["/0"] * (HEAD_MEMO_REST - 1)
+        + [f"/{HEAD_MEMO_ENTRIES}"])
+
+
+def test_a_full_memo_whose_heads_repeat_never_rests() -> None:
+    memo = HeadMemo()
+    parser = RequestParser(RequestRecorder(), {}, known=memo.requests)
+    repeated = b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n"
+    for i in range(2 * HEAD_MEMO_ENTRIES):
+        parser.feed(repeated, 2 * i)
+        parser.feed(b"GET /%d HTTP/1.1\r\n\r\n" % i, 2 * i + 1)  # one new head per hit
+    assert memo.requests.rest == 0 and repeated in memo.requests  # emptied twice, never resting
+    parser.feed(repeated, 10_000)
+    assert memo.requests.hits == 1
