@@ -16,7 +16,7 @@
  * run and tail-calls itself until the head ends (at most HEAD_MAX / SCAN_CHUNK
  * runs), then http_finish, which runs the per-flow state machine and returns
  * the verdict. Each program has the verifier's whole budget (verified_insns on
- * 6.18: http_filter 2.6k, http_scan 650k, http_finish 680k of 1M), which is
+ * 6.18: http_filter 2.6k, http_scan 490k, http_finish 680k of 1M), which is
  * what lets a head be 4 KB. bpf_loop would do it in one program, but BCC 0.26
  * cannot load its callback (no BPF_PSEUDO_FUNC relocation), hence tail calls.
  *
@@ -129,29 +129,34 @@
  *   such a path as it names the path sent (routes.py), so only distinct route
  *   shapes take keys.
  * - The head scan is a state machine over at most HEAD_MAX bytes, a byte at a
- *   time except inside header values (below), with its state (position
+ *   time where the stages below take no word, with its state (position
  *   included) in the per-CPU scratch map value, so that http_scan can stop
  *   after SCAN_CHUNK steps and go on in its next run; the verifier walks the
- *   SCAN_CHUNK steps once (650k instructions), whatever HEAD_MAX is.
- * - Each step costs ~7 ns however many bytes it passes, so the scan's cost is
- *   its number of steps, and the common bytes go by the word:
- *   - header values, most of a head's bytes, VALUE_WORDS words a step when
- *     none holds a byte under 0x20 (one borrow test a word, exact as a yes/no),
- *     else word by word up to the one holding CR or LF (an exact zero-byte test
- *     on word ^ 0x0d.., 0x0a..); the word holding the value's CR jumps straight
- *     past it, its LF and the next line's first byte;
- *   - header names that can no longer be Content-Length or Transfer-Encoding
- *     a word a step while their bytes are letters, digits or '-', and the
- *     word holding the ':' goes on into the value in the same step; a name
- *     beginning with 'c' or 't' is told apart from those two by one
- *     comparison of its first 8 bytes when they are letters, digits or '-',
- *     and "length:" after "content-" is one more;
- *   - the CR ending a status line or a Content-Length value, as a value's;
- *   - the target a word a step while its bytes are printable and none is ' ',
- *     '?' or '#' (in the query: ' '), and " HTTP/1.d" CRLF in one step.
- *   A ~1.3 KB browser head takes ~52 steps (was 110) and the bench's nginx
- *   response head ~17 (was 45): BPF_PROG_TEST_RUN of a recorded realistic
- *   load (`python -m bench.filter_cost`), ~1.9 -> ~1.3 us per request segment.
+ *   SCAN_CHUNK steps once (490k instructions), whatever HEAD_MAX is.
+ * - Its cost is the instructions it runs (BPF_PROG_TEST_RUN here: ~30 ns a header
+ *   line, ~0.3 ns a byte of a long value), so a step goes through stages that
+ *   take the common case a word or more at a time, and the byte-at-a-time
+ *   machine takes only the byte where they stop:
+ *   - a name beginning with 'c' or 't' is told apart from Content-Length and
+ *     Transfer-Encoding by one comparison of its first 8 bytes when they are
+ *     letters, digits or '-' (a name ending in them is neither), "length:"
+ *     after "content-" is one more, and the common value, " " then 1 to 6
+ *     digits then CR, one more;
+ *   - other names pass NAME_WORDS words a step while their bytes are letters,
+ *     digits or '-', and the word holding the ':' goes on into the value;
+ *   - values, most of a head's bytes, and a status line's reason phrase pass
+ *     up to VALUE_WORDS words a step: a borrow test a word (exact as a yes/no)
+ *     finds the first holding a byte under 0x20, exact zero-byte tests on
+ *     word ^ 0x0d.., 0x0a.. its CR or LF; the value's CR jumps straight past
+ *     it, its LF and the next line's first byte, or the empty line ending the
+ *     head;
+ *   - the target a word at a time while its bytes are printable and none is
+ *     ' ', '?' or '#' (in the query: ' '), up to the first other byte, and
+ *     " HTTP/1.d" CRLF with the next line's first byte in one step.
+ *   A ~1.3 KB browser head takes ~23 steps (47 before, 110 before that) and
+ *   the bench's nginx response head 6 (17, 45); the filter and scan of a
+ *   recorded realistic load's request segments ~1.09 -> ~1.00 us, of its
+ *   response segments ~0.70 -> ~0.59 us (BPF_PROG_TEST_RUN, side by side).
  * - The scan costs the sender's softirq about a byte-time per head byte; with
  *   the packet-tap cost every frame pays anyway, that is what separates the
  *   fast path's throughput from the no-capture run in `make bench`.
@@ -209,7 +214,8 @@
 #ifndef SCAN_CHUNK
 #define SCAN_CHUNK 128      /* scan steps per run of http_scan (see verified_insns in the header); HEAD_MAX / SCAN_CHUNK + 1 <= 33 tail calls */
 #endif
-#define VALUE_WORDS 8       /* header value words a scan step tests at most (a 700-byte cookie: 11 steps) */
+#define VALUE_WORDS 16      /* header value words a scan step passes at most (a 700-byte cookie: 6 steps) */
+#define NAME_WORDS 4        /* header name words a scan step passes at most (25 bytes and ':' in one) */
 #define PROG_SCAN 0         /* slots of scan_progs, filled by bpf.py's loader */
 #define PROG_FINISH 1
 #define PATH_LEN 96         /* path bytes kept (the http_agg key); a longer key makes the flow SLOW */
@@ -533,7 +539,7 @@ static __always_inline int is_v6_ext(u8 nexthdr)
 /* ---- head scanner -------------------------------------------------------- */
 
 enum {
-    S_TARGET, S_VERSION, S_REASON0, S_REASON, S_LF, S_LSTART, S_NAME, S_VALUE,
+    S_TARGET, S_VERSION, S_REASON0, S_LF, S_LSTART, S_NAME, S_VALUE,
     S_CLV, S_END_LF, S_DONE, S_FAIL, S_PATH_LONG,  /* S_DONE and after: the scan stops */
 };
 
@@ -591,15 +597,12 @@ static __always_inline u64 name_bytes(u64 w)
     return (letter | digit | zero_bytes(w ^ ('-' * ONES))) & HIGHS;
 }
 
-/* Index of the byte whose high bit is the lowest set bit of m (m != 0). */
+/* Index of the byte whose high bit is the lowest set bit of m (m != 0, high bits only).
+ * Branch free, as the line lengths it follows vary: that bit is 1 << (8k + 7), and
+ * 1 << 8k times 0x0001020304050607 has k, byte 7 - k of the constant, in its top byte. */
 static __always_inline u32 first_byte(u64 m)
 {
-    u64 b = m & (~m + 1);
-    u32 k = 0;
-    if (b >> 32) { k += 4; b >>= 32; }
-    if (b >> 16) { k += 2; b >>= 16; }
-    if (b >> 8) k += 1;
-    return k;
+    return (((m & (~m + 1)) >> 7) * 0x0001020304050607ULL) >> 56;
 }
 
 /* The first byte of a header line (S_LSTART): the end of the head, or a name's first byte. */
@@ -626,7 +629,18 @@ static __always_inline void after_cr(volatile struct scratch *s, u32 cr_at)
             s->state = S_FAIL;
             return;
         }
-        line_start(s, s->buf[(cr_at + 2) & (HEAD_MAX - 1)]);
+        u32 c = s->buf[(cr_at + 2) & (HEAD_MAX - 1)];
+        if (c == '\r' && cr_at + 3 < s->n) {  /* the empty line: the head ends here */
+            if (s->buf[(cr_at + 3) & (HEAD_MAX - 1)] == '\n') {
+                s->head_len = cr_at + 4;
+                s->state = S_DONE;
+            } else {
+                s->state = S_FAIL;
+            }
+            s->pos = cr_at + 4;
+            return;
+        }
+        line_start(s, c);
         s->pos = cr_at + 3;
     } else {
         s->pos = cr_at + 1;
@@ -664,10 +678,16 @@ static __always_inline void scan_init(struct scratch *s, u32 start)
     s->vpos = 0;
 }
 
-/* At most SCAN_CHUNK steps of the scan, each consuming one byte, or a word or
- * more of target, name or value bytes (see the header). The position and every state live in the per-CPU scratch, so
- * the http_scan program can tail-call itself and go on where it stopped: the
- * verifier walks SCAN_CHUNK steps once, whatever the head's length. */
+/* A word of the scratch buffer from byte i on (i + 8 <= HEAD_MAX + 8 * VALUE_WORDS). */
+#define BUF_WORD(s, i) (*(volatile u64 *)((volatile u8 *)(s)->buf + (i)))
+
+/* At most SCAN_CHUNK steps of the scan. A step goes through the stages below in order, each
+ * taking what it can of the common case a word or more at a time and moving pos through memory
+ * (so that the verifier sees each stage's ways in as one state), then the byte-at-a-time machine
+ * takes the byte where they stopped: a header line is mostly one step (see the header). The
+ * position and every state live in the per-CPU scratch, so the http_scan program can tail-call
+ * itself and go on where it stopped: the verifier walks SCAN_CHUNK steps once, whatever the
+ * head's length. */
 static __always_inline void scan_chunk(volatile struct scratch *s)
 {
 #ifdef NO_SCAN
@@ -681,95 +701,15 @@ static __always_inline void scan_chunk(volatile struct scratch *s)
         u32 idx = at & (HEAD_MAX - 1);
         u32 c = s->buf[idx];
         u32 state = s->state;
-        /* Most bytes are header names and values: test those states first. A name that can
-         * no longer be Content-Length or Transfer-Encoding only has to be valid: a word at a
-         * time while its bytes are letters, digits or '-', and when the word holds its ':',
-         * on into the value in the same step (anything else: byte by byte below). */
-        if (state == S_NAME && !s->cl_ok && !s->te_ok && at + 8 <= s->n) {
-            u64 w = *(volatile u64 *)((volatile u8 *)s->buf + idx);
+        /* A name that began with 'c' or 't' (line_start took that byte; at 0 it was the segment
+         * before's, not in buf): when its first 8 bytes are letters, digits or '-', one
+         * comparison each says whether it can still be Content-Length or Transfer-Encoding; a
+         * name that ends in them is shorter than both. */
+        if (state == S_NAME && s->nlen == 1 && (s->cl_ok || s->te_ok) && at > 0 && at + 7 <= s->n) {
+            u64 w = BUF_WORD(s, (at - 1) & (HEAD_MAX - 1));
             if (!(w & HIGHS)) {
                 u64 ok = name_bytes(w);
-                u64 colon = zero_bytes(w ^ (':' * ONES));
-                if (!colon && ok == HIGHS) {
-                    s->pos = at + 8;
-                    continue;
-                }
-                u64 first = colon & (~colon + 1);
-                u64 before = (first - 1) & HIGHS;
-                if (colon && (ok & before) == before) {
-                    /* Through memory, so that the verifier sees this step's value scan as
-                     * the same as any other (one state, not one per way in). */
-                    s->pos = at + first_byte(first) + 1;
-                    s->state = S_VALUE;
-                    at = s->pos;
-                    if (at >= s->n)
-                        continue;
-                    idx = at & (HEAD_MAX - 1);
-                    c = s->buf[idx];
-                    state = s->state;
-                }
-            }
-        }
-        if (state == S_VALUE) {
-            /* A value ends only at CR (LF alone fails): loaded bytes that hold neither change
-             * nothing, so one step passes up to VALUE_WORDS words of them (an exact zero-byte
-             * test per word), up to the word that holds the value's end. */
-            if (at + 8 * VALUE_WORDS <= s->n) {
-                /* Most often no byte of the words is even a control byte: one test for all of
-                 * them, a borrow test per word that is exact as a yes/no (bytes < 0x20). */
-                u64 low = 0;
-#pragma unroll
-                for (u32 j = 0; j < VALUE_WORDS; j++) {
-                    u64 w = *(volatile u64 *)((volatile u8 *)s->buf + idx + 8 * j);
-                    low |= (w - 0x20 * ONES) & ~w;
-                }
-                if (!(low & HIGHS)) {
-                    s->pos = at + 8 * VALUE_WORDS;
-                    continue;
-                }
-            }
-            if (at + 8 <= s->n) {
-                u32 k = 0;
-                u64 cr = 0, ends = 0;
-#pragma unroll
-                for (u32 j = 0; j < VALUE_WORDS; j++) {
-                    if (at + 8 * j + 8 > s->n)
-                        break;
-                    u64 w = *(volatile u64 *)((volatile u8 *)s->buf + idx + 8 * j);
-                    cr = zero_bytes(w ^ ('\r' * ONES));
-                    ends = cr | zero_bytes(w ^ ('\n' * ONES));
-                    k = j;
-                    if (ends)
-                        break;
-                }
-                if (!ends) {
-                    s->pos = at + 8 * k + 8;
-                    continue;
-                }
-                u64 first = ends & (~ends + 1);
-                if (first & cr) {  /* the value ends at this CR: straight past it */
-                    after_cr(s, at + 8 * k + first_byte(first));
-                    if (s->state >= S_DONE)
-                        break;
-                    continue;
-                }
-                if (k) {  /* an LF first, past clean words: on to its word, then byte by byte */
-                    s->pos = at + 8 * k;
-                    continue;
-                }
-            }
-            if (c == '\r')
-                s->state = S_LF;
-            else if (c == '\n')
-                s->state = S_FAIL;
-        } else if (state == S_NAME) {
-            /* The name's second byte, of a name that began with 'c' or 't': when its first 8
-             * bytes are letters, digits or '-', one comparison says whether it still can be
-             * Content-Length or Transfer-Encoding, and passes them. Not at 0: the first byte
-             * was then the last of the segment before, and is not in buf. */
-            if (s->nlen == 1 && at > 0 && at + 7 <= s->n) {
-                u64 w = *(volatile u64 *)((volatile u8 *)s->buf + ((at - 1) & (HEAD_MAX - 1)));
-                if (!(w & HIGHS) && name_bytes(w) == HIGHS) {
+                if (ok == HIGHS) {
                     u64 lw = w | (0x20 * ONES);  /* lower case: the bytes are letters, digits, '-' */
                     if (lw != CL_W0)
                         s->cl_ok = 0;
@@ -777,19 +717,172 @@ static __always_inline void scan_chunk(volatile struct scratch *s)
                         s->te_ok = 0;
                     s->nlen = 8;
                     s->pos = at + 7;
+                } else {
+                    u64 colon = zero_bytes(w ^ (':' * ONES));
+                    u64 first = colon & (~colon + 1);
+                    u64 before = (first - 1) & HIGHS;
+                    if (colon && (ok & before) == before) {
+                        s->cl_ok = 0;
+                        s->te_ok = 0;
+                    }
+                }
+                at = s->pos;
+                if (at >= s->n)
                     continue;
+                idx = at & (HEAD_MAX - 1);
+                c = s->buf[idx];
+                state = s->state;
+            }
+        }
+        /* "Content-" matched so far: "length:" in one comparison (letters in any case: b | 0x20
+         * is a given lower-case letter only for that letter's two cases); anything else is
+         * another content-* name. */
+        if (state == S_NAME && s->cl_ok && s->nlen == 8 && at + 8 <= s->n) {
+            u64 w = BUF_WORD(s, idx);
+            if (((w | 0x202020202020ULL) & 0x00ffffffffffffffULL) == (CL_W1 | ((u64)':' << 48))) {
+                content_length(s);
+                s->pos = at + 7;
+            } else {
+                s->cl_ok = 0;
+            }
+            at = s->pos;
+            if (at >= s->n)
+                continue;
+            idx = at & (HEAD_MAX - 1);
+            c = s->buf[idx];
+            state = s->state;
+        }
+        /* The common Content-Length value, " " then 1 to 6 digits then CR, in one step; any
+         * other goes byte by byte below. */
+        if (state == S_CLV && s->cl_phase == 0 && at + 8 <= s->n) {
+            u64 w = BUF_WORD(s, idx);
+            if ((w & 0xff) == ' ' && !(w & HIGHS)) {
+                u64 digit = (w + (0x80 - '0') * ONES) & ~(w + (0x7f - '9') * ONES) & HIGHS;
+                u64 other = ~digit & HIGHS & ~0x80ULL;  /* byte 0 is the space */
+                u32 end = other ? first_byte(other) : 0;
+                if (end >= 2 && ((w >> (end * 8)) & 0xff) == '\r') {
+                    u32 cl = 0;
+#pragma unroll
+                    for (u32 j = 1; j < 7; j++) {
+                        if (j < end)
+                            cl = cl * 10 + (((w >> (j * 8)) & 0xff) - '0');
+                    }
+                    s->cl = cl;
+                    s->ndig = end - 1;
+                    s->cl_phase = 1;
+                    s->pos = at + end;  /* its CR, taken below as the byte path would */
                 }
             }
-            /* "Content-" matched so far: "length:" in one comparison (letters in any case: b | 0x20
-             * is a given lower-case letter only for that letter's two cases). */
-            if (s->cl_ok && s->nlen == 8 && at + 8 <= s->n) {
-                u64 w = *(volatile u64 *)((volatile u8 *)s->buf + idx);
-                if (((w | 0x202020202020ULL) & 0x00ffffffffffffffULL) == (CL_W1 | ((u64)':' << 48))) {
-                    content_length(s);
-                    s->pos = at + 7;
+            at = s->pos;
+            if (at >= s->n)
+                continue;
+            idx = at & (HEAD_MAX - 1);
+            c = s->buf[idx];
+        }
+        /* A name that can no longer be Content-Length or Transfer-Encoding only has to be valid:
+         * up to NAME_WORDS words while its bytes are letters, digits or '-', and when a word
+         * holds its ':', on into the value in the same step (anything else: byte by byte). */
+        if (state == S_NAME && !s->cl_ok && !s->te_ok && at + 8 <= s->n) {
+            u32 passed = 0, value = 0;
+#pragma unroll
+            for (u32 j = 0; j < NAME_WORDS; j++) {
+                if (at + 8 * j + 8 > s->n)
+                    break;
+                u64 w = BUF_WORD(s, idx + 8 * j);
+                if (w & HIGHS)
+                    break;
+                u64 ok = name_bytes(w);
+                u64 colon = zero_bytes(w ^ (':' * ONES));
+                if (!colon && ok == HIGHS) {
+                    passed = 8 * j + 8;
                     continue;
                 }
+                u64 first = colon & (~colon + 1);
+                u64 before = (first - 1) & HIGHS;
+                if (colon && (ok & before) == before)
+                    value = 8 * j + first_byte(first) + 1;
+                break;
             }
+            if (value) {
+                s->pos = at + value;
+                s->state = S_VALUE;
+            } else if (passed) {
+                s->pos = at + passed;
+                continue;
+            }
+            at = s->pos;
+            if (at >= s->n)
+                continue;
+            idx = at & (HEAD_MAX - 1);
+            c = s->buf[idx];
+            state = s->state;
+        }
+        /* A status line's reason phrase ends as a header value does (at CR; LF alone fails). */
+        if (state == S_REASON0 && (c == ' ' || c == '\t')) {
+            s->pos = at + 1;
+            s->state = S_VALUE;
+            at = s->pos;
+            if (at >= s->n)
+                continue;
+            idx = at & (HEAD_MAX - 1);
+            c = s->buf[idx];
+            state = s->state;
+        }
+        if (state == S_VALUE && at + 8 <= s->n) {
+            /* A value ends only at CR (LF alone fails): up to VALUE_WORDS words that hold neither
+             * pass in one step. A borrow test per word, exact as a yes/no, finds the first that
+             * holds a control byte (< 0x20); exact zero-byte tests then look for CR and LF in it. */
+            u32 j;
+            u64 ends = 0;
+            if (at + 8 * VALUE_WORDS <= s->n) {  /* the common case: no word to check against n */
+#pragma unroll
+                for (j = 0; j < VALUE_WORDS; j++) {
+                    u64 w = BUF_WORD(s, idx + 8 * j);
+                    if (!((w - 0x20 * ONES) & ~w & HIGHS))
+                        continue;
+                    ends = zero_bytes(w ^ ('\r' * ONES)) | zero_bytes(w ^ ('\n' * ONES));
+                    if (ends)
+                        break;
+                }
+            } else {
+#pragma unroll
+                for (j = 0; j < VALUE_WORDS; j++) {
+                    if (at + 8 * j + 8 > s->n)
+                        break;
+                    u64 w = BUF_WORD(s, idx + 8 * j);
+                    if (!((w - 0x20 * ONES) & ~w & HIGHS))
+                        continue;
+                    ends = zero_bytes(w ^ ('\r' * ONES)) | zero_bytes(w ^ ('\n' * ONES));
+                    if (ends)
+                        break;
+                }
+            }
+            if (!ends) {
+                s->pos = at + 8 * j;
+                continue;
+            }
+            /* On to the value's end, through memory: the verifier then walks what follows once,
+             * not once per word it could be in. */
+            s->pos = at + 8 * j + first_byte(ends);
+            at = s->pos;
+            if (at >= s->n)
+                continue;
+            idx = at & (HEAD_MAX - 1);
+            c = s->buf[idx];
+            if (c == '\r') {  /* straight past it, its LF and the next line's first byte */
+                after_cr(s, at);
+                if (s->state >= S_DONE)
+                    break;
+                continue;
+            }
+        }
+        /* The byte the stages above stopped at. */
+        if (state == S_VALUE) {
+            if (c == '\r')
+                s->state = S_LF;
+            else if (c == '\n')
+                s->state = S_FAIL;
+        } else if (state == S_NAME) {
             u32 k = s->nlen;
             if (c == ':') {
                 if (s->te_ok && k == 17) {
@@ -815,35 +908,55 @@ static __always_inline void scan_chunk(volatile struct scratch *s)
         } else if (state == S_LSTART) {
             line_start(s, c);
         } else if (state == S_TARGET) {
-            /* A word of target bytes (printable, none of ' ', '?', '#'; in the query, any
-             * printable but ' ') in one step; the path's are kept as they go by. */
+            /* Target bytes (printable, none of ' ', '?', '#'; in the query, any printable but
+             * ' ') a word at a time up to the first other byte, which is taken below in the same
+             * step; the path's are kept as they go by (raw's 8 spare bytes take the word). */
             if (at + 8 <= s->n) {
-                u64 w = *(volatile u64 *)((volatile u8 *)s->buf + idx);
+                u64 w = BUF_WORD(s, idx);
                 if (!(w & HIGHS)) {
-                    u64 printable = (w + (0x80 - 0x21) * ONES) & ~(w + (0x7f - 0x7e) * ONES) & HIGHS;
-                    if (printable == HIGHS && s->in_query) {
+                    u64 plain = (w + (0x80 - 0x21) * ONES) & ~(w + (0x7f - 0x7e) * ONES) & HIGHS;
+                    u32 in_query = s->in_query;
+                    if (!in_query)
+                        plain &= ~zero_bytes(w ^ ('?' * ONES)) & ~zero_bytes(w ^ ('#' * ONES));
+                    u64 other = ~plain & HIGHS;
+                    u32 take = other ? first_byte(other) : 8;
+                    if (take && !in_query) {
+                        u32 pl = s->path_len;
+                        if (pl <= RAW_PATH_LEN && pl + take <= RAW_PATH_LEN) {
+                            *(volatile u64 *)((volatile u8 *)s->raw + pl) = w;
+                            s->path_len = pl + take;
+                        } else {
+                            take = 0;  /* the byte below says S_PATH_LONG */
+                        }
+                    }
+                    if (take == 8) {
                         s->pos = at + 8;
                         continue;
                     }
-                    u64 plain = printable & ~zero_bytes(w ^ ('?' * ONES)) & ~zero_bytes(w ^ ('#' * ONES));
-                    u32 pl = s->path_len;
-                    if (plain == HIGHS && pl <= RAW_PATH_LEN - 8) {
-                        *(volatile u64 *)((volatile u8 *)s->raw + pl) = w;
-                        s->path_len = pl + 8;
-                        s->pos = at + 8;
-                        continue;
+                    if (take) {
+                        at += take;
+                        idx = at & (HEAD_MAX - 1);
+                        c = s->buf[idx];
                     }
                 }
             }
             if (c == ' ') {
-                /* "HTTP/1.d" CRLF whole in the bytes loaded: in this step (else S_VERSION). */
+                /* "HTTP/1.d" CRLF whole in the bytes loaded: in this step, with the next line's
+                 * first byte when it is here (else S_VERSION). */
                 if (at + 11 <= s->n) {
-                    u64 w = *(volatile u64 *)((volatile u8 *)s->buf + ((at + 1) & (HEAD_MAX - 1)));
+                    u64 w = BUF_WORD(s, (at + 1) & (HEAD_MAX - 1));
                     u32 d = (w >> 56) & 0xff;
                     if ((w & 0x00ffffffffffffffULL) == VERSION_W && d >= '0' && d <= '9' &&
                         s->buf[(at + 9) & (HEAD_MAX - 1)] == '\r' && s->buf[(at + 10) & (HEAD_MAX - 1)] == '\n') {
-                        s->state = S_LSTART;
-                        s->pos = at + 11;
+                        if (at + 11 < s->n) {
+                            line_start(s, s->buf[(at + 11) & (HEAD_MAX - 1)]);
+                            s->pos = at + 12;
+                        } else {
+                            s->state = S_LSTART;
+                            s->pos = at + 11;
+                        }
+                        if (s->state >= S_DONE)
+                            break;
                         continue;
                     }
                 }
@@ -863,15 +976,6 @@ static __always_inline void scan_chunk(volatile struct scratch *s)
                     }
                 }
             }
-        } else if (state == S_REASON) {
-            if (c == '\r') {
-                after_cr(s, at);
-                if (s->state >= S_DONE)
-                    break;
-                continue;
-            }
-            if (c == '\n')
-                s->state = S_FAIL;
         } else if (state == S_CLV) {
             if (c == ' ' || c == '\t') {
                 if (s->cl_phase == 1)
@@ -909,12 +1013,7 @@ static __always_inline void scan_chunk(volatile struct scratch *s)
                 s->state = S_LSTART;
             s->vpos = v + 1;
         } else if (state == S_REASON0) {
-            if (c == ' ' || c == '\t')
-                s->state = S_REASON;
-            else if (c == '\r')
-                s->state = S_LF;
-            else
-                s->state = S_FAIL;
+            s->state = c == '\r' ? S_LF : S_FAIL;  /* ' ' and '\t' went on into the reason above */
         } else if (state == S_END_LF) {
             if (c == '\n') {
                 s->head_len = at + 1;
@@ -2042,6 +2141,8 @@ int http_filter(struct __sk_buff *skb)
         int scan = payload_len && !tcp.rst && !tcp.syn &&  /* data with FIN too: a last response */
                    classify_start(skb, sc, headers_end, payload_len, to_server);
         vs->scanned = scan;
+        /* The scan's first run here: most heads end in it, and a tail call is ~50 ns
+         * (retpolines). Its state goes through memory, so the verifier walks it once. */
         if (scan)
             scan_progs.call(skb, PROG_SCAN);
         else

@@ -15,6 +15,11 @@ Each record starts with an 8-byte header: u32 length (bit 31: still being writte
 bit 30: discarded) and u32 page offset; records are padded to 8 bytes. x86-64 and arm64
 loads here are ordered enough for this: the producer position is published after the
 record's header, and a header still marked busy stops the scan.
+
+What a read gives is a *span*: the committed records since the last read, copied out in
+one piece, headers, padding and discarded records included (`records_of` lists its
+records; a reader that walks it itself, as capture/tls.py does, skips one Python object
+and one copy per record: the copying thread's cost fell from 0.62 to 0.21 µs per record).
 """
 
 from __future__ import annotations
@@ -30,11 +35,12 @@ from collections.abc import Callable
 
 from exporter.errors import CaptureError
 
-__all__ = ["DrainedRing", "RingBuffer"]
+__all__ = ["DISCARD", "HEADER", "LENGTH", "DrainedRing", "RingBuffer", "records_of", "span_of"]
 
 _BUSY = 1 << 31
-_DISCARD = 1 << 30
-_HEADER = 8
+DISCARD = 1 << 30  # a record's header: discarded by the producer, skip it
+LENGTH = DISCARD - 1  # a record's header: its length
+HEADER = 8  # bytes of a record's header; a record takes (HEADER + length) rounded up to 8
 _U64 = struct.Struct("=Q")
 _U32 = struct.Struct("=I")
 
@@ -61,13 +67,13 @@ class RingBuffer:
     def fileno(self) -> int:
         return self._fd
 
-    def read(self, timeout_s: float, limit: int = 65536) -> list[bytes]:
-        """Records written since the last call (at most `limit`); waits up to `timeout_s` for one."""
-        records = self._drain(limit)
-        if records or timeout_s <= 0:
-            return records
+    def read(self, timeout_s: float) -> bytes:
+        """The span of records committed since the last call (b"": none); waits up to `timeout_s` for one."""
+        span = self._drain()
+        if span or timeout_s <= 0:
+            return span
         self._poller.poll(max(1, int(timeout_s * 1000)))
-        return self._drain(limit)
+        return self._drain()
 
     def consumer_position(self) -> int:
         """Bytes consumed since the ring was made (the kernel's consumer position)."""
@@ -79,33 +85,49 @@ class RingBuffer:
         consumer: int = _U64.unpack_from(self._consumer, 0)[0]
         return producer - consumer
 
-    def _drain(self, limit: int) -> list[bytes]:
+    def _drain(self) -> bytes:
         consumer = _U64.unpack_from(self._consumer, 0)[0]
         producer = _U64.unpack_from(self._producer, 0)[0]
-        data, mask, size = self._data, self._mask, self._size
+        # The records' headers are read in the mmap itself, after its producer page.
+        ring, page, mask, size = self._producer, mmap.PAGESIZE, self._mask, self._size
         unpack_header = _U32.unpack_from
-        out: list[bytes] = []
-        append = out.append
-        while consumer < producer and len(out) < limit:
-            offset = consumer & mask  # 8-aligned, and the size is a power of two: a header never wraps
-            header = unpack_header(data, offset)[0]
+        start = consumer
+        while consumer < producer:
+            header = unpack_header(ring, page + (consumer & mask))[0]  # 8-aligned: a header never wraps
             if header & _BUSY:
                 break  # the producer has not committed it yet; the next read takes it
-            length = header & ~(_BUSY | _DISCARD)
-            if not header & _DISCARD:
-                start = (offset + _HEADER) & mask
-                end = start + length
-                append(data[start:end].tobytes() if end <= size else
-                       data[start:].tobytes() + data[:end - size].tobytes())
-            consumer += (length + _HEADER + 7) & ~7
+            consumer += ((header & LENGTH) + HEADER + 7) & ~7
+        if consumer == start:
+            return b""
+        first, end = start & mask, (start & mask) + consumer - start
+        # A slice of the mmap is one copy; a span that wraps around is joined from its two pieces.
+        span = ring[page + first:page + end] if end <= size else self._data[first:].tobytes() + \
+            self._data[:end - size].tobytes()
         # Release the space: the kernel reuses everything before this position.
         _U64.pack_into(self._consumer, 0, consumer)
-        return out
+        return span
 
     def close(self) -> None:
         self._data.release()
         self._producer.close()
         self._consumer.close()
+
+
+def records_of(span: bytes) -> list[bytes]:
+    """The records of a span, discarded ones left out."""
+    out = []
+    at = 0
+    while at < len(span):
+        header = _U32.unpack_from(span, at)[0]
+        if not header & DISCARD:
+            out.append(span[at + HEADER:at + HEADER + (header & LENGTH)])
+        at += ((header & LENGTH) + HEADER + 7) & ~7
+    return out
+
+
+def span_of(records: list[bytes]) -> bytes:
+    """Records laid out as a span, as the kernel writes them (for tests and replays)."""
+    return b"".join(_U32.pack(len(record)) + bytes(4) + record + bytes(-len(record) % 8) for record in records)
 
 
 class DrainedRing:
@@ -116,7 +138,7 @@ class DrainedRing:
     reads the ring and parses what it read. On busy cores it parses slower than a server
     writes, the unread backlog grows, and past the ring's size events were lost although the
     loop never stalled (measured: 5.8 MB unread with reads at most 0.24 s apart). The thread
-    only copies records out (about a microsecond each), so the ring's room is given back at
+    only copies spans of records out (about 0.2 µs per record), so the ring's room is given back at
     once and the queue takes the burst, growing only while there is one, where a larger ring
     would cost its full size in RSS from the start. At `max_queued_bytes` the thread stops
     taking: the ring fills again and the kernel counts what it loses, with its gap marks,
@@ -129,13 +151,13 @@ class DrainedRing:
     def __init__(self, ring: RingBuffer, max_queued_bytes: int, every_s: float,
                  on_drained: Callable[[int], None] | None = None) -> None:
         self._ring = ring
-        self._on_drained = on_drained  # told the ring's consumer position after each batch taken
+        self._on_drained = on_drained  # told the ring's consumer position after each span taken
         self._max = max_queued_bytes
         self._every_ms = max(1, int(every_s * 1000))
-        self._queue: deque[tuple[list[bytes], int, int]] = deque()  # records, position after them, bytes
+        self._queue: deque[tuple[bytes, int]] = deque()  # a span, the ring position after it
         self._queued = 0
         self._room = threading.Condition()
-        self._reading = threading.Lock()  # one reader of the ring at a time, and batches queued in ring order
+        self._reading = threading.Lock()  # one reader of the ring at a time, and spans queued in ring order
         self._stopping = False
         # Readable while the queue holds records: what the reader's select() waits on.
         self._ready_r, self._ready_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -178,16 +200,15 @@ class DrainedRing:
 
     def _take(self) -> bool:
         with self._reading:
-            records = self._ring.read(0)
-            if not records:
+            span = self._ring.read(0)
+            if not span:
                 return False
-            size = sum(map(len, records))
             position = self._ring.consumer_position()
             if self._on_drained is not None:
                 self._on_drained(position)
             with self._room:
-                self._queue.append((records, position, size))
-                self._queued += size
+                self._queue.append((span, position))
+                self._queued += len(span)
                 self.largest_queued_bytes = max(self.largest_queued_bytes, self._queued)
         self._signal()
         return True
@@ -204,8 +225,8 @@ class DrainedRing:
         except BlockingIOError:
             pass  # the pipe is full of earlier signals: the reader is woken anyway
 
-    def read(self, timeout_s: float, limit: int = 65536) -> list[bytes]:
-        """Records in ring order (at least one batch, then whole batches up to `limit` records);
+    def read(self, timeout_s: float, limit: int = 8 << 20) -> list[bytes]:
+        """Spans in ring order (at least one, then more while they total at most `limit` bytes);
         waits up to `timeout_s` for one."""
         self.start()
         if timeout_s > 0 and not self._queue:
@@ -215,11 +236,13 @@ class DrainedRing:
         except BlockingIOError:
             pass
         out: list[bytes] = []
+        taken = 0
         with self._room:
-            while self._queue and (not out or len(out) + len(self._queue[0][0]) <= limit):
-                records, position, size = self._queue.popleft()
-                out.extend(records)
-                self._queued -= size
+            while self._queue and (not out or taken + len(self._queue[0][0]) <= limit):
+                span, position = self._queue.popleft()
+                out.append(span)
+                taken += len(span)
+                self._queued -= len(span)
                 self.processed_position = position
             left = bool(self._queue)
             self._room.notify()

@@ -48,7 +48,7 @@ from exporter.capture.bpf import ask_loader, find_source
 from exporter.capture.bpfsys import BpfMap, map_info, possible_cpus
 from exporter.capture.kernel_layout import socket_walk_offsets
 from exporter.capture.openssl_layout import EntryPoint, SslLayout, SslLayoutError, calibrate
-from exporter.capture.ringbuf import DrainedRing, RingBuffer
+from exporter.capture.ringbuf import DISCARD, HEADER, LENGTH, DrainedRing, RingBuffer
 from exporter.core.model import ACK, FIN, PSH, RST, Segment
 from exporter.errors import CaptureError
 from exporter.metrics import (
@@ -161,6 +161,8 @@ KIND_OPEN = 3
 
 # struct tls_event's header: ts_ns, ssl, stream_off, tgid, fd, len, skipped, kind, flags, pad[6].
 _EVENT = struct.Struct("=QQQIiIIBB6x")
+# The same after its ring record's header (ringbuf.py): the record's length and flags first.
+_RECORD = struct.Struct("=I4xQQQIiIIBB6x")
 _FLAG_AFTER_LOSS = 1
 # struct tls_open, an OPEN's data: family, local port (host order), peer port (network order), pad,
 # local and peer address (IPv4 in the first 4 bytes).
@@ -172,6 +174,9 @@ _STATE_SIZE = 40  # struct tls_state: stream[2], conn, rbio, fd, watched, announ
 _U32 = struct.Struct("=I")
 _U64 = struct.Struct("=Q")
 _SEQ_MASK = 0xFFFFFFFF
+# Builds a Segment from all its fields without the NamedTuple's Python __new__ (see core/model.py):
+# one per event on the HTTPS path.
+_new_tuple = tuple.__new__
 
 _MAPS: dict[str, tuple[int, int]] = {  # name -> (key size, value size), checked after load
     "tls_counters": (4, 8),
@@ -352,12 +357,13 @@ class TlsProbes:
         return self._ring.fileno()
 
     def read(self, timeout_s: float) -> list[bytes]:
+        """Spans of ring records (ringbuf.py), in ring order."""
         assert self._ring is not None
-        records = self._ring.read(timeout_s)
-        if records:
+        spans = self._ring.read(timeout_s)
+        if spans:
             # The probes trim calls while the backlog is large: tell them how far we are.
             _U64.pack_into(self._ring_pos, _RING_CONSUMED_AT, self._ring.processed_position)
-        return records
+        return spans
 
     def flush(self) -> None:
         """What the ring holds now goes to the next read (it is otherwise taken in batches)."""
@@ -485,10 +491,16 @@ class _Conn:
     client: tuple[str, int]
     server: tuple[str, int]
     next_offset: list[int] = field(default_factory=lambda: [-1, -1])  # read (to server), write
+    # A Segment's (src ip, src port, dst ip, dst port) by KIND_READ (to the server), KIND_WRITE: built
+    # once here rather than per event.
+    ends: tuple[tuple[str, int, str, int], tuple[str, int, str, int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ends = ((*self.client, *self.server), (*self.server, *self.client))
 
     @property
     def flow(self) -> tuple[str, int, str, int]:
-        return (*self.client, *self.server)
+        return self.ends[KIND_READ]
 
 
 class TlsCapture:
@@ -530,39 +542,47 @@ class TlsCapture:
     def read(self, timeout_s: float) -> list[Segment]:
         if self.probes is None:
             return []
-        records = self.probes.read(timeout_s)
-        if not records:
+        spans = self.probes.read(timeout_s)
+        if not spans:
             return []
         realtime = self._offset()
         out: list[Segment] = []
         append = out.append
-        unpack, header = _EVENT.unpack_from, _EVENT.size
+        unpack_length, unpack = _U32.unpack_from, _RECORD.unpack_from
+        event_size, record_size = _EVENT.size, _RECORD.size
         conns = self._conns
-        for raw in records:
-            if len(raw) < header:
-                self.decode_errors += 1
-                continue
-            ts_ns, ssl, offset, tgid, _fd, length, skipped, kind, flags = unpack(raw)
-            conn = conns.get((tgid, ssl))
-            # The common case, inline: data of a known connection, in order (what segments_of does).
-            if (conn is not None and kind <= KIND_WRITE and not flags & _FLAG_AFTER_LOSS
-                    and len(raw) == header + length):
-                conns.move_to_end(conn.key)
-                ts = ts_ns + realtime
-                if kind == KIND_WRITE:
-                    (src_ip, src_port), (dst_ip, dst_port) = conn.server, conn.client
-                    conn.next_offset[1] = offset + length + skipped
+        new_segment = _new_tuple
+        for span in spans:
+            # The ring's records, walked here rather than cut into objects of their own (ringbuf.py).
+            at, end = 0, len(span)
+            while at < end:
+                here = at
+                try:
+                    record, ts_ns, ssl, offset, tgid, _fd, length, skipped, kind, flags = unpack(span, here)
+                except struct.error:  # fewer bytes left than an event takes: a broken record (below)
+                    record, length = unpack_length(span, here)[0], -1
+                data_end = here + HEADER + (record & LENGTH)
+                at = (data_end + 7) & ~7  # records start 8-aligned
+                # The common case, inline: data of a known connection, in order (what segments_of does).
+                # The record holds exactly its event and data (a discarded one's header has bit 30 set,
+                # so never equals); KIND_READ and KIND_WRITE index a direction's ends and next offset.
+                if record == event_size + length:
+                    key = (tgid, ssl)
+                    conn = conns.get(key)
+                    if conn is not None and kind <= KIND_WRITE and not flags & _FLAG_AFTER_LOSS:
+                        conns.move_to_end(key)
+                        length += skipped
+                        conn.next_offset[kind] = offset + length
+                        append(new_segment(Segment, (ts_ns + realtime, *conn.ends[kind], offset & _SEQ_MASK,
+                                                     ACK | PSH, span[here + record_size:data_end], length)))
+                        continue
+                if record & DISCARD:
+                    continue
+                event = decode_event(span[here + HEADER:data_end])
+                if event is None:
+                    self.decode_errors += 1
                 else:
-                    (src_ip, src_port), (dst_ip, dst_port) = conn.client, conn.server
-                    conn.next_offset[0] = offset + length + skipped
-                append(Segment(ts, src_ip, src_port, dst_ip, dst_port, offset & _SEQ_MASK, ACK | PSH,
-                               raw[header:], length + skipped))
-                continue
-            event = decode_event(raw)
-            if event is None:
-                self.decode_errors += 1
-            else:
-                out.extend(self.segments_of(event, realtime))
+                    out.extend(self.segments_of(event, realtime))
         self.segments += len(out)
         return out
 

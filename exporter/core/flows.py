@@ -50,6 +50,7 @@ from typing import Protocol
 
 from exporter.core.http1 import (
     PARSE_ERROR_REASONS,
+    HeadMemo,
     PendingRequest,
     RequestParser,
     ResponseParser,
@@ -305,6 +306,7 @@ class _Flow:
         "emitted",
         "encrypted",
         "h2",
+        "heads",
         "key",
         "last_ns",
         "last_unmatched_ns",
@@ -326,8 +328,9 @@ class _Flow:
     )
 
     def __init__(self, key: FlowKey, stats: CoreStats, emitted: list[Exchange], limits: Limits,
-                 scheme: str = "http") -> None:
+                 scheme: str = "http", heads: HeadMemo | None = None) -> None:
         self.key = key
+        self.heads = heads  # its Tracker's, shared by all its connections' HTTP/1 parsers
         self.scheme = scheme
         self.seen_data = False  # until the first payload byte: then TLS or not is decided
         self.encrypted = False
@@ -380,8 +383,11 @@ class _Flow:
     def use_http1(self) -> None:
         errors = self.stats.parse_errors
         limits = self.limits
-        self.requests = RequestParser(self, errors, limits.max_header_bytes, limits.max_buffered_bytes)
-        self.responses = ResponseParser(self, errors, limits.max_header_bytes, limits.max_buffered_bytes)
+        heads = self.heads
+        self.requests = RequestParser(self, errors, limits.max_header_bytes, limits.max_buffered_bytes,
+                                      heads.requests if heads is not None else None)
+        self.responses = ResponseParser(self, errors, limits.max_header_bytes, limits.max_buffered_bytes,
+                                        heads.responses if heads is not None else None)
 
     def use_http2(self, upgraded: PendingRequest | None = None, upgraded_body: int = 0) -> Http2Connection:
         limits = self.limits
@@ -471,8 +477,8 @@ class _Flow:
 class Tracker:
     """Segments in, exchanges out, for every connection to `server_ports`."""
 
-    __slots__ = ("_emitted", "_flows", "_limits", "_scheme", "_server_ports", "encrypted_hints", "skip_hints",
-                 "stats")
+    __slots__ = ("_emitted", "_flows", "_heads", "_limits", "_scheme", "_server_ports", "encrypted_hints",
+                 "skip_hints", "stats")
 
     def __init__(
         self, server_ports: Iterable[int], limits: Limits = Limits(), stats: CoreStats | None = None,
@@ -496,6 +502,7 @@ class Tracker:
         # Least recently active first, so that expire() only looks at the front.
         self._flows: OrderedDict[FlowKey, _Flow] = OrderedDict()
         self._emitted: list[Exchange] = []
+        self._heads = HeadMemo()  # heads its HTTP/1 connections parsed, by their bytes (bounded)
 
     def feed(self, seg: Segment) -> list[Exchange]:
         """Take one captured segment; return the exchanges it completed (usually 0 or 1)."""
@@ -676,7 +683,7 @@ class Tracker:
         if len(flows) >= self._limits.max_flows:
             self.stats.flows_evicted["capacity"] += 1
             self._close(next(iter(flows.values())), graceful=False)
-        flow = flows[key] = _Flow(key, self.stats, self._emitted, self._limits, self._scheme)
+        flow = flows[key] = _Flow(key, self.stats, self._emitted, self._limits, self._scheme, self._heads)
         self.stats.flows_active += 1
         return flow
 

@@ -347,6 +347,82 @@ def test_word_steps_of_the_scan_agree_with_the_parser_at_every_cut(bpf_filter: H
     assert bpf_filter.fast_counters()["exchanges"] - before == taken
 
 
+GET_X = b"GET /items/1 HTTP/1.1\r\nHost: x\r\n\r\n"
+OK_2 = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def _response(*lines: bytes, status_line: bytes = b"HTTP/1.1 200 OK", body: bytes = b"ok") -> bytes:
+    return status_line + b"\r\n" + b"".join(line + b"\r\n" for line in lines) + b"\r\n" + body
+
+
+def _request(*lines: bytes, target: bytes = b"/items/1", body: bytes = b"") -> bytes:
+    return b"POST " + target + b" HTTP/1.1\r\nHost: x\r\n" + b"".join(line + b"\r\n" for line in lines) + b"\r\n" + body
+
+
+# (request, response, taken in the kernel): the shapes the scan's word stages take whole (a name's
+# first 8 bytes against "content-" and "transfer", "length:", a Content-Length value in one word,
+# names and values by the word, a reason phrase as a value, the target up to its first other
+# byte) and their near misses, which must end as the parser ends them. None: the parser decides.
+EDGE_HEADS = [
+    (GET_X, OK_2, True),
+    (GET_X, _response(b"content-length: 2"), True),
+    (GET_X, _response(b"CONTENT-LENGTH: 2"), True),
+    (GET_X, _response(b"Content-Length:  2"), True),
+    (GET_X, _response(b"Content-Length:\t2"), True),
+    (GET_X, _response(b"Content-Length: 2 "), True),
+    (GET_X, _response(b"Content-Length:2"), True),
+    (GET_X, _response(b"Content-Length: 000002"), True),
+    (GET_X, _response(b"Content-Length: 0000002"), True),
+    (GET_X, _response(b"Content-Length: 000000002"), True),
+    (GET_X, _response(b"Content-Length: 0000000002"), None),
+    (GET_X, _response(b"Content-Length: 2x"), None),
+    (GET_X, _response(b"Content-Length: +2"), None),
+    (GET_X, _response(b"Content-Length: 2, 2"), None),
+    (GET_X, _response(b"Content-Length: "), None),
+    (GET_X, _response(b"Content-Length: 2", b"Content-Length: 2"), None),
+    (GET_X, _response(b"Content-Type: text/plain", b"Content-Length: 2"), True),
+    (GET_X, _response(b"Content-Lengthy: 5", b"Content-Length: 2"), True),
+    (GET_X, _response(b"Content-Lengt: 5", b"Content-Length: 2"), True),
+    (GET_X, _response(b"Content-: 5", b"Content-Length: 2"), True),
+    (GET_X, _response(b"Content_Length: 5", b"Content-Length: 2"), True),
+    (GET_X, _response(b"content-length : 2"), None),
+    (GET_X, _response(b"Transfer-Encodings: x", b"Content-Length: 2"), True),
+    (GET_X, _response(b"TE: trailers", b"c: 1", b"t: 1", b"Connection: keep-alive", b"Content-Length: 2"), True),
+    (GET_X, _response(b"Transfer-Encoding: chunked", body=b"2\r\nok\r\n0\r\n\r\n"), False),
+    (GET_X, _response(b"Content-Length: 2", status_line=b"HTTP/1.1 200 "), None),
+    (GET_X, _response(b"Content-Length: 2", status_line=b"HTTP/1.1 200"), None),
+    (GET_X, _response(b"Content-Length: 2", status_line=b"HTTP/1.1 200 A\tB \xe9"), None),
+    (GET_X, _response(b"Content-Length: 2", status_line=b"HTTP/1.1 200 O\nK"), None),
+    (GET_X, _response(b"X-Pad: " + b"v" * 120, b"X-Pad: " + b"v" * 121, b"X-Pad: " + b"v" * 122, b"Content-Length: 2"),
+     True),
+    (GET_X, _response(b"X-Pad: " + b"v" * 60 + b"\nv", b"Content-Length: 2"), None),
+    (GET_X, _response(b"X-Pad: " + b"v" * 60 + b"\rv", b"Content-Length: 2"), None),
+    (_request(b"Content-Length: 3", body=b"abc"), OK_2, True),
+    (_request(b"Upgrade-Insecure-Requests: 1", b"Sec-CH-UA-Platform-Version-And-Then-Some: x"), OK_2, True),
+    (_request(b"X-\xc9: v"), OK_2, None),
+    (_request(b"X-Pad: a\tb" + b"c" * 200), OK_2, True),
+    (_request(target=b"/items/1?a=b&c=%20"), OK_2, True),
+    (_request(target=b"/items/1#frag"), OK_2, True),
+    (_request(target=b"/items/?x"), OK_2, True),
+    (_request(target=b"/it\xe9ms/1"), OK_2, None),
+    (_request(target=b"/" + b"a" * 127), OK_2, True),
+    (_request(target=b"/" + b"a" * 127 + b"?q=1"), OK_2, True),
+    (_request(target=b"/" + b"a" * 128), OK_2, False),
+    (_request(target=b"/x/" + b"1" * 125), OK_2, True),
+]
+
+
+@pytest.mark.parametrize(("request_head", "response", "kernel"), EDGE_HEADS)
+def test_the_scan_s_word_stages_end_edge_heads_as_the_parser_does(bpf_filter: HttpFilter, request_head: bytes,
+                                                                  response: bytes, kernel: bool | None) -> None:
+    before = bpf_filter.fast_counters()["exchanges"]
+    steps = [Step(True, request_head), Step(False, response), Step(False, b"", fin=True), Step(True, b"", fin=True)]
+    reference, fast = run_both(bpf_filter, steps, 7, 2**32 - 3)
+    assert fast == reference
+    if kernel is not None:
+        assert bpf_filter.fast_counters()["exchanges"] - before == kernel
+
+
 HANDOVER_ENTRIES = 16384  # the C file's default
 
 

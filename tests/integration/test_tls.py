@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from exporter.capture.ringbuf import records_of
 from exporter.capture.tls import (
     KIND_CLOSE,
     KIND_OPEN,
@@ -575,9 +576,9 @@ def test_the_kernel_judges_each_connection_by_its_local_port_before_any_event(
         read = capture.probes.read
 
         def recording(timeout_s: float) -> list[bytes]:
-            records = read(timeout_s)
-            seen.extend(event for event in map(decode_event, records) if event is not None)
-            return records
+            spans = read(timeout_s)
+            seen.extend(event for span in spans for event in map(decode_event, records_of(span)) if event is not None)
+            return spans
 
         def drain() -> None:
             for _ in range(10):

@@ -446,3 +446,74 @@ FRAMING_LINES = st.sampled_from([
 def test_framing_in_one_scan_equals_the_lowered_copy_searched_per_name(lines: list[bytes]) -> None:
     head = b"HTTP/1.1 200 OK\r\n" + b"".join(line + b"\r\n" for line in lines)
     assert http1._framing(head, 0, len(head)) == _framing_by_lowering(head)
+
+
+# -- the head memo (http1.HeadMemo) ---------------------------------------------------------
+
+STATUS_LINES = [b"HTTP/1.1 200 OK", b"HTTP/1.1 204 No Content", b"HTTP/1.1 304", b"HTTP/1.1 100 Continue",
+                b"HTTP/1.1 101 Switching", b"HTTP/1.0 200", b"HTTP/1.1 2000", b"HTTP/1.1 20x OK"]
+REQUEST_LINES = [b"GET /a?b HTTP/1.1", b"POST / HTTP/1.0", b"HEAD /h HTTP/1.1", b"CONNECT h:443 HTTP/1.1",
+                 b"GET /a HTTP/1.1 x", b"GET /a HTTP/2.0"]
+
+
+class MemoSink(EventSink):
+    """Every call recorded; final heads answer GET, HEAD and CONNECT in turn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answers = 0
+
+    def on_response_head(self, status: int, ts_ns: int) -> str | None:
+        super().on_response_head(status, ts_ns)
+        self.answers += 1
+        return ("GET", "HEAD", "CONNECT")[self.answers % 3]
+
+    def on_response_lost(self) -> None:
+        self.events.append(("lost",))
+
+
+@st.composite
+def repeated_heads(draw: st.DrawFn) -> tuple[str, list[bytes]]:
+    """Segments of one direction: a few messages (heads from good and bad lines, CRLF or bare LF,
+    a body of its Content-Length or not), sent again and again, a message or a random cut per segment."""
+    direction = draw(st.sampled_from(["request", "response"]))
+    firsts = REQUEST_LINES if direction == "request" else STATUS_LINES
+    eols = st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n"])  # each line's own, the blank one's too
+    pool = []
+    for _ in range(draw(st.integers(1, 3))):
+        lines = [draw(st.sampled_from(firsts)), *draw(st.lists(HEAD_LINES, max_size=4)), b""]
+        pool.append(b"".join(line + draw(eols) for line in lines) + draw(st.sampled_from([b"", b"abc", b"0\r\n\r\n"])))
+    messages = [pool[i] for i in draw(st.lists(st.integers(0, len(pool) - 1), min_size=1, max_size=10))]
+    if draw(st.booleans()):
+        return direction, messages
+    stream = b"".join(messages)
+    cuts = sorted(draw(st.lists(st.integers(1, max(1, len(stream) - 1)), max_size=6)))
+    return direction, [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True) if a < b]
+
+
+@fuzz(400)
+@given(repeated_heads(), st.sampled_from([32768, 40, 12]))
+def test_the_head_memo_changes_no_outcome(segments: tuple[str, list[bytes]], max_header_bytes: int) -> None:
+    """Parsers sharing a HeadMemo table, empty or filled by an earlier connection's same bytes (under
+    the default head limit), report exactly what a parser without one reports: the same calls, in
+    order, and the same errors."""
+    direction, pieces = segments
+    memo, filled = http1.HeadMemo(), http1.HeadMemo()
+    outcomes = []
+    # No table; a fresh one; the one the previous run filled; one filled under the default limit.
+    for known, limit in ((None, max_header_bytes), (memo, max_header_bytes), (memo, max_header_bytes),
+                         (filled, 32768), (filled, max_header_bytes)):
+        errors: dict[str, int] = {}
+        sink = MemoSink()
+        parser: RequestParser | ResponseParser
+        if direction == "request":
+            parser = RequestParser(sink, errors, limit, 65536, known.requests if known else None)
+        else:
+            parser = ResponseParser(sink, errors, limit, 65536, known.responses if known else None)
+        for ts, piece in enumerate(pieces):
+            parser.feed(piece, ts)
+        parser.finish()
+        outcomes.append((sink.events, {reason: n for reason, n in errors.items() if n}))
+    assert outcomes[1] == outcomes[0]
+    assert outcomes[2] == outcomes[0]
+    assert outcomes[4] == outcomes[0]

@@ -8,8 +8,12 @@ from dataclasses import dataclass, field
 import pytest
 
 from exporter.core.http1 import (
+    HEAD_MEMO_BYTES,
+    HEAD_MEMO_ENTRIES,
+    HEAD_MEMO_REST,
     KNOWN_METHODS,
     PARSE_ERROR_REASONS,
+    HeadMemo,
     PendingRequest,
     RequestParser,
     ResponseParser,
@@ -499,3 +503,80 @@ def test_reasons_and_methods_are_the_documented_ones() -> None:
         "buffer_overflow",
         "not_http",
     }
+
+
+# -- the head memo ------------------------------------------------------------------------------
+
+NGINX_HEAD = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Tue, 01 Dec 2026 02:02:37 GMT\r\n"
+              b"Content-Type: text/plain\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\n")
+
+
+def test_a_repeated_head_is_taken_from_the_memo() -> None:
+    memo = HeadMemo()
+    sink = ResponseRecorder(["GET"] * 3)
+    parser = ResponseParser(sink, {}, known=memo.responses)
+    parser.feed(NGINX_HEAD + b"ok", 1)
+    assert memo.responses == {NGINX_HEAD: (200, 1, 2, "")}  # status, framing (_BODY), length, upgrade
+    # What the table says is what the parser does: a planted entry shows the bytes were not read again.
+    memo.responses[NGINX_HEAD] = (200, 1, 5, "")
+    parser.feed(NGINX_HEAD + b"ok", 2)
+    parser.feed(b"abc", 3)
+    assert sink.events == [("done", 200, 1, 2), ("done", 200, 3, 5)]
+
+
+@pytest.mark.parametrize(("stream", "why"), [
+    (b"HTTP/1.1 200 OK\nContent-Length: 0\n\n", "bare LF lines"),
+    # CRLF CRLF only in the blank line and the body that follows: the search finds that, not the head's end.
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 4\n\r\n\r\n\r\n", "a last line ended by a bare LF"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", "a failure"),
+    (b"HTTP/1.1 200 OK\r\nX: " + b"y" * HEAD_MEMO_BYTES + b"\r\nContent-Length: 0\r\n\r\n", "too long"),
+])
+def test_heads_the_memo_never_keeps(stream: bytes, why: str) -> None:
+    memo = HeadMemo()
+    parser = ResponseParser(ResponseRecorder(["GET"]), {}, known=memo.responses)
+    parser.feed(stream, 1)
+    assert memo.responses == {}, why
+
+
+def test_a_head_cut_by_the_segment_end_is_not_kept() -> None:
+    memo = HeadMemo()
+    parser = RequestParser(RequestRecorder(), {}, known=memo.requests)
+    parser.feed(b"GET / HTTP/1.1\r\nHost: a\r", 1)
+    parser.feed(b"\n\r\n", 2)
+    assert memo.requests == {}
+    parser.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 3)
+    assert memo.requests == {b"GET / HTTP/1.1\r\nHost: a\r\n\r\n": ("GET", "/", 0, 0)}  # framing: none
+
+
+def test_a_full_memo_is_emptied_and_rests_when_its_heads_do_not_repeat() -> None:
+    memo = HeadMemo()
+    recorder = RequestRecorder()
+    parser = RequestParser(recorder, {}, known=memo.requests)
+    unique = [b"GET /%d HTTP/1.1\r\n\r\n" % i for i in range(HEAD_MEMO_ENTRIES + 1)]
+    for ts, head in enumerate(unique):
+        parser.feed(head, ts)
+    # Full after 1,024 heads that never hit: emptied, the newest kept, and no lookups for a while.
+    assert list(memo.requests) == unique[-1:]
+    assert (memo.requests.rest, memo.requests.hits) == (HEAD_MEMO_REST, 0)
+    parser.feed(unique[-1], 10_000)  # resting: parsed again, not looked up
+    assert (memo.requests.rest, memo.requests.hits) == (HEAD_MEMO_REST - 1, 0)
+    for ts in range(HEAD_MEMO_REST - 1):
+        parser.feed(unique[0], 20_000 + ts)
+    assert memo.requests.rest == 0 and list(memo.requests) == unique[-1:]  # nothing kept while resting
+    parser.feed(unique[-1], 50_000)  # looked up again
+    assert memo.requests.hits == 1
+    assert [r.target for r in recorder.requests] == (
+        [f"/{i}" for i in range(HEAD_MEMO_ENTRIES + 1)] + [f"/{HEAD_MEMO_ENTRIES}"] + ["/0"] * (HEAD_MEMO_REST - 1)
+        + [f"/{HEAD_MEMO_ENTRIES}"])
+
+
+def test_a_full_memo_whose_heads_repeat_never_rests() -> None:
+    memo = HeadMemo()
+    parser = RequestParser(RequestRecorder(), {}, known=memo.requests)
+    repeated = b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n"
+    for i in range(2 * HEAD_MEMO_ENTRIES):
+        parser.feed(repeated, 2 * i)
+        parser.feed(b"GET /%d HTTP/1.1\r\n\r\n" % i, 2 * i + 1)  # one new head per hit
+    assert memo.requests.rest == 0 and repeated in memo.requests  # emptied twice, never resting
+    parser.feed(repeated, 10_000)
+    assert memo.requests.hits == 1

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.capture.ringbuf import DrainedRing, RingBuffer
+from exporter.capture.ringbuf import DISCARD, DrainedRing, RingBuffer, records_of, span_of
 from exporter.capture.tls import (
     KIND_CLOSE,
     KIND_OPEN,
@@ -231,13 +231,14 @@ def test_close_before_data_ends_the_flow() -> None:
 class FakeProbes:
     """TlsProbes' read and skip side: raw ring records, as the kernel writes them."""
 
-    def __init__(self, batches: list[list[bytes]]) -> None:
-        self.batches = batches
+    def __init__(self, batches: list[list[bytes]], spans: list[list[bytes]] | None = None) -> None:
+        # What each read gives: a batch of records as one span, or the spans given.
+        self.spans = spans if spans is not None else [[span_of(batch)] for batch in batches]
         self.skips: list[tuple[int, int, int, int, tuple[int, int] | None]] = []
         self.forgotten: list[tuple[int, int]] = []
 
     def read(self, timeout_s: float) -> list[bytes]:
-        return self.batches.pop(0) if self.batches else []
+        return self.spans.pop(0) if self.spans else []
 
     def flush(self) -> None:
         pass  # its batches are all readable already
@@ -274,7 +275,11 @@ def test_read_gives_the_segments_that_segments_of_gives() -> None:
     ]
     reference = TlsCapture([8443], [])
     expected = [seg for ev in events for seg in reference.segments_of(ev, 7)]
-    probes = FakeProbes([[raw(ev) for ev in events[:4]], [raw(ev) for ev in events[4:]] + [b"short"]])
+    # Two reads, the second of two spans; a record the producer discarded is skipped unseen.
+    discarded = struct.pack("=II", len(REQUEST) | DISCARD, 0) + REQUEST + bytes(-len(REQUEST) % 8)
+    probes = FakeProbes([], spans=[[span_of([raw(ev) for ev in events[:4]])],
+                                   [span_of([raw(ev) for ev in events[4:7]]) + discarded,
+                                    span_of([raw(ev) for ev in events[7:]] + [b"short"])]])
     capture = TlsCapture([8443], [], realtime_offset_ns=lambda: 7,
                          probes_factory=lambda libraries, ports: probes)  # type: ignore[arg-type,return-value]
     capture.open()
@@ -308,12 +313,36 @@ def test_ring_buffer_joins_a_record_that_wraps_around() -> None:
                 position += (len(record) + 8 + 7) & ~7
                 if number == 0:
                     struct.pack_into("=Q", memory, page, position)
-                    assert ring.read(0) == [records[0]]
+                    assert records_of(ring.read(0)) == [records[0]]
             struct.pack_into("=Q", memory, page, position)
             assert 4008 + 8 + len(records[1]) > size  # the second record starts near the end and wraps
-            assert ring.read(0) == [records[1], records[3]]
+            assert records_of(ring.read(0)) == [records[1], records[3]]
             assert ring.consumer_position() == position
             assert struct.unpack_from("=Q", memory, 0)[0] == position
+        ring.close()
+    finally:
+        os.close(fd)
+
+
+def test_ring_buffer_stops_at_a_record_still_being_written() -> None:
+    """A record reserved but not committed (its header's busy bit) ends the span, and the ring's
+    room is given back only up to it; once committed, the next read takes it."""
+    page, size = mmap.PAGESIZE, 4096
+    fd = os.memfd_create("ring")
+    try:
+        os.ftruncate(fd, 2 * page + size)
+        ring = RingBuffer(fd, size)
+        with mmap.mmap(fd, 2 * page + size) as memory:
+            memory[2 * page:2 * page + 32] = span_of([b"one", b"two!"])
+            struct.pack_into("=II", memory, 2 * page + 32, 5 | 1 << 31, 0)  # "three", still being written
+            memory[2 * page + 40:2 * page + 45] = b"three"
+            struct.pack_into("=Q", memory, page, 48)
+            assert ring.read(0) == span_of([b"one", b"two!"])
+            assert ring.consumer_position() == 32
+            assert ring.read(0) == b""
+            struct.pack_into("=I", memory, 2 * page + 32, 5)  # committed
+            assert records_of(ring.read(0)) == [b"three"]
+            assert ring.consumer_position() == 48
         ring.close()
     finally:
         os.close(fd)
@@ -356,18 +385,18 @@ def test_drained_ring_gives_the_ring_back_at_once_and_stops_taking_when_its_queu
                 time.sleep(0.05)
                 assert released() == 0  # no thread before the first use (a --user drop needs one thread)
                 drained.start()
-                assert drained.read(1.0) == [b"early"]
+                assert drained.read(1.0) == [span_of([b"early"])]
                 first = produce(b"a" * 3000)
                 assert wait_until(lambda: released() == first)  # the ring's room is back, not yet read
                 assert drained.processed_position == first - 3008
                 produce(b"b" * 100)
                 time.sleep(0.1)
                 assert released() == first  # 3000 bytes queued, over the bound: the thread waits
-                assert drained.read(1.0) == [b"a" * 3000]
+                assert drained.read(1.0) == [span_of([b"a" * 3000])]
                 assert drained.processed_position == first
-                assert drained.read(1.0) == [b"b" * 100]
+                assert drained.read(1.0) == [span_of([b"b" * 100])]
                 assert drained.processed_position == released() == produced
-                assert drained.largest_queued_bytes == 3000
+                assert drained.largest_queued_bytes == 3008  # the record and its ring header
                 assert drained.read(0) == []
                 assert told == [first - 3008, first, produced]  # after each batch the thread took
             finally:
