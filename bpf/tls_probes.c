@@ -11,12 +11,18 @@
  *
  * on every libssl the exporter found (libssl.so.3, libssl.so.1.1, --libssl). No
  * syscall tracepoint: nothing runs outside an SSL call. Needs uprobes
- * (CONFIG_UPROBES), the BPF ring buffer (Linux >= 5.8) and the running kernel's
- * BTF (/sys/kernel/btf/vmlinux) for the offsets below. The counter indices, the
+ * (CONFIG_UPROBES), the BPF ring buffer (Linux >= 5.8), task storage in tracing
+ * programs (Linux >= 5.12) and the running kernel's BTF (/sys/kernel/btf/vmlinux)
+ * for the offsets below. The counter indices, the
  * sizes, the watched ports and all struct offsets come in as -D defines from
  * tls.py, the one place they are named; this file does not build on its own.
  *
- * Which socket an SSL* talks to, read at each call's entry in two steps:
+ * The entry probes only keep the call's arguments (and their library's offsets) in the
+ * thread's task storage; the rest happens at the return of a call that returned data, so
+ * the calls that return none (WANT_READ: one of nginx's three per keep-alive request)
+ * cost a store and a get.
+ *
+ * Which socket an SSL* talks to, read at the return of each call with data, in two steps:
  * - its fd: `((BIO *)ssl->rbio)->num`. `struct ssl_st` and `struct bio_st` are
  *   opaque and change between OpenSSL builds, so their offsets are measured per
  *   library by exporter/capture/openssl_layout.py (through the library's own
@@ -35,10 +41,10 @@
  * The verdict is the kernel's: a connection is watched when its local port is a
  * watched port (TLS_WATCHED_PORT), i.e. it is the server's accepted socket. A
  * client's local port is ephemeral, so curl, wrk or a proxy's upstream on the same
- * host are dropped from their first call, with no event. Every SSL* judged has a
+ * host are dropped from their first call with data, with no event. Every SSL* judged has a
  * `tls_state` entry keyed by (tgid, SSL*) with the fd it was judged for: an
- * unwatched one costs that lookup (and the two reads of its fd) per call
- * (`ignored_calls`), plus the uretprobe's trap, which returns at once. A watched
+ * unwatched one costs that lookup per call with data (`ignored_calls`), plus the
+ * traps. A watched
  * one sends an OPEN event with both ends before its first data; user space builds
  * the flow from it, with no /proc lookup. Connections opened before the probes
  * were attached are judged at their next call like new ones.
@@ -46,7 +52,9 @@
  * The end: SSL_free(ssl) sends CLOSE for a watched SSL* and drops its state and
  * skips. SSL* addresses are reused by malloc, fd numbers by the kernel: the state
  * entry goes at SSL_free, and a state whose fd differs from the BIO's now is a new
- * connection (the old one gets its CLOSE). A process that exits without SSL_free
+ * connection (the old one gets its CLOSE). That is checked at reads only (see judge()),
+ * and the BIO's fd is read again only when ssl->rbio is no longer the BIO it was read
+ * from (SSL_set_fd makes a new one). A process that exits without SSL_free
  * leaves LRU entries that the fd check and the LRU age out; user space ends such
  * connections itself (tls.py's reap).
  *
@@ -94,11 +102,14 @@
 #define AF_INET_ 2
 #define AF_INET6_ 10
 
-/* An SSL_* call in progress on one thread, on a watched connection: what the return probe needs. */
+/* An SSL_* call in progress on one thread: its arguments, and its library's offsets. The return
+ * probe judges the connection, once the call returned data. */
 struct tls_call {
     u64 ssl;
     u64 buf;
     u64 out_len;  /* size_t * of the _ex variants, 0 for SSL_read/SSL_write */
+    u32 rbio_offset;
+    u32 num_offset;
     u8 kind;
     u8 pad[7];
 };
@@ -114,6 +125,7 @@ struct tls_state_key {
 struct tls_state {
     u64 stream[2];  /* bytes read (KIND_READ) and written (KIND_WRITE) so far */
     u64 conn;       /* the OPEN event's time: names this connection in tls_skips */
+    u64 rbio;       /* the read BIO `fd` was read from: while ssl->rbio is still it, so is the fd */
     s32 fd;
     u8 watched;
     u8 announced;   /* its OPEN event is in the ring (0: the ring was full, send it again) */
@@ -161,12 +173,13 @@ struct tls_open {
 #define TLS_EVENT_HEADER 48
 #define TLS_FLAG_AFTER_LOSS 1
 
-/* LRU: a thread that dies inside a call never deletes its entry, and a full plain hash would
- * stop new calls silently. */
-BPF_TABLE("lru_hash", u32, struct tls_call, tls_calls, 16384);
-/* Every SSL* that made a call, watched or not: an unwatched one costs this lookup per call. A
- * process that exits without SSL_free leaves its entries to the LRU; the fd check keeps a
- * reused (tgid, SSL*) from inheriting them. */
+/* The call in progress, in the calling thread's own storage (freed with the thread): a get at
+ * entry and one at return, where a hash keyed by thread id cost an LRU update at entry and a
+ * delete at return (~0.27 us more per call, measured). `ssl` 0: no call in progress. */
+BPF_TASK_STORAGE(tls_calls, struct tls_call);
+/* Every SSL* that made a call with data, watched or not: an unwatched one costs this lookup per
+ * such call. A process that exits without SSL_free leaves its entries to the LRU; the fd check
+ * keeps a reused (tgid, SSL*) from inheriting them. */
 BPF_TABLE("lru_hash", struct tls_state_key, struct tls_state, tls_state, 65536);
 BPF_TABLE("lru_hash", struct tls_skip_key, struct tls_skip, tls_skips, 65536);
 BPF_RINGBUF_OUTPUT(tls_events, TLS_RING_PAGES);
@@ -213,23 +226,50 @@ static __always_inline void ring_produced(u64 size)
         __sync_fetch_and_add(produced, (size + 8 + 7) & ~7ULL);
 }
 
-/* An event the ring refused. Mostly a full ring (the reader starved of CPU); the kernel can also
- * refuse a reservation with room (on 6.15+ the ring's lock is an rqspinlock, which gives up on a
- * deadlock report or a timeout). Those are counted apart, so a loss says which it was: room is
- * judged from the ring's own consumer position, with two largest records of margin for the
- * other CPU's producers, and never before the draining thread has reported one. */
-static __always_inline void lost(void)
+/* Whether the ring has room for a record, judged from its own consumer position (which the
+ * draining thread reports), with two largest records of margin for the other CPU's producers;
+ * never before the draining thread has reported one. */
+static __always_inline int ring_has_room(void)
 {
-    count(TC_LOST);
     u32 slot = RING_PRODUCED;
     u64 *produced = tls_ring_pos.lookup(&slot);
     slot = RING_DRAINED;
     u64 *drained = tls_ring_pos.lookup(&slot);
     if (!produced || !drained || !*drained)
-        return;
+        return 0;
     s64 backlog = *produced - *drained;
-    if (backlog + 2 * (TLS_CHUNK * 2 + 8) <= (s64)TLS_RING_BYTES)
+    return backlog + 2 * (TLS_CHUNK * 2 + 8) <= (s64)TLS_RING_BYTES;
+}
+
+/* An event the ring refused. Mostly a full ring (the reader starved of CPU); refusals with room
+ * are counted apart (see output()), so a loss says which it was. */
+static __always_inline void lost(void)
+{
+    count(TC_LOST);
+    if (ring_has_room())
         count(TC_LOST_WITH_ROOM);
+}
+
+/* bpf_ringbuf_output, tried again (up to RING_TRIES in all) while it is refused with room in the
+ * ring. Since 6.15 the ring's lock is an rqspinlock, which fails a reservation instead of
+ * waiting when it reports a deadlock or times out, whatever the room: measured here with two
+ * watched servers writing at once (bench/tls_ring_contention.py), about 1 reservation in
+ * 400,000 failed with room, each try in under 1 us (not the 0.25 s timeout); a second try
+ * failed again half of the time, and one event was taken at the 10th try, 1.4 us after the
+ * first. Failed tries are that fast, so 16 of them bound the wait to about 5 us, on this rare
+ * path only (with 32, tls_return was too large for the verifier to load). A refusal that
+ * outlasts them loses the event (counted, and a gap for user space); a full ring is not tried
+ * again. Events taken at a later try are counted too. */
+#define RING_TRIES 16
+static __always_inline long output(void *ev, u64 size, u64 wake)
+{
+    long err = tls_events.ringbuf_output(ev, size, wake);
+    for (int i = 1; i < RING_TRIES && err && ring_has_room(); i++) {
+        err = tls_events.ringbuf_output(ev, size, wake);
+        if (!err)
+            count(TC_RETRIED);
+    }
+    return err;
 }
 
 /* Wake the reader only once a batch is worth it. Each wakeup is an irq_work, a self-IPI, which
@@ -245,7 +285,7 @@ static __always_inline int send(struct tls_event *ev, struct tls_state *state, u
 {
     ev->flags = state->lost[dir & 1] ? TLS_FLAG_AFTER_LOSS : 0;
     size &= TLS_CHUNK * 2 - 1;
-    if (tls_events.ringbuf_output(ev, size, wake)) {
+    if (output(ev, size, wake)) {
         state->lost[dir & 1] = 1;
         lost();
         return -1;
@@ -278,7 +318,7 @@ static __always_inline struct tls_event *event(u8 kind, u64 ssl, u32 tgid, s32 f
 static __always_inline void send_control(struct tls_event *ev, u64 size)
 {
     size &= TLS_CHUNK * 2 - 1;
-    if (tls_events.ringbuf_output(ev, size, wakeup_flag(ring_pending()))) {
+    if (output(ev, size, wakeup_flag(ring_pending()))) {
         lost();
     } else {
         ring_produced(size);
@@ -286,15 +326,20 @@ static __always_inline void send_control(struct tls_event *ev, u64 size)
     }
 }
 
-/* The fd of the SSL*'s read BIO: ((BIO *)ssl->rbio)->num, at this library's offsets
- * (exporter/capture/openssl_layout.py). -1 for a memory BIO, or when unreadable. */
-static __always_inline s32 ssl_fd(u64 ssl, u32 rbio_offset, u32 num_offset)
+/* The SSL*'s read BIO, ssl->rbio, and its fd, ((BIO *)rbio)->num, at this library's offsets
+ * (exporter/capture/openssl_layout.py). 0 and -1 when unreadable; num is -1 for a memory BIO. */
+static __always_inline u64 ssl_rbio(u64 ssl, u32 rbio_offset)
 {
     u64 rbio = 0;
-    if (bpf_probe_read_user(&rbio, sizeof(rbio), (void *)(ssl + rbio_offset)) || !rbio)
-        return -1;
+    if (bpf_probe_read_user(&rbio, sizeof(rbio), (void *)(ssl + rbio_offset)))
+        return 0;
+    return rbio;
+}
+
+static __always_inline s32 bio_fd(u64 rbio, u32 num_offset)
+{
     s32 num = -1;
-    if (bpf_probe_read_user(&num, sizeof(num), (void *)(rbio + num_offset)))
+    if (!rbio || bpf_probe_read_user(&num, sizeof(num), (void *)(rbio + num_offset)))
         return -1;
     return num;
 }
@@ -356,8 +401,7 @@ static __always_inline void announce(struct tls_state *state, u64 ssl, u32 tgid,
     }
     ev->len = sizeof(struct tls_open);
     ev->stream_off = 0;
-    if (tls_events.ringbuf_output(ev, TLS_EVENT_HEADER + sizeof(struct tls_open),
-                                  wakeup_flag(ring_pending()))) {
+    if (output(ev, TLS_EVENT_HEADER + sizeof(struct tls_open), wakeup_flag(ring_pending()))) {
         lost();
         return;
     }
@@ -381,16 +425,40 @@ static __always_inline void finish(struct tls_state *state, u64 ssl, u32 tgid)
         send_control(ev, TLS_EVENT_HEADER);
 }
 
-static __always_inline int enter(struct pt_regs *ctx, u8 kind, u64 out_len, u32 rbio_offset, u32 num_offset)
+/* The state of a call's SSL*, judged (see the top of this file): 0 unless it is watched. */
+static __always_inline struct tls_state *judge(u64 ssl, u32 tgid, u8 kind, u32 rbio_offset, u32 num_offset)
 {
-    u64 id = bpf_get_current_pid_tgid();
-    u64 ssl = PT_REGS_PARM1(ctx);
-    u32 tgid = id >> 32;
-    s32 fd = ssl_fd(ssl, rbio_offset, num_offset);
-    int walked = 0;
     struct tls_state_key skey = {.ssl = ssl, .tgid = tgid};
     struct tls_state *state = tls_state.lookup(&skey);
+    /* User memory is read as little as possible: a bpf_probe_read_user costs ~250 ns at a return
+     * here, ~600 ns when the line is cold, as ssl->rbio's is (measured, bench/tls_prog_cost.py).
+     * So a watched SSL*'s socket is checked at its reads only: a server's connection starts with
+     * the client's bytes, so an SSL* reused for another socket without SSL_free (SSL_clear and
+     * SSL_set_fd) is found at its first read, and at worst a server's opening write (HTTP/2's
+     * SETTINGS) goes to the old connection. An unwatched one (a client, another service) is
+     * not checked again: it would take an SSL* of one of those reused, without SSL_free, for a
+     * watched server's connection. */
+    if (state && (kind == KIND_WRITE || !state->watched)) {
+        if (!state->watched) {
+            count(TC_IGNORED_CALLS);
+            return 0;
+        }
+        if (!state->announced)
+            announce(state, ssl, tgid, 0);
+        return state;
+    }
+    /* While ssl->rbio is the BIO the fd was read from, the fd is the same: SSL_set_fd makes a new
+     * BIO while the old one still lives, so a new socket always comes with a new rbio address. */
+    u64 rbio = ssl_rbio(ssl, rbio_offset);
+    int walked = 0;
+    s32 fd = -1;
+    if (state && rbio && state->rbio == rbio)
+        fd = state->fd;
+    else
+        fd = bio_fd(rbio, num_offset);
     if (state && state->fd == fd) {
+        if (state->rbio != rbio)
+            state->rbio = rbio;  /* a new BIO on the same socket */
         if (!state->watched) {
             count(TC_IGNORED_CALLS);
             return 0;
@@ -402,7 +470,7 @@ static __always_inline int enter(struct pt_regs *ctx, u8 kind, u64 out_len, u32 
         }
         if (state)
             finish(state, ssl, tgid);  /* the same SSL* on another socket now (SSL_clear, SSL_set_fd) */
-        struct tls_state fresh = {.fd = fd};
+        struct tls_state fresh = {.fd = fd, .rbio = rbio};
         u32 zero = 0;
         struct tls_event *ev = tls_scratch.lookup(&zero);
         if (!ev)
@@ -427,14 +495,26 @@ static __always_inline int enter(struct pt_regs *ctx, u8 kind, u64 out_len, u32 
     }
     if (!state->announced)
         announce(state, ssl, tgid, walked);
-    struct tls_call call = {
-        .ssl = ssl,
-        .buf = PT_REGS_PARM2(ctx),
-        .out_len = out_len,
-        .kind = kind,
-    };
-    u32 tid = id;
-    tls_calls.update(&tid, &call);
+    return state;
+}
+
+/* The entry only keeps the call's arguments: a call that returns no data (WANT_READ) costs
+ * nothing more. Everything else waits for the return (tls_return). */
+static __always_inline int enter(struct pt_regs *ctx, u8 kind, u64 out_len, u32 rbio_offset, u32 num_offset)
+{
+    struct tls_call *slot = tls_calls.task_storage_get(bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (!slot) {
+        /* A thread's first call, whose storage the kernel could not make (out of memory, or
+         * another task-storage call in progress on this CPU): the call's bytes are missed. */
+        count(TC_UNTRACKED);
+        return 0;
+    }
+    slot->ssl = PT_REGS_PARM1(ctx);
+    slot->buf = PT_REGS_PARM2(ctx);
+    slot->out_len = out_len;
+    slot->rbio_offset = rbio_offset;
+    slot->num_offset = num_offset;
+    slot->kind = kind;
     return 0;
 }
 
@@ -487,16 +567,20 @@ int tls_free(struct pt_regs *ctx)
 
 int tls_return(struct pt_regs *ctx)
 {
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tid = id;
-    struct tls_call *found = tls_calls.lookup(&tid);
-    if (!found)
+    struct tls_call *found = tls_calls.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+    if (!found || !found->ssl)
         return 0;
     struct tls_call call = *found;
-    tls_calls.delete(&tid);
+    found->ssl = 0;
+    u64 id = bpf_get_current_pid_tgid();
 
     int ret = (int)PT_REGS_RC(ctx);
     if (ret <= 0)
+        return 0;
+    /* Judged before the _ex form's length is read: an unwatched call (a client's) stops at a
+     * lookup, without that read (~0.25 us here). */
+    struct tls_state *state = judge(call.ssl, id >> 32, call.kind, call.rbio_offset, call.num_offset);
+    if (!state)
         return 0;
     u64 total = ret;
     if (call.out_len) {
@@ -508,11 +592,6 @@ int tls_return(struct pt_regs *ctx)
     if (!total)
         return 0;
     count(TC_CALLS);
-
-    struct tls_state_key skey = {.ssl = call.ssl, .tgid = id >> 32};
-    struct tls_state *state = tls_state.lookup(&skey);
-    if (!state || !state->watched)
-        return 0;
     u32 dir = call.kind == KIND_WRITE ? 1 : 0;
     u64 base = state->stream[dir];
     state->stream[dir] = base + total;

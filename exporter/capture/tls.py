@@ -57,12 +57,14 @@ from exporter.metrics import (
     SELF_TLS_CALLS_TOTAL,
     SELF_TLS_CALLS_TRIMMED_TOTAL,
     SELF_TLS_CALLS_TRUNCATED_TOTAL,
+    SELF_TLS_CALLS_UNTRACKED_TOTAL,
     SELF_TLS_CALLS_WITHOUT_SOCKET_TOTAL,
     SELF_TLS_CONNECTIONS_EVICTED_TOTAL,
     SELF_TLS_CONNECTIONS_TRACKED,
     SELF_TLS_DECODE_ERRORS_TOTAL,
     SELF_TLS_EVENTS_LOST_TOTAL,
     SELF_TLS_EVENTS_LOST_WITH_ROOM_TOTAL,
+    SELF_TLS_EVENTS_RETRIED_TOTAL,
     SELF_TLS_EVENTS_TOTAL,
     SELF_TLS_LIBRARIES_PROBED,
     SELF_TLS_LOSS_GAPS_TOTAL,
@@ -89,13 +91,15 @@ COUNTER_NAMES: tuple[str, ...] = (
     "events",  # events written to the ring buffer (opens, data chunks and closes)
     "lost",  # events the ring buffer had no room for: their bytes are a gap in user space
     "truncated",  # calls longer than TLS_CHUNK * TLS_MAX_CHUNKS: the rest is a gap
-    "no_fd",  # calls on an SSL* whose read BIO has no fd (a memory BIO)
-    "ignored_calls",  # calls on connections whose local port is not watched (clients, other services)
+    "no_fd",  # calls with data on an SSL* whose read BIO has no fd (a memory BIO)
+    "ignored_calls",  # calls with data on connections whose local port is not watched (clients, other services)
     "read_errors",  # bpf_probe_read_user failures (the buffer was not readable)
     "skipped",  # calls (or their head) inside a body stretch user space only counts: length only
     "trimmed",  # calls cut to their first TLS_PREFIX bytes because the ring was filling: the rest is a gap
     "unresolved",  # SSL*s whose fd the kernel walk did not find a TCP socket behind: ignored
     "lost_with_room",  # of `lost`, those refused while the ring had room (not a full ring)
+    "retried",  # events refused while the ring had room and taken at a later try (not lost)
+    "untracked",  # calls whose arguments could not be kept for their return (task storage not made): missed
 )
 
 # Per direction: the entry program for OpenSSL's internal function (arguments as the _ex form),
@@ -166,7 +170,7 @@ _OPEN = struct.Struct("=HH2s2x16s16s")
 _SKIP_KEY = struct.Struct("=QII")  # struct tls_skip_key: ssl, tgid, dir
 _SKIP = struct.Struct("=IIQ")  # struct tls_skip: start, end (exclusive), conn
 _STATE_KEY = struct.Struct("=QI4x")  # struct tls_state_key: ssl, tgid
-_STATE_SIZE = 32  # struct tls_state: stream[2], conn, fd, watched, announced, lost[2]
+_STATE_SIZE = 40  # struct tls_state: stream[2], conn, rbio, fd, watched, announced, lost[2]
 _U32 = struct.Struct("=I")
 _U64 = struct.Struct("=Q")
 _SEQ_MASK = 0xFFFFFFFF
@@ -714,11 +718,14 @@ class TlsCapture:
         yield SelfSample(SELF_TLS_EVENTS_LOST_WITH_ROOM_TOTAL, "counter",
                          "Of the lost TLS events, those the kernel refused while the ring had room (not a full "
                          "ring: the ring's lock gave up).", kernel["lost_with_room"])
+        yield SelfSample(SELF_TLS_EVENTS_RETRIED_TOTAL, "counter",
+                         "TLS events the kernel refused while the ring had room, then took at a later try "
+                         "(not lost).", kernel["retried"])
         yield SelfSample(SELF_TLS_CALLS_TOTAL, "counter",
                          "SSL_read/SSL_write calls on watched connections that returned data.", kernel["calls"])
         yield SelfSample(SELF_TLS_CALLS_IGNORED_TOTAL, "counter",
-                         "SSL calls on connections whose local port is not watched (clients, other services), "
-                         "dropped in the kernel.",
+                         "SSL calls with data on connections whose local port is not watched (clients, other "
+                         "services), dropped in the kernel.",
                          kernel["ignored_calls"])
         yield SelfSample(SELF_TLS_CALLS_TRUNCATED_TOTAL, "counter",
                          f"SSL calls longer than {TLS_CHUNK * TLS_MAX_CHUNKS} bytes; the rest became a gap.",
@@ -727,8 +734,11 @@ class TlsCapture:
                          f"SSL calls cut to their first {TLS_PREFIX} bytes while the ring buffer was over "
                          f"{TLS_TRIM_BYTES // (1 << 20)} MiB unread; the rest became a gap.", kernel["trimmed"])
         yield SelfSample(SELF_TLS_CALLS_WITHOUT_SOCKET_TOTAL, "counter",
-                         "SSL calls whose read BIO has no socket fd (a memory BIO): not counted.",
+                         "SSL calls with data whose read BIO has no socket fd (a memory BIO): not counted.",
                          kernel["no_fd"])
+        yield SelfSample(SELF_TLS_CALLS_UNTRACKED_TOTAL, "counter",
+                         "SSL calls whose arguments the probes could not keep for the call's return (the thread's "
+                         "task storage could not be made): their bytes are missed.", kernel["untracked"])
         yield SelfSample(SELF_TLS_READ_ERRORS_TOTAL, "counter", "TLS buffers the probes could not read.",
                          kernel["read_errors"])
         yield SelfSample(SELF_TLS_CONNECTIONS_TRACKED, "gauge", "Watched TLS connections known now.",
