@@ -27,28 +27,10 @@ import click
 
 from bench.nginx import Nginx
 from bench.procs import Children, require_tools
+from bench.tls_trap_cost import uprobe_programs
 from bench.wrk import parse_wrk
 from exporter.capture.bpfsys import enable_run_time_stats
 from exporter.capture.tls import TlsCapture, TlsProbes, find_libraries, tls_source
-
-_KPROBE = 2  # BPF_PROG_TYPE_KPROBE: uprobes too
-
-
-def _programs(pid: int) -> dict[int, dict[str, int]]:
-    """prog_id -> run_cnt, run_time_ns, recursion_misses of the uprobe programs this process holds."""
-    out: dict[int, dict[str, int]] = {}
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            if os.readlink(fd) != "anon_inode:bpf-prog":
-                continue
-            info = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().splitlines()
-                        if ":" in line)
-        except OSError:
-            continue
-        if int(info.get("prog_type", "-1")) == _KPROBE:
-            out[int(info["prog_id"])] = {key: int(info.get(key, "0"))
-                                         for key in ("run_cnt", "run_time_ns", "recursion_misses")}
-    return out
 
 
 def _name(prog_id: int) -> str:
@@ -73,10 +55,10 @@ def measure(src: Path, nginx: Nginx, wrk: str, seconds: float) -> tuple[int, dic
     reader = threading.Thread(target=_drain, args=(capture, stop))
     reader.start()
     try:
-        before = _programs(os.getpid())
+        before = uprobe_programs(os.getpid())
         ran = subprocess.run([wrk, "-t1", "-c32", f"-d{seconds:g}s", nginx.url("/")], capture_output=True,
                              text=True, check=True)
-        after = _programs(os.getpid())
+        after = uprobe_programs(os.getpid())
         time.sleep(0.3)
     finally:
         stop.set()

@@ -52,9 +52,9 @@ def _per_call_us(run: Callable[[], None], calls: int) -> float:
     return (_cpu_s() - before) / calls * 1e6
 
 
-def _bpf_run(pid: int) -> int:
-    """run_time_ns summed over the uprobe programs this process holds."""
-    total_ns = 0
+def uprobe_programs(pid: int) -> dict[int, dict[str, int]]:
+    """prog_id -> run_cnt, run_time_ns, recursion_misses of the uprobe programs `pid` holds."""
+    out: dict[int, dict[str, int]] = {}
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
             if os.readlink(fd) != "anon_inode:bpf-prog":
@@ -64,8 +64,14 @@ def _bpf_run(pid: int) -> int:
         except OSError:
             continue
         if int(info.get("prog_type", "-1")) == _KPROBE:
-            total_ns += int(info.get("run_time_ns", "0"))
-    return total_ns
+            out[int(info["prog_id"])] = {key: int(info.get(key, "0"))
+                                         for key in ("run_cnt", "run_time_ns", "recursion_misses")}
+    return out
+
+
+def _bpf_run(pid: int) -> int:
+    """run_time_ns summed over the uprobe programs this process holds."""
+    return sum(program["run_time_ns"] for program in uprobe_programs(pid).values())
 
 
 def trap_costs(library: str, calls: int) -> list[tuple[str, float]]:
