@@ -32,6 +32,7 @@ from __future__ import annotations
 import ctypes as ct
 import json
 import os
+import struct
 import sys
 
 SSL_SCAN = 1024  # the SSL struct is several KiB in 1.0-3.x; rbio sits in its first 100 bytes
@@ -124,8 +125,11 @@ def single_offset(what: str, trials: list[set[int]]) -> int:
 
 
 ENDBR64 = bytes.fromhex("f30f1efa")
-# Bytes of a function read to find its call: SSL_read's call is 30 bytes in here (3.0), 16 in 1.1.1.
-CALL_SCAN = 160
+# ELF64: the section headers (type SHT_DYNSYM) and the symbols' sizes, read from the file.
+_ELF_HEADER = struct.Struct("<16xHHIQQQIHHHHHH")
+_SECTION = struct.Struct("<IIQQQQIIQQ")
+_SYMBOL = struct.Struct("<IBBHQQ")
+_SHT_DYNSYM = 11
 
 
 def _push_length(code: bytes, at: int) -> int:
@@ -210,19 +214,46 @@ def _load_bias(lib: ct.CDLL) -> int:
     return ct.c_size_t.from_address(link_map.value).value
 
 
-def _code(address: int, length: int) -> bytes:
-    """Up to `length` bytes of code at run-time `address`, read from the file mapped there, never
-    from memory: a uprobe attached by anyone (another exporter, a debugger) shows in memory as an
-    int3 over the instruction's first byte."""
+def _symbol_size(path: str, vaddr: int) -> int:
+    """st_size of the exported symbol at ELF address `vaddr` in the library at `path` (0: none):
+    how far a function's own bytes go, so that a scan of them never reads into the next one."""
+    with open(path, "rb") as file:
+        elf = file.read()
+    if elf[:6] != b"\x7fELF\x02\x01":  # 64-bit, little-endian
+        return 0
+    (_, _, _, _, _, shoff, _, _, _, _, shentsize, shnum, _) = _ELF_HEADER.unpack_from(elf)
+    for index in range(shnum):
+        _, kind, _, _, offset, size, _, _, _, entsize = _SECTION.unpack_from(elf, shoff + index * shentsize)
+        if kind != _SHT_DYNSYM or not entsize:
+            continue
+        for at in range(offset, offset + size, entsize):
+            _, _, _, _, value, symbol_size = _SYMBOL.unpack_from(elf, at)
+            if value == vaddr and symbol_size:
+                return int(symbol_size)
+    return 0
+
+
+def _mapped_file(address: int) -> tuple[str, int] | None:
+    """(path, file offset) of run-time `address`, from this process's mappings."""
     with open("/proc/self/maps") as maps:
         for line in maps:
             fields = line.split(maxsplit=5)
             start, end = (int(x, 16) for x in fields[0].split("-"))
             if start <= address < end and len(fields) == 6 and fields[5].startswith("/"):
-                with open(fields[5].rstrip("\n"), "rb") as file:
-                    file.seek(address - start + int(fields[2], 16))
-                    return file.read(min(length, end - address))
-    return b""
+                return fields[5].rstrip("\n"), address - start + int(fields[2], 16)
+    return None
+
+
+def _code(address: int, length: int) -> bytes:
+    """Up to `length` bytes of code at run-time `address`, read from the file mapped there, never
+    from memory: a uprobe attached by anyone (another exporter, a debugger) shows in memory as an
+    int3 over the instruction's first byte."""
+    mapped = _mapped_file(address)
+    if mapped is None:
+        return b""
+    with open(mapped[0], "rb") as file:
+        file.seek(mapped[1])
+        return file.read(length)
 
 
 def entry_points(lib: ct.CDLL) -> tuple[dict[str, dict[str, object]], str]:
@@ -244,7 +275,12 @@ def entry_points(lib: ct.CDLL) -> tuple[dict[str, dict[str, object]], str]:
         if callee is None:
             notes.append(f"{wrapper} does not start with a call we can follow")
             continue
-        if not calls_address(_code(plain_at, CALL_SCAN), plain_at, callee):
+        mapped = _mapped_file(plain_at)
+        plain_size = _symbol_size(mapped[0], plain_at - bias) if mapped else 0
+        if not plain_size:
+            notes.append(f"no size for {plain} in the library's symbols")
+            continue
+        if not calls_address(_code(plain_at, plain_size), plain_at, callee):
             notes.append(f"{plain} does not call what {wrapper} calls")
             continue
         skip, kind = first_instruction(_code(callee, 8))

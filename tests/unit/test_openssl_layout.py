@@ -234,3 +234,17 @@ def test_the_plain_form_must_call_the_same_function() -> None:
 ])
 def test_the_first_instruction_is_named_past_an_endbr64(code: str, answer: tuple[int, str]) -> None:
     assert openssl_probe.first_instruction(bytes.fromhex(code)) == answer
+
+
+@needs_libssl
+def test_a_function_is_scanned_only_as_far_as_its_symbol_size() -> None:
+    """Debian's build puts SSL_read_ex right after SSL_read: a scan that ran past SSL_read's own
+    bytes would find SSL_read_ex's call of the internal function and take it for SSL_read's."""
+    lib = load_libssl()
+    bias = openssl_probe._load_bias(lib)
+    read, read_ex = (ct.cast(getattr(lib, name), ct.c_void_p).value or 0 for name in ("SSL_read", "SSL_read_ex"))
+    size = openssl_probe._symbol_size(str(LIBSSL), read - bias)
+    assert 0 < size
+    assert openssl_probe._symbol_size(str(LIBSSL), read - bias + 1) == 0  # not where a symbol starts
+    if read < read_ex < read + 4096:
+        assert size <= read_ex - read
