@@ -314,7 +314,7 @@ class TlsProbes:
                   for probe in _probes(library, layout, slot)]
         request: dict[str, Any] = {"src": str(src_file or tls_source()), "cflags": cflags, "maps": list(_MAPS),
                                    "probes": probes}
-        programs = 4 * len(self.layouts) + 2
+        programs = len({probe["function"] for probe in probes})  # each loaded once, however often attached
         reply, fds = _run_helper(request, max_fds=len(_MAPS) + len(probes) + programs)
         self.compile_s: float = reply["compile_s"]
         self.failed: list[tuple[str, str, str]] = [(lib, sym, msg) for lib, sym, msg in reply["failed"]]
