@@ -360,6 +360,12 @@ class Exporter:
             self.capture = capture
             self._ifindex = state[0] if state is not None else 0
 
+    def _anchor_tls(self) -> None:
+        """The TLS probes read the wire times of the filter's TLS connections (a new filter's after a
+        reattach): an HTTPS exchange on a captured interface is then timed by its encrypted segments."""
+        if self.tls is not None and self.capture is not None:
+            self.tls.anchor_to(self.capture.bpf_filter.share_tls_flows())
+
     def _drop_privileges(self, user: str) -> None:
         from exporter.security import drop_privileges
 
@@ -383,6 +389,7 @@ class Exporter:
             self._open_capture()
             if self.settings.tls:
                 self._open_tls()
+                self._anchor_tls()
             if user is not None:
                 self._drop_privileges(user)
                 self.server.start()
@@ -584,6 +591,7 @@ class Exporter:
         except CaptureError as exc:
             log.debug("reattaching to %s failed: %s", name, exc)
             return
+        self._anchor_tls()
         self.reattached_total += 1
         self.health.set(True, f"filter attached to {name} again")
         log.info("capture reattached to %s", name)
