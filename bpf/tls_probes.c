@@ -79,6 +79,26 @@
  * event marks its direction, and the next event sent says so (TLS_FLAG_AFTER_LOSS): the gap
  * will not fill, and user space counts it as bytes of known length rather than waiting.
  *
+ * Timing: an event's ts_ns is the call's return (bpf_ktime_get_ns), or the wire's time when it
+ * is known exactly. The socket filter (http_filter.c) keeps, in its tls_flows entry of each
+ * direction of a TLS connection (struct tls_wire, tls_wire.h), the time of the first segment of
+ * the client's current turn with its seq and the TLS record it starts, and the time and end seq
+ * of the server's last segment; user space puts that map in tls_wire_maps (slot 0) when a
+ * filter is loaded. A watched connection's two entries are made here at its first read, if user
+ * space has not made them yet (mark_wire). Then:
+ * - the first read after writes (or the connection's first), a request's start, takes the turn's
+ *   time when the socket's copied_seq after the call is the end of the record the turn starts
+ *   (wire_start): the call read that record, so its plaintext's first byte came with that segment;
+ * - every write, maybe a response's last, takes the server's last segment's time when that
+ *   segment ends at the socket's write_seq (wire_end): all the call's bytes were on the wire.
+ * Otherwise the probe's time stays. How each client turn's start and each server turn's end
+ * (its last write, counted when the next turn starts or the connection ends) were timed is
+ * counted from TC_START_WIRE and TC_END_WIRE: from the wire, no_match (the segments did not match
+ * the call: the client's TLS 1.3 Finished opened the turn, a pipelined request, a response still
+ * held by Nagle or the congestion window), no_wire (the filter has no times for the connection:
+ * not on a captured interface, no filter, or nothing seen since the entry was made). Both clocks
+ * are CLOCK_MONOTONIC; the filter's is read in the packet's receive path, before TCP has it.
+ *
  * Return values: SSL_read/SSL_write return an int (read as 32-bit signed, so
  * -1 stays -1); <= 0 is an error or a retry and carries no data. The _ex
  * variants return 1 on success with the length behind their fourth argument.

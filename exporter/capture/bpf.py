@@ -416,7 +416,7 @@ class HttpFilter:
         cflags += [f"-DHO_{name.upper()}={i}" for i, name in enumerate(HANDOVER_REASONS)]
         cflags.append(f"-DHO_COUNT={len(HANDOVER_REASONS)}")
         cflags.append("-w")  # kernel headers are noisy under BCC's clang; our own code is reviewed
-        cflags.append(f"-I{src.parent}")  # tls_wire.h: BCC compiles the source as /virtual/main.c
+        cflags.append(f"-I{src.resolve().parent}")  # tls_wire.h: BCC compiles the source as /virtual/main.c
         self._prog_fd, maps, self.load_report = _load_in_helper(src, cflags)
         self._maps = maps
         try:

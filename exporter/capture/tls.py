@@ -325,7 +325,7 @@ class TlsProbes:
         probes = [probe for slot, (library, layout) in enumerate(self.layouts.items())
                   for probe in _probes(library, layout, slot)]
         src = src_file or tls_source()
-        cflags.append(f"-I{src.parent}")  # tls_wire.h: BCC compiles the source as /virtual/main.c
+        cflags.append(f"-I{src.resolve().parent}")  # tls_wire.h: BCC compiles the source as /virtual/main.c
         request: dict[str, Any] = {"src": str(src), "cflags": cflags, "maps": list(_MAPS), "probes": probes}
         programs = len({probe["function"] for probe in probes})  # each loaded once, however often attached
         reply, fds = _run_helper(request, max_fds=len(_MAPS) + len(probes) + programs)
