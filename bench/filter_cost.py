@@ -19,14 +19,15 @@ absolute numbers.
 `--tls` marks every connection of the capture as TLS before each pass, as user space does once
 it sees a connection's first bytes are a TLS record (HttpFilter.drop_tls, both directions): the
 filter then drops their payload and keeps their wire times (tls_wire.h), and "client data" and
-"server data" are the costs per encrypted segment. Record such a capture with dumpcap on lo
-while wrk loads nginx over HTTPS.
+"server data" are the costs per encrypted segment. `--record https` writes such a capture:
+dumpcap on lo while wrk loads nginx over HTTPS.
 
 `--record realistic` first writes FILE: dumpcap on lo while wrk sends the realistic
 scenario's browser heads to nginx (needs root, nginx, wrk and dumpcap).
 
     python -m bench.filter_cost /tmp/real.pcapng --record realistic --duration 2
     python -m bench.filter_cost /tmp/real.pcapng --port 40123 --compare /tmp/main.c
+    python -m bench.filter_cost /tmp/https.pcapng --record https --duration 2 --tls
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from pathlib import Path
 import click
 
 from bench.procs import BenchError
-from bench.replay_cost import record_realistic
+from bench.replay_cost import record_https, record_realistic
 from exporter.capture.bpf import FAST_COUNTER_NAMES, HttpFilter
 from exporter.capture.bpfsys import timed_test_run
 from exporter.capture.frames import LINKTYPE_ETHERNET, decode_frame_reason
@@ -104,7 +105,7 @@ def one_pass(src: Path | None, port: int, frames: list[tuple[str, bytes, Flow]],
 @click.command()
 @click.argument("capture", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--port", type=click.IntRange(1, 65535), help="The server's port (with --record: printed).")
-@click.option("--record", type=click.Choice(["realistic"]), help="Write CAPTURE first (see above).")
+@click.option("--record", type=click.Choice(["realistic", "https"]), help="Write CAPTURE first (see above).")
 @click.option("--duration", default=2.0, show_default=True, type=click.FloatRange(1, 60),
               help="--record: seconds of load.")
 @click.option("--compare", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -116,7 +117,7 @@ def main(capture: Path, port: int | None, record: str | None, duration: float, c
     """Replay CAPTURE's frames through the loaded socket filter; print its run time per packet shape."""
     try:
         if record:
-            port = record_realistic(capture, duration)
+            port = (record_https if record == "https" else record_realistic)(capture, duration)
             click.echo(f"recorded {capture} (server port {port})")
         if port is None:
             raise click.UsageError("--port is required to replay")

@@ -61,6 +61,7 @@ def measure(src: Path, nginx: Nginx, wrk: str, seconds: float,
                          probes_factory=lambda libraries, ports: TlsProbes(libraries, ports, src_file=src)).open()
     if anchor is not None:
         capture.anchor_to(anchor.bpf_filter.share_tls_flows())
+        anchor.bpf_filter.use_tls_flows()
     stop = threading.Event()
     reader = threading.Thread(target=_drain, args=(capture, stop))
     reader.start()

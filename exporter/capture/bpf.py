@@ -704,21 +704,21 @@ class HttpFilter:
         """Drop (or again pass) the payload of this direction of a connection found to carry TLS."""
         key = self._skip_key(src_ip, src_port, dst_ip, dst_port)
         if drop:
-            self._use_tls_flows()
+            self.use_tls_flows()
             # The TLS probes may have made the entry already (share_tls_flows): its wire times stay.
             self._tls_flows.insert(key, bytes(TLS_WIRE_SIZE))
         else:
             self._tls_flows.delete(key)  # False when already gone (LRU): nothing to forget
 
-    def _use_tls_flows(self) -> None:
+    def use_tls_flows(self) -> None:
+        """Look `tls_flows` up from now on (until its first entry the filter skips that lookup)."""
         if not self._tls_flows_used:
             self._tls_flows_used = True
             self._config.update(_U32.pack(_CONFIG_NAMES.index("tls_flows")), _U32.pack(1))
 
     def share_tls_flows(self) -> int:
         """The fd of `tls_flows`, for the TLS probes (TlsProbes.anchor_to): they read its wire times and
-        add the connections they watch, so the filter looks it up from now on."""
-        self._use_tls_flows()
+        add the connections they watch, which the filter sees once use_tls_flows() was called."""
         return self._tls_flows.fd
 
     def close(self) -> None:
