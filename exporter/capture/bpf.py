@@ -324,6 +324,14 @@ def ask_loader(request: dict[str, Any], max_fds: int, fix: str) -> tuple[dict[st
     return reply, fds
 
 
+def include_flags(src: Path) -> list[str]:
+    """Where the C file's own headers (tls_wire.h) are found: beside it, then in our bpf/ (a copy
+    of the file elsewhere, as the benches and tests compile, still finds them). BCC compiles the
+    source as /virtual/main.c, so a quoted include does not look beside the file by itself."""
+    dirs = dict.fromkeys([src.resolve().parent, find_source().parent])
+    return [f"-I{directory}" for directory in dirs]
+
+
 def _load_in_helper(src: Path, cflags: list[str]) -> tuple[int, dict[str, BpfMap], LoadReport]:
     """Compile and load in bpf_loader.py; return our copies of the program and map descriptors."""
     request = {"src": str(src), "cflags": cflags, "function": _ENTRY, "maps": list(_MAP_LAYOUT),
@@ -416,7 +424,7 @@ class HttpFilter:
         cflags += [f"-DHO_{name.upper()}={i}" for i, name in enumerate(HANDOVER_REASONS)]
         cflags.append(f"-DHO_COUNT={len(HANDOVER_REASONS)}")
         cflags.append("-w")  # kernel headers are noisy under BCC's clang; our own code is reviewed
-        cflags.append(f"-I{src.resolve().parent}")  # tls_wire.h: BCC compiles the source as /virtual/main.c
+        cflags += include_flags(src)
         self._prog_fd, maps, self.load_report = _load_in_helper(src, cflags)
         self._maps = maps
         try:

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exporter.capture.bpf import ask_loader, find_source
+from exporter.capture.bpf import ask_loader, find_source, include_flags
 from exporter.capture.bpfsys import BpfMap, map_info, possible_cpus
 from exporter.capture.kernel_layout import socket_walk_offsets
 from exporter.capture.openssl_layout import EntryPoint, SslLayout, SslLayoutError, calibrate
@@ -325,7 +325,7 @@ class TlsProbes:
         probes = [probe for slot, (library, layout) in enumerate(self.layouts.items())
                   for probe in _probes(library, layout, slot)]
         src = src_file or tls_source()
-        cflags.append(f"-I{src.resolve().parent}")  # tls_wire.h: BCC compiles the source as /virtual/main.c
+        cflags += include_flags(src)
         request: dict[str, Any] = {"src": str(src), "cflags": cflags, "maps": list(_MAPS), "probes": probes}
         programs = len({probe["function"] for probe in probes})  # each loaded once, however often attached
         reply, fds = _run_helper(request, max_fds=len(_MAPS) + len(probes) + programs)

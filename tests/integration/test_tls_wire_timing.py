@@ -5,13 +5,15 @@ connection, an exchange on the wire runs from the first segment of the client's 
 client sends it only once it has read the previous response whole) to the last segment of the
 server's response, before the client's next data. The exporter's duration of each exchange (one
 exchange per route, so a series' _sum is that exchange's duration) must equal it within
-WIRE_TOLERANCE_S. Both clocks are taken on the receive path of the same loopback packet: dumpcap's
-when the packet enters the backlog (netif_rx), the filter's when the packet tap runs in the
-softirq right after, so they differ by that softirq's delay at each end, microseconds on an idle
-core; the other engineers' jobs on these two cores can add tens. The probe's time is farther off
-than the tolerance here: the request's SSL_read returns after the server's thread is scheduled
-and OpenSSL decrypts, and the servers below answer after known delays, so an exchange timed by the
-probe would fail the comparison rather than pass it.
+WIRE_TOLERANCE_S. Both clocks are taken on the receive path of the same loopback packet:
+dumpcap's (the skb's timestamp) when the sender's loopback device queues the packet (netif_rx),
+the filter's when the packet tap runs in the NET_RX softirq after it, which is normally at once,
+in the sender's own context: the two differ by microseconds (0.1-1.3 us measured here). Under
+heavy load the softirq can be left to ksoftirqd and run milliseconds later; the filter's time
+then trails dumpcap's, and an exchange differs by that much (seen once in about 12 runs on
+these two busy cores: 4.7 ms on one exchange). The probe's time is farther off than the
+tolerance: the request's SSL_read returns after the server's thread is scheduled and OpenSSL
+decrypts, so an exchange timed by the probe would fail the comparison rather than pass it.
 """
 
 from __future__ import annotations
