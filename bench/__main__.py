@@ -46,7 +46,7 @@ SIDE_BY_SIDE = ("baseline", "exporter")
 DEFAULT_CONFIGS = {"red": ("baseline", "seed", "exporter"), "realistic": SIDE_BY_SIDE,
                    "realistic-soak": ("exporter",), "size": SIDE_BY_SIDE, "rate": ("exporter",),
                    "conns": SIDE_BY_SIDE, "soak": ("exporter",), "h2": SIDE_BY_SIDE, "node": SIDE_BY_SIDE,
-                   "tls": SIDE_BY_SIDE, "userspace": ("userspace",)}
+                   "tls": ("baseline", "traps", "exporter"), "userspace": ("userspace",)}
 H2_STREAMS = 10  # h2load -m: concurrent streams per connection
 H2_CONNECTIONS = 4
 H2_RATES = "5000,20000"
@@ -57,7 +57,9 @@ nginx terminates TLS (self-signed certificate, TLS 1.3) and wrk speaks HTTPS wit
 counts through its uprobes on libssl (url_scheme="https"). TLS events lost are events the kernel's ring
 buffer had no room for. With --filter-stats, "uprobes CPU" is the run time the kernel measured for the TLS
 programs (the SSL_read/SSL_write entry and return probes and the SSL_free probe), ÷ requests; it is
-charged to nginx and wrk, not to the exporter."""
+charged to nginx and wrk, not to the exporter. "traps" holds empty programs at the same places and
+nothing else: what nginx keeps there is the ceiling that the uprobes' traps alone leave, whatever the
+programs and the exporter cost."""
 NOTE = """\
 Requests are lines in nginx's access log; completeness is requests counted by the capture ÷ those.
 "Cut at wrk's exit" are logged requests whose response nginx never finished sending (wrk resets its
@@ -231,7 +233,8 @@ def _group_key(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
               help="Rounds of the configurations, interleaved; medians are reported [default: 3; "
                    "realistic-soak 1].")
 @click.option("--configs", help="Comma-separated subset of baseline,seed,exporter,no-tls (the exporter with "
-                                "--no-tls),userspace (with --no-fast-path) [default: per scenario].")
+                                "--no-tls),userspace (with --no-fast-path),traps (tls only: empty programs "
+                                "where the exporter probes libssl) [default: per scenario].")
 @click.option("--rates", help="rate, h2 and userspace scenarios: paced request rates per second, compared with "
                               f"unpaced full load [default: rate 100,1000; h2 {H2_RATES}; userspace "
                               f"{USERSPACE_RATES}].")
@@ -256,6 +259,8 @@ def main(scenario: str, duration: float | None, connections: int, threads: int, 
     if unknown:
         raise click.BadParameter(f"unknown configuration(s) {', '.join(sorted(unknown))}; "
                                  f"choose from {', '.join(CONFIGS)}", param_hint="--configs")
+    if "traps" in chosen and scenario != "tls":
+        raise click.BadParameter("traps prices the TLS probes: use it with --scenario tls", param_hint="--configs")
     if os.geteuid() != 0 and set(chosen) - {"baseline"}:
         raise BenchError("the seed and the exporter attach BPF filters: run as root (sudo make bench)")
     tools = require_tools(["nginx", "h2load"] if scenario == "h2" else ["nginx", "wrk"])

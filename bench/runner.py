@@ -38,10 +38,10 @@ from bench.wrk import WrkResult, parse_wrk
 __all__ = ["CONFIGS", "REPO", "Load", "Placement", "RunResult", "Runner"]
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = ("baseline", "seed", "exporter", "no-tls", "userspace")
+CONFIGS = ("baseline", "seed", "exporter", "no-tls", "userspace", "traps")
 # The exporter with --no-fast-path: every exchange rebuilt in user space from the segments the
 # filter passes, the path that pipelining, chunked bodies and the heads the kernel hands over take.
-# Without the TLS probes: their syscall tracepoints run for every process on the machine, and
+# Without the TLS probes: they run in every process on the machine that uses libssl, and
 # whatever else speaks TLS there would be charged to the path measured here.
 USERSPACE_ARGS = ("--no-fast-path", "--no-tls")
 # no-tls: the exporter's defaults less the TLS probes, to price them on clear-text traffic.
@@ -203,9 +203,18 @@ class Runner:
         argv = [sys.executable, str(REPO / "bench" / "seed.py"), "--interface", "lo", "--port", str(port)]
         with open(self.workdir / f"seed.{self._n}.out", "wb") as stdout:
             child = self.children.start("seed", argv, cwd=REPO, stdout=stdout)
+        return self._ready("seed", child)
+
+    def _start_traps(self) -> Child:
+        """Empty programs where the exporter probes libssl: the traps' price alone."""
+        child = self.children.start("traps", [sys.executable, "-m", "bench.tls_traps_only"], cwd=REPO)
+        return self._ready("traps", child)
+
+    @staticmethod
+    def _ready(name: str, child: Child) -> Child:
         ok = wait_until(lambda: not child.alive() or "ready" in _read(child.log_path), READY_TIMEOUT_S, 0.2)
         if not ok or not child.alive():
-            raise BenchError(f"seed did not start: {child.log_tail() or 'no output'}")
+            raise BenchError(f"{name} did not start: {child.log_tail() or 'no output'}")
         return child
 
     def _start_exporter(self, port: int, listen: str, extra: tuple[str, ...] = ()) -> Child:
@@ -248,6 +257,8 @@ class Runner:
             listen = ""
             if config == "seed":
                 capture = self._start_seed(nginx.port)
+            elif config == "traps":
+                capture = self._start_traps()
             elif config in CONFIG_ARGS:
                 listen = f"127.0.0.1:{_free_port()}"
                 capture = self._start_exporter(nginx.port, listen, CONFIG_ARGS[config])
@@ -280,6 +291,8 @@ class Runner:
             result.nginx_cpu_s = _process_tree_cpu(nginx.child.pid) - nginx_cpu0
             if load.error_responses:
                 result.logged_by_route = nginx.by_status_route()
+            if config == "traps":
+                return result  # counts nothing; its CPU is the traps', charged to nginx and wrk
             if capture is None:
                 return result
             if not capture.alive():
