@@ -38,6 +38,7 @@ from bench.runner import CONFIGS, REPO, Load, Placement, Runner, RunResult, run_
 from bench.soak import soak_table
 from bench.wrk import REALISTIC_IDS, churn_script, paced_script, pipelined_script, realistic_script
 from exporter.capture.bpfsys import enable_run_time_stats
+from exporter.capture.tls import find_libraries
 
 SCENARIOS = ("red", "realistic", "realistic-soak", "size", "rate", "conns", "soak", "h2", "node", "tls", "userspace")
 DEFAULT_DURATION = {"red": 20.0, "realistic": 20.0, "realistic-soak": 600.0, "size": 10.0, "rate": 20.0,
@@ -54,12 +55,14 @@ USERSPACE_RATES = "20000,35000,50000"
 PIPELINE_DEPTH = 8
 TLS_NOTE = """\
 nginx terminates TLS (self-signed certificate, TLS 1.3) and wrk speaks HTTPS with keep-alive; the exporter
-counts through its uprobes on libssl (url_scheme="https"). TLS events lost are events the kernel's ring
-buffer had no room for. With --filter-stats, "uprobes CPU" is the run time the kernel measured for the TLS
-programs (the SSL_read/SSL_write entry and return probes and the SSL_free probe), ÷ requests; it is
-charged to nginx and wrk, not to the exporter. "traps" holds empty programs at the same places and
-nothing else: what nginx keeps there is the ceiling that the uprobes' traps alone leave, whatever the
-programs and the exporter cost."""
+counts through its uprobes on libssl (url_scheme="https"). Unless --client-on-probed-libssl, wrk loads a
+private copy of libssl (LD_LIBRARY_PATH; checked in its maps), as a client on another machine would not run
+through the server's probes: uprobes on the system's file fire in every process that maps it. TLS events
+lost are events the kernel's ring buffer had no room for. With --filter-stats, "uprobes CPU" is the run
+time the kernel measured for the TLS programs (the SSL_read/SSL_write entry and return probes and the
+SSL_free probe), ÷ requests; it is charged to nginx (and to wrk with --client-on-probed-libssl), not to the
+exporter. "traps" holds empty programs at the same places and nothing else: what nginx keeps there is the
+ceiling that the uprobes' traps alone leave, whatever the programs and the exporter cost."""
 NOTE = """\
 Requests are lines in nginx's access log; completeness is requests counted by the capture ÷ those.
 "Cut at wrk's exit" are logged requests whose response nginx never finished sending (wrk resets its
@@ -241,11 +244,15 @@ def _group_key(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @click.option("--markdown", is_flag=True,
               help="Print markdown tables (the default when stdout is not a terminal).")
 @click.option("--keep-workdir", is_flag=True, help="Keep the temp dir with nginx, wrk and exporter logs.")
+@click.option("--client-on-probed-libssl", is_flag=True,
+              help="tls scenario: wrk loads the system's libssl, so the exporter's probes also trap the "
+                   "client's calls (by default it loads a private copy, as a remote client would be).")
 @click.option("--filter-stats", is_flag=True,
               help="Also measure the BPF filter's own CPU per request (kernel run time statistics; they add "
                    "two clock reads per filter run, so throughput is quoted without them).")
 def main(scenario: str, duration: float | None, connections: int, threads: int, repeat: int | None,
-         configs: str | None, rates: str | None, markdown: bool, keep_workdir: bool, filter_stats: bool) -> None:
+         configs: str | None, rates: str | None, markdown: bool, keep_workdir: bool, client_on_probed_libssl: bool,
+         filter_stats: bool) -> None:
     """Load benchmark: nginx on lo under wrk, with no capture, the 2021 seed design, and the exporter.
 
     Needs root (BPF), nginx and wrk (`make setup` installs them). Prints markdown tables
@@ -285,6 +292,8 @@ def main(scenario: str, duration: float | None, connections: int, threads: int, 
                     server, client = node.add_pod("srv", 1), node.add_pod("cli", 2)
                     placement = Placement(node.link_glob, server, client)
                 bench = Bench(Runner(children, tools, workdir, filter_stats, placement), repeat, echo)
+                if scenario == "tls" and not client_on_probed_libssl:
+                    bench.runner.private_client_libssl(find_libraries()[0])
                 tables = _run_scenario(bench, scenario, chosen, duration, connections, threads, rates,
                                        filter_stats)
             finally:

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -192,6 +193,8 @@ class Runner:
         self.filter_stats = filter_stats  # the caller holds kernel BPF run time statistics on
         self.placement = placement
         self.tls = False  # nginx over HTTPS (the tls scenario)
+        # The tls scenario's client loads a private copy of libssl (see _client_env): None = the system's.
+        self.client_libssl_dir: Path | None = None
         self.children = children
         self.tools = tools
         self.workdir = workdir
@@ -240,6 +243,22 @@ class Runner:
             raise BenchError(f"exporter not ready within {READY_TIMEOUT_S:g} s: "
                              f"{child.log_tail() or 'no output'}")
         return child
+
+    def private_client_libssl(self, library: str) -> None:
+        """Have the load generator load a copy of `library` (another inode, so not probed).
+
+        uprobes on a library file fire in every process that maps it. In production the clients
+        of a TLS server run elsewhere; here wrk shares the machine and the system libssl, so
+        without this each of its own SSL calls would pay a trap and the exporter's verdict, and
+        the loss would be charged to the server's throughput."""
+        self.client_libssl_dir = self.workdir / "client-libssl"
+        self.client_libssl_dir.mkdir(exist_ok=True)
+        shutil.copy(library, self.client_libssl_dir / Path(library).name)
+
+    def _client_env(self) -> dict[str, str] | None:
+        if self.client_libssl_dir is None:
+            return None
+        return {**os.environ, "LD_LIBRARY_PATH": str(self.client_libssl_dir)}
 
     # -- one run --------------------------------------------------------------
 
@@ -360,14 +379,18 @@ class Runner:
         with open(out, "wb") as stdout:
             argv = load.argv(self.tools[load.tool], nginx.url(load.path), script)
             client = self.placement.client
-            child = self.children.start(load.tool, client.wrap(argv) if client is not None else argv, stdout=stdout)
+            child = self.children.start(load.tool, client.wrap(argv) if client is not None else argv, stdout=stdout,
+                                        env=self._client_env())
         deadline = time.monotonic() + load.duration_s + 30 + load.connections / 1000
         samples: list[tuple[float, float]] = []
         start = time.monotonic()
         next_sample = start
+        self._client_mapped_private = False
         try:
             while child.proc.poll() is None:
                 now = time.monotonic()
+                if self.client_libssl_dir is not None and not self._client_mapped_private:
+                    self._client_mapped_private = str(self.client_libssl_dir) in _read(Path(f"/proc/{child.pid}/maps"))
                 if now > deadline:
                     raise BenchError(f"wrk still running {now - start:.0f} s into a "
                                      f"{load.duration_s:g} s load")
@@ -380,6 +403,9 @@ class Runner:
         finally:
             self.children.stop(child)
         text = out.read_text(errors="replace")
+        if self.client_libssl_dir is not None and not self._client_mapped_private:
+            raise BenchError(f"{load.tool} did not load the libssl copy in {self.client_libssl_dir}: "
+                             "its probed calls would be charged to the server")
         if child.proc.returncode != 0:
             raise BenchError(f"{load.tool} failed (exit {child.proc.returncode}): "
                              f"{child.log_tail() or text[-200:]}")
