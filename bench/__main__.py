@@ -120,7 +120,10 @@ the route itself (digits -> {id}): 0 means every series is exact. Kernel path sh
 fast_path_exchanges_total ÷ requests counted. Machine CPU is the busy time of all CPUs in /proc/stat
 (softirq included) during the load plus the exporter's backlog after it, ÷ requests: the filter's
 softirq cost is in it, and so is anything else running on the machine (see other load). The order
-of the configurations is shuffled in each round."""
+of the configurations is shuffled in each round. "tap" holds a packet socket on lo, opened as the
+exporter opens its own, whose filter returns 0 at once: its machine CPU over no capture is the price of
+tapping the interface at all (the kernel's delivery to the socket and receive timestamps), which no
+cheaper filter can lower."""
 USERSPACE_NOTE = """\
 The user-space path alone: the exporter runs with --no-fast-path (and --no-tls, so that other TLS
 traffic on the machine is not charged to it), so every exchange is rebuilt in
@@ -237,7 +240,8 @@ def _group_key(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                    "realistic-soak 1].")
 @click.option("--configs", help="Comma-separated subset of baseline,seed,exporter,no-tls (the exporter with "
                                 "--no-tls),userspace (with --no-fast-path),traps (tls only: empty programs "
-                                "where the exporter probes libssl) [default: per scenario].")
+                                "where the exporter probes libssl),tap (a packet socket on lo whose filter "
+                                "drops every packet) [default: per scenario].")
 @click.option("--rates", help="rate, h2 and userspace scenarios: paced request rates per second, compared with "
                               f"unpaced full load [default: rate 100,1000; h2 {H2_RATES}; userspace "
                               f"{USERSPACE_RATES}].")
@@ -268,6 +272,9 @@ def main(scenario: str, duration: float | None, connections: int, threads: int, 
                                  f"choose from {', '.join(CONFIGS)}", param_hint="--configs")
     if "traps" in chosen and scenario != "tls":
         raise click.BadParameter("traps prices the TLS probes: use it with --scenario tls", param_hint="--configs")
+    if "tap" in chosen and scenario not in ("red", "realistic"):
+        raise click.BadParameter("tap prices a packet socket on lo: use it with --scenario red or realistic",
+                                 param_hint="--configs")
     if os.geteuid() != 0 and set(chosen) - {"baseline"}:
         raise BenchError("the seed and the exporter attach BPF filters: run as root (sudo make bench)")
     tools = require_tools(["nginx", "h2load"] if scenario == "h2" else ["nginx", "wrk"])

@@ -39,7 +39,7 @@ from bench.wrk import WrkResult, parse_wrk
 __all__ = ["CONFIGS", "REPO", "Load", "Placement", "RunResult", "Runner"]
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = ("baseline", "seed", "exporter", "no-tls", "userspace", "traps")
+CONFIGS = ("baseline", "seed", "exporter", "no-tls", "userspace", "traps", "tap")
 # The exporter with --no-fast-path: every exchange rebuilt in user space from the segments the
 # filter passes, the path that pipelining, chunked bodies and the heads the kernel hands over take.
 # Without the TLS probes: they run in every process on the machine that uses libssl, and
@@ -47,6 +47,9 @@ CONFIGS = ("baseline", "seed", "exporter", "no-tls", "userspace", "traps")
 USERSPACE_ARGS = ("--no-fast-path", "--no-tls")
 # no-tls: the exporter's defaults less the TLS probes, to price them on clear-text traffic.
 CONFIG_ARGS = {"exporter": (), "no-tls": ("--no-tls",), "userspace": USERSPACE_ARGS}
+# Configurations that hold a bare hook and count nothing, to price the hook itself: the module run.
+HOLDERS = {"traps": "bench.tls_traps_only",  # empty programs where the exporter probes libssl
+           "tap": "bench.null_tap"}  # a packet socket on lo whose filter drops every packet
 READY_TIMEOUT_S = 90.0  # BCC compiles C at start: seconds, not minutes
 SETTLE_TIMEOUT_S = 20.0
 IDLE_CPU_S = 0.02  # under this much CPU in IDLE_WINDOW_S the capture process counts as idle
@@ -208,10 +211,10 @@ class Runner:
             child = self.children.start("seed", argv, cwd=REPO, stdout=stdout)
         return self._ready("seed", child)
 
-    def _start_traps(self) -> Child:
-        """Empty programs where the exporter probes libssl: the traps' price alone."""
-        child = self.children.start("traps", [sys.executable, "-m", "bench.tls_traps_only"], cwd=REPO)
-        return self._ready("traps", child)
+    def _start_holder(self, name: str, module: str) -> Child:
+        """A process that holds a bare hook (HOLDERS) until stopped."""
+        child = self.children.start(name, [sys.executable, "-m", module], cwd=REPO)
+        return self._ready(name, child)
 
     @staticmethod
     def _ready(name: str, child: Child) -> Child:
@@ -276,8 +279,8 @@ class Runner:
             listen = ""
             if config == "seed":
                 capture = self._start_seed(nginx.port)
-            elif config == "traps":
-                capture = self._start_traps()
+            elif config in HOLDERS:
+                capture = self._start_holder(config, HOLDERS[config])
             elif config in CONFIG_ARGS:
                 listen = f"127.0.0.1:{_free_port()}"
                 capture = self._start_exporter(nginx.port, listen, CONFIG_ARGS[config])
@@ -310,8 +313,8 @@ class Runner:
             result.nginx_cpu_s = _process_tree_cpu(nginx.child.pid) - nginx_cpu0
             if load.error_responses:
                 result.logged_by_route = nginx.by_status_route()
-            if config == "traps":
-                return result  # counts nothing; its CPU is the traps', charged to nginx and wrk
+            if config in HOLDERS:
+                return result  # counts nothing; what it costs is charged to nginx and wrk
             if capture is None:
                 return result
             if not capture.alive():
