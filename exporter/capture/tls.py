@@ -85,6 +85,7 @@ __all__ = [
     "decode_event",
     "decode_open",
     "find_libraries",
+    "probe_requests",
 ]
 
 # Slots of the per-CPU `tls_counters` array, in index order (handed to the C file as -D).
@@ -323,7 +324,7 @@ class TlsProbes:
                    f"-DTLS_TRIM_BYTES={TLS_TRIM_BYTES}",
                    f"-DTLS_PREFIX={TLS_PREFIX}", f"-DTLS_WAKE_BYTES={TLS_WAKE_BYTES}", "-w"]
         probes = [probe for slot, (library, layout) in enumerate(self.layouts.items())
-                  for probe in _probes(library, layout, slot)]
+                  for probe in probe_requests(library, layout, slot)]
         src = src_file or tls_source()
         cflags += include_flags(src)
         request: dict[str, Any] = {"src": str(src), "cflags": cflags, "maps": list(_MAPS), "probes": probes}
@@ -423,7 +424,7 @@ class TlsProbes:
         self._maps = {}
 
 
-def _probes(library: str, layout: SslLayout, slot: int) -> Iterator[dict[str, Any]]:
+def probe_requests(library: str, layout: SslLayout, slot: int) -> Iterator[dict[str, Any]]:
     """The loader's probe requests for one library: per direction its internal function (one
     place for both forms of the call, and a first instruction the kernel emulates) where
     calibrate found it, else the exported symbols; and SSL_free."""
