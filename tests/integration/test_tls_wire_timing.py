@@ -229,3 +229,28 @@ def test_python_https_delays_land_in_their_buckets_on_wire_times(certificate: tu
         first = next(bound for bound in bounds if counts[bound] == 1)
         assert first == le, (route, counts)
     assert sum(read_log(log).values()) == 3 + 7
+
+
+def test_a_response_nagle_still_holds_keeps_the_probe_time_and_is_counted(certificate: tuple[Path, Path],
+                                                                          tmp_path: Path) -> None:
+    """Python's server without TCP_NODELAY writes a response's head, then its body, which Nagle
+    holds until the client ACKs the head (its delayed ACK, ~40 ms): the body's segment is not on
+    the wire when SSL_write returns, so the end keeps the probe's time, counted no_match; the
+    exchange then reads shorter than on the wire."""
+    log = tmp_path / "access.log"
+    with python_server(certificate, log) as port, dumpcap(port, tmp_path) as capture:
+        with ExporterProcess("--interface", "lo", "--port", str(port)) as exporter:
+            prime(exporter, port)
+            paths = ["/slow/a", "/slow/b", "/slow/c"]
+            client = keep_alive(port, [f"{path}?ms=20" for path in paths])
+            wait_for_log(log, 2 + 3)
+            samples = exporter.wait_for_exchanges(2 + 3)
+    assert self_metric(samples, "exchanges_total") == 2 + 3
+    wire_ends = self_metric(samples, "tls_exchange_ends_wire_timed_total", end="end")
+    held = self_metric(samples, "tls_exchange_ends_probe_timed_total", end="end", reason="no_match")
+    unseen = self_metric(samples, "tls_exchange_ends_probe_timed_total", end="end", reason="no_wire")
+    assert wire_ends + held + unseen == 2 + 3
+    assert held >= 3, (wire_ends, held, unseen)  # the three measured ones at least
+    sums = series_sums(samples, port)
+    for path, (start, end) in zip(paths, wire_exchanges(capture, port)[client][-3:], strict=True):
+        assert sums[path] < (end - start) / 1e9 - WIRE_TOLERANCE_S, (path, sums[path], (end - start) / 1e9)
