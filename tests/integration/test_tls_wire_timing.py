@@ -51,6 +51,10 @@ pytestmark = [
 certificate = test_tls.certificate  # the pytest fixture, shared: one self-signed certificate per module
 
 WIRE_TOLERANCE_S = 8e-6
+# A softirq left to ksoftirqd (see above) can put one exchange of a test milliseconds off on a busy
+# machine. One such exchange per test is allowed, within DEFERRED_SOFTIRQ_S; a probe-timed run has
+# every exchange off by more than the tolerance, so it still fails.
+DEFERRED_SOFTIRQ_S = 0.05
 BUCKETS = "0.05,0.1,0.25,0.5,1"
 
 
@@ -154,6 +158,7 @@ def assert_wire_durations(samples: dict[tuple[str, tuple[tuple[str, str], ...]],
     its wire time; returns how many were compared."""
     sums = series_sums(samples, port)
     compared = 0
+    off: list[str] = []
     for client, paths in connections.items():
         pairs = wire[client][-len(paths):]
         assert len(pairs) == len(paths), (client, wire[client])
@@ -161,9 +166,13 @@ def assert_wire_durations(samples: dict[tuple[str, tuple[tuple[str, str], ...]],
             if path in skip:
                 continue
             measured = sums[path]
-            assert abs(measured - (end - start) / 1e9) <= WIRE_TOLERANCE_S, (
-                f"{path}: exporter {measured * 1e6:.1f} us, wire {(end - start) / 1e3:.1f} us")
+            error = abs(measured - (end - start) / 1e9)
+            what = f"{path}: exporter {measured * 1e6:.1f} us, wire {(end - start) / 1e3:.1f} us"
+            assert error <= DEFERRED_SOFTIRQ_S, what
+            if error > WIRE_TOLERANCE_S:
+                off.append(what)
             compared += 1
+    assert len(off) <= 1, off
     return compared
 
 
