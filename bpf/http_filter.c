@@ -112,8 +112,11 @@
  *
  * Trade-offs of the fast path, candidly:
  * - The latency clock is bpf_ktime_get_ns() when the filter runs, not the skb
- *   timestamp (not readable from socket filters). On lo both are taken in the
- *   same softirq, microseconds apart; durations are differences either way.
+ *   timestamp (not readable from socket filters). On lo the skb's is taken as
+ *   the sender queues the packet and the filter's in the NET_RX softirq that
+ *   follows, microseconds apart; when a busy machine leaves that softirq to
+ *   ksoftirqd, the filter's trails by the wait (milliseconds, seen once in ~12
+ *   runs of test_tls_wire_timing under load). Durations are differences.
  * - LRU evictions are invisible: `fast_counters` counts state creations and
  *   deletions, and FLOW_STATES is sized for far more connections than the
  *   exporter tracks. A SLOW flow whose state is evicted would have its next
