@@ -146,12 +146,23 @@ class DrainedRing:
 
     `processed_position` is the ring position up to which the reader has taken records: the
     backlog the probes judge (their trimming) by stays the reader's, not the thread's.
+
+    `fallback`: a second ring the producer uses when the first refuses a record, and for every
+    record after that one until this thread reports (`on_fallback_drained`) that it has taken
+    them (bpf/tls_probes.c, output()). Each take reads the ring, then the fallback, then the ring
+    again, queues the spans in that order and only then reports the fallback's position: a record
+    written to the ring before one in the fallback is read by the second read at the latest, and
+    one written after it only once the report is made, by a later take. The reader gets every
+    record in the order the producers wrote them, per producer.
     """
 
     def __init__(self, ring: RingBuffer, max_queued_bytes: int, every_s: float,
-                 on_drained: Callable[[int], None] | None = None) -> None:
+                 on_drained: Callable[[int], None] | None = None, fallback: RingBuffer | None = None,
+                 on_fallback_drained: Callable[[int], None] | None = None) -> None:
         self._ring = ring
         self._on_drained = on_drained  # told the ring's consumer position after each span taken
+        self._fallback = fallback
+        self._on_fallback_drained = on_fallback_drained  # told its consumer position once its spans are queued
         self._max = max_queued_bytes
         self._every_ms = max(1, int(every_s * 1000))
         self._queue: deque[tuple[bytes, int]] = deque()  # a span, the ring position after it
@@ -187,6 +198,8 @@ class DrainedRing:
     def _drain(self) -> None:
         poller = select.poll()
         poller.register(self._ring.fileno(), select.POLLIN)
+        if self._fallback is not None:
+            poller.register(self._fallback.fileno(), select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
         room = self._room
         while True:
@@ -200,16 +213,28 @@ class DrainedRing:
 
     def _take(self) -> bool:
         with self._reading:
-            span = self._ring.read(0)
-            if not span:
+            ring = self._ring
+            spans = [(ring.read(0), ring.consumer_position())]
+            if self._fallback is not None:
+                late = self._fallback.read(0)
+                if late:
+                    # The ring's records written before these: after the first read, they may be
+                    # there only now.
+                    spans.append((ring.read(0), ring.consumer_position()))
+                    spans.append((late, spans[-1][1]))
+            spans = [(span, position) for span, position in spans if span]
+            if not spans:
                 return False
-            position = self._ring.consumer_position()
             if self._on_drained is not None:
-                self._on_drained(position)
+                self._on_drained(spans[-1][1])
             with self._room:
-                self._queue.append((span, position))
-                self._queued += len(span)
+                for span, position in spans:
+                    self._queue.append((span, position))
+                    self._queued += len(span)
                 self.largest_queued_bytes = max(self.largest_queued_bytes, self._queued)
+            if self._fallback is not None and self._on_fallback_drained is not None:
+                # Only now: the producers go back to the ring, behind everything queued above.
+                self._on_fallback_drained(self._fallback.consumer_position())
         self._signal()
         return True
 
@@ -260,3 +285,5 @@ class DrainedRing:
         for fd in (self._ready_r, self._ready_w, self._stop_r, self._stop_w):
             os.close(fd)
         self._ring.close()
+        if self._fallback is not None:
+            self._fallback.close()
