@@ -262,12 +262,13 @@ static __always_inline int ring_has_room(void)
     return backlog + 2 * (TLS_CHUNK * 2 + 8) <= (s64)TLS_RING_BYTES;
 }
 
-/* An event the ring refused. Mostly a full ring (the reader starved of CPU); refusals with room
- * are counted apart (see output()), so a loss says which it was. */
-static __always_inline void lost(void)
+/* An event neither ring took. Mostly a full ring (the reader starved of CPU), or a full fallback
+ * ring behind an earlier event (`following`); those the ring refused while it had room are counted
+ * apart (see output()), so a loss says which it was. */
+static __always_inline void lost(int following)
 {
     count(TC_LOST);
-    if (ring_has_room())
+    if (!following && ring_has_room())
         count(TC_LOST_WITH_ROOM);
 }
 
@@ -348,7 +349,7 @@ static __always_inline long output(void *ev, u64 size, u64 wake)
     }
     err = tls_fallback.ringbuf_output(ev, size, 0);
     if (err) {
-        lost();
+        lost(following);
         return err;
     }
     ring_produced(FALLBACK_PRODUCED, size);
