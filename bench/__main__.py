@@ -38,6 +38,7 @@ from bench.runner import CONFIGS, REPO, Load, Placement, Runner, RunResult, run_
 from bench.soak import soak_table
 from bench.wrk import REALISTIC_IDS, churn_script, paced_script, pipelined_script, realistic_script
 from exporter.capture.bpfsys import enable_run_time_stats
+from exporter.capture.tls import find_libraries
 
 SCENARIOS = ("red", "realistic", "realistic-soak", "size", "rate", "conns", "soak", "h2", "node", "tls", "userspace")
 DEFAULT_DURATION = {"red": 20.0, "realistic": 20.0, "realistic-soak": 600.0, "size": 10.0, "rate": 20.0,
@@ -46,7 +47,7 @@ SIDE_BY_SIDE = ("baseline", "exporter")
 DEFAULT_CONFIGS = {"red": ("baseline", "seed", "exporter"), "realistic": SIDE_BY_SIDE,
                    "realistic-soak": ("exporter",), "size": SIDE_BY_SIDE, "rate": ("exporter",),
                    "conns": SIDE_BY_SIDE, "soak": ("exporter",), "h2": SIDE_BY_SIDE, "node": SIDE_BY_SIDE,
-                   "tls": SIDE_BY_SIDE, "userspace": ("userspace",)}
+                   "tls": ("baseline", "traps", "exporter"), "userspace": ("userspace",)}
 H2_STREAMS = 10  # h2load -m: concurrent streams per connection
 H2_CONNECTIONS = 4
 H2_RATES = "5000,20000"
@@ -54,10 +55,14 @@ USERSPACE_RATES = "20000,35000,50000"
 PIPELINE_DEPTH = 8
 TLS_NOTE = """\
 nginx terminates TLS (self-signed certificate, TLS 1.3) and wrk speaks HTTPS with keep-alive; the exporter
-counts through its uprobes on libssl (url_scheme="https"). TLS events lost are events the kernel's ring
-buffer had no room for. With --filter-stats, "uprobes CPU" is the run time the kernel measured for the TLS
-programs (the SSL_read/SSL_write entry and return probes and the SSL_free probe), ÷ requests; it is
-charged to nginx and wrk, not to the exporter."""
+counts through its uprobes on libssl (url_scheme="https"). Unless --client-on-probed-libssl, wrk loads a
+private copy of libssl (LD_LIBRARY_PATH; checked in its maps), as a client on another machine would not run
+through the server's probes: uprobes on the system's file fire in every process that maps it. TLS events
+lost are events the kernel's ring buffer had no room for. With --filter-stats, "uprobes CPU" is the run
+time the kernel measured for the TLS programs (the SSL_read/SSL_write entry and return probes and the
+SSL_free probe), ÷ requests; it is charged to nginx (and to wrk with --client-on-probed-libssl), not to the
+exporter. "traps" holds empty programs at the same places and nothing else: what nginx keeps there is the
+ceiling that the uprobes' traps alone leave, whatever the programs and the exporter cost."""
 NOTE = """\
 Requests are lines in nginx's access log; completeness is requests counted by the capture ÷ those.
 "Cut at wrk's exit" are logged requests whose response nginx never finished sending (wrk resets its
@@ -115,7 +120,10 @@ the route itself (digits -> {id}): 0 means every series is exact. Kernel path sh
 fast_path_exchanges_total ÷ requests counted. Machine CPU is the busy time of all CPUs in /proc/stat
 (softirq included) during the load plus the exporter's backlog after it, ÷ requests: the filter's
 softirq cost is in it, and so is anything else running on the machine (see other load). The order
-of the configurations is shuffled in each round."""
+of the configurations is shuffled in each round. "tap" holds a packet socket on lo, opened as the
+exporter opens its own, whose filter returns 0 at once: its machine CPU over no capture is the price of
+tapping the interface at all (the kernel's delivery to the socket and receive timestamps), which no
+cheaper filter can lower."""
 USERSPACE_NOTE = """\
 The user-space path alone: the exporter runs with --no-fast-path (and --no-tls, so that other TLS
 traffic on the machine is not charged to it), so every exchange is rebuilt in
@@ -231,18 +239,24 @@ def _group_key(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
               help="Rounds of the configurations, interleaved; medians are reported [default: 3; "
                    "realistic-soak 1].")
 @click.option("--configs", help="Comma-separated subset of baseline,seed,exporter,no-tls (the exporter with "
-                                "--no-tls),userspace (with --no-fast-path) [default: per scenario].")
+                                "--no-tls),userspace (with --no-fast-path),traps (tls only: empty programs "
+                                "where the exporter probes libssl),tap (a packet socket on lo whose filter "
+                                "drops every packet) [default: per scenario].")
 @click.option("--rates", help="rate, h2 and userspace scenarios: paced request rates per second, compared with "
                               f"unpaced full load [default: rate 100,1000; h2 {H2_RATES}; userspace "
                               f"{USERSPACE_RATES}].")
 @click.option("--markdown", is_flag=True,
               help="Print markdown tables (the default when stdout is not a terminal).")
 @click.option("--keep-workdir", is_flag=True, help="Keep the temp dir with nginx, wrk and exporter logs.")
+@click.option("--client-on-probed-libssl", is_flag=True,
+              help="tls scenario: wrk loads the system's libssl, so the exporter's probes also trap the "
+                   "client's calls (by default it loads a private copy, as a remote client would be).")
 @click.option("--filter-stats", is_flag=True,
               help="Also measure the BPF filter's own CPU per request (kernel run time statistics; they add "
                    "two clock reads per filter run, so throughput is quoted without them).")
 def main(scenario: str, duration: float | None, connections: int, threads: int, repeat: int | None,
-         configs: str | None, rates: str | None, markdown: bool, keep_workdir: bool, filter_stats: bool) -> None:
+         configs: str | None, rates: str | None, markdown: bool, keep_workdir: bool, client_on_probed_libssl: bool,
+         filter_stats: bool) -> None:
     """Load benchmark: nginx on lo under wrk, with no capture, the 2021 seed design, and the exporter.
 
     Needs root (BPF), nginx and wrk (`make setup` installs them). Prints markdown tables
@@ -256,6 +270,11 @@ def main(scenario: str, duration: float | None, connections: int, threads: int, 
     if unknown:
         raise click.BadParameter(f"unknown configuration(s) {', '.join(sorted(unknown))}; "
                                  f"choose from {', '.join(CONFIGS)}", param_hint="--configs")
+    if "traps" in chosen and scenario != "tls":
+        raise click.BadParameter("traps prices the TLS probes: use it with --scenario tls", param_hint="--configs")
+    if "tap" in chosen and scenario not in ("red", "realistic"):
+        raise click.BadParameter("tap prices a packet socket on lo: use it with --scenario red or realistic",
+                                 param_hint="--configs")
     if os.geteuid() != 0 and set(chosen) - {"baseline"}:
         raise BenchError("the seed and the exporter attach BPF filters: run as root (sudo make bench)")
     tools = require_tools(["nginx", "h2load"] if scenario == "h2" else ["nginx", "wrk"])
@@ -280,6 +299,8 @@ def main(scenario: str, duration: float | None, connections: int, threads: int, 
                     server, client = node.add_pod("srv", 1), node.add_pod("cli", 2)
                     placement = Placement(node.link_glob, server, client)
                 bench = Bench(Runner(children, tools, workdir, filter_stats, placement), repeat, echo)
+                if scenario == "tls" and not client_on_probed_libssl:
+                    bench.runner.private_client_libssl(find_libraries()[0])
                 tables = _run_scenario(bench, scenario, chosen, duration, connections, threads, rates,
                                        filter_stats)
             finally:

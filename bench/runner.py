@@ -20,6 +20,7 @@ import math
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -38,14 +39,17 @@ from bench.wrk import WrkResult, parse_wrk
 __all__ = ["CONFIGS", "REPO", "Load", "Placement", "RunResult", "Runner"]
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = ("baseline", "seed", "exporter", "no-tls", "userspace")
+CONFIGS = ("baseline", "seed", "exporter", "no-tls", "userspace", "traps", "tap")
 # The exporter with --no-fast-path: every exchange rebuilt in user space from the segments the
 # filter passes, the path that pipelining, chunked bodies and the heads the kernel hands over take.
-# Without the TLS probes: their syscall tracepoints run for every process on the machine, and
+# Without the TLS probes: they run in every process on the machine that uses libssl, and
 # whatever else speaks TLS there would be charged to the path measured here.
 USERSPACE_ARGS = ("--no-fast-path", "--no-tls")
 # no-tls: the exporter's defaults less the TLS probes, to price them on clear-text traffic.
 CONFIG_ARGS = {"exporter": (), "no-tls": ("--no-tls",), "userspace": USERSPACE_ARGS}
+# Configurations that hold a bare hook and count nothing, to price the hook itself: the module run.
+HOLDERS = {"traps": "bench.tls_traps_only",  # empty programs where the exporter probes libssl
+           "tap": "bench.null_tap"}  # a packet socket on lo whose filter drops every packet
 READY_TIMEOUT_S = 90.0  # BCC compiles C at start: seconds, not minutes
 SETTLE_TIMEOUT_S = 20.0
 IDLE_CPU_S = 0.02  # under this much CPU in IDLE_WINDOW_S the capture process counts as idle
@@ -192,6 +196,8 @@ class Runner:
         self.filter_stats = filter_stats  # the caller holds kernel BPF run time statistics on
         self.placement = placement
         self.tls = False  # nginx over HTTPS (the tls scenario)
+        # The tls scenario's client loads a private copy of libssl (see _client_env): None = the system's.
+        self.client_libssl_dir: Path | None = None
         self.children = children
         self.tools = tools
         self.workdir = workdir
@@ -203,9 +209,18 @@ class Runner:
         argv = [sys.executable, str(REPO / "bench" / "seed.py"), "--interface", "lo", "--port", str(port)]
         with open(self.workdir / f"seed.{self._n}.out", "wb") as stdout:
             child = self.children.start("seed", argv, cwd=REPO, stdout=stdout)
+        return self._ready("seed", child)
+
+    def _start_holder(self, name: str, module: str) -> Child:
+        """A process that holds a bare hook (HOLDERS) until stopped."""
+        child = self.children.start(name, [sys.executable, "-m", module], cwd=REPO)
+        return self._ready(name, child)
+
+    @staticmethod
+    def _ready(name: str, child: Child) -> Child:
         ok = wait_until(lambda: not child.alive() or "ready" in _read(child.log_path), READY_TIMEOUT_S, 0.2)
         if not ok or not child.alive():
-            raise BenchError(f"seed did not start: {child.log_tail() or 'no output'}")
+            raise BenchError(f"{name} did not start: {child.log_tail() or 'no output'}")
         return child
 
     def _start_exporter(self, port: int, listen: str, extra: tuple[str, ...] = ()) -> Child:
@@ -232,6 +247,22 @@ class Runner:
                              f"{child.log_tail() or 'no output'}")
         return child
 
+    def private_client_libssl(self, library: str) -> None:
+        """Have the load generator load a copy of `library` (another inode, so not probed).
+
+        uprobes on a library file fire in every process that maps it. In production the clients
+        of a TLS server run elsewhere; here wrk shares the machine and the system libssl, so
+        without this each of its own SSL calls would pay a trap and the exporter's verdict, and
+        the loss would be charged to the server's throughput."""
+        self.client_libssl_dir = self.workdir / "client-libssl"
+        self.client_libssl_dir.mkdir(exist_ok=True)
+        shutil.copy(library, self.client_libssl_dir / Path(library).name)
+
+    def _client_env(self) -> dict[str, str] | None:
+        if self.client_libssl_dir is None:
+            return None
+        return {**os.environ, "LD_LIBRARY_PATH": str(self.client_libssl_dir)}
+
     # -- one run --------------------------------------------------------------
 
     def run(self, config: str, load: Load, rss_every_s: float | None = None,
@@ -248,6 +279,8 @@ class Runner:
             listen = ""
             if config == "seed":
                 capture = self._start_seed(nginx.port)
+            elif config in HOLDERS:
+                capture = self._start_holder(config, HOLDERS[config])
             elif config in CONFIG_ARGS:
                 listen = f"127.0.0.1:{_free_port()}"
                 capture = self._start_exporter(nginx.port, listen, CONFIG_ARGS[config])
@@ -280,6 +313,8 @@ class Runner:
             result.nginx_cpu_s = _process_tree_cpu(nginx.child.pid) - nginx_cpu0
             if load.error_responses:
                 result.logged_by_route = nginx.by_status_route()
+            if config in HOLDERS:
+                return result  # counts nothing; what it costs is charged to nginx and wrk
             if capture is None:
                 return result
             if not capture.alive():
@@ -347,14 +382,18 @@ class Runner:
         with open(out, "wb") as stdout:
             argv = load.argv(self.tools[load.tool], nginx.url(load.path), script)
             client = self.placement.client
-            child = self.children.start(load.tool, client.wrap(argv) if client is not None else argv, stdout=stdout)
+            child = self.children.start(load.tool, client.wrap(argv) if client is not None else argv, stdout=stdout,
+                                        env=self._client_env())
         deadline = time.monotonic() + load.duration_s + 30 + load.connections / 1000
         samples: list[tuple[float, float]] = []
         start = time.monotonic()
         next_sample = start
+        self._client_mapped_private = False
         try:
             while child.proc.poll() is None:
                 now = time.monotonic()
+                if self.client_libssl_dir is not None and not self._client_mapped_private:
+                    self._client_mapped_private = str(self.client_libssl_dir) in _read(Path(f"/proc/{child.pid}/maps"))
                 if now > deadline:
                     raise BenchError(f"wrk still running {now - start:.0f} s into a "
                                      f"{load.duration_s:g} s load")
@@ -367,6 +406,9 @@ class Runner:
         finally:
             self.children.stop(child)
         text = out.read_text(errors="replace")
+        if self.client_libssl_dir is not None and not self._client_mapped_private:
+            raise BenchError(f"{load.tool} did not load the libssl copy in {self.client_libssl_dir}: "
+                             "its probed calls would be charged to the server")
         if child.proc.returncode != 0:
             raise BenchError(f"{load.tool} failed (exit {child.proc.returncode}): "
                              f"{child.log_tail() or text[-200:]}")

@@ -88,6 +88,7 @@ __all__ = [
     "decode_event",
     "decode_open",
     "find_libraries",
+    "probe_requests",
 ]
 
 # Slots of the per-CPU `tls_counters` array, in index order (handed to the C file as -D).
@@ -329,7 +330,7 @@ class TlsProbes:
                    f"-DTLS_FALLBACK_PAGES={FALLBACK_PAGES}", f"-DTLS_TRIM_BYTES={TLS_TRIM_BYTES}",
                    f"-DTLS_PREFIX={TLS_PREFIX}", f"-DTLS_WAKE_BYTES={TLS_WAKE_BYTES}", *test_cflags, "-w"]
         probes = [probe for slot, (library, layout) in enumerate(self.layouts.items())
-                  for probe in _probes(library, layout, slot)]
+                  for probe in probe_requests(library, layout, slot)]
         request: dict[str, Any] = {"src": str(src_file or tls_source()), "cflags": cflags, "maps": list(_MAPS),
                                    "probes": probes}
         programs = len({probe["function"] for probe in probes})  # each loaded once, however often attached
@@ -427,7 +428,7 @@ class TlsProbes:
         self._maps = {}
 
 
-def _probes(library: str, layout: SslLayout, slot: int) -> Iterator[dict[str, Any]]:
+def probe_requests(library: str, layout: SslLayout, slot: int) -> Iterator[dict[str, Any]]:
     """The loader's probe requests for one library: per direction its internal function (one
     place for both forms of the call, and a first instruction the kernel emulates) where
     calibrate found it, else the exported symbols; and SSL_free."""
