@@ -80,6 +80,11 @@ class RingBuffer:
         position: int = _U64.unpack_from(self._consumer, 0)[0]
         return position
 
+    def producer_position(self) -> int:
+        """Bytes reserved since the ring was made, committed or still being written."""
+        position: int = _U64.unpack_from(self._producer, 0)[0]
+        return position
+
     def pending_bytes(self) -> int:
         producer: int = _U64.unpack_from(self._producer, 0)[0]
         consumer: int = _U64.unpack_from(self._consumer, 0)[0]
@@ -150,10 +155,10 @@ class DrainedRing:
     `fallback`: a second ring the producer uses when the first refuses a record, and for every
     record after that one until this thread reports (`on_fallback_drained`) that it has taken
     them (bpf/tls_probes.c, output()). Each take reads the ring, then the fallback, then the ring
-    again, queues the spans in that order and only then reports the fallback's position: a record
-    written to the ring before one in the fallback is read by the second read at the latest, and
-    one written after it only once the report is made, by a later take. The reader gets every
-    record in the order the producers wrote them, per producer.
+    again up to where it was reserved when the fallback was read, queues the spans in that order
+    and only then reports the fallback's position: a record written to the ring before one in the
+    fallback is queued before it, and one written after it only once the report is made, by a
+    later take. The reader gets every record in the order the producers wrote them, per producer.
     """
 
     def __init__(self, ring: RingBuffer, max_queued_bytes: int, every_s: float,
@@ -218,9 +223,16 @@ class DrainedRing:
             if self._fallback is not None:
                 late = self._fallback.read(0)
                 if late:
-                    # The ring's records written before these: after the first read, they may be
-                    # there only now.
-                    spans.append((ring.read(0), ring.consumer_position()))
+                    # The ring's records written before these may have come in after the first
+                    # read: all were reserved by now, and a read stops at a record another CPU is
+                    # still writing (microseconds), so read up to here, however many reads it takes.
+                    end = ring.producer_position()
+                    while ring.consumer_position() < end:
+                        span = ring.read(0)
+                        if span:
+                            spans.append((span, ring.consumer_position()))
+                        else:
+                            os.sched_yield()
                     spans.append((late, spans[-1][1]))
             spans = [(span, position) for span, position in spans if span]
             if not spans:

@@ -424,11 +424,13 @@ def test_reap_reads_the_ring_before_it_resets_a_gone_socket() -> None:
 
 
 class ScriptedRing:
-    """A ring's reader side whose reads return, in turn, what the producers had committed by then."""
+    """A ring's reader side whose reads return, in turn, what the producers had committed by then;
+    `reserved`: its producer position (records committed or still being written)."""
 
-    def __init__(self, spans: list[bytes]) -> None:
+    def __init__(self, spans: list[bytes], reserved: int = 0) -> None:
         self.spans = spans
         self.position = 0
+        self.reserved = reserved
         self._never_r, self._never_w = os.pipe()  # what the thread polls: never readable
 
     def read(self, timeout_s: float) -> bytes:
@@ -438,6 +440,9 @@ class ScriptedRing:
 
     def consumer_position(self) -> int:
         return self.position
+
+    def producer_position(self) -> int:
+        return max(self.reserved, self.position)
 
     def fileno(self) -> int:
         return self._never_r
@@ -451,10 +456,11 @@ def test_fallback_records_reach_the_reader_in_the_order_they_were_written() -> N
     """The kernel's rule (tls_probes.c, output()): an event the ring refuses goes to the fallback
     ring, and so does every event after it until the thread has reported taking the fallback.
     Connection A's response is refused; B's request was written to the ring just before, after the
-    thread's first read of it; B's response, A's close, a new connection on A's SSL* (another fd)
-    and its request follow A's response into the fallback; once reported, the ring again. The
-    thread's second read of the ring puts B's OPEN and request before the fallback's records, and
-    the report comes once they are all queued: every exchange is counted, none late."""
+    thread's first read of it, behind a record another CPU was still writing; B's response, A's
+    close, a new connection on A's SSL* (another fd) and its request follow A's response into the
+    fallback; once reported, the ring again. The thread reads the ring again up to where it was
+    reserved, past the record being written, which puts B's OPEN and request before the fallback's
+    records, and the report comes once they are all queued: every exchange is counted, none late."""
     a_open, b_open = opened(ts=1), opened(ssl=0x20, fd=11, ts=3, peer_port=2)
     a2_open = opened(fd=12, ts=8, peer_port=3)
     main_first = [a_open, event(KIND_READ, 0, REQUEST, ts=2)]
@@ -464,7 +470,9 @@ def test_fallback_records_reach_the_reader_in_the_order_they_were_written() -> N
     main_after_report = [event(KIND_WRITE, 0, RESPONSE, fd=12, ts=10), event(KIND_CLOSE, 0, ssl=0x20, fd=11, ts=11)]
     spans = [span_of([raw(ev) for ev in batch]) for batch in (main_first, main_before_refusal, fallback,
                                                               main_after_report)]
-    ring, late = ScriptedRing([spans[0], spans[1], spans[3]]), ScriptedRing([spans[2]])
+    # The second read finds the record in progress (nothing), the third B's two.
+    ring = ScriptedRing([spans[0], b"", spans[1], spans[3]], reserved=len(spans[0]) + len(spans[1]))
+    late = ScriptedRing([spans[2]])
     taken: list[bytes] = []  # what the reader could take when each report was made
     reports: list[int] = []
 
