@@ -61,9 +61,9 @@
  * The ring: the reader is woken once TLS_WAKE_BYTES are unread, not per event
  * (it also reads every TLS_DRAIN_EVERY_S), and past TLS_TRIM_BYTES unread a call copies
  * its first TLS_PREFIX bytes only; see tls.py for the sizes and why. An event the ring
- * refuses while it has room goes to a second, small ring (`tls_fallback`), and the events
- * after it follow it there until user space has taken it, so that user space reads every
- * event in the order it was written (see output()).
+ * refuses (at every try while it has room, or full) goes to a second, small ring
+ * (`tls_fallback`), and the events after it follow it there until user space has taken it, so
+ * that user space reads every event in the order it was written (see output()).
  *
  * Events (`struct tls_event`, 48-byte header then data) go through the
  * `tls_events` ring buffer. One SSL call's bytes are sent in chunks of at most
@@ -186,8 +186,8 @@ BPF_TASK_STORAGE(tls_calls, struct tls_call);
 BPF_TABLE("lru_hash", struct tls_state_key, struct tls_state, tls_state, 65536);
 BPF_TABLE("lru_hash", struct tls_skip_key, struct tls_skip, tls_skips, 65536);
 BPF_RINGBUF_OUTPUT(tls_events, TLS_RING_PAGES);
-/* Events tls_events refused with room, and those that follow them until user space took them
- * (output()): a ring of its own, so a lock of its own. */
+/* Events tls_events refused, and those that follow them until user space took them (output()):
+ * a ring of its own, so a lock of its own. */
 BPF_RINGBUF_OUTPUT(tls_fallback, TLS_FALLBACK_PAGES);
 BPF_PERCPU_ARRAY(tls_counters, u64, TC_COUNT);
 /* [RING_PRODUCED] bytes the probes put in tls_events, [RING_CONSUMED] user space's consumer
@@ -324,12 +324,13 @@ static __always_inline long main_output(void *ev, u64 size, u64 wake)
  * An event tls_events refused with room after all its tries goes to tls_fallback, a ring with a
  * lock of its own (`fallback`). Every event after it goes there too (`fallback_following`), from
  * all connections, for as long as tls_fallback holds events the draining thread has not taken:
- * the thread reads tls_events, then tls_fallback, then tls_events again, and queues them in that
- * order before it reports tls_fallback's position (ringbuf.py). So user space reads each
- * connection's events in the order they were written, with no late OPEN, CLOSE or data to put
- * back in place: those in tls_events written before one in tls_fallback are read before it (the
- * second read of tls_events), and those after it are in tls_fallback behind it or, once the
- * thread has reported it, in a later read of tls_events. A full ring (the reader behind, or not
+ * the thread reads tls_events, then tls_fallback, then tls_events again up to where it was
+ * reserved when tls_fallback was read, and queues them in that order before it reports
+ * tls_fallback's position (ringbuf.py). So user space reads each connection's events in the
+ * order they were written, with no late OPEN, CLOSE or data to put back in place: those in
+ * tls_events written before one in tls_fallback are read before it (the second read of
+ * tls_events), and those after it are in tls_fallback behind it or, once the thread has
+ * reported it, in a later read of tls_events. A full ring (the reader behind, or not
  * yet started: the room is not known before the thread reports) goes to the fallback too: it only
  * delays the loss then, counted when the fallback is full as well (lost()). The fallback wakes
  * its reader the kernel's default way (when the reader has caught up with it), at once: its
@@ -685,8 +686,9 @@ int tls_return(struct pt_regs *ctx)
     ev->kind = call.kind;
     u64 offset = 0;
     /* Under pressure (the ring over TLS_TRIM_BYTES unread, or the events going to the small
-     * fallback ring, see output()) a call copies its first TLS_PREFIX bytes only: where a message starts its head is there, and the rest goes by length (a
-     * body's bytes are only counted). Without it, a few large bodies written faster than user
+     * fallback ring, see output()) a call copies its first TLS_PREFIX bytes only: where a
+     * message starts its head is there, and the rest goes by length (a body's bytes are only
+     * counted). Without it, a few large bodies written faster than user
      * space can frame them (and hint their skip) would fill the ring and lose heads too. */
     u64 pending = ring_pending();
     u64 wake = wakeup_flag(pending);

@@ -101,7 +101,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "ignored_calls",  # calls with data on connections whose local port is not watched (clients, other services)
     "read_errors",  # bpf_probe_read_user failures (the buffer was not readable)
     "skipped",  # calls (or their head) inside a body stretch user space only counts: length only
-    "trimmed",  # calls cut to their first TLS_PREFIX bytes because the ring was filling: the rest is a gap
+    "trimmed",  # calls cut to their first TLS_PREFIX bytes (the ring filling, or the fallback in use): the rest a gap
     "unresolved",  # SSL*s whose fd the kernel walk did not find a TCP socket behind: ignored
     "lost_with_room",  # of `lost`, those refused while the ring had room (not a full ring)
     "retried",  # events refused while the ring had room and taken at a later try (not lost)
@@ -762,7 +762,8 @@ class TlsCapture:
                          kernel["truncated"])
         yield SelfSample(SELF_TLS_CALLS_TRIMMED_TOTAL, "counter",
                          f"SSL calls cut to their first {TLS_PREFIX} bytes while the ring buffer was over "
-                         f"{TLS_TRIM_BYTES // (1 << 20)} MiB unread; the rest became a gap.", kernel["trimmed"])
+                         f"{TLS_TRIM_BYTES // (1 << 20)} MiB unread, or events went through the fallback ring; "
+                         "the rest became a gap.", kernel["trimmed"])
         yield SelfSample(SELF_TLS_CALLS_WITHOUT_SOCKET_TOTAL, "counter",
                          "SSL calls with data whose read BIO has no socket fd (a memory BIO): not counted.",
                          kernel["no_fd"])
