@@ -322,7 +322,8 @@ static __always_inline long main_output(void *ev, u64 size, u64 wake)
 /* Hand one event to user space, counted: 0 when it was taken, else it is lost (counted).
  *
  * An event tls_events refused with room after all its tries goes to tls_fallback, a ring with a
- * lock of its own (`fallback`). Every event after it goes there too (`fallback_following`), from
+ * lock of its own (`fallback`): whatever refuses tls_events does not refuse another ring in the
+ * same instant (7 of 7 natural refusals, bench/results/2026-12-01/tlsloss-under-load.md). Every event after it goes there too (`fallback_following`), from
  * all connections, for as long as tls_fallback holds events the draining thread has not taken:
  * the thread reads tls_events, then tls_fallback, then tls_events again up to where it was
  * reserved when tls_fallback was read, and queues them in that order before it reports
