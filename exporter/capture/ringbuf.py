@@ -256,6 +256,10 @@ class DrainedRing:
         while self._take():
             pass
 
+    def queued(self) -> bool:
+        """Whether spans wait for read()."""
+        return bool(self._queue)
+
     def _signal(self) -> None:
         try:
             os.write(self._ready_w, b"r")

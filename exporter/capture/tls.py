@@ -392,6 +392,11 @@ class TlsProbes:
         assert self._ring is not None
         self._ring.flush()
 
+    def queued(self) -> bool:
+        """Whether records wait for a read (one read takes at most its size limit)."""
+        assert self._ring is not None
+        return self._ring.queued()
+
     def ring_thread_cpu_s(self) -> float:
         """CPU time of the thread that empties the ring (ringbuf.DrainedRing)."""
         return self._ring.thread_cpu_s() if self._ring is not None else 0.0
@@ -696,10 +701,13 @@ class TlsCapture:
             return []
         # A gone fd's last events (its last response, its close) were written before we looked, but
         # may still wait in the ring (it is read in batches): take them first, or the RST would end
-        # the flow before its last exchange.
+        # the flow before its last exchange. All of them: one read stops at its size limit, and they
+        # may lie past it (behind a large backlog, or in the fallback ring's records, queued after).
         if self.probes is not None:
             self.probes.flush()
         out = self.read(0)
+        while self.probes is not None and self.probes.queued():
+            out += self.read(0)
         for conn in gone:
             if self._conns.get(conn.key) is conn:  # no close (or new OPEN) in what was just read
                 self._forget(conn)

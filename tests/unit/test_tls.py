@@ -243,6 +243,9 @@ class FakeProbes:
     def flush(self) -> None:
         pass  # its batches are all readable already
 
+    def queued(self) -> bool:
+        return bool(self.spans)
+
     def set_skip(self, tgid: int, ssl: int, conn: int, direction: int, stretch: tuple[int, int] | None) -> None:
         self.skips.append((tgid, ssl, conn, direction, stretch))
 
@@ -407,9 +410,11 @@ def test_drained_ring_gives_the_ring_back_at_once_and_stops_taking_when_its_queu
 
 def test_reap_reads_the_ring_before_it_resets_a_gone_socket() -> None:
     """The process wrote its last response and exited; the response still waits in the ring when
-    reap finds the fd gone. It is read first, so the exchange is counted before the RST."""
+    reap finds the fd gone, in two reads' worth (a read stops at its size limit). All of it is
+    read first, so the exchange is counted before the RST."""
     probes = FakeProbes([[raw(opened()), raw(event(KIND_READ, 0, REQUEST))],
-                         [raw(event(KIND_WRITE, 0, RESPONSE, ts=5000))]])
+                         [raw(event(KIND_WRITE, 0, RESPONSE[:20], ts=4000))],
+                         [raw(event(KIND_WRITE, 20, RESPONSE[20:], ts=5000))]])
     capture = TlsCapture([8443], [], realtime_offset_ns=lambda: 0,
                          probes_factory=lambda libraries, ports: probes)  # type: ignore[arg-type,return-value]
     capture.open()
