@@ -101,7 +101,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "ignored_calls",  # calls with data on connections whose local port is not watched (clients, other services)
     "read_errors",  # bpf_probe_read_user failures (the buffer was not readable)
     "skipped",  # calls (or their head) inside a body stretch user space only counts: length only
-    "trimmed",  # calls cut to their first TLS_PREFIX bytes (the ring filling, or the fallback in use): the rest a gap
+    "trimmed",  # calls cut to their first TLS_PREFIX bytes (the ring, or the fallback, filling): the rest a gap
     "unresolved",  # SSL*s whose fd the kernel walk did not find a TCP socket behind: ignored
     "lost_with_room",  # of `lost`, those refused while the ring had room (not a full ring)
     "retried",  # events refused while the ring had room and taken at a later try (not lost)
@@ -141,10 +141,12 @@ TLS_MAX_CHUNKS = 16
 RING_PAGES = 4096
 # The fallback ring (tls_probes.c, output()): events the ring refused (with room: about 1 in 100,000
 # with two busy producers, bench/tls_ring_contention.py), and all events after one until the ring's
-# thread has taken it, which the kernel wakes it for at once. Meanwhile calls copy their first
-# TLS_PREFIX bytes only, so 2 MiB (2 MB more RSS) holds that wait at some 500 calls per millisecond;
-# what it cannot hold is lost and counted, as for a full ring.
+# thread has taken it, which the kernel wakes it for at once (about 2 ms under load). 2 MiB (2 MB
+# more RSS); past half of it unread, calls copy their first TLS_PREFIX bytes only, as past
+# TLS_TRIM_BYTES of the ring, so bodies written meanwhile cannot fill it. What it cannot hold is
+# lost and counted, as for a full ring.
 FALLBACK_PAGES = 512
+FALLBACK_TRIM_BYTES = FALLBACK_PAGES * mmap.PAGESIZE // 2
 TLS_TRIM_BYTES = 2 * 1024 * 1024
 TLS_PREFIX = 4096
 # The kernel wakes the reader once this much is unread; otherwise it reads the ring every
@@ -327,7 +329,8 @@ class TlsProbes:
         cflags += [f"-DTLS_WATCHED_PORT(p)=({watched})",
                    f"-DTLS_CHUNK={TLS_CHUNK}", f"-DTLS_MAX_CHUNKS={TLS_MAX_CHUNKS}",
                    f"-DTLS_RING_PAGES={RING_PAGES}", f"-DTLS_RING_BYTES={RING_PAGES * mmap.PAGESIZE}",
-                   f"-DTLS_FALLBACK_PAGES={FALLBACK_PAGES}", f"-DTLS_TRIM_BYTES={TLS_TRIM_BYTES}",
+                   f"-DTLS_FALLBACK_PAGES={FALLBACK_PAGES}", f"-DTLS_FALLBACK_TRIM_BYTES={FALLBACK_TRIM_BYTES}",
+                   f"-DTLS_TRIM_BYTES={TLS_TRIM_BYTES}",
                    f"-DTLS_PREFIX={TLS_PREFIX}", f"-DTLS_WAKE_BYTES={TLS_WAKE_BYTES}", *test_cflags, "-w"]
         probes = [probe for slot, (library, layout) in enumerate(self.layouts.items())
                   for probe in probe_requests(library, layout, slot)]
@@ -770,8 +773,8 @@ class TlsCapture:
                          kernel["truncated"])
         yield SelfSample(SELF_TLS_CALLS_TRIMMED_TOTAL, "counter",
                          f"SSL calls cut to their first {TLS_PREFIX} bytes while the ring buffer was over "
-                         f"{TLS_TRIM_BYTES // (1 << 20)} MiB unread, or events went through the fallback ring; "
-                         "the rest became a gap.", kernel["trimmed"])
+                         f"{TLS_TRIM_BYTES // (1 << 20)} MiB unread (or the fallback ring over "
+                         f"{FALLBACK_TRIM_BYTES // (1 << 20)} MiB); the rest became a gap.", kernel["trimmed"])
         yield SelfSample(SELF_TLS_CALLS_WITHOUT_SOCKET_TOTAL, "counter",
                          "SSL calls with data whose read BIO has no socket fd (a memory BIO): not counted.",
                          kernel["no_fd"])

@@ -634,8 +634,8 @@ def test_events_the_ring_refuses_with_room_reach_user_space_through_the_fallback
     """A test build of the probes (-DTLS_TEST_REFUSE_EVERY) makes the main ring refuse one event
     in `every` at every try, with room, as its lock does now and then: each goes to the fallback
     ring, and the events after it follow it there until the ring's thread has taken them (OPENs
-    and CLOSEs too, trimmed calls meanwhile). With 5 nearly all traffic goes through the fallback;
-    with 97 it switches rings often. nginx (keep-alive, 1 MB bodies in 16 KiB writes) and the
+    and CLOSEs too; calls are trimmed while the fallback is half full). With 5 nearly all traffic
+    goes through the fallback; with 97 it switches rings often. nginx (keep-alive, 1 MB bodies in 16 KiB writes) and the
     Python server (chunked bodies, uploads, a client reading 7 bytes at a time) under 8 concurrent
     connections: the exchanges a Tracker builds from TlsCapture's segments, per (method, status,
     route), equal the servers' logs exactly, none lost, and every forced refusal went to the
