@@ -320,6 +320,9 @@ static __always_inline long main_output(void *ev, u64 size, u64 wake)
 }
 
 /* Hand one event to user space, counted: 0 when it was taken, else it is lost (counted).
+ * `following`: whether tls_fallback held events not yet taken (fallback_backlog() > 0) when the
+ * caller looked, set once this event went there: a caller sending several events looks once, and
+ * its later events follow an earlier one that went to tls_fallback.
  *
  * An event tls_events refused with room after all its tries goes to tls_fallback, a ring with a
  * lock of its own (`fallback`): whatever refuses tls_events does not refuse another ring in the
@@ -338,11 +341,10 @@ static __always_inline long main_output(void *ev, u64 size, u64 wake)
  * events hold the rest of the traffic behind them until they are read (about 2 ms under load,
  * measured), and past TLS_FALLBACK_TRIM_BYTES of them calls copy their first TLS_PREFIX bytes
  * only (tls_return), so that a few large bodies cannot fill it. */
-static __always_inline long output(void *ev, u64 size, u64 wake)
+static __always_inline long output(void *ev, u64 size, u64 wake, int *following)
 {
-    int following = fallback_backlog() > 0;
     long err = 0;
-    if (!following) {
+    if (!*following) {
         err = main_output(ev, size, wake);
         if (!err) {
             ring_produced(RING_PRODUCED, size);
@@ -352,12 +354,13 @@ static __always_inline long output(void *ev, u64 size, u64 wake)
     }
     err = tls_fallback.ringbuf_output(ev, size, 0);
     if (err) {
-        lost(following);
+        lost(*following);
         return err;
     }
     ring_produced(FALLBACK_PRODUCED, size);
     count(TC_EVENTS);
-    count(following ? TC_FALLBACK_FOLLOWING : TC_FALLBACK);
+    count(*following ? TC_FALLBACK_FOLLOWING : TC_FALLBACK);
+    *following = 1;
     return 0;
 }
 
@@ -370,11 +373,12 @@ static __always_inline u64 wakeup_flag(u64 pending)
 }
 
 /* Hand one event to user space; a loss marks the direction so the next event says so. */
-static __always_inline int send(struct tls_event *ev, struct tls_state *state, u32 dir, u64 size, u64 wake)
+static __always_inline int send(struct tls_event *ev, struct tls_state *state, u32 dir, u64 size, u64 wake,
+                                int *following)
 {
     ev->flags = state->lost[dir & 1] ? TLS_FLAG_AFTER_LOSS : 0;
     size &= TLS_CHUNK * 2 - 1;
-    if (output(ev, size, wake)) {
+    if (output(ev, size, wake, following)) {
         state->lost[dir & 1] = 1;
         return -1;
     }
@@ -403,7 +407,8 @@ static __always_inline struct tls_event *event(u8 kind, u64 ssl, u32 tgid, s32 f
 
 static __always_inline void send_control(struct tls_event *ev, u64 size)
 {
-    output(ev, size & (TLS_CHUNK * 2 - 1), wakeup_flag(ring_pending()));
+    int following = fallback_backlog() > 0;
+    output(ev, size & (TLS_CHUNK * 2 - 1), wakeup_flag(ring_pending()), &following);
 }
 
 /* The SSL*'s read BIO, ssl->rbio, and its fd, ((BIO *)rbio)->num, at this library's offsets
@@ -481,7 +486,8 @@ static __always_inline void announce(struct tls_state *state, u64 ssl, u32 tgid,
     }
     ev->len = sizeof(struct tls_open);
     ev->stream_off = 0;
-    if (output(ev, TLS_EVENT_HEADER + sizeof(struct tls_open), wakeup_flag(ring_pending())))
+    int following = fallback_backlog() > 0;
+    if (output(ev, TLS_EVENT_HEADER + sizeof(struct tls_open), wakeup_flag(ring_pending()), &following))
         return;
     state->conn = ev->ts_ns;
     state->announced = 1;
@@ -695,7 +701,9 @@ int tls_return(struct pt_regs *ctx)
     u64 pending = ring_pending();
     u64 wake = wakeup_flag(pending);
     u64 chunk = TLS_CHUNK;
-    int trim = pending >= TLS_TRIM_BYTES || fallback_backlog() >= TLS_FALLBACK_TRIM_BYTES;
+    s64 backlog = fallback_backlog();  /* once per call: see output() */
+    int following = backlog > 0;
+    int trim = pending >= TLS_TRIM_BYTES || backlog >= TLS_FALLBACK_TRIM_BYTES;
     if (trim)
         chunk = TLS_PREFIX;
     u64 conn = state->conn;
@@ -715,7 +723,7 @@ int tls_return(struct pt_regs *ctx)
                 ev->stream_off = base + offset;
                 ev->len = 0;
                 ev->skipped = inside;
-                if (send(ev, state, dir, TLS_EVENT_HEADER, wake))
+                if (send(ev, state, dir, TLS_EVENT_HEADER, wake, &following))
                     return 0;
                 offset += inside;
                 continue;
@@ -732,7 +740,7 @@ int tls_return(struct pt_regs *ctx)
             state->lost[dir & 1] = 1;
             return 0;
         }
-        if (send(ev, state, dir, TLS_EVENT_HEADER + n, wake))
+        if (send(ev, state, dir, TLS_EVENT_HEADER + n, wake, &following))
             return 0;
         offset += n;
         if (trim)
@@ -745,7 +753,7 @@ int tls_return(struct pt_regs *ctx)
         ev->stream_off = base + offset;
         ev->len = 0;
         ev->skipped = rest > 0xffffffff ? 0xffffffff : rest;
-        send(ev, state, dir, TLS_EVENT_HEADER, wake);
+        send(ev, state, dir, TLS_EVENT_HEADER, wake, &following);
     }
     return 0;
 }
