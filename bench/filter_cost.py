@@ -16,11 +16,18 @@ the same load. A BPF_PROG_TEST_RUN skb is linear and its socket is none: on lo, 
 TCP wrote from pages is not, so live figures run somewhat higher; compare trees, not
 absolute numbers.
 
+`--tls` marks every connection of the capture as TLS before each pass, as user space does once
+it sees a connection's first bytes are a TLS record (HttpFilter.drop_tls, both directions): the
+filter then drops their payload and keeps their wire times (tls_wire.h), and "client data" and
+"server data" are the costs per encrypted segment. `--record https` writes such a capture:
+dumpcap on lo while wrk loads nginx over HTTPS.
+
 `--record realistic` first writes FILE: dumpcap on lo while wrk sends the realistic
 scenario's browser heads to nginx (needs root, nginx, wrk and dumpcap).
 
     python -m bench.filter_cost /tmp/real.pcapng --record realistic --duration 2
     python -m bench.filter_cost /tmp/real.pcapng --port 40123 --compare /tmp/main.c
+    python -m bench.filter_cost /tmp/https.pcapng --record https --duration 2 --tls
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from pathlib import Path
 import click
 
 from bench.procs import BenchError
-from bench.replay_cost import record_realistic
+from bench.replay_cost import record_https, record_realistic
 from exporter.capture.bpf import FAST_COUNTER_NAMES, HttpFilter
 from exporter.capture.bpfsys import timed_test_run
 from exporter.capture.frames import LINKTYPE_ETHERNET, decode_frame_reason
@@ -43,9 +50,12 @@ from exporter.errors import CaptureError
 SHAPES = ("client data", "server data", "no payload")
 
 
-def load(path: Path, port: int) -> list[tuple[str, bytes]]:
-    """(shape, Ethernet frame) of every TCP frame to or from `port`, in the capture's order."""
-    frames: list[tuple[str, bytes]] = []
+Flow = tuple[str, int, str, int]  # client ip, client port, server ip, server port
+
+
+def load(path: Path, port: int) -> list[tuple[str, bytes, Flow]]:
+    """(shape, Ethernet frame, connection) of every TCP frame to or from `port`, in the capture's order."""
+    frames: list[tuple[str, bytes, Flow]] = []
     for ts_ns, data, wire_len, linktype in read_frames(path):
         if linktype != LINKTYPE_ETHERNET:
             raise click.ClickException(f"{path}: link type {linktype}, this tool replays Ethernet frames (lo)")
@@ -54,25 +64,33 @@ def load(path: Path, port: int) -> list[tuple[str, bytes]]:
             continue
         if got.dst_port == port:
             shape = "client data" if got.payload_len else "no payload"
+            flow = (got.src_ip, got.src_port, got.dst_ip, got.dst_port)
         elif got.src_port == port:
             shape = "server data" if got.payload_len else "no payload"
+            flow = (got.dst_ip, got.dst_port, got.src_ip, got.src_port)
         else:
             continue
-        frames.append((shape, data))
+        frames.append((shape, data, flow))
     return frames
 
 
-def one_pass(src: Path | None, port: int, frames: list[tuple[str, bytes]]) -> tuple[dict[str, list[int]], int, int]:
-    """({shape: [frames, ns]}, exchanges completed in the kernel, frames passed up) of a fresh filter."""
+def one_pass(src: Path | None, port: int, frames: list[tuple[str, bytes, Flow]],
+             tls: bool = False) -> tuple[dict[str, list[int]], int, int]:
+    """({shape: [frames, ns]}, exchanges completed in the kernel, frames passed up) of a fresh filter;
+    `tls`: every connection marked TLS first."""
     # link_header_len 0: BPF_PROG_TEST_RUN pulls the Ethernet header before a socket filter runs.
     bpf_filter = HttpFilter([port], loopback=False, link_header_len=0, fast_path=True, src_file=src,
                             histogram_bounds=((0.001, 0.01, 0.1, 1.0), (100.0, 1000.0, 10000.0)))
     try:
         bpf_filter.set_route_ids(True)
+        if tls:
+            for client_ip, client_port, server_ip, server_port in {flow for _, _, flow in frames}:
+                bpf_filter.drop_tls(client_ip, client_port, server_ip, server_port)
+                bpf_filter.drop_tls(server_ip, server_port, client_ip, client_port)
         totals: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
         passed = 0
         fd = bpf_filter.fd
-        for shape, data in frames:
+        for shape, data, _ in frames:
             kept, ns = timed_test_run(fd, data)
             total = totals[shape]
             total[0] += 1
@@ -87,18 +105,19 @@ def one_pass(src: Path | None, port: int, frames: list[tuple[str, bytes]]) -> tu
 @click.command()
 @click.argument("capture", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--port", type=click.IntRange(1, 65535), help="The server's port (with --record: printed).")
-@click.option("--record", type=click.Choice(["realistic"]), help="Write CAPTURE first (see above).")
+@click.option("--record", type=click.Choice(["realistic", "https"]), help="Write CAPTURE first (see above).")
 @click.option("--duration", default=2.0, show_default=True, type=click.FloatRange(1, 60),
               help="--record: seconds of load.")
 @click.option("--compare", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Another http_filter.c, measured in alternate passes (repeatable).")
 @click.option("--passes", default=3, show_default=True, type=click.IntRange(1, 50), help="The least is kept.")
+@click.option("--tls", is_flag=True, help="Mark every connection TLS first (see above).")
 def main(capture: Path, port: int | None, record: str | None, duration: float, compare: tuple[Path, ...],
-         passes: int) -> None:
+         passes: int, tls: bool) -> None:
     """Replay CAPTURE's frames through the loaded socket filter; print its run time per packet shape."""
     try:
         if record:
-            port = record_realistic(capture, duration)
+            port = (record_https if record == "https" else record_realistic)(capture, duration)
             click.echo(f"recorded {capture} (server port {port})")
         if port is None:
             raise click.UsageError("--port is required to replay")
@@ -110,13 +129,13 @@ def main(capture: Path, port: int | None, record: str | None, duration: float, c
         best: dict[str, tuple[dict[str, list[int]], int, int]] = {}
         for _ in range(passes):
             for name, src in trees.items():
-                got = one_pass(src, port, frames)
+                got = one_pass(src, port, frames, tls)
                 if name not in best or sum(t[1] for t in got[0].values()) < sum(t[1] for t in best[name][0].values()):
                     best[name] = got
                 time.sleep(0.1)
     except (BenchError, CaptureError) as exc:
         raise click.ClickException(str(exc)) from exc
-    counts = collections.Counter(shape for shape, _ in frames)
+    counts = collections.Counter(shape for shape, _, _ in frames)
     click.echo(f"{capture.name}: {len(frames):,} frames on port {port} "
                f"({', '.join(f'{counts[s]:,} {s}' for s in SHAPES)}); least of {passes} passes")
     click.echo(f"{'filter':<24} " + " ".join(f"{s + ' ns':>16}" for s in SHAPES)

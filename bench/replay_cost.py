@@ -69,11 +69,17 @@ def record_realistic(path: Path, duration: float, connections: int = 32) -> int:
         "-t1", f"-c{connections}", f"-d{duration:g}s", "-s", str(script), url])
 
 
-def _record(path: Path, client: str, duration: float, argv: Callable[[str], list[str]]) -> int:
-    """dumpcap on lo while `client` (h2load: nginx's h2c listener; wrk: HTTP/1.1) loads nginx."""
+def record_https(path: Path, duration: float, connections: int = 32) -> int:
+    """Capture wrk -> nginx over HTTPS (keep-alive, `return 200`) on lo into `path`; the server's port."""
+    return _record(path, "wrk", duration, lambda url: ["-t1", f"-c{connections}", f"-d{duration:g}s", url], tls=True)
+
+
+def _record(path: Path, client: str, duration: float, argv: Callable[[str], list[str]], tls: bool = False) -> int:
+    """dumpcap on lo while `client` (h2load: nginx's h2c listener; wrk: HTTP/1.1, over TLS with `tls`) loads
+    nginx."""
     tools = require_tools(["nginx", client, "dumpcap"])
     with tempfile.TemporaryDirectory(prefix="replay-cost-") as tmp, Children(Path(tmp)) as children:
-        nginx = Nginx(children, tools["nginx"], Path(tmp), http2=client == "h2load")
+        nginx = Nginx(children, tools["nginx"], Path(tmp), http2=client == "h2load", tls=tls)
         nginx.start()
         dumpcap = children.start("dumpcap", [tools["dumpcap"], "-q", "-i", "lo", "-f", f"tcp port {nginx.port}",
                                              "-s", "0", "-B", "256", "-w", str(path)])

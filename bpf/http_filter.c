@@ -258,14 +258,9 @@ BPF_PERCPU_ARRAY(fast_counters, u64, FC_COUNT);
 /* HO_* indices: flows turned SLOW, by reason. */
 BPF_PERCPU_ARRAY(handover_counters, u64, HO_COUNT);
 
-/* One direction of one connection. Addresses are 16 bytes, IPv4 as ::ffff:a.b.c.d;
- * ports in host byte order. The fast path keys flows client -> server with it. */
-struct flow_key {
-    u8 saddr[16];
-    u8 daddr[16];
-    u16 sport;
-    u16 dport;
-};
+/* struct flow_key (one direction of one connection) and struct tls_wire: shared with
+ * tls_probes.c, which reads this file's tls_flows. */
+#include "tls_wire.h"
 
 /* NODE-WIDE CAPTURE (config slot CFG_NODE = 1; `--interface any`, a glob, or several):
  * one packet socket bound to every interface (ifindex 0) sees a packet once per captured
@@ -310,8 +305,10 @@ BPF_TABLE("lru_hash", struct flow_key, struct skip_range, body_skip, 16384);
 /* Connections user space found to carry TLS records (keyed by direction, like body_skip):
  * their payload is ciphertext, of no use here, and dies in the kernel (verdict `tls`); the
  * plaintext comes from the TLS uprobes. FIN and RST still go up, so that user space ends
- * the connection and forgets the entry; LRU for the ones it never saw end. */
-BPF_TABLE("lru_hash", struct flow_key, u8, tls_flows, 16384);
+ * the connection and forgets the entry; LRU for the ones it never saw end. Each entry keeps
+ * its direction's wire times (struct tls_wire, see tls_wire.h), which the TLS probes read to
+ * time an HTTPS exchange from its encrypted segments (tls_wire_seen below). */
+BPF_TABLE("lru_hash", struct flow_key, struct tls_wire, tls_flows, 16384);
 
 /* The server's first data sequence number (its SYN-ACK's seq + 1) per connection, keyed
  * client -> server, until the connection's first request: the fast path's anchor for the
@@ -1924,6 +1921,35 @@ static __always_inline int first_interface(struct __sk_buff *skb, struct flow_ke
     return 1;
 }
 
+/* A data segment of a TLS connection: its direction's wire times (struct tls_wire). The
+ * server's: its time and the sequence number after it, on every segment. The client's: only
+ * when it opens a turn, i.e. when its ACK moved since the client's last data segment (it got
+ * server data in between: a response), with the record it starts with. Each entry is one
+ * lookup this program already made; the cost is the writes, and for a turn one 5-byte load. */
+static __always_inline void tls_wire_seen(struct __sk_buff *skb, struct tls_wire *wire, int to_server, u32 seq,
+                                          u32 ack, u32 payload_off, u32 payload_len)
+{
+    volatile struct tls_wire *w = wire;
+    if (!to_server) {
+        w->ns = 0;
+        w->seq = seq + payload_len;
+        w->ns = bpf_ktime_get_ns();
+        return;
+    }
+    if (w->ns && w->ack == ack)
+        return;  /* the same turn */
+    u8 head[TLS_RECORD_HEADER];
+    u32 record = 0;
+    if (payload_len >= TLS_RECORD_HEADER && bpf_skb_load_bytes(skb, payload_off, head, TLS_RECORD_HEADER) == 0 &&
+        head[0] == TLS_APPLICATION_DATA && head[1] == 3)
+        record = ((u32)head[3] << 8) | head[4];
+    w->ns = 0;
+    w->seq = seq;
+    w->record = record;
+    w->ack = ack;
+    w->ns = bpf_ktime_get_ns();
+}
+
 /* Returns 0 to drop, else the number of bytes to keep. Every path counts once. */
 int http_filter(struct __sk_buff *skb)
 {
@@ -2122,11 +2148,13 @@ int http_filter(struct __sk_buff *skb)
         count(CNT_DROPPED_DUPLICATE);
         return 0;
     }
-    if (payload_len && cfg(CFG_TLS_FLOWS, 0) && tls_flows.lookup(kp)) {
+    struct tls_wire *wire = payload_len && cfg(CFG_TLS_FLOWS, 0) ? tls_flows.lookup(kp) : 0;
+    if (wire) {
         if (tcp.fin || tcp.rst) {
             count(CNT_KEPT);  /* the end of the connection, without its ciphertext */
             return headers_end;
         }
+        tls_wire_seen(skb, wire, to_server, ntohl(tcp.seq), ntohl(tcp.ack_seq), headers_end, payload_len);
         count(CNT_DROPPED_TLS);
         return 0;
     }

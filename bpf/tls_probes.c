@@ -82,6 +82,26 @@
  * event marks its direction, and the next event sent says so (TLS_FLAG_AFTER_LOSS): the gap
  * will not fill, and user space counts it as bytes of known length rather than waiting.
  *
+ * Timing: an event's ts_ns is the call's return (bpf_ktime_get_ns), or the wire's time when it
+ * is known exactly. The socket filter (http_filter.c) keeps, in its tls_flows entry of each
+ * direction of a TLS connection (struct tls_wire, tls_wire.h), the time of the first segment of
+ * the client's current turn with its seq and the TLS record it starts, and the time and end seq
+ * of the server's last segment; user space puts that map in tls_wire_maps (slot 0) when a
+ * filter is loaded. A watched connection's two entries are made here at its first read, if user
+ * space has not made them yet (mark_wire). Then:
+ * - the first read after writes (or the connection's first), a request's start, takes the turn's
+ *   time when the socket's copied_seq after the call is the end of the record the turn starts
+ *   (wire_start): the call read that record, so its plaintext's first byte came with that segment;
+ * - every write, maybe a response's last, takes the server's last segment's time when that
+ *   segment ends at the socket's write_seq (wire_end): all the call's bytes were on the wire.
+ * Otherwise the probe's time stays. How each client turn's start and each server turn's end
+ * (its last write, counted when the next turn starts or the connection ends) were timed is
+ * counted from TC_START_WIRE and TC_END_WIRE: from the wire, no_match (the segments did not match
+ * the call: the client's TLS 1.3 Finished opened the turn, a pipelined request, a response still
+ * held by Nagle or the congestion window), no_wire (the filter has no times for the connection:
+ * not on a captured interface, no filter, or nothing seen since the entry was made). Both clocks
+ * are CLOCK_MONOTONIC; the filter's is read in the packet's receive path, before TCP has it.
+ *
  * Return values: SSL_read/SSL_write return an int (read as 32-bit signed, so
  * -1 stays -1); <= 0 is an error or a retry and carries no data. The _ex
  * variants return 1 on success with the length behind their fourth argument.
@@ -93,6 +113,8 @@
  * socket BIO itself) has no fd in num: its SSL* is unresolved.
  */
 #include <uapi/linux/ptrace.h>
+/* struct flow_key and struct tls_wire: the socket filter's wire times (see "Timing" above). */
+#include "tls_wire.h"
 
 #define KIND_READ 0
 #define KIND_WRITE 1
@@ -133,6 +155,11 @@ struct tls_state {
     u8 watched;
     u8 announced;   /* its OPEN event is in the ring (0: the ring was full, send it again) */
     u8 lost[2];     /* per direction: bytes since the last event sent were lost */
+    u64 sk;         /* the socket's struct sock (a tcp_sock), from the walk */
+    struct flow_key client;  /* client -> server, as the socket filter keys tls_flows */
+    u8 last;        /* the kind of the last call with data, plus 1 (0: none yet) */
+    u8 end_timing;  /* WIRE_* of the last write: counted when the server's turn ends */
+    u8 pad[2];
 };
 
 /* Per connection and direction, a stretch of the byte stream (32-bit offsets, wrapping) that
@@ -176,6 +203,13 @@ struct tls_open {
 #define TLS_EVENT_HEADER 48
 #define TLS_FLAG_AFTER_LOSS 1
 
+/* How an exchange's end was timed (see "Timing" above): from the wire, from the probe because
+ * the wire's segments did not match this call exactly, or from the probe because the filter
+ * has no times for the connection. In this order from TC_START_WIRE and from TC_END_WIRE. */
+#define WIRE_EXACT 1
+#define WIRE_NO_MATCH 2
+#define WIRE_NO_WIRE 3
+
 /* The call in progress, in the calling thread's own storage (freed with the thread): a get at
  * entry and one at return, where a hash keyed by thread id cost an LRU update at entry and a
  * delete at return (~0.27 us more per call, measured). `ssl` 0: no call in progress. */
@@ -205,6 +239,11 @@ BPF_PERCPU_ARRAY(tls_counters, u64, TC_COUNT);
 #define FALLBACK_DRAINED 4
 BPF_F_TABLE("array", u32, u64, tls_ring_pos, 5, BPF_F_MMAPABLE);
 BPF_PERCPU_ARRAY(tls_scratch, struct tls_event, 1);
+/* The socket filter's tls_flows (http_filter.c), put in slot 0 by user space when a filter is
+ * loaded (TlsProbes.anchor_to); empty without one (--no-tls has no probes at all). The
+ * template only gives the kernel the inner map's shape: its one entry is never used. */
+BPF_TABLE("lru_hash", struct flow_key, struct tls_wire, tls_wire_template, 1);
+BPF_ARRAY_OF_MAPS(tls_wire_maps, "tls_wire_template", 1);
 
 static __always_inline void count(u32 slot)
 {
@@ -434,7 +473,7 @@ static __always_inline s32 bio_fd(u64 rbio, u32 num_offset)
 /* current->files->fdt->fd[fd]->private_data->sk, when fd is a SOCK_STREAM inet socket, with
  * the offsets of the running kernel's BTF (exporter/capture/kernel_layout.py): its two ends
  * into `open`. 0 when it is not one (or a read failed). */
-static __always_inline int socket_of(s32 fd, struct tls_open *open)
+static __always_inline int socket_of(s32 fd, struct tls_open *open, u64 *sk_out)
 {
     u64 task = bpf_get_current_task();
     u64 files = 0, fdt = 0, fds = 0, file = 0, inode = 0, sock = 0, sk = 0;
@@ -454,6 +493,7 @@ static __always_inline int socket_of(s32 fd, struct tls_open *open)
         return 0;
     if (READ_KERNEL(family, sk + SK_FAMILY) || (family != AF_INET_ && family != AF_INET6_))
         return 0;
+    *sk_out = sk;
     open->family = family;
     open->pad = 0;
     if (READ_KERNEL(open->local_port, sk + SK_NUM) || READ_KERNEL(open->peer_port, sk + SK_DPORT))
@@ -471,6 +511,118 @@ static __always_inline int socket_of(s32 fd, struct tls_open *open)
     return 1;
 }
 
+/* The connection's key in the socket filter's tls_flows: client -> server, IPv4 as ::ffff:a.b.c.d,
+ * ports in host order. */
+static __always_inline void client_key(struct tls_open *open, struct flow_key *key)
+{
+    __builtin_memcpy(key->saddr, open->peer, 16);
+    __builtin_memcpy(key->daddr, open->local, 16);
+    if (open->family == AF_INET_) {
+        __builtin_memset(key->saddr, 0, 10);
+        key->saddr[10] = key->saddr[11] = 0xff;
+        __builtin_memcpy(key->saddr + 12, open->peer, 4);
+        __builtin_memset(key->daddr, 0, 10);
+        key->daddr[10] = key->daddr[11] = 0xff;
+        __builtin_memcpy(key->daddr + 12, open->local, 4);
+    }
+    key->sport = bpf_ntohs(open->peer_port);
+    key->dport = open->local_port;
+}
+
+/* The other direction's key. */
+static __always_inline void reverse_key(struct flow_key *key, struct flow_key *back)
+{
+    __builtin_memcpy(back->saddr, key->daddr, 16);
+    __builtin_memcpy(back->daddr, key->saddr, 16);
+    back->sport = key->dport;
+    back->dport = key->sport;
+}
+
+/* A watched connection's two entries in the socket filter's tls_flows, unless it has them: from
+ * now on the filter drops its ciphertext and keeps its wire times, without waiting for user
+ * space to find its first bytes a TLS record (they reach it up to the capture ring's block
+ * timeout later, 64 ms, while a keep-alive client may send several requests). User space's own
+ * entry for it then keeps these (BPF_NOEXIST both ways). */
+static __always_inline void mark_wire(struct flow_key *client)
+{
+    u32 zero = 0;
+    void *flows = tls_wire_maps.lookup(&zero);
+    if (!flows)
+        return;
+    struct tls_wire none = {};
+    struct flow_key back;
+    reverse_key(client, &back);
+    bpf_map_update_elem(flows, client, &none, BPF_NOEXIST);
+    bpf_map_update_elem(flows, &back, &none, BPF_NOEXIST);
+}
+
+/* The filter's wire times of one direction of a connection (tls_wire.h): the time of the segment
+ * they describe, 0 when there is none or it was being written (timing: why). `seq` and `record`
+ * are read between two reads of the time, so they are that segment's. */
+static __always_inline u64 wire_of(struct flow_key *key, u32 *seq, u32 *record, u8 *timing)
+{
+    u32 zero = 0;
+    void *flows = tls_wire_maps.lookup(&zero);
+    volatile struct tls_wire *wire = flows ? bpf_map_lookup_elem(flows, key) : 0;
+    *timing = WIRE_NO_WIRE;
+    if (!wire)
+        return 0;
+    u64 ns = wire->ns;
+    *seq = wire->seq;
+    *record = wire->record;
+    if (!ns)
+        return 0;  /* no data segment since the filter marked the connection */
+    *timing = WIRE_NO_MATCH;
+    return wire->ns == ns ? ns : 0;
+}
+
+/* The first read of a client turn: the wire time of the turn's first segment when this call's
+ * first plaintext came from the record that segment starts, exactly. OpenSSL reads one record per
+ * call (no read-ahead), and the first read of a turn finds no plaintext left from an earlier
+ * record (the server wrote in between: it had read the request), so the socket's copied_seq
+ * after the call is the end of the record it read; that record began the turn when the turn's
+ * first segment starts it and its length reaches there. Otherwise (the client's TLS 1.3
+ * Finished opened the turn, a pipelined request, read-ahead, a turn the filter saw begin
+ * elsewhere) the probe's time stays, counted. */
+static __always_inline u64 wire_start(struct tls_state *state, u8 *timing)
+{
+    u32 seq = 0, record = 0, copied = 0;
+    u64 ns = wire_of(&state->client, &seq, &record, timing);
+    if (!ns)
+        return 0;
+    *timing = WIRE_NO_MATCH;
+    if (!record || READ_KERNEL(copied, state->sk + TCP_COPIED_SEQ) || seq + TLS_RECORD_HEADER + record != copied)
+        return 0;
+    *timing = WIRE_EXACT;
+    return ns;
+}
+
+/* A write: the wire time of the server's last segment when it ends where this call's bytes end
+ * (the socket's write_seq), i.e. TCP sent all of them and the filter saw the last; otherwise
+ * (held by the congestion window or Nagle, a softirq that has not run yet) the probe's time. */
+static __always_inline u64 wire_end(struct tls_state *state, u8 *timing)
+{
+    struct flow_key back;
+    reverse_key(&state->client, &back);
+    u32 seq = 0, record = 0, written = 0;
+    u64 ns = wire_of(&back, &seq, &record, timing);
+    if (!ns)
+        return 0;
+    *timing = WIRE_NO_MATCH;
+    if (READ_KERNEL(written, state->sk + TCP_WRITE_SEQ) || seq != written)
+        return 0;
+    *timing = WIRE_EXACT;
+    return ns;
+}
+
+/* The server's turn ended (a read after writes, or the connection's end): how its last write,
+ * a response's end, was timed. */
+static __always_inline void count_end(struct tls_state *state)
+{
+    if (state->last == KIND_WRITE + 1 && state->end_timing)
+        count(TC_END_WIRE + state->end_timing - WIRE_EXACT);
+}
+
 /* OPEN: user space builds the connection's flow from it. Sent before the connection's first
  * data; if the ring has no room, the next call tries again (walking the socket again).
  * `walked`: the scratch event's data already holds this socket's ends. */
@@ -480,7 +632,8 @@ static __always_inline void announce(struct tls_state *state, u64 ssl, u32 tgid,
     if (!ev)
         return;
     struct tls_open *open = (struct tls_open *)ev->data;
-    if (!walked && !socket_of(state->fd, open)) {
+    u64 sk = 0;
+    if (!walked && !socket_of(state->fd, open, &sk)) {
         count(TC_UNRESOLVED);  /* it was a TCP socket a moment ago: closed under us */
         return;
     }
@@ -502,6 +655,7 @@ static __always_inline void finish(struct tls_state *state, u64 ssl, u32 tgid)
     tls_skips.delete(&kkey);
     if (!state->watched || !state->announced)
         return;
+    count_end(state);
     struct tls_event *ev = event(KIND_CLOSE, ssl, tgid, state->fd);
     if (ev)
         send_control(ev, TLS_EVENT_HEADER);
@@ -560,17 +714,19 @@ static __always_inline struct tls_state *judge(u64 ssl, u32 tgid, u8 kind, u32 r
         /* The verdict, once per connection: the server's accepted socket has a watched local port;
          * a client's is ephemeral, so curl, wrk or a proxy's upstream stop here from their first call. */
         struct tls_open *open = (struct tls_open *)ev->data;
-        if (!socket_of(fd, open)) {
+        if (!socket_of(fd, open, &fresh.sk)) {
             count(TC_UNRESOLVED);
         } else {
             fresh.watched = TLS_WATCHED_PORT(open->local_port);
             walked = 1;
+            client_key(open, &fresh.client);
         }
         tls_state.update(&skey, &fresh);
         if (!fresh.watched) {
             count(TC_IGNORED_CALLS);
             return 0;
         }
+        mark_wire(&fresh.client);
         state = tls_state.lookup(&skey);
         if (!state)
             return 0;
@@ -682,11 +838,25 @@ int tls_return(struct pt_regs *ctx)
         state->lost[dir & 1] = 1;
         return 0;
     }
+    /* The call's time: the probe's, or the wire's (see "Timing" above). Every write may be a
+     * response's last; the first read after writes (or the connection's first) a request's first. */
+    u64 ts = bpf_ktime_get_ns();
+    u64 wire = 0;
+    u8 timing = 0;
+    if (call.kind == KIND_WRITE) {
+        wire = wire_end(state, &timing);
+        state->end_timing = timing;
+    } else if (state->last != KIND_READ + 1) {
+        count_end(state);
+        wire = wire_start(state, &timing);
+        count(TC_START_WIRE + timing - WIRE_EXACT);
+    }
+    state->last = call.kind + 1;
     u32 zero = 0;
     struct tls_event *ev = tls_scratch.lookup(&zero);
     if (!ev)
         return 0;
-    ev->ts_ns = bpf_ktime_get_ns();
+    ev->ts_ns = wire ? wire : ts;
     ev->ssl = call.ssl;
     ev->tgid = id >> 32;
     ev->fd = state->fd;

@@ -167,6 +167,7 @@ class Exporter:
             self.fast.identify = self.pipeline.identify
         self.tls: TlsCapture | None = None  # once attached
         self.tls_tracker: Tracker | None = None
+        self._tls_flows_looked_up = False  # the filter looks up tls_flows (HttpFilter.use_tls_flows)
         if settings.tls:
             self.tls_tracker = self.pipeline.add_tracker(
                 Tracker(settings.ports, settings.limits, hint_skips=True, scheme="https"))
@@ -360,6 +361,13 @@ class Exporter:
             self.capture = capture
             self._ifindex = state[0] if state is not None else 0
 
+    def _anchor_tls(self) -> None:
+        """The TLS probes read the wire times of the filter's TLS connections (a new filter's after a
+        reattach): an HTTPS exchange on a captured interface is then timed by its encrypted segments."""
+        if self.tls is not None and self.capture is not None:
+            self.tls.anchor_to(self.capture.bpf_filter.share_tls_flows())
+            self._tls_flows_looked_up = False
+
     def _drop_privileges(self, user: str) -> None:
         from exporter.security import drop_privileges
 
@@ -383,6 +391,7 @@ class Exporter:
             self._open_capture()
             if self.settings.tls:
                 self._open_tls()
+                self._anchor_tls()
             if user is not None:
                 self._drop_privileges(user)
                 self.server.start()
@@ -497,6 +506,11 @@ class Exporter:
 
     def _feed_tls(self, segments: list[Segment]) -> None:
         tracker = self.tls_tracker
+        if segments and not self._tls_flows_looked_up and self.capture is not None:
+            # A watched TLS connection exists, whose tls_flows entries the probes made: the filter
+            # must look them up from now on (until then its clear-text segments are spared that).
+            self.capture.bpf_filter.use_tls_flows()
+            self._tls_flows_looked_up = True
         if segments and tracker is not None and self.tls is not None:
             self.pipeline.feed(segments, tracker)
             self.tls.apply_skip_hints(tracker.take_skip_hints())
@@ -584,6 +598,7 @@ class Exporter:
         except CaptureError as exc:
             log.debug("reattaching to %s failed: %s", name, exc)
             return
+        self._anchor_tls()
         self.reattached_total += 1
         self.health.set(True, f"filter attached to {name} again")
         log.info("capture reattached to %s", name)

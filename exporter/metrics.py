@@ -146,6 +146,11 @@ SELF_TLS_EVENTS_LOST_TOTAL = "tls_events_lost_total"
 SELF_TLS_EVENTS_LOST_WITH_ROOM_TOTAL = "tls_events_lost_with_room_total"
 SELF_TLS_EVENTS_RETRIED_TOTAL = "tls_events_retried_total"
 SELF_TLS_EVENTS_TOTAL = "tls_events_total"
+# How an HTTPS exchange's ends were timed: from the encrypted segments on the wire, or from the
+# probes (label reason: no_match, the wire's segments did not match the call exactly; no_wire, the
+# socket filter has no wire times for the connection). Label end: start (a request's) or end.
+SELF_TLS_EXCHANGE_ENDS_PROBE_TIMED_TOTAL = "tls_exchange_ends_probe_timed_total"
+SELF_TLS_EXCHANGE_ENDS_WIRE_TIMED_TOTAL = "tls_exchange_ends_wire_timed_total"
 SELF_TLS_LIBRARIES_PROBED = "tls_libraries_probed"
 SELF_TLS_LOSS_GAPS_TOTAL = "tls_loss_gaps_total"
 SELF_TLS_READ_ERRORS_TOTAL = "tls_read_errors_total"

@@ -198,6 +198,9 @@ class KernelAggregate:
 _U32 = struct.Struct("=I")
 _FLOW_KEY = struct.Struct("=16s16sHH")  # struct flow_key
 _SKIP_RANGE = struct.Struct("=II")  # struct skip_range: start, end (exclusive)
+# struct tls_wire (bpf/tls_wire.h): ns, seq, record, ack, pad. Written by the filter and read by the
+# TLS probes only; user space makes an entry zeroed (no wire time yet).
+TLS_WIRE_SIZE = 24
 _HIST_BOUNDS = struct.Struct(f"={MAX_DURATION_BOUNDS}Q{MAX_SIZE_BOUNDS}QII")  # struct hist_bounds
 # struct fp_handover: start_ns, cseq, sseq, resp_len, resp_seen, status, phase, method, path_len,
 # sseq_known, reason, http_seen, path, held_ns, held_seq, held_len, req_len, req_left, head_len, pad.
@@ -226,7 +229,7 @@ _MAP_LAYOUT: dict[str, tuple[int, int]] = {
     "http_agg": (_AGG_KEY.size, _AGG_VAL_SLOTS * 8),
     "capture_ifaces": (4, 1),  # node-wide capture: ifindexes the --interface patterns match
     "flow_iface": (_FLOW_KEY.size, 4),  # node-wide capture: the interface each connection counts on
-    "tls_flows": (_FLOW_KEY.size, 1),
+    "tls_flows": (_FLOW_KEY.size, TLS_WIRE_SIZE),
     "syn_seq": (_FLOW_KEY.size, 4),  # server's first data seq per connection, from its SYN-ACK
     "scan_progs": (4, 4),  # prog array: holding its fd keeps the tail-call slots filled
     "agg_fence": (4, 4),  # array of maps: updating it waits until no BPF program runs (drain_aggregates)
@@ -321,6 +324,14 @@ def ask_loader(request: dict[str, Any], max_fds: int, fix: str) -> tuple[dict[st
     return reply, fds
 
 
+def include_flags(src: Path) -> list[str]:
+    """Where the C file's own headers (tls_wire.h) are found: beside it, then in our bpf/ (a copy
+    of the file elsewhere, as the benches and tests compile, still finds them). BCC compiles the
+    source as /virtual/main.c, so a quoted include does not look beside the file by itself."""
+    dirs = dict.fromkeys([src.resolve().parent, find_source().parent])
+    return [f"-I{directory}" for directory in dirs]
+
+
 def _load_in_helper(src: Path, cflags: list[str]) -> tuple[int, dict[str, BpfMap], LoadReport]:
     """Compile and load in bpf_loader.py; return our copies of the program and map descriptors."""
     request = {"src": str(src), "cflags": cflags, "function": _ENTRY, "maps": list(_MAP_LAYOUT),
@@ -413,6 +424,7 @@ class HttpFilter:
         cflags += [f"-DHO_{name.upper()}={i}" for i, name in enumerate(HANDOVER_REASONS)]
         cflags.append(f"-DHO_COUNT={len(HANDOVER_REASONS)}")
         cflags.append("-w")  # kernel headers are noisy under BCC's clang; our own code is reviewed
+        cflags += include_flags(src)
         self._prog_fd, maps, self.load_report = _load_in_helper(src, cflags)
         self._maps = maps
         try:
@@ -700,12 +712,22 @@ class HttpFilter:
         """Drop (or again pass) the payload of this direction of a connection found to carry TLS."""
         key = self._skip_key(src_ip, src_port, dst_ip, dst_port)
         if drop:
-            if not self._tls_flows_used:
-                self._tls_flows_used = True
-                self._config.update(_U32.pack(_CONFIG_NAMES.index("tls_flows")), _U32.pack(1))
-            self._tls_flows.update(key, b"\x01")
+            self.use_tls_flows()
+            # The TLS probes may have made the entry already (share_tls_flows): its wire times stay.
+            self._tls_flows.insert(key, bytes(TLS_WIRE_SIZE))
         else:
             self._tls_flows.delete(key)  # False when already gone (LRU): nothing to forget
+
+    def use_tls_flows(self) -> None:
+        """Look `tls_flows` up from now on (until its first entry the filter skips that lookup)."""
+        if not self._tls_flows_used:
+            self._tls_flows_used = True
+            self._config.update(_U32.pack(_CONFIG_NAMES.index("tls_flows")), _U32.pack(1))
+
+    def share_tls_flows(self) -> int:
+        """The fd of `tls_flows`, for the TLS probes (TlsProbes.anchor_to): they read its wire times and
+        add the connections they watch, which the filter sees once use_tls_flows() was called."""
+        return self._tls_flows.fd
 
     def close(self) -> None:
         """Close our descriptors. Sockets the program is attached to keep it (and its maps) alive."""

@@ -10,6 +10,7 @@ Keys and values are bytes; their layout is bpf.py's business.
 from __future__ import annotations
 
 import ctypes as ct
+import errno
 import os
 import platform
 import struct
@@ -27,6 +28,7 @@ _MAP_LOOKUP_ELEM = 1
 _MAP_UPDATE_ELEM = 2
 _MAP_DELETE_ELEM = 3
 _MAP_GET_NEXT_KEY = 4
+_BPF_NOEXIST = 1  # an update's flag: only when the key has no entry
 _OBJ_GET_INFO_BY_FD = 15
 _PROG_TEST_RUN = 10
 _ENABLE_STATS = 32
@@ -169,6 +171,17 @@ class BpfMap:
             raise ValueError(f"{self.name}: value of {len(value)} bytes, map takes {len(self._value)}")
         buf = ct.create_string_buffer(value, len(value))
         self._check(_bpf(_MAP_UPDATE_ELEM, self._attr(self._set_key(key), ct.addressof(buf))), "update")
+
+    def insert(self, key: bytes, value: bytes) -> bool:
+        """Add an entry unless the key has one (BPF_NOEXIST): False when it had."""
+        if len(value) != len(self._value):
+            raise ValueError(f"{self.name}: value of {len(value)} bytes, map takes {len(self._value)}")
+        buf = ct.create_string_buffer(value, len(value))
+        err = _bpf(_MAP_UPDATE_ELEM, self._attr(self._set_key(key), ct.addressof(buf), _BPF_NOEXIST))
+        if err == -errno.EEXIST:
+            return False
+        self._check(err, "insert")
+        return True
 
     def delete(self, key: bytes) -> bool:
         """False when the key was not there."""

@@ -57,6 +57,10 @@ SOCKET_WALK_MEMBERS: dict[str, tuple[str, str]] = {
     "SK_RCV_SADDR": ("sock", "__sk_common.skc_rcv_saddr"),
     "SK_V6_DADDR": ("sock", "__sk_common.skc_v6_daddr"),
     "SK_V6_RCV_SADDR": ("sock", "__sk_common.skc_v6_rcv_saddr"),
+    # The TCP socket's stream positions, which tell whether an SSL call's bytes are the ones the
+    # socket filter saw on the wire (tls_probes.c, wire_start and wire_end).
+    "TCP_COPIED_SEQ": ("tcp_sock", "copied_seq"),
+    "TCP_WRITE_SEQ": ("tcp_sock", "write_seq"),
 }
 
 _MAGIC = 0xEB9F

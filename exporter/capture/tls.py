@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exporter.capture.bpf import ask_loader, find_source
+from exporter.capture.bpf import ask_loader, find_source, include_flags
 from exporter.capture.bpfsys import BpfMap, map_info, possible_cpus
 from exporter.capture.kernel_layout import socket_walk_offsets
 from exporter.capture.openssl_layout import EntryPoint, SslLayout, SslLayoutError, calibrate
@@ -71,6 +71,8 @@ from exporter.metrics import (
     SELF_TLS_EVENTS_LOST_WITH_ROOM_TOTAL,
     SELF_TLS_EVENTS_RETRIED_TOTAL,
     SELF_TLS_EVENTS_TOTAL,
+    SELF_TLS_EXCHANGE_ENDS_PROBE_TIMED_TOTAL,
+    SELF_TLS_EXCHANGE_ENDS_WIRE_TIMED_TOTAL,
     SELF_TLS_LIBRARIES_PROBED,
     SELF_TLS_LOSS_GAPS_TOTAL,
     SELF_TLS_READ_ERRORS_TOTAL,
@@ -109,6 +111,14 @@ COUNTER_NAMES: tuple[str, ...] = (
     "fallback",  # events the ring refused (with room: at every try), taken by the fallback ring (not lost)
     "fallback_following",  # events sent to the fallback ring behind one of those, to stay in order
     "refused_for_test",  # test builds only (TLS_TEST_REFUSE_EVERY): events the ring refused on purpose
+    # How the ends of exchanges were timed (tls_probes.c, "Timing"), per client turn (its first
+    # read: a request's start) and per server turn (its last write: a response's end). In this order.
+    "start_wire",  # from the wire: the first encrypted segment of the turn
+    "start_no_match",  # from the probe: the turn's segments did not match the call exactly
+    "start_no_wire",  # from the probe: the socket filter has no wire times for the connection
+    "end_wire",  # from the wire: the last encrypted segment of the call's bytes
+    "end_no_match",
+    "end_no_wire",
 )
 
 # Per direction: the entry program for OpenSSL's internal function (arguments as the _ex form),
@@ -187,7 +197,8 @@ _OPEN = struct.Struct("=HH2s2x16s16s")
 _SKIP_KEY = struct.Struct("=QII")  # struct tls_skip_key: ssl, tgid, dir
 _SKIP = struct.Struct("=IIQ")  # struct tls_skip: start, end (exclusive), conn
 _STATE_KEY = struct.Struct("=QI4x")  # struct tls_state_key: ssl, tgid
-_STATE_SIZE = 40  # struct tls_state: stream[2], conn, rbio, fd, watched, announced, lost[2]
+_STATE_SIZE = 88  # struct tls_state: stream[2], conn, rbio, fd, watched, announced, lost[2], sk, client, last,
+# end_timing, pad[2]
 _U32 = struct.Struct("=I")
 _U64 = struct.Struct("=Q")
 _SEQ_MASK = 0xFFFFFFFF
@@ -202,6 +213,7 @@ _MAPS: dict[str, tuple[int, int]] = {  # name -> (key size, value size), checked
     "tls_skips": (_SKIP_KEY.size, _SKIP.size),
     "tls_ring_pos": (4, 8),
     "tls_state": (_STATE_KEY.size, _STATE_SIZE),
+    "tls_wire_maps": (4, 4),  # array of maps: slot 0 is the socket filter's tls_flows (anchor_to)
 }
 _RING_CONSUMED_AT = 8  # tls_ring_pos[1], our consumer position, in the map's mmap (8-byte values from 0)
 _RING_DRAINED_AT = 16  # tls_ring_pos[2], the ring's own consumer position (the draining thread's)
@@ -334,8 +346,9 @@ class TlsProbes:
                    f"-DTLS_PREFIX={TLS_PREFIX}", f"-DTLS_WAKE_BYTES={TLS_WAKE_BYTES}", *test_cflags, "-w"]
         probes = [probe for slot, (library, layout) in enumerate(self.layouts.items())
                   for probe in probe_requests(library, layout, slot)]
-        request: dict[str, Any] = {"src": str(src_file or tls_source()), "cflags": cflags, "maps": list(_MAPS),
-                                   "probes": probes}
+        src = src_file or tls_source()
+        cflags += include_flags(src)
+        request: dict[str, Any] = {"src": str(src), "cflags": cflags, "maps": list(_MAPS), "probes": probes}
         programs = len({probe["function"] for probe in probes})  # each loaded once, however often attached
         reply, fds = _run_helper(request, max_fds=len(_MAPS) + len(probes) + programs)
         self.compile_s: float = reply["compile_s"]
@@ -417,6 +430,11 @@ class TlsProbes:
         """The kernel's state of a connection that ended without SSL_free (its process exited or
         exec'd): a later process with the same pid and SSL* address starts afresh, with an OPEN."""
         self._maps["tls_state"].delete(_STATE_KEY.pack(ssl, tgid))
+
+    def anchor_to(self, tls_flows_fd: int) -> None:
+        """Read the wire times of the socket filter whose `tls_flows` this is (HttpFilter.share_tls_flows):
+        from now on a call on a connection it sees is timed by its encrypted segments when they match."""
+        self._maps["tls_wire_maps"].update(_U32.pack(0), _U32.pack(tls_flows_fd))
 
     def counters(self) -> dict[str, int]:
         table = self._maps["tls_counters"]
@@ -723,6 +741,11 @@ class TlsCapture:
                                    max(conn.next_offset[0], 0) & _SEQ_MASK, RST, b"", 0))
         return out
 
+    def anchor_to(self, tls_flows_fd: int) -> None:
+        """Time calls by the wire where the socket filter with this `tls_flows` sees them (TlsProbes.anchor_to)."""
+        if self.probes is not None:
+            self.probes.anchor_to(tls_flows_fd)
+
     def connections_tracked(self) -> int:
         return len(self._conns)
 
@@ -795,5 +818,16 @@ class TlsCapture:
         yield SelfSample(SELF_TLS_CALLS_SKIPPED_TOTAL, "counter",
                          "SSL calls inside a body the parser only counts: their length was sent, not their bytes.",
                          kernel["skipped"])
+        for end in ("start", "end"):
+            yield SelfSample(SELF_TLS_EXCHANGE_ENDS_WIRE_TIMED_TOTAL, "counter",
+                             "HTTPS exchange ends timed by their encrypted segments on the wire, per client turn "
+                             "(start: a request's first read) and server turn (end: a response's last write).",
+                             kernel[f"{end}_wire"], (("end", end),))
+            for reason in ("no_match", "no_wire"):
+                yield SelfSample(SELF_TLS_EXCHANGE_ENDS_PROBE_TIMED_TOTAL, "counter",
+                                 "HTTPS exchange ends timed by the SSL call's return instead of the wire: the "
+                                 "wire's segments did not match the call exactly (no_match), or the socket filter "
+                                 "has no wire times for the connection (no_wire).",
+                                 kernel[f"{end}_{reason}"], (("end", end), ("reason", reason)))
         yield SelfSample(SELF_TLS_LOSS_GAPS_TOTAL, "counter",
                          "Stretches of a watched stream lost in the kernel, counted by length.", self.loss_gaps)

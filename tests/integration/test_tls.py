@@ -84,10 +84,11 @@ def read_log(path: Path) -> Counts:
 
 
 @contextmanager
-def python_server(certificate: tuple[Path, Path], log: Path) -> Iterator[int]:
+def python_server(certificate: tuple[Path, Path], log: Path, nodelay: bool = False) -> Iterator[int]:
     port = free_port()
     proc = subprocess.Popen([SYSTEM_PYTHON, str(SERVER), str(port), str(certificate[0]), str(certificate[1]),
-                             str(log)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                             str(log), *(["nodelay"] if nodelay else [])],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
     try:
         assert proc.stdout.readline().strip() == "ready", "the TLS test server did not start"

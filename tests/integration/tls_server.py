@@ -4,10 +4,13 @@ Its `ssl` module uses the system libssl, so its plaintext passes the exporter's 
 Each answered request is appended to the access log, the tests' oracle, as
 "METHOD PATH STATUS" (path without its query), after the response is written.
 
-    python3 tls_server.py PORT CERT KEY ACCESS_LOG
+    python3 tls_server.py PORT CERT KEY ACCESS_LOG [nodelay]
+
+`nodelay` sets TCP_NODELAY on each connection; without it Nagle holds a response's last
+segment until the client ACKs the one before (its delayed ACK: ~40 ms on Linux).
 
 Routes: /ok, /big?n=BYTES (Content-Length), /chunked?n=CHUNKS&size=BYTES,
-/slow?ms=MS, /nocontent (204), /notmodified (304), /missing (404), /boom (500), and /exit,
+/slow?ms=MS (and /slow/ANYTHING?ms=MS), /nocontent (204), /notmodified (304), /missing (404), /boom (500), and /exit,
 where the whole server exits after reading the request.
 """
 
@@ -70,7 +73,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
             self._record(200)
             return
-        elif url.path == "/slow":
+        elif url.path == "/slow" or url.path.startswith("/slow/"):
             time.sleep(int(query.get("ms", "100")) / 1000)
             self._send(200, b"slow\n")
         elif url.path == "/nocontent":
@@ -91,6 +94,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 def main() -> None:
     port, cert, key, log_path = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     Handler.log_path = log_path
+    Handler.disable_nagle_algorithm = sys.argv[5:] == ["nodelay"]
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)

@@ -15,6 +15,7 @@ import pytest
 
 from exporter.capture.ringbuf import DISCARD, DrainedRing, RingBuffer, records_of, span_of
 from exporter.capture.tls import (
+    COUNTER_NAMES,
     KIND_CLOSE,
     KIND_OPEN,
     KIND_READ,
@@ -503,3 +504,37 @@ def test_fallback_records_reach_the_reader_in_the_order_they_were_written() -> N
         ("GET", 200, 2, 5), ("GET", 200, 4, 6), ("GET", 200, 9, 10)]
     assert tracker.stats.unmatched_responses == 0
     assert tracker.stats.flows_active == capture.connections_tracked() == 1  # the new one on A's SSL*
+
+
+class CountingProbes(FakeProbes):
+    """FakeProbes with the kernel's counters, and the filter map it was anchored to."""
+
+    def __init__(self, counters: dict[str, int]) -> None:
+        super().__init__([])
+        self.kernel = counters
+        self.libraries = ["/usr/lib/x86_64-linux-gnu/libssl.so.3"]
+        self.anchored: list[int] = []
+
+    def counters(self) -> dict[str, int]:
+        return self.kernel
+
+    def anchor_to(self, tls_flows_fd: int) -> None:
+        self.anchored.append(tls_flows_fd)
+
+
+def test_exchange_ends_are_counted_by_how_they_were_timed() -> None:
+    kernel = dict.fromkeys(COUNTER_NAMES, 0)
+    kernel.update(start_wire=36, start_no_match=1, start_no_wire=4, end_wire=38, end_no_match=2, end_no_wire=0)
+    probes = CountingProbes(kernel)
+    capture = TlsCapture([8443], [], probes_factory=lambda libraries, ports: probes)  # type: ignore[arg-type,return-value]
+    capture.anchor_to(7)  # not open yet: nothing to anchor
+    capture.open()
+    capture.anchor_to(9)
+    assert probes.anchored == [9]
+    samples = {(s.name, s.labels): s.value for s in capture.self_samples()}
+    assert samples[("tls_exchange_ends_wire_timed_total", (("end", "start"),))] == 36
+    assert samples[("tls_exchange_ends_wire_timed_total", (("end", "end"),))] == 38
+    probe_timed = {labels: value for (name, labels), value in samples.items()
+                   if name == "tls_exchange_ends_probe_timed_total"}
+    assert probe_timed == {(("end", "start"), ("reason", "no_match")): 1, (("end", "start"), ("reason", "no_wire")): 4,
+                           (("end", "end"), ("reason", "no_match")): 2, (("end", "end"), ("reason", "no_wire")): 0}
