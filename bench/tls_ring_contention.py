@@ -4,10 +4,11 @@
 Two nginx over HTTPS (one worker each, so one producer per core), both ports watched by one
 TlsCapture reading the ring as the exporter does, each under its own wrk (-t1 -c16, keep-alive).
 Since Linux 6.15 the ring's lock is an rqspinlock, which can refuse a reservation under
-contention whatever the room; the probes try again while the ring has room (tls_probes.c,
-output()). Per round it prints the probes' counters: events, lost, lost_with_room (refused at
-every try), retried (taken at a later try). With one worker (the tls bench) there is one
-producer and no contention.
+contention whatever the room; the probes try again while the ring has room, then hand the
+event to the fallback ring (tls_probes.c, main_output() and output()). Per round it prints the
+probes' counters: events, lost and lost_with_room (refused by both rings), retried (taken at a
+later try), fallback (taken by the fallback ring) and fallback_following (sent there behind one,
+to stay in order). With one worker (the tls bench) there is one producer and no contention.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from bench.procs import Children, require_tools
 from bench.wrk import parse_wrk
 from exporter.capture.tls import TlsCapture, find_libraries
 
-_SHOWN = ("events", "lost", "lost_with_room", "retried", "calls")
+_SHOWN = ("events", "lost", "lost_with_room", "retried", "fallback", "fallback_following", "calls")
 
 
 def _drain(capture: TlsCapture, stop: threading.Event) -> None:

@@ -60,7 +60,10 @@
  *
  * The ring: the reader is woken once TLS_WAKE_BYTES are unread, not per event
  * (it also reads every TLS_DRAIN_EVERY_S), and past TLS_TRIM_BYTES unread a call copies
- * its first TLS_PREFIX bytes only; see tls.py for the sizes and why.
+ * its first TLS_PREFIX bytes only; see tls.py for the sizes and why. An event the ring
+ * refuses (at every try while it has room, or full) goes to a second, small ring
+ * (`tls_fallback`), and the events after it follow it there until user space has taken it, so
+ * that user space reads every event in the order it was written (see output()).
  *
  * Events (`struct tls_event`, 48-byte header then data) go through the
  * `tls_events` ring buffer. One SSL call's bytes are sent in chunks of at most
@@ -217,6 +220,9 @@ BPF_TASK_STORAGE(tls_calls, struct tls_call);
 BPF_TABLE("lru_hash", struct tls_state_key, struct tls_state, tls_state, 65536);
 BPF_TABLE("lru_hash", struct tls_skip_key, struct tls_skip, tls_skips, 65536);
 BPF_RINGBUF_OUTPUT(tls_events, TLS_RING_PAGES);
+/* Events tls_events refused, and those that follow them until user space took them (output()):
+ * a ring of its own, so a lock of its own. */
+BPF_RINGBUF_OUTPUT(tls_fallback, TLS_FALLBACK_PAGES);
 BPF_PERCPU_ARRAY(tls_counters, u64, TC_COUNT);
 /* [RING_PRODUCED] bytes the probes put in tls_events, [RING_CONSUMED] user space's consumer
  * position, written after each read: the difference is the unread backlog. [RING_DRAINED] the
@@ -227,7 +233,11 @@ BPF_PERCPU_ARRAY(tls_counters, u64, TC_COUNT);
 #define RING_PRODUCED 0
 #define RING_CONSUMED 1
 #define RING_DRAINED 2
-BPF_F_TABLE("array", u32, u64, tls_ring_pos, 3, BPF_F_MMAPABLE);
+/* The same two for tls_fallback: bytes the probes put in it, and its consumer position as the
+ * draining thread reports it once what it took is queued behind the main ring's (ringbuf.py). */
+#define FALLBACK_PRODUCED 3
+#define FALLBACK_DRAINED 4
+BPF_F_TABLE("array", u32, u64, tls_ring_pos, 5, BPF_F_MMAPABLE);
 BPF_PERCPU_ARRAY(tls_scratch, struct tls_event, 1);
 /* The socket filter's tls_flows (http_filter.c), put in slot 0 by user space when a filter is
  * loaded (TlsProbes.anchor_to); empty without one (--no-tls has no probes at all). The
@@ -256,13 +266,24 @@ static __always_inline u64 ring_pending(void)
     return pending > 0 ? pending : 0;
 }
 
-/* The ring's producer position moves by the record, its 8-byte header, and padding to 8. */
-static __always_inline void ring_produced(u64 size)
+/* A ring's producer position (RING_PRODUCED or FALLBACK_PRODUCED) moves by the record, its 8-byte
+ * header, and padding to 8. */
+static __always_inline void ring_produced(u32 slot, u64 size)
 {
-    u32 slot = RING_PRODUCED;
     u64 *produced = tls_ring_pos.lookup(&slot);
     if (produced)
         __sync_fetch_and_add(produced, (size + 8 + 7) & ~7ULL);
+}
+
+/* Bytes of tls_fallback the draining thread has not reported taking (queued behind what it took
+ * from tls_events since): while there are any, every event goes there too (output()). */
+static __always_inline s64 fallback_backlog(void)
+{
+    u32 slot = FALLBACK_PRODUCED;
+    u64 *produced = tls_ring_pos.lookup(&slot);
+    slot = FALLBACK_DRAINED;
+    u64 *drained = tls_ring_pos.lookup(&slot);
+    return produced && drained ? (s64)(*produced - *drained) : 0;
 }
 
 /* Whether the ring has room for a record, judged from its own consumer position (which the
@@ -280,28 +301,54 @@ static __always_inline int ring_has_room(void)
     return backlog + 2 * (TLS_CHUNK * 2 + 8) <= (s64)TLS_RING_BYTES;
 }
 
-/* An event the ring refused. Mostly a full ring (the reader starved of CPU); refusals with room
- * are counted apart (see output()), so a loss says which it was. */
-static __always_inline void lost(void)
+/* An event neither ring took. Mostly a full ring (the reader starved of CPU), or a full fallback
+ * ring behind an earlier event (`following`); those the ring refused while it had room are counted
+ * apart (see output()), so a loss says which it was. */
+static __always_inline void lost(int following)
 {
     count(TC_LOST);
-    if (ring_has_room())
+    if (!following && ring_has_room())
         count(TC_LOST_WITH_ROOM);
 }
 
-/* bpf_ringbuf_output, tried again (up to RING_TRIES in all) while it is refused with room in the
- * ring. Since 6.15 the ring's lock is an rqspinlock, which fails a reservation instead of
- * waiting when it reports a deadlock or times out, whatever the room: measured here with two
- * watched servers writing at once (bench/tls_ring_contention.py), about 1 reservation in
- * 400,000 failed with room, each try in under 1 us (not the 0.25 s timeout); a second try
- * failed again half of the time, and one event was taken at the 10th try, 1.4 us after the
- * first. Failed tries are that fast, so 16 of them bound the wait to about 5 us, on this rare
- * path only (with 32, tls_return was too large for the verifier to load). A refusal that
- * outlasts them loses the event (counted, and a gap for user space); a full ring is not tried
- * again. Events taken at a later try are counted too. */
-#define RING_TRIES 16
-static __always_inline long output(void *ev, u64 size, u64 wake)
+#ifdef TLS_TEST_REFUSE_EVERY
+/* Test builds only (TlsProbes' test_cflags): one event in TLS_TEST_REFUSE_EVERY (by this CPU's
+ * event count) gets a flag bpf_ringbuf_output refuses at every try (-EINVAL), with room, as when the
+ * ring's lock gives up; counted. A value, not a branch: the verifier's budget for tls_return is
+ * nearly spent. */
+static __always_inline u64 refusal_for_test(void)
 {
+    u32 slot = TC_EVENTS;
+    u64 *events = tls_counters.lookup(&slot);
+    slot = TC_REFUSED_FOR_TEST;
+    u64 *refused = tls_counters.lookup(&slot);
+    if (!events || !refused)
+        return 0;
+    u64 hit = *events % TLS_TEST_REFUSE_EVERY == TLS_TEST_REFUSE_EVERY - 1;
+    *refused += hit;
+    return hit << 62;
+}
+#endif
+
+/* bpf_ringbuf_output on tls_events, tried again (up to RING_TRIES in all) while it is refused
+ * with room in the ring. Since 6.15 the ring's lock is an rqspinlock, which fails a reservation
+ * instead of waiting when it reports a deadlock or times out, whatever the room. Measured here
+ * with two watched servers writing at once (bench/tls_ring_contention.py): about 1 reservation
+ * in 100,000 to 400,000 failed with room, and every first failure (36 of 36 in one run, timed
+ * with bpf_ktime_get_ns around the call) returned in under 1 us: not the rqspinlock timeouts
+ * (0.25 s and more) nor its deadlock checks, which this kernel's rqspinlock.c (6.18) makes only
+ * after 64K spins and 1 ms of waiting; the reservation's room checks cannot fail 16 MiB short.
+ * Which branch refuses was not found (this machine refuses ftrace filters, kprobes and fexit
+ * programs). A second try failed again half of the time, and one event was taken at the 10th
+ * try, 1.4 us after the first. Failed tries are that fast, so 16 of them bound the wait to
+ * about 5 us, on this rare path only (with 32, tls_return was too large for the verifier to
+ * load). A full ring is not tried again. Events taken at a later try are counted. */
+#define RING_TRIES 16
+static __always_inline long main_output(void *ev, u64 size, u64 wake)
+{
+#ifdef TLS_TEST_REFUSE_EVERY
+    wake |= refusal_for_test();
+#endif
     long err = tls_events.ringbuf_output(ev, size, wake);
     for (int i = 1; i < RING_TRIES && err && ring_has_room(); i++) {
         err = tls_events.ringbuf_output(ev, size, wake);
@@ -309,6 +356,51 @@ static __always_inline long output(void *ev, u64 size, u64 wake)
             count(TC_RETRIED);
     }
     return err;
+}
+
+/* Hand one event to user space, counted: 0 when it was taken, else it is lost (counted).
+ * `following`: whether tls_fallback held events not yet taken (fallback_backlog() > 0) when the
+ * caller looked, set once this event went there: a caller sending several events looks once, and
+ * its later events follow an earlier one that went to tls_fallback.
+ *
+ * An event tls_events refused with room after all its tries goes to tls_fallback, a ring with a
+ * lock of its own (`fallback`): whatever refuses tls_events does not refuse another ring in the
+ * same instant (7 of 7 natural refusals, bench/results/2026-12-01/tlsloss-under-load.md). Every event after it goes there too (`fallback_following`), from
+ * all connections, for as long as tls_fallback holds events the draining thread has not taken:
+ * the thread reads tls_events, then tls_fallback, then tls_events again up to where it was
+ * reserved when tls_fallback was read, and queues them in that order before it reports
+ * tls_fallback's position (ringbuf.py). So user space reads each connection's events in the
+ * order they were written, with no late OPEN, CLOSE or data to put back in place: those in
+ * tls_events written before one in tls_fallback are read before it (the second read of
+ * tls_events), and those after it are in tls_fallback behind it or, once the thread has
+ * reported it, in a later read of tls_events. A full ring (the reader behind, or not
+ * yet started: the room is not known before the thread reports) goes to the fallback too: it only
+ * delays the loss then, counted when the fallback is full as well (lost()). The fallback wakes
+ * its reader the kernel's default way (when the reader has caught up with it), at once: its
+ * events hold the rest of the traffic behind them until they are read (about 2 ms under load,
+ * measured), and past TLS_FALLBACK_TRIM_BYTES of them calls copy their first TLS_PREFIX bytes
+ * only (tls_return), so that a few large bodies cannot fill it. */
+static __always_inline long output(void *ev, u64 size, u64 wake, int *following)
+{
+    long err = 0;
+    if (!*following) {
+        err = main_output(ev, size, wake);
+        if (!err) {
+            ring_produced(RING_PRODUCED, size);
+            count(TC_EVENTS);
+            return 0;
+        }
+    }
+    err = tls_fallback.ringbuf_output(ev, size, 0);
+    if (err) {
+        lost(*following);
+        return err;
+    }
+    ring_produced(FALLBACK_PRODUCED, size);
+    count(TC_EVENTS);
+    count(*following ? TC_FALLBACK_FOLLOWING : TC_FALLBACK);
+    *following = 1;
+    return 0;
 }
 
 /* Wake the reader only once a batch is worth it. Each wakeup is an irq_work, a self-IPI, which
@@ -319,19 +411,17 @@ static __always_inline u64 wakeup_flag(u64 pending)
     return pending >= TLS_WAKE_BYTES ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
 }
 
-/* Hand one event to user space; a failure marks the direction so the next event says so. */
-static __always_inline int send(struct tls_event *ev, struct tls_state *state, u32 dir, u64 size, u64 wake)
+/* Hand one event to user space; a loss marks the direction so the next event says so. */
+static __always_inline int send(struct tls_event *ev, struct tls_state *state, u32 dir, u64 size, u64 wake,
+                                int *following)
 {
     ev->flags = state->lost[dir & 1] ? TLS_FLAG_AFTER_LOSS : 0;
     size &= TLS_CHUNK * 2 - 1;
-    if (output(ev, size, wake)) {
+    if (output(ev, size, wake, following)) {
         state->lost[dir & 1] = 1;
-        lost();
         return -1;
     }
-    ring_produced(size);
     state->lost[dir & 1] = 0;
-    count(TC_EVENTS);
     return 0;
 }
 
@@ -356,13 +446,8 @@ static __always_inline struct tls_event *event(u8 kind, u64 ssl, u32 tgid, s32 f
 
 static __always_inline void send_control(struct tls_event *ev, u64 size)
 {
-    size &= TLS_CHUNK * 2 - 1;
-    if (output(ev, size, wakeup_flag(ring_pending()))) {
-        lost();
-    } else {
-        ring_produced(size);
-        count(TC_EVENTS);
-    }
+    int following = fallback_backlog() > 0;
+    output(ev, size & (TLS_CHUNK * 2 - 1), wakeup_flag(ring_pending()), &following);
 }
 
 /* The SSL*'s read BIO, ssl->rbio, and its fd, ((BIO *)rbio)->num, at this library's offsets
@@ -554,12 +639,9 @@ static __always_inline void announce(struct tls_state *state, u64 ssl, u32 tgid,
     }
     ev->len = sizeof(struct tls_open);
     ev->stream_off = 0;
-    if (output(ev, TLS_EVENT_HEADER + sizeof(struct tls_open), wakeup_flag(ring_pending()))) {
-        lost();
+    int following = fallback_backlog() > 0;
+    if (output(ev, TLS_EVENT_HEADER + sizeof(struct tls_open), wakeup_flag(ring_pending()), &following))
         return;
-    }
-    ring_produced(TLS_EVENT_HEADER + sizeof(struct tls_open));
-    count(TC_EVENTS);
     state->conn = ev->ts_ns;
     state->announced = 1;
 }
@@ -781,14 +863,17 @@ int tls_return(struct pt_regs *ctx)
     ev->skipped = 0;
     ev->kind = call.kind;
     u64 offset = 0;
-    /* Under pressure (the ring over TLS_TRIM_BYTES unread) a call copies its first TLS_PREFIX
-     * bytes only: where a message starts its head is there, and the rest goes by length (a
-     * body's bytes are only counted). Without it, a few large bodies written faster than user
+    /* Under pressure (the ring over TLS_TRIM_BYTES unread, or the small fallback ring over
+     * TLS_FALLBACK_TRIM_BYTES, see output()) a call copies its first TLS_PREFIX bytes only: where
+     * a message starts its head is there, and the rest goes by length (a body's bytes are only
+     * counted). Without it, a few large bodies written faster than user
      * space can frame them (and hint their skip) would fill the ring and lose heads too. */
     u64 pending = ring_pending();
     u64 wake = wakeup_flag(pending);
     u64 chunk = TLS_CHUNK;
-    int trim = pending >= TLS_TRIM_BYTES;
+    s64 backlog = fallback_backlog();  /* once per call: see output() */
+    int following = backlog > 0;
+    int trim = pending >= TLS_TRIM_BYTES || backlog >= TLS_FALLBACK_TRIM_BYTES;
     if (trim)
         chunk = TLS_PREFIX;
     u64 conn = state->conn;
@@ -808,7 +893,7 @@ int tls_return(struct pt_regs *ctx)
                 ev->stream_off = base + offset;
                 ev->len = 0;
                 ev->skipped = inside;
-                if (send(ev, state, dir, TLS_EVENT_HEADER, wake))
+                if (send(ev, state, dir, TLS_EVENT_HEADER, wake, &following))
                     return 0;
                 offset += inside;
                 continue;
@@ -825,7 +910,7 @@ int tls_return(struct pt_regs *ctx)
             state->lost[dir & 1] = 1;
             return 0;
         }
-        if (send(ev, state, dir, TLS_EVENT_HEADER + n, wake))
+        if (send(ev, state, dir, TLS_EVENT_HEADER + n, wake, &following))
             return 0;
         offset += n;
         if (trim)
@@ -838,7 +923,7 @@ int tls_return(struct pt_regs *ctx)
         ev->stream_off = base + offset;
         ev->len = 0;
         ev->skipped = rest > 0xffffffff ? 0xffffffff : rest;
-        send(ev, state, dir, TLS_EVENT_HEADER, wake);
+        send(ev, state, dir, TLS_EVENT_HEADER, wake, &following);
     }
     return 0;
 }

@@ -80,6 +80,11 @@ class RingBuffer:
         position: int = _U64.unpack_from(self._consumer, 0)[0]
         return position
 
+    def producer_position(self) -> int:
+        """Bytes reserved since the ring was made, committed or still being written."""
+        position: int = _U64.unpack_from(self._producer, 0)[0]
+        return position
+
     def pending_bytes(self) -> int:
         producer: int = _U64.unpack_from(self._producer, 0)[0]
         consumer: int = _U64.unpack_from(self._consumer, 0)[0]
@@ -146,12 +151,23 @@ class DrainedRing:
 
     `processed_position` is the ring position up to which the reader has taken records: the
     backlog the probes judge (their trimming) by stays the reader's, not the thread's.
+
+    `fallback`: a second ring the producer uses when the first refuses a record, and for every
+    record after that one until this thread reports (`on_fallback_drained`) that it has taken
+    them (bpf/tls_probes.c, output()). Each take reads the ring, then the fallback, then the ring
+    again up to where it was reserved when the fallback was read, queues the spans in that order
+    and only then reports the fallback's position: a record written to the ring before one in the
+    fallback is queued before it, and one written after it only once the report is made, by a
+    later take. The reader gets every record in the order the producers wrote them, per producer.
     """
 
     def __init__(self, ring: RingBuffer, max_queued_bytes: int, every_s: float,
-                 on_drained: Callable[[int], None] | None = None) -> None:
+                 on_drained: Callable[[int], None] | None = None, fallback: RingBuffer | None = None,
+                 on_fallback_drained: Callable[[int], None] | None = None) -> None:
         self._ring = ring
         self._on_drained = on_drained  # told the ring's consumer position after each span taken
+        self._fallback = fallback
+        self._on_fallback_drained = on_fallback_drained  # told its consumer position once its spans are queued
         self._max = max_queued_bytes
         self._every_ms = max(1, int(every_s * 1000))
         self._queue: deque[tuple[bytes, int]] = deque()  # a span, the ring position after it
@@ -187,6 +203,8 @@ class DrainedRing:
     def _drain(self) -> None:
         poller = select.poll()
         poller.register(self._ring.fileno(), select.POLLIN)
+        if self._fallback is not None:
+            poller.register(self._fallback.fileno(), select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
         room = self._room
         while True:
@@ -200,16 +218,35 @@ class DrainedRing:
 
     def _take(self) -> bool:
         with self._reading:
-            span = self._ring.read(0)
-            if not span:
+            ring = self._ring
+            spans = [(ring.read(0), ring.consumer_position())]
+            if self._fallback is not None:
+                late = self._fallback.read(0)
+                if late:
+                    # The ring's records written before these may have come in after the first
+                    # read: all were reserved by now, and a read stops at a record another CPU is
+                    # still writing (microseconds), so read up to here, however many reads it takes.
+                    end = ring.producer_position()
+                    while ring.consumer_position() < end:
+                        span = ring.read(0)
+                        if span:
+                            spans.append((span, ring.consumer_position()))
+                        else:
+                            os.sched_yield()
+                    spans.append((late, spans[-1][1]))
+            spans = [(span, position) for span, position in spans if span]
+            if not spans:
                 return False
-            position = self._ring.consumer_position()
             if self._on_drained is not None:
-                self._on_drained(position)
+                self._on_drained(spans[-1][1])
             with self._room:
-                self._queue.append((span, position))
-                self._queued += len(span)
+                for span, position in spans:
+                    self._queue.append((span, position))
+                    self._queued += len(span)
                 self.largest_queued_bytes = max(self.largest_queued_bytes, self._queued)
+            if self._fallback is not None and self._on_fallback_drained is not None:
+                # Only now: the producers go back to the ring, behind everything queued above.
+                self._on_fallback_drained(self._fallback.consumer_position())
         self._signal()
         return True
 
@@ -218,6 +255,10 @@ class DrainedRing:
         self.start()
         while self._take():
             pass
+
+    def queued(self) -> bool:
+        """Whether spans wait for read()."""
+        return bool(self._queue)
 
     def _signal(self) -> None:
         try:
@@ -260,3 +301,5 @@ class DrainedRing:
         for fd in (self._ready_r, self._ready_w, self._stop_r, self._stop_w):
             os.close(fd)
         self._ring.close()
+        if self._fallback is not None:
+            self._fallback.close()

@@ -21,7 +21,10 @@ server's accepted sockets, decided in the kernel: nothing else ever reaches user
 an unwatched SSL* costs a hash lookup per call from its first (`tls_calls_ignored_total`).
 
 The ring is emptied in batches by a thread of its own (TLS_DRAIN_EVERY_S, TLS_WAKE_BYTES) into a
-bounded queue the exporter's loop reads (TLS_QUEUE_BYTES, ringbuf.DrainedRing).
+bounded queue the exporter's loop reads (TLS_QUEUE_BYTES, ringbuf.DrainedRing). An event the ring
+refuses (its lock gave up, or it was full) goes to a second, small ring, with the events after it
+until the thread has taken them; the thread queues both rings' records in the order they were
+written (see tls_probes.c's output()), so nothing here puts events back in order.
 
 Failures leave as CaptureError (a library whose layout cannot be measured is left out and
 said in TlsProbes.unprobed); a socket the kernel could not walk is counted
@@ -62,6 +65,8 @@ from exporter.metrics import (
     SELF_TLS_CONNECTIONS_EVICTED_TOTAL,
     SELF_TLS_CONNECTIONS_TRACKED,
     SELF_TLS_DECODE_ERRORS_TOTAL,
+    SELF_TLS_EVENTS_FALLBACK_FOLLOWING_TOTAL,
+    SELF_TLS_EVENTS_FALLBACK_TOTAL,
     SELF_TLS_EVENTS_LOST_TOTAL,
     SELF_TLS_EVENTS_LOST_WITH_ROOM_TOTAL,
     SELF_TLS_EVENTS_RETRIED_TOTAL,
@@ -98,11 +103,14 @@ COUNTER_NAMES: tuple[str, ...] = (
     "ignored_calls",  # calls with data on connections whose local port is not watched (clients, other services)
     "read_errors",  # bpf_probe_read_user failures (the buffer was not readable)
     "skipped",  # calls (or their head) inside a body stretch user space only counts: length only
-    "trimmed",  # calls cut to their first TLS_PREFIX bytes because the ring was filling: the rest is a gap
+    "trimmed",  # calls cut to their first TLS_PREFIX bytes (the ring, or the fallback, filling): the rest a gap
     "unresolved",  # SSL*s whose fd the kernel walk did not find a TCP socket behind: ignored
     "lost_with_room",  # of `lost`, those refused while the ring had room (not a full ring)
     "retried",  # events refused while the ring had room and taken at a later try (not lost)
     "untracked",  # calls whose arguments could not be kept for their return (task storage not made): missed
+    "fallback",  # events the ring refused (with room: at every try), taken by the fallback ring (not lost)
+    "fallback_following",  # events sent to the fallback ring behind one of those, to stay in order
+    "refused_for_test",  # test builds only (TLS_TEST_REFUSE_EVERY): events the ring refused on purpose
     # How the ends of exchanges were timed (tls_probes.c, "Timing"), per client turn (its first
     # read: a request's start) and per server turn (its last write: a response's end). In this order.
     "start_wire",  # from the wire: the first encrypted segment of the turn
@@ -141,6 +149,14 @@ TLS_MAX_CHUNKS = 16
 # bodies in flight put 8 MiB in the ring while the reader waits for a core; a 4 MiB ring lost an
 # event that way in a CI run on 2 busy cores, 16 MiB costs 12 MB more RSS.
 RING_PAGES = 4096
+# The fallback ring (tls_probes.c, output()): events the ring refused (with room: about 1 in 100,000
+# with two busy producers, bench/tls_ring_contention.py), and all events after one until the ring's
+# thread has taken it, which the kernel wakes it for at once (about 2 ms under load). 2 MiB (2 MB
+# more RSS); past half of it unread, calls copy their first TLS_PREFIX bytes only, as past
+# TLS_TRIM_BYTES of the ring, so bodies written meanwhile cannot fill it. What it cannot hold is
+# lost and counted, as for a full ring.
+FALLBACK_PAGES = 512
+FALLBACK_TRIM_BYTES = FALLBACK_PAGES * mmap.PAGESIZE // 2
 TLS_TRIM_BYTES = 2 * 1024 * 1024
 TLS_PREFIX = 4096
 # The kernel wakes the reader once this much is unread; otherwise it reads the ring every
@@ -193,6 +209,7 @@ _new_tuple = tuple.__new__
 _MAPS: dict[str, tuple[int, int]] = {  # name -> (key size, value size), checked after load
     "tls_counters": (4, 8),
     "tls_events": (0, 0),
+    "tls_fallback": (0, 0),
     "tls_skips": (_SKIP_KEY.size, _SKIP.size),
     "tls_ring_pos": (4, 8),
     "tls_state": (_STATE_KEY.size, _STATE_SIZE),
@@ -200,6 +217,7 @@ _MAPS: dict[str, tuple[int, int]] = {  # name -> (key size, value size), checked
 }
 _RING_CONSUMED_AT = 8  # tls_ring_pos[1], our consumer position, in the map's mmap (8-byte values from 0)
 _RING_DRAINED_AT = 16  # tls_ring_pos[2], the ring's own consumer position (the draining thread's)
+_FALLBACK_DRAINED_AT = 32  # tls_ring_pos[4], tls_fallback's consumer position, once its records are queued
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +308,9 @@ class TlsProbes:
     The attachments live while this object's descriptors are open; close() detaches.
     """
 
-    def __init__(self, libraries: list[str], ports: Iterable[int] = (), src_file: Path | None = None) -> None:
+    def __init__(self, libraries: list[str], ports: Iterable[int] = (), src_file: Path | None = None,
+                 test_cflags: tuple[str, ...] = ()) -> None:
+        """`test_cflags`: defines only tests set (-DTLS_TEST_REFUSE_EVERY=N, see tls_probes.c)."""
         if not libraries:
             raise CaptureError("no libssl found to probe: give one with --libssl PATH, or run with --no-tls")
         # The kernel's offsets first: without BTF nothing can be probed (KernelLayoutError names the fix).
@@ -321,8 +341,9 @@ class TlsProbes:
         cflags += [f"-DTLS_WATCHED_PORT(p)=({watched})",
                    f"-DTLS_CHUNK={TLS_CHUNK}", f"-DTLS_MAX_CHUNKS={TLS_MAX_CHUNKS}",
                    f"-DTLS_RING_PAGES={RING_PAGES}", f"-DTLS_RING_BYTES={RING_PAGES * mmap.PAGESIZE}",
+                   f"-DTLS_FALLBACK_PAGES={FALLBACK_PAGES}", f"-DTLS_FALLBACK_TRIM_BYTES={FALLBACK_TRIM_BYTES}",
                    f"-DTLS_TRIM_BYTES={TLS_TRIM_BYTES}",
-                   f"-DTLS_PREFIX={TLS_PREFIX}", f"-DTLS_WAKE_BYTES={TLS_WAKE_BYTES}", "-w"]
+                   f"-DTLS_PREFIX={TLS_PREFIX}", f"-DTLS_WAKE_BYTES={TLS_WAKE_BYTES}", *test_cflags, "-w"]
         probes = [probe for slot, (library, layout) in enumerate(self.layouts.items())
                   for probe in probe_requests(library, layout, slot)]
         src = src_file or tls_source()
@@ -345,6 +366,7 @@ class TlsProbes:
             ncpus = possible_cpus()
             by_name = dict(zip(_MAPS, map_fds, strict=True))
             events_fd = by_name.pop("tls_events")
+            fallback_fd = by_name.pop("tls_fallback")
             self._maps = {name: BpfMap(fd, ncpus) for name, fd in by_name.items()}
             for name, bpf_map in self._maps.items():
                 info = bpf_map.info
@@ -357,10 +379,12 @@ class TlsProbes:
             except OSError as exc:
                 raise CaptureError(f"cannot map the BPF array tls_ring_pos: {exc.strerror}") from exc
             ring_pos = self._ring_pos
-            self._ring = DrainedRing(RingBuffer(events_fd, map_info(events_fd).max_entries), TLS_QUEUE_BYTES,
-                                     TLS_DRAIN_EVERY_S,
-                                     on_drained=lambda position: _U64.pack_into(ring_pos, _RING_DRAINED_AT, position))
-            self._events_fd = events_fd
+            self._ring = DrainedRing(
+                RingBuffer(events_fd, map_info(events_fd).max_entries), TLS_QUEUE_BYTES, TLS_DRAIN_EVERY_S,
+                on_drained=lambda position: _U64.pack_into(ring_pos, _RING_DRAINED_AT, position),
+                fallback=RingBuffer(fallback_fd, map_info(fallback_fd).max_entries),
+                on_fallback_drained=lambda position: _U64.pack_into(ring_pos, _FALLBACK_DRAINED_AT, position))
+            self._events_fds = (events_fd, fallback_fd)
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -383,6 +407,11 @@ class TlsProbes:
         """What the ring holds now goes to the next read (it is otherwise taken in batches)."""
         assert self._ring is not None
         self._ring.flush()
+
+    def queued(self) -> bool:
+        """Whether records wait for a read (one read takes at most its size limit)."""
+        assert self._ring is not None
+        return self._ring.queued()
 
     def ring_thread_cpu_s(self) -> float:
         """CPU time of the thread that empties the ring (ringbuf.DrainedRing)."""
@@ -418,7 +447,8 @@ class TlsProbes:
             self._ring.close()
             self._ring = None
             self._ring_pos.close()
-            os.close(self._events_fd)
+            for fd in self._events_fds:
+                os.close(fd)
         for bpf_map in self._maps.values():
             bpf_map.close()
         self._maps = {}
@@ -692,10 +722,13 @@ class TlsCapture:
             return []
         # A gone fd's last events (its last response, its close) were written before we looked, but
         # may still wait in the ring (it is read in batches): take them first, or the RST would end
-        # the flow before its last exchange.
+        # the flow before its last exchange. All of them: one read stops at its size limit, and they
+        # may lie past it (behind a large backlog, or in the fallback ring's records, queued after).
         if self.probes is not None:
             self.probes.flush()
         out = self.read(0)
+        while self.probes is not None and self.probes.queued():
+            out += self.read(0)
         for conn in gone:
             if self._conns.get(conn.key) is conn:  # no close (or new OPEN) in what was just read
                 self._forget(conn)
@@ -745,6 +778,13 @@ class TlsCapture:
         yield SelfSample(SELF_TLS_EVENTS_RETRIED_TOTAL, "counter",
                          "TLS events the kernel refused while the ring had room, then took at a later try "
                          "(not lost).", kernel["retried"])
+        yield SelfSample(SELF_TLS_EVENTS_FALLBACK_TOTAL, "counter",
+                         "TLS events the ring refused (at every try, when it had room), handed over by the "
+                         "fallback ring instead (not lost).", kernel["fallback"])
+        yield SelfSample(SELF_TLS_EVENTS_FALLBACK_FOLLOWING_TOTAL, "counter",
+                         "TLS events sent through the fallback ring behind one the ring refused, until user "
+                         "space had taken it, so that every connection's events stay in order.",
+                         kernel["fallback_following"])
         yield SelfSample(SELF_TLS_CALLS_TOTAL, "counter",
                          "SSL_read/SSL_write calls on watched connections that returned data.", kernel["calls"])
         yield SelfSample(SELF_TLS_CALLS_IGNORED_TOTAL, "counter",
@@ -756,7 +796,8 @@ class TlsCapture:
                          kernel["truncated"])
         yield SelfSample(SELF_TLS_CALLS_TRIMMED_TOTAL, "counter",
                          f"SSL calls cut to their first {TLS_PREFIX} bytes while the ring buffer was over "
-                         f"{TLS_TRIM_BYTES // (1 << 20)} MiB unread; the rest became a gap.", kernel["trimmed"])
+                         f"{TLS_TRIM_BYTES // (1 << 20)} MiB unread (or the fallback ring over "
+                         f"{FALLBACK_TRIM_BYTES // (1 << 20)} MiB); the rest became a gap.", kernel["trimmed"])
         yield SelfSample(SELF_TLS_CALLS_WITHOUT_SOCKET_TOTAL, "counter",
                          "SSL calls with data whose read BIO has no socket fd (a memory BIO): not counted.",
                          kernel["no_fd"])

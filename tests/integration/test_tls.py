@@ -627,3 +627,74 @@ def test_the_kernel_judges_each_connection_by_its_local_port_before_any_event(
     [curl_requests] = requests.values()
     assert [line.split(b" ")[1] for line in curl_requests.split(b"\r\n") if line.startswith(b"GET ")] == [
         b"/ok", b"/boom"]
+
+
+@pytest.mark.parametrize("every", [5, 97])
+def test_events_the_ring_refuses_with_room_reach_user_space_through_the_fallback_in_order(
+        certificate: tuple[Path, Path], tmp_path: Path, every: int) -> None:
+    """A test build of the probes (-DTLS_TEST_REFUSE_EVERY) makes the main ring refuse one event
+    in `every` at every try, with room, as its lock does now and then: each goes to the fallback
+    ring, and the events after it follow it there until the ring's thread has taken them (OPENs
+    and CLOSEs too; calls are trimmed while the fallback is half full). With 5 nearly all traffic
+    goes through the fallback; with 97 it switches rings often. nginx (keep-alive, 1 MB bodies in 16 KiB writes) and the
+    Python server (chunked bodies, uploads, a client reading 7 bytes at a time) under 8 concurrent
+    connections: the exchanges a Tracker builds from TlsCapture's segments, per (method, status,
+    route), equal the servers' logs exactly, none lost, and every forced refusal went to the
+    fallback."""
+    from exporter.capture.tls import TlsProbes
+    from exporter.core.flows import Tracker
+    from exporter.core.model import Exchange
+
+    log = tmp_path / "python.log"
+    with nginx_server(certificate) as (nginx_port, nginx_log), python_server(certificate, log) as python_port:
+        capture = TlsCapture([nginx_port, python_port], find_libraries(), probes_factory=lambda libraries, ports:
+                             TlsProbes(libraries, ports, test_cflags=(f"-DTLS_TEST_REFUSE_EVERY={every}",))).open()
+        tracker = Tracker([nginx_port, python_port], hint_skips=True, scheme="https")
+        exchanges: list[Exchange] = []
+        stop = threading.Event()
+
+        def follow() -> None:  # what the exporter's loop does with the TLS capture (app.py)
+            while not stop.is_set():
+                segments = capture.read(0.05)
+                if segments:
+                    exchanges.extend(tracker.feed_all(segments))
+                    capture.apply_skip_hints(tracker.take_skip_hints())
+
+        follower = threading.Thread(target=follow)
+        follower.start()
+        try:
+            nginx_mix = [("GET", "/ok"), ("HEAD", "/ok"), ("GET", "/nocontent"), ("GET", "/notmodified"),
+                         ("GET", "/boom"), ("GET", "/files/small"), ("GET", "/files/medium"),
+                         ("GET", "/files/large"), ("HEAD", "/files/large"), ("GET", "/nothing/here")]
+            python_mix = [("GET", "/chunked?n=40&size=3000"), ("GET", "/ok"), ("POST", "/ok"),
+                          ("GET", "/big?n=200000"), ("HEAD", "/chunked")]
+            threads = [threading.Thread(target=https, args=(nginx_port, nginx_mix * 4)) for _ in range(5)]
+            threads += [threading.Thread(target=https, args=(python_port, python_mix * 4, b"p" * 20000))
+                        for _ in range(3)]
+            for thread in threads:
+                thread.start()
+            curl(*[f"https://127.0.0.1:{nginx_port}/files/medium"] * 3)
+            assert small_reads(python_port, "/chunked?n=5&size=100") > 500
+            for thread in threads:
+                thread.join()
+            served = wait_for_log(nginx_log, 5 * 40 + 3) + wait_for_log(log, 3 * 20 + 1)
+            deadline = time.monotonic() + 15
+            while len(exchanges) < sum(served.values()) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            stop.set()
+            follower.join()
+            counters = capture.counters()
+            capture.close()
+    assert sum(served.values()) == 5 * 40 + 3 + 3 * 20 + 1
+    expected: Counts = collections.Counter()
+    for (method, status, path), count in served.items():
+        expected[(method, status, "/files/{name}" if path.startswith("/files/") else path)] += count
+    got: Counts = collections.Counter(
+        (e.method, str(e.status), "/files/{name}" if e.target.startswith("/files/") else e.target) for e in exchanges)
+    assert got == expected
+    assert counters["lost"] == 0
+    assert counters["fallback"] == counters["refused_for_test"] > 0
+    assert counters["fallback_following"] > 0
+    assert tracker.stats.parse_errors["gap"] == 0
+    assert tracker.stats.unmatched_responses == 0

@@ -244,6 +244,9 @@ class FakeProbes:
     def flush(self) -> None:
         pass  # its batches are all readable already
 
+    def queued(self) -> bool:
+        return bool(self.spans)
+
     def set_skip(self, tgid: int, ssl: int, conn: int, direction: int, stretch: tuple[int, int] | None) -> None:
         self.skips.append((tgid, ssl, conn, direction, stretch))
 
@@ -408,9 +411,11 @@ def test_drained_ring_gives_the_ring_back_at_once_and_stops_taking_when_its_queu
 
 def test_reap_reads_the_ring_before_it_resets_a_gone_socket() -> None:
     """The process wrote its last response and exited; the response still waits in the ring when
-    reap finds the fd gone. It is read first, so the exchange is counted before the RST."""
+    reap finds the fd gone, in two reads' worth (a read stops at its size limit). All of it is
+    read first, so the exchange is counted before the RST."""
     probes = FakeProbes([[raw(opened()), raw(event(KIND_READ, 0, REQUEST))],
-                         [raw(event(KIND_WRITE, 0, RESPONSE, ts=5000))]])
+                         [raw(event(KIND_WRITE, 0, RESPONSE[:20], ts=4000))],
+                         [raw(event(KIND_WRITE, 20, RESPONSE[20:], ts=5000))]])
     capture = TlsCapture([8443], [], realtime_offset_ns=lambda: 0,
                          probes_factory=lambda libraries, ports: probes)  # type: ignore[arg-type,return-value]
     capture.open()
@@ -422,6 +427,83 @@ def test_reap_reads_the_ring_before_it_resets_a_gone_socket() -> None:
     assert tracker.stats.requests_without_response == 0
     assert capture.connections_tracked() == 0
     assert probes.forgotten == [(500, 0x10)]  # the kernel's state of it goes too
+
+
+class ScriptedRing:
+    """A ring's reader side whose reads return, in turn, what the producers had committed by then;
+    `reserved`: its producer position (records committed or still being written)."""
+
+    def __init__(self, spans: list[bytes], reserved: int = 0) -> None:
+        self.spans = spans
+        self.position = 0
+        self.reserved = reserved
+        self._never_r, self._never_w = os.pipe()  # what the thread polls: never readable
+
+    def read(self, timeout_s: float) -> bytes:
+        span = self.spans.pop(0) if self.spans else b""
+        self.position += len(span)
+        return span
+
+    def consumer_position(self) -> int:
+        return self.position
+
+    def producer_position(self) -> int:
+        return max(self.reserved, self.position)
+
+    def fileno(self) -> int:
+        return self._never_r
+
+    def close(self) -> None:
+        os.close(self._never_r)
+        os.close(self._never_w)
+
+
+def test_fallback_records_reach_the_reader_in_the_order_they_were_written() -> None:
+    """The kernel's rule (tls_probes.c, output()): an event the ring refuses goes to the fallback
+    ring, and so does every event after it until the thread has reported taking the fallback.
+    Connection A's response is refused; B's request was written to the ring just before, after the
+    thread's first read of it, behind a record another CPU was still writing; B's response, A's
+    close, a new connection on A's SSL* (another fd) and its request follow A's response into the
+    fallback; once reported, the ring again. The thread reads the ring again up to where it was
+    reserved, past the record being written, which puts B's OPEN and request before the fallback's
+    records, and the report comes once they are all queued: every exchange is counted, none late."""
+    a_open, b_open = opened(ts=1), opened(ssl=0x20, fd=11, ts=3, peer_port=2)
+    a2_open = opened(fd=12, ts=8, peer_port=3)
+    main_first = [a_open, event(KIND_READ, 0, REQUEST, ts=2)]
+    main_before_refusal = [b_open, event(KIND_READ, 0, REQUEST, ssl=0x20, fd=11, ts=4)]
+    fallback = [event(KIND_WRITE, 0, RESPONSE, ts=5), event(KIND_WRITE, 0, RESPONSE, ssl=0x20, fd=11, ts=6),
+                event(KIND_CLOSE, 0, ts=7), a2_open, event(KIND_READ, 0, REQUEST, fd=12, ts=9)]
+    main_after_report = [event(KIND_WRITE, 0, RESPONSE, fd=12, ts=10), event(KIND_CLOSE, 0, ssl=0x20, fd=11, ts=11)]
+    spans = [span_of([raw(ev) for ev in batch]) for batch in (main_first, main_before_refusal, fallback,
+                                                              main_after_report)]
+    # The second read finds the record in progress (nothing), the third B's two.
+    ring = ScriptedRing([spans[0], b"", spans[1], spans[3]], reserved=len(spans[0]) + len(spans[1]))
+    late = ScriptedRing([spans[2]])
+    taken: list[bytes] = []  # what the reader could take when each report was made
+    reports: list[int] = []
+
+    def report(position: int) -> None:
+        taken.extend(drained.read(0))
+        reports.append(position)
+
+    drained = DrainedRing(ring, max_queued_bytes=1 << 20, every_s=10.0,  # type: ignore[arg-type]
+                          fallback=late, on_fallback_drained=report)  # type: ignore[arg-type]
+    try:
+        drained.flush()
+        assert taken == spans  # the ring's records written before the fallback's are queued before them
+        assert reports[0] == len(spans[2])  # reported with them queued: producers go back to the ring
+    finally:
+        drained.close()
+    probes = FakeProbes([], spans=[taken])
+    capture = TlsCapture([8443], [], realtime_offset_ns=lambda: 0,
+                         probes_factory=lambda libraries, ports: probes)  # type: ignore[arg-type,return-value]
+    capture.open()
+    tracker = Tracker([8443], Limits(), scheme="https")
+    emitted = tracker.feed_all(capture.read(0))
+    assert [(e.method, e.status, e.start_ns, e.end_ns) for e in emitted] == [
+        ("GET", 200, 2, 5), ("GET", 200, 4, 6), ("GET", 200, 9, 10)]
+    assert tracker.stats.unmatched_responses == 0
+    assert tracker.stats.flows_active == capture.connections_tracked() == 1  # the new one on A's SSL*
 
 
 class CountingProbes(FakeProbes):
