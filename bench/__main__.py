@@ -58,7 +58,8 @@ nginx terminates TLS (self-signed certificate, TLS 1.3) and wrk speaks HTTPS wit
 counts through its uprobes on libssl (url_scheme="https"). Unless --client-on-probed-libssl, wrk loads a
 private copy of libssl (LD_LIBRARY_PATH; checked in its maps), as a client on another machine would not run
 through the server's probes: uprobes on the system's file fire in every process that maps it. TLS events
-lost are events the kernel's ring buffer had no room for. With --filter-stats, "uprobes CPU" is the run
+via fallback are events the ring refused and its fallback ring took (in order, none lost); TLS events lost
+are those both refused, a gap for the parser. With --filter-stats, "uprobes CPU" is the run
 time the kernel measured for the TLS programs (the SSL_read/SSL_write entry and return probes and the
 SSL_free probe), ÷ requests; it is charged to nginx (and to wrk with --client-on-probed-libssl), not to the
 exporter. "traps" holds empty programs at the same places and nothing else: what nginx keeps there is the
@@ -82,7 +83,7 @@ CONNS = 10_000
 NUMERIC = ("machine_us", "user_rate", "kernel_share", "route_mismatch",
            "rps", "ratio", "completeness", "drops", "cpu_us", "rss_mb", "rss_end_mb", "loader_mb", "filter_us",
            "nginx_cpu_us", "other_cores", "logged", "unfinished", "counted",
-           "socket_errors", "wrk_latency_s", "capture_latency_s", "probes_us", "tls_lost")
+           "socket_errors", "wrk_latency_s", "capture_latency_s", "probes_us", "tls_lost", "tls_fallback")
 
 COL_CONFIG = Column("config", "config", align="left")
 COL_LABEL = Column("load", "label", align="left")
@@ -99,6 +100,7 @@ COL_LOADER = Column("loader peak MB", "loader_mb", lambda v: fmt(v))
 COL_FILTER = Column("filter CPU µs/req", "filter_us", fmt_us)
 COL_PROBES = Column("uprobes CPU µs/req", "probes_us", fmt_us)
 COL_TLS_LOST = Column("TLS events lost", "tls_lost", fmt_int)
+COL_TLS_FALLBACK = Column("TLS events via fallback", "tls_fallback", fmt_int)
 COL_NGINX = Column("nginx CPU µs/req", "nginx_cpu_us", fmt_us)
 COL_OTHER = Column("other load (cores)", "other_cores", lambda v: fmt_us(v) if v is None else f"{v:.2f}")
 COL_ERRORS = Column("wrk socket errors", "socket_errors", fmt_int)
@@ -344,8 +346,8 @@ def _run_scenario(bench: Bench, scenario: str, chosen: Sequence[str], duration: 
         bench.runner.tls = True
         load = Load(duration, connections, threads, label="https")
         rows = bench.interleaved([(c, load) for c in chosen])
-        columns = [COL_CONFIG, COL_RPS, COL_RATIO, COL_COMPLETE, COL_UNFINISHED, COL_TLS_LOST, COL_CPU,
-                   *([COL_FILTER, COL_PROBES] if filter_stats else []), COL_RSS, COL_NGINX, COL_OTHER]
+        columns = [COL_CONFIG, COL_RPS, COL_RATIO, COL_COMPLETE, COL_UNFINISHED, COL_TLS_LOST, COL_TLS_FALLBACK,
+                   COL_CPU, *([COL_FILTER, COL_PROBES] if filter_stats else []), COL_RSS, COL_NGINX, COL_OTHER]
         tables = _tables(f"nginx over HTTPS `return 200 \"ok\"` on lo, wrk -t{threads} -c{connections} "
                          f"-d{duration:g}s, keep-alive", rows, columns, bench.repeat)
         tables[-1].note = TLS_NOTE + "\n" + NOTE

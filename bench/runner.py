@@ -102,6 +102,7 @@ class RunResult:
     filter_s: float | None = None  # BPF run time of the capture's filter during the load (--filter-stats)
     probes_s: float | None = None  # BPF run time of the TLS uprobes and tracepoints (--filter-stats)
     tls_lost: float | None = None  # TLS events lost between kernel and exporter during the load
+    tls_fallback: float | None = None  # TLS events the ring refused and the fallback ring took
     nginx_cpu_s: float | None = None
     other_cores: float | None = None  # CPU used by processes outside this run, in cores, during the load
     capture_latency_mean_s: float | None = None
@@ -138,6 +139,7 @@ class RunResult:
             "filter_us": per_request(self.filter_s),
             "probes_us": per_request(self.probes_s),
             "tls_lost": self.tls_lost,
+            "tls_fallback": self.tls_fallback,
             "nginx_cpu_us": per_request(self.nginx_cpu_s),
             "other_cores": self.other_cores,
             "logged": self.logged,
@@ -333,6 +335,8 @@ class Runner:
                 result.kernel_drops = (after.kernel_drops or 0) - (before.kernel_drops or 0)
                 if after.tls_lost is not None:
                     result.tls_lost = after.tls_lost - (before.tls_lost or 0)
+                if after.tls_fallback is not None:
+                    result.tls_fallback = after.tls_fallback - (before.tls_fallback or 0)
                 if after.fast_path_exchanges is not None:
                     result.fast_exchanges = after.fast_path_exchanges - (before.fast_path_exchanges or 0)
                 if load.error_responses:

@@ -16,6 +16,7 @@ from exporter.metrics import (
     SELF_FAST_PATH_EXCHANGES_TOTAL,
     SELF_KERNEL_DROPS_TOTAL,
     SELF_PACKETS_RECEIVED_TOTAL,
+    SELF_TLS_EVENTS_FALLBACK_TOTAL,
     SELF_TLS_EVENTS_LOST_TOTAL,
 )
 
@@ -34,6 +35,7 @@ class Scrape:
     kernel_drops: float | None
     packets: float | None
     tls_lost: float | None = None  # TLS events the ring buffer had no room for
+    tls_fallback: float | None = None  # TLS events the ring refused, taken by the fallback ring
     fast_path_exchanges: float | None = None
     fast_path_aggregates: float | None = None  # keys in the kernel's aggregate map
     # request count per (http_response_status_code, http_route) for the port
@@ -62,6 +64,7 @@ def parse_scrape(text: str, port: int) -> Scrape:
         kernel_drops=self_metrics.get(SELF_KERNEL_DROPS_TOTAL),
         packets=self_metrics.get(SELF_PACKETS_RECEIVED_TOTAL),
         tls_lost=self_metrics.get(SELF_TLS_EVENTS_LOST_TOTAL),
+        tls_fallback=self_metrics.get(SELF_TLS_EVENTS_FALLBACK_TOTAL),
         fast_path_exchanges=self_metrics.get(SELF_FAST_PATH_EXCHANGES_TOTAL),
         fast_path_aggregates=self_metrics.get(SELF_FAST_PATH_AGGREGATES),
         by_status_route=by_status_route,
