@@ -517,3 +517,32 @@ def test_the_head_memo_changes_no_outcome(segments: tuple[str, list[bytes]], max
     assert outcomes[1] == outcomes[0]
     assert outcomes[2] == outcomes[0]
     assert outcomes[4] == outcomes[0]
+
+
+# -- the line memo (http1.LineTable) ----------------------------------------------------------
+
+BARE_LF_LINES = [b"E: f\nG: h", b"E: f\n folded", b"E: f\nContent-Length: 2", b"E: f\n"]
+
+
+@fuzz(400)
+@given(st.lists(HEAD_LINES | st.sampled_from(BARE_LF_LINES), min_size=1, max_size=5),
+       st.lists(st.tuples(st.integers(0, 4), HEAD_LINES | st.sampled_from(BARE_LF_LINES)), max_size=8),
+       st.sampled_from(REQUEST_LINES))
+def test_the_line_memo_changes_no_outcome(lines: list[bytes], swaps: list[tuple[int, bytes]], first: bytes) -> None:
+    """A run of request heads, each the last with one line replaced (a new id, a new traceparent),
+    through parsers sharing a HeadMemo (its LineTable remembers lines and the last head's) on two
+    connections in turn, reports exactly what parsers without one report."""
+    heads = []
+    for at, line in [(0, lines[0]), *swaps]:
+        lines = [*lines]
+        lines[at % len(lines)] = line
+        heads.append(first + b"\r\n" + b"".join(line + b"\r\n" for line in lines) + b"\r\n")
+    outcomes = []
+    for memo in (None, http1.HeadMemo()):
+        errors: dict[str, int] = {}
+        sinks = [MemoSink(), MemoSink()]
+        parsers = [RequestParser(sink, errors, 32768, 65536, memo.requests if memo else None) for sink in sinks]
+        for ts, head in enumerate(heads * 2):
+            parsers[ts % 2].feed(head, ts)
+        outcomes.append(([sink.events for sink in sinks], {reason: n for reason, n in errors.items() if n}))
+    assert outcomes[1] == outcomes[0]
