@@ -529,23 +529,23 @@ class _Parser:
                         return memo_end + 4
                 else:
                     memo_end = -1
-                lines_known = known.lines
-                first = self._first_line_crlf.match(data, pos) if lines_known is not None else None
-                if first is not None and lines_known is not None:
-                    # A CRLF head of known (or now checked) plain lines: no scan of its lines, a
-                    # search for its end and a split (see LINE_MEMO_BYTES). It is what the whole-head
-                    # path below accepts as a head without framing; any other goes there.
-                    fields = first.end()
-                    term = data.find(b"\r\n\r\n", fields - 2)
-                    if (term >= 0 and term + 1 - pos < self._max_head
-                            and (term < fields or lines_known.plain(data, fields, term))):
-                        read = self._read_head(data, pos, term + 2, _NO_FRAMING, _FIELDS_CHECKED, first)
-                        if isinstance(read, int):
-                            return term + 4 if read < 0 else pos + read
-                        if memo_end == term:
-                            known.keep(head_key, read)
-                        self._take_head(read, ts_ns)
-                        return term + 4
+            lines_known = known.lines if known is not None else None
+            first = self._first_line_crlf.match(data, pos) if lines_known is not None else None
+            if first is not None and lines_known is not None:
+                # A CRLF head of known (or now checked) plain lines: no scan of its lines, a
+                # search for its end and a split (see LINE_MEMO_BYTES). It is what the whole-head
+                # path below accepts as a head without framing; any other goes there.
+                fields = first.end()
+                term = data.find(b"\r\n\r\n", fields - 2)
+                if (term >= 0 and term + 1 - pos < self._max_head
+                        and (term < fields or lines_known.plain(data, fields, term))):
+                    read = self._read_head(data, pos, term + 2, _NO_FRAMING, _FIELDS_CHECKED, first)
+                    if isinstance(read, int):
+                        return term + 4 if read < 0 else pos + read
+                    if memo_end == term and known is not None:
+                        known.keep(head_key, read)
+                    self._take_head(read, ts_ns)
+                    return term + 4
             first = self._whole_head.match(data, pos)
             if first is not None:
                 # The usual head, whole in this segment: a good first line, `name:value` lines up to
