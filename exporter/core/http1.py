@@ -32,7 +32,7 @@ Parse error reasons (keys of the `errors` dict handed to the parsers):
 from __future__ import annotations
 
 import re
-from itertools import compress, filterfalse
+from itertools import compress, count, filterfalse
 from operator import ne
 from typing import Any, Final, Protocol
 
@@ -161,24 +161,38 @@ _LINE_OVERHEAD = 64  # a bytes object's header and its set slot
 class LineTable(set[bytes]):
     """Header lines (without their CRLF) known to be plain: see LINE_MEMO_BYTES."""
 
-    __slots__ = ("last", "last_lines", "size")
+    __slots__ = ("last", "last_lines", "prefix", "size", "suffix")
 
     def __init__(self) -> None:
         super().__init__()
         self.size = 0  # bytes the lines cost, about
         self.last = b""  # the lines of the last head found plain, together and one by one
         self.last_lines: list[bytes] = []
+        # What the last two heads found plain had in common before and after the lines that differed
+        # (a traceparent, a request id): whole lines, with the CRLF that parts them from those lines.
+        self.prefix = self.suffix = b""
 
     def plain(self, head: bytes, start: int, end: int) -> bool:
         """Whether `head[start:end]` is CRLF-separated plain lines (the CRLF after the last one
-        excluded); those not yet known are checked and learnt."""
+        excluded); those neither the last head's nor known are checked, and learnt."""
         section = head[start:end]
         if section == self.last:
             return True
+        prefix, suffix = self.prefix, self.suffix
+        if ((prefix or suffix) and len(section) > len(prefix) + len(suffix)
+                and section.startswith(prefix) and section.endswith(suffix)):
+            # The usual unique head: its lines but those that changed last time are the same bytes
+            # (two comparisons, no split, no hashing); those are checked, not learnt (they change).
+            middle = section[len(prefix) : len(section) - len(suffix)]
+            if b"\r" not in middle:  # one line, the usual case
+                return _PLAIN_LINE.fullmatch(middle) is not None
+            return all(_PLAIN_LINE.fullmatch(line) is not None and b"\r" not in line
+                       for line in middle.split(b"\r\n"))
         lines = section.split(b"\r\n")
         last = self.last_lines
         # Lines where the last head had the same bytes are plain; only the others are looked up.
-        new = [*compress(lines, map(ne, lines, last))] if len(lines) == len(last) else lines
+        changed = [*compress(count(), map(ne, lines, last))] if len(lines) == len(last) else []
+        new = [lines[at] for at in changed] if changed or len(lines) == len(last) else lines
         unknown = [*filterfalse(self.__contains__, new)]
         if unknown:
             size = 0
@@ -193,6 +207,13 @@ class LineTable(set[bytes]):
             self.size += size
         self.last = section
         self.last_lines = lines
+        if changed:
+            first, final = changed[0], changed[-1]
+            after = len(lines) - final - 1  # lines after the last that changed, each after a CRLF
+            self.prefix = section[: sum(map(len, lines[:first])) + 2 * first]
+            self.suffix = section[len(section) - sum(map(len, lines[final + 1 :])) - 2 * after :]
+        else:
+            self.prefix = self.suffix = b""
         return True
 
 
