@@ -145,11 +145,12 @@ def _machine() -> list[str]:
     load1, load5, _ = os.getloadavg()
     nginx_version = run_quiet(["nginx", "-v"]).removeprefix("nginx version: ")
     wrk_version = run_quiet(["wrk", "--version"]).splitlines()[0].split(" [")[0]
+    h2load_version = (run_quiet(["h2load", "--version"]).splitlines() or ["?"])[0]
     return [
         f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- kernel: {platform.release()} (`uname -r`)",
         f"- CPU: {cpu}, nproc {len(os.sched_getaffinity(0))}",
-        f"- tools: {nginx_version} (worker_processes 1), {wrk_version}",
+        f"- tools: {nginx_version} (worker_processes 1), {wrk_version}, {h2load_version}",
         f"- repo: {head}{' with uncommitted changes' if dirty not in ('', '?') else ''}",
         f"- load average before the bench: {load1:.2f} {load5:.2f}",
         f"- command: `python -m bench {shlex.join(sys.argv[1:])}`",
