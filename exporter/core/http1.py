@@ -139,7 +139,9 @@ class PendingRequest:
 # by one: a dict used as a queue slows its own iteration with the holes left at its front.
 # Heads that never repeat (a request carrying a trace id, a cookie, a random path) would pay the
 # lookup and the insertion for nothing, about 0.5 us per head: a table that filled up with fewer
-# than half of its lookups hits rests for HEAD_MEMO_REST heads (no lookup), then tries again.
+# than half of its lookups hits rests for HEAD_MEMO_REST heads (no lookup), then tries again. Heads
+# it cannot keep (longer than HEAD_MEMO_BYTES: browser heads with a cookie) fill it as if kept, so
+# that a stream of them makes it rest too rather than search 512 bytes of each for nothing.
 HEAD_MEMO_BYTES = 512
 HEAD_MEMO_ENTRIES = 1024
 HEAD_MEMO_REST = 16 * HEAD_MEMO_ENTRIES
@@ -221,21 +223,32 @@ class HeadTable(dict[bytes, tuple[Any, ...]]):
     """One direction's memo: head bytes -> what they parse to; its hits since it was last emptied,
     and how many heads it still rests for. `lines`: the request direction's LineTable."""
 
-    __slots__ = ("hits", "lines", "rest")
+    __slots__ = ("hits", "lines", "passed", "rest")
 
     def __init__(self, lines: LineTable | None = None) -> None:
         super().__init__()
         self.hits = 0
         self.rest = 0
+        self.passed = 0  # heads looked up that it could not keep, since it was last emptied
         self.lines = lines
 
     def keep(self, head: bytes, parsed: tuple[Any, ...]) -> None:
-        if len(self) >= HEAD_MEMO_ENTRIES:
-            if self.hits < HEAD_MEMO_ENTRIES // 2:
-                self.rest = HEAD_MEMO_REST
-            self.hits = 0
-            self.clear()
+        if len(self) + self.passed >= HEAD_MEMO_ENTRIES:
+            self._empty()
         self[head] = parsed
+
+    def pass_over(self) -> None:
+        """A head looked up that cannot be kept (too long, or cut by its segment's end)."""
+        self.passed += 1
+        if len(self) + self.passed >= HEAD_MEMO_ENTRIES:
+            self._empty()
+
+    def _empty(self) -> None:
+        if self.hits < HEAD_MEMO_ENTRIES // 2:
+            self.rest = HEAD_MEMO_REST
+        self.hits = 0
+        self.passed = 0
+        self.clear()
 
 
 class HeadMemo:
@@ -541,7 +554,9 @@ class _Parser:
                 known.rest -= 1
             elif known is not None:
                 memo_end = data.find(b"\r\n\r\n", pos, pos + HEAD_MEMO_BYTES)
-                if memo_end >= 0 and memo_end + 1 - pos < self._max_head:
+                if memo_end < 0:
+                    known.pass_over()
+                elif memo_end + 1 - pos < self._max_head:
                     head_key = data[pos : memo_end + 4]
                     parsed = known.get(head_key)
                     if parsed is not None:

@@ -615,3 +615,14 @@ def test_a_full_line_memo_is_emptied() -> None:
     for n in range(LINE_MEMO_BYTES // 1000 + 2):
         parser.feed(b"GET / HTTP/1.1\r\nX-N: %d\r\n%s%d\r\n\r\n" % (n, line, n), n)  # two lines new each time
     assert table.size <= LINE_MEMO_BYTES and len(table) < LINE_MEMO_BYTES // 1000
+
+
+def test_heads_too_long_to_keep_make_the_memo_rest_too() -> None:
+    memo = HeadMemo()
+    parser = RequestParser(RequestRecorder(), {}, known=memo.requests)
+    long_head = b"GET / HTTP/1.1\r\nCookie: " + b"c" * HEAD_MEMO_BYTES + b"\r\n\r\n"
+    for ts in range(HEAD_MEMO_ENTRIES - 1):
+        parser.feed(long_head, ts)
+    assert (memo.requests.passed, memo.requests.rest) == (HEAD_MEMO_ENTRIES - 1, 0)
+    parser.feed(long_head, HEAD_MEMO_ENTRIES)  # the table is "full" of heads it could not keep, none hit
+    assert (memo.requests.passed, memo.requests.rest, len(memo.requests)) == (0, HEAD_MEMO_REST, 0)
