@@ -154,7 +154,10 @@ HEAD_MEMO_REST = 16 * HEAD_MEMO_ENTRIES
 # already checked plain (`token:value`, no CR or LF, no framing name). A CRLF head whose lines are
 # all in it, or pass that check now, needs no other scan: split at CRLF, hashed, looked up in C.
 # Hashing costs about what a scan does, so the lines of the last head taken are kept too: a head
-# whose lines (or all of them together) are the same bytes is compared, not hashed (memcmp).
+# whose lines (or all of them together) are the same bytes is compared, not hashed (memcmp), and
+# one that differs where the last one differed from its own predecessor has only those lines
+# checked. Only requests have one: responses nearly always carry a framing header, which it never
+# holds, and their heads repeat whole (the head memo's).
 # Bounded by LINE_MEMO_BYTES (what the lines and their set slots cost, about): emptied when full.
 LINE_MEMO_BYTES = 1 << 20
 _LINE_OVERHEAD = 64  # a bytes object's header and its set slot
@@ -194,7 +197,7 @@ class LineTable(set[bytes]):
         last = self.last_lines
         # Lines where the last head had the same bytes are plain; only the others are looked up.
         changed = [*compress(count(), map(ne, lines, last))] if len(lines) == len(last) else []
-        new = [lines[at] for at in changed] if changed or len(lines) == len(last) else lines
+        new = [lines[at] for at in changed] if changed else lines  # (the same count, some changed)
         unknown = [*filterfalse(self.__contains__, new)]
         if unknown:
             size = 0
@@ -298,9 +301,8 @@ _REQUEST_LINE_PATTERN = rb"([" + _TCHAR + rb"]+) ([^\x00-\x20\x7f]+) HTTP/1\.[0-
 _STATUS_LINE_PATTERN = rb"HTTP/1\.[0-9] ([0-9]{3})(?:[ \t][^\r\n]*)?\r?"
 _REQUEST_LINE = re.compile(_REQUEST_LINE_PATTERN)
 _STATUS_LINE = re.compile(_STATUS_LINE_PATTERN)
-# A first line ended by CRLF (its groups as in _REQUEST_LINE, _STATUS_LINE): the heads LineTable serves start so.
+# A request line ended by CRLF (its groups as in _REQUEST_LINE): the heads LineTable serves start so.
 _REQUEST_LINE_CRLF = re.compile(_REQUEST_LINE_PATTERN + rb"(?<=\r)\n")
-_STATUS_LINE_CRLF = re.compile(_STATUS_LINE_PATTERN + rb"(?<=\r)\n")
 # Header lines: `token ":" value` ended by LF, the value free of CR and LF but for one CR before the
 # LF. Checked as two cheap scans rather than one `[^\r\n]*\r?\n` pattern: sre runs a negated
 # single byte (`[^\n]`) in a tight loop but a two-byte class byte by byte, ~5x slower on a 1.4 KB
@@ -403,7 +405,7 @@ class _Parser:
     )
 
     _candidate: re.Pattern[bytes]
-    _first_line_crlf: re.Pattern[bytes]
+    _first_line_crlf: re.Pattern[bytes]  # set where HeadMemo gives a LineTable (requests)
     _prefix: re.Pattern[bytes]
     _start: re.Pattern[bytes]
     _whole_head: re.Pattern[bytes]
@@ -1030,7 +1032,6 @@ class ResponseParser(_Parser):
     __slots__ = ("_in_response", "_last_data_ns", "_sink", "_status")
 
     _candidate = _STATUS_CANDIDATE
-    _first_line_crlf = _STATUS_LINE_CRLF
     _prefix = _STATUS_PREFIX
     _start = _STATUS_START
     _whole_head = _STATUS_HEAD
