@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from bench.netns import Node
-from bench.nginx import BODY_PATHS
+from bench.nginx import BODY_PATHS, ITEM_PREFIX
 from bench.procs import BenchError, Children, require_tools
 from bench.report import (
     Column,
@@ -36,7 +36,7 @@ from bench.report import (
 )
 from bench.runner import CONFIGS, REPO, Load, Placement, Runner, RunResult, run_quiet
 from bench.soak import soak_table
-from bench.wrk import REALISTIC_IDS, churn_script, paced_script, pipelined_script, realistic_script
+from bench.wrk import REALISTIC_IDS, browser_headers, churn_script, paced_script, pipelined_script, realistic_script
 from exporter.capture.bpfsys import enable_run_time_stats
 from exporter.capture.tls import find_libraries
 
@@ -52,6 +52,7 @@ H2_STREAMS = 10  # h2load -m: concurrent streams per connection
 H2_CONNECTIONS = 4
 H2_RATES = "5000,20000"
 USERSPACE_RATES = "20000,35000,50000"
+USERSPACE_RPS_PER_CONNECTION = 200  # h2load --h1 -m1: one request in flight per connection
 PIPELINE_DEPTH = 8
 TLS_NOTE = """\
 nginx terminates TLS (self-signed certificate, TLS 1.3) and wrk speaks HTTPS with keep-alive; the exporter
@@ -128,13 +129,17 @@ tapping the interface at all (the kernel's delivery to the socket and receive ti
 cheaper filter can lower."""
 USERSPACE_NOTE = """\
 The user-space path alone: the exporter runs with --no-fast-path (and --no-tls, so that other TLS
-traffic on the machine is not charged to it), so every exchange is rebuilt in
-Python from the segments the filter passes (what pipelining, chunked bodies and the heads the kernel
-hands over cost with the fast path on). Paced rows hold wrk to about the asked rate with ~1.3 KB browser
-heads to 100,000 random ids (as the realistic scenario); wrk's rate comes out below the asked one. The
-pipelined row sends {depth} requests per write at full load. User-space exchanges/s is requests counted
-÷ wrk's duration. Kernel drops are frames the filter passed that found the packet ring full: the
-highest paced rate with 0 drops and 100 % completeness is what this machine's user space sustains."""
+traffic on the machine is not charged to it), so every exchange is rebuilt in Python from the segments
+the filter passes (what pipelining, chunked bodies and the heads the kernel hands over cost with the
+fast path on). Paced rows hold h2load --h1 to the asked rate (--rps per connection, one request in
+flight each) with ~1.3 KB browser heads (the realistic scenario's headers as -H) to 100,000 random ids
+(a file of URIs each connection walks in turn); h2load, not wrk: wrk's Lua formatting each head capped
+the paced rows at ~23,000/s (its delay() pacing too: ~19-22 µs of client CPU a request, h2load ~14,
+measured under load). The rate comes out below the asked one when the machine cannot keep up. The
+pipelined row (wrk) sends {depth} requests per write at full load. User-space exchanges/s is requests
+counted ÷ the client's duration. Kernel drops are frames the filter passed that found the packet ring
+full: the highest paced rate with 0 drops and 100 % completeness is what this machine's user space
+sustains."""
 
 def _machine() -> list[str]:
     cpu = "?"
@@ -150,11 +155,12 @@ def _machine() -> list[str]:
     load1, load5, _ = os.getloadavg()
     nginx_version = run_quiet(["nginx", "-v"]).removeprefix("nginx version: ")
     wrk_version = run_quiet(["wrk", "--version"]).splitlines()[0].split(" [")[0]
+    h2load_version = (run_quiet(["h2load", "--version"]).splitlines() or ["?"])[0]
     return [
         f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- kernel: {platform.release()} (`uname -r`)",
         f"- CPU: {cpu}, nproc {len(os.sched_getaffinity(0))}",
-        f"- tools: {nginx_version} (worker_processes 1), {wrk_version}",
+        f"- tools: {nginx_version} (worker_processes 1), {wrk_version}, {h2load_version}",
         f"- repo: {head}{' with uncommitted changes' if dirty not in ('', '?') else ''}",
         f"- load average before the bench: {load1:.2f} {load5:.2f}",
         f"- command: `python -m bench {shlex.join(sys.argv[1:])}`",
@@ -279,7 +285,8 @@ def main(scenario: str, duration: float | None, connections: int, threads: int, 
                                  param_hint="--configs")
     if os.geteuid() != 0 and set(chosen) - {"baseline"}:
         raise BenchError("the seed and the exporter attach BPF filters: run as root (sudo make bench)")
-    tools = require_tools(["nginx", "h2load"] if scenario == "h2" else ["nginx", "wrk"])
+    clients = {"h2": ["h2load"], "userspace": ["h2load", "wrk"]}.get(scenario, ["wrk"])
+    tools = require_tools(["nginx", *clients])
     rates = rates or {"h2": H2_RATES, "userspace": USERSPACE_RATES}.get(scenario, "100,1000")
     if set(chosen) - {"baseline"}:
         _require_python_modules(["bcc", "pypacker"])
@@ -370,18 +377,22 @@ def _run_scenario(bench: Bench, scenario: str, chosen: Sequence[str], duration: 
         return [*soak_tables, *tables]
     if scenario == "userspace":
         plan = []
+        ids = random.Random(1)
+        paths = tuple(f"{ITEM_PREFIX}{ids.randrange(REALISTIC_IDS)}" for _ in range(REALISTIC_IDS))
+        headers = tuple(f"{name}: {value}" for name, value in browser_headers())
         for text in rates.split(","):
             rate = float(text)
-            conns = max(connections, math.ceil(rate / 100))
-            paced = Load(duration, conns, threads, label=f"paced {rate:g}/s",
-                         script=realistic_script(REALISTIC_IDS) + paced_script(rate, conns), error_responses=True)
+            conns = max(connections, math.ceil(rate / USERSPACE_RPS_PER_CONNECTION))
+            paced = Load(duration, conns, threads, label=f"paced {rate:g}/s", h1_paths=paths, h1_headers=headers,
+                         h2_rps=rate / conns, error_responses=True)
             plan += [(c, paced) for c in chosen]
         plan += [(c, Load(duration, connections, threads, script=pipelined_script(PIPELINE_DEPTH),
                           label=f"pipelined x{PIPELINE_DEPTH}")) for c in chosen]
         rows = _group_key(bench.interleaved(plan))
-        columns = [Column("load", "label", align="left"), COL_CONFIG, COL_RPS, COL_USER_RATE, COL_COMPLETE,
-                   COL_UNFINISHED, COL_DROPS, COL_CPU, COL_RSS, COL_OTHER]
-        tables = _tables(f"the user-space path (--no-fast-path) against its rate, wrk -t{threads} "
+        columns = [Column("load", "label", align="left"), COL_CONFIG, COL_RPS, COL_USER_RATE, COL_REQUESTS,
+                   COL_COUNTED, COL_COMPLETE, COL_UNFINISHED, COL_DROPS, COL_CPU, COL_NGINX, COL_MACHINE, COL_RSS,
+                   COL_OTHER]
+        tables = _tables(f"the user-space path (--no-fast-path) against its rate, h2load/wrk -t{threads} "
                          f"-d{duration:g}s", rows, columns, bench.repeat, group="group")
         tables[-1].note = USERSPACE_NOTE.format(depth=PIPELINE_DEPTH) + "\n" + NOTE
         return tables

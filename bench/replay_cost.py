@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import cProfile
 import pstats
+import random
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import click
@@ -94,11 +95,28 @@ def _record(path: Path, client: str, duration: float, argv: Callable[[str], list
         return nginx.port
 
 
-def load(path: Path, port: int) -> tuple[list[Frame], list[Segment]]:
-    """The frames the kernel filter would pass, and their segments."""
+_TRACEPARENT = b"traceparent: 00-"
+_TRACE_IDS = 16 + 8  # bytes of the trace id and the parent id, written as hex
+
+
+def new_traces(frames: Iterable[Frame], seed: int = 1) -> Iterator[Frame]:
+    """The frames, each `traceparent` given new random trace and parent ids of the same length (TCP
+    numbers stay right), as a browser or service with tracing sends: every head is unique."""
+    draw = random.Random(seed).randbytes
+    for ts_ns, frame, wire_len, linktype in frames:
+        at = frame.find(_TRACEPARENT)
+        if at >= 0:
+            at += len(_TRACEPARENT)
+            ids = draw(_TRACE_IDS).hex().encode()
+            frame = frame[:at] + ids[:32] + b"-" + ids[32:] + frame[at + 49 :]
+        yield ts_ns, frame, wire_len, linktype
+
+
+def load(path: Path, port: int, unique_traces: bool = False) -> tuple[list[Frame], list[Segment]]:
+    """The frames the kernel filter would pass, and their segments (see `new_traces`)."""
     frames: list[Frame] = []
     segments: list[Segment] = []
-    for frame in read_frames(path):
+    for frame in new_traces(read_frames(path)) if unique_traces else read_frames(path):
         got = decode_frame_reason(frame[1], frame[0], frame[2], frame[3])
         if type(got) is Segment and wanted(got, (port,)):
             frames.append(frame)
@@ -168,8 +186,10 @@ def least_cpu(prepare: Callable[[], Callable[[], int]], passes: int) -> tuple[fl
 @click.option("--passes", default=5, show_default=True, type=click.IntRange(1, 100), help="The least is kept.")
 @click.option("--profile", "top", default=0, type=click.IntRange(0, 200),
               help="Also print cProfile's top N functions of a pipeline pass.")
+@click.option("--new-traces", "unique_traces", is_flag=True,
+              help="Give every traceparent new random ids first (same length): unique heads, as with tracing.")
 def main(capture: Path, port: int | None, record: str | None, rate: float, duration: float, passes: int,
-         top: int) -> None:
+         top: int, unique_traces: bool) -> None:
     """Replay CAPTURE (pcap or pcapng) through the exporter's user-space path; print CPU µs per exchange."""
     try:
         if record:
@@ -177,7 +197,7 @@ def main(capture: Path, port: int | None, record: str | None, rate: float, durat
             click.echo(f"recorded {capture} (server port {port})")
         if port is None:
             raise click.UsageError("--port is required to replay")
-        frames, segments = load(capture, port)
+        frames, segments = load(capture, port, unique_traces)
     except (BenchError, CaptureError) as exc:
         raise click.ClickException(str(exc)) from exc
     if not frames:

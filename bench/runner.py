@@ -67,13 +67,22 @@ class Load:
     # HTTP/2: > 0 drives nginx's h2c listener with h2load -m this many streams per connection.
     h2_streams: int = 0
     h2_rps: float = 0.0  # h2load --rps, requests per second per connection (0: unpaced)
+    # HTTP/1.1 from h2load --h1 (paced with h2_rps): these paths in turn, each request with these
+    # headers. Where wrk would format each browser head in Lua (the userspace scenario's paced rows).
+    h1_paths: tuple[str, ...] = ()
+    h1_headers: tuple[str, ...] = ()
 
     @property
     def tool(self) -> str:
-        return "h2load" if self.h2_streams else "wrk"
+        return "h2load" if self.h2_streams or self.h1_paths else "wrk"
     error_responses: bool = False  # the load asks for some 5xx on purpose (realistic scenario)
 
     def argv(self, wrk: str, url: str, script_path: Path | None) -> list[str]:
+        """The client's command line; `script_path`: wrk's Lua, or h2load's file of URIs (h1_paths)."""
+        if self.h1_paths:
+            argv = [wrk, "--h1", f"-t{self.threads}", f"-c{self.connections}", f"-D{self.duration_s:g}",
+                    "-i", str(script_path), *(arg for header in self.h1_headers for arg in ("-H", header))]
+            return [*argv, f"--rps={self.h2_rps:g}"] if self.h2_rps else argv
         if self.h2_streams:
             argv = [wrk, f"-t{self.threads}", f"-c{self.connections}", f"-m{self.h2_streams}",
                     f"-D{self.duration_s:g}"]
@@ -382,6 +391,9 @@ class Runner:
         if load.script:
             script = self.workdir / f"load{self._n}.lua"
             script.write_text(load.script)
+        elif load.h1_paths:
+            script = self.workdir / f"load{self._n}.uris"
+            script.write_text("".join(nginx.url(path) + "\n" for path in load.h1_paths))
         out = self.workdir / f"wrk.{self._n}.out"
         with open(out, "wb") as stdout:
             argv = load.argv(self.tools[load.tool], nginx.url(load.path), script)
@@ -417,7 +429,7 @@ class Runner:
             raise BenchError(f"{load.tool} failed (exit {child.proc.returncode}): "
                              f"{child.log_tail() or text[-200:]}")
         try:
-            wrk = parse_h2load(text) if load.h2_streams else parse_wrk(text)
+            wrk = parse_h2load(text) if load.tool == "h2load" else parse_wrk(text)
         except ValueError as exc:
             raise BenchError(f"{exc}: {text[-200:]!r}") from None
         if wrk.non_2xx and not load.error_responses:

@@ -159,20 +159,23 @@ def _lua_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def realistic_script(ids: int = REALISTIC_IDS, seed: int = 1) -> str:
-    """A wrk Lua script sending browser-sized heads (~1.3 KB: the headers above and a
-    COOKIE_BYTES cookie) to `/api/items/<id>`, the id uniformly random in [0, ids)."""
-    if ids < 1:
-        raise ValueError("ids must be at least 1")
+def browser_headers() -> list[tuple[str, str]]:
+    """The headers above and a COOKIE_BYTES cookie: ~1.3 KB of request head."""
     # A cookie that looks like one (name=value pairs of hex), deterministic for the same run.
     pairs: list[str] = []
     n = 0
     while len("; ".join(pairs)) < COOKIE_BYTES:
         pairs.append(f"c{n}={(n * 2654435761) & 0xFFFFFFFF:08x}{(n * 40503) & 0xFFFF:04x}")
         n += 1
-    cookie = "; ".join(pairs)[:COOKIE_BYTES]
-    headers = [*_BROWSER_HEADERS, ("Cookie", cookie)]
-    table = ", ".join(f"[{_lua_string(name)}] = {_lua_string(value)}" for name, value in headers)
+    return [*_BROWSER_HEADERS, ("Cookie", "; ".join(pairs)[:COOKIE_BYTES])]
+
+
+def realistic_script(ids: int = REALISTIC_IDS, seed: int = 1) -> str:
+    """A wrk Lua script sending browser-sized heads (`browser_headers`) to `/api/items/<id>`,
+    the id uniformly random in [0, ids)."""
+    if ids < 1:
+        raise ValueError("ids must be at least 1")
+    table = ", ".join(f"[{_lua_string(name)}] = {_lua_string(value)}" for name, value in browser_headers())
     return (
         f"math.randomseed({seed})\n"
         f"local headers = {{{table}}}\n"

@@ -248,36 +248,44 @@ class HttpMetrics:
         self._sources.append(source)
 
     def observe(self, exchange: Exchange, route: str, identity: tuple[str, ...] = NO_IDENTITY) -> None:
-        # One unpack instead of a field lookup per use: this runs for every exchange.
-        (method, _, status, start_ns, end_ns, request_bytes, response_bytes, port, scheme, protocol_version, rpc,
-         _) = exchange
-        values = (method, status, route, port, scheme, protocol_version, identity)
-        seconds = (end_ns - start_ns) / 1e9 if end_ns > start_ns else 0.0  # Exchange.duration_seconds
-        # bisect_left: a value equal to a bound belongs in that bound's bucket (le is <=).
-        duration_slot = bisect.bisect_left(self.duration_buckets, seconds)
-        request_slot = bisect.bisect_left(self.size_buckets, request_bytes)
-        response_slot = bisect.bisect_left(self.size_buckets, response_bytes)
+        self.observe_all(((exchange, route, identity),))
+
+    def observe_all(self, observed: Iterable[tuple[Exchange, str, tuple[str, ...]]]) -> None:
+        """Each (exchange, its route, its server's identity labels) of a batch, under one lock."""
+        duration_buckets = self.duration_buckets
+        size_buckets = self.size_buckets
+        by_values = self._by_values
+        bisect_left = bisect.bisect_left
         with self._lock:
-            series = self._by_values.get(values)
-            if series is None:
-                series = self._series_of(http_key(method, status, route, port, scheme, protocol_version, identity))
-                if len(self._by_values) >= _BY_VALUES_ENTRIES:
-                    self._by_values.clear()
-                self._by_values[values] = series
-            duration, req_size, resp_size = series
-            duration.counts[duration_slot] += 1
-            duration.total += seconds
-            req_size.counts[request_slot] += 1
-            req_size.total += request_bytes
-            resp_size.counts[response_slot] += 1
-            resp_size.total += response_bytes
-            if rpc is not None:
-                rpc_key = (rpc.system, rpc.service, rpc.method, rpc.status_code, str(port))
-                rpc_hist = self._rpc.get(rpc_key)
-                if rpc_hist is None:
-                    rpc_hist = self._rpc[rpc_key] = _Histogram(len(self.duration_buckets))
-                rpc_hist.counts[duration_slot] += 1
-                rpc_hist.total += seconds
+            for exchange, route, identity in observed:
+                # One unpack instead of a field lookup per use: this runs for every exchange.
+                (method, _, status, start_ns, end_ns, request_bytes, response_bytes, port, scheme, protocol_version,
+                 rpc, _) = exchange
+                values = (method, status, route, port, scheme, protocol_version, identity)
+                series = by_values.get(values)
+                if series is None:
+                    series = self._series_of(
+                        http_key(method, status, route, port, scheme, protocol_version, identity))
+                    if len(by_values) >= _BY_VALUES_ENTRIES:
+                        by_values.clear()
+                    by_values[values] = series
+                seconds = (end_ns - start_ns) / 1e9 if end_ns > start_ns else 0.0  # Exchange.duration_seconds
+                # bisect_left: a value equal to a bound belongs in that bound's bucket (le is <=).
+                duration_slot = bisect_left(duration_buckets, seconds)
+                duration, req_size, resp_size = series
+                duration.counts[duration_slot] += 1
+                duration.total += seconds
+                req_size.counts[bisect_left(size_buckets, request_bytes)] += 1
+                req_size.total += request_bytes
+                resp_size.counts[bisect_left(size_buckets, response_bytes)] += 1
+                resp_size.total += response_bytes
+                if rpc is not None:
+                    rpc_key = (rpc.system, rpc.service, rpc.method, rpc.status_code, str(port))
+                    rpc_hist = self._rpc.get(rpc_key)
+                    if rpc_hist is None:
+                        rpc_hist = self._rpc[rpc_key] = _Histogram(len(duration_buckets))
+                    rpc_hist.counts[duration_slot] += 1
+                    rpc_hist.total += seconds
 
     def _series_of(self, key: HttpKey) -> tuple[_Histogram, _Histogram, _Histogram]:
         """The histograms of label set `key`, made at its first exchange (call with the lock held)."""

@@ -19,6 +19,7 @@ from exporter.core.model import Exchange, Segment
 from exporter.core.routes import RouteMapper
 from exporter.identity.model import SERVICE_NAME_SLOT
 from exporter.metrics import (
+    NO_IDENTITY,
     SELF_ENCRYPTED_FLOWS_TOTAL,
     SELF_EXCHANGES_TOTAL,
     SELF_FLOWS_ACTIVE,
@@ -101,8 +102,8 @@ class Pipeline:
         # and an LRU touch) once per server and batch, not once per exchange.
         identities: dict[tuple[str, int], tuple[str, ...]] = {}
         route_of = self.routes.route
-        observe = self.http.observe
         sinks = self.sinks
+        observed = []  # to the histograms in one call, under one lock
         for exchange in exchanges:
             route = route_of(exchange.server_port, exchange.target)
             if identify is not None:
@@ -110,13 +111,14 @@ class Pipeline:
                 identity = identities.get(server)
                 if identity is None:
                     identity = identities[server] = identify(*server)
-                observe(exchange, route, identity)
                 service_name = identity[SERVICE_NAME_SLOT]
             else:
-                observe(exchange, route)
+                identity = NO_IDENTITY
                 service_name = ""
+            observed.append((exchange, route, identity))
             for sink in sinks:
                 sink.observe(exchange, route, service_name)
+        self.http.observe_all(observed)
         self.exchanges += len(exchanges)
 
     def self_samples(self) -> Iterator[SelfSample]:

@@ -86,6 +86,9 @@ _u16 = struct.Struct("!H").unpack_from
 _ipv4 = struct.Struct("!BxHxxHxBxxII").unpack_from  # ver_ihl, tot_len, frag_off, proto, src, dst
 _ipv6_plen_nh = struct.Struct("!HB").unpack_from  # payload_len, next header (at +4)
 _tcp = struct.Struct("!HHI4xBB").unpack_from  # sport, dport, seq, (ack), data offset byte, flags
+# An Ethernet frame's ethertype, then _ipv4's fields, then _tcp's, read at once (see decode_frame_reason).
+_eth_ipv4_tcp = struct.Struct("!12xHBxHxxHxBxxIIHHI4xBB").unpack_from
+_ETH_IPV4_TCP_BYTES = 14 + 20 + 20
 _inet_ntop = socket.inet_ntop
 _new_tuple = tuple.__new__
 _AF_INET = socket.AF_INET
@@ -149,7 +152,21 @@ def decode_frame_reason(
 ) -> Segment | str:
     """Decode a frame; on failure return why (one of the REASON_* strings) instead of raising."""
     n = len(frame)
-    # Untagged Ethernet (and lo) carrying IPv4, the live capture's usual frame: no call needed.
+    # The live capture's usual frame: untagged Ethernet (lo too), IPv4 without options, not a
+    # fragment, TCP. Its headers are read with one unpack (0.2 us of ~1 us a frame); any other frame,
+    # and any field that needs a verdict, takes the general path below.
+    if linktype == LINKTYPE_ETHERNET and n >= _ETH_IPV4_TCP_BYTES:
+        etype, ver_ihl, tot_len, frag, proto, src_v4, dst_v4, sport, dport, seq, doff, flags = _eth_ipv4_tcp(frame)
+        if etype == _ETH_P_IP and ver_ihl == 0x45 and proto == _IPPROTO_TCP and not frag & 0x1FFF:
+            l3_end = 14 + tot_len if tot_len else wire_len
+            payload_start = 34 + (doff >> 4) * 4
+            if _ETH_IPV4_TCP_BYTES <= payload_start <= l3_end:
+                captured_end = l3_end if l3_end < n else n
+                return _new_tuple(Segment, (
+                    ts_ns, _V4_TEXT.get(src_v4) or _v4_text(src_v4), sport, _V4_TEXT.get(dst_v4) or _v4_text(dst_v4),
+                    dport, seq, flags,
+                    bytes(frame[payload_start:captured_end]) if captured_end > payload_start else b"",
+                    l3_end - payload_start))
     if linktype == LINKTYPE_ETHERNET and n >= 14 and frame[12] == 8 and frame[13] == 0:
         off, etype = 14, _ETH_P_IP
     else:

@@ -32,6 +32,8 @@ Parse error reasons (keys of the `errors` dict handed to the parsers):
 from __future__ import annotations
 
 import re
+from itertools import compress, count, filterfalse
+from operator import ne
 from typing import Any, Final, Protocol
 
 __all__ = [
@@ -39,10 +41,12 @@ __all__ = [
     "HEAD_MEMO_ENTRIES",
     "HEAD_MEMO_REST",
     "KNOWN_METHODS",
+    "LINE_MEMO_BYTES",
     "PARSE_ERROR_REASONS",
     "ByteSink",
     "HeadMemo",
     "HeadTable",
+    "LineTable",
     "PendingRequest",
     "RequestParser",
     "RequestSink",
@@ -135,30 +139,119 @@ class PendingRequest:
 # by one: a dict used as a queue slows its own iteration with the holes left at its front.
 # Heads that never repeat (a request carrying a trace id, a cookie, a random path) would pay the
 # lookup and the insertion for nothing, about 0.5 us per head: a table that filled up with fewer
-# than half of its lookups hits rests for HEAD_MEMO_REST heads (no lookup), then tries again.
+# than half of its lookups hits rests for HEAD_MEMO_REST heads (no lookup), then tries again. Heads
+# it cannot keep (longer than HEAD_MEMO_BYTES: browser heads with a cookie) fill it as if kept, so
+# that a stream of them makes it rest too rather than search 512 bytes of each for nothing.
 HEAD_MEMO_BYTES = 512
 HEAD_MEMO_ENTRIES = 1024
 HEAD_MEMO_REST = 16 * HEAD_MEMO_ENTRIES
 
 
-class HeadTable(dict[bytes, tuple[Any, ...]]):
-    """One direction's memo: head bytes -> what they parse to; its hits since it was last emptied,
-    and how many heads it still rests for."""
+# Heads that differ only in a line or two (a random id in the target, a traceparent, one user's
+# cookie) miss the head memo, and checking every line of a 1.4 KB browser head costs ~4.5 us in
+# regular-expression scans (0.7 ns a byte, ~30 ns a line, twice: lines, then bare CRs). Most of
+# their lines recur, though: the request parsers of one Tracker share the set of header lines
+# already checked plain (`token:value`, no CR or LF, no framing name). A CRLF head whose lines are
+# all in it, or pass that check now, needs no other scan: split at CRLF, hashed, looked up in C.
+# Hashing costs about what a scan does, so the lines of the last head taken are kept too: a head
+# whose lines (or all of them together) are the same bytes is compared, not hashed (memcmp), and
+# one that differs where the last one differed from its own predecessor has only those lines
+# checked. Only requests have one: responses nearly always carry a framing header, which it never
+# holds, and their heads repeat whole (the head memo's).
+# Bounded by LINE_MEMO_BYTES (what the lines and their set slots cost, about): emptied when full.
+LINE_MEMO_BYTES = 1 << 20
+_LINE_OVERHEAD = 64  # a bytes object's header and its set slot
 
-    __slots__ = ("hits", "rest")
+
+class LineTable(set[bytes]):
+    """Header lines (without their CRLF) known to be plain: see LINE_MEMO_BYTES."""
+
+    __slots__ = ("last", "last_lines", "prefix", "size", "suffix")
 
     def __init__(self) -> None:
         super().__init__()
+        self.size = 0  # bytes the lines cost, about
+        self.last = b""  # the lines of the last head found plain, together and one by one
+        self.last_lines: list[bytes] = []
+        # What the last two heads found plain had in common before and after the lines that differed
+        # (a traceparent, a request id): whole lines, with the CRLF that parts them from those lines.
+        self.prefix = self.suffix = b""
+
+    def plain(self, head: bytes, start: int, end: int) -> bool:
+        """Whether `head[start:end]` is CRLF-separated plain lines (the CRLF after the last one
+        excluded); those neither the last head's nor known are checked, and learnt."""
+        section = head[start:end]
+        if section == self.last:
+            return True
+        prefix, suffix = self.prefix, self.suffix
+        if ((prefix or suffix) and len(section) > len(prefix) + len(suffix)
+                and section.startswith(prefix) and section.endswith(suffix)):
+            # The usual unique head: its lines but those that changed last time are the same bytes
+            # (two comparisons, no split, no hashing); those are checked, not learnt (they change).
+            middle = section[len(prefix) : len(section) - len(suffix)]
+            if b"\r" not in middle:  # one line, the usual case
+                return _PLAIN_LINE.fullmatch(middle) is not None
+            return all(_PLAIN_LINE.fullmatch(line) is not None and b"\r" not in line
+                       for line in middle.split(b"\r\n"))
+        lines = section.split(b"\r\n")
+        last = self.last_lines
+        # Lines where the last head had the same bytes are plain; only the others are looked up.
+        changed = [*compress(count(), map(ne, lines, last))] if len(lines) == len(last) else []
+        new = [lines[at] for at in changed] if changed else lines  # (the same count, some changed)
+        unknown = [*filterfalse(self.__contains__, new)]
+        if unknown:
+            size = 0
+            for line in unknown:
+                if _PLAIN_LINE.fullmatch(line) is None or b"\r" in line:
+                    return False
+                size += len(line) + _LINE_OVERHEAD
+            if self.size + size > LINE_MEMO_BYTES:
+                self.clear()
+                self.size = 0
+            self.update(unknown)
+            self.size += size
+        self.last = section
+        self.last_lines = lines
+        if changed:
+            first, final = changed[0], changed[-1]
+            after = len(lines) - final - 1  # lines after the last that changed, each after a CRLF
+            self.prefix = section[: sum(map(len, lines[:first])) + 2 * first]
+            self.suffix = section[len(section) - sum(map(len, lines[final + 1 :])) - 2 * after :]
+        else:
+            self.prefix = self.suffix = b""
+        return True
+
+
+class HeadTable(dict[bytes, tuple[Any, ...]]):
+    """One direction's memo: head bytes -> what they parse to; its hits since it was last emptied,
+    and how many heads it still rests for. `lines`: the request direction's LineTable."""
+
+    __slots__ = ("hits", "lines", "passed", "rest")
+
+    def __init__(self, lines: LineTable | None = None) -> None:
+        super().__init__()
         self.hits = 0
         self.rest = 0
+        self.passed = 0  # heads looked up that it could not keep, since it was last emptied
+        self.lines = lines
 
     def keep(self, head: bytes, parsed: tuple[Any, ...]) -> None:
-        if len(self) >= HEAD_MEMO_ENTRIES:
-            if self.hits < HEAD_MEMO_ENTRIES // 2:
-                self.rest = HEAD_MEMO_REST
-            self.hits = 0
-            self.clear()
+        if len(self) + self.passed >= HEAD_MEMO_ENTRIES:
+            self._empty()
         self[head] = parsed
+
+    def pass_over(self) -> None:
+        """A head looked up that cannot be kept (too long, or cut by its segment's end)."""
+        self.passed += 1
+        if len(self) + self.passed >= HEAD_MEMO_ENTRIES:
+            self._empty()
+
+    def _empty(self) -> None:
+        if self.hits < HEAD_MEMO_ENTRIES // 2:
+            self.rest = HEAD_MEMO_REST
+        self.hits = 0
+        self.passed = 0
+        self.clear()
 
 
 class HeadMemo:
@@ -170,7 +263,7 @@ class HeadMemo:
     __slots__ = ("requests", "responses")
 
     def __init__(self) -> None:
-        self.requests = HeadTable()
+        self.requests = HeadTable(LineTable())
         self.responses = HeadTable()
 
 
@@ -208,6 +301,8 @@ _REQUEST_LINE_PATTERN = rb"([" + _TCHAR + rb"]+) ([^\x00-\x20\x7f]+) HTTP/1\.[0-
 _STATUS_LINE_PATTERN = rb"HTTP/1\.[0-9] ([0-9]{3})(?:[ \t][^\r\n]*)?\r?"
 _REQUEST_LINE = re.compile(_REQUEST_LINE_PATTERN)
 _STATUS_LINE = re.compile(_STATUS_LINE_PATTERN)
+# A request line ended by CRLF (its groups as in _REQUEST_LINE): the heads LineTable serves start so.
+_REQUEST_LINE_CRLF = re.compile(_REQUEST_LINE_PATTERN + rb"(?<=\r)\n")
 # Header lines: `token ":" value` ended by LF, the value free of CR and LF but for one CR before the
 # LF. Checked as two cheap scans rather than one `[^\r\n]*\r?\n` pattern: sre runs a negated
 # single byte (`[^\n]`) in a tight loop but a two-byte class byte by byte, ~5x slower on a 1.4 KB
@@ -222,6 +317,8 @@ _PLAIN_LINES_PATTERN = rb"(?:(?!(?i:content-length|transfer-encoding):)[" + _TCH
 # A head's first line (its groups as in _REQUEST_LINE, _STATUS_LINE) and its plain lines in one
 # match: the whole-head path's first scan.
 _REQUEST_HEAD = re.compile(_REQUEST_LINE_PATTERN + rb"\n" + _PLAIN_LINES_PATTERN)
+# One plain line without its end, for LineTable (which also refuses any CR in it).
+_PLAIN_LINE = re.compile(rb"(?!(?i:content-length|transfer-encoding):)[" + _TCHAR + rb"]++:[^\n]*+")
 _STATUS_HEAD = re.compile(_STATUS_LINE_PATTERN + rb"\n" + _PLAIN_LINES_PATTERN)
 _BARE_CR = re.compile(rb"\r(?!\n)")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
@@ -265,11 +362,20 @@ _NO_BODY = (_HEAD, 0)
 _BLANK = b"\r\n"
 
 
-def _header_fields_ok(head: bytes, start: int, lines_checked: bool = False, end: int | None = None) -> bool:
+# How much of a head's lines the caller checked already (`_header_fields_ok`'s `checked`).
+_UNCHECKED = 0
+_LINES_CHECKED = 1  # `_HEADER_LINES` matched them all; bare CRs are left to find
+_FIELDS_CHECKED = 2  # all of it (LineTable.plain)
+
+
+def _header_fields_ok(head: bytes, start: int, checked: int = _UNCHECKED, end: int | None = None) -> bool:
     """Whether `head[start:end]` is header lines only (see `_HEADER_LINES`), obs-fold refused.
 
-    `lines_checked`: `_HEADER_LINES` already matched all of it; only bare CRs are left to find.
+    `checked`: what the caller already knows of them (_UNCHECKED, _LINES_CHECKED, _FIELDS_CHECKED).
     """
+    if checked == _FIELDS_CHECKED:
+        return True
+    lines_checked = checked == _LINES_CHECKED
     if end is None:
         end = len(head)
     return ((lines_checked or _HEADER_LINES.fullmatch(head, start, end) is not None)
@@ -299,6 +405,7 @@ class _Parser:
     )
 
     _candidate: re.Pattern[bytes]
+    _first_line_crlf: re.Pattern[bytes]  # set where HeadMemo gives a LineTable (requests)
     _prefix: re.Pattern[bytes]
     _start: re.Pattern[bytes]
     _whole_head: re.Pattern[bytes]
@@ -449,7 +556,9 @@ class _Parser:
                 known.rest -= 1
             elif known is not None:
                 memo_end = data.find(b"\r\n\r\n", pos, pos + HEAD_MEMO_BYTES)
-                if memo_end >= 0 and memo_end + 1 - pos < self._max_head:
+                if memo_end < 0:
+                    known.pass_over()
+                elif memo_end + 1 - pos < self._max_head:
                     head_key = data[pos : memo_end + 4]
                     parsed = known.get(head_key)
                     if parsed is not None:
@@ -458,6 +567,23 @@ class _Parser:
                         return memo_end + 4
                 else:
                     memo_end = -1
+            lines_known = known.lines if known is not None else None
+            first = self._first_line_crlf.match(data, pos) if lines_known is not None else None
+            if first is not None and lines_known is not None:
+                # A CRLF head of known (or now checked) plain lines: no scan of its lines, a
+                # search for its end and a split (see LINE_MEMO_BYTES). It is what the whole-head
+                # path below accepts as a head without framing; any other goes there.
+                fields = first.end()
+                term = data.find(b"\r\n\r\n", fields - 2)
+                if (term >= 0 and term + 1 - pos < self._max_head
+                        and (term < fields or lines_known.plain(data, fields, term))):
+                    read = self._read_head(data, pos, term + 2, _NO_FRAMING, _FIELDS_CHECKED, first)
+                    if isinstance(read, int):
+                        return term + 4 if read < 0 else pos + read
+                    if memo_end == term and known is not None:
+                        known.keep(head_key, read)
+                    self._take_head(read, ts_ns)
+                    return term + 4
             first = self._whole_head.match(data, pos)
             if first is not None:
                 # The usual head, whole in this segment: a good first line, `name:value` lines up to
@@ -475,7 +601,7 @@ class _Parser:
                     lines_end = lines.end() if lines is not None else lines_end
                     blank = data[lines_end : lines_end + 2] == b"\r\n"
                 if blank and lines_end - 1 - pos < self._max_head:
-                    read = self._read_head(data, pos, lines_end, framing_from, True, first)
+                    read = self._read_head(data, pos, lines_end, framing_from, _LINES_CHECKED, first)
                     if isinstance(read, int):
                         return lines_end + 2 if read < 0 else pos + read
                     if memo_end == lines_end - 2 and known is not None:  # the key is this whole head
@@ -496,7 +622,7 @@ class _Parser:
                 if term - pos >= self._max_head:
                     self._fail(self._overflow_reason)
                     return term + skip
-                outcome = self._parse_head(data, pos, term + 1, ts_ns, pos, False)
+                outcome = self._parse_head(data, pos, term + 1, ts_ns, pos, _UNCHECKED)
                 return term + skip if outcome < 0 else pos + outcome
             self._head = head = bytearray(data[pos:] if pos else data)
             self._first_line_ok = False
@@ -521,7 +647,7 @@ class _Parser:
                 self._fail(self._overflow_reason)
                 return pos + term + skip - old
             whole = bytes(head[: term + 1])
-            outcome = self._parse_head(whole, 0, len(whole), ts_ns, 0, False)
+            outcome = self._parse_head(whole, 0, len(whole), ts_ns, 0, _UNCHECKED)
             # A first line that fails here was completed by this segment, so outcome >= old.
             return pos + (term + skip if outcome < 0 else outcome) - old
         return self._check_partial_head(head, old, pos, end)
@@ -693,21 +819,21 @@ class _Parser:
     # -- hooks ---------------------------------------------------------------------------
 
     def _parse_head(self, data: bytes, start: int, end: int, ts_ns: int, framing_from: int,
-                    lines_checked: bool, first: re.Match[bytes] | None = None) -> int:
+                    checked: int, first: re.Match[bytes] | None = None) -> int:
         """Take the head `data[start:end]` (its lines end with LF; the blank line is not included).
 
         `framing_from`: where in `data` a framing header's name may first start (its LF), or
-        _NO_FRAMING when there is none. `lines_checked`: `_HEADER_LINES` matched all its lines.
+        _NO_FRAMING when there is none. `checked`: what is known of its lines (`_header_fields_ok`).
         `first`: `_whole_head`'s match of it, when that checked its first line. Returns _PARSED,
         _SKIP_HEAD, or where to resume counted from `start`.
         """
-        read = self._read_head(data, start, end, framing_from, lines_checked, first)
+        read = self._read_head(data, start, end, framing_from, checked, first)
         if isinstance(read, int):
             return read
         self._take_head(read, ts_ns)
         return _PARSED
 
-    def _read_head(self, data: bytes, start: int, end: int, framing_from: int, lines_checked: bool,
+    def _read_head(self, data: bytes, start: int, end: int, framing_from: int, checked: int,
                    first: re.Match[bytes] | None) -> tuple[Any, ...] | int:
         """What the head `data[start:end]` says (see _parse_head), a function of its bytes alone:
         a tuple for _take_head, or, when it is not acceptable (counted here), where to resume."""
@@ -805,6 +931,7 @@ class RequestParser(_Parser):
     __slots__ = ("_current", "_sink")
 
     _candidate = _REQUEST_CANDIDATE
+    _first_line_crlf = _REQUEST_LINE_CRLF
     _prefix = _REQUEST_PREFIX
     _start = _METHOD_START
     _whole_head = _REQUEST_HEAD
@@ -836,7 +963,7 @@ class RequestParser(_Parser):
             return "bad_request_line"
         return "not_http"
 
-    def _read_head(self, data: bytes, start: int, end: int, framing_from: int, lines_checked: bool,
+    def _read_head(self, data: bytes, start: int, end: int, framing_from: int, checked: int,
                    first: re.Match[bytes] | None) -> tuple[Any, ...] | int:
         newline = data.find(b"\n", start, end)
         if first is None:
@@ -844,7 +971,7 @@ class RequestParser(_Parser):
             if first is None:
                 self._fail(self._first_line_error(data[start:newline]) or "bad_request_line")
                 return newline + 1 - start
-        if not _header_fields_ok(data, newline + 1, lines_checked, end):
+        if not _header_fields_ok(data, newline + 1, checked, end):
             self._fail("bad_header")
             return _SKIP_HEAD
         framing, length = _framing(data, framing_from, end) if framing_from != _NO_FRAMING else _NO_BODY
@@ -928,7 +1055,7 @@ class ResponseParser(_Parser):
             return None
         return "bad_status_line" if line.startswith(b"HTTP/") else "not_http"
 
-    def _read_head(self, data: bytes, start: int, end: int, framing_from: int, lines_checked: bool,
+    def _read_head(self, data: bytes, start: int, end: int, framing_from: int, checked: int,
                    first: re.Match[bytes] | None) -> tuple[Any, ...] | int:
         newline = data.find(b"\n", start, end)
         if first is None:
@@ -936,7 +1063,7 @@ class ResponseParser(_Parser):
             if first is None:
                 self._fail(self._first_line_error(data[start:newline]) or "bad_status_line")
                 return newline + 1 - start
-        if not _header_fields_ok(data, newline + 1, lines_checked, end):
+        if not _header_fields_ok(data, newline + 1, checked, end):
             self._fail("bad_header")
             return _SKIP_HEAD
         status = int(first.group(1))

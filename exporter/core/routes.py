@@ -80,7 +80,7 @@ def heuristic_route(path: str) -> str:
 class RouteMapper:
     """Maps (server port, target) to a bounded set of route labels per port."""
 
-    __slots__ = ("_cache", "_max_routes", "_overflow_route", "_patterns", "_routes", "overflowed")
+    __slots__ = ("_cache", "_digits_are_ids", "_max_routes", "_overflow_route", "_patterns", "_routes", "overflowed")
 
     def __init__(
         self,
@@ -102,6 +102,8 @@ class RouteMapper:
         self._routes: dict[int, set[str]] = {}
         self._cache: dict[str, str] = {}
         self.overflowed = 0
+        # Targets that differ only in a last segment of digits then have one route, cached once.
+        self._digits_are_ids = self.identifiers_are_ids()
 
     def identifiers_are_ids(self) -> bool:
         """Whether writing every path segment the heuristic takes for an identifier as `{id}`
@@ -120,10 +122,19 @@ class RouteMapper:
     def route(self, server_port: int, target: str) -> str:
         route = self._cache.get(target)
         if route is None:
-            route = self._shape(target)
-            if len(self._cache) >= _CACHE_ENTRIES:
-                self._cache.clear()
-            self._cache[target] = route
+            if self._digits_are_ids:
+                # `/items/<random id>`, the usual miss: cached as `/items/0`, which has its route when
+                # identifiers are ids (a pattern's placeholder takes both, the heuristic makes both
+                # `{id}`), so the cache is not flooded and the path is not shaped again.
+                last = target.rfind("/") + 1
+                if last and target[last:].isdigit() and target[last:].isascii():
+                    target = target[:last] + "0"
+                    route = self._cache.get(target)
+            if route is None:
+                route = self._shape(target)
+                if len(self._cache) >= _CACHE_ENTRIES:
+                    self._cache.clear()
+                self._cache[target] = route
         known = self._routes.get(server_port)
         if known is None:
             known = self._routes[server_port] = set()

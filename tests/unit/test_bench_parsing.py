@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +20,7 @@ from bench.report import (
     median_rows,
     render_markdown,
 )
-from bench.runner import route_mismatch
+from bench.runner import Load, route_mismatch
 from bench.scrape import CLK_TCK, parse_proc, parse_scrape
 from bench.wrk import (
     COOKIE_BYTES,
@@ -256,6 +257,16 @@ def test_realistic_script_sends_browser_sized_heads() -> None:
     assert '["sec-ch-ua"]' in script and '["User-Agent"]' in script  # both name cases
     with pytest.raises(ValueError):
         realistic_script(ids=0)
+
+
+def test_h2load_h1_load_reads_its_uris_from_a_file_and_sends_the_headers() -> None:
+    load = Load(10, 250, 1, h1_paths=("/api/items/7",), h1_headers=("Cookie: c=1", "sec-ch-ua-mobile: ?0"),
+                h2_rps=200)
+    assert load.tool == "h2load"
+    assert load.argv("h2load", "http://127.0.0.1:1/", Path("/w/load1.uris")) == [
+        "h2load", "--h1", "-t1", "-c250", "-D10", "-i", "/w/load1.uris", "-H", "Cookie: c=1",
+        "-H", "sec-ch-ua-mobile: ?0", "--rps=200"]
+    assert Load(10, 32).tool == "wrk"
 
 
 def test_pipelined_script_writes_depth_requests_at_once() -> None:

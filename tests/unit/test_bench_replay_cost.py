@@ -14,7 +14,7 @@ from pypacker.layer3 import ip
 from pypacker.layer4 import tcp
 
 from bench.filter_cost import main as filter_cost_main
-from bench.replay_cost import main
+from bench.replay_cost import main, new_traces
 from exporter.capture.frames import LINKTYPE_ETHERNET
 from exporter.core.model import ACK, FIN, PSH
 
@@ -84,3 +84,14 @@ def test_a_file_that_is_not_a_capture_is_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, [str(path), "--port", str(PORT)])
     assert result.exit_code == 1
     assert result.output == f"Error: not a pcap or pcapng file: {path}\n"
+
+
+def test_new_traces_make_every_head_unique_and_keep_every_length() -> None:
+    head = b"GET / HTTP/1.1\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n"
+    frames = [(1, head, len(head), LINKTYPE_ETHERNET), (2, b"HTTP/1.1 200 OK\r\n\r\n", 19, LINKTYPE_ETHERNET),
+              (3, head, len(head), LINKTYPE_ETHERNET)]
+    out = list(new_traces(frames))
+    assert out[1] == frames[1]
+    assert [len(f[1]) for f in out] == [len(f[1]) for f in frames] and out[0][1] != out[2][1]
+    for got in (out[0][1], out[2][1]):
+        assert re.fullmatch(rb"GET / HTTP/1.1\r\ntraceparent: 00-[0-9a-f]{32}-[0-9a-f]{16}-01\r\n\r\n", got)

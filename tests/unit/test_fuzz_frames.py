@@ -111,3 +111,29 @@ def test_mutated_frames_never_raise(case: tuple[bytes, int, Segment], flips: lis
     mutated = bytes(frame[: len(frame) - chop] if chop < len(frame) else frame)
     check(decode_frame_reason(mutated, 1, wire, linktype), len(mutated))
     check(decode_frame_reason(mutated, 1, wire, case[1]), len(mutated))
+
+
+
+@fuzz(500)
+@given(valid_frames(), st.sampled_from([0x45, 0x45, 0x46, 0x44, 0x4F]), st.one_of(st.none(), st.integers(0, 120)),
+       st.sampled_from([0, 0x4000, 0x2000, 1, 0x1FFF]), st.sampled_from([6, 6, 17]), st.integers(0, 255),
+       st.integers(0, 100))
+def test_ethernet_ipv4_frames_decode_as_raw_ip_does(case: tuple[bytes, int, Segment], ver_ihl: int,
+                                                     tot_len: int | None, frag: int, proto: int, doff: int,
+                                                     cut: int) -> None:
+    """Untagged Ethernet IPv4 TCP frames take a one-unpack path; whatever their header fields say
+    (options, a fragment, lengths too short or too long, another protocol, a cut frame), it answers as
+    the general path does for the same IP packet given raw."""
+    frame, linktype, _ = case
+    data = bytearray(ethernet(frame, False, False) if linktype == frames.LINKTYPE_RAW else frame)
+    if data[12:14] != b"\x08\x00":
+        return  # IPv6 or VLAN: the general path's own
+    data[14] = ver_ihl
+    if tot_len is not None:
+        struct.pack_into("!H", data, 16, tot_len)
+    struct.pack_into("!HxB", data, 20, frag, proto)
+    data[46] = doff
+    data = data[: max(15, len(data) - cut)]
+    wire = len(data) + cut
+    assert decode_frame_reason(bytes(data), 7, wire) == decode_frame_reason(bytes(data[14:]), 7, wire - 14,
+                                                                             frames.LINKTYPE_RAW)

@@ -517,3 +517,69 @@ def test_the_head_memo_changes_no_outcome(segments: tuple[str, list[bytes]], max
     assert outcomes[1] == outcomes[0]
     assert outcomes[2] == outcomes[0]
     assert outcomes[4] == outcomes[0]
+
+
+# -- the line memo (http1.LineTable) ----------------------------------------------------------
+
+BARE_LF_LINES = [b"E: f\nG: h", b"E: f\n folded", b"E: f\nContent-Length: 2", b"E: f\n"]
+
+
+@fuzz(400)
+@given(st.lists(HEAD_LINES | st.sampled_from(BARE_LF_LINES), min_size=1, max_size=5),
+       st.lists(st.tuples(st.integers(0, 4), HEAD_LINES | st.sampled_from(BARE_LF_LINES)), max_size=8),
+       st.sampled_from(REQUEST_LINES))
+def test_the_line_memo_changes_no_outcome(lines: list[bytes], swaps: list[tuple[int, bytes]], first: bytes) -> None:
+    """A run of request heads, each the last with one line replaced (a new id, a new traceparent),
+    through parsers sharing a HeadMemo (its LineTable remembers lines and the last head's) on two
+    connections in turn, reports exactly what parsers without one report."""
+    heads = []
+    for at, line in [(0, lines[0]), *swaps]:
+        lines = [*lines]
+        lines[at % len(lines)] = line
+        heads.append(first + b"\r\n" + b"".join(line + b"\r\n" for line in lines) + b"\r\n")
+    outcomes = []
+    for memo in (None, http1.HeadMemo()):
+        errors: dict[str, int] = {}
+        sinks = [MemoSink(), MemoSink()]
+        parsers = [RequestParser(sink, errors, 32768, 65536, memo.requests if memo else None) for sink in sinks]
+        for ts, head in enumerate(heads * 2):
+            parsers[ts % 2].feed(head, ts)
+        outcomes.append(([sink.events for sink in sinks], {reason: n for reason, n in errors.items() if n}))
+    assert outcomes[1] == outcomes[0]
+
+
+# What changes in the same place from head to head: mostly a plain line of a new value, sometimes not plain.
+VARYING_LINES = st.sampled_from([b"traceparent: 00-1", b"traceparent: 00-22", b"X-Id:3", b"A: bare\rcr", b"B:\r",
+                                 b"E: f\nG: h", b" folded: line", b"Content-Length: 3", b"tRaNsFeR-eNcOdInG: x"])
+ODD_LINES = HEAD_LINES | st.sampled_from(BARE_LF_LINES)
+
+
+@fuzz(400)
+@given(st.lists(st.sampled_from([b"Host: a", b"X-Id:1", b"cookie: c=1; d=2", b"Upgrade: h2c", b"D:"]),
+                min_size=2, max_size=6),
+       st.integers(0, 5), st.integers(1, 2),
+       st.lists(st.tuples(st.lists(VARYING_LINES, min_size=2, max_size=2),
+                          st.none() | st.none() | st.tuples(st.integers(0, 5), ODD_LINES)),
+                min_size=2, max_size=12))
+def test_heads_that_change_in_the_same_lines_parse_as_without_the_line_memo(
+        lines: list[bytes], at: int, width: int, steps: list[tuple[list[bytes], tuple[int, bytes] | None]]) -> None:
+    """Heads whose lines change in the same place each time (a traceparent, an id: what LineTable
+    compares around, and only checks), now and then elsewhere too, with any line in that place:
+    the parser's calls and errors are those of a parser without the memo."""
+    at %= len(lines)
+    heads = []
+    for varying, elsewhere in steps:
+        lines = [*lines]
+        lines[at : at + width] = varying[:width]
+        if elsewhere is not None:
+            lines[elsewhere[0] % len(lines)] = elsewhere[1]
+        heads.append(b"GET /a HTTP/1.1\r\n" + b"".join(line + b"\r\n" for line in lines) + b"\r\n")
+    outcomes = []
+    for memo in (None, http1.HeadMemo()):
+        errors: dict[str, int] = {}
+        sink = MemoSink()
+        parser = RequestParser(sink, errors, 32768, 65536, memo.requests if memo else None)
+        for ts, head in enumerate(heads):
+            parser.feed(head, ts)
+        outcomes.append((sink.events, {reason: n for reason, n in errors.items() if n}))
+    assert outcomes[1] == outcomes[0]

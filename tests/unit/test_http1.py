@@ -12,6 +12,7 @@ from exporter.core.http1 import (
     HEAD_MEMO_ENTRIES,
     HEAD_MEMO_REST,
     KNOWN_METHODS,
+    LINE_MEMO_BYTES,
     PARSE_ERROR_REASONS,
     HeadMemo,
     PendingRequest,
@@ -580,3 +581,48 @@ def test_a_full_memo_whose_heads_repeat_never_rests() -> None:
     assert memo.requests.rest == 0 and repeated in memo.requests  # emptied twice, never resting
     parser.feed(repeated, 10_000)
     assert memo.requests.hits == 1
+
+
+# -- the line memo ------------------------------------------------------------------------------
+
+def _traced(trace: bytes) -> bytes:
+    return b"GET /a/1 HTTP/1.1\r\nHost: a\r\ntraceparent: " + trace + b"\r\nCookie: c=1\r\n\r\n"
+
+
+def test_the_line_memo_learns_lines_then_only_checks_the_one_that_changes() -> None:
+    memo = HeadMemo()
+    table = memo.requests.lines
+    assert table is not None
+    recorder = RequestRecorder()
+    parser = RequestParser(recorder, {}, known=memo.requests)
+    parser.feed(_traced(b"00-1"), 1)
+    assert table == {b"Host: a", b"traceparent: 00-1", b"Cookie: c=1"} and table.prefix == table.suffix == b""
+    parser.feed(_traced(b"00-2"), 2)  # one line changed: the lines around it are kept, with their CRLFs
+    assert (table.prefix, table.suffix) == (b"Host: a\r\n", b"\r\nCookie: c=1")
+    assert b"traceparent: 00-2" in table
+    parser.feed(_traced(b"00-3"), 3)  # compared around, checked alone, not learnt
+    assert b"traceparent: 00-3" not in table and table.last == _traced(b"00-2")[19:-4]
+    parser.feed(_traced(b"00-\r4"), 4)  # a bare CR where the id was: refused, as without the memo
+    assert [r.target for r in recorder.requests] == ["/a/1"] * 3
+
+
+def test_a_full_line_memo_is_emptied() -> None:
+    memo = HeadMemo()
+    table = memo.requests.lines
+    assert table is not None
+    parser = RequestParser(RequestRecorder(), {}, known=memo.requests)
+    line = b"X-Pad: " + b"p" * 1000
+    for n in range(LINE_MEMO_BYTES // 1000 + 2):
+        parser.feed(b"GET / HTTP/1.1\r\nX-N: %d\r\n%s%d\r\n\r\n" % (n, line, n), n)  # two lines new each time
+    assert table.size <= LINE_MEMO_BYTES and len(table) < LINE_MEMO_BYTES // 1000
+
+
+def test_heads_too_long_to_keep_make_the_memo_rest_too() -> None:
+    memo = HeadMemo()
+    parser = RequestParser(RequestRecorder(), {}, known=memo.requests)
+    long_head = b"GET / HTTP/1.1\r\nCookie: " + b"c" * HEAD_MEMO_BYTES + b"\r\n\r\n"
+    for ts in range(HEAD_MEMO_ENTRIES - 1):
+        parser.feed(long_head, ts)
+    assert (memo.requests.passed, memo.requests.rest) == (HEAD_MEMO_ENTRIES - 1, 0)
+    parser.feed(long_head, HEAD_MEMO_ENTRIES)  # the table is "full" of heads it could not keep, none hit
+    assert (memo.requests.passed, memo.requests.rest, len(memo.requests)) == (0, HEAD_MEMO_REST, 0)

@@ -101,18 +101,27 @@ def _oracle(observed: list[tuple[Exchange, str, tuple[str, ...]]], http: HttpMet
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(exchanges, max_size=40), st.integers(0, 40), st.integers(1, 4))
+@given(st.lists(exchanges, max_size=40), st.integers(0, 40), st.integers(1, 4), st.integers(1, 6))
 def test_every_sample_equals_a_count_straight_from_the_exchanges(
-        observed: list[tuple[Exchange, str, tuple[str, ...]]], forget_at: int, lookup_entries: int) -> None:
+        observed: list[tuple[Exchange, str, tuple[str, ...]]], forget_at: int, lookup_entries: int,
+        batch: int) -> None:
     # observe() finds a series by the exchange's own values through a small bounded table (made
     # tiny here so that it fills and starts again); forgetting a server's series clears it too.
+    # Exchanges come one by one (batch 1) or in batches (observe_all, as the pipeline gives them).
     http = HttpMetrics()
     with patch.object(metrics, "_BY_VALUES_ENTRIES", lookup_entries):
-        for at, (one, route, identity) in enumerate(observed):
-            if at == forget_at:
+        at = 0
+        forgotten = False
+        while at < len(observed):
+            if at >= forget_at and not forgotten:
                 http.forget_instances({"shop-1"})
-                observed = [item for item in observed[:at] if item[2][1] != "shop-1"] + observed[at:]
-            http.observe(one, route, identity)
+                kept = [item for item in observed[:at] if item[2][1] != "shop-1"]
+                observed, at, forgotten = kept + observed[at:], len(kept), True
+            if batch == 1:
+                http.observe(*observed[at])
+            else:
+                http.observe_all(observed[at : at + batch])
+            at += batch
     want = _oracle(observed, http)
     got = {(sample.name, *sample.labels.values()): sample.value
            for family in http.collect() for sample in family.samples}

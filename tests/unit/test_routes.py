@@ -130,3 +130,29 @@ def test_heuristic_keeps_short_words_exactly_as_asking_each_segment_did(segments
             shaped.pop()
         route = "/" + "/".join([*shaped, "{rest}"])
     assert heuristic_route(path) == route
+
+
+_TARGETS = st.one_of(
+    st.tuples(st.lists(st.sampled_from(["api", "items", "v", "2024", "٤٢", "x" * 70]), max_size=9),
+              st.sampled_from(["0", "7", "42", "2024", "٤٢", "", "items"]))
+    .map(lambda parts: "/".join(["", *parts[0], parts[1]])),
+    st.sampled_from(["/a?b=/12", "/a#/3", "http://h:80/a/12", "12", "h:443", "/a/12?x=1"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(targets=st.lists(_TARGETS, min_size=1, max_size=8),
+       patterns=st.lists(st.sampled_from(["/api/items/{id}", "/v/2024/{x}", "/{a}/{b}", "/items/42", "/0", "/{a}"]),
+                         max_size=2))
+def test_a_target_ending_in_digits_has_the_route_of_its_own_shape(targets: list[str], patterns: list[str]) -> None:
+    """Targets ending in a segment of digits share one cache entry (`/items/0`) when identifiers are
+    ids; every route is still what shaping that very target gives, cache warm or cold."""
+    mapper = RouteMapper(patterns, max_routes_per_port=10_000)
+    for target in targets * 2:
+        assert mapper.route(80, target) == mapper._shape(target)
+
+
+def test_random_ids_do_not_flood_the_route_cache() -> None:
+    mapper = RouteMapper()
+    assert {mapper.route(80, f"/api/items/{i}") for i in range(10_000)} == {"/api/items/{id}"}
+    assert mapper._cache == {"/api/items/0": "/api/items/{id}"}
