@@ -162,6 +162,13 @@ def tracker_pass(segments: list[Segment], port: int) -> Callable[[], int]:
     return run
 
 
+def print_profile(run: Callable[[], int], top: int) -> None:
+    """cProfile's top `top` functions of one more pass, by their own time."""
+    profile = cProfile.Profile()
+    profile.runcall(run)
+    pstats.Stats(profile).sort_stats("tottime").print_stats(top)
+
+
 def least_cpu(prepare: Callable[[], Callable[[], int]], passes: int) -> tuple[float, int]:
     """(least CPU seconds of a pass, exchanges of a pass); `prepare` builds a pass, untimed."""
     best = float("inf")
@@ -221,9 +228,7 @@ def main(capture: Path, port: int | None, record: str | None, rate: float, durat
         click.echo(f"{name:8}  {seconds / exchanges * 1e6:7.2f} µs/exchange  ({exchanges:,} exchanges, "
                    f"{len(frames) / exchanges:.2f} frames each, least of {passes} passes)")
     if top:
-        profile = cProfile.Profile()
-        profile.runcall(passes_of["pipeline"]())
-        pstats.Stats(profile).sort_stats("tottime").print_stats(top)
+        print_profile(passes_of["pipeline"](), top)
 
 if __name__ == "__main__":
     main()

@@ -27,8 +27,6 @@ its bytes (struct tls_event, as tls.decode_event reads it).
 
 from __future__ import annotations
 
-import cProfile
-import pstats
 import struct
 import tempfile
 import threading
@@ -40,7 +38,7 @@ import click
 
 from bench.nginx import Nginx
 from bench.procs import BenchError, Children, require_tools, wait_until
-from bench.replay_cost import least_cpu
+from bench.replay_cost import least_cpu, print_profile
 from exporter.capture.ringbuf import records_of, span_of
 from exporter.capture.tls import COUNTER_NAMES, TlsCapture, TlsProbes, find_libraries
 from exporter.config import DEFAULT_MAX_SERVERS, DEFAULT_POD_LOGS
@@ -237,9 +235,7 @@ def main(events: Path, do_record: bool, duration: float, passes: int, top: int) 
         seconds, _ = least_cpu(prepare, passes)
         click.echo(f"{name:12}  {seconds / exchanges * 1e6:7.2f} µs/exchange  (least of {passes} passes)")
     if top:
-        profile = cProfile.Profile()
-        profile.runcall(passes_of["pipeline"]())
-        pstats.Stats(profile).sort_stats("tottime").print_stats(top)
+        print_profile(passes_of["pipeline"](), top)
 
 
 if __name__ == "__main__":
