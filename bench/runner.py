@@ -71,6 +71,7 @@ class Load:
     # headers. Where wrk would format each browser head in Lua (the userspace scenario's paced rows).
     h1_paths: tuple[str, ...] = ()
     h1_headers: tuple[str, ...] = ()
+    h1_pipeline: int = 1  # h2load --h1 -m: requests in flight per connection, pipelined when > 1
 
     @property
     def tool(self) -> str:
@@ -80,8 +81,9 @@ class Load:
     def argv(self, wrk: str, url: str, script_path: Path | None) -> list[str]:
         """The client's command line; `script_path`: wrk's Lua, or h2load's file of URIs (h1_paths)."""
         if self.h1_paths:
-            argv = [wrk, "--h1", f"-t{self.threads}", f"-c{self.connections}", f"-D{self.duration_s:g}",
-                    "-i", str(script_path), *(arg for header in self.h1_headers for arg in ("-H", header))]
+            argv = [wrk, "--h1", f"-t{self.threads}", f"-c{self.connections}", f"-m{self.h1_pipeline}",
+                    f"-D{self.duration_s:g}", "-i", str(script_path),
+                    *(arg for header in self.h1_headers for arg in ("-H", header))]
             return [*argv, f"--rps={self.h2_rps:g}"] if self.h2_rps else argv
         if self.h2_streams:
             argv = [wrk, f"-t{self.threads}", f"-c{self.connections}", f"-m{self.h2_streams}",

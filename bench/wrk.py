@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 
 __all__ = ["REALISTIC_IDS", "WrkResult", "churn_script", "paced_script", "parse_duration_s", "parse_wrk",
-           "pipelined_script", "realistic_script"]
+           "realistic_script"]
 
 _TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _COUNT_UNITS = {"": 1.0, "k": 1e3, "M": 1e6, "G": 1e9}
@@ -109,25 +109,6 @@ def churn_script(close_every: int) -> str:
         "  n = n + 1\n"
         f"  if n % {close_every} == 0 then return close end\n"
         "  return keep\n"
-        "end\n"
-    )
-
-
-def pipelined_script(depth: int, path: str = "/") -> str:
-    """A wrk Lua script that writes `depth` GETs at once on each connection (HTTP/1.1 pipelining):
-    several requests per segment and responses queued behind each other, which the kernel fast
-    path hands to user space."""
-    if depth < 1:
-        raise ValueError("depth must be at least 1")
-    return (
-        "local pipelined\n"
-        "function init(args)\n"
-        "  local r = {}\n"
-        f"  for i = 1, {depth} do r[i] = wrk.format(\"GET\", {_lua_string(path)}) end\n"
-        "  pipelined = table.concat(r)\n"
-        "end\n"
-        "function request()\n"
-        "  return pipelined\n"
         "end\n"
     )
 

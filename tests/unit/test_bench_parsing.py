@@ -28,7 +28,6 @@ from bench.wrk import (
     paced_script,
     parse_duration_s,
     parse_wrk,
-    pipelined_script,
     realistic_script,
 )
 
@@ -264,17 +263,11 @@ def test_h2load_h1_load_reads_its_uris_from_a_file_and_sends_the_headers() -> No
                 h2_rps=200)
     assert load.tool == "h2load"
     assert load.argv("h2load", "http://127.0.0.1:1/", Path("/w/load1.uris")) == [
-        "h2load", "--h1", "-t1", "-c250", "-D10", "-i", "/w/load1.uris", "-H", "Cookie: c=1",
+        "h2load", "--h1", "-t1", "-c250", "-m1", "-D10", "-i", "/w/load1.uris", "-H", "Cookie: c=1",
         "-H", "sec-ch-ua-mobile: ?0", "--rps=200"]
     assert Load(10, 32).tool == "wrk"
-
-
-def test_pipelined_script_writes_depth_requests_at_once() -> None:
-    script = pipelined_script(8, "/a")
-    assert 'for i = 1, 8 do r[i] = wrk.format("GET", "/a") end' in script
-    assert "return pipelined" in script
-    with pytest.raises(ValueError):
-        pipelined_script(0)
+    pipelined = Load(10, 32, 1, h1_paths=("/a",), h1_pipeline=8)
+    assert pipelined.argv("h2load", "http://127.0.0.1:1/", Path("/w/u"))[:5] == ["h2load", "--h1", "-t1", "-c32", "-m8"]
 
 
 def test_user_space_rate_is_counted_less_kernel_exchanges_per_second_of_load() -> None:
