@@ -13,8 +13,8 @@ bridge (`netns`), and captures both veths and the bridge with a glob, so every s
 seen twice and one copy must be dropped in the kernel.
 
 `--scenario userspace` prices the user-space path alone (the `userspace` configuration: the
-exporter with --no-fast-path --no-tls) at paced rates of browser-sized heads and under
-pipelining, with user-space exchanges/s and kernel drops. `python -m bench.replay_cost FILE
+exporter with --no-fast-path --no-tls) at paced rates of browser-sized heads, one in flight and
+pipelined, with user-space exchanges/s and kernel drops. `python -m bench.replay_cost FILE
 --port N` gives the same path's CPU per exchange from a capture file (pcap or pcapng), without
 kernel or load, a figure that the noise of a shared machine moves far less than a rate: the
 whole Pipeline with frame decoding and identity as live, and the flow Tracker alone, with an

@@ -137,10 +137,11 @@ flight each) with ~1.3 KB browser heads (the realistic scenario's headers as -H)
 (a file of URIs each connection walks in turn); h2load, not wrk: wrk's Lua formatting each head capped
 the paced rows at ~23,000/s (its delay() pacing too: ~19-22 µs of client CPU a request, h2load ~14,
 measured under load). The rate comes out below the asked one when the machine cannot keep up. The
-pipelined row (wrk) sends {depth} requests per write at full load. User-space exchanges/s is requests
-counted ÷ the client's duration. Kernel drops are frames the filter passed that found the packet ring
-full: the highest paced rate with 0 drops and 100 % completeness is what this machine's user space
-sustains."""
+pipelined rows keep {depth} of the same requests in flight on each connection (h2load --h1 -m{depth}),
+paced at the top rate and at full load: nginx, the client and the kernel then spend less per request.
+User-space exchanges/s is requests counted ÷ the client's duration. Kernel drops are frames the filter
+passed that found the packet ring full: the highest paced rate with 0 drops and 100 % completeness is
+what this machine's user space sustains."""
 
 def _machine() -> list[str]:
     cpu = "?"
