@@ -67,8 +67,9 @@
  *   without the connection's end (Content-Length, or none for HEAD/204/304).
  *   Body segments are then counted by sequence number, never read, up to the
  *   last byte, where the exchange is added to `http_agg` (per-CPU hash keyed by
- *   server address and port, method, status and path: duration, response-size
- *   and request-size bucket counts and sums).
+ *   server address and port, method, status and the path's hash, the value
+ *   holding the path: duration, response-size and request-size bucket counts
+ *   and sums).
  * - With CFG_ROUTE_IDS (set by user space when RouteMapper allows it), each
  *   path segment routes.py's heuristic takes for an id (digits; 16+ bytes of
  *   hex, a UUID, or letters and digits; over 64 bytes) is keyed as "{id}":
@@ -86,7 +87,8 @@
  *   (interim, 101, or unframed: chunked, close-delimited), extra (bytes past
  *   the response's end), seq (out-of-order data), unsolicited (server data
  *   with no request), close (FIN/RST or FIN with data while an exchange is
- *   open), agg_full (http_agg full).
+ *   open), agg_full (http_agg full; or its path shares a hash with the path
+ *   this CPU's copy of the key counts, see aggregate).
  *
  * HANDOVER, and why counts stay exact: the switch to SLOW happens before any
  * state change for the segment that causes it, and the kernel writes, keyed
@@ -167,8 +169,9 @@
  *   each) until the head ends: a connection given up mid-head after its entry
  *   was evicted (more than 1,024 heads in flight at once) is lost, counted
  *   (head_lost), rather than handed over without the head's start.
- * - Kernel memory (not RSS): flow_state ~16 MB, http_agg ~9 MB on 2 CPUs,
- *   head_parts ~8.5 MB, handover ~3.5 MB, scratch 2 x 5 KB, all preallocated.
+ * - Kernel memory (not RSS): flow_state ~16 MB, http_agg ~10 MB on 2 CPUs
+ *   (each CPU's copy of a value holds the path), head_parts ~8.5 MB, handover
+ *   ~3.5 MB, scratch 2 x 5 KB, all preallocated.
  *
  * Requirements: Linux >= 4.4 (SO_ATTACH_BPF, bpf_skb_load_bytes for socket
  * filters), BCC with kernel headers. No kprobes, no BTF, no tc.
@@ -428,7 +431,8 @@ struct http_agg_key {
     u8 path_len;
     u8 gen;             /* CFG_AGG_GEN when added: user space drains the other generation */
     u8 pad;
-    char path[PATH_LEN];
+    u64 path_hash;      /* path_hash() of the path, which the value holds: the kernel hashes and
+                         * compares a key of 32 bytes at each lookup, not one of 120 (see aggregate) */
 };
 struct http_agg_val {
     u64 count;
@@ -438,6 +442,7 @@ struct http_agg_val {
     u64 resp[MAX_SIZE_BOUNDS + 1];
     u64 req_sum;
     u64 req[MAX_SIZE_BOUNDS + 1];
+    char path[PATH_LEN];  /* this CPU's copy: the path of the exchanges it counts, set by its first */
 };
 BPF_TABLE("percpu_hash", struct http_agg_key, struct http_agg_val, http_agg, AGG_ENTRIES);
 BPF_ARRAY(agg_zero, struct http_agg_val, 1);  /* never written: the initial value */
@@ -1393,7 +1398,26 @@ static __always_inline u32 size_bucket(struct hist_bounds *b, u64 v)
     return idx;
 }
 
-/* Add the exchange of `st` ending now; -1 (nothing added) when http_agg is full. */
+/* A 64-bit hash of a path (zero-padded to PATH_LEN), a word at a time (FxHash's step). Not a
+ * keyed hash: two paths of one hash are told apart by the path in the value (aggregate). */
+static __always_inline u64 path_hash(const char *path)
+{
+    u64 h = 0;
+#pragma unroll
+    for (u32 w = 0; w < PATH_LEN / 8; w++)
+        h = (((h << 5) | (h >> 59)) ^ *(const u64 *)(path + w * 8)) * 0x517cc1b727220a95ULL;
+    return h;
+}
+
+/* Add the exchange of `st` ending now; -1 (nothing added) when http_agg is full, or, should two
+ * paths share a hash, when this CPU's copy of the key already counts the other one.
+ *
+ * The key holds the path's hash and the value the path: a lookup with the path in the key
+ * (120 bytes) cost ~120 ns a response segment, most of it the kernel's jhash and compare
+ * of the key. A CPU's copy of a value is fresh (count 0) until its first exchange, which
+ * writes the path; later ones check it, a word at a time. Each copy is written only by its
+ * CPU, so user space (bpf.py) reads every copy's path and sums the copies per path: two
+ * paths of one hash on two CPUs are still counted apart, exactly. */
 static __always_inline int aggregate(struct scratch *s, struct fp_state *st, struct flow_key *fk, u64 now,
                                      u32 body)
 {
@@ -1406,7 +1430,7 @@ static __always_inline int aggregate(struct scratch *s, struct fp_state *st, str
     ak->path_len = st->path_len;
     ak->gen = cfg(CFG_AGG_GEN, 0) & 1;
     ak->pad = 0;
-    __builtin_memcpy(ak->path, st->path, PATH_LEN);
+    ak->path_hash = path_hash(st->path);
     struct http_agg_val *v = http_agg.lookup(ak);
     if (!v) {
         struct http_agg_val *init = agg_zero.lookup(&zero);
@@ -1415,6 +1439,16 @@ static __always_inline int aggregate(struct scratch *s, struct fp_state *st, str
         http_agg.insert(ak, init);  /* EEXIST when another CPU won the race: fine */
         v = http_agg.lookup(ak);
         if (!v)
+            return -1;
+    }
+    if (!v->count) {
+        __builtin_memcpy(v->path, st->path, PATH_LEN);
+    } else {
+        u64 diff = 0;
+#pragma unroll
+        for (u32 w = 0; w < PATH_LEN / 8; w++)
+            diff |= *(u64 *)(v->path + w * 8) ^ *(u64 *)(st->path + w * 8);
+        if (diff)
             return -1;
     }
     struct hist_bounds *b = agg_bounds.lookup(&zero);
