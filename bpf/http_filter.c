@@ -438,12 +438,11 @@ struct http_agg_val {
     u64 count;
     u64 dur_sum_ns;
     u64 resp_sum;
-    char path[PATH_LEN];  /* this CPU's copy: the path of the exchanges it counts, set by its first;
-                           * next to count, so that a short path's check reads count's cache line */
     u64 dur[MAX_DUR_BOUNDS + 1];
     u64 resp[MAX_SIZE_BOUNDS + 1];
     u64 req_sum;
     u64 req[MAX_SIZE_BOUNDS + 1];
+    char path[PATH_LEN];  /* this CPU's copy: the path of the exchanges it counts, set by its first */
 };
 BPF_TABLE("percpu_hash", struct http_agg_key, struct http_agg_val, http_agg, AGG_ENTRIES);
 BPF_ARRAY(agg_zero, struct http_agg_val, 1);  /* never written: the initial value */

@@ -209,12 +209,9 @@ _HANDOVER = struct.Struct(f"=QIIIIHBBBBBB{PATH_LEN}sQIIIII4x")
 _HEAD_PART = struct.Struct(f"=II{2 * HEAD_MAX}s")
 # struct http_agg_key: server_ip, port, status, method, path_len, gen, pad, path_hash
 _AGG_KEY = struct.Struct("=16sHHBBBxQ")
-# struct http_agg_val: u64 count, dur_sum, resp_sum; the path of the exchanges this CPU's copy
-# counts (each copy's own: see the C file's aggregate); u64 dur[], resp[], req_sum, req[].
-# The slots are the u64 words but the path's.
-_AGG_PATH_AT = 3 * 8
+# struct http_agg_val: u64 count, dur_sum, resp_sum, dur[], resp[], req_sum, req[]; then the path
+# of the exchanges this CPU's copy counts (each copy's own: see the C file's aggregate)
 _AGG_VAL_SLOTS = 3 + MAX_DURATION_BOUNDS + 1 + MAX_SIZE_BOUNDS + 1 + 1 + MAX_SIZE_BOUNDS + 1
-_AGG_SLOT_WORDS = (0, 1, 2, *range(3 + PATH_LEN // 8, _AGG_VAL_SLOTS + PATH_LEN // 8))
 _AGG_VAL_SIZE = _AGG_VAL_SLOTS * 8 + PATH_LEN
 _AGG_REQ_SUM = 3 + MAX_DURATION_BOUNDS + 1 + MAX_SIZE_BOUNDS + 1
 _PER_CPU_U64 = 8
@@ -639,6 +636,7 @@ class HttpFilter:
         out: list[KernelAggregate] = []
         table = self._aggregates
         stride = table.value_stride
+        slots = _AGG_VAL_SLOTS
         keys = list(table.keys())
         if gen is None:
             self.aggregate_entries = len(keys)
@@ -653,18 +651,18 @@ class HttpFilter:
                 table.delete(key)
             # The copies of CPUs that counted exchanges (a copy counting none is all zeros), summed
             # per path: each holds its own, one path but for two paths of one hash first counted
-            # on two CPUs. Word w of the copy at byte `base` is words[base // 8 + w].
+            # on two CPUs. Slot j of the copy at byte `base` is words[base // 8 + j].
             words = memoryview(raw).cast("Q")
             copies: dict[bytes, list[int]] = {}
             for base in range(0, len(raw), stride):
                 if words[base // 8]:
-                    path = bytes(raw[base + _AGG_PATH_AT:base + _AGG_PATH_AT + path_len])
+                    path = bytes(raw[base + slots * 8:base + slots * 8 + path_len])
                     copies.setdefault(path, []).append(base // 8)
             for path, starts in copies.items():
                 if len(copies) == 1:  # the usual case: column sums over every CPU's copy
-                    totals = [sum(words[w::stride // 8]) for w in _AGG_SLOT_WORDS]
+                    totals = [sum(words[j::stride // 8]) for j in range(slots)]
                 else:
-                    totals = [sum(words[start + w] for start in starts) for w in _AGG_SLOT_WORDS]
+                    totals = [sum(words[start + j] for start in starts) for j in range(slots)]
                 dur = totals[3:3 + n_dur]
                 resp = totals[3 + MAX_DURATION_BOUNDS + 1:3 + MAX_DURATION_BOUNDS + 1 + n_size]
                 req = totals[_AGG_REQ_SUM + 1:_AGG_REQ_SUM + 1 + n_size]
