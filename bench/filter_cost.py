@@ -11,10 +11,13 @@ Each pass loads the filter afresh, so its flow state starts empty as at the expo
 the least of `--passes` passes is kept.
 
 `--compare OTHER.c` (repeatable) loads another version of the C file (e.g. `git show main:bpf/http_filter.c
-> /tmp/main.c`) and alternates passes of each, so all are measured side by side under
-the same load. A BPF_PROG_TEST_RUN skb is linear and its socket is none: on lo, a segment
-TCP wrote from pages is not, so live figures run somewhat higher; compare trees, not
-absolute numbers.
+> /tmp/main.c`; its maps must have this tree's layouts) beside this one, and each frame runs
+through every version in turn (the first one rotating from frame to frame), so that other
+load on the machine falls on all alike (bench/results/2026-12-01/filtercost4-under-load.md:
+a tree's lead of ~0.1 us held in every pass, where whole passes of each tree in turn drifted
+by 0.2 us and hid it). A BPF_PROG_TEST_RUN skb is linear and its
+socket is none: on lo, a segment TCP wrote from pages is not, so live figures run somewhat
+higher; compare trees, not absolute numbers.
 
 `--tls` marks every connection of the capture as TLS before each pass, as user space does once
 it sees a connection's first bytes are a TLS record (HttpFilter.drop_tls, both directions): the
@@ -33,7 +36,6 @@ scenario's browser heads to nginx (needs root, nginx, wrk and dumpcap).
 from __future__ import annotations
 
 import collections
-import time
 from pathlib import Path
 
 import click
@@ -74,32 +76,39 @@ def load(path: Path, port: int) -> list[tuple[str, bytes, Flow]]:
     return frames
 
 
-def one_pass(src: Path | None, port: int, frames: list[tuple[str, bytes, Flow]],
-             tls: bool = False) -> tuple[dict[str, list[int]], int, int]:
-    """({shape: [frames, ns]}, exchanges completed in the kernel, frames passed up) of a fresh filter;
-    `tls`: every connection marked TLS first."""
-    # link_header_len 0: BPF_PROG_TEST_RUN pulls the Ethernet header before a socket filter runs.
-    bpf_filter = HttpFilter([port], loopback=False, link_header_len=0, fast_path=True, src_file=src,
-                            histogram_bounds=((0.001, 0.01, 0.1, 1.0), (100.0, 1000.0, 10000.0)))
+def one_pass(srcs: list[Path | None], port: int, frames: list[tuple[str, bytes, Flow]],
+             tls: bool = False) -> list[tuple[dict[str, list[int]], int, int]]:
+    """For each C file of `srcs` (None: this tree's), loaded afresh: ({shape: [frames, ns]}, exchanges
+    completed in the kernel, frames passed up). Every frame runs through each in turn, the first
+    rotating; `tls`: every connection marked TLS first."""
+    filters: list[HttpFilter] = []
     try:
-        bpf_filter.set_route_ids(True)
-        if tls:
-            for client_ip, client_port, server_ip, server_port in {flow for _, _, flow in frames}:
-                bpf_filter.drop_tls(client_ip, client_port, server_ip, server_port)
-                bpf_filter.drop_tls(server_ip, server_port, client_ip, client_port)
-        totals: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
-        passed = 0
-        fd = bpf_filter.fd
-        for shape, data, _ in frames:
-            kept, ns = timed_test_run(fd, data)
-            total = totals[shape]
-            total[0] += 1
-            total[1] += ns
-            passed += kept > 0
-        exchanges = bpf_filter.fast_counters()[FAST_COUNTER_NAMES[1]]
-        return totals, exchanges, passed
+        for src in srcs:
+            # link_header_len 0: BPF_PROG_TEST_RUN pulls the Ethernet header before a socket filter runs.
+            bpf_filter = HttpFilter([port], loopback=False, link_header_len=0, fast_path=True, src_file=src,
+                                    histogram_bounds=((0.001, 0.01, 0.1, 1.0), (100.0, 1000.0, 10000.0)))
+            filters.append(bpf_filter)
+            bpf_filter.set_route_ids(True)
+            if tls:
+                for client_ip, client_port, server_ip, server_port in {flow for _, _, flow in frames}:
+                    bpf_filter.drop_tls(client_ip, client_port, server_ip, server_port)
+                    bpf_filter.drop_tls(server_ip, server_port, client_ip, client_port)
+        totals: list[dict[str, list[int]]] = [collections.defaultdict(lambda: [0, 0]) for _ in filters]
+        passed = [0] * len(filters)
+        fds = [f.fd for f in filters]
+        n = len(fds)
+        for i, (shape, data, _) in enumerate(frames):
+            for j in range(n):
+                k = (i + j) % n
+                kept, ns = timed_test_run(fds[k], data)
+                total = totals[k][shape]
+                total[0] += 1
+                total[1] += ns
+                passed[k] += kept > 0
+        return [(totals[k], filters[k].fast_counters()[FAST_COUNTER_NAMES[1]], passed[k]) for k in range(n)]
     finally:
-        bpf_filter.close()
+        for bpf_filter in filters:
+            bpf_filter.close()
 
 
 @click.command()
@@ -109,7 +118,7 @@ def one_pass(src: Path | None, port: int, frames: list[tuple[str, bytes, Flow]],
 @click.option("--duration", default=2.0, show_default=True, type=click.FloatRange(1, 60),
               help="--record: seconds of load.")
 @click.option("--compare", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Another http_filter.c, measured in alternate passes (repeatable).")
+              help="Another http_filter.c, each frame run through it too (repeatable).")
 @click.option("--passes", default=3, show_default=True, type=click.IntRange(1, 50), help="The least is kept.")
 @click.option("--tls", is_flag=True, help="Mark every connection TLS first (see above).")
 def main(capture: Path, port: int | None, record: str | None, duration: float, compare: tuple[Path, ...],
@@ -128,11 +137,9 @@ def main(capture: Path, port: int | None, record: str | None, duration: float, c
         trees.update((str(other), other) for other in compare)
         best: dict[str, tuple[dict[str, list[int]], int, int]] = {}
         for _ in range(passes):
-            for name, src in trees.items():
-                got = one_pass(src, port, frames, tls)
+            for name, got in zip(trees, one_pass(list(trees.values()), port, frames, tls), strict=True):
                 if name not in best or sum(t[1] for t in got[0].values()) < sum(t[1] for t in best[name][0].values()):
                     best[name] = got
-                time.sleep(0.1)
     except (BenchError, CaptureError) as exc:
         raise click.ClickException(str(exc)) from exc
     counts = collections.Counter(shape for shape, _, _ in frames)

@@ -96,7 +96,7 @@ HANDOVER_REASONS: tuple[str, ...] = (
     "seq",
     "unsolicited",
     "close",
-    "agg_full",
+    "agg_full",  # http_agg full, or (one CPU) the path shares its key's hash with another path
     "head_too_long",  # a request head longer than the kernel scans (HEAD_MAX bytes)
     "head_split",  # a head over segments the kernel could not follow to its end (order, a part not kept)
     "path_too_long",  # a path (before '?') longer than the kernel keeps (PATH_LEN bytes)
@@ -207,10 +207,12 @@ _HIST_BOUNDS = struct.Struct(f"={MAX_DURATION_BOUNDS}Q{MAX_SIZE_BOUNDS}QII")  # 
 _HANDOVER = struct.Struct(f"=QIIIIHBBBBBB{PATH_LEN}sQIIIII4x")
 # struct head_part: seq, len, bytes (twice HEAD_MAX, see the C file; the first len count).
 _HEAD_PART = struct.Struct(f"=II{2 * HEAD_MAX}s")
-# struct http_agg_key: server_ip, port, status, method, path_len, gen, pad, path
-_AGG_KEY = struct.Struct(f"=16sHHBBBx{PATH_LEN}s")
-# struct http_agg_val, all u64: count, dur_sum, resp_sum, dur[], resp[], req_sum, req[]
+# struct http_agg_key: server_ip, port, status, method, path_len, gen, pad, path_hash
+_AGG_KEY = struct.Struct("=16sHHBBBxQ")
+# struct http_agg_val: u64 count, dur_sum, resp_sum, dur[], resp[], req_sum, req[]; then the path
+# of the exchanges this CPU's copy counts (each copy's own: see the C file's aggregate)
 _AGG_VAL_SLOTS = 3 + MAX_DURATION_BOUNDS + 1 + MAX_SIZE_BOUNDS + 1 + 1 + MAX_SIZE_BOUNDS + 1
+_AGG_VAL_SIZE = _AGG_VAL_SLOTS * 8 + PATH_LEN
 _AGG_REQ_SUM = 3 + MAX_DURATION_BOUNDS + 1 + MAX_SIZE_BOUNDS + 1
 _PER_CPU_U64 = 8
 
@@ -226,7 +228,7 @@ _MAP_LAYOUT: dict[str, tuple[int, int]] = {
     "flow_state": (_FLOW_KEY.size, 176),  # struct fp_state: only its capacity is read here
     "handover": (_FLOW_KEY.size, _HANDOVER.size),
     "head_parts": (_FLOW_KEY.size, _HEAD_PART.size),  # a head's earlier segments, for a handover mid-head
-    "http_agg": (_AGG_KEY.size, _AGG_VAL_SLOTS * 8),
+    "http_agg": (_AGG_KEY.size, _AGG_VAL_SIZE),
     "capture_ifaces": (4, 1),  # node-wide capture: ifindexes the --interface patterns match
     "flow_iface": (_FLOW_KEY.size, 4),  # node-wide capture: the interface each connection counts on
     "tls_flows": (_FLOW_KEY.size, TLS_WIRE_SIZE),
@@ -610,7 +612,7 @@ class HttpFilter:
         return bytes(data[:length])
 
     def read_aggregates(self) -> list[KernelAggregate]:
-        """Every `http_agg` entry, summed over CPUs (one lookup per entry)."""
+        """Every `http_agg` entry, summed over CPUs per path (one lookup per entry)."""
         return self._aggregates_of(None)
 
     def drain_aggregates(self) -> list[KernelAggregate]:
@@ -633,13 +635,13 @@ class HttpFilter:
         n_size = self._n_size + 1
         out: list[KernelAggregate] = []
         table = self._aggregates
-        stride = table.value_stride // 8
+        stride = table.value_stride
         slots = _AGG_VAL_SLOTS
         keys = list(table.keys())
         if gen is None:
             self.aggregate_entries = len(keys)
         for key in keys:
-            server_ip, port, status, method, path_len, key_gen, path = _AGG_KEY.unpack(key)
+            server_ip, port, status, method, path_len, key_gen, _ = _AGG_KEY.unpack(key)
             if gen is not None and key_gen != gen:
                 continue
             raw = table.lookup(key)
@@ -647,29 +649,37 @@ class HttpFilter:
                 continue  # never deleted by the kernel; only a concurrent reader could
             if delete:
                 table.delete(key)
+            # The copies of CPUs that counted exchanges (a copy counting none is all zeros), summed
+            # per path: each holds its own, one path but for two paths of one hash first counted
+            # on two CPUs. Slot j of the copy at byte `base` is words[base // 8 + j].
             words = memoryview(raw).cast("Q")
-            # Column sums over CPUs: slot j of CPU c is words[c * stride + j].
-            totals = [sum(words[j::stride]) for j in range(slots)]
-            count, dur_sum, resp_sum = totals[0], totals[1], totals[2]
-            if not count:
-                continue
-            dur = totals[3:3 + n_dur]
-            resp = totals[3 + MAX_DURATION_BOUNDS + 1:3 + MAX_DURATION_BOUNDS + 1 + n_size]
-            req = totals[_AGG_REQ_SUM + 1:_AGG_REQ_SUM + 1 + n_size]
-            out.append(KernelAggregate(
-                server_ip=_ip_from_key(server_ip),
-                port=port,
-                method=METHODS[method] if method < len(METHODS) else "",
-                status=status,
-                path=path[:path_len].decode("latin-1"),
-                count=count,
-                duration_sum_ns=dur_sum,
-                response_sum=resp_sum,
-                duration_counts=tuple(dur),
-                response_counts=tuple(resp),
-                request_sum=totals[_AGG_REQ_SUM],
-                request_counts=tuple(req),
-            ))
+            copies: dict[bytes, list[int]] = {}
+            for base in range(0, len(raw), stride):
+                if words[base // 8]:
+                    path = bytes(raw[base + slots * 8:base + slots * 8 + path_len])
+                    copies.setdefault(path, []).append(base // 8)
+            for path, starts in copies.items():
+                if len(copies) == 1:  # the usual case: column sums over every CPU's copy
+                    totals = [sum(words[j::stride // 8]) for j in range(slots)]
+                else:
+                    totals = [sum(words[start + j] for start in starts) for j in range(slots)]
+                dur = totals[3:3 + n_dur]
+                resp = totals[3 + MAX_DURATION_BOUNDS + 1:3 + MAX_DURATION_BOUNDS + 1 + n_size]
+                req = totals[_AGG_REQ_SUM + 1:_AGG_REQ_SUM + 1 + n_size]
+                out.append(KernelAggregate(
+                    server_ip=_ip_from_key(server_ip),
+                    port=port,
+                    method=METHODS[method] if method < len(METHODS) else "",
+                    status=status,
+                    path=path.decode("latin-1"),
+                    count=totals[0],
+                    duration_sum_ns=totals[1],
+                    response_sum=totals[2],
+                    duration_counts=tuple(dur),
+                    response_counts=tuple(resp),
+                    request_sum=totals[_AGG_REQ_SUM],
+                    request_counts=tuple(req),
+                ))
         return out
 
     def flow_state_capacity(self) -> int:
