@@ -1176,108 +1176,6 @@ static __always_inline void copy_path(struct scratch *s, u32 path_len)
 #define SH_UUID 16        /* 8-4-4-4-12 hex digits, each dash between groups optional */
 #define SH_FRESH (SH_DIGITS | SH_HEX | SH_UUID)
 
-/* Bit i: the high bit of byte i of m (a word-at-a-time test's result). 1 << 8i times the
- * constant has byte 7 - i of it, 1 << i, in its top byte; no sum carries. */
-static __always_inline u64 byte_bits(u64 m)
-{
-    return ((m >> 7) * 0x0102040810204080ULL) >> 56;
-}
-
-/* Index of the lowest set bit of x (x != 0), branch free: its byte by first_byte, then its bit
- * in that byte, spread to byte j of a word (byte j keeps bit j) and found by first_byte again. */
-static __always_inline u32 lowest_bit(u64 x)
-{
-    u64 b = x & (~x + 1);
-    u32 k = first_byte(~zero_bytes(b) & HIGHS);
-    u64 v = (b >> (k * 8)) & 0xff;
-    return k * 8 + first_byte(~zero_bytes((v * ONES) & 0x8040201008040201ULL) & HIGHS);
-}
-
-/* ids_path's work for a path of at most 64 bytes, a word at a time: every byte's class as one
- * bit of five 64-bit maps, then a segment at a time between the '/' bits (ids_path's byte loop
- * runs ~40 instructions a byte). Writes s->st.path up to vs->out and returns 1, or returns 0
- * when the result does not fit, as ids_path; -1 when the byte loop must decide: a segment that
- * could be a UUID with dashes (hex digits and dashes only, 16 bytes or more), or a segment
- * whose word copy would write past PATH_LEN. Loops not unrolled: 4,096 instructions a program. */
-static __always_inline int ids_words(struct scratch *s, u32 path_len)
-{
-    volatile struct scratch *vs = s;
-    u64 slash = 0, digit = 0, hex = 0, letter = 0, dash = 0;
-#pragma clang loop unroll(disable)
-    for (u32 w = 0; w < 8; w++) {
-        if (w * 8 >= path_len)
-            break;
-        u64 x = *(u64 *)(s->raw + w * 8);
-        u64 ascii = ~x & HIGHS;  /* bytes >= 0x80 are none of these, as in the byte loop */
-        u64 t = x & ~HIGHS;
-        u64 lower = t | (0x20 * ONES);  /* letters to lower case; no other byte lands in a..z */
-        u64 d = (t + (0x80 - '0') * ONES) & ~(t + (0x7f - '9') * ONES) & ascii;
-        u64 from_a = lower + (0x80 - 'a') * ONES;
-        u64 l = from_a & ~(lower + (0x7f - 'z') * ONES) & ascii;
-        u64 h = d | (from_a & ~(lower + (0x7f - 'f') * ONES) & ascii);
-        slash |= byte_bits(zero_bytes(x ^ ('/' * ONES))) << (w * 8);
-        dash |= byte_bits(zero_bytes(x ^ ('-' * ONES))) << (w * 8);
-        digit |= byte_bits(d) << (w * 8);
-        letter |= byte_bits(l) << (w * 8);
-        hex |= byte_bits(h) << (w * 8);
-    }
-    u64 valid = path_len >= 64 ? ~0ULL : (1ULL << path_len) - 1;  /* the last word's bytes past the path */
-    slash &= valid;
-    vs->seg_out = 0;  /* where the segment starts in the path */
-    vs->out = 0;
-    for (u32 k = 0; k <= 64; k++) {
-        u32 a = vs->seg_out;
-        if (a > path_len)
-            break;
-        u64 later = a >= 64 ? 0 : slash & (~0ULL << a);
-        u32 end = later ? lowest_bit(later) : path_len;
-        if (end > 64 || end < a)
-            return 0;  /* not reached: tells the verifier */
-        u32 len = end - a;
-        u64 seg = (end >= 64 ? ~0ULL : (1ULL << end) - 1) & ~(a >= 64 ? ~0ULL : (1ULL << a) - 1);
-        int id = 0;
-        if (len) {
-            if (!(seg & ~digit))
-                id = 1;
-            else if (len >= 16 && (!(seg & ~hex) || ((seg & digit) && (seg & letter))))
-                id = 1;
-            else if (len >= 16 && (seg & dash) && !(seg & ~(hex | dash)))
-                return -1;
-        }
-        u32 o = vs->out;
-        if (id) {
-            if (o > PATH_LEN - 4)
-                return 0;
-            *(u32 *)(s->st.path + o) = '{' | 'i' << 8 | 'd' << 16 | '}' << 24;
-            o += 4;
-        } else {
-            if (len > PATH_LEN - o)
-                return 0;
-#pragma clang loop unroll(disable)
-            for (u32 w = 0; w < 8; w++) {
-                if (w * 8 >= len)
-                    break;
-                u64 at = o + w * 8;
-                if (at > PATH_LEN - 8 || a + w * 8 >= 64)
-                    return -1;  /* the word would end past the path's room */
-                asm volatile("" : "+r"(at));  /* so that clang keeps the mask, which the verifier needs */
-                *(u64 *)(s->st.path + (at & 127)) = *(u64 *)(s->raw + a + w * 8);
-            }
-            o += len;
-        }
-        if (end == path_len) {
-            vs->out = o;
-            break;
-        }
-        if (o >= PATH_LEN)
-            return 0;
-        s->st.path[o] = '/';
-        vs->out = o + 1;
-        vs->seg_out = end + 1;
-    }
-    return 1;
-}
-
 /* The path into s->st.path with every segment RouteMapper's heuristic takes for an
  * identifier written as "{id}", so that 100,000 ids make one http_agg key, not 100,000.
  * The rule is routes.py's `_is_identifier`, byte for byte: digits only; or 16 bytes or more
@@ -1291,87 +1189,81 @@ static __always_inline int ids_words(struct scratch *s, u32 path_len)
 static __always_inline int ids_path(struct scratch *s, u32 path_len)
 {
     volatile struct scratch *vs = s;
-    int done = path_len <= 64 ? ids_words(s, path_len) : -1;
-    if (done == 0)
-        return 0;
-    if (done < 0) {
-        vs->out = 0;
-        vs->seg_out = 0;
-        vs->seg = SH_FRESH;
-        vs->seg_len = 0;
-        vs->uuid_hex = 0;
-        vs->uuid_dash = 0;
-        for (u32 i = 0; i <= RAW_PATH_LEN; i++) {
-            if (i > path_len)
-                break;
-            /* A '/' past the end closes the last segment. */
-            u32 c = i < path_len ? s->raw[i] : '/';
-            if (c == '/') {
-                u32 len = vs->seg_len, f = vs->seg;
-                int id = len && ((f & SH_DIGITS) ||
-                                 (len >= 16 && (len > 64 || (f & SH_HEX) ||
-                                                ((f & SH_HAS_DIGIT) && (f & SH_HAS_LETTER)) ||
-                                                ((f & SH_UUID) && vs->uuid_hex == 32))));
-                if (id) {
-                    u32 o = vs->seg_out;
-                    if (o > PATH_LEN - 4)
-                        return 0;
-                    s->st.path[o] = '{';
-                    s->st.path[o + 1] = 'i';
-                    s->st.path[o + 2] = 'd';
-                    s->st.path[o + 3] = '}';
-                    vs->out = o + 4;
-                } else if (vs->out > PATH_LEN) {
-                    return 0;  /* a segment kept as sent ends past the key */
-                }
-                if (i == path_len)
-                    break;
-                u32 o = vs->out;
-                if (o >= PATH_LEN)
+    vs->out = 0;
+    vs->seg_out = 0;
+    vs->seg = SH_FRESH;
+    vs->seg_len = 0;
+    vs->uuid_hex = 0;
+    vs->uuid_dash = 0;
+    for (u32 i = 0; i <= RAW_PATH_LEN; i++) {
+        if (i > path_len)
+            break;
+        /* A '/' past the end closes the last segment. */
+        u32 c = i < path_len ? s->raw[i] : '/';
+        if (c == '/') {
+            u32 len = vs->seg_len, f = vs->seg;
+            int id = len && ((f & SH_DIGITS) ||
+                             (len >= 16 && (len > 64 || (f & SH_HEX) ||
+                                            ((f & SH_HAS_DIGIT) && (f & SH_HAS_LETTER)) ||
+                                            ((f & SH_UUID) && vs->uuid_hex == 32))));
+            if (id) {
+                u32 o = vs->seg_out;
+                if (o > PATH_LEN - 4)
                     return 0;
-                s->st.path[o] = '/';
-                vs->out = o + 1;
-                vs->seg_out = o + 1;
-                vs->seg = SH_FRESH;
-                vs->seg_len = 0;
-                vs->uuid_hex = 0;
-                vs->uuid_dash = 0;
-            } else {
-                /* Bytes past the key are dropped: they count only if the segment is an id. */
-                u32 o = vs->out;
-                if (o < PATH_LEN)
-                    s->st.path[o] = c;
-                vs->out = o + 1;
-                vs->seg_len = vs->seg_len + 1;
-                u32 lower = c | 0x20;  /* letters to lower case; no other path byte lands in a..z */
-                int digit = c >= '0' && c <= '9';
-                int letter = lower >= 'a' && lower <= 'z';
-                int hex = digit || (lower >= 'a' && lower <= 'f');
-                u32 f = vs->seg;
-                if (!digit)
-                    f &= ~SH_DIGITS;
-                if (!hex)
-                    f &= ~SH_HEX;
-                if (digit)
-                    f |= SH_HAS_DIGIT;
-                if (letter)
-                    f |= SH_HAS_LETTER;
-                u32 h = vs->uuid_hex;
-                if (hex) {
-                    if (h >= 32)
-                        f &= ~SH_UUID;
-                    vs->uuid_hex = h + 1;
-                } else if (c == '-' && (h == 8 || h == 12 || h == 16 || h == 20) && vs->uuid_dash != h + 1) {
-                    vs->uuid_dash = h + 1;  /* one dash at most between two groups */
-                } else {
-                    f &= ~SH_UUID;
-                }
-                vs->seg = f;
+                s->st.path[o] = '{';
+                s->st.path[o + 1] = 'i';
+                s->st.path[o + 2] = 'd';
+                s->st.path[o + 3] = '}';
+                vs->out = o + 4;
+            } else if (vs->out > PATH_LEN) {
+                return 0;  /* a segment kept as sent ends past the key */
             }
+            if (i == path_len)
+                break;
+            u32 o = vs->out;
+            if (o >= PATH_LEN)
+                return 0;
+            s->st.path[o] = '/';
+            vs->out = o + 1;
+            vs->seg_out = o + 1;
+            vs->seg = SH_FRESH;
+            vs->seg_len = 0;
+            vs->uuid_hex = 0;
+            vs->uuid_dash = 0;
+        } else {
+            /* Bytes past the key are dropped: they count only if the segment is an id. */
+            u32 o = vs->out;
+            if (o < PATH_LEN)
+                s->st.path[o] = c;
+            vs->out = o + 1;
+            vs->seg_len = vs->seg_len + 1;
+            u32 lower = c | 0x20;  /* letters to lower case; no other path byte lands in a..z */
+            int digit = c >= '0' && c <= '9';
+            int letter = lower >= 'a' && lower <= 'z';
+            int hex = digit || (lower >= 'a' && lower <= 'f');
+            u32 f = vs->seg;
+            if (!digit)
+                f &= ~SH_DIGITS;
+            if (!hex)
+                f &= ~SH_HEX;
+            if (digit)
+                f |= SH_HAS_DIGIT;
+            if (letter)
+                f |= SH_HAS_LETTER;
+            u32 h = vs->uuid_hex;
+            if (hex) {
+                if (h >= 32)
+                    f &= ~SH_UUID;
+                vs->uuid_hex = h + 1;
+            } else if (c == '-' && (h == 8 || h == 12 || h == 16 || h == 20) && vs->uuid_dash != h + 1) {
+                vs->uuid_dash = h + 1;  /* one dash at most between two groups */
+            } else {
+                f &= ~SH_UUID;
+            }
+            vs->seg = f;
         }
     }
-    /* Bytes past the result may hold what a "{id}" replaced, or a word copy's spill: zero them,
-     * a word at a time. */
+    /* Bytes past the result may hold what a "{id}" replaced: zero them, a word at a time. */
     u32 len = vs->out;
     if (len > PATH_LEN)
         return 0;
@@ -1506,16 +1398,14 @@ static __always_inline u32 size_bucket(struct hist_bounds *b, u64 v)
     return idx;
 }
 
-/* A 64-bit hash of a path's words up to its length (the key holds the length; the bytes past
- * it are zero), a word at a time (FxHash's step: a multiply each, in sequence). Not a keyed
- * hash: two paths of one hash are told apart by the path in the value (aggregate). */
-static __always_inline u64 path_hash(const char *path, u32 path_len)
+/* A 64-bit hash of a path (zero-padded to PATH_LEN), a word at a time (FxHash's step). Not a
+ * keyed hash: two paths of one hash are told apart by the path in the value (aggregate). */
+static __always_inline u64 path_hash(const char *path)
 {
     u64 h = 0;
 #pragma unroll
     for (u32 w = 0; w < PATH_LEN / 8; w++)
-        if (w * 8 < path_len)
-            h = (((h << 5) | (h >> 59)) ^ *(const u64 *)(path + w * 8)) * 0x517cc1b727220a95ULL;
+        h = (((h << 5) | (h >> 59)) ^ *(const u64 *)(path + w * 8)) * 0x517cc1b727220a95ULL;
     return h;
 }
 
@@ -1538,11 +1428,10 @@ static __always_inline int aggregate(struct scratch *s, struct fp_state *st, str
     ak->port = fk->dport;
     ak->status = s->status;  /* set by fast_step for both ways an exchange completes */
     ak->method = st->method;
-    u32 path_len = st->path_len;
-    ak->path_len = path_len;
+    ak->path_len = st->path_len;
     ak->gen = cfg(CFG_AGG_GEN, 0) & 1;
     ak->pad = 0;
-    ak->path_hash = path_hash(st->path, path_len);
+    ak->path_hash = path_hash(st->path);
     struct http_agg_val *v = http_agg.lookup(ak);
     if (!v) {
         struct http_agg_val *init = agg_zero.lookup(&zero);
@@ -1559,8 +1448,7 @@ static __always_inline int aggregate(struct scratch *s, struct fp_state *st, str
         u64 diff = 0;
 #pragma unroll
         for (u32 w = 0; w < PATH_LEN / 8; w++)
-            if (w * 8 < path_len)  /* past it, both are zeros */
-                diff |= *(u64 *)(v->path + w * 8) ^ *(u64 *)(st->path + w * 8);
+            diff |= *(u64 *)(v->path + w * 8) ^ *(u64 *)(st->path + w * 8);
         if (diff)
             return -1;
     }

@@ -537,7 +537,7 @@ def test_past_the_aggregate_map_s_capacity_exchanges_go_to_user_space_then_a_dra
 def _path_hash(path: bytes) -> int:
     """bpf/http_filter.c's path_hash, to check the premise of the test below."""
     h, mask = 0, (1 << 64) - 1
-    for (word,) in struct.iter_unpack("<Q", path.ljust(-(-len(path) // 8) * 8, b"\0")):
+    for (word,) in struct.iter_unpack("<Q", path.ljust(PATH_LEN, b"\0")):
         h = ((((h << 5) | (h >> 59)) & mask ^ word) * 0x517CC1B727220A95) & mask
     return h
 
